@@ -1,0 +1,2 @@
+//! snatgw-core
+#![forbid(unsafe_code)]

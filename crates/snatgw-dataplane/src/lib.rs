@@ -1,0 +1,2 @@
+//! snatgw-dataplane
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! snatgw-wire
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! snatgw command line.
+#![forbid(unsafe_code)]
+fn main() {}
