@@ -1,2 +1,26 @@
-//! snatgw-core
+//! snatgw-core: the sans-IO SNAT/PAT engine.
+//!
+//! Given a validated [`Topology`] and packet facts ([`Packet`]), the [`Engine`] returns a
+//! [`Verdict`] for every packet and keeps the flow table, port preallocation and timers that
+//! SPEC §1–§3 describe. It never reads a clock, opens a socket or spawns a thread; time is an
+//! argument and randomness is seeded, so the gateway and the planner run the same code and
+//! every timer is testable to the second. Packet bytes are `snatgw-wire`'s job.
 #![forbid(unsafe_code)]
+
+pub mod bits;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hash;
+pub mod packet;
+pub(crate) mod pool;
+pub mod topology;
+
+pub use config::{ConfigFile, InstanceKind, Model};
+pub use engine::{
+    tier_ports, ApplyReport, EndCause, Engine, Event, EventKind, FlowView, GlobalStats,
+    InstanceReport, InstanceStats, Scenario, Time,
+};
+pub use error::ConfigError;
+pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};
+pub use topology::Topology;

@@ -1,0 +1,265 @@
+//! The operator's TOML configuration file, as written: plain `serde` structs.
+//!
+//! This module only describes and parses the file format (documented in `docs/CONFIG.md`);
+//! it does not check references, addresses or SPEC rules. [`crate::topology::Topology::from_config`]
+//! does that and turns a [`ConfigFile`] into a validated model.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Gateway-wide settings.
+    #[serde(default)]
+    pub gateway: GatewayCfg,
+    /// Public IPv4 addresses the tenant owns (used as ILPIPs and LB frontends).
+    #[serde(default)]
+    pub public_ip: Vec<PublicIpCfg>,
+    /// ARM availability sets (each shares one default-SNAT address, SPEC R1.3).
+    #[serde(default)]
+    pub availability_set: Vec<AvailabilitySetCfg>,
+    /// Classic deployments (cloud services).
+    #[serde(default)]
+    pub deployment: Vec<DeploymentCfg>,
+    /// Instances: ARM NIC IP configurations or Classic role instances / VMs.
+    #[serde(default)]
+    pub instance: Vec<InstanceCfg>,
+    /// Public load balancers.
+    #[serde(default)]
+    pub load_balancer: Vec<LoadBalancerCfg>,
+}
+
+/// `[gateway]`: settings that are the operator's, not the tenant's.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayCfg {
+    /// Seed of every random choice (SPEC R1.6 decision: a run is reproducible).
+    #[serde(default)]
+    pub seed: u64,
+    /// Idle timeout of outbound flows in seconds (SPEC R3.4; default 240).
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u32,
+    /// Delay between a FIN seen in both directions and the port's release (SPEC R3.2; default 240).
+    #[serde(default = "default_fin")]
+    pub fin_timeout_secs: u32,
+    /// Delay between a RST and the port's release (SPEC R3.3; default 15).
+    #[serde(default = "default_rst")]
+    pub rst_timeout_secs: u32,
+    /// How long a port released for a destination counts as "recently used" for it
+    /// (SPEC R2.3 decision; default 240, the longest TIME_WAIT a server may hold).
+    #[serde(default = "default_history")]
+    pub port_reuse_history_secs: u32,
+    /// The virtual network's address space: destinations inside it are not translated (SPEC R1.7).
+    #[serde(default = "default_vnet")]
+    pub vnet_prefixes: Vec<String>,
+    /// The provider's default-SNAT address pool (SPEC R1.3), chosen by the operator.
+    #[serde(default)]
+    pub default_snat_pool: Vec<String>,
+}
+
+fn default_idle() -> u32 {
+    240
+}
+fn default_fin() -> u32 {
+    240
+}
+fn default_rst() -> u32 {
+    15
+}
+fn default_history() -> u32 {
+    240
+}
+fn default_vnet() -> Vec<String> {
+    vec![
+        "10.0.0.0/8".into(),
+        "172.16.0.0/12".into(),
+        "192.168.0.0/16".into(),
+    ]
+}
+
+impl Default for GatewayCfg {
+    fn default() -> Self {
+        GatewayCfg {
+            seed: 0,
+            idle_timeout_secs: default_idle(),
+            fin_timeout_secs: default_fin(),
+            rst_timeout_secs: default_rst(),
+            port_reuse_history_secs: default_history(),
+            vnet_prefixes: default_vnet(),
+            default_snat_pool: Vec::new(),
+        }
+    }
+}
+
+/// `[[public_ip]]`: a named public IPv4 address.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicIpCfg {
+    /// Unique name, referenced by instances (`public_ip`) and LB frontends.
+    pub name: String,
+    /// The IPv4 address.
+    pub address: String,
+}
+
+/// `[[availability_set]]` (ARM).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AvailabilitySetCfg {
+    /// Unique name.
+    pub name: String,
+}
+
+/// `[[deployment]]` (Classic cloud service).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentCfg {
+    /// Unique name.
+    pub name: String,
+    /// While the deployment is being redeployed, the pool size the infrastructure reports
+    /// (SPEC R2.11: between the actual size and twice it). Absent when settled.
+    #[serde(default)]
+    pub redeploy_reported_instances: Option<u32>,
+}
+
+/// Deployment model of an instance or load balancer.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Model {
+    /// Azure Resource Manager.
+    #[default]
+    Arm,
+    /// Classic (cloud services).
+    Classic,
+}
+
+/// Kind of instance (SPEC §0).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceKind {
+    /// A virtual machine (ARM NIC IP configuration or Classic VM).
+    #[default]
+    Vm,
+    /// A Classic web or worker role instance.
+    WebWorkerRole,
+}
+
+/// `[[instance]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceCfg {
+    /// Unique name (for ARM, conventionally `vm/nic/ipconfig`).
+    pub name: String,
+    /// `vm` or `web_worker_role`.
+    #[serde(default)]
+    pub kind: InstanceKind,
+    /// `arm` or `classic`.
+    #[serde(default)]
+    pub model: Model,
+    /// Private IPv4 address, inside `gateway.vnet_prefixes`.
+    pub private_ip: String,
+    /// Name of an instance-level public IP (SPEC R1.1).
+    #[serde(default)]
+    pub public_ip: Option<String>,
+    /// ARM availability set (SPEC R1.3).
+    #[serde(default)]
+    pub availability_set: Option<String>,
+    /// Classic deployment (required for Classic instances).
+    #[serde(default)]
+    pub deployment: Option<String>,
+}
+
+/// `[[load_balancer]]`: a public load balancer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancerCfg {
+    /// Unique name.
+    pub name: String,
+    /// `arm` or `classic`; members must have the same model.
+    #[serde(default)]
+    pub model: Model,
+    /// Frontends, each a public IP.
+    #[serde(default)]
+    pub frontends: Vec<FrontendCfg>,
+    /// Backend pools.
+    #[serde(default)]
+    pub backend_pools: Vec<BackendPoolCfg>,
+    /// Load-balancing rules.
+    #[serde(default)]
+    pub rules: Vec<LbRuleCfg>,
+}
+
+/// A frontend of a load balancer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendCfg {
+    /// Name, unique within the LB.
+    pub name: String,
+    /// Name of the public IP.
+    pub public_ip: String,
+}
+
+/// A backend pool.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPoolCfg {
+    /// Name, unique within the LB.
+    pub name: String,
+    /// Names of member instances.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// Transport protocol of a load-balancing rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// Both.
+    All,
+}
+
+/// A load-balancing rule.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LbRuleCfg {
+    /// Name, unique within the LB.
+    pub name: String,
+    /// Frontend name.
+    pub frontend: String,
+    /// `tcp`, `udp` or `all`.
+    pub protocol: RuleProtocol,
+    /// Frontend port (1–65535).
+    pub frontend_port: u16,
+    /// Backend pool name.
+    pub backend_pool: String,
+    /// Backend port (1–65535).
+    pub backend_port: u16,
+    /// Optional health probe description (its verdict does not matter for outbound, SPEC R1.2).
+    #[serde(default)]
+    pub probe: Option<String>,
+    /// Inbound idle timeout in minutes, 4–30 (SPEC R3.7; default 4).
+    #[serde(default = "default_lb_idle")]
+    pub idle_timeout_minutes: u32,
+}
+
+fn default_lb_idle() -> u32 {
+    4
+}
+
+impl ConfigFile {
+    /// Parses TOML text. Unknown fields are refused.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Serialises back to TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,87 @@
+//! Typed errors of the engine's configuration.
+//!
+//! Every variant names the offending field (as a path such as `instance[vm1].public_ip`) and,
+//! where a SPEC rule is the reason, the rule. Refusing a configuration never changes the
+//! running state (see [`crate::Engine::apply`]).
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML text could not be parsed.
+    #[error("config file: {0}")]
+    Parse(String),
+    /// A field holds a value that is not allowed.
+    #[error("{field}: invalid value `{value}`: {reason}")]
+    Invalid {
+        /// Path of the field.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two objects of one kind share a name.
+    #[error("{field}: duplicate name `{name}`")]
+    DuplicateName {
+        /// Path of the field.
+        field: String,
+        /// The duplicated name.
+        name: String,
+    },
+    /// An address is used twice or overlaps another range.
+    #[error("{field}: address {address} is already used by {other}")]
+    DuplicateAddress {
+        /// Path of the field.
+        field: String,
+        /// The address.
+        address: String,
+        /// Who already uses it.
+        other: String,
+    },
+    /// A reference names nothing that exists.
+    #[error("{field}: unknown {what} `{name}`")]
+    UnknownReference {
+        /// Path of the field.
+        field: String,
+        /// What kind of object was expected.
+        what: &'static str,
+        /// The name given.
+        name: String,
+    },
+    /// SPEC R1.5: a web/worker role instance cannot have an instance-level public IP.
+    #[error(
+        "{field}: a web_worker_role instance cannot have an instance-level public IP (SPEC R1.5)"
+    )]
+    WebWorkerRoleIlpip {
+        /// Path of the field.
+        field: String,
+    },
+    /// SPEC R2.8: a pool sharing one public IP holds more than 1000 instances.
+    #[error(
+        "{field}: {size} instances share public IP {address}; at most 1000 are allowed (SPEC R2.8)"
+    )]
+    PoolTooLarge {
+        /// Path of the field.
+        field: String,
+        /// The shared public address.
+        address: String,
+        /// How many instances would share it.
+        size: usize,
+    },
+    /// SPEC R1.3: instances need default SNAT but the operator's pool is empty.
+    #[error("gateway.default_snat_pool: empty, but {count} instance(s) need default SNAT, e.g. `{example}` (SPEC R1.3)")]
+    EmptyDefaultPool {
+        /// How many instances need it.
+        count: usize,
+        /// One of them.
+        example: String,
+    },
+    /// A combination of fields that the cloud model does not allow.
+    #[error("{field}: {reason}")]
+    Model {
+        /// Path of the field.
+        field: String,
+        /// The rule that is broken.
+        reason: String,
+    },
+}

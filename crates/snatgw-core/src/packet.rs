@@ -1,0 +1,245 @@
+//! What the engine is told about a packet, and what it answers.
+//!
+//! The engine never sees packet bytes: the data plane (or a trace replayer) extracts a
+//! [`Packet`] — protocol, addresses, ports, TCP flags — and applies the returned [`Verdict`].
+//! [`DropReason`] is the one list of reasons a packet is dropped anywhere in snatgw, each with a
+//! stable metric label.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// IP protocol numbers the engine distinguishes.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// ESP.
+    pub const ESP: u8 = 50;
+}
+
+/// TCP flag bits as in the TCP header's flag byte.
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// Which way a packet travels through the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From an instance (private side) towards the internet.
+    Outbound,
+    /// From the internet towards a public address of the gateway.
+    Inbound,
+}
+
+/// The facts of a packet the engine decides on. Addresses are host-order `u32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Packet {
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source address.
+    pub src: u32,
+    /// Destination address.
+    pub dst: u32,
+    /// Source port (TCP/UDP; 0 otherwise).
+    pub src_port: u16,
+    /// Destination port (TCP/UDP; 0 otherwise).
+    pub dst_port: u16,
+    /// TCP: the flag byte. ICMP: the ICMP type (8 = echo request), so the engine can tell an
+    /// echo from other ICMP (R3.6 decision). Other protocols: 0.
+    pub flags: u8,
+}
+
+impl Packet {
+    /// A TCP packet.
+    pub fn tcp(
+        src: impl Into<u32>,
+        sport: u16,
+        dst: impl Into<u32>,
+        dport: u16,
+        flags: u8,
+    ) -> Self {
+        Packet {
+            proto: proto::TCP,
+            src: src.into(),
+            dst: dst.into(),
+            src_port: sport,
+            dst_port: dport,
+            flags,
+        }
+    }
+    /// A UDP datagram.
+    pub fn udp(src: impl Into<u32>, sport: u16, dst: impl Into<u32>, dport: u16) -> Self {
+        Packet {
+            proto: proto::UDP,
+            src: src.into(),
+            dst: dst.into(),
+            src_port: sport,
+            dst_port: dport,
+            flags: 0,
+        }
+    }
+    /// An ICMP message of type `icmp_type` (no ports).
+    pub fn icmp(src: impl Into<u32>, dst: impl Into<u32>, icmp_type: u8) -> Self {
+        Packet {
+            proto: proto::ICMP,
+            src: src.into(),
+            dst: dst.into(),
+            src_port: 0,
+            dst_port: 0,
+            flags: icmp_type,
+        }
+    }
+    /// A packet of another protocol (no ports).
+    pub fn other(protocol: u8, src: impl Into<u32>, dst: impl Into<u32>) -> Self {
+        Packet {
+            proto: protocol,
+            src: src.into(),
+            dst: dst.into(),
+            src_port: 0,
+            dst_port: 0,
+            flags: 0,
+        }
+    }
+}
+
+/// What to do with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward unchanged (intra-VNet traffic, SPEC R1.7).
+    Pass,
+    /// Rewrite and forward. Outbound: the source becomes (`addr`, `port`); inbound: the
+    /// destination does. For an ILPIP (R1.1) the port is the packet's own.
+    Translate {
+        /// New address.
+        addr: u32,
+        /// New port.
+        port: u16,
+    },
+    /// Drop, counted under the reason.
+    Drop(DropReason),
+}
+
+/// Why a packet was dropped. `Copy`, with a stable metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Outbound from an address that is no configured instance.
+    UnknownSource = 0,
+    /// Outbound TCP that is not a SYN and matches no flow (SPEC R3.1).
+    TcpNotSyn,
+    /// No SNAT port free for the destination (SPEC R2.6).
+    PortsExhausted,
+    /// A protocol the instance's scenario does not translate (PAT carries TCP and UDP only, R1.2/R1.3).
+    ProtocolNotTranslated,
+    /// ICMP echo from an instance without an ILPIP (R3.6 decision: not translated through PAT).
+    IcmpEchoViaPat,
+    /// Inbound to a PAT address matching no flow and no rule (SPEC R3.8).
+    UnsolicitedInbound,
+    /// Inbound to an address that is not one of the gateway's public addresses.
+    NotOurAddress,
+    /// Packet bytes could not be parsed (data plane).
+    Malformed,
+    /// A fragment that matches no tracked first fragment (data plane).
+    FragmentUnmatched,
+    /// An ICMP error whose embedded packet matches no flow (data plane, R3.6).
+    IcmpErrorNoFlow,
+    /// A packet that may not be forwarded for another reason (e.g. private source leaving untranslated).
+    Policy,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 11;
+    /// All reasons, in label order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::UnknownSource,
+        DropReason::TcpNotSyn,
+        DropReason::PortsExhausted,
+        DropReason::ProtocolNotTranslated,
+        DropReason::IcmpEchoViaPat,
+        DropReason::UnsolicitedInbound,
+        DropReason::NotOurAddress,
+        DropReason::Malformed,
+        DropReason::FragmentUnmatched,
+        DropReason::IcmpErrorNoFlow,
+        DropReason::Policy,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::TcpNotSyn => "tcp_not_syn",
+            DropReason::PortsExhausted => "ports_exhausted",
+            DropReason::ProtocolNotTranslated => "protocol_not_translated",
+            DropReason::IcmpEchoViaPat => "icmp_echo_via_pat",
+            DropReason::UnsolicitedInbound => "unsolicited_inbound",
+            DropReason::NotOurAddress => "not_our_address",
+            DropReason::Malformed => "malformed",
+            DropReason::FragmentUnmatched => "fragment_unmatched",
+            DropReason::IcmpErrorNoFlow => "icmp_error_no_flow",
+            DropReason::Policy => "policy",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Transport protocol of a PAT flow, with separate port spaces (SPEC R2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum L4 {
+    /// TCP.
+    Tcp = 0,
+    /// UDP.
+    Udp = 1,
+}
+
+impl L4 {
+    /// From an IP protocol number.
+    pub fn from_proto(p: u8) -> Option<L4> {
+        match p {
+            proto::TCP => Some(L4::Tcp),
+            proto::UDP => Some(L4::Udp),
+            _ => None,
+        }
+    }
+    /// The IP protocol number.
+    pub fn proto(self) -> u8 {
+        match self {
+            L4::Tcp => proto::TCP,
+            L4::Udp => proto::UDP,
+        }
+    }
+    /// `tcp` / `udp`.
+    pub fn label(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for L4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Formats a host-order address.
+pub fn ip(a: u32) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
