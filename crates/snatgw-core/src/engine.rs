@@ -1810,6 +1810,25 @@ impl Engine {
                 }
             }
         }
+        // Per instance: connections made minus flows ended equals live flows, per protocol.
+        for (slot, inst) in self.insts.iter().enumerate() {
+            let Some(inst) = inst else { continue };
+            for l in 0..2 {
+                let st = &inst.stats[l];
+                let ended: u64 = st.ended.iter().sum();
+                let live: u64 = self.pools[slot * 2 + l]
+                    .used
+                    .iter()
+                    .map(|i| self.pools[slot * 2 + l].holders(i) as u64)
+                    .sum();
+                if st.conn_ok < ended || st.conn_ok - ended != live {
+                    return Err(format!(
+                        "{} {l}: conn_ok {} - ended {ended} != live {live}",
+                        inst.name, st.conn_ok
+                    ));
+                }
+            }
+        }
         let created = self.global.flows_created;
         let ended: u64 = self.global.flows_ended.iter().sum();
         if created - ended != self.live as u64 {
