@@ -616,6 +616,21 @@ impl Engine {
             })
     }
 
+    /// The private address behind an ILPIP (R1.1), if `public` is one.
+    pub fn ilpip_private(&self, public: u32) -> Option<u32> {
+        let &s = self.ilpips.get(&public)?;
+        Some(self.insts[s as usize].as_ref()?.private_ip)
+    }
+
+    /// The ILPIP of the instance at `private`, if it has one (R1.1).
+    pub fn ilpip_public(&self, private: u32) -> Option<u32> {
+        let &s = self.by_private.get(&private)?;
+        match self.insts[s as usize].as_ref()?.scenario {
+            Scenario::Ilpip { addr } => Some(addr),
+            _ => None,
+        }
+    }
+
     /// Looks up the public side of an instance's existing flow or ILPIP without creating
     /// or refreshing anything (used for ICMP errors an instance sends, R3.6).
     pub fn lookup_outbound(

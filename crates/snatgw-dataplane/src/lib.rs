@@ -1,2 +1,320 @@
-//! snatgw-dataplane
+//! snatgw-dataplane: the one entry point of the data plane, [`Gateway::process`].
+//!
+//! It parses a raw IPv4 packet with `snatgw-wire`, asks the `snatgw-core` engine for a verdict,
+//! and rewrites the packet in place with incremental checksums. It adds what only makes sense
+//! with bytes in hand:
+//!
+//! - **ICMP errors (SPEC R3.6).** An error from the internet about a translated flow quotes the
+//!   packet the instance sent *after* translation; the gateway finds the flow by that quoted
+//!   public 5-tuple and rewrites both the outer destination and the quoted source back to the
+//!   private address and port, so path MTU discovery and port-unreachable work. An error an
+//!   instance sends about an inbound packet (ILPIP, or return traffic of a flow) is translated the
+//!   mirror way. Errors match existing flows only: they never create or refresh a flow.
+//!   ICMP echo through PAT is dropped and counted as `icmp_echo_via_pat` (decision: the seeds
+//!   list TCP and UDP for PAT, R1.2/R1.3); through an ILPIP it is translated (R1.1).
+//! - **IPv4 fragments (decision).** The first fragment carries the ports: it gets its verdict
+//!   like any packet, and its translation (new address) is remembered for 30 s under
+//!   (protocol, source, destination, identification). Later fragments with the same key get
+//!   the same address rewrite. A later fragment with no remembered first fragment — out of
+//!   order, or after the 30 s — is dropped as `fragment_unmatched`, so nothing leaves with a
+//!   private source address. The table holds at most 65 536 datagrams (oldest evicted).
+//! - **Malformed packets** are dropped as `malformed`, counted by the wire error's reason too.
+//!
+//! It does not do packet I/O (that is `snatgw-io`), routing, reassembly, or TTL handling (the
+//! kernel routes what the gateway writes back).
 #![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use snatgw_core::{
+    proto, ApplyReport, ConfigError, Direction, DropReason, Engine, Packet, Time, Topology, Verdict,
+};
+use snatgw_wire::{
+    parse, rewrite_dst, rewrite_icmp_error_inbound, rewrite_icmp_error_outbound, rewrite_src, Frag,
+    IcmpKind, Summary, WireError,
+};
+
+pub mod fuzzing;
+
+/// How long a first fragment's translation is remembered (as Linux's `ipfrag_time`).
+pub const FRAGMENT_TTL: Time = 30;
+/// Most datagrams whose fragments are tracked at once.
+pub const FRAGMENT_CAP: usize = 65_536;
+
+/// Data-plane counters (the engine keeps its own, [`Engine::global_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataplaneStats {
+    /// Packets translated.
+    pub translated: u64,
+    /// Packets passed unchanged (R1.7).
+    pub passed: u64,
+    /// Packets dropped, by [`DropReason`] (all reasons, engine's included).
+    pub drops: [u64; DropReason::COUNT],
+    /// Malformed packets by wire error label.
+    pub malformed: std::collections::BTreeMap<&'static str, u64>,
+    /// ICMP errors translated (R3.6).
+    pub icmp_errors: u64,
+    /// Later fragments translated by a remembered first fragment.
+    pub fragments: u64,
+}
+
+type FragKey = (u8, u32, u32, u16);
+
+/// The data plane: an [`Engine`] plus fragment tracking and byte rewriting.
+pub struct Gateway {
+    engine: Engine,
+    frags: HashMap<FragKey, (u32, Time)>,
+    frag_q: VecDeque<(Time, FragKey)>,
+    stats: DataplaneStats,
+}
+
+impl Gateway {
+    /// Wraps an engine.
+    pub fn new(engine: Engine) -> Gateway {
+        Gateway {
+            engine,
+            frags: HashMap::new(),
+            frag_q: VecDeque::new(),
+            stats: DataplaneStats::default(),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, mutably (to advance time or read events).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &DataplaneStats {
+        &self.stats
+    }
+
+    /// Applies a new configuration (see [`Engine::apply`]); on error nothing changes.
+    pub fn apply(&mut self, now: Time, topo: Topology) -> Result<ApplyReport, ConfigError> {
+        self.engine.apply(now, topo)
+    }
+
+    /// Which way a packet read from one shared TUN travels: outbound when its source is inside
+    /// the VNet (the instances' side), inbound otherwise.
+    pub fn direction(&self, pkt: &[u8]) -> Direction {
+        match pkt.get(12..16) {
+            Some(b)
+                if self
+                    .engine
+                    .topology()
+                    .in_vnet(u32::from_be_bytes([b[0], b[1], b[2], b[3]])) =>
+            {
+                Direction::Outbound
+            }
+            Some(_) => Direction::Inbound,
+            None => Direction::Outbound,
+        }
+    }
+
+    fn drop(&mut self, r: DropReason) -> Verdict {
+        self.stats.drops[r as usize] += 1;
+        Verdict::Drop(r)
+    }
+
+    fn malformed(&mut self, e: WireError) -> Verdict {
+        *self.stats.malformed.entry(e.reason()).or_default() += 1;
+        self.drop(DropReason::Malformed)
+    }
+
+    /// Decides one raw IPv4 packet travelling `dir` at `now` and rewrites it in place.
+    /// `Translate`: the buffer holds the translated packet; `Pass`: unchanged; `Drop`: do not
+    /// send it (the buffer may be left as it was).
+    pub fn process(&mut self, now: Time, pkt: &mut [u8], dir: Direction) -> Verdict {
+        let s = match parse(pkt) {
+            Ok(s) => s,
+            Err(e) => return self.malformed(e),
+        };
+        if let Frag::NonFirst { ident, .. } = s.frag {
+            return self.later_fragment(now, pkt, &s, dir, ident);
+        }
+        if let Some(IcmpKind::Error { .. }) = s.icmp {
+            return self.icmp_error(now, pkt, &s, dir);
+        }
+        let flags = if s.proto == proto::ICMP {
+            pkt.get(s.l3_len as usize).copied().unwrap_or(0)
+        } else {
+            s.tcp_flags
+        };
+        let has_ports = s.proto == proto::TCP || s.proto == proto::UDP;
+        let facts = Packet {
+            proto: s.proto,
+            src: s.src,
+            dst: s.dst,
+            src_port: if has_ports { s.src_port } else { 0 },
+            dst_port: if has_ports { s.dst_port } else { 0 },
+            flags,
+        };
+        let v = self.engine.process(now, dir, &facts);
+        match v {
+            Verdict::Translate { addr, port } => {
+                let new_port = (has_ports
+                    && port
+                        != if dir == Direction::Outbound {
+                            s.src_port
+                        } else {
+                            s.dst_port
+                        })
+                .then_some(port);
+                let r = match dir {
+                    Direction::Outbound => rewrite_src(pkt, &s, addr, new_port),
+                    Direction::Inbound => rewrite_dst(pkt, &s, addr, new_port),
+                };
+                if let Err(e) = r {
+                    return self.malformed(e);
+                }
+                if let Frag::First { ident, .. } = s.frag {
+                    self.remember_fragment(now, (s.proto, s.src, s.dst, ident), addr);
+                }
+                self.stats.translated += 1;
+            }
+            Verdict::Pass => self.stats.passed += 1,
+            Verdict::Drop(r) => self.stats.drops[r as usize] += 1,
+        }
+        v
+    }
+
+    fn remember_fragment(&mut self, now: Time, key: FragKey, addr: u32) {
+        self.expire_fragments(now);
+        if self.frags.len() >= FRAGMENT_CAP {
+            if let Some((_, k)) = self.frag_q.pop_front() {
+                self.frags.remove(&k);
+            }
+        }
+        self.frags.insert(key, (addr, now + FRAGMENT_TTL));
+        self.frag_q.push_back((now + FRAGMENT_TTL, key));
+    }
+
+    fn expire_fragments(&mut self, now: Time) {
+        while let Some(&(t, k)) = self.frag_q.front() {
+            if t > now {
+                break;
+            }
+            self.frag_q.pop_front();
+            if self.frags.get(&k).is_some_and(|&(_, exp)| exp <= now) {
+                self.frags.remove(&k);
+            }
+        }
+    }
+
+    fn later_fragment(
+        &mut self,
+        now: Time,
+        pkt: &mut [u8],
+        s: &Summary,
+        dir: Direction,
+        ident: u16,
+    ) -> Verdict {
+        self.expire_fragments(now);
+        let Some(&(addr, _)) = self.frags.get(&(s.proto, s.src, s.dst, ident)) else {
+            // Fragments inside the VNet are never translated (R1.7).
+            if dir == Direction::Outbound && self.engine.topology().in_vnet(s.dst) {
+                self.stats.passed += 1;
+                return Verdict::Pass;
+            }
+            return self.drop(DropReason::FragmentUnmatched);
+        };
+        let r = match dir {
+            Direction::Outbound => rewrite_src(pkt, s, addr, None),
+            Direction::Inbound => rewrite_dst(pkt, s, addr, None),
+        };
+        if let Err(e) = r {
+            return self.malformed(e);
+        }
+        self.stats.fragments += 1;
+        self.stats.translated += 1;
+        Verdict::Translate { addr, port: 0 }
+    }
+
+    fn icmp_error(&mut self, now: Time, pkt: &mut [u8], s: &Summary, dir: Direction) -> Verdict {
+        let Some(IcmpKind::Error { inner, .. }) = s.icmp else {
+            return self.drop(DropReason::Malformed);
+        };
+        self.engine.advance(now);
+        match dir {
+            Direction::Inbound => {
+                // The quoted packet left the gateway translated: its source is ours.
+                if inner.src != s.dst {
+                    return self.drop(DropReason::IcmpErrorNoFlow);
+                }
+                let found = if inner.has_ports
+                    && (inner.proto == proto::TCP || inner.proto == proto::UDP)
+                {
+                    self.engine.lookup_inbound(
+                        inner.proto,
+                        inner.src,
+                        inner.src_port,
+                        inner.dst,
+                        inner.dst_port,
+                    )
+                } else {
+                    // Without TCP/UDP ports only an ILPIP (stateless 1:1) can be matched.
+                    self.engine
+                        .ilpip_private(inner.src)
+                        .map(|a| (a, inner.src_port))
+                };
+                let Some((addr, port)) = found else {
+                    return self.drop(DropReason::IcmpErrorNoFlow);
+                };
+                let port = (inner.has_ports && port != inner.src_port).then_some(port);
+                if let Err(e) = rewrite_icmp_error_inbound(pkt, s, addr, addr, port) {
+                    return self.malformed(e);
+                }
+                self.stats.icmp_errors += 1;
+                self.stats.translated += 1;
+                Verdict::Translate {
+                    addr,
+                    port: port.unwrap_or(0),
+                }
+            }
+            Direction::Outbound => {
+                if self.engine.topology().in_vnet(s.dst) {
+                    self.stats.passed += 1;
+                    return Verdict::Pass;
+                }
+                // The quoted packet came in translated: its destination is the instance.
+                if inner.dst != s.src {
+                    return self.drop(DropReason::IcmpErrorNoFlow);
+                }
+                let found = if inner.has_ports
+                    && (inner.proto == proto::TCP || inner.proto == proto::UDP)
+                {
+                    self.engine.lookup_outbound(
+                        inner.proto,
+                        inner.dst,
+                        inner.dst_port,
+                        inner.src,
+                        inner.src_port,
+                    )
+                } else {
+                    self.engine
+                        .ilpip_public(inner.dst)
+                        .map(|a| (a, inner.dst_port))
+                };
+                let Some((addr, port)) = found else {
+                    return self.drop(DropReason::IcmpErrorNoFlow);
+                };
+                let port = (inner.has_ports && port != inner.dst_port).then_some(port);
+                if let Err(e) = rewrite_icmp_error_outbound(pkt, s, addr, addr, port) {
+                    return self.malformed(e);
+                }
+                self.stats.icmp_errors += 1;
+                self.stats.translated += 1;
+                Verdict::Translate {
+                    addr,
+                    port: port.unwrap_or(0),
+                }
+            }
+        }
+    }
+}
