@@ -1597,14 +1597,19 @@ impl Engine {
         };
         debug_assert_eq!(picks.len(), need, "tiers guarantee room (R2.8)");
         let free_slots: Vec<usize> = (0..SLOTS).filter(|&s| inst.chunks[s] == 0).collect();
+        let mut granted = Vec::with_capacity(need * CHUNK as usize);
         for (c, s) in picks.into_iter().zip(free_slots) {
             pip.owner[c] = slot;
-            inst.chunks[s] = PORT_BASE + c as u16 * CHUNK;
-            for off in 0..CHUNK {
-                let idx = s as u16 * CHUNK + off;
-                self.pools[slot as usize * 2].grant(idx);
-                self.pools[slot as usize * 2 + 1].grant(idx);
-            }
+            let base = PORT_BASE + c as u16 * CHUNK;
+            inst.chunks[s] = base;
+            granted.extend((0..CHUNK).map(|off| (base + off, s as u16 * CHUNK + off)));
+        }
+        // Never-used ports go to the front of the free order; granting the highest port first
+        // leaves them in ascending port order there.
+        granted.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, idx) in granted {
+            self.pools[slot as usize * 2].grant(idx);
+            self.pools[slot as usize * 2 + 1].grant(idx);
         }
     }
 

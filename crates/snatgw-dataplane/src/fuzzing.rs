@@ -1,8 +1,9 @@
 //! The fuzz harness, shared by the cargo-fuzz target and by `cargo test`, which replays the
 //! committed corpus so a regression fails CI.
 //!
-//! Input: byte 0 picks the direction (bit 0) and a time step (bits 1–7, seconds); the rest is
-//! the packet. The gateway runs the reference topology (`examples/reference.toml`), and a
+//! An input is a sequence of records, each a big-endian `u16` length and that many bytes; in a
+//! record, byte 0 picks the direction (bit 0) and a time step (bits 1–7, seconds), the rest is
+//! the packet. Several packets per input let one create a flow that the next one hits. The gateway runs the reference topology (`examples/reference.toml`), and a
 //! second copy of the packet is fed in the other direction too. Checked: nothing panics, and a
 //! translated packet still parses.
 
@@ -49,4 +50,28 @@ pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) {
             "a translated packet must still parse"
         );
     }
+}
+
+/// Runs a whole input (a sequence of records, see the module docs) on a fresh gateway.
+pub fn run_input(data: &[u8]) {
+    let mut g = gateway();
+    let mut now = 0;
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = (u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        run_one(&mut g, &mut now, &rest[2..2 + n]);
+        rest = &rest[2 + n..];
+    }
+}
+
+/// Encodes packets as an input: `(direction is inbound, seconds to advance, packet)`.
+pub fn encode(records: &[(bool, u8, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (inbound, dt, pkt) in records {
+        let n = (pkt.len() + 1).min(u16::MAX as usize);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.push((dt.min(&127) << 1) | *inbound as u8);
+        out.extend_from_slice(&pkt[..n - 1]);
+    }
+    out
 }
