@@ -1870,3 +1870,12 @@ fn name_hash(s: &str) -> u64 {
     }
     h
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flow_record_stays_small() {
+        // The memory target (≤ 96 bytes per live flow) depends on it.
+        assert_eq!(std::mem::size_of::<super::Flow>(), 48);
+    }
+}
