@@ -7,6 +7,12 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use snatgw_core::{hash::splitmix64, Direction, Engine, Packet, Verdict};
 
+// Huge pages for the large tables, as the `snatgw` binary does. For the 4 KiB-page baseline:
+// RUSTFLAGS="--cfg snatgw_bench_4k" cargo bench -p snatgw-core --bench engine
+#[cfg(not(snatgw_bench_4k))]
+#[global_allocator]
+static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
+
 #[path = "fixture.rs"]
 mod fixture;
 use fixture::*;
@@ -39,6 +45,22 @@ fn established(c: &mut Criterion) {
     g.bench_function("outbound_verdict_1M_flows_random_order", |b| {
         b.iter(|| {
             for p in &pkts {
+                black_box(e.process(1, Direction::Outbound, black_box(p)));
+            }
+        })
+    });
+    // Packets of 4096 hot flows (a burst of traffic on a working set that stays in cache), with
+    // all 1M flows live: the engine's own cost per packet, without DRAM latency.
+    let hot: Vec<Packet> = pkts
+        .iter()
+        .take(4096)
+        .copied()
+        .cycle()
+        .take(65_536)
+        .collect();
+    g.bench_function("outbound_verdict_hot_4k_of_1M_flows", |b| {
+        b.iter(|| {
+            for p in &hot {
                 black_box(e.process(1, Direction::Outbound, black_box(p)));
             }
         })

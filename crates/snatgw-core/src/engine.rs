@@ -293,6 +293,19 @@ struct Hist {
     q: VecDeque<(u16, Time)>,
 }
 
+/// Ports busy for a destination with many flows from one instance: avoids walking a long
+/// chain on every allocation (one hot destination would otherwise cost O(flows) per new flow).
+struct HotDest {
+    pool: u32,
+    dst: u32,
+    dport: u16,
+    n: u32,
+    active: Bits,
+}
+
+/// Chain length from which a destination's busy ports are kept as a bitset.
+const HOT_MIN: u32 = 16;
+
 struct Wheel {
     slots: Vec<Vec<(u32, u32)>>,
     mask: u32,
@@ -417,6 +430,7 @@ pub struct Engine {
     fwd: HashTable<u32>,
     rev: HashTable<u32>,
     dests: HashTable<u32>,
+    hot: HashTable<HotDest>,
     hists: HashTable<Hist>,
     hist_q: VecDeque<(Time, u32, u32, u16)>,
     wheel: Wheel,
@@ -513,6 +527,7 @@ impl Engine {
             fwd: HashTable::new(),
             rev: HashTable::new(),
             dests: HashTable::new(),
+            hot: HashTable::new(),
             hists: HashTable::new(),
             hist_q: VecDeque::new(),
             wheel: Wheel::new(span, now),
@@ -893,15 +908,37 @@ impl Engine {
         let dh = dest_hash(&h, pool_id, dst, dport);
         let flows = &self.flows;
         let mut active = Bits::EMPTY;
-        if let Some(&head) = self.dests.find(dh, |&i| {
+        let hot = if self.hot.is_empty() {
+            None
+        } else {
+            self.hot.find(dh, |e| {
+                e.pool == pool_id && e.dst == dst && e.dport == dport
+            })
+        };
+        if let Some(hd) = hot {
+            active = hd.active;
+        } else if let Some(&head) = self.dests.find(dh, |&i| {
             let f = &flows[i as usize];
             f.pool == pool_id && f.dst == dst && f.dport == dport
         }) {
             let mut cur = head;
+            let mut n = 0;
             while cur != NONE {
                 let f = &flows[cur as usize];
                 active.set(f.idx);
                 cur = f.next;
+                n += 1;
+            }
+            if n >= HOT_MIN {
+                let hd = HotDest {
+                    pool: pool_id,
+                    dst,
+                    dport,
+                    n,
+                    active,
+                };
+                self.hot
+                    .insert_unique(dh, hd, |e| dest_hash(&h, e.pool, e.dst, e.dport));
             }
         }
         let horizon = self.topo.params.reuse_history;
@@ -998,6 +1035,13 @@ impl Engine {
                 .insert_unique(dh, fi, |&i| dest_of(&h, &flows[i as usize]));
         } else {
             self.flows[old_head as usize].prev = fi;
+            if !self.hot.is_empty() {
+                let same = |e: &HotDest| e.pool == f.pool && e.dst == f.dst && e.dport == f.dport;
+                if let Some(hd) = self.hot.find_mut(dh, same) {
+                    hd.active.set(f.idx);
+                    hd.n += 1;
+                }
+            }
         }
         let flows = &self.flows;
         self.fwd
@@ -1033,6 +1077,17 @@ impl Engine {
         }
         if f.next != NONE {
             self.flows[f.next as usize].prev = f.prev;
+        }
+        if !self.hot.is_empty() {
+            let same = |e: &HotDest| e.pool == f.pool && e.dst == f.dst && e.dport == f.dport;
+            if let Ok(mut e) = self.hot.find_entry(dest_of(&h, &f), same) {
+                let hd = e.get_mut();
+                hd.active.clear(f.idx);
+                hd.n -= 1;
+                if hd.n < HOT_MIN / 2 {
+                    e.remove();
+                }
+            }
         }
         let pool = &mut self.pools[f.pool as usize];
         let owned = pool.owned.get(f.idx);
@@ -1847,6 +1902,22 @@ impl Engine {
                         inst.name, st.conn_ok
                     ));
                 }
+            }
+        }
+        // Cached busy-port sets of hot destinations equal their chains.
+        for hd in self.hot.iter() {
+            let mut chain = Bits::EMPTY;
+            let mut n = 0;
+            let same = |f: &&Flow| f.pool == hd.pool && f.dst == hd.dst && f.dport == hd.dport;
+            for f in self.flows.iter().filter(same) {
+                chain.set(f.idx);
+                n += 1;
+            }
+            if chain != hd.active || n != hd.n {
+                return Err(format!(
+                    "hot destination cache out of date: {n} flows, cache {}",
+                    hd.n
+                ));
             }
         }
         let created = self.global.flows_created;

@@ -241,80 +241,50 @@ impl Gateway {
             return self.drop(DropReason::Malformed);
         };
         self.engine.advance(now);
-        match dir {
-            Direction::Inbound => {
-                // The quoted packet left the gateway translated: its source is ours.
-                if inner.src != s.dst {
-                    return self.drop(DropReason::IcmpErrorNoFlow);
-                }
-                let found = if inner.has_ports
-                    && (inner.proto == proto::TCP || inner.proto == proto::UDP)
-                {
-                    self.engine.lookup_inbound(
-                        inner.proto,
-                        inner.src,
-                        inner.src_port,
-                        inner.dst,
-                        inner.dst_port,
-                    )
-                } else {
-                    // Without TCP/UDP ports only an ILPIP (stateless 1:1) can be matched.
-                    self.engine
-                        .ilpip_private(inner.src)
-                        .map(|a| (a, inner.src_port))
-                };
-                let Some((addr, port)) = found else {
-                    return self.drop(DropReason::IcmpErrorNoFlow);
-                };
-                let port = (inner.has_ports && port != inner.src_port).then_some(port);
-                if let Err(e) = rewrite_icmp_error_inbound(pkt, s, addr, addr, port) {
-                    return self.malformed(e);
-                }
-                self.stats.icmp_errors += 1;
-                self.stats.translated += 1;
-                Verdict::Translate {
-                    addr,
-                    port: port.unwrap_or(0),
-                }
+        if dir == Direction::Outbound && self.engine.topology().in_vnet(s.dst) {
+            self.stats.passed += 1;
+            return Verdict::Pass;
+        }
+        // The quoted packet crossed the gateway the other way, so its translated side is the
+        // outer packet's side on the gateway: inbound, the quoted source is our public address;
+        // outbound, the quoted destination is the instance.
+        let (ours, our_port, remote, remote_port, outer_ours) = match dir {
+            Direction::Inbound => (inner.src, inner.src_port, inner.dst, inner.dst_port, s.dst),
+            Direction::Outbound => (inner.dst, inner.dst_port, inner.src, inner.src_port, s.src),
+        };
+        if ours != outer_ours {
+            return self.drop(DropReason::IcmpErrorNoFlow);
+        }
+        let ported = inner.has_ports && (inner.proto == proto::TCP || inner.proto == proto::UDP);
+        let found = match (dir, ported) {
+            (Direction::Inbound, true) => {
+                self.engine
+                    .lookup_inbound(inner.proto, ours, our_port, remote, remote_port)
             }
-            Direction::Outbound => {
-                if self.engine.topology().in_vnet(s.dst) {
-                    self.stats.passed += 1;
-                    return Verdict::Pass;
-                }
-                // The quoted packet came in translated: its destination is the instance.
-                if inner.dst != s.src {
-                    return self.drop(DropReason::IcmpErrorNoFlow);
-                }
-                let found = if inner.has_ports
-                    && (inner.proto == proto::TCP || inner.proto == proto::UDP)
-                {
-                    self.engine.lookup_outbound(
-                        inner.proto,
-                        inner.dst,
-                        inner.dst_port,
-                        inner.src,
-                        inner.src_port,
-                    )
-                } else {
-                    self.engine
-                        .ilpip_public(inner.dst)
-                        .map(|a| (a, inner.dst_port))
-                };
-                let Some((addr, port)) = found else {
-                    return self.drop(DropReason::IcmpErrorNoFlow);
-                };
-                let port = (inner.has_ports && port != inner.dst_port).then_some(port);
-                if let Err(e) = rewrite_icmp_error_outbound(pkt, s, addr, addr, port) {
-                    return self.malformed(e);
-                }
-                self.stats.icmp_errors += 1;
-                self.stats.translated += 1;
-                Verdict::Translate {
-                    addr,
-                    port: port.unwrap_or(0),
-                }
+            (Direction::Outbound, true) => {
+                self.engine
+                    .lookup_outbound(inner.proto, ours, our_port, remote, remote_port)
             }
+            // Without TCP/UDP ports only an ILPIP (stateless 1:1) can be matched.
+            (Direction::Inbound, false) => self.engine.ilpip_private(ours).map(|a| (a, our_port)),
+            (Direction::Outbound, false) => self.engine.ilpip_public(ours).map(|a| (a, our_port)),
+        };
+        let Some((addr, port)) = found else {
+            return self.drop(DropReason::IcmpErrorNoFlow);
+        };
+        let port = (inner.has_ports && port != our_port).then_some(port);
+        let r = match dir {
+            Direction::Inbound => rewrite_icmp_error_inbound(pkt, s, addr, addr, port),
+            Direction::Outbound => rewrite_icmp_error_outbound(pkt, s, addr, addr, port),
+        };
+        if let Err(e) = r {
+            return self.malformed(e);
+        }
+        self.stats.icmp_errors += 1;
+        self.stats.translated += 1;
+        Verdict::Translate {
+            addr,
+            port: port.unwrap_or(0),
         }
     }
 }

@@ -10,7 +10,8 @@
 //! What it does not do: parse or translate packets (`snatgw-wire`, `snatgw-dataplane`),
 //! configure addresses, routes or namespaces (`snatgw-lab` or the operator).
 //!
-//! This is the only workspace crate allowed `unsafe`; it currently uses none.
+//! This is the only workspace crate allowed `unsafe`; it uses it in one place, the opt-in
+//! huge-page allocator ([`HugePageAlloc`]), each block with a `// SAFETY:` comment.
 //!
 //! # Worker loop
 //! ```no_run
@@ -35,6 +36,7 @@
 //! ```
 
 mod batch;
+mod hugepage;
 mod mem;
 mod tun;
 
@@ -42,6 +44,7 @@ use std::io;
 use std::time::Duration;
 
 pub use batch::{PacketBatch, HEADROOM};
+pub use hugepage::{HugePageAlloc, HUGE_MIN};
 pub use mem::{MemIo, MemIoHandle};
 pub use tun::{TunConfig, TunError, TunIo, Waker, IFNAME_MAX, OFFLOAD_MIN_FREE_SLOTS};
 
