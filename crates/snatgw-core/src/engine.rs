@@ -1557,7 +1557,10 @@ impl Engine {
         if revoke.is_empty() {
             return 0;
         }
+        // Take the chunks away first, then drop the flows on them in one pass over the slab
+        // (a tier change on a large fleet must not scan all flows once per instance).
         let mut masks: HashMap<u32, [bool; SLOTS]> = HashMap::new();
+        let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, &'static str)> = Vec::new();
         for (slot, mask, reason) in revoke {
             let inst = self.insts[*slot as usize].as_mut().expect("instance");
             let addr = inst.scenario.addr();
@@ -1578,43 +1581,39 @@ impl Engine {
                 }
             }
             let m = masks.entry(*slot).or_insert([false; SLOTS]);
-            for s in 0..SLOTS {
-                m[s] |= mask[s];
+            for (acc, &x) in m.iter_mut().zip(mask.iter()) {
+                *acc |= x;
             }
-            let name = inst.name.clone();
-            // Count flows per instance for the event below.
-            let flows = self
-                .flows
-                .iter()
-                .filter(|f| {
-                    f.pool != NONE && f.pool >> 1 == *slot && mask[(f.idx / CHUNK) as usize]
-                })
-                .count() as u32;
             if ports > 0 {
-                self.event(EventKind::PortsReclaimed {
-                    instance: name,
-                    public_ip: addr,
-                    ports,
-                    flows,
-                    reason,
-                });
+                reclaimed.push((*slot, inst.name.clone(), addr, ports, reason));
             }
         }
         let now = self.now;
-        let mut dropped = 0;
+        let mut per_slot: HashMap<u32, u32> = HashMap::new();
         for fi in 0..self.flows.len() as u32 {
             let f = self.flows[fi as usize];
             if f.pool == NONE {
                 continue;
             }
-            if let Some(m) = masks.get(&(f.pool >> 1)) {
-                if m[(f.idx / CHUNK) as usize] {
-                    self.remove_flow(fi, now, EndCause::Reclaimed);
-                    dropped += 1;
-                }
+            if masks
+                .get(&(f.pool >> 1))
+                .is_some_and(|m| m[(f.idx / CHUNK) as usize])
+            {
+                self.remove_flow(fi, now, EndCause::Reclaimed);
+                *per_slot.entry(f.pool >> 1).or_default() += 1;
             }
         }
-        dropped
+        for (slot, instance, public_ip, ports, reason) in reclaimed {
+            let flows = per_slot.get(&slot).copied().unwrap_or(0);
+            self.event(EventKind::PortsReclaimed {
+                instance,
+                public_ip,
+                ports,
+                flows,
+                reason,
+            });
+        }
+        per_slot.values().map(|&n| n as usize).sum()
     }
 
     /// Grows an instance's block to its public IP's tier size (R2.4, R2.10): free chunks,
