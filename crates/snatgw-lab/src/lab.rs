@@ -57,6 +57,9 @@ pub struct Lab {
     spec: LabSpec,
     children: Mutex<Vec<LabChild>>,
     is_down: bool,
+    /// Arguments inserted between the server binary and `serve`/`client` (e.g.
+    /// `lab-server` when the binary is `snatgw`).
+    server_sub: Vec<String>,
 }
 
 impl Lab {
@@ -72,10 +75,27 @@ impl Lab {
             spec,
             children: Mutex::new(Vec::new()),
             is_down: false,
+            server_sub: Vec::new(),
         };
         // If build fails, `lab` is dropped here and Drop removes what was created.
         lab.build()?;
         Ok(lab)
+    }
+
+    /// Uses `server_bin SUBCOMMAND serve|client ...` in [`start_servers`](Self::start_servers)
+    /// and [`client`](Self::client): for a binary that embeds the servers behind a
+    /// subcommand, such as `snatgw lab-server`. `None` (the default): `server_bin serve`.
+    pub fn set_server_subcommand(&mut self, sub: Option<&str>) {
+        self.server_sub = sub.map(|s| vec![s.to_string()]).unwrap_or_default();
+    }
+
+    /// Leaves the lab running after this value is dropped (for `lab up`): processes started
+    /// with [`spawn`](Self::spawn) keep running; remove everything later with
+    /// [`down_prefix`]. Returns the prefix.
+    pub fn detach(mut self) -> String {
+        self.is_down = true;
+        lock(&self.children).clear();
+        self.spec.prefix.clone()
     }
 
     /// The spec the lab was built from.
@@ -177,7 +197,9 @@ impl Lab {
     /// every server address, answering `myip.<zone>`, and waits until it listens.
     pub fn start_servers(&self, server_bin: &Path, zone: &str) -> Result<LabChild, LabError> {
         let bin = server_bin.to_string_lossy().into_owned();
-        let mut argv = vec![bin.as_str(), "serve", "--zone", zone];
+        let mut argv = vec![bin.as_str()];
+        argv.extend(self.server_sub.iter().map(String::as_str));
+        argv.extend(["serve", "--zone", zone]);
         let addrs: Vec<String> = self.spec.servers.iter().map(|a| a.to_string()).collect();
         for a in &addrs {
             argv.push("--addr");
@@ -210,7 +232,9 @@ impl Lab {
     ) -> Result<ClientReport, LabError> {
         let ns = self.ns_name(instance);
         let bin = server_bin.to_string_lossy().into_owned();
-        let mut argv = vec![bin.as_str(), "client"];
+        let mut argv = vec![bin.as_str()];
+        argv.extend(self.server_sub.iter().map(String::as_str));
+        argv.push("client");
         argv.extend_from_slice(args);
         let out = self.exec_timeout(&ns, &argv, timeout)?;
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -30,9 +30,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 mod cmd;
 pub mod dns;
+pub mod gateway;
 mod lab;
 pub mod server;
 mod spec;

@@ -1,0 +1,180 @@
+//! The lab and the snatgw gateway together: a [`LabSpec`] derived from a snatgw
+//! configuration file, and starting/stopping `snatgw run` inside the gateway namespace.
+//!
+//! What it does: [`spec_from_config`] takes instance names and private IPs from the
+//! configuration's `[[instance]]` entries (optionally only a subset, so a configuration may
+//! describe 801 instances while the lab materialises three) and the gateway's public IPs
+//! from every `[[public_ip]]` address plus `gateway.default_snat_pool`, so the lab and the
+//! gateway's configuration cannot drift. [`start_gateway`] runs `snatgw run` in
+//! `<prefix>gw`, waits for its ready line and points the lab's routing at its TUN.
+//!
+//! What it does not do: interpret the configuration beyond addresses (the engine does).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use snatgw_core::ConfigFile;
+
+use crate::{GatewayMode, Lab, LabChild, LabError, LabSpec};
+
+/// Builds the lab spec for `cfg`: one instance namespace per configured instance (or per
+/// instance named in `only`), public IPs = all configured public IP addresses and the
+/// default SNAT pool, [`GatewayMode::Snatgw`] with TUN `tun`. Validated.
+pub fn spec_from_config(
+    prefix: &str,
+    cfg: &ConfigFile,
+    only: Option<&[&str]>,
+    tun: &str,
+) -> Result<LabSpec, LabError> {
+    let bad = |m: String| LabError::InvalidSpec(m);
+    let mut spec = LabSpec::new(prefix).with_mode(GatewayMode::Snatgw { tun: tun.into() });
+    if let Some(names) = only {
+        for n in names {
+            if !cfg.instance.iter().any(|i| i.name == *n) {
+                return Err(bad(format!("instance {n:?} is not in the configuration")));
+            }
+        }
+    }
+    for i in &cfg.instance {
+        if only.is_some_and(|names| !names.contains(&i.name.as_str())) {
+            continue;
+        }
+        let ip: Ipv4Addr = i.private_ip.parse().map_err(|_| {
+            bad(format!(
+                "instance {}: bad private_ip {:?}",
+                i.name, i.private_ip
+            ))
+        })?;
+        spec = spec.with_instance(i.name.clone(), ip);
+    }
+    let mut publics: Vec<Ipv4Addr> = Vec::new();
+    let addrs = cfg
+        .public_ip
+        .iter()
+        .map(|p| p.address.as_str())
+        .chain(cfg.gateway.default_snat_pool.iter().map(String::as_str));
+    for a in addrs {
+        let ip: Ipv4Addr = a
+            .parse()
+            .map_err(|_| bad(format!("public address {a:?} is not an IPv4 address")))?;
+        if !publics.contains(&ip) {
+            publics.push(ip);
+        }
+    }
+    spec.public_ips = publics;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// How to start `snatgw run` in the lab.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The `snatgw` binary.
+    pub bin: PathBuf,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// TUN queues (= worker threads).
+    pub queues: usize,
+    /// TUN virtio-net offload.
+    pub offload: bool,
+    /// Where the gateway writes its JSON stats snapshot every second.
+    pub stats_file: PathBuf,
+    /// Where its log (stderr) goes; `None`: inherited.
+    pub log_file: Option<PathBuf>,
+    /// Extra arguments for `snatgw run`.
+    pub extra: Vec<String>,
+}
+
+/// Starts `snatgw run` in the gateway namespace of `lab` (which must be in
+/// [`GatewayMode::Snatgw`]), waits for its ready line, then configures the lab's routing
+/// into its TUN. The process is killed by [`Lab::down`] if still running.
+pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabError> {
+    let GatewayMode::Snatgw { tun } = &lab.spec().mode else {
+        return Err(LabError::WrongMode(
+            "start_gateway needs GatewayMode::Snatgw",
+        ));
+    };
+    let bin = opts.bin.to_string_lossy().into_owned();
+    let config = opts.config.to_string_lossy().into_owned();
+    let stats = opts.stats_file.to_string_lossy().into_owned();
+    let queues = opts.queues.to_string();
+    let mut argv = vec![
+        bin.as_str(),
+        "run",
+        "--config",
+        &config,
+        "--tun",
+        tun,
+        "--queues",
+        &queues,
+        "--stats-file",
+        &stats,
+    ];
+    if opts.offload {
+        argv.push("--offload");
+    }
+    argv.extend(opts.extra.iter().map(String::as_str));
+    let stderr = match &opts.log_file {
+        Some(p) => Stdio::from(std::fs::File::create(p).map_err(|source| LabError::Spawn {
+            cmd: format!("create {}", p.display()),
+            source,
+        })?),
+        None => Stdio::inherit(),
+    };
+    let child = lab.spawn_with(&lab.gw_ns(), &argv, Stdio::piped(), stderr)?;
+    match child.read_line(Duration::from_secs(20))? {
+        Some(line) if line.contains("\"ready\"") => {}
+        other => {
+            let _ = child.kill();
+            return Err(LabError::BadOutput {
+                cmd: argv.join(" "),
+                reason: format!("expected the ready line, got {other:?}"),
+            });
+        }
+    }
+    lab.wait_for_link(&lab.gw_ns(), tun, Duration::from_secs(5))?;
+    lab.configure_tun()?;
+    Ok(child)
+}
+
+/// Asks the gateway to stop (SIGTERM) and waits up to `timeout`; returns whether it exited
+/// successfully (it is killed if it did not exit in time).
+pub fn stop_gateway(child: &LabChild, timeout: Duration) -> bool {
+    let _ = child.terminate();
+    match child.wait_timeout(timeout) {
+        Ok(Some(st)) => st.success(),
+        _ => {
+            let _ = child.kill();
+            false
+        }
+    }
+}
+
+/// Reads a configuration file.
+pub fn read_config(path: &Path) -> Result<ConfigFile, LabError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LabError::Spawn {
+        cmd: format!("read {}", path.display()),
+        source,
+    })?;
+    ConfigFile::from_toml(&text)
+        .map_err(|e| LabError::InvalidSpec(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_toml_derives_a_valid_spec() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab.toml");
+        let cfg = read_config(&path).unwrap();
+        let spec = spec_from_config("t2-", &cfg, None, "snat0").unwrap();
+        assert_eq!(spec.instances.len(), cfg.instance.len());
+        assert!(spec.public_ips.len() >= 4);
+        let sub = spec_from_config("t2-", &cfg, Some(&["vm-ilpip"]), "snat0").unwrap();
+        assert_eq!(sub.instances.len(), 1);
+        assert!(spec_from_config("t2-", &cfg, Some(&["nope"]), "snat0").is_err());
+    }
+}
