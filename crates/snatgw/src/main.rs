@@ -8,7 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod lab;
+mod race;
+mod run;
 mod show;
+mod stats;
 
 /// snatgw: outbound connectivity (SNAT/PAT) for private instances.
 #[derive(Parser, Debug)]
@@ -29,12 +33,86 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the data plane on a TUN device until SIGINT/SIGTERM (see docs/RUNNING.md).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// TUN device to create.
+        #[arg(long, default_value = "snat0")]
+        tun: String,
+        /// TUN queues, one worker thread each.
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+        /// Enable virtio-net offload (GSO/GRO) on the TUN.
+        #[arg(long)]
+        offload: bool,
+        /// Packets per batch.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Write a JSON counters snapshot here (atomically) every --stats-interval-ms.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
+        /// Period of the stats snapshot.
+        #[arg(long, default_value_t = 1000)]
+        stats_interval_ms: u64,
+        /// TUN transmit queue length.
+        #[arg(long)]
+        tx_queue_len: Option<u32>,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Print the counters snapshot a running gateway writes (--stats-file).
+    Stats {
+        /// The snapshot file.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The reference lab in network namespaces (needs root).
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
+    /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root).
+    Race(race::RaceArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Hidden: `snatgw lab-server serve|client ...` runs the lab's servers and clients.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "lab-server") {
+        args.remove(1);
+        return snatgw_lab::cli::main_with_args(args);
+    }
+    let cli = Cli::parse_from(args);
     let result = match cli.cmd {
         Cmd::Show { config, json } => show::run(&config, json),
+        Cmd::Run {
+            config,
+            tun,
+            queues,
+            offload,
+            batch,
+            stats_file,
+            stats_interval_ms,
+            tx_queue_len,
+            log_json,
+        } => run::run(&run::RunArgs {
+            config,
+            tun,
+            queues,
+            offload,
+            batch,
+            stats_file,
+            stats_interval: std::time::Duration::from_millis(stats_interval_ms.max(100)),
+            tx_queue_len,
+            log_json,
+        }),
+        Cmd::Stats { file, json } => stats::run(&file, json),
+        Cmd::Lab(c) => lab::run(c),
+        Cmd::Race(a) => race::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,491 @@
+//! `snatgw lab up|down|demo`: the reference lab (crate `snatgw-lab`) with the gateway running.
+//!
+//! What it does: derives the lab (instance namespaces, public IPs) from a snatgw configuration
+//! file (`examples/lab.toml` by default) so the two cannot drift, starts the lab's servers
+//! (this same binary, `snatgw lab-server serve`) in the internet namespace and `snatgw run`
+//! in the gateway namespace. `up` leaves it running (until `down`); `demo` drives real
+//! connections from every instance, prints what the internet saw, shows ports shared
+//! across destinations and an exhaustion happening and clearing, then removes everything.
+//!
+//! What it does not do: touch anything outside the lab's namespaces (see `snatgw-lab`).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use snatgw_lab::gateway::{spec_from_config, start_gateway, stop_gateway, GatewayOptions};
+use snatgw_lab::{ClientReport, Lab, LabChild};
+
+use crate::stats;
+
+/// `snatgw lab ...`.
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Build the lab, start the servers and the gateway, and leave them running.
+    Up(UpArgs),
+    /// Remove a lab: kill its processes and delete its namespaces.
+    Down {
+        /// The lab's namespace prefix.
+        #[arg(long, default_value = "sgl-")]
+        prefix: String,
+    },
+    /// Build the lab, show every scenario, port sharing and an exhaustion, remove it.
+    Demo(UpArgs),
+}
+
+/// Options shared by `lab up` and `lab demo`.
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Gateway configuration; the lab is derived from it.
+    #[arg(long, short, default_value = "examples/lab.toml")]
+    pub config: PathBuf,
+    /// Namespace prefix (`[a-z0-9]+-`).
+    #[arg(long, default_value = "sgl-")]
+    pub prefix: String,
+    /// Gateway queues (worker threads).
+    #[arg(long, default_value_t = 2)]
+    pub queues: usize,
+    /// Turn veth offloads on (default off).
+    #[arg(long)]
+    pub veth_offloads: bool,
+    /// TUN virtio-net offload on.
+    #[arg(long)]
+    pub tun_offload: bool,
+}
+
+/// Zone of the lab's DNS "which IP am I" responder.
+pub const ZONE: &str = "snatgw.test";
+/// First internet server (HTTP/DNS/echo/hold).
+pub const SERVER_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+/// Second internet server.
+pub const SERVER_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
+/// DNS server address.
+pub const SERVER_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+
+/// A lab with servers and the gateway running.
+pub struct Running {
+    /// The lab (dropping it removes everything).
+    pub lab: Lab,
+    /// The gateway process.
+    pub gw: LabChild,
+    /// Directory with the stats file and the gateway's log.
+    pub dir: PathBuf,
+    /// The stats file.
+    pub stats: PathBuf,
+    /// This binary.
+    pub exe: PathBuf,
+}
+
+impl Running {
+    /// Runs a lab client in `instance` (arguments after `client`).
+    pub fn client(&self, instance: &str, args: &[&str]) -> Result<ClientReport, String> {
+        self.lab
+            .client(instance, &self.exe, args, Duration::from_secs(60))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts a lab client in `instance` in the background (arguments after `client`).
+    pub fn spawn_client(&self, instance: &str, args: &[&str]) -> Result<LabChild, String> {
+        let exe = self.exe.to_string_lossy().into_owned();
+        let mut argv = vec![exe.as_str(), "lab-server", "client"];
+        argv.extend_from_slice(args);
+        self.lab
+            .spawn(&self.lab.ns_name(instance), &argv)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads the gateway's latest stats snapshot.
+    pub fn snapshot(&self) -> Result<stats::Snapshot, String> {
+        stats::read(&self.stats)
+    }
+}
+
+/// Builds the lab for `a` (only the instances in `only`, if given), starts the servers and
+/// the gateway. Everything is removed again on error.
+pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
+    if !snatgw_lab::is_root() {
+        return Err("the lab needs root (network namespaces)".into());
+    }
+    let cfg = snatgw_lab::gateway::read_config(&a.config).map_err(|e| e.to_string())?;
+    // The engine must accept it too (and before anything is built).
+    crate::show::load(&a.config)?;
+    let spec = spec_from_config(&a.prefix, &cfg, only, "snat0")
+        .map_err(|e| e.to_string())?
+        .with_offloads(a.veth_offloads);
+    let exe = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("snatgw-lab-{}", a.prefix.trim_end_matches('-')));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config =
+        std::fs::canonicalize(&a.config).map_err(|e| format!("{}: {e}", a.config.display()))?;
+    let mut lab = Lab::up(spec).map_err(|e| e.to_string())?;
+    lab.set_server_subcommand(Some("lab-server"));
+    lab.start_servers(&exe, ZONE).map_err(|e| e.to_string())?;
+    let stats = dir.join("stats.json");
+    let _ = std::fs::remove_file(&stats);
+    let gw = start_gateway(
+        &lab,
+        &GatewayOptions {
+            bin: exe.clone(),
+            config,
+            queues: a.queues,
+            offload: a.tun_offload,
+            stats_file: stats.clone(),
+            log_file: Some(dir.join("gateway.log")),
+            extra: Vec::new(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Running {
+        lab,
+        gw,
+        dir,
+        stats,
+        exe,
+    })
+}
+
+/// Entry point of `snatgw lab`.
+pub fn run(cmd: LabCmd) -> Result<(), String> {
+    match cmd {
+        LabCmd::Up(a) => up(&a),
+        LabCmd::Down { prefix } => {
+            snatgw_lab::down_prefix(&prefix).map_err(|e| e.to_string())?;
+            println!("lab {prefix} removed");
+            Ok(())
+        }
+        LabCmd::Demo(a) => demo(&a),
+    }
+}
+
+fn up(a: &UpArgs) -> Result<(), String> {
+    let r = start(a, None)?;
+    let names: Vec<String> = r
+        .lab
+        .spec()
+        .instances
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    println!("lab {} is up; gateway pid {}", a.prefix, r.gw.id());
+    println!("  instances: {}", names.join(" "));
+    println!("  servers: {SERVER_A}, {SERVER_B} (echo 7, HTTP 80 /myip, hold 9000), DNS {SERVER_DNS} (myip.{ZONE})");
+    println!(
+        "  try:   ip netns exec {} {} lab-server client myip-http {SERVER_A}",
+        r.lab.ns_name(&names[0]),
+        r.exe.display()
+    );
+    println!(
+        "  stats: {} stats --file {}",
+        r.exe.display(),
+        r.stats.display()
+    );
+    println!("  log:   {}", r.dir.join("gateway.log").display());
+    println!(
+        "  down:  {} lab down --prefix {}",
+        r.exe.display(),
+        a.prefix
+    );
+    let Running { lab, .. } = r;
+    lab.detach();
+    Ok(())
+}
+
+fn ports(r: &ClientReport) -> BTreeSet<u16> {
+    r.seen_ports().into_iter().collect()
+}
+
+fn show_ports(p: &BTreeSet<u16>) -> String {
+    p.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Waits until `f(snapshot)` holds (bounded).
+fn wait_stats(
+    r: &Running,
+    timeout: Duration,
+    f: impl Fn(&stats::Snapshot) -> bool,
+) -> Option<stats::Snapshot> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = r.snapshot() {
+            if f(&s) {
+                return Some(s);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn demo(a: &UpArgs) -> Result<(), String> {
+    let t0 = Instant::now();
+    println!("== snatgw lab demo: {} ==", a.config.display());
+    println!(
+        "building the lab (namespaces {}*) and starting the gateway...",
+        a.prefix
+    );
+    let mut r = start(a, None)?;
+    let res = demo_steps(&r, t0);
+    let stopped = stop_gateway(&r.gw, Duration::from_secs(5));
+    r.lab.down().map_err(|e| e.to_string())?;
+    println!(
+        "\ngateway stopped {}; lab removed; total {:.1} s",
+        if stopped {
+            "cleanly (exit 0)"
+        } else {
+            "with an error"
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    res
+}
+
+fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
+    println!("lab ready in {:.1} s\n", t0.elapsed().as_secs_f64());
+    let snap =
+        wait_stats(r, Duration::from_secs(5), |_| true).ok_or("no stats from the gateway")?;
+
+    println!("1. What the internet saw, per instance (R1.1-R1.3, R1.6; R6.4 responders)");
+    let head = format!(
+        "{:<10} {:<14} {:<5} {:<14} {:<22} {:<22} {:<8} {}",
+        "INSTANCE",
+        "SCENARIO",
+        "RULE",
+        "EXPECTED IP",
+        "HTTP /myip SAW",
+        "DNS myip SAW",
+        "UDP ECHO",
+        "OK"
+    );
+    println!("{head}");
+    let mut all_ok = true;
+    for inst in &snap.instances {
+        let http = r.client(&inst.name, &["myip-http", &SERVER_A.to_string()])?;
+        let dns = r.client(
+            &inst.name,
+            &[
+                "dns",
+                &SERVER_DNS.to_string(),
+                "--name",
+                &format!("myip.{ZONE}"),
+                "--qtype",
+                "any",
+            ],
+        )?;
+        let udp = r.client(
+            &inst.name,
+            &["udp-echo", &SERVER_B.to_string(), "--count", "3"],
+        )?;
+        let h = http
+            .seen
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "FAILED".into());
+        let d = dns.txt.clone().unwrap_or_else(|| "FAILED".into());
+        let ok = h.split(':').next() == Some(inst.public_ip.as_str())
+            && d.split(':').next() == Some(inst.public_ip.as_str())
+            && udp.all_ok();
+        all_ok &= ok;
+        println!(
+            "{:<10} {:<14} {:<5} {:<14} {:<22} {:<22} {:<8} {}",
+            inst.name,
+            inst.scenario,
+            inst.rule,
+            inst.public_ip,
+            h,
+            d,
+            format!("{}/{}", udp.ok, udp.ok + udp.failed),
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    println!(
+        "(ILPIP keeps the instance's own source port; PAT maps it into the instance's block.)\n"
+    );
+
+    println!(
+        "2. Port sharing across destinations (R2.3): vm-as1 holds 4 connections to each server"
+    );
+    let hold = |dst: Ipv4Addr, n: u32, hold_s: &str, timeout: &str, inst: &str| {
+        r.spawn_client(
+            inst,
+            &[
+                "hold",
+                &format!("{dst}:9000"),
+                "--count",
+                &n.to_string(),
+                "--hold",
+                hold_s,
+                "--timeout",
+                timeout,
+            ],
+        )
+    };
+    let ca = hold(SERVER_A, 4, "3", "3", "vm-as1")?;
+    let ra = ca
+        .read_report(Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let cb = hold(SERVER_B, 4, "3", "3", "vm-as1")?;
+    let rb = cb
+        .read_report(Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let (pa, pb) = (ports(&ra), ports(&rb));
+    println!("  {SERVER_A}:9000 saw ports {}", show_ports(&pa));
+    println!("  {SERVER_B}:9000 saw ports {}", show_ports(&pb));
+    println!(
+        "  shared: {} of {} ports serve both destinations at once\n",
+        pa.intersection(&pb).count(),
+        pa.len()
+    );
+    let _ = ca.wait_timeout(Duration::from_secs(10));
+    let _ = cb.wait_timeout(Duration::from_secs(10));
+
+    let victim = "vm-alone";
+    let alloc = snap
+        .instances
+        .iter()
+        .find(|i| i.name == victim)
+        .map(|i| i.allocated)
+        .ok_or("vm-alone is not in the configuration")?;
+    let neighbour = snap
+        .instances
+        .iter()
+        .find(|i| {
+            i.name != victim
+                && i.public_ip
+                    == snap
+                        .instances
+                        .iter()
+                        .find(|v| v.name == victim)
+                        .map(|v| v.public_ip.clone())
+                        .unwrap_or_default()
+        })
+        .map(|i| i.name.clone());
+    println!("3. Exhaustion (R2.4, R2.6) and recovery (R2.7): {victim} has {alloc} ports per destination");
+    let t = Instant::now();
+    let big = hold(SERVER_A, alloc, "6", "3", victim)?;
+    let rbig = big
+        .read_report(Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "  {} of {alloc} concurrent connections to {SERVER_A}:9000 open ({:.1} s)",
+        rbig.ok,
+        t.elapsed().as_secs_f64()
+    );
+    let one = r.client(
+        victim,
+        &[
+            "hold",
+            &format!("{SERVER_A}:9000"),
+            "--count",
+            "1",
+            "--timeout",
+            "1",
+        ],
+    )?;
+    println!(
+        "  connection #{}: {}",
+        alloc + 1,
+        if one.ok == 1 {
+            "succeeded (unexpected)".to_string()
+        } else {
+            format!(
+                "failed as expected ({})",
+                one.errors.keys().next().cloned().unwrap_or_default()
+            )
+        }
+    );
+    let other = r.client(victim, &["myip-http", &SERVER_B.to_string()])?;
+    println!(
+        "  same instance, other destination {SERVER_B}: {}",
+        if other.all_ok() { "works" } else { "FAILED" }
+    );
+    if let Some(n) = &neighbour {
+        let o = r.client(
+            n,
+            &[
+                "hold",
+                &format!("{SERVER_A}:9000"),
+                "--count",
+                "1",
+                "--timeout",
+                "2",
+            ],
+        )?;
+        println!(
+            "  {n} (same public IP, own block), same destination: {}",
+            if o.all_ok() { "works" } else { "FAILED" }
+        );
+    }
+    if let Some(s) = wait_stats(r, Duration::from_secs(3), |s| {
+        s.events.iter().any(|e| e.kind == "exhaustion")
+    }) {
+        for e in s.events.iter().filter(|e| e.kind == "exhaustion").take(1) {
+            println!(
+                "  gateway event: t={} exhaustion instance={} public_ip={} proto={} dst={} ({})",
+                e.time,
+                e.instance.as_deref().unwrap_or("-"),
+                e.public_ip.as_deref().unwrap_or("-"),
+                e.proto.as_deref().unwrap_or("-"),
+                e.dst.as_deref().unwrap_or("-"),
+                e.detail
+            );
+        }
+        if let Some(i) = s.instances.iter().find(|i| i.name == victim) {
+            println!(
+                "  counters: used tcp ports {}/{}, connections ok {} failed {}",
+                i.used.tcp, i.allocated, i.conn_ok.tcp, i.conn_fail.tcp
+            );
+        }
+    }
+    println!("  closing the {} connections...", rbig.ok);
+    let _ = big.wait_timeout(Duration::from_secs(20));
+    let t = Instant::now();
+    let freed = wait_stats(r, Duration::from_secs(30), |s| {
+        s.instances
+            .iter()
+            .any(|i| i.name == victim && i.used.tcp == 0)
+    });
+    println!(
+        "  ports released {:.1} s after both FINs (FIN delay from the config, R3.2){}",
+        t.elapsed().as_secs_f64(),
+        if freed.is_some() {
+            ""
+        } else {
+            " -- NOT within 30 s"
+        }
+    );
+    let again = r.client(
+        victim,
+        &[
+            "hold",
+            &format!("{SERVER_A}:9000"),
+            "--count",
+            "1",
+            "--timeout",
+            "2",
+        ],
+    )?;
+    println!(
+        "  next connection to {SERVER_A}:9000: {}",
+        if again.all_ok() {
+            format!("succeeds, seen as {}", again.seen.join(","))
+        } else {
+            "FAILED".into()
+        }
+    );
+
+    println!(
+        "\n4. Gateway counters (snatgw stats --file {}):",
+        r.stats.display()
+    );
+    if let Ok(s) = r.snapshot() {
+        print!("{}", stats::render(&s));
+    }
+    if !all_ok {
+        return Err("some instance did not see its expected public IP".into());
+    }
+    Ok(())
+}

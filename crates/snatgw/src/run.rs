@@ -1,0 +1,355 @@
+//! `snatgw run`: the userspace data plane on a Linux TUN device.
+//!
+//! What it does: loads the configuration into a [`Gateway`], opens the TUN with `--queues`
+//! queues (`snatgw-io`, behind the [`PacketIo`] trait) and runs one worker thread per queue.
+//! Every packet read from the TUN is decided and rewritten in place by [`Gateway::process`],
+//! then written back into the TUN for the kernel to route (translated and passed packets;
+//! dropped ones are not written).
+//!
+//! **Which worker handles a flow (the rule, see docs/RUNNING.md).** The kernel picks a TUN
+//! queue per packet from its own hash; a NAT flow's outbound and return packets have
+//! different 5-tuples, so they may land on different queues. Every worker therefore shares
+//! one `Gateway` behind one `Mutex`, taken once per received batch: the whole batch is
+//! decided under the lock, then sent after unlocking. Any worker can handle any packet of
+//! any flow, with one consistent flow table. The cost (contention) is measured and published
+//! in the stats snapshot (`lock`).
+//!
+//! Time: `now` is whole seconds since the gateway started (monotonic). A housekeeping loop
+//! on the main thread ticks every 100 ms: it advances the engine's timers (so ports are
+//! released without traffic), drains events (logged as structured `tracing` lines,
+//! exhaustion as a warning), and writes the stats snapshot every `--stats-interval-ms`.
+//!
+//! Shutdown: SIGINT or SIGTERM set a flag and wake every queue; workers finish their batch
+//! and exit, the final snapshot is written, the process exits 0. A worker whose device fails
+//! stops the gateway too, and the process exits non-zero.
+//!
+//! On start-up, once the TUN exists and the workers run, one JSON line is printed on stdout:
+//! `{"event":"ready","tun":...,"queues":...}`. Logs go to stderr.
+//!
+//! What it does not do: configure addresses or routes (the operator, or `snatgw lab`, points
+//! routes at the TUN), or reload configuration.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use snatgw_core::Verdict;
+use snatgw_dataplane::Gateway;
+use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo};
+
+use crate::stats::{self, Snapshot};
+
+/// Options of `snatgw run`.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    /// Configuration file.
+    pub config: PathBuf,
+    /// TUN device name.
+    pub tun: String,
+    /// Queues = worker threads.
+    pub queues: usize,
+    /// Virtio-net offload on the TUN.
+    pub offload: bool,
+    /// Packets per batch.
+    pub batch: usize,
+    /// Where to write the JSON stats snapshot.
+    pub stats_file: Option<PathBuf>,
+    /// Snapshot period.
+    pub stats_interval: Duration,
+    /// TUN transmit queue length.
+    pub tx_queue_len: Option<u32>,
+    /// Logs as JSON lines instead of text.
+    pub log_json: bool,
+}
+
+/// Lock statistics shared by the threads.
+#[derive(Default)]
+struct LockCounters {
+    acquisitions: AtomicU64,
+    contended: AtomicU64,
+    wait_ns: AtomicU64,
+    held_ns: AtomicU64,
+}
+
+/// What one worker publishes for the stats snapshot.
+#[derive(Default, Clone, Copy)]
+struct WorkerStats {
+    io: IoStats,
+    batches: u64,
+}
+
+struct Shared {
+    gw: Mutex<Gateway>,
+    stop: AtomicBool,
+    start: Instant,
+    lock: LockCounters,
+    workers: Vec<Mutex<WorkerStats>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn now(&self) -> u32 {
+        u32::try_from(self.start.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// Takes the gateway lock, counting contention.
+    fn lock_gw(&self) -> MutexGuard<'_, Gateway> {
+        self.lock.acquisitions.fetch_add(1, Ordering::Relaxed);
+        match self.gw.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.lock.contended.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let g = self.gw.lock().unwrap_or_else(|p| p.into_inner());
+                self.lock
+                    .wait_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                g
+            }
+        }
+    }
+
+    fn fail(&self, msg: String) {
+        tracing::error!(error = %msg, "worker failed; stopping");
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(msg);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Initialises `tracing` (stderr; `RUST_LOG` filters, default `info`).
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_thread_names(true);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+fn worker(idx: usize, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
+    let mut batch = io.new_batch(batch_size);
+    let mut batches = 0u64;
+    let mut since_publish = 0u32;
+    tracing::debug!(queue = idx, "worker started");
+    while !sh.stop.load(Ordering::Relaxed) {
+        let n = match io.recv_batch(&mut batch, Duration::from_millis(100)) {
+            Ok(n) => n,
+            Err(e) => return sh.fail(format!("queue {idx}: receive: {e}")),
+        };
+        if n > 0 {
+            batches += 1;
+            let now = sh.now();
+            {
+                let mut g = sh.lock_gw();
+                let t = Instant::now();
+                for i in 0..n {
+                    let pkt = batch.packet_mut(i);
+                    let dir = g.direction(pkt);
+                    if let Verdict::Drop(_) = g.process(now, pkt, dir) {
+                        batch.drop_packet(i);
+                    }
+                }
+                sh.lock
+                    .held_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            if let Err(e) = io.send_batch(&mut batch) {
+                return sh.fail(format!("queue {idx}: send: {e}"));
+            }
+        }
+        since_publish += 1;
+        if n == 0 || since_publish >= 64 {
+            since_publish = 0;
+            *sh.workers[idx].lock().unwrap_or_else(|p| p.into_inner()) = WorkerStats {
+                io: io.stats(),
+                batches,
+            };
+        }
+    }
+    *sh.workers[idx].lock().unwrap_or_else(|p| p.into_inner()) = WorkerStats {
+        io: io.stats(),
+        batches,
+    };
+    tracing::debug!(queue = idx, batches, "worker stopped");
+}
+
+fn snapshot(a: &RunArgs, sh: &Shared, events: &VecDeque<stats::EventSnap>) -> Snapshot {
+    let mut s = Snapshot {
+        uptime_ms: sh.start.elapsed().as_millis() as u64,
+        tun: a.tun.clone(),
+        queues: a.queues,
+        offload: a.offload,
+        events: events.iter().cloned().collect(),
+        ..Default::default()
+    };
+    {
+        let g = sh.gw.lock().unwrap_or_else(|p| p.into_inner());
+        stats::fill_from_engine(&mut s, g.engine(), g.stats());
+    }
+    s.io = sh
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let w = *w.lock().unwrap_or_else(|p| p.into_inner());
+            stats::io_snap(i, &w.io, w.batches)
+        })
+        .collect();
+    s.lock = stats::LockSnap {
+        acquisitions: sh.lock.acquisitions.load(Ordering::Relaxed),
+        contended: sh.lock.contended.load(Ordering::Relaxed),
+        wait_ns: sh.lock.wait_ns.load(Ordering::Relaxed),
+        held_ns: sh.lock.held_ns.load(Ordering::Relaxed),
+    };
+    s
+}
+
+fn write_stats(a: &RunArgs, s: &Snapshot) {
+    if let Some(p) = &a.stats_file {
+        if let Err(e) = stats::write_atomic(p, s) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot write stats file");
+        }
+    }
+}
+
+/// Advances the engine's timers and drains its events (logged, kept in `ring`).
+fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>) {
+    let now = sh.now();
+    let events = {
+        let mut g = sh.lock_gw();
+        g.engine_mut().advance(now);
+        g.engine_mut().drain_events()
+    };
+    let snaps: Vec<_> = events.iter().map(stats::event_snap).collect();
+    for e in &snaps {
+        stats::log_event(e);
+    }
+    stats::push_events(ring, snaps);
+}
+
+/// `snatgw run`.
+pub fn run(a: &RunArgs) -> Result<(), String> {
+    init_tracing(a.log_json);
+    if a.queues == 0 || a.queues > 64 {
+        return Err("--queues must be 1..=64".into());
+    }
+    if a.batch == 0 || a.batch > 4096 {
+        return Err("--batch must be 1..=4096".into());
+    }
+    let engine = crate::show::load(&a.config)?;
+    let n_inst = engine.instances().len();
+    let mut cfg = TunConfig::new(a.tun.clone());
+    cfg.queues = a.queues;
+    cfg.offload = a.offload;
+    cfg.tx_queue_len = a.tx_queue_len;
+    let queues = TunIo::open(&cfg).map_err(|e| format!("opening TUN {}: {e}", a.tun))?;
+    let waker = queues
+        .first()
+        .map(TunIo::waker)
+        .ok_or("no TUN queue opened")?;
+    let sh = Arc::new(Shared {
+        gw: Mutex::new(Gateway::new(engine)),
+        stop: AtomicBool::new(false),
+        start: Instant::now(),
+        lock: LockCounters::default(),
+        workers: (0..a.queues)
+            .map(|_| Mutex::new(WorkerStats::default()))
+            .collect(),
+        failure: Mutex::new(None),
+    });
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let sig_handle = signals.handle();
+    let sig_thread = {
+        let sh = sh.clone();
+        let waker = waker.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!(signal = sig, "stop requested");
+                    sh.stop.store(true, Ordering::SeqCst);
+                    let _ = waker.wake();
+                }
+            })
+            .map_err(|e| format!("spawning the signal thread: {e}"))?
+    };
+
+    let mut workers = Vec::new();
+    for (i, io) in queues.into_iter().enumerate() {
+        let sh = sh.clone();
+        let batch = a.batch;
+        let h = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker(i, io, batch, sh))
+            .map_err(|e| format!("spawning worker {i}: {e}"))?;
+        workers.push(h);
+    }
+    tracing::info!(
+        tun = %a.tun,
+        queues = a.queues,
+        offload = a.offload,
+        instances = n_inst,
+        config = %a.config.display(),
+        "gateway running"
+    );
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "{{\"event\":\"ready\",\"tun\":\"{}\",\"queues\":{},\"pid\":{}}}",
+            a.tun,
+            a.queues,
+            std::process::id()
+        );
+        let _ = out.flush();
+    }
+
+    let mut ring = VecDeque::new();
+    let mut last_stats: Option<Instant> = None;
+    while !sh.stop.load(Ordering::SeqCst) {
+        tick(&sh, &mut ring);
+        if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval) {
+            last_stats = Some(Instant::now());
+            let s = snapshot(a, &sh, &ring);
+            write_stats(a, &s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = waker.wake();
+    for h in workers {
+        let _ = h.join();
+    }
+    tick(&sh, &mut ring);
+    let mut s = snapshot(a, &sh, &ring);
+    s.final_snapshot = true;
+    write_stats(a, &s);
+    sig_handle.close();
+    let _ = sig_thread.join();
+    let failure = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    tracing::info!(
+        translated = s.dataplane.translated,
+        flows_created = s.engine.flows_created,
+        lock_contended = s.lock.contended,
+        "gateway stopped"
+    );
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}
