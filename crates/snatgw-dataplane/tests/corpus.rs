@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use snatgw_dataplane::fuzzing::{encode, run_input};
 use snatgw_wire::testutil::*;
 
+/// A named seed: packets as `(inbound, seconds to advance, bytes)`.
+type Seed = (&'static str, Vec<(bool, u8, Vec<u8>)>);
+
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/gateway")
 }
@@ -73,7 +76,7 @@ fn write_seed_corpus() {
         },
         b"",
     );
-    let seeds: Vec<(&str, Vec<(bool, u8, Vec<u8>)>)> = vec![
+    let seeds: Vec<Seed> = vec![
         ("tcp_syn", vec![(false, 0, syn.clone())]),
         (
             "tcp_handshake_data",
