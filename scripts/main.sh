@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
-# The main job: build snatgw and show what it makes of the reference configuration
-# (per instance: scenario, public IP, preallocated ports and block, and the deciding rule).
-# Usage: scripts/main.sh [CONFIG]   (default examples/reference.toml)
+# The main job: `snatgw lab demo`. It builds the reference lab in network namespaces (an ILPIP VM,
+# VMs behind a load balancer with two frontends, an availability set on default SNAT, a Classic
+# web/worker role, a gateway and an internet namespace), starts the gateway, drives real
+# connections from every instance, prints what the internet saw, shows ports shared across
+# destinations and an exhaustion happening and clearing, then removes everything.
+# Needs root (network namespaces). Without root it prints `snatgw show` for the same config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+  need=()
+  for pkg_cmd in iproute2:ip nftables:nft ethtool:ethtool procps:sysctl; do
+    command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
 cargo build --release --locked -p snatgw
-exec ./target/release/snatgw show --config "${1:-examples/reference.toml}"
+if [ "$(id -u)" = 0 ]; then
+  exec ./target/release/snatgw lab demo "$@"
+fi
+echo "not root: network namespaces need root; showing the lab configuration instead" >&2
+exec ./target/release/snatgw show --config examples/lab.toml

@@ -65,6 +65,20 @@ fn established(c: &mut Criterion) {
             }
         })
     });
+    // Bursts: 32 packets of one flow back to back (as TCP sends a window), flows in random
+    // order among the 1M: the first packet of a burst pays the cache misses.
+    let bursts: Vec<Packet> = pkts
+        .iter()
+        .take(2048)
+        .flat_map(|p| std::iter::repeat_n(*p, 32))
+        .collect();
+    g.bench_function("outbound_verdict_bursts_of_32_1M_flows", |b| {
+        b.iter(|| {
+            for p in &bursts {
+                black_box(e.process(1, Direction::Outbound, black_box(p)));
+            }
+        })
+    });
     // The same flows seen from the internet side.
     let inb: Vec<Packet> = pkts
         .iter()
@@ -145,6 +159,18 @@ fn expiry(c: &mut Criterion) {
     g.bench_function("expire_1M_idle_flows", |b| {
         b.iter_batched(
             || loaded(1000),
+            |mut e: Engine| {
+                e.advance(240);
+                assert_eq!(e.live_flows(), 0);
+                e
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The same without the per-destination release history (R2.3 decision): its cost.
+    g.bench_function("expire_1M_idle_flows_no_history", |b| {
+        b.iter_batched(
+            || loaded_with(1000, topology_with_history(0)),
             |mut e: Engine| {
                 e.advance(240);
                 assert_eq!(e.live_flows(), 0);

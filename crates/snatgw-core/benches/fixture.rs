@@ -20,7 +20,13 @@ pub fn dst(k: usize) -> u32 {
 }
 
 pub fn topology() -> Topology {
+    topology_with_history(240)
+}
+
+/// The fixture with `port_reuse_history_secs` set.
+pub fn topology_with_history(secs: u32) -> Topology {
     let mut c = ConfigFile::default();
+    c.gateway.port_reuse_history_secs = secs;
     c.gateway.vnet_prefixes = vec!["10.0.0.0/16".into()];
     c.gateway.default_snat_pool = (0..20).map(|i| format!("192.0.2.{}", 10 + i)).collect();
     for s in 0..20 {
@@ -49,7 +55,12 @@ pub fn syn(i: usize, k: usize) -> Packet {
 
 /// An engine holding `per` flows for each of the 1000 instances.
 pub fn loaded(per: usize) -> Engine {
-    let mut e = Engine::new(topology(), 0).expect("engine");
+    loaded_with(per, topology())
+}
+
+/// The same on a given topology.
+pub fn loaded_with(per: usize, topo: Topology) -> Engine {
+    let mut e = Engine::new(topo, 0).expect("engine");
     e.reserve_flows(INSTANCES * per);
     for k in 0..per {
         for i in 0..INSTANCES {

@@ -45,7 +45,7 @@ fn main() {
         let flows = e.live_flows();
         println!(
             "memory: {flows} live flows ({per} per instance, {} per destination): {:.1} bytes per flow (heap {:.1} MiB beyond the empty engine)",
-            per / 250 + 1,
+            per.div_ceil(250),
             used as f64 / flows as f64,
             used as f64 / (1 << 20) as f64
         );

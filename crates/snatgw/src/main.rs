@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Huge pages for the flow tables (see `snatgw_io::HugePageAlloc`): a million flows are tens
+/// of MiB touched at random, and 4 KiB pages make nearly every lookup a TLB miss too.
+#[global_allocator]
+static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
+
 mod lab;
 mod race;
 mod run;

@@ -362,6 +362,18 @@ fn one_side(a: &RaceArgs, snatgw: bool, offloads: bool, dir: &Path) -> Result<Fi
         GatewayMode::Kernel(KernelNat::Masquerade)
     });
     let mut lab = Lab::up(spec).map_err(|e| e.to_string())?;
+    if offloads {
+        // With TUN offload on, the gateway hands the kernel UDP-GSO super-packets (tun-rs
+        // coalesces a flow's datagrams), and veth passes them whole: `rx_packets` on the far
+        // side would count one per super-packet. Segmenting on the gateway's egress keeps the
+        // pps figure a count of real 64-byte packets (the segmentation cost stays on the
+        // gateway's side), while TCP keeps TSO.
+        lab.exec(
+            &lab.gw_ns(),
+            &["ethtool", "-K", "gw-inet", "tx-udp-segmentation", "off"],
+        )
+        .map_err(|e| e.to_string())?;
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let res = (|| -> Result<Figures, String> {
         let _iperf = lab
