@@ -17,7 +17,8 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# Leftover lab namespaces from an interrupted run would make lab tests fail to start cleanly.
 export CARGO_TERM_COLOR=never
-cargo build --workspace --all-targets --locked
+# Compile every target once, in the test profile (benches and examples too, so they cannot rot),
+# then run the tests. Lab tests use per-test namespace prefixes and clean up after themselves.
+cargo test --workspace --all-targets --locked --no-run
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
