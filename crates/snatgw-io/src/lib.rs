@@ -53,6 +53,7 @@ pub const DEFAULT_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 
 /// Counters kept by a [`PacketIo`] backend (monotonic since it was opened).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct IoStats {
     /// Packets received (after GSO splitting).
     pub rx_packets: u64,

@@ -92,20 +92,9 @@ pub struct DataplaneSnap {
 pub struct IoSnap {
     /// Queue index.
     pub queue: usize,
-    /// Packets received.
-    pub rx_packets: u64,
-    /// Bytes received.
-    pub rx_bytes: u64,
-    /// Receive errors.
-    pub rx_errors: u64,
-    /// GSO super-packets split.
-    pub rx_super_packets: u64,
-    /// Packets sent.
-    pub tx_packets: u64,
-    /// Bytes sent.
-    pub tx_bytes: u64,
-    /// Send errors.
-    pub tx_errors: u64,
+    /// The backend's counters (same JSON field names, flattened).
+    #[serde(flatten)]
+    pub io: IoStats,
     /// Batches received (non-empty).
     pub batches: u64,
 }
@@ -352,13 +341,7 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
 pub fn io_snap(queue: usize, st: &IoStats, batches: u64) -> IoSnap {
     IoSnap {
         queue,
-        rx_packets: st.rx_packets,
-        rx_bytes: st.rx_bytes,
-        rx_errors: st.rx_errors,
-        rx_super_packets: st.rx_super_packets,
-        tx_packets: st.tx_packets,
-        tx_bytes: st.tx_bytes,
-        tx_errors: st.tx_errors,
+        io: *st,
         batches,
     }
 }
@@ -434,7 +417,7 @@ pub fn render(s: &Snapshot) -> String {
         let _ = writeln!(
             o,
             "queue {}: rx {} pkts / {} B ({} errors, {} super), tx {} pkts / {} B ({} errors), {} batches",
-            q.queue, q.rx_packets, q.rx_bytes, q.rx_errors, q.rx_super_packets, q.tx_packets, q.tx_bytes, q.tx_errors, q.batches
+            q.queue, q.io.rx_packets, q.io.rx_bytes, q.io.rx_errors, q.io.rx_super_packets, q.io.tx_packets, q.io.tx_bytes, q.io.tx_errors, q.batches
         );
     }
     let l = &s.lock;
