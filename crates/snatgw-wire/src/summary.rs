@@ -158,6 +158,7 @@ impl Summary {
 /// Parse an IPv4 packet (starting at `buf[0]`; bytes after its total length are ignored).
 ///
 /// Never panics. See the module documentation for what is validated.
+#[inline]
 pub fn parse(buf: &[u8]) -> Result<Summary, WireError> {
     let (h, hl, tl) = ipv4::check_header(buf)?;
     let proto = h[ipv4::off::PROTOCOL];
