@@ -247,7 +247,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     if a.batch == 0 || a.batch > 4096 {
         return Err("--batch must be 1..=4096".into());
     }
-    let engine = crate::show::load(&a.config)?;
+    let engine = crate::show::load_for_gateway(&a.config)?;
     let n_inst = engine.instances().len();
     let mut cfg = TunConfig::new(a.tun.clone());
     cfg.queues = a.queues;

@@ -9,11 +9,25 @@ use std::path::Path;
 
 use snatgw_core::{Engine, InstanceReport, Scenario, Topology};
 
-/// Loads and validates a configuration file into an engine at time 0.
-pub fn load(path: &Path) -> Result<Engine, String> {
+/// Reads and validates a configuration file.
+pub fn load_topology(path: &Path) -> Result<Topology, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let topo = Topology::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Engine::new(topo, 0).map_err(|e| format!("{}: {e}", path.display()))
+    Topology::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Loads a configuration file into an engine at time 0 (hash key from the config's seed:
+/// deterministic, for inspection; a running gateway uses [`load_for_gateway`]).
+pub fn load(path: &Path) -> Result<Engine, String> {
+    Engine::new(load_topology(path)?, 0).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Loads a configuration file into an engine whose flow-table hash is keyed with OS entropy,
+/// so remote hosts, which choose part of every inbound key, cannot aim at one bucket.
+pub fn load_for_gateway(path: &Path) -> Result<Engine, String> {
+    use std::hash::BuildHasher;
+    let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
+    Engine::with_hash_key(load_topology(path)?, 0, key)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn detail(r: &InstanceReport) -> String {
