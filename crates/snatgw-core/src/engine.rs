@@ -611,24 +611,9 @@ impl Engine {
         remote: u32,
         rport: u16,
     ) -> Option<(u32, u16)> {
-        let h = fwd_hash(&self.hasher, inner_proto, public, pport, remote, rport);
-        let flows = &self.flows;
-        self.rev
-            .find(h, |&i| {
-                let f = &flows[i as usize];
-                f.public == public
-                    && f.pport == pport
-                    && f.dst == remote
-                    && f.dport == rport
-                    && f.proto == inner_proto
-            })
-            .map(|&i| (flows[i as usize].src, flows[i as usize].sport))
-            .or_else(|| {
-                self.ilpips
-                    .get(&public)
-                    .and_then(|&s| self.insts[s as usize].as_ref())
-                    .map(|i| (i.private_ip, pport))
-            })
+        self.find_rev(inner_proto, public, pport, remote, rport)
+            .map(|fi| (self.flows[fi as usize].src, self.flows[fi as usize].sport))
+            .or_else(|| self.ilpip_private(public).map(|a| (a, pport)))
     }
 
     /// The private address behind an ILPIP (R1.1), if `public` is one.
@@ -656,21 +641,45 @@ impl Engine {
         dst: u32,
         dport: u16,
     ) -> Option<(u32, u16)> {
-        let h = fwd_hash(&self.hasher, p, src, sport, dst, dport);
+        self.find_fwd(p, src, sport, dst, dport)
+            .map(|fi| {
+                (
+                    self.flows[fi as usize].public,
+                    self.flows[fi as usize].pport,
+                )
+            })
+            .or_else(|| self.ilpip_public(src).map(|a| (a, sport)))
+    }
+
+    /// The flow with this private 5-tuple (outbound key), if any.
+    #[inline]
+    fn find_fwd(&self, p: u8, src: u32, sport: u16, dst: u32, dport: u16) -> Option<u32> {
         let flows = &self.flows;
         self.fwd
-            .find(h, |&i| {
+            .find(fwd_hash(&self.hasher, p, src, sport, dst, dport), |&i| {
                 let f = &flows[i as usize];
                 f.src == src && f.sport == sport && f.dst == dst && f.dport == dport && f.proto == p
             })
-            .map(|&i| (flows[i as usize].public, flows[i as usize].pport))
-            .or_else(|| {
-                let &s = self.by_private.get(&src)?;
-                match self.insts[s as usize].as_ref()?.scenario {
-                    Scenario::Ilpip { addr } => Some((addr, sport)),
-                    _ => None,
-                }
-            })
+            .copied()
+    }
+
+    /// The flow with this public 5-tuple (public address, SNAT port, remote), if any (R2.2).
+    #[inline]
+    fn find_rev(&self, p: u8, public: u32, pport: u16, remote: u32, rport: u16) -> Option<u32> {
+        let flows = &self.flows;
+        self.rev
+            .find(
+                fwd_hash(&self.hasher, p, public, pport, remote, rport),
+                |&i| {
+                    let f = &flows[i as usize];
+                    f.public == public
+                        && f.pport == pport
+                        && f.dst == remote
+                        && f.dport == rport
+                        && f.proto == p
+                },
+            )
+            .copied()
     }
 
     fn drop_global(&mut self, r: DropReason) -> Verdict {
@@ -689,16 +698,7 @@ impl Engine {
     fn outbound(&mut self, p: &Packet) -> Verdict {
         let now = self.now;
         if p.proto == proto::TCP || p.proto == proto::UDP {
-            let h = fwd_hash(&self.hasher, p.proto, p.src, p.src_port, p.dst, p.dst_port);
-            let flows = &self.flows;
-            if let Some(&fi) = self.fwd.find(h, |&i| {
-                let f = &flows[i as usize];
-                f.src == p.src
-                    && f.sport == p.src_port
-                    && f.dst == p.dst
-                    && f.dport == p.dst_port
-                    && f.proto == p.proto
-            }) {
+            if let Some(fi) = self.find_fwd(p.proto, p.src, p.src_port, p.dst, p.dst_port) {
                 let f = &mut self.flows[fi as usize];
                 f.last_seen = now;
                 if p.proto == proto::TCP
@@ -814,16 +814,7 @@ impl Engine {
     fn inbound(&mut self, p: &Packet) -> Verdict {
         if p.proto == proto::TCP || p.proto == proto::UDP {
             // Public 5-tuple: (proto, public ip, SNAT port, remote ip, remote port).
-            let h = fwd_hash(&self.hasher, p.proto, p.dst, p.dst_port, p.src, p.src_port);
-            let flows = &self.flows;
-            if let Some(&fi) = self.rev.find(h, |&i| {
-                let f = &flows[i as usize];
-                f.public == p.dst
-                    && f.pport == p.dst_port
-                    && f.dst == p.src
-                    && f.dport == p.src_port
-                    && f.proto == p.proto
-            }) {
+            if let Some(fi) = self.find_rev(p.proto, p.dst, p.dst_port, p.src, p.src_port) {
                 let now = self.now;
                 let f = &mut self.flows[fi as usize];
                 f.last_seen = now;
@@ -1727,7 +1718,7 @@ impl Engine {
         );
         let mut flows = [0u32; 2];
         for (l, pool) in [tp, up].iter().enumerate() {
-            flows[l] = pool.used.iter().map(|i| pool.holders(i) as u32).sum();
+            flows[l] = pool.flows();
         }
         InstanceReport {
             name: inst.name.clone(),
@@ -1890,11 +1881,7 @@ impl Engine {
             for l in 0..2 {
                 let st = &inst.stats[l];
                 let ended: u64 = st.ended.iter().sum();
-                let live: u64 = self.pools[slot * 2 + l]
-                    .used
-                    .iter()
-                    .map(|i| self.pools[slot * 2 + l].holders(i) as u64)
-                    .sum();
+                let live = self.pools[slot * 2 + l].flows() as u64;
                 if st.conn_ok < ended || st.conn_ok - ended != live {
                     return Err(format!(
                         "{} {l}: conn_ok {} - ended {ended} != live {live}",

@@ -124,6 +124,11 @@ impl PortPool {
         self.refcnt[i as usize]
     }
 
+    /// Flows holding any port of this pool.
+    pub fn flows(&self) -> u32 {
+        self.used.iter().map(|i| self.holders(i) as u32).sum()
+    }
+
     /// Unused owned ports, least recently released first.
     pub fn lru(&self) -> impl Iterator<Item = u16> + '_ {
         let mut cur = self.head;
