@@ -616,6 +616,11 @@ impl Engine {
             .or_else(|| self.ilpip_private(public).map(|a| (a, pport)))
     }
 
+    /// Whether `private` is a configured instance's address (R9.1).
+    pub fn is_instance(&self, private: u32) -> bool {
+        self.by_private.contains_key(&private)
+    }
+
     /// The private address behind an ILPIP (R1.1), if `public` is one.
     pub fn ilpip_private(&self, public: u32) -> Option<u32> {
         let &s = self.ilpips.get(&public)?;
@@ -722,13 +727,14 @@ impl Engine {
     }
 
     fn outbound_new(&mut self, p: &Packet) -> Verdict {
+        // R9.1: only an instance speaks from the private side, inside the VNet too.
+        let Some(&slot) = self.by_private.get(&p.src) else {
+            return self.drop_global(DropReason::UnknownSource);
+        };
         if self.topo.in_vnet(p.dst) {
             self.global.passed += 1;
             return Verdict::Pass;
         }
-        let Some(&slot) = self.by_private.get(&p.src) else {
-            return self.drop_global(DropReason::UnknownSource);
-        };
         let inst = self.insts[slot as usize]
             .as_ref()
             .expect("indexed instance exists");

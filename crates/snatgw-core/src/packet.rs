@@ -133,7 +133,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum DropReason {
-    /// Outbound from an address that is no configured instance.
+    /// Arrived on the private side from an address that is no configured instance (SPEC R9.1).
     UnknownSource = 0,
     /// Outbound TCP that is not a SYN and matches no flow (SPEC R3.1).
     TcpNotSyn,
@@ -155,11 +155,17 @@ pub enum DropReason {
     IcmpErrorNoFlow,
     /// A packet that may not be forwarded for another reason (e.g. private source leaving untranslated).
     Policy,
+    /// Arrived on the public side with a VNet source address: spoofed, never an instance
+    /// (SPEC R9.1). A packet from the private side whose source is no instance is
+    /// [`DropReason::UnknownSource`].
+    VnetSourceFromPublic,
+    /// A new flow over the instance's or the gateway's flow limit (SPEC R9.2).
+    FlowLimit,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 13;
     /// All reasons, in label order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::UnknownSource,
@@ -173,6 +179,8 @@ impl DropReason {
         DropReason::FragmentUnmatched,
         DropReason::IcmpErrorNoFlow,
         DropReason::Policy,
+        DropReason::VnetSourceFromPublic,
+        DropReason::FlowLimit,
     ];
 
     /// The metric label.
@@ -189,6 +197,8 @@ impl DropReason {
             DropReason::FragmentUnmatched => "fragment_unmatched",
             DropReason::IcmpErrorNoFlow => "icmp_error_no_flow",
             DropReason::Policy => "policy",
+            DropReason::VnetSourceFromPublic => "vnet_source_from_public",
+            DropReason::FlowLimit => "flow_limit",
         }
     }
 }

@@ -100,23 +100,6 @@ impl Gateway {
         self.engine.apply(now, topo)
     }
 
-    /// Which way a packet read from one shared TUN travels: outbound when its source is inside
-    /// the VNet (the instances' side), inbound otherwise.
-    pub fn direction(&self, pkt: &[u8]) -> Direction {
-        match pkt.get(12..16) {
-            Some(b)
-                if self
-                    .engine
-                    .topology()
-                    .in_vnet(u32::from_be_bytes([b[0], b[1], b[2], b[3]])) =>
-            {
-                Direction::Outbound
-            }
-            Some(_) => Direction::Inbound,
-            None => Direction::Outbound,
-        }
-    }
-
     fn drop(&mut self, r: DropReason) -> Verdict {
         self.stats.drops[r as usize] += 1;
         Verdict::Drop(r)
@@ -128,13 +111,21 @@ impl Gateway {
     }
 
     /// Decides one raw IPv4 packet travelling `dir` at `now` and rewrites it in place.
-    /// `Translate`: the buffer holds the translated packet; `Pass`: unchanged; `Drop`: do not
-    /// send it (the buffer may be left as it was).
+    /// `dir` is the side the packet arrived on (SPEC R9.1): the caller knows it from the
+    /// interface, never from the packet's addresses. `Translate`: the buffer holds the
+    /// translated packet; `Pass`: unchanged; `Drop`: do not send it (the buffer may be left as
+    /// it was).
     pub fn process(&mut self, now: Time, pkt: &mut [u8], dir: Direction) -> Verdict {
         let s = match parse(pkt) {
             Ok(s) => s,
             Err(e) => return self.malformed(e),
         };
+        // R9.1: nothing from the internet may speak for an instance. (A private-side packet
+        // from an address that is no instance is refused by the engine for new flows, and
+        // below for the paths that bypass it.)
+        if dir == Direction::Inbound && self.engine.topology().in_vnet(s.src) {
+            return self.drop(DropReason::VnetSourceFromPublic);
+        }
         if let Frag::NonFirst { ident, .. } = s.frag {
             return self.later_fragment(now, pkt, &s, dir, ident);
         }
@@ -217,8 +208,12 @@ impl Gateway {
     ) -> Verdict {
         self.expire_fragments(now);
         let Some(&(addr, _)) = self.frags.get(&(s.proto, s.src, s.dst, ident)) else {
-            // Fragments inside the VNet are never translated (R1.7).
+            // Fragments inside the VNet are never translated (R1.7), but only an instance may
+            // send them through (R9.1).
             if dir == Direction::Outbound && self.engine.topology().in_vnet(s.dst) {
+                if !self.engine.is_instance(s.src) {
+                    return self.drop(DropReason::UnknownSource);
+                }
                 self.stats.passed += 1;
                 return Verdict::Pass;
             }
@@ -241,6 +236,9 @@ impl Gateway {
             return self.drop(DropReason::Malformed);
         };
         self.engine.advance(now);
+        if dir == Direction::Outbound && !self.engine.is_instance(s.src) {
+            return self.drop(DropReason::UnknownSource);
+        }
         if dir == Direction::Outbound && self.engine.topology().in_vnet(s.dst) {
             self.stats.passed += 1;
             return Verdict::Pass;

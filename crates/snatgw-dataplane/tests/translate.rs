@@ -211,16 +211,44 @@ fn malformed_packets_are_dropped_with_a_reason() {
 }
 
 #[test]
-fn direction_is_decided_by_the_source_address() {
-    let g = gateway();
+fn r9_1_direction_is_the_side_not_the_address() {
+    let mut g = gateway();
+    // From the public side with a VNet source: spoofed, dropped, no flow (R9.1).
+    let mut spoof = tcp_syn(ip(PAT_VM), 40000, ip(REMOTE), 80);
     assert_eq!(
-        g.direction(&udp(ip(PAT_VM), 1, ip(REMOTE), 2, b"")),
-        Direction::Outbound
+        g.process(1, &mut spoof, Direction::Inbound),
+        Verdict::Drop(DropReason::VnetSourceFromPublic)
     );
+    let mut spoof_udp = udp(ip("10.0.9.9"), 53, ip("192.0.2.100"), 1024, b"x");
     assert_eq!(
-        g.direction(&udp(ip(REMOTE), 1, ip("192.0.2.100"), 2, b"")),
-        Direction::Inbound
+        g.process(1, &mut spoof_udp, Direction::Inbound),
+        Verdict::Drop(DropReason::VnetSourceFromPublic)
     );
+    assert_eq!(g.engine().live_flows(), 0);
+    assert_eq!(
+        g.stats().drops[DropReason::VnetSourceFromPublic as usize],
+        2
+    );
+    // From the private side with a source that is no instance: dropped, no flow, even
+    // towards a VNet destination (R9.1; R1.7 passes only an instance's traffic).
+    let mut stranger = udp(ip(REMOTE), 1, ip("198.51.100.9"), 2, b"");
+    assert_eq!(
+        g.process(1, &mut stranger, Direction::Outbound),
+        Verdict::Drop(DropReason::UnknownSource)
+    );
+    let mut stranger_vnet = udp(ip("10.0.9.9"), 1, ip(PAT_VM), 2, b"");
+    assert_eq!(
+        g.process(1, &mut stranger_vnet, Direction::Outbound),
+        Verdict::Drop(DropReason::UnknownSource)
+    );
+    assert_eq!(g.engine().live_flows(), 0);
+    // The same instance packet from the private side creates its flow.
+    let mut ok = tcp_syn(ip(PAT_VM), 40000, ip(REMOTE), 80);
+    assert!(matches!(
+        g.process(1, &mut ok, Direction::Outbound),
+        Verdict::Translate { .. }
+    ));
+    assert_eq!(g.engine().live_flows(), 1);
 }
 
 proptest! {

@@ -6,7 +6,7 @@
 //! describe 801 instances while the lab materialises three) and the gateway's public IPs
 //! from every `[[public_ip]]` address plus `gateway.default_snat_pool`, so the lab and the
 //! gateway's configuration cannot drift. [`start_gateway`] runs `snatgw run` in
-//! `<prefix>gw`, waits for its ready line and points the lab's routing at its TUN.
+//! `<prefix>gw`, waits for its ready line and points the lab's routing at its two TUNs.
 //!
 //! What it does not do: interpret the configuration beyond addresses (the engine does).
 
@@ -21,15 +21,14 @@ use crate::{GatewayMode, Lab, LabChild, LabError, LabSpec};
 
 /// Builds the lab spec for `cfg`: one instance namespace per configured instance (or per
 /// instance named in `only`), public IPs = all configured public IP addresses and the
-/// default SNAT pool, [`GatewayMode::Snatgw`] with TUN `tun`. Validated.
+/// default SNAT pool, [`GatewayMode::Snatgw`] with the default TUN names. Validated.
 pub fn spec_from_config(
     prefix: &str,
     cfg: &ConfigFile,
     only: Option<&[&str]>,
-    tun: &str,
 ) -> Result<LabSpec, LabError> {
     let bad = |m: String| LabError::InvalidSpec(m);
-    let mut spec = LabSpec::new(prefix).with_mode(GatewayMode::Snatgw { tun: tun.into() });
+    let mut spec = LabSpec::new(prefix).with_mode(GatewayMode::snatgw());
     if let Some(names) = only {
         for n in names {
             if !cfg.instance.iter().any(|i| i.name == *n) {
@@ -89,9 +88,13 @@ pub struct GatewayOptions {
 
 /// Starts `snatgw run` in the gateway namespace of `lab` (which must be in
 /// [`GatewayMode::Snatgw`]), waits for its ready line, then configures the lab's routing
-/// into its TUN. The process is killed by [`Lab::down`] if still running.
+/// into its TUNs. The process is killed by [`Lab::down`] if still running.
 pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabError> {
-    let GatewayMode::Snatgw { tun } = &lab.spec().mode else {
+    let GatewayMode::Snatgw {
+        tun_private,
+        tun_public,
+    } = &lab.spec().mode
+    else {
         return Err(LabError::WrongMode(
             "start_gateway needs GatewayMode::Snatgw",
         ));
@@ -105,8 +108,10 @@ pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabEr
         "run",
         "--config",
         &config,
-        "--tun",
-        tun,
+        "--tun-private",
+        tun_private,
+        "--tun-public",
+        tun_public,
         "--queues",
         &queues,
         "--stats-file",
@@ -134,7 +139,9 @@ pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabEr
             });
         }
     }
-    lab.wait_for_link(&lab.gw_ns(), tun, Duration::from_secs(5))?;
+    for tun in [tun_private, tun_public] {
+        lab.wait_for_link(&lab.gw_ns(), tun, Duration::from_secs(5))?;
+    }
     lab.configure_tun()?;
     Ok(child)
 }
@@ -170,11 +177,11 @@ mod tests {
     fn lab_toml_derives_a_valid_spec() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab.toml");
         let cfg = read_config(&path).unwrap();
-        let spec = spec_from_config("t2-", &cfg, None, "snat0").unwrap();
+        let spec = spec_from_config("t2-", &cfg, None).unwrap();
         assert_eq!(spec.instances.len(), cfg.instance.len());
         assert!(spec.public_ips.len() >= 4);
-        let sub = spec_from_config("t2-", &cfg, Some(&["vm-ilpip"]), "snat0").unwrap();
+        let sub = spec_from_config("t2-", &cfg, Some(&["vm-ilpip"])).unwrap();
         assert_eq!(sub.instances.len(), 1);
-        assert!(spec_from_config("t2-", &cfg, Some(&["nope"]), "snat0").is_err());
+        assert!(spec_from_config("t2-", &cfg, Some(&["nope"])).is_err());
     }
 }

@@ -18,12 +18,15 @@
 //!
 //! Routing in [`GatewayMode::Snatgw`] (gateway namespace):
 //! - `ip rule pref 1000 iif br-priv to 10.0.0.0/16 lookup main` (R1.7: no NAT inside the VNet)
-//! - `ip rule pref 1001 iif br-priv lookup 100` and `pref 1002 iif gw-inet lookup 100`
-//! - table 100: `default dev <tun>` (added by [`Lab::configure_tun`]) and, from the start,
-//!   `blackhole default metric 4294967295`, so without the TUN nothing leaks untranslated.
-//! - packets the gateway writes into the TUN arrive with `iif <tun>`, match no rule and use
+//! - `ip rule pref 1001 iif br-priv lookup 100` and `pref 1002 iif gw-inet lookup 101`
+//! - table 100: `default dev <private tun>`, table 101: `default dev <public tun>` (added by
+//!   [`Lab::configure_tun`]) and, in both from the start, `blackhole default metric
+//!   4294967295`, so without the gateway nothing leaks untranslated. The gateway tells
+//!   outbound from inbound by the TUN a packet came from (SPEC R9.1), never by its addresses.
+//! - packets the gateway writes into a TUN arrive with `iif <tun>`, match no rule and use
 //!   the main table: public destinations via `198.51.100.2` on `gw-inet`, `10.0.0.0/16` on
 //!   `br-priv`. `rp_filter` is 0 everywhere (the TUN's sources are not routed back to it).
+//!   The same routing, for a real host, is `scripts/gateway-routing.sh` (docs/RUNNING.md).
 //!   The public IPs are assigned to no interface, so the kernel never answers for them.
 //!
 //! Routing in [`GatewayMode::Kernel`]: no policy routing; an nftables `snat`/`masquerade`
@@ -325,15 +328,21 @@ impl Lab {
         }
     }
 
-    /// [`GatewayMode::Snatgw`] only: once the gateway has created its TUN, brings it up,
-    /// sets its `rp_filter` to 0 and points table 100 at it. Idempotent.
+    /// [`GatewayMode::Snatgw`] only: once the gateway has created its TUNs, brings them up,
+    /// sets their `rp_filter` to 0 and points table 100 at the private TUN, table 101 at the
+    /// public one. Idempotent.
     pub fn configure_tun(&self) -> Result<(), LabError> {
-        let GatewayMode::Snatgw { tun } = &self.spec.mode else {
+        let GatewayMode::Snatgw {
+            tun_private,
+            tun_public,
+        } = &self.spec.mode
+        else {
             return Err(LabError::WrongMode(
                 "configure_tun needs GatewayMode::Snatgw",
             ));
         };
-        configure_tun_routing(&self.gw_ns(), tun)
+        configure_tun_routing(&self.gw_ns(), tun_private, TUN_TABLE_PRIVATE)?;
+        configure_tun_routing(&self.gw_ns(), tun_public, TUN_TABLE_PUBLIC)
     }
 
     /// Tears the lab down (see the module docs). Idempotent; also called by `Drop`.
@@ -471,7 +480,7 @@ impl Lab {
         match &s.mode {
             GatewayMode::Snatgw { .. } => {
                 let priv_net = format!("{}/{}", PRIVATE_NET.0, PRIVATE_NET.1);
-                let table = TUN_TABLE.to_string();
+                let (tp, tu) = (TUN_TABLE_PRIVATE.to_string(), TUN_TABLE_PUBLIC.to_string());
                 ipn(
                     &gw,
                     &[
@@ -481,29 +490,29 @@ impl Lab {
                 )?;
                 ipn(
                     &gw,
-                    &[
-                        "rule", "add", "pref", "1001", "iif", BRIDGE, "lookup", &table,
-                    ],
+                    &["rule", "add", "pref", "1001", "iif", BRIDGE, "lookup", &tp],
                 )?;
                 ipn(
                     &gw,
                     &[
-                        "rule", "add", "pref", "1002", "iif", GW_INET_IF, "lookup", &table,
+                        "rule", "add", "pref", "1002", "iif", GW_INET_IF, "lookup", &tu,
                     ],
                 )?;
-                ipn(
-                    &gw,
-                    &[
-                        "route",
-                        "add",
-                        "blackhole",
-                        "default",
-                        "table",
-                        &table,
-                        "metric",
-                        "4294967295",
-                    ],
-                )?;
+                for table in [&tp, &tu] {
+                    ipn(
+                        &gw,
+                        &[
+                            "route",
+                            "add",
+                            "blackhole",
+                            "default",
+                            "table",
+                            table,
+                            "metric",
+                            "4294967295",
+                        ],
+                    )?;
+                }
             }
             GatewayMode::Kernel(nat) => {
                 let mut publics: Vec<Ipv4Addr> = s.public_ips.clone();
@@ -585,10 +594,10 @@ pub fn nft_ruleset(nat: &KernelNat) -> String {
     r
 }
 
-/// Points table 100 of namespace `gw_ns` at TUN `tun`: link up, `rp_filter` 0, `default dev
-/// tun table 100`. For use by [`Lab::configure_tun`] or by a gateway started in that
-/// namespace by other means. Idempotent.
-pub fn configure_tun_routing(gw_ns: &str, tun: &str) -> Result<(), LabError> {
+/// Points routing table `table` of namespace `gw_ns` at TUN `tun`: link up, `rp_filter` 0,
+/// `default dev tun table <table>`. For use by [`Lab::configure_tun`] or by a gateway started
+/// in that namespace by other means. Idempotent.
+pub fn configure_tun_routing(gw_ns: &str, tun: &str, table: u32) -> Result<(), LabError> {
     ipn(gw_ns, &["link", "set", tun, "up"])?;
     sysctl(gw_ns, &[&format!("net.ipv4.conf.{tun}.rp_filter=0")])?;
     ipn(
@@ -600,7 +609,7 @@ pub fn configure_tun_routing(gw_ns: &str, tun: &str) -> Result<(), LabError> {
             "dev",
             tun,
             "table",
-            &TUN_TABLE.to_string(),
+            &table.to_string(),
         ],
     )
 }

@@ -54,8 +54,15 @@ pub const GW_INET_IF: &str = "gw-inet";
 pub const INET_GW_IF: &str = "inet-gw";
 /// Name of an instance's interface inside its own namespace.
 pub const INSTANCE_IF: &str = "eth0";
-/// Routing table that sends traffic to the TUN in [`GatewayMode::Snatgw`].
-pub const TUN_TABLE: u32 = 100;
+/// Routing table that sends traffic from the private side (`br-priv`) to the private TUN in
+/// [`GatewayMode::Snatgw`].
+pub const TUN_TABLE_PRIVATE: u32 = 100;
+/// Routing table that sends traffic from the internet side (`gw-inet`) to the public TUN.
+pub const TUN_TABLE_PUBLIC: u32 = 101;
+/// Default name of the gateway's private-side TUN (packets read from it are outbound, R9.1).
+pub const TUN_PRIVATE: &str = "snat-priv";
+/// Default name of the gateway's public-side TUN (packets read from it are inbound, R9.1).
+pub const TUN_PUBLIC: &str = "snat-pub";
 /// Longest accepted namespace prefix.
 pub const MAX_PREFIX_LEN: usize = 16;
 /// Longest accepted instance name (its gateway-side veth is `v-<name>`, ≤ 15 bytes).
@@ -95,15 +102,28 @@ pub enum KernelNat {
 /// Which NAT the gateway namespace runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayMode {
-    /// The userspace gateway creates TUN `tun` inside the gateway namespace; policy routing
-    /// sends it everything from `br-priv` not for `10.0.0.0/16` and everything from
-    /// `gw-inet` (call [`Lab::configure_tun`](crate::Lab::configure_tun) once it exists).
+    /// The userspace gateway creates two TUNs inside the gateway namespace, one per side
+    /// (SPEC R9.1: direction by interface); policy routing sends the private TUN everything
+    /// from `br-priv` not for `10.0.0.0/16` (table 100) and the public TUN everything from
+    /// `gw-inet` (table 101). Call [`Lab::configure_tun`](crate::Lab::configure_tun) once they exist.
     Snatgw {
-        /// TUN interface name (e.g. `snat0`).
-        tun: String,
+        /// Private-side TUN name (e.g. `snat-priv`).
+        tun_private: String,
+        /// Public-side TUN name (e.g. `snat-pub`).
+        tun_public: String,
     },
     /// The kernel's own NAT (nftables), for side-by-side comparison.
     Kernel(KernelNat),
+}
+
+impl GatewayMode {
+    /// [`GatewayMode::Snatgw`] with the default TUN names [`TUN_PRIVATE`] and [`TUN_PUBLIC`].
+    pub fn snatgw() -> Self {
+        GatewayMode::Snatgw {
+            tun_private: TUN_PRIVATE.into(),
+            tun_public: TUN_PUBLIC.into(),
+        }
+    }
 }
 
 /// Description of a lab; build it with [`LabSpec::new`] and the `with_*` methods.
@@ -133,9 +153,7 @@ impl LabSpec {
         LabSpec {
             prefix: prefix.into(),
             instances: Vec::new(),
-            mode: GatewayMode::Snatgw {
-                tun: "snat0".into(),
-            },
+            mode: GatewayMode::snatgw(),
             servers: DEFAULT_SERVERS.to_vec(),
             public_ips: DEFAULT_PUBLIC_IPS.to_vec(),
             offloads: false,
@@ -241,14 +259,25 @@ impl LabSpec {
                 publics.push(r.public);
             }
         }
-        if let GatewayMode::Snatgw { tun } = &self.mode {
-            if tun.is_empty()
-                || tun.len() > 15
-                || !tun
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return bad(format!("tun name {tun:?}: 1..=15 of [A-Za-z0-9_-]"));
+        if let GatewayMode::Snatgw {
+            tun_private,
+            tun_public,
+        } = &self.mode
+        {
+            for tun in [tun_private, tun_public] {
+                if tun.is_empty()
+                    || tun.len() > 15
+                    || !tun
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return bad(format!("tun name {tun:?}: 1..=15 of [A-Za-z0-9_-]"));
+                }
+            }
+            if tun_private == tun_public {
+                return bad(format!(
+                    "the two TUNs need different names, both are {tun_private:?}"
+                ));
             }
         }
         for p in &publics {
@@ -363,7 +392,12 @@ mod tests {
             }]))),
         );
         bad(ok_spec().with_mode(GatewayMode::Snatgw {
-            tun: "a-very-long-tun-name".into(),
+            tun_private: "a-very-long-tun-name".into(),
+            tun_public: "snat-pub".into(),
+        }));
+        bad(ok_spec().with_mode(GatewayMode::Snatgw {
+            tun_private: "snat-x".into(),
+            tun_public: "snat-x".into(),
         }));
     }
 

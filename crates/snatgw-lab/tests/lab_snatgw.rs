@@ -1,8 +1,10 @@
-//! Lab test in snatgw (TUN) mode, without the real gateway: a thread joins the gateway
-//! namespace, opens the TUN with `snatgw-io` and runs a stateless 1:1 NAT (10.0.0.2 <->
-//! 203.0.113.10, full checksum recompute). This checks the lab's policy routing end to end:
-//! private -> TUN, TUN -> internet, internet -> TUN, TUN -> private, VNet traffic bypassing
-//! the TUN (R1.7), and fail-closed behaviour before the TUN route exists. Root only.
+//! Lab test in snatgw (TUN) mode, without the real gateway: two threads join the gateway
+//! namespace, each opens one of the two TUNs with `snatgw-io` and runs its half of a
+//! stateless 1:1 NAT (10.0.0.2 <-> 203.0.113.10, full checksum recompute): the private TUN
+//! rewrites sources, the public TUN destinations (direction by interface, R9.1). This checks
+//! the lab's policy routing end to end: private -> private TUN, TUN -> internet, internet ->
+//! public TUN, TUN -> private, VNet traffic bypassing the TUNs (R1.7), and fail-closed
+//! behaviour before the TUN routes exist. Root only.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snatgw_io::{PacketIo, TunConfig, TunIo};
-use snatgw_lab::{is_root, list_namespaces, GatewayMode, Lab, LabSpec};
+use snatgw_lab::{is_root, list_namespaces, GatewayMode, Lab, LabSpec, TUN_PRIVATE, TUN_PUBLIC};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_snatgw-lab-server");
 const T: Duration = Duration::from_secs(30);
@@ -66,16 +68,17 @@ fn fix_checksums(p: &mut [u8]) {
     p[ihl + off..ihl + off + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-/// Stateless 1:1 NAT of one packet; false = drop.
-fn nat11(p: &mut [u8]) -> bool {
+/// Stateless 1:1 NAT of one packet read from the private TUN (`outbound`) or the public one;
+/// false = drop.
+fn nat11(p: &mut [u8], outbound: bool) -> bool {
     if p.len() < 20 || p[0] >> 4 != 4 {
         return false;
     }
     let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
     let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    if src == PRIV {
+    if outbound && src == PRIV {
         p[12..16].copy_from_slice(&PUBLIC.octets());
-    } else if dst == PUBLIC {
+    } else if !outbound && dst == PUBLIC {
         p[16..20].copy_from_slice(&PRIV.octets());
     } else {
         return false;
@@ -110,9 +113,7 @@ fn run_lab(tag: &str, offloads: bool) {
             .with_instance("a", PRIV)
             .with_instance("b", IP_B)
             .with_offloads(offloads)
-            .with_mode(GatewayMode::Snatgw {
-                tun: "snat0".into(),
-            }),
+            .with_mode(GatewayMode::snatgw()),
     )
     .expect("lab up");
     let server = Path::new(SERVER);
@@ -129,38 +130,44 @@ fn run_lab(tag: &str, offloads: bool) {
         .unwrap();
     assert_eq!((r.ok, r.failed), (0, 1), "{r:?}");
 
-    // The "gateway": a 1:1 NAT on the TUN, in a thread inside the gateway namespace.
+    // The "gateway": a 1:1 NAT on the two TUNs, one thread each inside the gateway namespace.
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stop2 = stop.clone();
-    let nat = lab
-        .spawn_thread_in(&lab.gw_ns(), move || {
-            let mut queues = TunIo::open(&TunConfig::new("snat0")).expect("open snat0");
-            let mut io = queues.remove(0);
-            tx.send(io.waker()).unwrap();
-            let mut batch = io.new_batch(64);
-            let mut translated = 0u64;
-            while !stop2.load(Ordering::Relaxed) {
-                let n = io
-                    .recv_batch(&mut batch, Duration::from_millis(100))
-                    .unwrap();
-                for i in 0..n {
-                    if nat11(batch.packet_mut(i)) {
-                        translated += 1;
-                    } else {
-                        batch.drop_packet(i);
+    let mut nats = Vec::new();
+    let mut wakers = Vec::new();
+    for (tun, outbound) in [(TUN_PRIVATE, true), (TUN_PUBLIC, false)] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop2 = stop.clone();
+        let nat = lab
+            .spawn_thread_in(&lab.gw_ns(), move || {
+                let mut queues = TunIo::open(&TunConfig::new(tun)).expect("open tun");
+                let mut io = queues.remove(0);
+                tx.send(io.waker()).unwrap();
+                let mut batch = io.new_batch(64);
+                let mut translated = 0u64;
+                while !stop2.load(Ordering::Relaxed) {
+                    let n = io
+                        .recv_batch(&mut batch, Duration::from_millis(100))
+                        .unwrap();
+                    for i in 0..n {
+                        if nat11(batch.packet_mut(i), outbound) {
+                            translated += 1;
+                        } else {
+                            batch.drop_packet(i);
+                        }
                     }
+                    io.send_batch(&mut batch).unwrap();
                 }
-                io.send_batch(&mut batch).unwrap();
-            }
-            translated
-        })
-        .unwrap();
-    let waker = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("TUN opened");
-    lab.wait_for_link(&lab.gw_ns(), "snat0", Duration::from_secs(5))
-        .unwrap();
+                translated
+            })
+            .unwrap();
+        wakers.push(
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("TUN opened"),
+        );
+        lab.wait_for_link(&lab.gw_ns(), tun, Duration::from_secs(5))
+            .unwrap();
+        nats.push(nat);
+    }
     lab.configure_tun().expect("configure tun");
 
     let r = lab
@@ -224,9 +231,13 @@ fn run_lab(tag: &str, offloads: bool) {
     assert_eq!(r.seen_ips(), vec![PRIV], "{r:?}");
 
     stop.store(true, Ordering::Relaxed);
-    waker.wake().unwrap();
-    let translated = nat.join().expect("nat thread");
-    assert!(translated > 10, "{translated}");
+    for w in &wakers {
+        w.wake().unwrap();
+    }
+    for nat in nats {
+        let translated = nat.join().expect("nat thread");
+        assert!(translated > 10, "{translated}");
+    }
 
     lab.down().unwrap();
     assert!(list_namespaces(&p).unwrap().is_empty());

@@ -111,7 +111,7 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
     let cfg = snatgw_lab::gateway::read_config(&a.config).map_err(|e| e.to_string())?;
     // The engine must accept it too (and before anything is built).
     crate::show::load(&a.config)?;
-    let spec = spec_from_config(&a.prefix, &cfg, only, "snat0")
+    let spec = spec_from_config(&a.prefix, &cfg, only)
         .map_err(|e| e.to_string())?
         .with_offloads(a.veth_offloads);
     let exe = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;

@@ -38,15 +38,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run the data plane on a TUN device until SIGINT/SIGTERM (see docs/RUNNING.md).
+    /// Run the data plane on two TUN devices until SIGINT/SIGTERM (see docs/RUNNING.md).
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
-        /// TUN device to create.
-        #[arg(long, default_value = "snat0")]
-        tun: String,
-        /// TUN queues, one worker thread each.
+        /// Private-side TUN to create: every packet read from it is outbound (SPEC R9.1).
+        #[arg(long, default_value = "snat-priv")]
+        tun_private: String,
+        /// Public-side TUN to create: every packet read from it is inbound (SPEC R9.1).
+        #[arg(long, default_value = "snat-pub")]
+        tun_public: String,
+        /// Queues per TUN, one worker thread each.
         #[arg(long, default_value_t = 1)]
         queues: usize,
         /// Enable virtio-net offload (GSO/GRO) on the TUN.
@@ -96,7 +99,8 @@ fn main() -> ExitCode {
         Cmd::Show { config, json } => show::run(&config, json),
         Cmd::Run {
             config,
-            tun,
+            tun_private,
+            tun_public,
             queues,
             offload,
             batch,
@@ -106,7 +110,8 @@ fn main() -> ExitCode {
             log_json,
         } => run::run(&run::RunArgs {
             config,
-            tun,
+            tun_private,
+            tun_public,
             queues,
             offload,
             batch,

@@ -355,9 +355,7 @@ fn one_side(a: &RaceArgs, snatgw: bool, offloads: bool, dir: &Path) -> Result<Fi
     }
     spec.public_ips = vec![POOL_IP.parse().map_err(|_| "bad ip")?];
     spec = spec.with_mode(if snatgw {
-        GatewayMode::Snatgw {
-            tun: "snat0".into(),
-        }
+        GatewayMode::snatgw()
     } else {
         GatewayMode::Kernel(KernelNat::Masquerade)
     });

@@ -1,10 +1,14 @@
 //! `snatgw run`: the userspace data plane on a Linux TUN device.
 //!
-//! What it does: loads the configuration into a [`Gateway`], opens the TUN with `--queues`
-//! queues (`snatgw-io`, behind the [`PacketIo`] trait) and runs one worker thread per queue.
-//! Every packet read from the TUN is decided and rewritten in place by [`Gateway::process`],
-//! then written back into the TUN for the kernel to route (translated and passed packets;
-//! dropped ones are not written).
+//! What it does: loads the configuration into a [`Gateway`], opens two TUN devices with
+//! `--queues` queues each (`snatgw-io`, behind the [`PacketIo`] trait) and runs one worker
+//! thread per queue. **Direction is decided by interface (SPEC R9.1)**: every packet read from
+//! the private TUN (`--tun-private`, where the operator routes the instances' traffic) is
+//! outbound, every packet read from the public TUN (`--tun-public`, where the internet side's
+//! traffic is routed) is inbound; the packet's addresses never decide it, so a host on the
+//! internet cannot pass itself off as an instance. Each packet is decided and rewritten in
+//! place by [`Gateway::process`], then written back into the TUN it came from for the kernel
+//! to route (translated and passed packets; dropped ones are not written).
 //!
 //! **Which worker handles a flow (the rule, see docs/RUNNING.md).** The kernel picks a TUN
 //! queue per packet from its own hash; a NAT flow's outbound and return packets have
@@ -24,7 +28,7 @@
 //! stops the gateway too, and the process exits non-zero.
 //!
 //! On start-up, once the TUN exists and the workers run, one JSON line is printed on stdout:
-//! `{"event":"ready","tun":...,"queues":...}`. Logs go to stderr.
+//! `{"event":"ready","tun_private":...,"tun_public":...,"queues":...,"pid":...}`. Logs go to stderr.
 //!
 //! What it does not do: configure addresses or routes (the operator, or `snatgw lab`, points
 //! routes at the TUN), or reload configuration.
@@ -36,9 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use snatgw_core::Verdict;
+use snatgw_core::{Direction, Verdict};
 use snatgw_dataplane::Gateway;
-use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo};
+use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
 use crate::stats::{self, Snapshot};
 
@@ -47,9 +51,11 @@ use crate::stats::{self, Snapshot};
 pub struct RunArgs {
     /// Configuration file.
     pub config: PathBuf,
-    /// TUN device name.
-    pub tun: String,
-    /// Queues = worker threads.
+    /// Private-side TUN device name (outbound packets).
+    pub tun_private: String,
+    /// Public-side TUN device name (inbound packets).
+    pub tun_public: String,
+    /// Queues per TUN = worker threads per TUN.
     pub queues: usize,
     /// Virtio-net offload on the TUN.
     pub offload: bool,
@@ -81,12 +87,23 @@ struct WorkerStats {
     batches: u64,
 }
 
+/// Which TUN a worker reads, and so which way its packets travel (R9.1).
+#[derive(Clone, Copy)]
+struct Side {
+    dir: Direction,
+    label: &'static str,
+    queue: usize,
+}
+
 struct Shared {
     gw: Mutex<Gateway>,
     stop: AtomicBool,
     start: Instant,
     lock: LockCounters,
+    /// Private-side workers first, then public-side ones.
     workers: Vec<Mutex<WorkerStats>>,
+    /// Queues per TUN.
+    queues: usize,
     failure: Mutex<Option<String>>,
 }
 
@@ -137,15 +154,16 @@ pub fn init_tracing(json: bool) {
     };
 }
 
-fn worker(idx: usize, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
+fn worker(idx: usize, side: Side, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
     let mut batch = io.new_batch(batch_size);
     let mut batches = 0u64;
     let mut since_publish = 0u32;
-    tracing::debug!(queue = idx, "worker started");
+    let (dir, label, q) = (side.dir, side.label, side.queue);
+    tracing::debug!(side = label, queue = q, "worker started");
     while !sh.stop.load(Ordering::Relaxed) {
         let n = match io.recv_batch(&mut batch, Duration::from_millis(100)) {
             Ok(n) => n,
-            Err(e) => return sh.fail(format!("queue {idx}: receive: {e}")),
+            Err(e) => return sh.fail(format!("{label} queue {q}: receive: {e}")),
         };
         if n > 0 {
             batches += 1;
@@ -155,7 +173,6 @@ fn worker(idx: usize, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
                 let t = Instant::now();
                 for i in 0..n {
                     let pkt = batch.packet_mut(i);
-                    let dir = g.direction(pkt);
                     if let Verdict::Drop(_) = g.process(now, pkt, dir) {
                         batch.drop_packet(i);
                     }
@@ -165,7 +182,7 @@ fn worker(idx: usize, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
                     .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             if let Err(e) = io.send_batch(&mut batch) {
-                return sh.fail(format!("queue {idx}: send: {e}"));
+                return sh.fail(format!("{label} queue {q}: send: {e}"));
             }
         }
         since_publish += 1;
@@ -181,13 +198,14 @@ fn worker(idx: usize, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
         io: io.stats(),
         batches,
     };
-    tracing::debug!(queue = idx, batches, "worker stopped");
+    tracing::debug!(side = label, queue = q, batches, "worker stopped");
 }
 
 fn snapshot(a: &RunArgs, sh: &Shared, events: &VecDeque<stats::EventSnap>) -> Snapshot {
     let mut s = Snapshot {
         uptime_ms: sh.start.elapsed().as_millis() as u64,
-        tun: a.tun.clone(),
+        tun_private: a.tun_private.clone(),
+        tun_public: a.tun_public.clone(),
         queues: a.queues,
         offload: a.offload,
         events: events.iter().cloned().collect(),
@@ -203,7 +221,8 @@ fn snapshot(a: &RunArgs, sh: &Shared, events: &VecDeque<stats::EventSnap>) -> Sn
         .enumerate()
         .map(|(i, w)| {
             let w = *w.lock().unwrap_or_else(|p| p.into_inner());
-            stats::io_snap(i, &w.io, w.batches)
+            let side = if i < sh.queues { "private" } else { "public" };
+            stats::io_snap(side, i % sh.queues, &w.io, w.batches)
         })
         .collect();
     s.lock = stats::LockSnap {
@@ -238,6 +257,12 @@ fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>) {
     stats::push_events(ring, snaps);
 }
 
+fn wake_all(wakers: &[Waker]) {
+    for w in wakers {
+        let _ = w.wake();
+    }
+}
+
 /// `snatgw run`.
 pub fn run(a: &RunArgs) -> Result<(), String> {
     init_tracing(a.log_json);
@@ -249,23 +274,34 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     let engine = crate::show::load_for_gateway(&a.config)?;
     let n_inst = engine.instances().len();
-    let mut cfg = TunConfig::new(a.tun.clone());
-    cfg.queues = a.queues;
-    cfg.offload = a.offload;
-    cfg.tx_queue_len = a.tx_queue_len;
-    let queues = TunIo::open(&cfg).map_err(|e| format!("opening TUN {}: {e}", a.tun))?;
-    let waker = queues
-        .first()
-        .map(TunIo::waker)
-        .ok_or("no TUN queue opened")?;
+    if a.tun_private == a.tun_public {
+        return Err(format!(
+            "--tun-private and --tun-public must name different devices (both are {:?}): the side a packet arrives on decides its direction (SPEC R9.1)",
+            a.tun_private
+        ));
+    }
+    let open = |name: &str| {
+        let mut cfg = TunConfig::new(name.to_string());
+        cfg.queues = a.queues;
+        cfg.offload = a.offload;
+        cfg.tx_queue_len = a.tx_queue_len;
+        TunIo::open(&cfg).map_err(|e| format!("opening TUN {name}: {e}"))
+    };
+    let private = open(&a.tun_private)?;
+    let public = open(&a.tun_public)?;
+    let wakers: Vec<Waker> = [&private, &public]
+        .iter()
+        .map(|qs| qs.first().map(TunIo::waker).ok_or("no TUN queue opened"))
+        .collect::<Result<_, _>>()?;
     let sh = Arc::new(Shared {
         gw: Mutex::new(Gateway::new(engine)),
         stop: AtomicBool::new(false),
         start: Instant::now(),
         lock: LockCounters::default(),
-        workers: (0..a.queues)
+        workers: (0..2 * a.queues)
             .map(|_| Mutex::new(WorkerStats::default()))
             .collect(),
+        queues: a.queues,
         failure: Mutex::new(None),
     });
 
@@ -277,31 +313,44 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let sig_handle = signals.handle();
     let sig_thread = {
         let sh = sh.clone();
-        let waker = waker.clone();
+        let wakers = wakers.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     tracing::info!(signal = sig, "stop requested");
                     sh.stop.store(true, Ordering::SeqCst);
-                    let _ = waker.wake();
+                    wake_all(&wakers);
                 }
             })
             .map_err(|e| format!("spawning the signal thread: {e}"))?
     };
 
     let mut workers = Vec::new();
-    for (i, io) in queues.into_iter().enumerate() {
-        let sh = sh.clone();
-        let batch = a.batch;
-        let h = std::thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .spawn(move || worker(i, io, batch, sh))
-            .map_err(|e| format!("spawning worker {i}: {e}"))?;
-        workers.push(h);
+    let sides = [
+        (Direction::Outbound, "private", private),
+        (Direction::Inbound, "public", public),
+    ];
+    for (k, (dir, label, queues)) in sides.into_iter().enumerate() {
+        for (q, io) in queues.into_iter().enumerate() {
+            let sh = sh.clone();
+            let batch = a.batch;
+            let idx = k * a.queues + q;
+            let side = Side {
+                dir,
+                label,
+                queue: q,
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("{label}-{q}"))
+                .spawn(move || worker(idx, side, io, batch, sh))
+                .map_err(|e| format!("spawning {label} worker {q}: {e}"))?;
+            workers.push(h);
+        }
     }
     tracing::info!(
-        tun = %a.tun,
+        tun_private = %a.tun_private,
+        tun_public = %a.tun_public,
         queues = a.queues,
         offload = a.offload,
         instances = n_inst,
@@ -312,8 +361,9 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "{{\"event\":\"ready\",\"tun\":\"{}\",\"queues\":{},\"pid\":{}}}",
-            a.tun,
+            "{{\"event\":\"ready\",\"tun_private\":\"{}\",\"tun_public\":\"{}\",\"queues\":{},\"pid\":{}}}",
+            a.tun_private,
+            a.tun_public,
             a.queues,
             std::process::id()
         );
@@ -331,7 +381,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = waker.wake();
+    wake_all(&wakers);
     for h in workers {
         let _ = h.join();
     }

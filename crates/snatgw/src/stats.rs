@@ -29,9 +29,11 @@ pub struct Snapshot {
     pub time: u32,
     /// Milliseconds since it started.
     pub uptime_ms: u64,
-    /// TUN device.
-    pub tun: String,
-    /// Queues (= worker threads).
+    /// Private-side TUN device (packets read from it are outbound, R9.1).
+    pub tun_private: String,
+    /// Public-side TUN device (packets read from it are inbound, R9.1).
+    pub tun_public: String,
+    /// Queues per TUN (one worker thread each).
     pub queues: usize,
     /// Virtio-net offload on the TUN.
     pub offload: bool,
@@ -90,7 +92,9 @@ pub struct DataplaneSnap {
 /// I/O counters of one queue.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IoSnap {
-    /// Queue index.
+    /// `private` or `public`: which TUN the queue belongs to.
+    pub side: String,
+    /// Queue index within its TUN.
     pub queue: usize,
     /// The backend's counters (same JSON field names, flattened).
     #[serde(flatten)]
@@ -338,8 +342,9 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
 }
 
 /// Converts I/O counters.
-pub fn io_snap(queue: usize, st: &IoStats, batches: u64) -> IoSnap {
+pub fn io_snap(side: &str, queue: usize, st: &IoStats, batches: u64) -> IoSnap {
     IoSnap {
+        side: side.into(),
         queue,
         io: *st,
         batches,
@@ -386,11 +391,12 @@ pub fn render(s: &Snapshot) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "gateway time {} s (uptime {:.1} s){}; tun {} x{} queue(s), offload {}; {} live flow(s)",
+        "gateway time {} s (uptime {:.1} s){}; tun {} (private) + {} (public) x{} queue(s), offload {}; {} live flow(s)",
         s.time,
         s.uptime_ms as f64 / 1000.0,
         if s.final_snapshot { ", final" } else { "" },
-        s.tun,
+        s.tun_private,
+        s.tun_public,
         s.queues,
         if s.offload { "on" } else { "off" },
         s.live_flows
@@ -416,8 +422,8 @@ pub fn render(s: &Snapshot) -> String {
     for q in &s.io {
         let _ = writeln!(
             o,
-            "queue {}: rx {} pkts / {} B ({} errors, {} super), tx {} pkts / {} B ({} errors), {} batches",
-            q.queue, q.io.rx_packets, q.io.rx_bytes, q.io.rx_errors, q.io.rx_super_packets, q.io.tx_packets, q.io.tx_bytes, q.io.tx_errors, q.batches
+            "{} queue {}: rx {} pkts / {} B ({} errors, {} super), tx {} pkts / {} B ({} errors), {} batches",
+            q.side, q.queue, q.io.rx_packets, q.io.rx_bytes, q.io.rx_errors, q.io.rx_super_packets, q.io.tx_packets, q.io.tx_bytes, q.io.tx_errors, q.batches
         );
     }
     let l = &s.lock;

@@ -51,7 +51,7 @@ impl GwLab {
         let cfg_path = dir.join("gw.toml");
         std::fs::write(&cfg_path, config).unwrap();
         let cfg = snatgw_core::ConfigFile::from_toml(config).expect("config parses");
-        let spec = spec_from_config(&prefix, &cfg, only, "snat0").expect("spec");
+        let spec = spec_from_config(&prefix, &cfg, only).expect("spec");
         let mut lab = Lab::up(spec).expect("lab up");
         lab.set_server_subcommand(Some("lab-server"));
         lab.start_servers(Path::new(BIN), "snatgw.test")
