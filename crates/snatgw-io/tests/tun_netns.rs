@@ -53,7 +53,12 @@ fn ip(args: &[&str]) -> String {
 macro_rules! require_root {
     () => {
         if !is_root() {
-            eprintln!("skipped: needs root");
+            // CI sets SNATGW_REQUIRE_ROOT=1: a root-only test must fail there, never skip.
+            assert!(
+                std::env::var("SNATGW_REQUIRE_ROOT").map_or(true, |v| v != "1"),
+                "this test needs root and SNATGW_REQUIRE_ROOT=1 is set: refusing to skip it"
+            );
+            eprintln!("skipped: needs root (set SNATGW_REQUIRE_ROOT=1 to make this a failure)");
             return;
         }
     };

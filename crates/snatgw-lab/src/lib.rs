@@ -116,3 +116,20 @@ pub fn raise_nofile_limit() {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Environment variable that turns a skipped root-only test into a failure (CI sets it).
+pub const REQUIRE_ROOT_ENV: &str = "SNATGW_REQUIRE_ROOT";
+
+/// For tests that need root (namespaces, TUN, raw sockets): `true` when running as root.
+/// Otherwise prints a skip line and returns `false`, unless `SNATGW_REQUIRE_ROOT=1` is set,
+/// in which case it panics, so a CI run without root fails instead of passing silently.
+pub fn root_or_skip() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v == "1") {
+        panic!("this test needs root and {REQUIRE_ROOT_ENV}=1 is set: refusing to skip it");
+    }
+    eprintln!("skipped: needs root (set {REQUIRE_ROOT_ENV}=1 to make this a failure)");
+    false
+}

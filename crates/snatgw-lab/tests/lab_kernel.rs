@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use snatgw_lab::{
-    is_root, list_namespaces, GatewayMode, KernelNat, Lab, LabSpec, SnatRule, GW_INET_IP,
+    list_namespaces, GatewayMode, KernelNat, Lab, LabSpec, SnatRule, GW_INET_IP,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_snatgw-lab-server");
@@ -18,8 +18,7 @@ const IP_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 3);
 
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
+        if !snatgw_lab::root_or_skip() {
             return;
         }
     };

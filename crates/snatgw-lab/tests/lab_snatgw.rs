@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snatgw_io::{PacketIo, TunConfig, TunIo};
-use snatgw_lab::{is_root, list_namespaces, GatewayMode, Lab, LabSpec, TUN_PRIVATE, TUN_PUBLIC};
+use snatgw_lab::{list_namespaces, root_or_skip, GatewayMode, Lab, LabSpec, TUN_PRIVATE, TUN_PUBLIC};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_snatgw-lab-server");
 const T: Duration = Duration::from_secs(30);
@@ -89,8 +89,7 @@ fn nat11(p: &mut [u8], outbound: bool) -> bool {
 
 #[test]
 fn snatgw_mode_routes_through_the_tun() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !root_or_skip() {
         return;
     }
     run_lab("t", false);
@@ -98,8 +97,7 @@ fn snatgw_mode_routes_through_the_tun() {
 
 #[test]
 fn snatgw_mode_with_veth_offloads_on() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !root_or_skip() {
         return;
     }
     // Veth checksum offload on: the kernel completes partial checksums before the TUN.

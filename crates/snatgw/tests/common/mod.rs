@@ -18,14 +18,9 @@ pub const SERVER_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
 pub const SERVER_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 pub const T: Duration = Duration::from_secs(60);
 
-/// Whether the test can run; prints the reason when it cannot.
+/// Whether the test can run (root); fails instead of skipping when `SNATGW_REQUIRE_ROOT=1`.
 pub fn root_or_skip() -> bool {
-    if snatgw_lab::is_root() {
-        true
-    } else {
-        eprintln!("skipped: the lab tests need root (network namespaces, TUN)");
-        false
-    }
+    snatgw_lab::root_or_skip()
 }
 
 pub fn lab_toml() -> String {
