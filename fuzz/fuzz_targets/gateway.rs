@@ -5,4 +5,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| snatgw_dataplane::fuzzing::run_input(data));
+fuzz_target!(|data: &[u8]| {
+    snatgw_dataplane::fuzzing::run_input(data);
+});

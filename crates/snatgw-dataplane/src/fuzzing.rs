@@ -4,8 +4,10 @@
 //! An input is a sequence of records, each a big-endian `u16` length and that many bytes; in a
 //! record, byte 0 picks the direction (bit 0) and a time step (bits 1–7, seconds), the rest is
 //! the packet. Several packets per input let one create a flow that the next one hits. The gateway runs the reference topology (`examples/reference.toml`), and a
-//! second copy of the packet is fed in the other direction too. Checked: nothing panics, and a
-//! translated packet still parses.
+//! second copy of the packet is fed in the other direction too. Checked: nothing panics, a
+//! translated packet still parses, and when the packet came in with valid checksums (IPv4
+//! header, TCP/UDP/ICMP, and an ICMP error's quoted header and segment), the translated one
+//! has valid checksums too: the incremental updates (RFC 1624) must equal a full recompute.
 
 use snatgw_core::{Direction, Engine, Topology, Verdict};
 
@@ -20,10 +22,20 @@ pub fn gateway() -> Gateway {
     Gateway::new(Engine::new(topo, 0).expect("engine"))
 }
 
+/// What a replay checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Packets the gateway translated.
+    pub translated: u64,
+    /// Of those, packets whose checksums were valid before and were verified after.
+    pub checksums_verified: u64,
+}
+
 /// Runs one input through `g`. Panics only on a real bug.
-pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) {
+pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) -> Checked {
+    let mut checked = Checked::default();
     let Some((&ctl, pkt)) = data.split_first() else {
-        return;
+        return checked;
     };
     *now += (ctl >> 1) as u32;
     let dir = if ctl & 1 == 0 {
@@ -31,37 +43,45 @@ pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) {
     } else {
         Direction::Inbound
     };
-    let mut buf = pkt.to_vec();
-    if let Verdict::Translate { .. } = g.process(*now, &mut buf, dir) {
-        assert!(
-            snatgw_wire::parse(&buf).is_ok(),
-            "a translated packet must still parse"
-        );
-    }
+    let valid_before = snatgw_wire::testutil::verify_checksums(pkt).is_ok();
     let other = if dir == Direction::Outbound {
         Direction::Inbound
     } else {
         Direction::Outbound
     };
-    let mut buf = pkt.to_vec();
-    if let Verdict::Translate { .. } = g.process(*now, &mut buf, other) {
-        assert!(
-            snatgw_wire::parse(&buf).is_ok(),
-            "a translated packet must still parse"
-        );
+    for d in [dir, other] {
+        let mut buf = pkt.to_vec();
+        if let Verdict::Translate { .. } = g.process(*now, &mut buf, d) {
+            checked.translated += 1;
+            assert!(
+                snatgw_wire::parse(&buf).is_ok(),
+                "a translated packet must still parse"
+            );
+            if valid_before {
+                if let Err(what) = snatgw_wire::testutil::verify_checksums(&buf) {
+                    panic!("translation broke the {what} checksum ({d:?}): {buf:02x?}");
+                }
+                checked.checksums_verified += 1;
+            }
+        }
     }
+    checked
 }
 
 /// Runs a whole input (a sequence of records, see the module docs) on a fresh gateway.
-pub fn run_input(data: &[u8]) {
+pub fn run_input(data: &[u8]) -> Checked {
     let mut g = gateway();
     let mut now = 0;
     let mut rest = data;
+    let mut total = Checked::default();
     while rest.len() >= 2 {
         let n = (u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
-        run_one(&mut g, &mut now, &rest[2..2 + n]);
+        let c = run_one(&mut g, &mut now, &rest[2..2 + n]);
+        total.translated += c.translated;
+        total.checksums_verified += c.checksums_verified;
         rest = &rest[2 + n..];
     }
+    total
 }
 
 /// Encodes packets as an input: `(direction is inbound, seconds to advance, packet)`.
