@@ -43,7 +43,7 @@ pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) -> Checked {
     } else {
         Direction::Inbound
     };
-    let valid_before = snatgw_wire::testutil::verify_checksums(pkt).is_ok();
+    let valid_before = snatgw_wire::verify_checksums(pkt).is_ok();
     let other = if dir == Direction::Outbound {
         Direction::Inbound
     } else {
@@ -58,7 +58,7 @@ pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) -> Checked {
                 "a translated packet must still parse"
             );
             if valid_before {
-                if let Err(what) = snatgw_wire::testutil::verify_checksums(&buf) {
+                if let Err(what) = snatgw_wire::verify_checksums(&buf) {
                     panic!("translation broke the {what} checksum ({d:?}): {buf:02x?}");
                 }
                 checked.checksums_verified += 1;

@@ -36,6 +36,7 @@ mod rewrite;
 mod summary;
 mod tcp;
 mod udp;
+mod verify;
 
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
@@ -57,6 +58,7 @@ pub use rewrite::{
 pub use summary::{parse, Frag, IcmpKind, InnerSummary, Summary};
 pub use tcp::{TcpFlags, TcpPacket, TCP_MIN_HEADER_LEN};
 pub use udp::{UdpPacket, UDP_HEADER_LEN};
+pub use verify::verify_checksums;
 
 /// IP protocol number of ICMP (RFC 792).
 pub const PROTO_ICMP: u8 = 1;

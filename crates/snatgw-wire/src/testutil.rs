@@ -366,63 +366,7 @@ pub fn icmp_echo_request(src: u32, dst: u32, id: u16, seq: u16) -> Vec<u8> {
     build_icmp_echo(&spec(src, dst), true, id, seq, b"snatgw-ping")
 }
 
-/// Check every checksum that can be checked: the IPv4 header; TCP/UDP/ICMP of an unfragmented
-/// packet (a fragment's transport checksum covers bytes it does not hold); for an ICMP error,
-/// the quoted IPv4 header and, when the whole quoted datagram is present, its TCP/UDP/ICMP
-/// checksum. Returns which check failed.
-pub fn verify_checksums(buf: &[u8]) -> Result<(), &'static str> {
-    let s = crate::parse(buf).map_err(|e| e.reason())?;
-    let ip = crate::Ipv4Packet::new_checked(buf).map_err(|e| e.reason())?;
-    if !ip.verify_checksum() {
-        return Err("ipv4 header checksum");
-    }
-    if s.frag != crate::Frag::None {
-        return Ok(());
-    }
-    verify_l4(s.proto, s.src, s.dst, ip.payload(), "tcp", "udp", "icmp")?;
-    if let Some(crate::IcmpKind::Error { .. }) = s.icmp {
-        let q = &ip.payload()[8..];
-        let inner = crate::Ipv4Packet::new_unchecked(q);
-        if !inner.verify_checksum() {
-            return Err("inner ipv4 header checksum");
-        }
-        let tl = usize::from(inner.total_len());
-        if tl <= q.len() && !inner.is_fragment() && tl >= usize::from(inner.header_len()) {
-            let seg = &q[usize::from(inner.header_len())..tl];
-            let (p, a, b) = (inner.protocol(), inner.src_addr(), inner.dst_addr());
-            verify_l4(p, a, b, seg, "inner tcp", "inner udp", "inner icmp")?;
-        }
-    }
-    Ok(())
-}
-
-fn verify_l4(
-    proto: u8,
-    src: u32,
-    dst: u32,
-    seg: &[u8],
-    tcp: &'static str,
-    udp: &'static str,
-    icmp: &'static str,
-) -> Result<(), &'static str> {
-    let ok = match proto {
-        PROTO_TCP => crate::TcpPacket::new_unchecked(seg).verify_checksum(src, dst),
-        PROTO_UDP => crate::UdpPacket::new_checked(seg)
-            .map(|u| u.verify_checksum(src, dst))
-            .unwrap_or(false),
-        PROTO_ICMP => crate::IcmpPacket::new_unchecked(seg).verify_checksum(),
-        _ => true,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(match proto {
-            PROTO_TCP => tcp,
-            PROTO_UDP => udp,
-            _ => icmp,
-        })
-    }
-}
+pub use crate::verify::verify_checksums;
 
 #[cfg(test)]
 mod tests {
