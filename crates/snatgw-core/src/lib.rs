@@ -7,6 +7,7 @@
 //! every timer is testable to the second. Packet bytes are `snatgw-wire`'s job.
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod bits;
 pub mod config;
 pub mod engine;
