@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
 mod lab;
+mod logcap;
 mod race;
 mod run;
 mod show;
@@ -70,6 +71,12 @@ enum Cmd {
         /// Log JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// At most this many event log lines per second (0: no cap); the rest are counted (R9.3).
+        #[arg(long, default_value_t = 20)]
+        log_rate: u32,
+        /// Burst of event log lines allowed above --log-rate.
+        #[arg(long, default_value_t = 100)]
+        log_burst: u32,
     },
     /// Print the counters snapshot a running gateway writes (--stats-file).
     Stats {
@@ -108,6 +115,8 @@ fn main() -> ExitCode {
             stats_interval_ms,
             tx_queue_len,
             log_json,
+            log_rate,
+            log_burst,
         } => run::run(&run::RunArgs {
             config,
             tun_private,
@@ -119,6 +128,8 @@ fn main() -> ExitCode {
             stats_interval: std::time::Duration::from_millis(stats_interval_ms.max(100)),
             tx_queue_len,
             log_json,
+            log_rate,
+            log_burst,
         }),
         Cmd::Stats { file, json } => stats::run(&file, json),
         Cmd::Lab(c) => lab::run(c),

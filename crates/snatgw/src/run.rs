@@ -44,6 +44,7 @@ use snatgw_core::{Direction, Verdict};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
+use crate::logcap::{Admit, LogCap};
 use crate::stats::{self, Snapshot};
 
 /// Options of `snatgw run`.
@@ -69,6 +70,10 @@ pub struct RunArgs {
     pub tx_queue_len: Option<u32>,
     /// Logs as JSON lines instead of text.
     pub log_json: bool,
+    /// Event log lines per second at most (0: no cap), R9.3.
+    pub log_rate: u32,
+    /// Burst of event log lines above the rate.
+    pub log_burst: u32,
 }
 
 /// Lock statistics shared by the threads.
@@ -242,8 +247,9 @@ fn write_stats(a: &RunArgs, s: &Snapshot) {
     }
 }
 
-/// Advances the engine's timers and drains its events (logged, kept in `ring`).
-fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>) {
+/// Advances the engine's timers and drains its events (logged under the rate cap, R9.3;
+/// kept in `ring`).
+fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>, cap: &mut LogCap) {
     let now = sh.now();
     let events = {
         let mut g = sh.lock_gw();
@@ -251,8 +257,18 @@ fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>) {
         g.engine_mut().drain_events()
     };
     let snaps: Vec<_> = events.iter().map(stats::event_snap).collect();
+    let ms = sh.start.elapsed().as_millis() as u64;
     for e in &snaps {
-        stats::log_event(e);
+        if cap.admit(ms) == Admit::Write {
+            stats::log_event(e);
+        }
+    }
+    if let Some(n) = cap.report_due(ms) {
+        tracing::warn!(
+            suppressed = n,
+            suppressed_total = cap.suppressed_total,
+            "event log lines suppressed by the log rate cap (R9.3); counters and the stats file stay exact"
+        );
     }
     stats::push_events(ring, snaps);
 }
@@ -371,12 +387,14 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
 
     let mut ring = VecDeque::new();
+    let mut cap = LogCap::new(a.log_rate, a.log_burst, 1000);
     let mut last_stats: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
-        tick(&sh, &mut ring);
+        tick(&sh, &mut ring, &mut cap);
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval) {
             last_stats = Some(Instant::now());
-            let s = snapshot(a, &sh, &ring);
+            let mut s = snapshot(a, &sh, &ring);
+            s.log_lines_suppressed = cap.suppressed_total;
             write_stats(a, &s);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -385,8 +403,9 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     for h in workers {
         let _ = h.join();
     }
-    tick(&sh, &mut ring);
+    tick(&sh, &mut ring, &mut cap);
     let mut s = snapshot(a, &sh, &ring);
+    s.log_lines_suppressed = cap.suppressed_total;
     s.final_snapshot = true;
     write_stats(a, &s);
     sig_handle.close();

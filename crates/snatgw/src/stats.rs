@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub instances: Vec<InstanceSnap>,
     /// Most recent events, oldest first (at most [`EVENTS_KEPT`]).
     pub events: Vec<EventSnap>,
+    /// Event log lines not written because of the log rate cap (R9.3).
+    #[serde(default)]
+    pub log_lines_suppressed: u64,
 }
 
 /// Engine-wide counters.
