@@ -43,6 +43,7 @@ pub fn topology_with_history(secs: u32) -> Topology {
             public_ip: None,
             availability_set: Some(format!("as{}", i % 20)),
             deployment: None,
+            max_flows: None,
         });
     }
     Topology::from_config(c).expect("valid")

@@ -58,6 +58,38 @@ pub struct GatewayCfg {
     /// The provider's default-SNAT address pool (SPEC R1.3), chosen by the operator.
     #[serde(default)]
     pub default_snat_pool: Vec<String>,
+    /// Live flows one instance may hold (SPEC R9.2; default 500 000, the figure clouds
+    /// document per VM). `[[instance]] max_flows` overrides it for one instance.
+    #[serde(default = "default_max_flows_per_instance")]
+    pub max_flows_per_instance: u32,
+    /// Live flows the whole gateway may hold (SPEC R9.2). Default: derived from
+    /// `flow_memory_mib` at [`BYTES_PER_FLOW_BUDGET`] bytes per flow.
+    #[serde(default)]
+    pub max_flows: Option<u32>,
+    /// Memory budget for the flow table, MiB, from which the default `max_flows` is derived
+    /// (default 1024).
+    #[serde(default = "default_flow_memory_mib")]
+    pub flow_memory_mib: u32,
+    /// Interval over which repeated events of one kind for one (instance, public IP,
+    /// protocol, destination) are aggregated into one summary (SPEC R9.3; default 10 s).
+    #[serde(default = "default_event_interval")]
+    pub event_interval_secs: u32,
+}
+
+/// Bytes of memory budgeted per live flow when `max_flows` is derived from
+/// `flow_memory_mib`: the engine measures about 88 B per flow at 1M flows
+/// (docs/PERFORMANCE.md); the budget doubles that and adds headroom for the tables growing
+/// (a growing slab or hash table briefly holds its old and new arrays).
+pub const BYTES_PER_FLOW_BUDGET: u64 = 192;
+
+fn default_max_flows_per_instance() -> u32 {
+    500_000
+}
+fn default_flow_memory_mib() -> u32 {
+    1024
+}
+fn default_event_interval() -> u32 {
+    10
 }
 
 fn default_idle() -> u32 {
@@ -90,6 +122,10 @@ impl Default for GatewayCfg {
             port_reuse_history_secs: default_history(),
             vnet_prefixes: default_vnet(),
             default_snat_pool: Vec::new(),
+            max_flows_per_instance: default_max_flows_per_instance(),
+            max_flows: None,
+            flow_memory_mib: default_flow_memory_mib(),
+            event_interval_secs: default_event_interval(),
         }
     }
 }
@@ -169,6 +205,9 @@ pub struct InstanceCfg {
     /// Classic deployment (required for Classic instances).
     #[serde(default)]
     pub deployment: Option<String>,
+    /// Live flows this instance may hold (SPEC R9.2); default `gateway.max_flows_per_instance`.
+    #[serde(default)]
+    pub max_flows: Option<u32>,
 }
 
 /// `[[load_balancer]]`: a public load balancer.

@@ -58,7 +58,14 @@ pub struct Params {
     pub rst_timeout: u32,
     /// Per-destination port history horizon, seconds (R2.3 decision).
     pub reuse_history: u32,
+    /// Live flows the gateway may hold (R9.2).
+    pub max_flows: u32,
+    /// Event aggregation interval, seconds (R9.3).
+    pub event_interval: u32,
 }
+
+/// Most flows the engine can index (slab indices are `u32` with one value reserved).
+pub const MAX_FLOWS_LIMIT: u32 = 1 << 31;
 
 /// A named public address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +124,8 @@ pub struct Instance {
     pub group: SnatGroup,
     /// LB membership (R1.2), if any.
     pub lb: Option<LbMembership>,
+    /// Live flows it may hold (R9.2).
+    pub max_flows: u32,
 }
 
 /// A validated Classic deployment.
@@ -234,12 +243,42 @@ impl Topology {
             g.port_reuse_history_secs,
             0,
         )?;
+        check_secs("gateway.event_interval_secs", g.event_interval_secs, 1)?;
+        let check_flows = |field: &str, v: u64| -> Result<u32, ConfigError> {
+            if v == 0 || v > u64::from(MAX_FLOWS_LIMIT) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    value: v.to_string(),
+                    reason: format!("a flow limit is between 1 and {MAX_FLOWS_LIMIT} (SPEC R9.2)"),
+                });
+            }
+            Ok(v as u32)
+        };
+        if g.flow_memory_mib == 0 {
+            return Err(ConfigError::Invalid {
+                field: "gateway.flow_memory_mib".into(),
+                value: "0".into(),
+                reason: "the flow table needs a memory budget of at least 1 MiB (SPEC R9.2)".into(),
+            });
+        }
+        let max_flows = match g.max_flows {
+            Some(n) => check_flows("gateway.max_flows", u64::from(n))?,
+            None => (u64::from(g.flow_memory_mib) * (1 << 20)
+                / crate::config::BYTES_PER_FLOW_BUDGET)
+                .clamp(1, u64::from(MAX_FLOWS_LIMIT)) as u32,
+        };
+        check_flows(
+            "gateway.max_flows_per_instance",
+            u64::from(g.max_flows_per_instance),
+        )?;
         let params = Params {
             seed: g.seed,
             idle_timeout: g.idle_timeout_secs,
             fin_timeout: g.fin_timeout_secs,
             rst_timeout: g.rst_timeout_secs,
             reuse_history: g.port_reuse_history_secs,
+            max_flows,
+            event_interval: g.event_interval_secs,
         };
 
         let mut vnet = Vec::new();
@@ -428,6 +467,10 @@ impl Topology {
                     }
                 }
             };
+            let max_flows = match ic.max_flows {
+                Some(n) => check_flows(&f("max_flows"), u64::from(n))?,
+                None => g.max_flows_per_instance,
+            };
             inst_idx.insert(ic.name.as_str(), instances.len());
             instances.push(Instance {
                 name: Arc::from(ic.name.as_str()),
@@ -437,6 +480,7 @@ impl Topology {
                 ilpip,
                 group,
                 lb: None,
+                max_flows,
             });
         }
 

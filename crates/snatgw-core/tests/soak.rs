@@ -86,6 +86,7 @@ fn fleet(lb_n: usize, set_n: usize, classic_n: usize, ilpip_n: usize, redeploy: 
             public_ip: None,
             availability_set: None,
             deployment: Some("cs".into()),
+            max_flows: None,
         });
         roles.push(format!("role-{i}"));
         k += 1;

@@ -117,6 +117,7 @@ pub fn vm(i: usize, set: Option<&str>) -> InstanceCfg {
         public_ip: None,
         availability_set: set.map(Into::into),
         deployment: None,
+        max_flows: None,
     }
 }
 
@@ -150,6 +151,7 @@ pub fn classic_config(n: usize, reported: Option<u32>) -> ConfigFile {
             public_ip: None,
             availability_set: None,
             deployment: Some("cs".into()),
+            max_flows: None,
         });
         members.push(format!("role-{i}"));
     }
