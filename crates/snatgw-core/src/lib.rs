@@ -14,7 +14,6 @@ pub mod engine;
 pub mod error;
 pub mod hash;
 pub mod packet;
-pub(crate) mod pool;
 pub mod topology;
 
 pub use config::{ConfigFile, InstanceKind, Model};

@@ -1,10 +1,14 @@
 //! Port state of one instance's block for one protocol (SPEC R2.3–R2.5).
 //!
-//! A block is up to 32 chunks of 32 consecutive ports (local index = chunk slot × 32 + offset).
-//! This module tracks which local ports the instance owns, how many flows hold each port, and the
-//! order in which unused ports were released (least recently released first; never-used ports
-//! count as oldest). It does not know destinations or flows: the engine combines this with the
-//! per-destination view to choose a port.
+//! An instance's block (R2.4) is up to 32 chunks of 32 consecutive ports (local index = chunk
+//! slot × 32 + offset); TCP and UDP consume it separately (R2.5), so every instance has two
+//! [`PortBlock`]s over the same chunks. This module tracks which local ports the instance owns,
+//! how many flows hold each port ("used SNAT ports", R2.3), and the order in which unused ports
+//! were released (least recently released first; never-used ports count as oldest).
+//!
+//! It does not know destinations, flows or public port numbers: which chunks a block holds is
+//! `ports`' business (`grow_block`, `revoke_chunks`), and the allocator there combines this
+//! state with the per-destination view to choose a port.
 
 use crate::bits::{Bits, CAPACITY};
 
@@ -12,7 +16,7 @@ const NIL: u16 = u16::MAX;
 
 /// Port state of one (instance, protocol).
 #[derive(Clone)]
-pub(crate) struct PortPool {
+pub(crate) struct PortBlock {
     /// Local ports the instance owns (its preallocation).
     pub owned: Bits,
     /// Local ports held by at least one flow ("used SNAT ports", R2.3).
@@ -26,9 +30,9 @@ pub(crate) struct PortPool {
     pub cursor: u16,
 }
 
-impl PortPool {
+impl PortBlock {
     pub fn new() -> Self {
-        PortPool {
+        PortBlock {
             owned: Bits::EMPTY,
             used: Bits::EMPTY,
             refcnt: vec![0; CAPACITY],
@@ -124,7 +128,7 @@ impl PortPool {
         self.refcnt[i as usize]
     }
 
-    /// Flows holding any port of this pool.
+    /// Flows holding any port of this block.
     pub fn flows(&self) -> u32 {
         self.used.iter().map(|i| self.holders(i) as u32).sum()
     }
@@ -144,6 +148,6 @@ impl PortPool {
 
     /// Forgets everything (the instance left or changed scenario).
     pub fn reset(&mut self) {
-        *self = PortPool::new();
+        *self = PortBlock::new();
     }
 }

@@ -1,0 +1,161 @@
+//! The engine's internal invariants, checked on demand by tests and the soak.
+//!
+//! [`Engine::check_invariants`] recomputes from the flow slab what the indexes, port blocks,
+//! chunk owner maps and counters claim, and reports the first disagreement: public 5-tuples
+//! unique (SPEC R2.2), ports inside the owner's block (R2.4) and owned, used-port sets and
+//! reference counts matching the flows (R2.3), blocks within the tier and disjoint (R2.4, R2.8),
+//! hot-destination caches matching their chains, and counters adding up (R6.1). It is a full
+//! scan and never runs on the packet path; it changes nothing.
+
+use std::collections::HashMap;
+
+use super::flows::Flow;
+use super::ports::{CHUNK, PORT_BASE};
+use super::Engine;
+use crate::bits::Bits;
+
+impl Engine {
+    /// Checks internal invariants (for tests and the soak): uniqueness of public 5-tuples
+    /// (R2.2), ports inside the owner's block (R2.4), used-port counts within the
+    /// preallocation, disjoint blocks, and that counters add up. Returns the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut public = std::collections::HashSet::new();
+        let mut live = 0u32;
+        let mut per_block: HashMap<u32, HashMap<u16, u16>> = HashMap::new();
+        for (_, f) in self.flows.iter_live() {
+            live += 1;
+            if !public.insert((f.proto, f.public, f.pport, f.dst, f.dport)) {
+                return Err(format!("public 5-tuple held twice: {:?}", f));
+            }
+            let inst = self.insts[f.slot() as usize]
+                .as_ref()
+                .ok_or("flow of a removed instance")?;
+            if inst.scenario.addr() != f.public {
+                return Err(format!(
+                    "flow on {} but instance {} uses {}",
+                    f.public,
+                    inst.name,
+                    inst.scenario.addr()
+                ));
+            }
+            let base = inst.chunks[(f.idx / CHUNK) as usize];
+            if base == 0 || base + f.idx % CHUNK != f.pport {
+                return Err(format!(
+                    "port {} of {} outside its block",
+                    f.pport, inst.name
+                ));
+            }
+            if !self.blocks[f.block as usize].owned.get(f.idx) {
+                return Err(format!("port {} of {} not owned", f.pport, inst.name));
+            }
+            *per_block
+                .entry(f.block)
+                .or_default()
+                .entry(f.idx)
+                .or_default() += 1;
+        }
+        if live != self.flows.live() {
+            return Err(format!(
+                "live count {} but {} flows",
+                self.flows.live(),
+                live
+            ));
+        }
+        for (bid, block) in self.blocks.iter().enumerate() {
+            let counts = per_block.remove(&(bid as u32)).unwrap_or_default();
+            if block.used.count() as usize != counts.len() {
+                return Err(format!(
+                    "block {bid}: used {} != distinct ports {}",
+                    block.used.count(),
+                    counts.len()
+                ));
+            }
+            for (&i, &c) in &counts {
+                if block.holders(i) != c {
+                    return Err(format!(
+                        "block {bid}: port idx {i} refcount {} != {c}",
+                        block.holders(i)
+                    ));
+                }
+            }
+            if block.used.count() > block.owned.count() && block.used.minus(&block.owned).any() {
+                return Err(format!("block {bid}: used ports outside the preallocation"));
+            }
+            let lru: Vec<u16> = block.lru().collect();
+            let unused = block.owned.minus(&block.used);
+            if lru.len() != unused.count() as usize || lru.iter().any(|&i| !unused.get(i)) {
+                return Err(format!(
+                    "block {bid}: free list does not match unused owned ports"
+                ));
+            }
+        }
+        // Disjoint blocks and owner maps.
+        let mut owner: HashMap<(u32, u16), u32> = HashMap::new();
+        for (slot, inst) in self.insts.iter().enumerate() {
+            let Some(inst) = inst else { continue };
+            if !inst.scenario.is_pat() {
+                continue;
+            }
+            let pip = self
+                .pips
+                .get(&inst.scenario.addr())
+                .ok_or("PAT instance without public IP state")?;
+            if inst.n_chunks() as u16 * CHUNK > pip.ports && pip.ports >= CHUNK {
+                return Err(format!(
+                    "{} holds {} ports, tier is {}",
+                    inst.name,
+                    inst.n_chunks() as u16 * CHUNK,
+                    pip.ports
+                ));
+            }
+            for &b in inst.chunks.iter().filter(|&&b| b != 0) {
+                if let Some(o) = owner.insert((inst.scenario.addr(), b), slot as u32) {
+                    return Err(format!("chunk {b} owned by {o} and {slot}"));
+                }
+                if pip.owner[((b - PORT_BASE) / CHUNK) as usize] != slot as u32 {
+                    return Err(format!("owner map disagrees for chunk {b}"));
+                }
+            }
+        }
+        // Per instance: connections made minus flows ended equals live flows, per protocol.
+        for (slot, inst) in self.insts.iter().enumerate() {
+            let Some(inst) = inst else { continue };
+            for l in 0..2 {
+                let st = &inst.stats[l];
+                let ended: u64 = st.ended.iter().sum();
+                let live = self.blocks[slot * 2 + l].flows() as u64;
+                if st.conn_ok < ended || st.conn_ok - ended != live {
+                    return Err(format!(
+                        "{} {l}: conn_ok {} - ended {ended} != live {live}",
+                        inst.name, st.conn_ok
+                    ));
+                }
+            }
+        }
+        // Cached busy-port sets of hot destinations equal their chains.
+        for hd in self.flows.hot_dests() {
+            let mut chain = Bits::EMPTY;
+            let mut n = 0;
+            let same = |f: &&Flow| f.block == hd.block && f.dst == hd.dst && f.dport == hd.dport;
+            for (_, f) in self.flows.iter_live().filter(|(_, f)| same(f)) {
+                chain.set(f.idx);
+                n += 1;
+            }
+            if chain != hd.active || n != hd.n {
+                return Err(format!(
+                    "hot destination cache out of date: {n} flows, cache {}",
+                    hd.n
+                ));
+            }
+        }
+        let created = self.global.flows_created;
+        let ended: u64 = self.global.flows_ended.iter().sum();
+        if created - ended != self.flows.live() as u64 {
+            return Err(format!(
+                "created {created} - ended {ended} != live {}",
+                self.flows.live()
+            ));
+        }
+        Ok(())
+    }
+}

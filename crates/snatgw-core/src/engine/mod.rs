@@ -1,0 +1,224 @@
+//! The SNAT engine: scenario resolution, preallocation, PAT, flow table and timers.
+//!
+//! [`Engine`] decides for every packet which public address and port it leaves with
+//! (SPEC §1–§3) and when a port comes free again. It is sans-IO: time is an argument (whole
+//! seconds, monotonic), randomness is seeded, nothing here reads a clock, opens a socket or
+//! spawns a thread. It does not parse packet bytes (that is `snatgw-wire` / the data plane) and
+//! does not implement NSGs (SPEC §4) or inbound load balancing (§5).
+//!
+//! This module holds the [`Engine`] state, its constructors, the public entry points
+//! ([`Engine::process`], [`Engine::advance`], [`Engine::apply`]), the accessors, and the two
+//! steps every flow goes through (`insert_flow`, `remove_flow`), which tie the concerns
+//! together. Each concern has its own submodule:
+//! - `translate`: the packet path — outbound and inbound verdicts, ICMP-error lookups (R1.1,
+//!   R1.7, R2.1, R2.6, R3.1, R3.5, R3.6, R3.8);
+//! - `flows`: flows live in a slab of 48-byte records; three keyed hash tables of `u32` slab
+//!   indices find them by private 5-tuple (outbound), by public 5-tuple (inbound, R2.2) and by
+//!   (instance, protocol, destination endpoint) — the head of a doubly linked chain of that
+//!   destination's flows, which gives the ports in use for it (R2.3), with a cached bitset for
+//!   hot destinations;
+//! - `ports`: the allocator (R2.3 preference, R2.6), the per-destination history of releases
+//!   within `port_reuse_history_secs`, chunks of public IPs handed to and taken from blocks
+//!   (R2.4, R2.9, R2.10); `block`: the port state of one instance's block for one protocol —
+//!   owned and used bitsets, reference counts, release order (R2.3–R2.5);
+//! - `timers`: each flow has one entry in a one-second timer wheel at its deadline; a packet
+//!   only updates `last_seen`, and an expiring entry re-checks the real deadline (lazy
+//!   re-check), so expiry costs are proportional to what expires, never a scan of all flows
+//!   (R3.2–R3.5); `tcp`: FIN/RST state and close times (R3.1–R3.3);
+//! - `plan`: configuration changes — scenarios (R1.1–R1.6), designations and tiers
+//!   (R2.8–R2.11), planned before anything changes, then committed; `instance`: the
+//!   per-instance record and [`Scenario`];
+//! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
+//!   consistency check tests run.
+//!
+//! Names: a *block* is an instance's preallocation (R2.4), `block::PortBlock` its port state
+//! for one protocol, and a block id (`Flow::block`) indexes `Engine::blocks` as instance slot ×
+//! 2 + protocol (0 TCP, 1 UDP). *Pool* keeps only its SPEC meanings: a load balancer's backend
+//! pool, the default-SNAT pool (R1.3), and the pool size that decides the tier (R2.8).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+mod block;
+mod events;
+mod flows;
+mod instance;
+mod invariants;
+mod plan;
+mod ports;
+mod report;
+mod stats;
+mod tcp;
+mod timers;
+mod translate;
+
+pub use events::{EndCause, Event, EventKind};
+pub use instance::Scenario;
+pub use plan::tier_ports;
+pub use ports::{CHUNK, CHUNKS, PORT_BASE};
+pub use report::{ApplyReport, FlowView, InstanceReport};
+pub use stats::{GlobalStats, InstanceStats};
+
+use block::PortBlock;
+use flows::{Flow, FlowTable};
+use instance::InstRt;
+use ports::{PipRt, ReleaseHistory};
+use stats::stats_bucket;
+use timers::Wheel;
+
+use crate::error::ConfigError;
+use crate::hash::KeyedHash;
+use crate::packet::{Direction, Packet, Verdict};
+use crate::topology::{SnatGroup, Topology};
+
+/// Engine time: whole seconds since an arbitrary epoch, never decreasing.
+pub type Time = u32;
+
+/// "No flow" / "no owner": the end of a chain or free list, a free slab slot's block, a free chunk.
+const NONE: u32 = u32::MAX;
+
+/// The SNAT engine. See the module documentation.
+pub struct Engine {
+    topo: Topology,
+    now: Time,
+    /// Instances by slot (`None` = free slot, listed in `inst_free`).
+    insts: Vec<Option<InstRt>>,
+    inst_free: Vec<u32>,
+    by_name: HashMap<Arc<str>, u32>,
+    by_private: hashbrown::HashMap<u32, u32>,
+    ilpips: hashbrown::HashMap<u32, u32>,
+    /// Port state per (instance slot, protocol): index slot × 2 + protocol (0 TCP, 1 UDP).
+    blocks: Vec<PortBlock>,
+    /// Per public IP used for PAT: chunk owners and tier.
+    pips: hashbrown::HashMap<u32, PipRt>,
+    /// Default-SNAT address per sharing group (R1.3).
+    designation: BTreeMap<SnatGroup, u32>,
+    /// LB frontend chosen per instance (R1.6).
+    lb_choice: HashMap<Arc<str>, u32>,
+    flows: FlowTable,
+    history: ReleaseHistory,
+    wheel: Wheel,
+    events: VecDeque<Event>,
+    global: GlobalStats,
+}
+
+impl Engine {
+    /// A new engine running `topo` at time `now`; the hash key comes from the config seed.
+    pub fn new(topo: Topology, now: Time) -> Result<Engine, ConfigError> {
+        let key = topo.params.seed ^ 0x5a17_9e77_0000_0001;
+        Self::with_hash_key(topo, now, key)
+    }
+
+    /// Like [`Engine::new`] with an explicit hash key (the data plane passes OS entropy so
+    /// remote hosts cannot predict bucket collisions).
+    pub fn with_hash_key(topo: Topology, now: Time, key: u64) -> Result<Engine, ConfigError> {
+        let span = timers::span(&topo.params);
+        let empty = Topology::from_config(Default::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let hasher = KeyedHash::new(key);
+        let mut e = Engine {
+            topo: empty,
+            now,
+            insts: Vec::new(),
+            inst_free: Vec::new(),
+            by_name: HashMap::new(),
+            by_private: hashbrown::HashMap::new(),
+            ilpips: hashbrown::HashMap::new(),
+            blocks: Vec::new(),
+            pips: hashbrown::HashMap::new(),
+            designation: BTreeMap::new(),
+            lb_choice: HashMap::new(),
+            flows: FlowTable::new(hasher),
+            history: ReleaseHistory::new(hasher),
+            wheel: Wheel::new(span, now),
+            events: VecDeque::new(),
+            global: GlobalStats::default(),
+        };
+        e.apply(now, topo)?;
+        Ok(e)
+    }
+
+    /// Reserves room for `n` flows (avoids rehashing during a burst; used by benchmarks).
+    pub fn reserve_flows(&mut self, n: usize) {
+        self.flows.reserve(n);
+    }
+
+    /// The running topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// The engine's current time (the largest `now` seen).
+    pub fn now(&self) -> Time {
+        self.now
+    }
+
+    /// Number of live flows.
+    pub fn live_flows(&self) -> usize {
+        self.flows.live() as usize
+    }
+
+    /// Global counters.
+    pub fn global_stats(&self) -> &GlobalStats {
+        &self.global
+    }
+
+    /// Takes the queued events (at most 65 536 are kept; the rest are counted as lost).
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    /// Decides a packet at time `now` (seconds; a smaller value than before counts as the
+    /// last one seen). Expired flows are released first, so a verdict is always exact to the second.
+    #[inline]
+    pub fn process(&mut self, now: Time, dir: Direction, p: &Packet) -> Verdict {
+        if now >= self.wheel.next {
+            self.advance(now);
+        }
+        match dir {
+            Direction::Outbound => self.outbound(p),
+            Direction::Inbound => self.inbound(p),
+        }
+    }
+
+    /// Releases everything due at or before `now`. Called by [`Engine::process`]; a data plane
+    /// may also call it on a timer so ports come back while no packets arrive.
+    pub fn advance(&mut self, now: Time) {
+        if now < self.now {
+            return;
+        }
+        self.now = now;
+        if now < self.wheel.next {
+            return;
+        }
+        self.expire_due(now);
+        self.history.expire(now, self.topo.params.reuse_history);
+    }
+
+    /// Applies a new configuration at time `now` (SPEC R1.4: scenarios are re-evaluated).
+    /// On error nothing changes.
+    pub fn apply(&mut self, now: Time, topo: Topology) -> Result<ApplyReport, ConfigError> {
+        self.advance(now);
+        let plan = self.plan(&topo)?;
+        Ok(self.commit(topo, plan))
+    }
+
+    /// Stores a new flow, queues its idle timer (R3.4) and counts it. Returns its slot.
+    fn insert_flow(&mut self, f: Flow) -> u32 {
+        let (fi, gen) = self.flows.insert(f);
+        let deadline = self.now.saturating_add(self.topo.params.idle_timeout);
+        self.wheel.push(deadline, fi, gen);
+        self.global.flows_created += 1;
+        fi
+    }
+
+    /// Removes flow `fi`, releasing its port at `release_time`.
+    fn remove_flow(&mut self, fi: u32, release_time: Time, cause: EndCause) {
+        let f = self.flows.remove(fi);
+        self.release_port(f.block, f.dst, f.dport, f.idx, release_time, cause);
+        if let Some(i) = self.insts[f.slot() as usize].as_mut() {
+            i.stats[stats_bucket(f.proto)].ended[cause.index()] += 1;
+        }
+        self.global.flows_ended[cause.index()] += 1;
+    }
+}

@@ -1,0 +1,342 @@
+//! SNAT ports: the allocator, the per-destination release history, and blocks of chunks.
+//!
+//! - [`Engine::alloc`] chooses the port for a new flow (SPEC R2.3 preference, R2.6 exhaustion)
+//!   from the instance's [`PortBlock`](super::block::PortBlock), the ports busy for the
+//!   destination (from the flow table) and the [`ReleaseHistory`]: releases per destination
+//!   within `port_reuse_history_secs`, so a port is not handed straight back to a server that
+//!   may still hold TIME_WAIT for it.
+//! - A public IP's SNAT range 1024–65535 (R2.4 decision) is cut into [`CHUNKS`] chunks of
+//!   [`CHUNK`] ports; [`PipRt`] records which instance owns each chunk (blocks never overlap,
+//!   R2.4) and the tier in force. [`Engine::grow_block`] hands out chunks up to the tier size
+//!   (R2.4, R2.10); [`Engine::revoke_chunks`] takes chunks away and drops the flows on them
+//!   (R1.4, R2.9).
+//!
+//! It does not decide tiers or which instances lose chunks (that is `plan`), and does not
+//! index flows (that is `flows`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+
+use super::events::{EndCause, EventKind};
+use super::flows::dest_hash;
+use super::{Engine, Time, NONE};
+use crate::bits::Bits;
+use crate::hash::KeyedHash;
+
+/// First port of every public IP's SNAT range (SPEC R2.4 decision).
+pub const PORT_BASE: u16 = 1024;
+/// Ports per chunk, the unit in which blocks are handed out (the smallest tier).
+pub const CHUNK: u16 = 32;
+/// Chunks in a public IP's range 1024–65535.
+pub const CHUNKS: usize = (65536 - PORT_BASE as usize) / CHUNK as usize;
+/// Chunk slots of one instance's block (1024 ports, the largest tier).
+pub(super) const SLOTS: usize = 32;
+
+/// Port state of one public IP used for PAT.
+pub(super) struct PipRt {
+    /// Owner instance slot per chunk (NONE = free).
+    pub(super) owner: Vec<u32>,
+    /// Pool size deciding the tier (effective, R2.11).
+    pub(super) pool_size: u32,
+    /// Ports per instance (the tier, R2.8).
+    pub(super) ports: u16,
+    pub(super) default_snat: bool,
+}
+
+/// Releases of one block's ports for one destination, oldest first: (local port, when).
+pub(super) struct Hist {
+    block: u32,
+    dst: u32,
+    dport: u16,
+    q: VecDeque<(u16, Time)>,
+}
+
+impl Hist {
+    /// Forgets releases at or beyond the horizon.
+    fn forget_old(&mut self, now: Time, horizon: u32) {
+        while self
+            .q
+            .front()
+            .is_some_and(|&(_, t)| t.saturating_add(horizon) <= now)
+        {
+            self.q.pop_front();
+        }
+    }
+}
+
+/// Per-destination history of port releases within `port_reuse_history_secs` (R2.3 decision).
+pub(super) struct ReleaseHistory {
+    hasher: KeyedHash,
+    hists: HashTable<Hist>,
+    /// (when it falls out of the horizon, block, destination, port), in time order.
+    expiry: VecDeque<(Time, u32, u32, u16)>,
+}
+
+impl ReleaseHistory {
+    pub(super) fn new(hasher: KeyedHash) -> ReleaseHistory {
+        ReleaseHistory {
+            hasher,
+            hists: HashTable::new(),
+            expiry: VecDeque::new(),
+        }
+    }
+
+    /// The history of `block` for (`dst`, `dport`), if it has one. `dh` is the key's hash
+    /// ([`super::flows::FlowTable::dest_hash`]: the engine gives both tables the same key).
+    #[inline]
+    fn get_mut(&mut self, dh: u64, block: u32, dst: u32, dport: u16) -> Option<&mut Hist> {
+        debug_assert_eq!(dh, dest_hash(&self.hasher, block, dst, dport));
+        self.hists
+            .find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+    }
+
+    /// Records that local port `idx` of `block` was released for (`dst`, `dport`) at `at`.
+    #[inline]
+    fn record(&mut self, block: u32, dst: u32, dport: u16, idx: u16, at: Time, horizon: u32) {
+        let h = self.hasher;
+        let dh = dest_hash(&h, block, dst, dport);
+        match self
+            .hists
+            .find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        {
+            Some(hh) => hh.q.push_back((idx, at)),
+            None => {
+                let mut q = VecDeque::with_capacity(1);
+                q.push_back((idx, at));
+                self.hists.insert_unique(
+                    dh,
+                    Hist {
+                        block,
+                        dst,
+                        dport,
+                        q,
+                    },
+                    |e| dest_hash(&h, e.block, e.dst, e.dport),
+                );
+            }
+        }
+        self.expiry
+            .push_back((at.saturating_add(horizon), block, dst, dport));
+    }
+
+    /// Forgets releases that fell out of the horizon by `now`; drops emptied histories.
+    #[inline]
+    pub(super) fn expire(&mut self, now: Time, horizon: u32) {
+        while let Some(&(at, block, dst, dport)) = self.expiry.front() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            let h = self.hasher;
+            let dh = dest_hash(&h, block, dst, dport);
+            if let Ok(mut e) = self
+                .hists
+                .find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+            {
+                let hh = e.get_mut();
+                hh.forget_old(now, horizon);
+                if hh.q.is_empty() {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Chooses a port of block `block_id` for a new flow to (`dst`, `dport`) — SPEC R2.3:
+    /// a port the instance already uses (free for this destination) before a new one; within
+    /// each group, a port with no release for this destination inside the history horizon
+    /// first, else the one released for it longest ago. `None` is exhaustion (R2.6).
+    pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Option<u16> {
+        let dh = self.flows.dest_hash(block_id, dst, dport);
+        let active = self.flows.busy_ports(dh, block_id, dst, dport);
+        let horizon = self.topo.params.reuse_history;
+        let now = self.now;
+        let mut hist = if horizon > 0 {
+            self.history.get_mut(dh, block_id, dst, dport)
+        } else {
+            None
+        };
+        let mut recent = Bits::EMPTY;
+        if let Some(hh) = hist.as_mut() {
+            hh.forget_old(now, horizon);
+            for &(i, _) in &hh.q {
+                recent.set(i);
+            }
+        }
+        let block = &mut self.blocks[block_id as usize];
+        let from_hist = |set: &Bits, hist: &Option<&mut Hist>| -> Option<(u16, usize)> {
+            let hh = hist.as_ref()?;
+            hh.q.iter()
+                .enumerate()
+                .find(|(_, &(i, _))| set.get(i))
+                .map(|(pos, &(i, _))| (i, pos))
+        };
+        let group_a = block.used.minus(&active);
+        let (pick, hist_pos) = if group_a.any() {
+            let fresh = group_a.minus(&recent);
+            if let Some(i) = fresh.first_from(block.cursor) {
+                block.cursor = i.wrapping_add(1) % crate::bits::CAPACITY as u16;
+                (i, None)
+            } else {
+                let (i, pos) = from_hist(&group_a, &hist)?;
+                (i, Some(pos))
+            }
+        } else {
+            let group_b = block.owned.minus(&block.used);
+            if !group_b.any() {
+                return None;
+            }
+            if group_b.minus(&recent).any() {
+                (block.lru().find(|&i| !recent.get(i))?, None)
+            } else {
+                let (i, pos) = from_hist(&group_b, &hist)?;
+                (i, Some(pos))
+            }
+        };
+        if let (Some(pos), Some(hh)) = (hist_pos, hist.as_mut()) {
+            hh.q.remove(pos);
+        }
+        block.hold(pick);
+        Some(pick)
+    }
+
+    /// Lets go of a removed flow's port at `release_time`, remembering the release for its
+    /// destination unless the port was reclaimed (R2.3 decision, R2.9).
+    pub(super) fn release_port(
+        &mut self,
+        block_id: u32,
+        dst: u32,
+        dport: u16,
+        idx: u16,
+        release_time: Time,
+        cause: EndCause,
+    ) {
+        let block = &mut self.blocks[block_id as usize];
+        let owned = block.owned.get(idx);
+        block.release(idx);
+        let horizon = self.topo.params.reuse_history;
+        if owned && horizon > 0 && cause != EndCause::Reclaimed {
+            self.history
+                .record(block_id, dst, dport, idx, release_time, horizon);
+        }
+    }
+
+    /// Takes chunk slots away from instances and drops the flows on their ports (R1.4, R2.9).
+    pub(super) fn revoke_chunks(&mut self, revoke: &[(u32, [bool; SLOTS], &'static str)]) -> usize {
+        if revoke.is_empty() {
+            return 0;
+        }
+        // Take the chunks away first, then drop the flows on them in one pass over the slab
+        // (a tier change on a large fleet must not scan all flows once per instance).
+        let mut masks: HashMap<u32, [bool; SLOTS]> = HashMap::new();
+        let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, &'static str)> = Vec::new();
+        for (slot, mask, reason) in revoke {
+            let inst = self.insts[*slot as usize].as_mut().expect("instance");
+            let addr = inst.scenario.addr();
+            let mut ports = 0;
+            for (s, &m) in mask.iter().enumerate() {
+                if m && inst.chunks[s] != 0 {
+                    let base = inst.chunks[s];
+                    if let Some(pip) = self.pips.get_mut(&addr) {
+                        pip.owner[((base - PORT_BASE) / CHUNK) as usize] = NONE;
+                    }
+                    inst.chunks[s] = 0;
+                    for off in 0..CHUNK {
+                        let idx = s as u16 * CHUNK + off;
+                        self.blocks[*slot as usize * 2].revoke(idx);
+                        self.blocks[*slot as usize * 2 + 1].revoke(idx);
+                    }
+                    ports += CHUNK as u32;
+                }
+            }
+            let m = masks.entry(*slot).or_insert([false; SLOTS]);
+            for (acc, &x) in m.iter_mut().zip(mask.iter()) {
+                *acc |= x;
+            }
+            if ports > 0 {
+                reclaimed.push((*slot, inst.name.clone(), addr, ports, reason));
+            }
+        }
+        let now = self.now;
+        let mut per_slot: HashMap<u32, u32> = HashMap::new();
+        for fi in 0..self.flows.slab_len() {
+            let f = *self.flows.get(fi);
+            if f.block == NONE {
+                continue;
+            }
+            if masks
+                .get(&f.slot())
+                .is_some_and(|m| m[(f.idx / CHUNK) as usize])
+            {
+                self.remove_flow(fi, now, EndCause::Reclaimed);
+                *per_slot.entry(f.slot()).or_default() += 1;
+            }
+        }
+        for (slot, instance, public_ip, ports, reason) in reclaimed {
+            let flows = per_slot.get(&slot).copied().unwrap_or(0);
+            self.event(EventKind::PortsReclaimed {
+                instance,
+                public_ip,
+                ports,
+                flows,
+                reason,
+            });
+        }
+        per_slot.values().map(|&n| n as usize).sum()
+    }
+
+    /// Grows an instance's block to its public IP's tier size (R2.4, R2.10): free chunks,
+    /// a contiguous run when one exists; never moves existing ports.
+    pub(super) fn grow_block(&mut self, slot: u32) {
+        let inst = self.insts[slot as usize].as_mut().expect("instance");
+        let addr = inst.scenario.addr();
+        let pip = self.pips.get_mut(&addr).expect("public ip planned");
+        let want = (pip.ports / CHUNK) as usize;
+        let have = inst.n_chunks();
+        if have >= want {
+            return;
+        }
+        let need = want - have;
+        // Prefer a contiguous run of `need` free chunks; else the lowest free chunks.
+        let mut run_start = None;
+        let mut run = 0;
+        for c in 0..CHUNKS {
+            if pip.owner[c] == NONE {
+                run += 1;
+                if run == need {
+                    run_start = Some(c + 1 - need);
+                    break;
+                }
+            } else {
+                run = 0;
+            }
+        }
+        let picks: Vec<usize> = match run_start {
+            Some(s) => (s..s + need).collect(),
+            None => (0..CHUNKS)
+                .filter(|&c| pip.owner[c] == NONE)
+                .take(need)
+                .collect(),
+        };
+        debug_assert_eq!(picks.len(), need, "tiers guarantee room (R2.8)");
+        let free_slots: Vec<usize> = (0..SLOTS).filter(|&s| inst.chunks[s] == 0).collect();
+        let mut granted = Vec::with_capacity(need * CHUNK as usize);
+        for (c, s) in picks.into_iter().zip(free_slots) {
+            pip.owner[c] = slot;
+            let base = PORT_BASE + c as u16 * CHUNK;
+            inst.chunks[s] = base;
+            granted.extend((0..CHUNK).map(|off| (base + off, s as u16 * CHUNK + off)));
+        }
+        // Never-used ports go to the front of the free order; granting the highest port first
+        // leaves them in ascending port order there.
+        granted.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, idx) in granted {
+            self.blocks[slot as usize * 2].grant(idx);
+            self.blocks[slot as usize * 2 + 1].grant(idx);
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Counters (SPEC R6.1): per instance and protocol, and for the whole engine.
+//!
+//! Plain counter records, bumped where things happen (`translate`, `Engine::remove_flow`,
+//! `events`) and read through [`super::InstanceReport::stats`] and
+//! [`super::Engine::global_stats`]. Nothing here decides anything; the invariant check
+//! (`invariants`) verifies that they add up.
+
+use crate::packet::{proto, DropReason};
+
+/// Counters of one instance for one protocol (SPEC R6.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceStats {
+    /// SNAT connections (new flows) that got a port.
+    pub conn_ok: u64,
+    /// New flows that failed for want of a port (R2.6).
+    pub conn_fail: u64,
+    /// Packets translated outbound.
+    pub packets_out: u64,
+    /// Packets translated inbound.
+    pub packets_in: u64,
+    /// Flows ended, by cause: idle, fin, rst, reclaimed.
+    pub ended: [u64; 4],
+    /// Dropped packets by [`DropReason`] (index = reason as usize).
+    pub drops: [u64; DropReason::COUNT],
+}
+
+/// Global counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Dropped packets by [`DropReason`].
+    pub drops: [u64; DropReason::COUNT],
+    /// Packets passed untranslated (R1.7).
+    pub passed: u64,
+    /// Packets translated statelessly for ILPIPs (R1.1).
+    pub ilpip_packets: u64,
+    /// Flows created.
+    pub flows_created: u64,
+    /// Flows ended, by cause: idle, fin, rst, reclaimed.
+    pub flows_ended: [u64; 4],
+    /// Events lost because the queue was full.
+    pub events_lost: u64,
+}
+
+/// Index of the counters for IP protocol `p`: TCP, UDP, other.
+pub(super) fn stats_bucket(p: u8) -> usize {
+    match p {
+        proto::TCP => 0,
+        proto::UDP => 1,
+        _ => 2,
+    }
+}

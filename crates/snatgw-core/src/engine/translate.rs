@@ -1,0 +1,254 @@
+//! The packet path: outbound and inbound verdicts, and the lookups ICMP errors need.
+//!
+//! Outbound: a packet of a known flow gets its translation (R2.1) and refreshes it; otherwise
+//! a VNet destination passes untranslated (R1.7), an ILPIP instance is translated 1:1 (R1.1),
+//! and a TCP SYN (R3.1) or UDP datagram (R3.5) of a PAT instance starts a flow on a port from
+//! the allocator (`ports`), or is dropped and counted with an exhaustion event (R2.6). ICMP
+//! echo through PAT is dropped and counted apart (R3.6 decision). Inbound: a flow's return
+//! traffic by public 5-tuple (R2.1, R2.2), an ILPIP's traffic (R1.1), else dropped as
+//! unsolicited (R3.8) or not ours. The `lookup_*` and `ilpip_*` methods serve the data plane's
+//! ICMP-error translation (R3.6) without creating or refreshing anything.
+//!
+//! `outbound`, `inbound` and the flow-table probes they call are the hot path and stay
+//! `#[inline]` (the data plane instantiates them). Packet bytes are not parsed here; TCP state
+//! changes go to `tcp`.
+
+use super::events::EventKind;
+use super::flows::Flow;
+use super::instance::Scenario;
+use super::stats::stats_bucket;
+use super::{Engine, NONE};
+use crate::packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};
+
+impl Engine {
+    /// Looks up the flow an ICMP error refers to (R3.6) without creating or refreshing it.
+    /// `inner` is the embedded packet as the instance sent it after translation (outbound flow):
+    /// its source is (public, SNAT port), its destination the remote. Returns the private
+    /// (address, port) to restore.
+    pub fn lookup_inbound(
+        &self,
+        inner_proto: u8,
+        public: u32,
+        pport: u16,
+        remote: u32,
+        rport: u16,
+    ) -> Option<(u32, u16)> {
+        self.flows
+            .find_rev(inner_proto, public, pport, remote, rport)
+            .map(|fi| (self.flows.get(fi).src, self.flows.get(fi).sport))
+            .or_else(|| self.ilpip_private(public).map(|a| (a, pport)))
+    }
+
+    /// Whether `private` is a configured instance's address (R9.1).
+    pub fn is_instance(&self, private: u32) -> bool {
+        self.by_private.contains_key(&private)
+    }
+
+    /// The private address behind an ILPIP (R1.1), if `public` is one.
+    pub fn ilpip_private(&self, public: u32) -> Option<u32> {
+        let &s = self.ilpips.get(&public)?;
+        Some(self.insts[s as usize].as_ref()?.private_ip)
+    }
+
+    /// The ILPIP of the instance at `private`, if it has one (R1.1).
+    pub fn ilpip_public(&self, private: u32) -> Option<u32> {
+        let &s = self.by_private.get(&private)?;
+        match self.insts[s as usize].as_ref()?.scenario {
+            Scenario::Ilpip { addr } => Some(addr),
+            _ => None,
+        }
+    }
+
+    /// Looks up the public side of an instance's existing flow or ILPIP without creating
+    /// or refreshing anything (used for ICMP errors an instance sends, R3.6).
+    pub fn lookup_outbound(
+        &self,
+        p: u8,
+        src: u32,
+        sport: u16,
+        dst: u32,
+        dport: u16,
+    ) -> Option<(u32, u16)> {
+        self.flows
+            .find_fwd(p, src, sport, dst, dport)
+            .map(|fi| (self.flows.get(fi).public, self.flows.get(fi).pport))
+            .or_else(|| self.ilpip_public(src).map(|a| (a, sport)))
+    }
+
+    fn drop_global(&mut self, r: DropReason) -> Verdict {
+        self.global.drops[r as usize] += 1;
+        Verdict::Drop(r)
+    }
+
+    fn drop_inst(&mut self, slot: u32, p: u8, r: DropReason) -> Verdict {
+        if let Some(i) = self.insts[slot as usize].as_mut() {
+            i.stats[stats_bucket(p)].drops[r as usize] += 1;
+        }
+        self.drop_global(r)
+    }
+
+    /// Outbound verdict: an existing flow's translation, else [`Engine::outbound_new`].
+    #[inline]
+    pub(super) fn outbound(&mut self, p: &Packet) -> Verdict {
+        let now = self.now;
+        if p.proto == proto::TCP || p.proto == proto::UDP {
+            if let Some(fi) = self
+                .flows
+                .find_fwd(p.proto, p.src, p.src_port, p.dst, p.dst_port)
+            {
+                let f = self.flows.get_mut(fi);
+                f.last_seen = now;
+                if p.proto == proto::TCP
+                    && p.flags & (tcp_flags::FIN | tcp_flags::RST | tcp_flags::SYN) != 0
+                {
+                    self.tcp_event(fi, p.flags, Direction::Outbound);
+                }
+                let f = self.flows.get(fi);
+                let v = Verdict::Translate {
+                    addr: f.public,
+                    port: f.pport,
+                };
+                let slot = f.slot() as usize;
+                if let Some(i) = self.insts[slot].as_mut() {
+                    i.stats[stats_bucket(p.proto)].packets_out += 1;
+                }
+                return v;
+            }
+        }
+        self.outbound_new(p)
+    }
+
+    /// A packet of no known flow: pass (R1.7), ILPIP (R1.1), or a new PAT flow (R2.1, R3.1,
+    /// R3.5), dropped and counted when it may not start one or no port is free (R2.6).
+    fn outbound_new(&mut self, p: &Packet) -> Verdict {
+        // R9.1: only an instance speaks from the private side, inside the VNet too.
+        let Some(&slot) = self.by_private.get(&p.src) else {
+            return self.drop_global(DropReason::UnknownSource);
+        };
+        if self.topo.in_vnet(p.dst) {
+            self.global.passed += 1;
+            return Verdict::Pass;
+        }
+        let inst = self.insts[slot as usize]
+            .as_ref()
+            .expect("indexed instance exists");
+        let public = match inst.scenario {
+            Scenario::Ilpip { addr } => {
+                self.global.ilpip_packets += 1;
+                if let Some(i) = self.insts[slot as usize].as_mut() {
+                    i.stats[stats_bucket(p.proto)].packets_out += 1;
+                }
+                return Verdict::Translate {
+                    addr,
+                    port: p.src_port,
+                };
+            }
+            ref s => s.addr(),
+        };
+        let Some(l4) = L4::from_proto(p.proto) else {
+            // R3.6 decision: ICMP echo is not translated through PAT (the seeds list TCP and
+            // UDP only); it is counted apart so a tenant asking "why does ping fail" gets an answer.
+            let r = if p.proto == proto::ICMP && p.flags == 8 {
+                DropReason::IcmpEchoViaPat
+            } else {
+                DropReason::ProtocolNotTranslated
+            };
+            return self.drop_inst(slot, p.proto, r);
+        };
+        if l4 == L4::Tcp
+            && p.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) != tcp_flags::SYN
+        {
+            return self.drop_inst(slot, p.proto, DropReason::TcpNotSyn);
+        }
+        let block_id = slot * 2 + l4 as u32;
+        match self.alloc(block_id, p.dst, p.dst_port) {
+            Some(idx) => {
+                let inst = self.insts[slot as usize].as_mut().expect("instance");
+                let pport = inst.port_of(idx);
+                let st = &mut inst.stats[l4 as usize];
+                st.conn_ok += 1;
+                st.packets_out += 1;
+                let fi = self.insert_flow(Flow {
+                    src: p.src,
+                    dst: p.dst,
+                    public,
+                    block: block_id,
+                    gen: 0,
+                    prev: NONE,
+                    next: NONE,
+                    last_seen: self.now,
+                    close_at: 0,
+                    sport: p.src_port,
+                    dport: p.dst_port,
+                    pport,
+                    idx,
+                    proto: p.proto,
+                    state: 0,
+                });
+                if l4 == L4::Tcp && p.flags & tcp_flags::FIN != 0 {
+                    self.tcp_event(fi, p.flags, Direction::Outbound);
+                }
+                Verdict::Translate {
+                    addr: public,
+                    port: pport,
+                }
+            }
+            None => {
+                let inst = self.insts[slot as usize].as_mut().expect("instance");
+                inst.stats[l4 as usize].conn_fail += 1;
+                let kind = EventKind::Exhaustion {
+                    instance: inst.name.clone(),
+                    public_ip: public,
+                    l4,
+                    dst: p.dst,
+                    dst_port: p.dst_port,
+                    allocated: self.blocks[block_id as usize].owned.count(),
+                };
+                self.event(kind);
+                self.drop_inst(slot, p.proto, DropReason::PortsExhausted)
+            }
+        }
+    }
+
+    /// Inbound verdict: a flow's return traffic (R2.1), an ILPIP's (R1.1), else dropped as
+    /// unsolicited (R3.8) or not ours.
+    #[inline]
+    pub(super) fn inbound(&mut self, p: &Packet) -> Verdict {
+        if p.proto == proto::TCP || p.proto == proto::UDP {
+            // Public 5-tuple: (proto, public ip, SNAT port, remote ip, remote port).
+            if let Some(fi) = self
+                .flows
+                .find_rev(p.proto, p.dst, p.dst_port, p.src, p.src_port)
+            {
+                let now = self.now;
+                let f = self.flows.get_mut(fi);
+                f.last_seen = now;
+                if p.proto == proto::TCP && p.flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                    self.tcp_event(fi, p.flags, Direction::Inbound);
+                }
+                let f = self.flows.get(fi);
+                let v = Verdict::Translate {
+                    addr: f.src,
+                    port: f.sport,
+                };
+                if let Some(i) = self.insts[f.slot() as usize].as_mut() {
+                    i.stats[stats_bucket(p.proto)].packets_in += 1;
+                }
+                return v;
+            }
+        }
+        if let Some(&slot) = self.ilpips.get(&p.dst) {
+            let inst = self.insts[slot as usize].as_mut().expect("instance");
+            inst.stats[stats_bucket(p.proto)].packets_in += 1;
+            self.global.ilpip_packets += 1;
+            return Verdict::Translate {
+                addr: inst.private_ip,
+                port: p.dst_port,
+            };
+        }
+        if self.pips.contains_key(&p.dst) {
+            return self.drop_global(DropReason::UnsolicitedInbound);
+        }
+        self.drop_global(DropReason::NotOurAddress)
+    }
+}
