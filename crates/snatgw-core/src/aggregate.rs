@@ -81,6 +81,11 @@ impl<K: Hash + Eq + Clone> Aggregator<K> {
         self.interval
     }
 
+    /// Changes the window length for windows opened from now on.
+    pub fn set_interval(&mut self, interval: Time) {
+        self.interval = interval.max(1);
+    }
+
     /// Keys with an open window.
     pub fn open_windows(&self) -> usize {
         self.windows.len()

@@ -187,10 +187,13 @@ impl Gateway {
     }
 
     fn expire_fragments(&mut self, now: Time) {
+        // Bounded per call (R9.4); a lookup checks the entry's own expiry anyway.
+        let mut budget = 1024;
         while let Some(&(t, k)) = self.frag_q.front() {
-            if t > now {
+            if t > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             self.frag_q.pop_front();
             if self.frags.get(&k).is_some_and(|&(_, exp)| exp <= now) {
                 self.frags.remove(&k);
@@ -207,7 +210,11 @@ impl Gateway {
         ident: u16,
     ) -> Verdict {
         self.expire_fragments(now);
-        let Some(&(addr, _)) = self.frags.get(&(s.proto, s.src, s.dst, ident)) else {
+        let Some(&(addr, _)) = self
+            .frags
+            .get(&(s.proto, s.src, s.dst, ident))
+            .filter(|&&(_, exp)| exp > now)
+        else {
             // Fragments inside the VNet are never translated (R1.7), but only an instance may
             // send them through (R9.1).
             if dir == Direction::Outbound && self.engine.topology().in_vnet(s.dst) {
@@ -235,7 +242,9 @@ impl Gateway {
         let Some(IcmpKind::Error { inner, .. }) = s.icmp else {
             return self.drop(DropReason::Malformed);
         };
-        self.engine.advance(now);
+        // Bounded (R9.4); the lookups below skip flows past their deadline.
+        let budget = self.engine.expiry_budget();
+        self.engine.advance_bounded(now, budget);
         if dir == Direction::Outbound && !self.engine.is_instance(s.src) {
             return self.drop(DropReason::UnknownSource);
         }

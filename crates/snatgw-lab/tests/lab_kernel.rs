@@ -5,9 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use snatgw_lab::{
-    list_namespaces, GatewayMode, KernelNat, Lab, LabSpec, SnatRule, GW_INET_IP,
-};
+use snatgw_lab::{list_namespaces, GatewayMode, KernelNat, Lab, LabSpec, SnatRule, GW_INET_IP};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_snatgw-lab-server");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);

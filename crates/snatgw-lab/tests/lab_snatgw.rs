@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snatgw_io::{PacketIo, TunConfig, TunIo};
-use snatgw_lab::{list_namespaces, root_or_skip, GatewayMode, Lab, LabSpec, TUN_PRIVATE, TUN_PUBLIC};
+use snatgw_lab::{
+    list_namespaces, root_or_skip, GatewayMode, Lab, LabSpec, TUN_PRIVATE, TUN_PUBLIC,
+};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_snatgw-lab-server");
 const T: Duration = Duration::from_secs(30);

@@ -162,10 +162,20 @@ pub struct InstanceSnap {
 /// One event (SPEC R6.2).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventSnap {
-    /// Gateway time.
+    /// Gateway time (for a summary: when its interval closed).
     pub time: u32,
-    /// `exhaustion`, `ports_reclaimed`, `tier_changed`, `scenario_changed`.
+    /// `exhaustion`, `flow_limit`, `overflow`, `ports_reclaimed`, `tier_changed`,
+    /// `scenario_changed`.
     pub kind: String,
+    /// Occurrences this record stands for: 1, or for a summary the repeats counted (R9.3).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// For a summary, when its interval opened.
+    #[serde(default)]
+    pub since: u32,
+    /// Whether this is an aggregated summary of repeats (R9.3).
+    #[serde(default)]
+    pub summary: bool,
     /// Instance, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
@@ -182,6 +192,10 @@ pub struct EventSnap {
     pub detail: String,
 }
 
+fn one() -> u64 {
+    1
+}
+
 fn drop_map(drops: &[u64; DropReason::COUNT]) -> BTreeMap<String, u64> {
     DropReason::ALL
         .iter()
@@ -192,6 +206,22 @@ fn drop_map(drops: &[u64; DropReason::COUNT]) -> BTreeMap<String, u64> {
 
 /// Converts an engine event.
 pub fn event_snap(e: &Event) -> EventSnap {
+    let mut snap = event_snap_kind(e);
+    snap.count = e.count;
+    snap.since = e.since;
+    snap.summary = e.summary;
+    if e.summary {
+        snap.detail = format!(
+            "{} more in {} s (summary, R9.3): {}",
+            e.count,
+            e.time.saturating_sub(e.since),
+            snap.detail
+        );
+    }
+    snap
+}
+
+fn event_snap_kind(e: &Event) -> EventSnap {
     let ip = |a: u32| Some(Ipv4Addr::from(a).to_string());
     match &e.kind {
         EventKind::Exhaustion {
@@ -209,6 +239,31 @@ pub fn event_snap(e: &Event) -> EventSnap {
             proto: Some(l4.label().into()),
             dst: Some(format!("{}:{dst_port}", Ipv4Addr::from(*dst))),
             detail: format!("all {allocated} preallocated ports in use for this destination"),
+            ..Default::default()
+        },
+        EventKind::FlowLimit {
+            instance,
+            public_ip,
+            l4,
+            dst,
+            dst_port,
+            limit,
+            scope,
+        } => EventSnap {
+            time: e.time,
+            kind: "flow_limit".into(),
+            instance: Some(instance.to_string()),
+            public_ip: ip(*public_ip),
+            proto: Some(l4.label().into()),
+            dst: Some(format!("{}:{dst_port}", Ipv4Addr::from(*dst))),
+            detail: format!("{scope} flow limit of {limit} live flows reached (R9.2)"),
+            ..Default::default()
+        },
+        EventKind::Overflow => EventSnap {
+            time: e.time,
+            kind: "overflow".into(),
+            detail: "events of further (instance, destination) keys, aggregated together".into(),
+            ..Default::default()
         },
         EventKind::PortsReclaimed {
             instance,
@@ -250,16 +305,24 @@ pub fn event_snap(e: &Event) -> EventSnap {
 pub fn log_event(e: &EventSnap) {
     let instance = e.instance.as_deref().unwrap_or("");
     let public_ip = e.public_ip.as_deref().unwrap_or("");
-    if e.kind == "exhaustion" {
+    let message = match e.kind.as_str() {
+        "exhaustion" => Some("SNAT port exhaustion (R2.6)"),
+        "flow_limit" => Some("flow limit reached (R9.2)"),
+        "overflow" => Some("repeated events aggregated (R9.3)"),
+        _ => None,
+    };
+    if let Some(message) = message {
         tracing::warn!(
-            event = "exhaustion",
+            event = %e.kind,
             time = e.time,
+            count = e.count,
+            summary = e.summary,
             instance,
             public_ip,
             proto = e.proto.as_deref().unwrap_or(""),
             dst = e.dst.as_deref().unwrap_or(""),
             detail = %e.detail,
-            "SNAT port exhaustion (R2.6)"
+            "{message}"
         );
     } else {
         tracing::info!(

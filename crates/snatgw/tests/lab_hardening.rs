@@ -124,3 +124,137 @@ fn r9_1_spoofed_vnet_sources_from_the_internet_create_no_flow() {
     );
     g.finish();
 }
+
+/// The gateway's resident set size, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("gateway alive");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// The reference lab with a per-instance flow limit on vm-as1.
+fn limited_config(limit: u32) -> String {
+    lab_toml().replacen(
+        "name = \"vm-as1\"\nprivate_ip = \"10.0.3.10\"\n",
+        &format!("name = \"vm-as1\"\nprivate_ip = \"10.0.3.10\"\nmax_flows = {limit}\n"),
+        1,
+    )
+}
+
+#[test]
+fn r9_2_udp_spray_to_random_destinations_stays_at_the_instance_limit() {
+    if !root_or_skip() {
+        return;
+    }
+    const LIMIT: u64 = 2000;
+    let cfg = limited_config(LIMIT as u32);
+    assert!(cfg.contains("max_flows = 2000"), "config edited");
+    let g = GwLab::start("fl", &cfg, Some(&["vm-as1", "vm-as2"]));
+    let rss_before = rss_kib(g.gw.id());
+    // vm-as2 opens a connection before the spray; it must survive it.
+    let held = g.spawn_client(
+        "vm-as2",
+        &[
+            "hold",
+            &format!("{SERVER_A}:9000"),
+            "--count",
+            "4",
+            "--hold",
+            "8",
+        ],
+    );
+    // vm-as1 sprays UDP at random destinations (hping3 --rand-dest, a new destination port
+    // every packet): every packet is a new flow, since flows to different destinations share
+    // ports (R2.3) and only the flow limit bounds them (R9.2). Bounded: 150k packets.
+    let ns = g.lab.ns_name("vm-as1");
+    let spray = g
+        .lab
+        .spawn(
+            &ns,
+            &[
+                "timeout",
+                "60",
+                "hping3",
+                "-q",
+                "--udp",
+                "-i",
+                "u10",
+                "-c",
+                "150000",
+                "--rand-dest",
+                "-p",
+                "++1024",
+                "203.0.113.x",
+            ],
+        )
+        .expect("hping3 spray");
+    // During the spray, the neighbour's new connections succeed.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = g.client(
+        "vm-as2",
+        &["myip-http", &SERVER_A.to_string(), "--count", "5"],
+    );
+    assert!(r.all_ok(), "neighbour during the spray: {r:?}");
+    let _ = spray.wait_timeout(Duration::from_secs(70));
+    let r = held.read_report(T).unwrap();
+    assert_eq!(
+        (r.ok, r.failed),
+        (4, 0),
+        "existing flows of a neighbour: {r:?}"
+    );
+
+    assert!(
+        g.wait(Duration::from_secs(5), |s| {
+            let i = s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == "vm-as1")
+                .cloned()
+                .unwrap();
+            u(&i["drops"]["flow_limit"]) > 100_000
+        }),
+        "the spray hit the limit: {}",
+        g.inst("vm-as1")
+    );
+    let s = g.snapshot();
+    let a = g.inst("vm-as1");
+    assert_eq!(
+        u(&a["flows"]["udp"]),
+        LIMIT,
+        "at the limit, not over it: {a}"
+    );
+    assert_eq!(u(&a["conn_ok"]["udp"]), LIMIT, "{a}");
+    let limited = u(&a["drops"]["flow_limit"]);
+    assert_eq!(
+        u(&s["dataplane"]["drops"]["flow_limit"]),
+        limited,
+        "counted once, for the instance"
+    );
+    assert!(
+        s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "flow_limit" && e["instance"] == "vm-as1"),
+        "recorded as an event: {}",
+        s["events"]
+    );
+    // Memory stays bounded: 2000 flows, not 150k (at ~88 B each plus table growth, 150k
+    // flows would add over 13 MiB).
+    let rss_after = rss_kib(g.gw.id());
+    eprintln!(
+        "gateway RSS {rss_before} KiB before, {rss_after} KiB after; {limited} flow_limit drops"
+    );
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    // The limited instance itself still has its flows; the neighbour is untouched.
+    let b = g.inst("vm-as2");
+    assert_eq!(u(&b["drops"]["flow_limit"]), 0, "{b}");
+    g.finish();
+}

@@ -21,7 +21,11 @@ pub(crate) struct PortBlock {
     pub owned: Bits,
     /// Local ports held by at least one flow ("used SNAT ports", R2.3).
     pub used: Bits,
-    refcnt: Vec<u16>,
+    /// Flows per port. `u32`: flows to different destinations share a port (R2.3), so one
+    /// port can carry far more than 65 535 flows (issue #12: a `u16` here wrapped, unlinked
+    /// a port that was not free and emptied the free list). The gateway-wide flow limit
+    /// (`MAX_FLOWS_LIMIT` = 2^31, R9.2) bounds it, so it cannot overflow.
+    refcnt: Vec<u32>,
     prev: Vec<u16>,
     next: Vec<u16>,
     head: u16,
@@ -124,13 +128,13 @@ impl PortBlock {
     }
 
     /// Flows holding port `i`.
-    pub fn holders(&self, i: u16) -> u16 {
+    pub fn holders(&self, i: u16) -> u32 {
         self.refcnt[i as usize]
     }
 
     /// Flows holding any port of this block.
-    pub fn flows(&self) -> u32 {
-        self.used.iter().map(|i| self.holders(i) as u32).sum()
+    pub fn flows(&self) -> u64 {
+        self.used.iter().map(|i| u64::from(self.holders(i))).sum()
     }
 
     /// Unused owned ports, least recently released first.

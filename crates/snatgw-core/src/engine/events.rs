@@ -1,19 +1,27 @@
-//! Operator events and why flows end (SPEC R2.6, R6.2).
+//! Operator events and why flows end (SPEC R2.6, R6.2, R9.3).
 //!
-//! [`Event`]s (exhaustion, reclaimed ports, tier and scenario changes) are queued with the
-//! engine's time, at most 65 536 of them; beyond that they are counted as lost
+//! [`Event`]s (exhaustion, flow limit, reclaimed ports, tier and scenario changes) are queued
+//! with the engine's time, at most 65 536 of them; beyond that they are counted as lost
 //! ([`super::GlobalStats::events_lost`]) until the caller drains the queue
-//! ([`Engine::drain_events`]). [`EndCause`] is why a flow ended, for the per-cause counters.
+//! ([`Engine::drain_events`]). Events that come in storms — exhaustion (R2.6) and flow limit
+//! (R9.2), one per failed flow — go through an [`Aggregator`] keyed by the whole event (kind,
+//! instance, public IP, protocol, destination): the first is queued at once, repeats within
+//! `gateway.event_interval_secs` become one summary event with their count (R9.3); at most
+//! [`AGGREGATE_KEYS`] keys are open, further ones share one [`EventKind::Overflow`] summary.
+//! Counters are kept elsewhere and stay exact. [`EndCause`] is why a flow ended.
 //! This module does not log or format events (the `snatgw` crate does) and does not decide
 //! when they happen.
 
 use std::sync::Arc;
 
 use super::{Engine, Time};
+use crate::aggregate::{Aggregator, Offer};
 use crate::packet::L4;
 
 /// Events kept in the queue before new ones are counted as lost.
 const EVENT_CAP: usize = 65_536;
+/// Keys the storm aggregator keeps open at once (R9.3).
+pub const AGGREGATE_KEYS: usize = 1024;
 
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,14 +39,21 @@ pub enum EndCause {
 /// An event for operators (SPEC R2.6, R6.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// When.
+    /// When (for a summary: when its interval closed).
     pub time: Time,
     /// What.
     pub kind: EventKind,
+    /// Occurrences it stands for: 1 for an event recorded at once; for a summary (R9.3), the
+    /// repeats counted in its interval.
+    pub count: u64,
+    /// For a summary, when its interval opened; otherwise equal to `time`.
+    pub since: Time,
+    /// Whether this is an aggregated summary of repeats (R9.3) rather than one occurrence.
+    pub summary: bool,
 }
 
 /// Kinds of [`Event`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// A new flow found no free port for its destination (R2.6).
     Exhaustion {
@@ -55,6 +70,26 @@ pub enum EventKind {
         /// The instance's preallocated ports.
         allocated: u32,
     },
+    /// A new flow was refused because a flow limit was reached (R9.2).
+    FlowLimit {
+        /// Instance.
+        instance: Arc<str>,
+        /// Its public IP.
+        public_ip: u32,
+        /// Protocol.
+        l4: L4,
+        /// Destination address.
+        dst: u32,
+        /// Destination port.
+        dst_port: u16,
+        /// The limit reached.
+        limit: u32,
+        /// `instance` (its `max_flows`) or `gateway` (`gateway.max_flows`).
+        scope: &'static str,
+    },
+    /// Repeats of events whose keys did not fit the aggregator (more than
+    /// [`AGGREGATE_KEYS`] at once), summarised together (R9.3); `count` says how many.
+    Overflow,
     /// Ports were taken from an instance and the flows on them dropped (R1.4, R2.9).
     PortsReclaimed {
         /// Instance.
@@ -102,15 +137,53 @@ impl EndCause {
     }
 }
 
+/// The aggregator for storm events.
+pub(super) fn aggregator(interval: Time) -> Aggregator<EventKind> {
+    Aggregator::new(interval, AGGREGATE_KEYS)
+}
+
 impl Engine {
     /// Queues an event at the engine's current time, or counts it as lost if the queue is full.
     pub(super) fn event(&mut self, kind: EventKind) {
+        let now = self.now;
+        self.push_event(Event {
+            time: now,
+            kind,
+            count: 1,
+            since: now,
+            summary: false,
+        });
+    }
+
+    fn push_event(&mut self, e: Event) {
         if self.events.len() >= EVENT_CAP {
             self.global.events_lost += 1;
         } else {
-            self.events.push_back(Event {
-                time: self.now,
-                kind,
+            self.events.push_back(e);
+        }
+    }
+
+    /// Queues a storm event (exhaustion, flow limit) through the aggregator (R9.3).
+    pub(super) fn event_aggregated(&mut self, kind: EventKind) {
+        let now = self.now;
+        self.flush_aggregated(now);
+        if self.agg.offer(now, &kind) == Offer::Report {
+            self.event(kind);
+        }
+    }
+
+    /// Queues the summaries of aggregation intervals that closed by `now`.
+    pub(super) fn flush_aggregated(&mut self, now: Time) {
+        if self.agg.next_deadline().is_none_or(|t| t > now) {
+            return;
+        }
+        for s in self.agg.due(now) {
+            self.push_event(Event {
+                time: s.until,
+                kind: s.key.unwrap_or(EventKind::Overflow),
+                count: s.count,
+                since: s.since,
+                summary: true,
             });
         }
     }

@@ -301,6 +301,23 @@ impl FlowTable {
         active
     }
 
+    /// The slots of the flows of `block` to (`dst`, `dport`), head first.
+    pub(super) fn chain(&self, dh: u64, block: u32, dst: u32, dport: u16) -> Vec<u32> {
+        let flows = &self.slab;
+        let mut out = Vec::new();
+        if let Some(&head) = self.dests.find(dh, |&i| {
+            let f = &flows[i as usize];
+            f.block == block && f.dst == dst && f.dport == dport
+        }) {
+            let mut cur = head;
+            while cur != NONE {
+                out.push(cur);
+                cur = flows[cur as usize].next;
+            }
+        }
+        out
+    }
+
     /// Stores `f` (its `gen`, `prev` and `next` are set here) in a free slot and indexes it.
     /// Returns the slot and the flow's generation.
     #[inline]

@@ -93,6 +93,10 @@ pub(super) struct InstRt {
     pub(super) chunks: [u16; SLOTS],
     /// Counters `[tcp, udp, other]`.
     pub(super) stats: [InstanceStats; 3],
+    /// Live flows (TCP and UDP), for the flow limit (R9.2).
+    pub(super) live: u32,
+    /// Live flows it may hold (R9.2).
+    pub(super) max_flows: u32,
 }
 
 impl InstRt {

@@ -21,7 +21,7 @@ impl Engine {
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut public = std::collections::HashSet::new();
         let mut live = 0u32;
-        let mut per_block: HashMap<u32, HashMap<u16, u16>> = HashMap::new();
+        let mut per_block: HashMap<u32, HashMap<u16, u32>> = HashMap::new();
         for (_, f) in self.flows.iter_live() {
             live += 1;
             if !public.insert((f.proto, f.public, f.pport, f.dst, f.dport)) {
@@ -123,7 +123,7 @@ impl Engine {
             for l in 0..2 {
                 let st = &inst.stats[l];
                 let ended: u64 = st.ended.iter().sum();
-                let live = self.blocks[slot * 2 + l].flows() as u64;
+                let live = self.blocks[slot * 2 + l].flows();
                 if st.conn_ok < ended || st.conn_ok - ended != live {
                     return Err(format!(
                         "{} {l}: conn_ok {} - ended {ended} != live {live}",

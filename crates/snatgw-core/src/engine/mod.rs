@@ -52,7 +52,7 @@ mod tcp;
 mod timers;
 mod translate;
 
-pub use events::{EndCause, Event, EventKind};
+pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
 pub use instance::Scenario;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
@@ -65,6 +65,7 @@ use instance::InstRt;
 use ports::{PipRt, ReleaseHistory};
 use stats::stats_bucket;
 use timers::Wheel;
+pub use timers::EXPIRY_BUDGET;
 
 use crate::error::ConfigError;
 use crate::hash::KeyedHash;
@@ -99,6 +100,10 @@ pub struct Engine {
     history: ReleaseHistory,
     wheel: Wheel,
     events: VecDeque<Event>,
+    /// Storm events in aggregation (R9.3).
+    agg: crate::aggregate::Aggregator<EventKind>,
+    /// Timer entries `process` may examine per call (R9.4).
+    expiry_budget: u32,
     global: GlobalStats,
 }
 
@@ -132,6 +137,8 @@ impl Engine {
             history: ReleaseHistory::new(hasher),
             wheel: Wheel::new(span, now),
             events: VecDeque::new(),
+            agg: events::aggregator(topo.params.event_interval),
+            expiry_budget: EXPIRY_BUDGET,
             global: GlobalStats::default(),
         };
         e.apply(now, topo)?;
@@ -169,11 +176,14 @@ impl Engine {
     }
 
     /// Decides a packet at time `now` (seconds; a smaller value than before counts as the
-    /// last one seen). Expired flows are released first, so a verdict is always exact to the second.
+    /// last one seen). Verdicts are exact to the second: flows due at `now` never translate,
+    /// and their ports count as free. Timer work done here is bounded (R9.4): at most
+    /// [`Engine::expiry_budget`] entries; a backlog left after a mass expiry is worked off by
+    /// later calls or by [`Engine::advance_bounded`].
     #[inline]
     pub fn process(&mut self, now: Time, dir: Direction, p: &Packet) -> Verdict {
         if now >= self.wheel.next {
-            self.advance(now);
+            self.advance_bounded(now, self.expiry_budget);
         }
         match dir {
             Direction::Outbound => self.outbound(p),
@@ -181,18 +191,38 @@ impl Engine {
         }
     }
 
-    /// Releases everything due at or before `now`. Called by [`Engine::process`]; a data plane
-    /// may also call it on a timer so ports come back while no packets arrive.
+    /// Releases everything due at or before `now`, however much that is (for the planner,
+    /// tests and configuration changes; a data plane calls [`Engine::advance_bounded`]).
     pub fn advance(&mut self, now: Time) {
-        if now < self.now {
-            return;
+        while !self.advance_bounded(now, u32::MAX) {}
+    }
+
+    /// Moves the engine's time to `now` (a smaller value is ignored) and does at most
+    /// `budget` units of timer work: examining one flow-timer entry or forgetting one old
+    /// port release is one unit (SPEC R9.4; [`EXPIRY_BUDGET`] units take about 1 ms). Returns
+    /// whether all timer work due at `now` is done ([`Engine::behind`] is then false).
+    pub fn advance_bounded(&mut self, now: Time, budget: u32) -> bool {
+        self.now = self.now.max(now);
+        let now = self.now;
+        let mut left = budget;
+        if now >= self.wheel.next {
+            left = self.expire_due(now, left);
         }
-        self.now = now;
-        if now < self.wheel.next {
-            return;
-        }
-        self.expire_due(now);
-        self.history.expire(now, self.topo.params.reuse_history);
+        self.history
+            .expire(now, self.topo.params.reuse_history, left);
+        self.flush_aggregated(now);
+        !self.behind()
+    }
+
+    /// Timer entries [`Engine::process`] may examine per call (default [`EXPIRY_BUDGET`]).
+    pub fn expiry_budget(&self) -> u32 {
+        self.expiry_budget
+    }
+
+    /// Sets [`Engine::expiry_budget`] (at least 1). A data plane that decides packets in
+    /// batches under one lock sets it so a whole batch stays within its latency target.
+    pub fn set_expiry_budget(&mut self, budget: u32) {
+        self.expiry_budget = budget.max(1);
     }
 
     /// Applies a new configuration at time `now` (SPEC R1.4: scenarios are re-evaluated).
@@ -205,6 +235,9 @@ impl Engine {
 
     /// Stores a new flow, queues its idle timer (R3.4) and counts it. Returns its slot.
     fn insert_flow(&mut self, f: Flow) -> u32 {
+        if let Some(i) = self.insts[f.slot() as usize].as_mut() {
+            i.live += 1;
+        }
         let (fi, gen) = self.flows.insert(f);
         let deadline = self.now.saturating_add(self.topo.params.idle_timeout);
         self.wheel.push(deadline, fi, gen);
@@ -218,6 +251,7 @@ impl Engine {
         self.release_port(f.block, f.dst, f.dport, f.idx, release_time, cause);
         if let Some(i) = self.insts[f.slot() as usize].as_mut() {
             i.stats[stats_bucket(f.proto)].ended[cause.index()] += 1;
+            i.live -= 1;
         }
         self.global.flows_ended[cause.index()] += 1;
     }

@@ -257,6 +257,7 @@ impl Engine {
         let old_params = self.topo.params;
         let span = timers::span(&topo.params);
         self.topo = topo;
+        self.agg.set_interval(self.topo.params.event_interval);
         self.designation = plan.designation;
         self.lb_choice = plan.lb_choice;
         if span + 1 >= self.wheel.len() || old_params != self.topo.params {
@@ -307,6 +308,8 @@ impl Engine {
                 }
             };
             let inst = self.insts[slot as usize].as_mut().expect("instance");
+            // R9.2: a lowered limit refuses new flows only; existing ones stay.
+            inst.max_flows = ni.max_flows;
             if inst.scenario != scen {
                 let from = inst.scenario.describe();
                 if let Scenario::Ilpip { addr } = inst.scenario {
@@ -356,6 +359,8 @@ impl Engine {
             scenario: scen,
             chunks: [0; SLOTS],
             stats: Default::default(),
+            live: 0,
+            max_flows: ni.max_flows,
         });
         self.by_name.insert(ni.name.clone(), slot);
         self.by_private.insert(ni.private_ip, slot);

@@ -121,13 +121,16 @@ impl ReleaseHistory {
             .push_back((at.saturating_add(horizon), block, dst, dport));
     }
 
-    /// Forgets releases that fell out of the horizon by `now`; drops emptied histories.
+    /// Forgets releases that fell out of the horizon by `now`, at most `budget` of them;
+    /// drops emptied histories. Returns the budget left. Lagging here never changes a verdict:
+    /// the allocator forgets a destination's old releases itself before using them.
     #[inline]
-    pub(super) fn expire(&mut self, now: Time, horizon: u32) {
+    pub(super) fn expire(&mut self, now: Time, horizon: u32, mut budget: u32) -> u32 {
         while let Some(&(at, block, dst, dport)) = self.expiry.front() {
-            if at > now {
+            if at > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             self.expiry.pop_front();
             let h = self.hasher;
             let dh = dest_hash(&h, block, dst, dport);
@@ -142,6 +145,17 @@ impl ReleaseHistory {
                 }
             }
         }
+        budget
+    }
+
+    /// Whether releases due to be forgotten by `now` are still queued.
+    pub(super) fn behind(&self, now: Time) -> bool {
+        self.expiry.front().is_some_and(|&(at, ..)| at <= now)
+    }
+
+    /// When the next release falls out of the horizon.
+    pub(super) fn next_deadline(&self) -> Option<Time> {
+        self.expiry.front().map(|&(at, ..)| at)
     }
 }
 
@@ -152,6 +166,13 @@ impl Engine {
     /// first, else the one released for it longest ago. `None` is exhaustion (R2.6).
     pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Option<u16> {
         let dh = self.flows.dest_hash(block_id, dst, dport);
+        if self.wheel.next <= self.now {
+            // Behind (R9.4): the destination's due flows go first, so whether a port is free
+            // for it (R2.6, R2.7) is decided exactly. At most one flow per port: ≤ 1024.
+            for fi in self.flows.chain(dh, block_id, dst, dport) {
+                self.reap_if_due(fi);
+            }
+        }
         let active = self.flows.busy_ports(dh, block_id, dst, dport);
         let horizon = self.topo.params.reuse_history;
         let now = self.now;

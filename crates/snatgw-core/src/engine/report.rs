@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::ports::CHUNK;
-use super::{tcp, Engine, InstanceStats, Scenario, Time};
+use super::{tcp, timers, Engine, InstanceStats, Scenario, Time};
 use crate::config::{InstanceKind, Model};
 use crate::packet::{proto, L4};
 
@@ -115,7 +115,7 @@ impl Engine {
         );
         let mut flows = [0u32; 2];
         for (l, b) in [tp, up].iter().enumerate() {
-            flows[l] = b.flows();
+            flows[l] = u32::try_from(b.flows()).unwrap_or(u32::MAX);
         }
         InstanceReport {
             name: inst.name.clone(),
@@ -139,16 +139,16 @@ impl Engine {
             return Vec::new();
         }
         let idle = self.topo.params.idle_timeout;
+        let now = self.now;
         self.flows
             .iter_live()
             .map(|(_, f)| f)
             .filter(|f| only.is_none_or(|s| f.slot() == s))
+            // Flows past their deadline but not yet reaped (R9.4 backlog) are not listed.
+            .filter(|f| timers::deadline(f, idle).0 > now)
             .map(|f| {
                 let inst = self.insts[f.slot() as usize].as_ref().expect("instance");
-                let mut exp = f.last_seen.saturating_add(idle);
-                if f.close_at != 0 {
-                    exp = exp.min(f.close_at);
-                }
+                let exp = timers::deadline(f, idle).0;
                 FlowView {
                     instance: inst.name.clone(),
                     l4: if f.proto == proto::TCP {

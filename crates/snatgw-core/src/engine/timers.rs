@@ -6,19 +6,38 @@
 //! the close time (`tcp`). Expiry therefore costs in proportion to what comes due, never a scan
 //! of all flows. Entries carry the slot's generation, so entries of removed flows are skipped.
 //!
+//! **Bounded work (SPEC R9.4).** Expiry is done in steps of at most a budget of entries
+//! ([`EXPIRY_BUDGET`] by default, about 1 ms): when a million flows come due in the same
+//! second, [`Engine::process`] does one step and returns, and the caller works the backlog off
+//! with [`Engine::advance_bounded`] between packets. Verdicts stay exact to the second while
+//! the engine is behind: a flow found for a packet is first checked against its deadline and
+//! removed if due ([`Engine::reap_if_due`]), the allocator removes the due flows of the
+//! destination it allocates for before deciding exhaustion (R2.6, R2.7), and ICMP-error
+//! lookups and listings skip due flows. A due flow is removed with its real deadline as the
+//! release time, so release history and counters do not depend on when it was reaped.
+//!
 //! This module does not decide close times (that is `tcp`) and does not release ports itself
 //! ([`Engine::remove_flow`] does); the release history's own expiry is `ports`'.
 
 use super::events::EndCause;
+use super::flows::Flow;
 use super::{tcp, Engine, Time, NONE};
 use crate::topology::Params;
+
+/// Timer entries one bounded call examines by default (SPEC R9.4). Removing an expired flow
+/// costs about 0.7 µs when the table is far larger than the caches (1M flows, measured in
+/// docs/PERFORMANCE.md), so 1024 entries keep a call under about 1 ms.
+pub const EXPIRY_BUDGET: u32 = 1024;
 
 /// The timer wheel: one slot per second, entries (flow slot, generation).
 pub(super) struct Wheel {
     pub(super) slots: Vec<Vec<(u32, u32)>>,
     pub(super) mask: u32,
-    /// The first second not yet expired.
+    /// The first second not yet fully expired. `next <= now` means the engine is behind:
+    /// entries of seconds up to `now` are still to be examined (R9.4 backlog).
     pub(super) next: Time,
+    /// Entries of second `next` taken out of its slot and not yet examined.
+    pending: Vec<(u32, u32)>,
 }
 
 impl Wheel {
@@ -28,14 +47,28 @@ impl Wheel {
             slots: (0..len).map(|_| Vec::new()).collect(),
             mask: len as u32 - 1,
             next: now.saturating_add(1),
+            pending: Vec::new(),
         }
     }
+    /// Queues an entry for second `at` (never before `next`: a slot already passed would only
+    /// be seen a revolution later).
     #[inline]
     pub(super) fn push(&mut self, at: Time, flow: u32, gen: u32) {
+        let at = at.max(self.next);
         self.slots[(at & self.mask) as usize].push((flow, gen));
     }
     pub(super) fn len(&self) -> u32 {
         self.mask + 1
+    }
+    /// The first second from `next` whose slot holds an entry (maybe early: entries are
+    /// re-checked when they come due), within one revolution.
+    fn first_busy(&self) -> Option<Time> {
+        if !self.pending.is_empty() {
+            return Some(self.next);
+        }
+        (0..self.len())
+            .map(|k| self.next.saturating_add(k))
+            .find(|&t| !self.slots[(t & self.mask) as usize].is_empty())
     }
 }
 
@@ -47,48 +80,106 @@ pub(super) fn span(params: &Params) -> u32 {
         .max(params.rst_timeout)
 }
 
+/// When flow `f` ends if nothing else happens, and why: `min(last_seen + idle, close_at)`.
+#[inline]
+pub(super) fn deadline(f: &Flow, idle: u32) -> (Time, EndCause) {
+    let idle_at = f.last_seen.saturating_add(idle);
+    if f.close_at != 0 && f.close_at <= idle_at {
+        (f.close_at, tcp::close_cause(f.state))
+    } else {
+        (idle_at, EndCause::Idle)
+    }
+}
+
 impl Engine {
-    /// Removes every flow whose deadline is at or before `now` (the wheel's seconds from
-    /// `wheel.next` through `now`), re-queueing entries of flows that were active since.
-    pub(super) fn expire_due(&mut self, now: Time) {
-        let len = self.wheel.len();
-        let sweep_all = now - self.wheel.next >= len;
-        let (first, last) = if sweep_all {
-            (0, len - 1)
-        } else {
-            (self.wheel.next, now)
-        };
-        let mut t = first;
+    /// Examines up to `budget` timer entries of the seconds from `wheel.next` through `now`,
+    /// removing flows that are due and re-queueing entries of flows that were active since.
+    /// Returns the budget left.
+    pub(super) fn expire_due(&mut self, now: Time, mut budget: u32) -> u32 {
+        let idle = self.topo.params.idle_timeout;
         loop {
-            let s = (t & self.wheel.mask) as usize;
-            let mut entries = std::mem::take(&mut self.wheel.slots[s]);
-            for &(fi, gen) in &entries {
+            if self.wheel.pending.is_empty() {
+                if self.wheel.next > now {
+                    return budget;
+                }
+                // Far behind (a jump in time): every slot is due; visit each once, the last
+                // one being `now`'s.
+                let len = self.wheel.len();
+                if now - self.wheel.next >= len {
+                    self.wheel.next = now - (len - 1);
+                }
+                let s = (self.wheel.next & self.wheel.mask) as usize;
+                std::mem::swap(&mut self.wheel.pending, &mut self.wheel.slots[s]);
+            }
+            while let Some((fi, gen)) = self.wheel.pending.pop() {
+                if budget == 0 {
+                    self.wheel.pending.push((fi, gen));
+                    return 0;
+                }
+                budget -= 1;
                 let f = self.flows.get(fi);
                 if f.gen != gen || f.block == NONE {
                     continue;
                 }
-                let idle_at = f.last_seen.saturating_add(self.topo.params.idle_timeout);
-                let (deadline, cause) = if f.close_at != 0 && f.close_at <= idle_at {
-                    (f.close_at, tcp::close_cause(f.state))
+                let (at, cause) = deadline(f, idle);
+                if at <= now {
+                    self.remove_flow(fi, at, cause);
                 } else {
-                    (idle_at, EndCause::Idle)
-                };
-                if deadline <= now {
-                    self.remove_flow(fi, deadline, cause);
-                } else {
-                    self.wheel.push(deadline, fi, gen);
+                    self.wheel.push(at, fi, gen);
                 }
             }
-            entries.clear();
-            if self.wheel.slots[s].is_empty() {
-                self.wheel.slots[s] = entries;
-            }
-            if t == last {
-                break;
-            }
-            t += 1;
+            self.wheel.next += 1;
         }
-        self.wheel.next = now + 1;
+    }
+
+    /// Whether flow `fi` is due at the engine's time (only possible while the engine is
+    /// behind, R9.4), and if so when and why it ended.
+    #[inline]
+    pub(super) fn due(&self, fi: u32) -> Option<(Time, EndCause)> {
+        let d = deadline(self.flows.get(fi), self.topo.params.idle_timeout);
+        (d.0 <= self.now).then_some(d)
+    }
+
+    /// While behind (R9.4): removes flow `fi` if it is due, so no verdict ever uses a flow
+    /// past its deadline. Returns whether it was removed.
+    #[inline]
+    pub(super) fn reap_if_due(&mut self, fi: u32) -> bool {
+        if self.wheel.next > self.now {
+            return false;
+        }
+        match self.due(fi) {
+            Some((at, cause)) => {
+                self.remove_flow(fi, at, cause);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether timer work is still pending for the engine's current time: entries of past
+    /// seconds not yet examined (after a mass expiry, R9.4). Verdicts are exact either way;
+    /// call [`Engine::advance_bounded`] until this is false to release the memory and ports.
+    pub fn behind(&self) -> bool {
+        self.wheel.next <= self.now || self.history.behind(self.now)
+    }
+
+    /// When the engine next has timer work, in the style of quinn's `poll_timeout`: the
+    /// engine's own time while it is behind, else the first second with a queued flow timer,
+    /// release-history expiry or event-aggregation summary; `None` when nothing is queued.
+    /// A caller that calls [`Engine::advance_bounded`] at that time (or later) releases every
+    /// port on time; verdicts are exact whenever it calls.
+    pub fn next_deadline(&self) -> Option<Time> {
+        if self.behind() {
+            return Some(self.now);
+        }
+        [
+            self.wheel.first_busy(),
+            self.history.next_deadline(),
+            self.agg.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Replaces the wheel by one spanning `span` seconds, with one entry per live flow at its
@@ -98,11 +189,7 @@ impl Engine {
         w.next = self.wheel.next;
         let idle = self.topo.params.idle_timeout;
         for (fi, f) in self.flows.iter_live() {
-            let mut d = f.last_seen.saturating_add(idle);
-            if f.close_at != 0 {
-                d = d.min(f.close_at);
-            }
-            w.push(d.max(w.next), fi, f.gen);
+            w.push(deadline(f, idle).0, fi, f.gen);
         }
         self.wheel = w;
     }

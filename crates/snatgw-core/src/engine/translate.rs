@@ -35,6 +35,7 @@ impl Engine {
     ) -> Option<(u32, u16)> {
         self.flows
             .find_rev(inner_proto, public, pport, remote, rport)
+            .filter(|&fi| self.due(fi).is_none())
             .map(|fi| (self.flows.get(fi).src, self.flows.get(fi).sport))
             .or_else(|| self.ilpip_private(public).map(|a| (a, pport)))
     }
@@ -71,6 +72,7 @@ impl Engine {
     ) -> Option<(u32, u16)> {
         self.flows
             .find_fwd(p, src, sport, dst, dport)
+            .filter(|&fi| self.due(fi).is_none())
             .map(|fi| (self.flows.get(fi).public, self.flows.get(fi).pport))
             .or_else(|| self.ilpip_public(src).map(|a| (a, sport)))
     }
@@ -95,6 +97,7 @@ impl Engine {
             if let Some(fi) = self
                 .flows
                 .find_fwd(p.proto, p.src, p.src_port, p.dst, p.dst_port)
+                .filter(|&fi| !self.reap_if_due(fi))
             {
                 let f = self.flows.get_mut(fi);
                 f.last_seen = now;
@@ -160,6 +163,29 @@ impl Engine {
         {
             return self.drop_inst(slot, p.proto, DropReason::TcpNotSyn);
         }
+        // R9.2: a new flow over the instance's or the gateway's limit is refused before it
+        // can take a port; nothing else changes.
+        let inst_limit = inst.max_flows;
+        let over = if inst.live >= inst_limit {
+            Some(("instance", inst_limit))
+        } else if self.flows.live() >= self.topo.params.max_flows {
+            Some(("gateway", self.topo.params.max_flows))
+        } else {
+            None
+        };
+        if let Some((scope, limit)) = over {
+            let kind = EventKind::FlowLimit {
+                instance: inst.name.clone(),
+                public_ip: public,
+                l4,
+                dst: p.dst,
+                dst_port: p.dst_port,
+                limit,
+                scope,
+            };
+            self.event_aggregated(kind);
+            return self.drop_inst(slot, p.proto, DropReason::FlowLimit);
+        }
         let block_id = slot * 2 + l4 as u32;
         match self.alloc(block_id, p.dst, p.dst_port) {
             Some(idx) => {
@@ -204,7 +230,7 @@ impl Engine {
                     dst_port: p.dst_port,
                     allocated: self.blocks[block_id as usize].owned.count(),
                 };
-                self.event(kind);
+                self.event_aggregated(kind);
                 self.drop_inst(slot, p.proto, DropReason::PortsExhausted)
             }
         }
@@ -219,6 +245,7 @@ impl Engine {
             if let Some(fi) = self
                 .flows
                 .find_rev(p.proto, p.dst, p.dst_port, p.src, p.src_port)
+                .filter(|&fi| !self.reap_if_due(fi))
             {
                 let now = self.now;
                 let f = self.flows.get_mut(fi);
