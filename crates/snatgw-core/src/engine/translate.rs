@@ -264,6 +264,11 @@ impl Engine {
                 return v;
             }
         }
+        // R9.1: from the public side, a VNet source is spoofed (no flow has a VNet remote,
+        // R1.7, so only the slow path needs the check).
+        if self.topo.in_vnet(p.src) {
+            return self.drop_global(DropReason::VnetSourceFromPublic);
+        }
         if let Some(&slot) = self.ilpips.get(&p.dst) {
             let inst = self.insts[slot as usize].as_mut().expect("instance");
             inst.stats[stats_bucket(p.proto)].packets_in += 1;
