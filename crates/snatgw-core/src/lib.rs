@@ -9,6 +9,7 @@
 
 pub mod aggregate;
 pub mod bits;
+pub mod chunked;
 pub mod config;
 pub mod engine;
 pub mod error;

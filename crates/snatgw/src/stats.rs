@@ -117,6 +117,15 @@ pub struct LockSnap {
     pub wait_ns: u64,
     /// Total nanoseconds it was held by workers.
     pub held_ns: u64,
+    /// Bounded timer steps the housekeeping thread ran (R9.4).
+    #[serde(default)]
+    pub timer_steps: u64,
+    /// Longest single timer step under the lock, nanoseconds (R9.4 target: about 1 ms).
+    #[serde(default)]
+    pub timer_max_ns: u64,
+    /// Longest time a worker held the lock for one batch, nanoseconds.
+    #[serde(default)]
+    pub batch_max_ns: u64,
 }
 
 /// Per-protocol pair.

@@ -258,6 +258,7 @@ impl Engine {
         let span = timers::span(&topo.params);
         self.topo = topo;
         self.agg.set_interval(self.topo.params.event_interval);
+        self.history.set_cap(self.topo.params.max_flows as usize);
         self.designation = plan.designation;
         self.lb_choice = plan.lb_choice;
         if span + 1 >= self.wheel.len() || old_params != self.topo.params {

@@ -23,6 +23,7 @@ use super::events::{EndCause, EventKind};
 use super::flows::dest_hash;
 use super::{Engine, Time, NONE};
 use crate::bits::Bits;
+use crate::chunked::ChunkQueue;
 use crate::hash::KeyedHash;
 
 /// First port of every public IP's SNAT range (SPEC R2.4 decision).
@@ -67,11 +68,18 @@ impl Hist {
 }
 
 /// Per-destination history of port releases within `port_reuse_history_secs` (R2.3 decision).
+///
+/// It holds at most `cap` releases (the gateway's flow limit, R9.2): churn to ever new
+/// destinations cannot grow it without bound. When full, the oldest release is forgotten
+/// first (its port then counts as never used for that destination, the order R2.3's
+/// decision falls back to).
 pub(super) struct ReleaseHistory {
     hasher: KeyedHash,
     hists: HashTable<Hist>,
     /// (when it falls out of the horizon, block, destination, port), in time order.
-    expiry: VecDeque<(Time, u32, u32, u16)>,
+    /// Chunked, so growing never copies it inside one call (R9.4).
+    expiry: ChunkQueue<(Time, u32, u32, u16)>,
+    cap: usize,
 }
 
 impl ReleaseHistory {
@@ -79,7 +87,40 @@ impl ReleaseHistory {
         ReleaseHistory {
             hasher,
             hists: HashTable::new(),
-            expiry: VecDeque::new(),
+            expiry: ChunkQueue::new(),
+            cap: usize::MAX,
+        }
+    }
+
+    /// Sets the most releases kept.
+    pub(super) fn set_cap(&mut self, cap: usize) {
+        self.cap = cap.max(1);
+    }
+
+    /// Reserves room for `n` releases, so recording them never grows a table inside one
+    /// engine call (a rehash of a large table takes milliseconds, R9.4).
+    pub(super) fn reserve(&mut self, n: usize) {
+        let h = self.hasher;
+        let n = n.min(self.cap);
+        self.hists
+            .reserve(n, |e| dest_hash(&h, e.block, e.dst, e.dport));
+    }
+
+    /// Forgets the oldest release (the history is full).
+    fn forget_oldest(&mut self) {
+        let Some((_, block, dst, dport)) = self.expiry.pop_front() else {
+            return;
+        };
+        let dh = dest_hash(&self.hasher, block, dst, dport);
+        if let Ok(mut e) = self
+            .hists
+            .find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        {
+            let hh = e.get_mut();
+            hh.q.pop_front();
+            if hh.q.is_empty() {
+                e.remove();
+            }
         }
     }
 
@@ -95,6 +136,9 @@ impl ReleaseHistory {
     /// Records that local port `idx` of `block` was released for (`dst`, `dport`) at `at`.
     #[inline]
     fn record(&mut self, block: u32, dst: u32, dport: u16, idx: u16, at: Time, horizon: u32) {
+        if self.expiry.len() >= self.cap {
+            self.forget_oldest();
+        }
         let h = self.hasher;
         let dh = dest_hash(&h, block, dst, dport);
         match self

@@ -25,9 +25,10 @@ use super::{tcp, Engine, Time, NONE};
 use crate::topology::Params;
 
 /// Timer entries one bounded call examines by default (SPEC R9.4). Removing an expired flow
-/// costs about 0.7 µs when the table is far larger than the caches (1M flows, measured in
-/// docs/PERFORMANCE.md), so 1024 entries keep a call under about 1 ms.
-pub const EXPIRY_BUDGET: u32 = 1024;
+/// and recording its release costs up to about 1.5 µs when the tables are far larger than
+/// the caches (1M flows; `benches/mass_expiry.rs`, docs/PERFORMANCE.md), so 512 entries keep
+/// a call under about 1 ms.
+pub const EXPIRY_BUDGET: u32 = 512;
 
 /// The timer wheel: one slot per second, entries (flow slot, generation).
 pub(super) struct Wheel {
