@@ -110,6 +110,11 @@ fn main() {
         let mut e = engine();
         let n = e.live_flows();
         let (steps, packets) = drain(&mut e, 240, round);
+        if std::env::var_os("SNATGW_BENCH_DEBUG").is_some() {
+            let mut idx: Vec<_> = steps.calls.iter().enumerate().collect();
+            idx.sort_by_key(|c| std::cmp::Reverse(*c.1));
+            eprintln!("slowest steps: {:?}", &idx[..5]);
+        }
         let total: Duration = steps.calls.iter().sum();
         // Only the flows made during the backlog remain.
         assert_eq!(e.live_flows(), packets.calls.len());

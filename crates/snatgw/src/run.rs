@@ -319,11 +319,6 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     let mut engine = crate::show::load_for_gateway(&a.config)?;
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
-    // Room for the whole flow limit up front (R9.2, R9.4): no packet ever waits for a table
-    // of a million entries to be rehashed or copied. Reserved, untouched memory is not
-    // resident; the hash tables' control bytes (about 1 byte per slot) are.
-    let max_flows = engine.topology().params.max_flows as usize;
-    engine.reserve_flows(max_flows);
     let n_inst = engine.instances().len();
     if a.tun_private == a.tun_public {
         return Err(format!(

@@ -198,7 +198,12 @@ fn r9_2_udp_spray_to_random_destinations_stays_at_the_instance_limit() {
         &["myip-http", &SERVER_A.to_string(), "--count", "5"],
     );
     assert!(r.all_ok(), "neighbour during the spray: {r:?}");
-    let _ = spray.wait_timeout(Duration::from_secs(70));
+    let status = spray.wait_timeout(Duration::from_secs(70));
+    if let Some(mut err) = spray.take_stderr() {
+        let mut t = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut t);
+        eprintln!("hping3 spray: {status:?} {t}");
+    }
     let r = held.read_report(T).unwrap();
     assert_eq!(
         (r.ok, r.failed),
@@ -256,5 +261,184 @@ fn r9_2_udp_spray_to_random_destinations_stays_at_the_instance_limit() {
     // The limited instance itself still has its flows; the neighbour is untouched.
     let b = g.inst("vm-as2");
     assert_eq!(u(&b["drops"]["flow_limit"]), 0, "{b}");
+    g.finish();
+}
+
+/// 801 instances share one default-SNAT address: 32 ports each (R2.8); only b0 and b1 get a
+/// namespace. Events aggregate over 2 s so the test sees its summaries quickly.
+fn big_pool_config() -> String {
+    use std::fmt::Write as _;
+    let mut c = String::from(
+        "[gateway]\nseed = 1\nvnet_prefixes = [\"10.0.0.0/16\"]\ndefault_snat_pool = [\"192.0.2.20\"]\n\
+         idle_timeout_secs = 60\nevent_interval_secs = 2\n\n[[availability_set]]\nname = \"big\"\n",
+    );
+    for i in 0..801u32 {
+        let _ = write!(
+            c,
+            "\n[[instance]]\nname = \"b{i}\"\nprivate_ip = \"10.0.{}.{}\"\navailability_set = \"big\"\n",
+            10 + i / 200,
+            10 + i % 200
+        );
+    }
+    c
+}
+
+fn log_lines(g: &GwLab) -> usize {
+    std::fs::read_to_string(g.dir.join("gateway.log"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn r9_3_exhaustion_storm_keeps_the_log_readable_and_counters_exact() {
+    if !root_or_skip() {
+        return;
+    }
+    let g = GwLab::start("st", &big_pool_config(), Some(&["b0", "b1"]));
+    assert_eq!(u(&g.inst("b0")["allocated"]), 32, "R2.8: 801 -> 32 ports");
+    let before = log_lines(&g);
+    // 110 000 SYNs from b0 to one destination, each from a new source port (hping3 counts
+    // the source port up): the first 32 take b0's 32 ports, every later one is a failed
+    // flow (R2.6), ~20 000 a second.
+    let t0 = std::time::Instant::now();
+    hping(
+        &g,
+        &g.lab.ns_name("b0"),
+        &[
+            "-S",
+            "-p",
+            "9000",
+            "-i",
+            "u40",
+            "-c",
+            "110000",
+            &SERVER_A.to_string(),
+        ],
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    // Let the last aggregation interval close and be drained.
+    assert!(
+        g.wait(Duration::from_secs(10), |s| {
+            let b0 = s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == "b0")
+                .cloned()
+                .unwrap();
+            let fails = u(&b0["conn_fail"]["tcp"]);
+            let in_events: u64 = s["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "exhaustion" && e["instance"] == "b0")
+                .map(|e| u(&e["count"]))
+                .sum();
+            fails > 0 && in_events == fails
+        }),
+        "every failure is in an event's count: {}",
+        g.snapshot()["events"]
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    let lines = log_lines(&g) - before;
+    let s = g.snapshot();
+    let b0 = g.inst("b0");
+    let fails = u(&b0["conn_fail"]["tcp"]);
+    let storm_events: Vec<_> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "exhaustion")
+        .map(|e| (u(&e["time"]), u(&e["count"]), e["summary"].as_bool()))
+        .collect();
+    eprintln!(
+        "storm: {fails} failed flows in {secs:.1} s; {lines} log lines in {elapsed:.1} s; exhaustion events (time, count, summary) {storm_events:?}"
+    );
+    assert!(
+        fails >= 100_000,
+        "a storm of at least 100k failed flows: {fails}"
+    );
+    assert!(
+        fails as f64 / secs >= 10_000.0,
+        "at least 100k in 10 s: {fails} in {secs:.1} s"
+    );
+    assert!(
+        lines as f64 / elapsed <= 100.0,
+        "{lines} log lines in {elapsed:.1} s"
+    );
+    // Counters equal the drops, at every level.
+    assert_eq!(u(&b0["drops"]["ports_exhausted"]), fails, "{b0}");
+    assert_eq!(u(&s["dataplane"]["drops"]["ports_exhausted"]), fails);
+    assert_eq!(u(&s["engine"]["drops"]["ports_exhausted"]), fails);
+    assert_eq!(u(&b0["conn_ok"]["tcp"]), 32);
+    // The neighbour on the same public IP still connects (R2.4).
+    let r = g.client("b1", &["myip-http", &SERVER_A.to_string()]);
+    assert!(r.all_ok(), "{r:?}");
+    g.finish();
+}
+
+#[test]
+fn i12_one_udp_socket_to_70000_endpoints_then_four_sockets_to_one_server() {
+    if !root_or_skip() {
+        return;
+    }
+    let g = GwLab::start("ud", &lab_toml(), Some(&["vm-as1"]));
+    // One socket, 70 000 distinct (IP, port) endpoints: all share one SNAT port (R2.3), so
+    // more than 65 535 flows sit on it. Paced at ~20 000 datagrams/s; a datagram the TUN
+    // queue dropped is sent again in the next round (a repeat only refreshes its flow).
+    let flows = |g: &GwLab| u(&g.inst("vm-as1")["flows"]["udp"]);
+    for round in 0..4 {
+        let sent = g.in_instance("vm-as1", || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:40000").unwrap();
+            let mut n = 0u32;
+            for ip in [SERVER_A, SERVER_B] {
+                for port in 10_000..45_000u16 {
+                    s.send_to(b"x", (ip, port)).unwrap();
+                    n += 1;
+                    if n % 20 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            n
+        });
+        assert_eq!(sent, 70_000);
+        g.wait(Duration::from_secs(3), |s| {
+            s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["name"] == "vm-as1" && u(&i["flows"]["udp"]) == 70_000)
+        });
+        eprintln!("round {round}: {} flows", flows(&g));
+        if flows(&g) == 70_000 {
+            break;
+        }
+    }
+    assert_eq!(
+        flows(&g),
+        70_000,
+        "70 000 flows, not wrapped: {}",
+        g.inst("vm-as1")
+    );
+    assert_eq!(u(&g.inst("vm-as1")["used"]["udp"]), 1);
+    // Four sockets to one UDP echo server need four ports: all four are answered.
+    let answered = g.in_instance("vm-as1", || {
+        let mut ok = 0;
+        for _ in 0..4 {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"ping", (SERVER_B, 7)).unwrap();
+            let mut buf = [0u8; 16];
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                ok += usize::from(&buf[..n] == b"ping");
+            }
+        }
+        ok
+    });
+    assert_eq!(answered, 4, "every socket got its own port and its echo");
+    let i = g.inst("vm-as1");
+    assert_eq!(u(&i["used"]["udp"]), 4, "{i}");
+    assert_eq!(u(&i["flows"]["udp"]), 70_004, "{i}");
     g.finish();
 }

@@ -145,13 +145,10 @@ impl Engine {
         Ok(e)
     }
 
-    /// Reserves room for `n` flows and as many port releases in the release history, so no
-    /// engine call has to grow (rehash, copy) a large table while they come and go: growing a
-    /// table of a million entries takes several milliseconds (R9.4). `snatgw run` reserves
-    /// for its flow limit at start (untouched reserved memory is not resident).
+    /// Reserves room for `n` flows, so inserting them never grows (rehashes, copies) the
+    /// flow tables; growing a table of a million entries takes several milliseconds.
     pub fn reserve_flows(&mut self, n: usize) {
         self.flows.reserve(n);
-        self.history.reserve(n);
     }
 
     /// The running topology.

@@ -67,6 +67,28 @@ impl Hist {
     }
 }
 
+/// Shards of the release history's table.
+const HIST_SHARDS: usize = 64;
+
+/// Upper bounds (exclusive) of each shard's share of the 32-bit space of a key's hash.
+/// Shard `k` gets a share proportional to 2^(k/64): the shards' sizes are spread evenly over
+/// one octave, so as the history grows they reach their (power-of-two) growth points one
+/// after another instead of all rehashing in the same few calls (R9.4).
+fn shard_bounds() -> [u64; HIST_SHARDS] {
+    let w: Vec<f64> = (0..HIST_SHARDS)
+        .map(|k| (k as f64 / HIST_SHARDS as f64).exp2())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut acc = 0.0;
+    let mut b = [0u64; HIST_SHARDS];
+    for (k, wk) in w.iter().enumerate() {
+        acc += wk;
+        b[k] = ((acc / total) * 4_294_967_296.0) as u64;
+    }
+    b[HIST_SHARDS - 1] = 1 << 32;
+    b
+}
+
 /// Per-destination history of port releases within `port_reuse_history_secs` (R2.3 decision).
 ///
 /// It holds at most `cap` releases (the gateway's flow limit, R9.2): churn to ever new
@@ -75,7 +97,11 @@ impl Hist {
 /// decision falls back to).
 pub(super) struct ReleaseHistory {
     hasher: KeyedHash,
-    hists: HashTable<Hist>,
+    /// Histories by destination, in [`HIST_SHARDS`] tables chosen by the key's hash: a table
+    /// grows (rehashes) all at once, and a mass expiry records hundreds of thousands of new
+    /// histories inside bounded timer steps (R9.4); sharded, one growth moves 1/64 of them.
+    hists: Vec<HashTable<Hist>>,
+    bounds: [u64; HIST_SHARDS],
     /// (when it falls out of the horizon, block, destination, port), in time order.
     /// Chunked, so growing never copies it inside one call (R9.4).
     expiry: ChunkQueue<(Time, u32, u32, u16)>,
@@ -86,24 +112,24 @@ impl ReleaseHistory {
     pub(super) fn new(hasher: KeyedHash) -> ReleaseHistory {
         ReleaseHistory {
             hasher,
-            hists: HashTable::new(),
+            hists: (0..HIST_SHARDS).map(|_| HashTable::new()).collect(),
+            bounds: shard_bounds(),
             expiry: ChunkQueue::new(),
             cap: usize::MAX,
         }
     }
 
+    /// The shard of a key's hash, by bits 24–55: hashbrown takes the bucket from the low
+    /// bits and the control tag from the top 7, which must stay spread within a shard.
+    #[inline]
+    fn shard(&self, dh: u64) -> usize {
+        let x = (dh >> 24) & 0xffff_ffff;
+        self.bounds.partition_point(|&b| b <= x)
+    }
+
     /// Sets the most releases kept.
     pub(super) fn set_cap(&mut self, cap: usize) {
         self.cap = cap.max(1);
-    }
-
-    /// Reserves room for `n` releases, so recording them never grows a table inside one
-    /// engine call (a rehash of a large table takes milliseconds, R9.4).
-    pub(super) fn reserve(&mut self, n: usize) {
-        let h = self.hasher;
-        let n = n.min(self.cap);
-        self.hists
-            .reserve(n, |e| dest_hash(&h, e.block, e.dst, e.dport));
     }
 
     /// Forgets the oldest release (the history is full).
@@ -112,9 +138,9 @@ impl ReleaseHistory {
             return;
         };
         let dh = dest_hash(&self.hasher, block, dst, dport);
-        if let Ok(mut e) = self
-            .hists
-            .find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        let sh = self.shard(dh);
+        if let Ok(mut e) =
+            self.hists[sh].find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
         {
             let hh = e.get_mut();
             hh.q.pop_front();
@@ -129,8 +155,8 @@ impl ReleaseHistory {
     #[inline]
     fn get_mut(&mut self, dh: u64, block: u32, dst: u32, dport: u16) -> Option<&mut Hist> {
         debug_assert_eq!(dh, dest_hash(&self.hasher, block, dst, dport));
-        self.hists
-            .find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        let sh = self.shard(dh);
+        self.hists[sh].find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
     }
 
     /// Records that local port `idx` of `block` was released for (`dst`, `dport`) at `at`.
@@ -141,15 +167,14 @@ impl ReleaseHistory {
         }
         let h = self.hasher;
         let dh = dest_hash(&h, block, dst, dport);
-        match self
-            .hists
-            .find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        let sh = self.shard(dh);
+        match self.hists[sh].find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
         {
             Some(hh) => hh.q.push_back((idx, at)),
             None => {
                 let mut q = VecDeque::with_capacity(1);
                 q.push_back((idx, at));
-                self.hists.insert_unique(
+                self.hists[sh].insert_unique(
                     dh,
                     Hist {
                         block,
@@ -178,8 +203,8 @@ impl ReleaseHistory {
             self.expiry.pop_front();
             let h = self.hasher;
             let dh = dest_hash(&h, block, dst, dport);
-            if let Ok(mut e) = self
-                .hists
+            let sh = self.shard(dh);
+            if let Ok(mut e) = self.hists[sh]
                 .find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
             {
                 let hh = e.get_mut();
