@@ -104,13 +104,7 @@ impl GwLab {
 
     /// The instance's entry in the latest snapshot.
     pub fn inst(&self, name: &str) -> Value {
-        self.snapshot()["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no instance {name} in stats"))
+        inst_of(&self.snapshot(), name)
     }
 
     /// Waits (bounded) until `f(snapshot)`; returns whether it happened.
@@ -157,6 +151,17 @@ impl GwLab {
         assert!(snatgw_lab::list_namespaces(&prefix).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Instance `name`'s entry in snapshot `s`.
+pub fn inst_of(s: &Value, name: &str) -> Value {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no instance {name} in stats"))
 }
 
 pub fn u(v: &Value) -> u64 {
