@@ -10,6 +10,9 @@ use snatgw_core::config::{
 };
 use snatgw_core::{DropReason, Engine, InstanceKind, Model, Packet, Topology, Verdict};
 
+/// The private IP of the instance that talks to 70 000 endpoints from one socket.
+const CHATTY: &str = "10.0.250.250";
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -68,6 +71,11 @@ fn fleet(lb_n: usize, set_n: usize, classic_n: usize, ilpip_n: usize, redeploy: 
         c.instance.push(v);
         k += 1;
     }
+    // An instance alone (its own set) that only the #12 phase below talks from.
+    let mut chatty = vm(0, None);
+    chatty.name = "chatty".into();
+    chatty.private_ip = CHATTY.into();
+    c.instance.push(chatty);
     c.deployment.push(DeploymentCfg {
         name: "cs".into(),
         redeploy_reported_instances: if redeploy {
@@ -244,6 +252,30 @@ fn soak_thousands_of_instances_for_hours() {
             if pr == 6 && roll >= 6 {
                 open.swap_remove(i);
             }
+        }
+        // Every 30 simulated minutes one instance's UDP socket talks to 70 000 endpoints in
+        // one second: flows to different destinations share ports (R2.3), so more than
+        // 65 535 flows sit on one SNAT port (issue #12), amid the tier and scenario changes.
+        if t % 1800 == 900 {
+            let (chatty, name) = (ip(CHATTY), "chatty");
+            let before = e.instance(name).unwrap().flows[1];
+            let mut ports = std::collections::BTreeSet::new();
+            for k in 0..70_000u32 {
+                let d = ip("203.0.113.128") + k / 40_000;
+                let v = out(
+                    &mut e,
+                    t,
+                    Packet::udp(chatty, 999, d, 20_000 + (k % 40_000) as u16),
+                );
+                ports.insert(translated(v).1);
+            }
+            translated_n += 70_000;
+            let r = e.instance(name).unwrap();
+            assert_eq!(ports.len(), 1, "t={t}: one port for every destination");
+            assert_eq!(r.used[1], 1, "t={t}");
+            assert_eq!(r.flows[1], before + 70_000, "t={t}: no wrap");
+            e.check_invariants()
+                .unwrap_or_else(|m| panic!("t={t} after 70k flows on one port: {m}"));
         }
         max_live = max_live.max(e.live_flows());
         if t % 900 == 0 {
