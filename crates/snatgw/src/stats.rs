@@ -504,7 +504,7 @@ pub fn render(s: &Snapshot) -> String {
     let l = &s.lock;
     let _ = writeln!(
         o,
-        "lock: {} acquisitions, {} contended ({:.2}%), waited {:.3} ms, held {:.3} ms",
+        "lock: {} acquisitions, {} contended ({:.2}%), waited {:.3} ms, held {:.3} ms; longest batch {:.3} ms; {} timer steps, longest {:.3} ms (R9.4)",
         l.acquisitions,
         l.contended,
         if l.acquisitions > 0 {
@@ -513,7 +513,10 @@ pub fn render(s: &Snapshot) -> String {
             0.0
         },
         l.wait_ns as f64 / 1e6,
-        l.held_ns as f64 / 1e6
+        l.held_ns as f64 / 1e6,
+        l.batch_max_ns as f64 / 1e6,
+        l.timer_steps,
+        l.timer_max_ns as f64 / 1e6
     );
     let head = [
         "INSTANCE",
