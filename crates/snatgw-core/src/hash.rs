@@ -2,7 +2,7 @@
 //!
 //! Inbound lookups are keyed partly by what a remote host chooses (its address and port), so the
 //! hash is keyed with secret material derived from the configuration seed and the caller's
-//! entropy ([`crate::Engine::set_hash_key`]), to make collision flooding impractical. The mixer is a
+//! entropy ([`crate::Engine::with_hash_key`]), to make collision flooding impractical. The mixer is a
 //! folded 64×64→128-bit multiply (the construction used by foldhash). Not a cryptographic MAC.
 
 /// A keyed hasher for two 64-bit words.

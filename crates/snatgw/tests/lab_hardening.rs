@@ -381,7 +381,7 @@ fn i12_one_udp_socket_to_70000_endpoints_then_four_sockets_to_one_server() {
                 for port in 10_000..45_000u16 {
                     s.send_to(b"x", (ip, port)).unwrap();
                     n += 1;
-                    if n % 20 == 0 {
+                    if n.is_multiple_of(20) {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }
