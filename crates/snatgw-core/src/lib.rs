@@ -19,7 +19,7 @@ pub mod topology;
 
 pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{
-    tier_ports, ApplyReport, EndCause, Engine, Event, EventKind, FlowView, GlobalStats,
+    tier_ports, ApplyReport, EndCause, Engine, Event, EventKind, FlowFilter, FlowView, GlobalStats,
     InstanceReport, InstanceStats, Scenario, Time, AGGREGATE_KEYS, EXPIRY_BUDGET,
 };
 pub use error::ConfigError;

@@ -334,3 +334,52 @@ fn i12_more_than_65535_flows_on_one_port_then_a_second_port() {
     assert_eq!(again.len(), 1024, "every port of the block is free again");
     e.check_invariants().unwrap();
 }
+
+#[test]
+fn r6_3_flows_are_listed_in_bounded_pages_with_filters() {
+    let mut e = two_vms("", "");
+    for i in 0..300 {
+        let (d, dp) = remote(i);
+        translated(out(&mut e, 0, Packet::udp(ip(A), 5000, d, dp)));
+    }
+    for s in 0..20u16 {
+        syn(&mut e, 0, ip(B), 7000 + s, ip("203.0.113.7"), 443);
+    }
+    // Pages of at most 64 slots each walk the whole table exactly once.
+    let all = snatgw_core::FlowFilter::default();
+    let (mut seen, mut cursor, mut pages) = (0, Some(0), 0);
+    while let Some(c) = cursor {
+        let (page, next) = e.flows_page(&all, c, 64, usize::MAX);
+        assert!(page.len() <= 64);
+        seen += page.len();
+        cursor = next;
+        pages += 1;
+    }
+    assert_eq!((seen, pages), (320, 5));
+    // Filters: instance, protocol, destination, state; and a limit.
+    let f = snatgw_core::FlowFilter {
+        instance: Some("vm-b".into()),
+        l4: Some(snatgw_core::L4::Tcp),
+        dst: Some(ip("203.0.113.7")),
+        dport: Some(443),
+        state: Some("open"),
+    };
+    let (page, _) = e.flows_page(&f, 0, u32::MAX, 5);
+    assert_eq!(page.len(), 5);
+    assert!(page
+        .iter()
+        .all(|v| &*v.instance == "vm-b" && v.remote.1 == 443));
+    assert_eq!(e.flows_page(&f, 0, u32::MAX, usize::MAX).0.len(), 20);
+    let none = snatgw_core::FlowFilter {
+        state: Some("closing"),
+        ..f
+    };
+    assert!(e.flows_page(&none, 0, u32::MAX, usize::MAX).0.is_empty());
+    // The busiest destinations: vm-b's 20 flows to one destination hold 20 ports.
+    let busy = e.busiest_destinations(5);
+    assert_eq!(busy.len(), 1, "{busy:?}");
+    assert_eq!(
+        (&*busy[0].0, busy[0].2, busy[0].3, busy[0].4),
+        ("vm-b", ip("203.0.113.7"), 443, 20)
+    );
+}

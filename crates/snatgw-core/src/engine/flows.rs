@@ -201,7 +201,12 @@ impl FlowTable {
             .map(|(fi, f)| (fi as u32, f))
     }
 
-    /// The hot-destination caches (for the invariant check).
+    /// Slots of the slab (live or free): the range of flow indices.
+    pub(super) fn slots(&self) -> u32 {
+        self.slab.len() as u32
+    }
+
+    /// The hot-destination caches (for the invariant check and the busiest destinations).
     pub(super) fn hot_dests(&self) -> impl Iterator<Item = &HotDest> + '_ {
         self.hot.iter()
     }

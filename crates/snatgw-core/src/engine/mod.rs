@@ -56,7 +56,7 @@ pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
 pub use instance::Scenario;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
-pub use report::{ApplyReport, FlowView, InstanceReport};
+pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
 pub use stats::{GlobalStats, InstanceStats};
 
 use block::PortBlock;
@@ -224,6 +224,13 @@ impl Engine {
     /// batches under one lock sets it so a whole batch stays within its latency target.
     pub fn set_expiry_budget(&mut self, budget: u32) {
         self.expiry_budget = budget.max(1);
+    }
+
+    /// Whether `topo` would apply (the plan of [`Engine::apply`] without committing it):
+    /// default-SNAT designations with room (R1.3) and pool sizes (R2.8) checked against the
+    /// running state. Changes nothing.
+    pub fn check(&self, topo: &Topology) -> Result<(), ConfigError> {
+        self.plan(topo).map(|_| ())
     }
 
     /// Applies a new configuration at time `now` (SPEC R1.4: scenarios are re-evaluated).

@@ -12,6 +12,21 @@ use super::{tcp, timers, Engine, InstanceStats, Scenario, Time};
 use crate::config::{InstanceKind, Model};
 use crate::packet::{proto, L4};
 
+/// Which live translations [`Engine::flows_page`] lists (R6.3); `None` matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Only this instance's flows.
+    pub instance: Option<String>,
+    /// Only this protocol.
+    pub l4: Option<L4>,
+    /// Only flows to this destination address.
+    pub dst: Option<u32>,
+    /// Only flows to this destination port.
+    pub dport: Option<u16>,
+    /// Only flows in this state (`open`, `fin_out`, `fin_in`, `closing`, `reset`).
+    pub state: Option<&'static str>,
+}
+
 /// One live translation (SPEC R6.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowView {
@@ -132,38 +147,110 @@ impl Engine {
         }
     }
 
-    /// Live translations, optionally only one instance's (SPEC R6.3).
+    /// Live translations, optionally only one instance's (SPEC R6.3). Scans the whole table:
+    /// for tests and tools; a running gateway pages with [`Engine::flows_page`].
     pub fn flows(&self, instance: Option<&str>) -> Vec<FlowView> {
-        let only = instance.and_then(|n| self.by_name.get(n).copied());
-        if instance.is_some() && only.is_none() {
-            return Vec::new();
-        }
+        let filter = FlowFilter {
+            instance: instance.map(Into::into),
+            ..FlowFilter::default()
+        };
+        self.flows_page(&filter, 0, u32::MAX, usize::MAX).0
+    }
+
+    /// One page of live translations matching `filter` (SPEC R6.3, bounded work): looks at
+    /// most at `max_scan` flow-table slots from slot `cursor` on and returns at most `limit`
+    /// flows, with the cursor to continue from (`None`: the end of the table). Flows past their
+    /// deadline but not yet reaped (R9.4 backlog) are not listed.
+    pub fn flows_page(
+        &self,
+        filter: &FlowFilter,
+        cursor: u32,
+        max_scan: u32,
+        limit: usize,
+    ) -> (Vec<FlowView>, Option<u32>) {
+        let only = match &filter.instance {
+            Some(n) => match self.by_name.get(n.as_str()) {
+                Some(&s) => Some(s),
+                None => return (Vec::new(), None),
+            },
+            None => None,
+        };
         let idle = self.topo.params.idle_timeout;
         let now = self.now;
-        self.flows
-            .iter_live()
-            .map(|(_, f)| f)
-            .filter(|f| only.is_none_or(|s| f.slot() == s))
-            // Flows past their deadline but not yet reaped (R9.4 backlog) are not listed.
-            .filter(|f| timers::deadline(f, idle).0 > now)
-            .map(|f| {
-                let inst = self.insts[f.slot() as usize].as_ref().expect("instance");
-                let exp = timers::deadline(f, idle).0;
-                FlowView {
-                    instance: inst.name.clone(),
-                    l4: if f.proto == proto::TCP {
-                        L4::Tcp
-                    } else {
-                        L4::Udp
-                    },
-                    private: (f.src, f.sport),
-                    public: (f.public, f.pport),
-                    remote: (f.dst, f.dport),
-                    last_seen: f.last_seen,
-                    expires_at: exp,
-                    state: tcp::state_name(f.state),
-                }
-            })
-            .collect()
+        let slots = self.flows.slots();
+        let end = u64::from(cursor)
+            .saturating_add(u64::from(max_scan))
+            .min(u64::from(slots)) as u32;
+        let mut out = Vec::new();
+        let mut fi = cursor;
+        while fi < end && out.len() < limit {
+            let f = self.flows.get(fi);
+            fi += 1;
+            if f.block == super::NONE
+                || only.is_some_and(|s| f.slot() != s)
+                || filter
+                    .l4
+                    .is_some_and(|l| (f.block & 1) as usize != l as usize)
+                || filter.dst.is_some_and(|d| f.dst != d)
+                || filter.dport.is_some_and(|p| f.dport != p)
+                || filter
+                    .state
+                    .is_some_and(|st| tcp::state_name(f.state) != st)
+            {
+                continue;
+            }
+            let exp = timers::deadline(f, idle).0;
+            if exp <= now {
+                continue;
+            }
+            let inst = self.insts[f.slot() as usize].as_ref().expect("instance");
+            out.push(FlowView {
+                instance: inst.name.clone(),
+                l4: if f.proto == proto::TCP {
+                    L4::Tcp
+                } else {
+                    L4::Udp
+                },
+                private: (f.src, f.sport),
+                public: (f.public, f.pport),
+                remote: (f.dst, f.dport),
+                last_seen: f.last_seen,
+                expires_at: exp,
+                state: tcp::state_name(f.state),
+            });
+        }
+        (out, (fi < slots).then_some(fi))
+    }
+
+    /// Per instance, its busiest destinations: (instance, protocol, destination, port, ports
+    /// busy for it), at most `per_instance` each, busiest first. Only destinations with at
+    /// least 16 flows from one instance are tracked (the hot-destination cache; one with fewer
+    /// uses at most 15 of the block's ports), so this is bounded by that cache, not by flows.
+    pub fn busiest_destinations(&self, per_instance: usize) -> Vec<(Arc<str>, L4, u32, u16, u32)> {
+        let mut all: Vec<(u32, u32, u32, u16)> = self
+            .flows
+            .hot_dests()
+            .map(|hd| (hd.block, hd.n, hd.dst, hd.dport))
+            .collect();
+        // Busiest first within each instance slot.
+        all.sort_unstable_by(|a, b| (a.0 >> 1, b.1).cmp(&(b.0 >> 1, a.1)));
+        let mut out = Vec::new();
+        let mut last = (u32::MAX, 0usize);
+        for (block, n, dst, dport) in all {
+            let slot = block >> 1;
+            if last.0 != slot {
+                last = (slot, 0);
+            }
+            if last.1 >= per_instance {
+                continue;
+            }
+            last.1 += 1;
+            let Some(inst) = self.insts[slot as usize].as_ref() else {
+                continue;
+            };
+            let l4 = if block & 1 == 0 { L4::Tcp } else { L4::Udp };
+            out.push((inst.name.clone(), l4, dst, dport, n));
+        }
+        out
     }
 }
