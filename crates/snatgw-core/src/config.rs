@@ -10,6 +10,7 @@ use crate::error::ConfigError;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// Gateway-wide settings.
@@ -34,6 +35,7 @@ pub struct ConfigFile {
 
 /// `[gateway]`: settings that are the operator's, not the tenant's.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayCfg {
     /// Seed of every random choice (SPEC R1.6 decision: a run is reproducible).
@@ -132,6 +134,7 @@ impl Default for GatewayCfg {
 
 /// `[[public_ip]]`: a named public IPv4 address.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PublicIpCfg {
     /// Unique name, referenced by instances (`public_ip`) and LB frontends.
@@ -142,6 +145,7 @@ pub struct PublicIpCfg {
 
 /// `[[availability_set]]` (ARM).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AvailabilitySetCfg {
     /// Unique name.
@@ -150,6 +154,7 @@ pub struct AvailabilitySetCfg {
 
 /// `[[deployment]]` (Classic cloud service).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentCfg {
     /// Unique name.
@@ -162,6 +167,7 @@ pub struct DeploymentCfg {
 
 /// Deployment model of an instance or load balancer.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Model {
     /// Azure Resource Manager.
@@ -173,6 +179,7 @@ pub enum Model {
 
 /// Kind of instance (SPEC §0).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceKind {
     /// A virtual machine (ARM NIC IP configuration or Classic VM).
@@ -184,6 +191,7 @@ pub enum InstanceKind {
 
 /// `[[instance]]`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstanceCfg {
     /// Unique name (for ARM, conventionally `vm/nic/ipconfig`).
@@ -212,6 +220,7 @@ pub struct InstanceCfg {
 
 /// `[[load_balancer]]`: a public load balancer.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancerCfg {
     /// Unique name.
@@ -232,6 +241,7 @@ pub struct LoadBalancerCfg {
 
 /// A frontend of a load balancer.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FrontendCfg {
     /// Name, unique within the LB.
@@ -242,6 +252,7 @@ pub struct FrontendCfg {
 
 /// A backend pool.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BackendPoolCfg {
     /// Name, unique within the LB.
@@ -253,6 +264,7 @@ pub struct BackendPoolCfg {
 
 /// Transport protocol of a load-balancing rule.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RuleProtocol {
     /// TCP.
@@ -265,6 +277,7 @@ pub enum RuleProtocol {
 
 /// A load-balancing rule.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LbRuleCfg {
     /// Name, unique within the LB.

@@ -1,0 +1,1297 @@
+//! The REST API: an axum router over a [`Backend`] and a [`Store`], bearer auth, JSON errors,
+//! ETags, the OpenAPI document, and [`serve`], which runs it on its own thread.
+//!
+//! The desired topology is a [`ConfigFile`]; every resource (`publicIPAddresses`,
+//! `availabilitySets`, `deployments`, `instances`, `loadBalancers`, `gateway`) is a view into
+//! it. A write (PUT, DELETE, POST) takes the writer mutex, builds a candidate `ConfigFile`,
+//! validates it ([`Topology::from_config`]: references, models, R1.5, R2.8, R2.11...), asks the
+//! running engine whether it would apply ([`Backend::check`]: R1.3 designation room, R2.8 pool
+//! sizes), saves it ([`Store::save`], generation + 1) and only then applies it
+//! ([`Backend::apply`], live: R1.4, R2.9, R2.10, R2.11). A refused change leaves the store
+//! and the running state untouched; if the engine refuses after the save (it cannot, since
+//! writers are serialised and the same plan was checked), the previous state is saved back.
+//!
+//! Errors are JSON `{"error", "field", "rule"}`: 400 bad JSON or field, 401 auth, 404 absent,
+//! 409 conflict with the rest of the topology, 412 `If-Match` mismatch, 500 store or backend
+//! failure. Every GET of a resource or collection returns `ETag: "<hex>"`, the FNV-1a 64 hash
+//! of its canonical (compact serde) JSON; writes return the new one (a DELETE: the
+//! collection's), and `X-Generation`, the accepted-write count.
+//!
+//! It does not parse the TOML config file (the CLI does) or format tables (the CLI does).
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use snatgw_core::config::{
+    AvailabilitySetCfg, BackendPoolCfg, DeploymentCfg, FrontendCfg, GatewayCfg, InstanceCfg,
+    LbRuleCfg, LoadBalancerCfg, PublicIpCfg, RuleProtocol,
+};
+use snatgw_core::{ConfigFile, InstanceKind, Model, Topology};
+use tokio::sync::watch;
+use utoipa::OpenApi;
+
+use crate::backend::{
+    Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InstancePorts, PerProtocol, PortRange,
+    DEFAULT_PAGE, MAX_PAGE,
+};
+use crate::error::{config_error_body, ApiError, ControlError};
+use crate::store::{Store, Stored};
+
+/// Prefix of the resource routes.
+pub const PREFIX: &str = "/api/v1";
+/// Longest long-poll of `GET /api/v1/events?wait=` (seconds).
+pub const MAX_WAIT_SECS: u64 = 30;
+/// Largest request body (a whole topology of a thousand instances is far smaller).
+pub const MAX_BODY: usize = 16 << 20;
+/// Header carrying the accepted-write count of the desired state.
+pub const GENERATION_HEADER: &str = "x-generation";
+
+/// A named resource of the desired topology, stored as a list in the [`ConfigFile`].
+pub trait Resource:
+    Serialize + DeserializeOwned + Clone + PartialEq + Send + Sync + 'static
+{
+    /// Collection path under `/api/v1`, such as `publicIPAddresses`.
+    const COLLECTION: &'static str;
+    /// The config file's key for it (`public_ip`), used in error field paths.
+    const FIELD: &'static str;
+    /// Its name.
+    fn name(&self) -> &str;
+    /// The collection in a config.
+    fn list(c: &ConfigFile) -> &Vec<Self>;
+    /// The collection in a config, mutably.
+    fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self>;
+}
+
+macro_rules! resource {
+    ($ty:ident, $coll:literal, $field:ident) => {
+        impl Resource for $ty {
+            const COLLECTION: &'static str = $coll;
+            const FIELD: &'static str = stringify!($field);
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn list(c: &ConfigFile) -> &Vec<Self> {
+                &c.$field
+            }
+            fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self> {
+                &mut c.$field
+            }
+        }
+    };
+}
+resource!(PublicIpCfg, "publicIPAddresses", public_ip);
+resource!(AvailabilitySetCfg, "availabilitySets", availability_set);
+resource!(DeploymentCfg, "deployments", deployment);
+resource!(InstanceCfg, "instances", instance);
+resource!(LoadBalancerCfg, "loadBalancers", load_balancer);
+
+/// Body of `POST /api/v1/deployments/{name}/redeploy` (SPEC R2.11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedeployRequest {
+    /// The pool size the infrastructure reports while redeploying: between the actual size
+    /// and twice it (R2.11).
+    pub reported_instances: u32,
+}
+
+/// FNV-1a 64 of `bytes`.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The ETag of a value: `"<16 hex digits>"`, FNV-1a 64 of its canonical JSON.
+pub fn etag_of<T: Serialize + ?Sized>(v: &T) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    format!("\"{:016x}\"", fnv1a64(&bytes))
+}
+
+/// Whether an `If-Match` header value matches `current` (`None`: the resource is absent).
+fn if_match_ok(header: &str, current: Option<&str>) -> bool {
+    let Some(cur) = current else {
+        return false;
+    };
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || (!t.starts_with("W/") && t.trim_matches('"') == cur.trim_matches('"')))
+}
+
+/// Constant-time comparison (the time depends on the lengths only).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..n {
+        diff |= u64::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// An error answer: status and JSON body.
+struct Reply(StatusCode, ApiError);
+
+impl Reply {
+    fn new(status: StatusCode, e: ApiError) -> Reply {
+        Reply(status, e)
+    }
+    fn bad(e: ApiError) -> Reply {
+        Reply(StatusCode::BAD_REQUEST, e)
+    }
+    fn not_found(what: String) -> Reply {
+        Reply(StatusCode::NOT_FOUND, ApiError::msg(what))
+    }
+    fn internal(what: String) -> Reply {
+        Reply(StatusCode::INTERNAL_SERVER_ERROR, ApiError::msg(what))
+    }
+    fn config(e: &snatgw_core::ConfigError) -> Reply {
+        let (s, body) = config_error_body(e);
+        Reply(
+            StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
+            body,
+        )
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, axum::Json(self.1)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+type Result<T, E = Reply> = std::result::Result<T, E>;
+
+/// A JSON answer with its ETag and, if given, the generation.
+fn tagged<T: Serialize + ?Sized>(status: StatusCode, v: &T, generation: Option<u64>) -> Response {
+    let body = match serde_json::to_vec(v) {
+        Ok(b) => b,
+        Err(e) => return Reply::internal(format!("cannot encode the answer: {e}")).into_response(),
+    };
+    let tag = format!("\"{:016x}\"", fnv1a64(&body));
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(g) = generation {
+        h.insert(GENERATION_HEADER, HeaderValue::from(g));
+    }
+    r
+}
+
+/// Runs blocking work (the gateway lock, the store's fsync) off the async workers; a panic
+/// in it becomes a 500, never a crash of the server.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Reply::internal(format!("backend task failed: {e}")))
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    store: Arc<dyn Store>,
+    token: Option<String>,
+    /// Serialises writers (validate, check, save, apply).
+    writer: tokio::sync::Mutex<()>,
+    /// The accepted desired state, for readers.
+    current: RwLock<Arc<Stored>>,
+}
+
+type Shared = Arc<Inner>;
+
+impl Inner {
+    fn current(&self) -> Arc<Stored> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The control plane: the desired state, the store that keeps it and the backend that runs
+/// it. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Shared,
+}
+
+impl ControlPlane {
+    /// A control plane over `backend` and `store`, starting from `initial` (see
+    /// [`crate::store::seed`]; the backend must already run `initial.config`). With a `token`,
+    /// every route but `/healthz` needs `Authorization: Bearer <token>`.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        store: Arc<dyn Store>,
+        token: Option<String>,
+        initial: Stored,
+    ) -> ControlPlane {
+        ControlPlane {
+            inner: Arc::new(Inner {
+                backend,
+                store,
+                token: token.filter(|t| !t.is_empty()),
+                writer: tokio::sync::Mutex::new(()),
+                current: RwLock::new(Arc::new(initial)),
+            }),
+        }
+    }
+
+    /// The accepted desired state.
+    pub fn current(&self) -> Stored {
+        (*self.inner.current()).clone()
+    }
+
+    /// Whether requests need a bearer token.
+    pub fn has_token(&self) -> bool {
+        self.inner.token.is_some()
+    }
+
+    /// The axum router with every route (for embedding or tests; [`serve`] runs it).
+    pub fn router(&self) -> Router {
+        let s = self.inner.clone();
+        let api = Router::new()
+            .route("/api/v1/topology", get(topology_get).put(topology_put))
+            .route("/api/v1/gateway", get(gateway_get).put(gateway_put))
+            .route("/api/v1/publicIPAddresses", get(public_ips::list))
+            .route(
+                "/api/v1/publicIPAddresses/{name}",
+                get(public_ips::get)
+                    .put(public_ips::put)
+                    .delete(public_ips::delete),
+            )
+            .route("/api/v1/availabilitySets", get(availability_sets::list))
+            .route(
+                "/api/v1/availabilitySets/{name}",
+                get(availability_sets::get)
+                    .put(availability_sets::put)
+                    .delete(availability_sets::delete),
+            )
+            .route("/api/v1/deployments", get(deployments::list))
+            .route(
+                "/api/v1/deployments/{name}",
+                get(deployments::get)
+                    .put(deployments::put)
+                    .delete(deployments::delete),
+            )
+            .route("/api/v1/deployments/{name}/redeploy", post(redeploy))
+            .route("/api/v1/deployments/{name}/settle", post(settle))
+            .route("/api/v1/instances", get(instances::list))
+            .route(
+                "/api/v1/instances/{name}",
+                get(instances::get)
+                    .put(instances::put)
+                    .delete(instances::delete),
+            )
+            .route("/api/v1/instances/{name}/ports", get(instance_ports))
+            .route("/api/v1/loadBalancers", get(load_balancers::list))
+            .route(
+                "/api/v1/loadBalancers/{name}",
+                get(load_balancers::get)
+                    .put(load_balancers::put)
+                    .delete(load_balancers::delete),
+            )
+            .route("/api/v1/flows", get(flows))
+            .route("/api/v1/events", get(events))
+            .route("/metrics", get(metrics))
+            .route("/openapi.json", get(openapi_json))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(middleware::from_fn_with_state(s.clone(), auth));
+        Router::new()
+            .route("/healthz", get(healthz))
+            .merge(api)
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(s)
+    }
+
+    /// Serves the API on `addr` (see [`serve`]).
+    pub fn serve(&self, addr: SocketAddr) -> Result<ServerHandle, ControlError> {
+        serve(addr, self.clone())
+    }
+}
+
+async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(tok) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let ok = given.is_some_and(|g| ct_eq(g.as_bytes(), tok.as_bytes()));
+        if !ok {
+            let msg = if given.is_some() {
+                "wrong bearer token"
+            } else {
+                "missing `Authorization: Bearer <token>`"
+            };
+            return Reply::new(StatusCode::UNAUTHORIZED, ApiError::msg(msg)).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> Reply {
+    Reply::not_found(format!("no route {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> Reply {
+    Reply::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ApiError::msg(format!(
+            "method {} not allowed on {}",
+            req.method(),
+            req.uri().path()
+        )),
+    )
+}
+
+fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String> {
+    match p {
+        Ok(Path(n)) => Ok(n),
+        Err(e) => Err(Reply::bad(ApiError::field(e.body_text(), "name"))),
+    }
+}
+
+fn if_match(h: &HeaderMap) -> Result<Option<String>> {
+    match h.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| Reply::bad(ApiError::field("If-Match is not text", "If-Match"))),
+    }
+}
+
+/// The field a serde_json error names (`unknown field `x``, `missing field `x``), under
+/// `prefix` (`instance[vm1]`).
+fn json_error(e: &serde_json::Error, prefix: &str) -> Reply {
+    let msg = e.to_string();
+    let named = ["unknown field `", "missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| {
+            let rest = msg.split_once(p)?.1;
+            Some(rest.split_once('`')?.0.to_string())
+        });
+    let field = match (named, prefix.is_empty()) {
+        (Some(f), true) => Some(f),
+        (Some(f), false) => Some(format!("{prefix}.{f}")),
+        (None, true) => None,
+        (None, false) => Some(prefix.to_string()),
+    };
+    Reply::bad(ApiError {
+        error: format!("request body: {msg}"),
+        field,
+        rule: None,
+    })
+}
+
+/// A resource body: the path's name wins and must equal the body's `name`, if given.
+fn resource_body<R: Resource>(name: &str, body: &[u8]) -> Result<R> {
+    let prefix = format!("{}[{name}]", R::FIELD);
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| json_error(&e, ""))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(Reply::bad(ApiError::field(
+            "request body: expected a JSON object",
+            prefix,
+        )));
+    };
+    match obj.get("name") {
+        None => {
+            obj.insert("name".into(), serde_json::Value::String(name.into()));
+        }
+        Some(serde_json::Value::String(n)) if n == name => {}
+        Some(other) => {
+            return Err(Reply::bad(ApiError::field(
+                format!("the body names {other}, the path names `{name}`: they must match"),
+                format!("{prefix}.name"),
+            )))
+        }
+    }
+    serde_json::from_value(v).map_err(|e| json_error(&e, &prefix))
+}
+
+/// What a write does to the desired state.
+struct Edit<T> {
+    /// The target's ETag before the write (`None`: it does not exist yet).
+    current_etag: Option<String>,
+    /// The new desired state.
+    candidate: ConfigFile,
+    /// What the answer returns.
+    result: T,
+}
+
+/// Runs a write: If-Match, validation, engine check, save, apply (see the module docs).
+async fn write<T>(
+    s: &Shared,
+    if_match: Option<String>,
+    edit: impl FnOnce(&ConfigFile) -> Result<Edit<T>>,
+) -> Result<(T, u64)> {
+    let _writer = s.writer.lock().await;
+    let cur = s.current();
+    let e = edit(&cur.config)?;
+    if let Some(m) = &if_match {
+        if !if_match_ok(m, e.current_etag.as_deref()) {
+            return Err(Reply::new(
+                StatusCode::PRECONDITION_FAILED,
+                ApiError::field(
+                    format!(
+                        "If-Match {m} does not match the current ETag {}",
+                        e.current_etag.as_deref().unwrap_or("(absent)")
+                    ),
+                    "If-Match",
+                ),
+            ));
+        }
+    }
+    if e.candidate == cur.config {
+        return Ok((e.result, cur.generation));
+    }
+    let topo = Topology::from_config(e.candidate.clone()).map_err(|e| Reply::config(&e))?;
+    let backend = s.backend.clone();
+    let (topo, checked) = blocking(move || {
+        let r = backend.check(&topo);
+        (topo, r)
+    })
+    .await?;
+    checked.map_err(|e| Reply::config(&e))?;
+    let next = Stored {
+        generation: cur.generation + 1,
+        config: e.candidate,
+    };
+    let store = s.store.clone();
+    let saved = next.clone();
+    blocking(move || store.save(&saved))
+        .await?
+        .map_err(|e| Reply::internal(e.to_string()))?;
+    let backend = s.backend.clone();
+    if let Err(err) = blocking(move || backend.apply(topo)).await? {
+        // Not reachable while writers are serialised (the same plan was checked); keep the
+        // store equal to the running state anyway.
+        let store = s.store.clone();
+        let old = (*cur).clone();
+        let restored = blocking(move || store.save(&old)).await?;
+        if let Err(se) = restored {
+            return Err(Reply::internal(format!(
+                "the engine refused the change after it was saved ({err}), and restoring the previous state failed: {se}"
+            )));
+        }
+        return Err(Reply::config(&err));
+    }
+    let generation = next.generation;
+    *s.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    Ok((e.result, generation))
+}
+
+async fn list_impl<R: Resource>(s: Shared) -> Response {
+    let cur = s.current();
+    tagged(StatusCode::OK, R::list(&cur.config), Some(cur.generation))
+}
+
+async fn get_impl<R: Resource>(s: Shared, name: Result<Path<String>, PathRejection>) -> Response {
+    let name = match path_name(name) {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let cur = s.current();
+    match R::list(&cur.config).iter().find(|r| r.name() == name) {
+        Some(r) => tagged(StatusCode::OK, r, Some(cur.generation)),
+        None => Reply::not_found(format!("{}[{name}] does not exist", R::FIELD)).into_response(),
+    }
+}
+
+async fn put_impl<R: Resource>(
+    s: Shared,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        let m = if_match(&headers)?;
+        let new: R = resource_body(&name, &body)?;
+        let (r, g) = write(&s, m, |c| {
+            let mut candidate = c.clone();
+            let list = R::list_mut(&mut candidate);
+            let current_etag = match list.iter_mut().find(|r| r.name() == name) {
+                Some(slot) => {
+                    let tag = etag_of(slot);
+                    *slot = new.clone();
+                    Some(tag)
+                }
+                None => {
+                    list.push(new.clone());
+                    None
+                }
+            };
+            Ok(Edit {
+                current_etag,
+                candidate,
+                result: new,
+            })
+        })
+        .await?;
+        Ok::<_, Reply>(tagged(StatusCode::OK, &r, Some(g)))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn delete_impl<R: Resource>(
+    s: Shared,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        let m = if_match(&headers)?;
+        let (tag, g) = write(&s, m, |c| {
+            let mut candidate = c.clone();
+            let list = R::list_mut(&mut candidate);
+            let Some(i) = list.iter().position(|r| r.name() == name) else {
+                return Err(Reply::not_found(format!(
+                    "{}[{name}] does not exist",
+                    R::FIELD
+                )));
+            };
+            let current_etag = Some(etag_of(&list[i]));
+            list.remove(i);
+            let result = etag_of(R::list(&candidate));
+            Ok(Edit {
+                current_etag,
+                candidate,
+                result,
+            })
+        })
+        .await?;
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if let Ok(v) = HeaderValue::from_str(&tag) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        r.headers_mut()
+            .insert(GENERATION_HEADER, HeaderValue::from(g));
+        Ok::<_, Reply>(r)
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Generates the four handlers of one resource kind, with their OpenAPI descriptions.
+macro_rules! resource_handlers {
+    ($module:ident, $ty:ident, $coll:tt, $item:tt, $tag:tt) => {
+        mod $module {
+            use super::*;
+
+            #[utoipa::path(get, path = $coll, tag = $tag,
+                operation_id = concat!("list_", stringify!($module)),
+                responses(
+                    (status = 200, description = "The collection", body = Vec<$ty>,
+                        headers(("ETag" = String, description = "FNV-1a 64 of the canonical JSON"))),
+                    (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+                ),
+                security(("bearer" = [])))]
+            pub(super) async fn list(State(s): State<Shared>) -> Response {
+                list_impl::<$ty>(s).await
+            }
+
+            #[utoipa::path(get, path = $item, tag = $tag,
+                operation_id = concat!("get_", stringify!($module)),
+                params(("name" = String, Path, description = "Resource name (percent-encoded)")),
+                responses(
+                    (status = 200, description = "The resource", body = $ty,
+                        headers(("ETag" = String, description = "FNV-1a 64 of the canonical JSON"))),
+                    (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+                    (status = 404, description = "No such resource", body = ApiError),
+                ),
+                security(("bearer" = [])))]
+            pub(super) async fn get(
+                State(s): State<Shared>,
+                name: Result<Path<String>, PathRejection>,
+            ) -> Response {
+                get_impl::<$ty>(s, name).await
+            }
+
+            #[utoipa::path(put, path = $item, tag = $tag,
+                operation_id = concat!("put_", stringify!($module)),
+                params(
+                    ("name" = String, Path, description = "Resource name; wins over the body's, which must match if given"),
+                    ("If-Match" = Option<String>, Header, description = "Write only if the resource's current ETag matches"),
+                ),
+                request_body = $ty,
+                responses(
+                    (status = 200, description = "Created or replaced; the stored resource", body = $ty,
+                        headers(("ETag" = String, description = "The new ETag"))),
+                    (status = 400, description = "Bad JSON or field (with field and SPEC rule)", body = ApiError),
+                    (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+                    (status = 409, description = "Conflicts with the rest of the topology (with field and SPEC rule)", body = ApiError),
+                    (status = 412, description = "If-Match does not match", body = ApiError),
+                    (status = 500, description = "The store failed", body = ApiError),
+                ),
+                security(("bearer" = [])))]
+            pub(super) async fn put(
+                State(s): State<Shared>,
+                name: Result<Path<String>, PathRejection>,
+                headers: HeaderMap,
+                body: Bytes,
+            ) -> Response {
+                put_impl::<$ty>(s, name, headers, body).await
+            }
+
+            #[utoipa::path(delete, path = $item, tag = $tag,
+                operation_id = concat!("delete_", stringify!($module)),
+                params(
+                    ("name" = String, Path, description = "Resource name"),
+                    ("If-Match" = Option<String>, Header, description = "Delete only if the resource's current ETag matches"),
+                ),
+                responses(
+                    (status = 204, description = "Deleted",
+                        headers(("ETag" = String, description = "The collection's new ETag"))),
+                    (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+                    (status = 404, description = "No such resource", body = ApiError),
+                    (status = 409, description = "Still referenced (with field and SPEC rule)", body = ApiError),
+                    (status = 412, description = "If-Match does not match", body = ApiError),
+                ),
+                security(("bearer" = [])))]
+            pub(super) async fn delete(
+                State(s): State<Shared>,
+                name: Result<Path<String>, PathRejection>,
+                headers: HeaderMap,
+            ) -> Response {
+                delete_impl::<$ty>(s, name, headers).await
+            }
+        }
+    };
+}
+
+resource_handlers!(
+    public_ips,
+    PublicIpCfg,
+    "/api/v1/publicIPAddresses",
+    "/api/v1/publicIPAddresses/{name}",
+    "publicIPAddresses"
+);
+resource_handlers!(
+    availability_sets,
+    AvailabilitySetCfg,
+    "/api/v1/availabilitySets",
+    "/api/v1/availabilitySets/{name}",
+    "availabilitySets"
+);
+resource_handlers!(
+    deployments,
+    DeploymentCfg,
+    "/api/v1/deployments",
+    "/api/v1/deployments/{name}",
+    "deployments"
+);
+resource_handlers!(
+    instances,
+    InstanceCfg,
+    "/api/v1/instances",
+    "/api/v1/instances/{name}",
+    "instances"
+);
+resource_handlers!(
+    load_balancers,
+    LoadBalancerCfg,
+    "/api/v1/loadBalancers",
+    "/api/v1/loadBalancers/{name}",
+    "loadBalancers"
+);
+
+/// The whole desired topology.
+#[utoipa::path(get, path = "/api/v1/topology", tag = "topology",
+    responses(
+        (status = 200, description = "The desired topology (the config file's structure)", body = ConfigFile,
+            headers(("ETag" = String, description = "FNV-1a 64 of the whole config's canonical JSON"),
+                    ("X-Generation" = u64, description = "Accepted writes so far"))),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn topology_get(State(s): State<Shared>) -> Response {
+    let cur = s.current();
+    tagged(StatusCode::OK, &cur.config, Some(cur.generation))
+}
+
+/// Replaces the whole desired topology.
+#[utoipa::path(put, path = "/api/v1/topology", tag = "topology",
+    params(("If-Match" = Option<String>, Header, description = "Write only if the topology's current ETag matches")),
+    request_body = ConfigFile,
+    responses(
+        (status = 200, description = "Applied; the new topology", body = ConfigFile,
+            headers(("ETag" = String, description = "The new ETag"))),
+        (status = 400, description = "Bad JSON or field", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 409, description = "Refused by validation or the engine's plan", body = ApiError),
+        (status = 412, description = "If-Match does not match", body = ApiError),
+        (status = 500, description = "The store failed", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn topology_put(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let go = async {
+        let m = if_match(&headers)?;
+        let new: ConfigFile = serde_json::from_slice(&body).map_err(|e| json_error(&e, ""))?;
+        let (r, g) = write(&s, m, |c| {
+            Ok(Edit {
+                current_etag: Some(etag_of(c)),
+                candidate: new.clone(),
+                result: new,
+            })
+        })
+        .await?;
+        Ok::<_, Reply>(tagged(StatusCode::OK, &r, Some(g)))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The gateway settings.
+#[utoipa::path(get, path = "/api/v1/gateway", tag = "gateway",
+    responses(
+        (status = 200, description = "Gateway-wide settings", body = GatewayCfg,
+            headers(("ETag" = String, description = "FNV-1a 64 of the canonical JSON"))),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn gateway_get(State(s): State<Shared>) -> Response {
+    let cur = s.current();
+    tagged(StatusCode::OK, &cur.config.gateway, Some(cur.generation))
+}
+
+/// Replaces the gateway settings.
+#[utoipa::path(put, path = "/api/v1/gateway", tag = "gateway",
+    params(("If-Match" = Option<String>, Header, description = "Write only if the settings' current ETag matches")),
+    request_body = GatewayCfg,
+    responses(
+        (status = 200, description = "Applied; the new settings", body = GatewayCfg,
+            headers(("ETag" = String, description = "The new ETag"))),
+        (status = 400, description = "Bad JSON or field", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 409, description = "Refused by validation or the engine's plan", body = ApiError),
+        (status = 412, description = "If-Match does not match", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn gateway_put(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let go = async {
+        let m = if_match(&headers)?;
+        let new: GatewayCfg =
+            serde_json::from_slice(&body).map_err(|e| json_error(&e, "gateway"))?;
+        let (r, g) = write(&s, m, |c| {
+            let mut candidate = c.clone();
+            candidate.gateway = new.clone();
+            Ok(Edit {
+                current_etag: Some(etag_of(&c.gateway)),
+                candidate,
+                result: new,
+            })
+        })
+        .await?;
+        Ok::<_, Reply>(tagged(StatusCode::OK, &r, Some(g)))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn set_redeploy(
+    s: Shared,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    reported: Option<u32>,
+) -> Result<Response> {
+    let name = path_name(name)?;
+    let m = if_match(&headers)?;
+    let (r, g) = write(&s, m, |c| {
+        let mut candidate = c.clone();
+        let Some(d) = candidate.deployment.iter_mut().find(|d| d.name == name) else {
+            return Err(Reply::not_found(format!(
+                "deployment[{name}] does not exist"
+            )));
+        };
+        let current_etag = Some(etag_of(d));
+        d.redeploy_reported_instances = reported;
+        let result = d.clone();
+        Ok(Edit {
+            current_etag,
+            candidate,
+            result,
+        })
+    })
+    .await?;
+    Ok(tagged(StatusCode::OK, &r, Some(g)))
+}
+
+/// Starts a redeploy of a Classic deployment (SPEC R2.11): tiers follow the reported size.
+#[utoipa::path(post, path = "/api/v1/deployments/{name}/redeploy", tag = "deployments",
+    params(
+        ("name" = String, Path, description = "Deployment name"),
+        ("If-Match" = Option<String>, Header, description = "Only if the deployment's current ETag matches"),
+    ),
+    request_body = RedeployRequest,
+    responses(
+        (status = 200, description = "The deployment, redeploying", body = DeploymentCfg,
+            headers(("ETag" = String, description = "The new ETag"))),
+        (status = 400, description = "Reported size outside actual..2x actual (R2.11)", body = ApiError),
+        (status = 404, description = "No such deployment", body = ApiError),
+        (status = 412, description = "If-Match does not match", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn redeploy(
+    State(s): State<Shared>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let go = async {
+        let req: RedeployRequest = serde_json::from_slice(&body).map_err(|e| json_error(&e, ""))?;
+        set_redeploy(s, name, headers, Some(req.reported_instances)).await
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Ends a redeploy (SPEC R2.11): tiers follow the actual size again (R2.10).
+#[utoipa::path(post, path = "/api/v1/deployments/{name}/settle", tag = "deployments",
+    params(
+        ("name" = String, Path, description = "Deployment name"),
+        ("If-Match" = Option<String>, Header, description = "Only if the deployment's current ETag matches"),
+    ),
+    responses(
+        (status = 200, description = "The deployment, settled", body = DeploymentCfg,
+            headers(("ETag" = String, description = "The new ETag"))),
+        (status = 404, description = "No such deployment", body = ApiError),
+        (status = 412, description = "If-Match does not match", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn settle(
+    State(s): State<Shared>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    set_redeploy(s, name, headers, None)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// An instance's live ports report (SPEC R6.1).
+#[utoipa::path(get, path = "/api/v1/instances/{name}/ports", tag = "instances",
+    params(("name" = String, Path, description = "Instance name")),
+    responses(
+        (status = 200, description = "Scenario, block, pool size, used ports, flows, counters", body = InstancePorts),
+        (status = 404, description = "No such instance", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn instance_ports(
+    State(s): State<Shared>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        let backend = s.backend.clone();
+        let n = name.clone();
+        let report = blocking(move || backend.instance(&n)).await?;
+        let r =
+            report.ok_or_else(|| Reply::not_found(format!("instance[{name}] is not running")))?;
+        Ok::<_, Reply>(tagged(StatusCode::OK, &InstancePorts::from(&r), None))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Query of `GET /api/v1/flows`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct FlowParams {
+    /// Only this instance's flows.
+    instance: Option<String>,
+    /// Only flows to `ip` or `ip:port`.
+    destination: Option<String>,
+    /// `tcp` or `udp`.
+    protocol: Option<String>,
+    /// `open`, `fin_out`, `fin_in`, `closing` or `reset`.
+    state: Option<String>,
+    /// A page's `next_cursor` (default 0).
+    cursor: Option<u64>,
+    /// Page size, 1..=1000 (default 100).
+    limit: Option<usize>,
+}
+
+fn query_error(e: QueryRejection) -> Reply {
+    Reply::bad(ApiError::msg(format!("query: {}", e.body_text())))
+}
+
+fn nonempty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.is_empty())
+}
+
+/// Lists live translations (SPEC R6.3), one bounded page at a time.
+#[utoipa::path(get, path = "/api/v1/flows", tag = "flows",
+    params(FlowParams),
+    responses(
+        (status = 200, description = "A page of flows and the cursor of the next", body = FlowPage),
+        (status = 400, description = "A bad filter (field names the query parameter)", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn flows(State(s): State<Shared>, q: Result<Query<FlowParams>, QueryRejection>) -> Response {
+    let go = async {
+        let Query(p) = q.map_err(query_error)?;
+        let fq = FlowQuery {
+            instance: nonempty(p.instance),
+            destination: nonempty(p.destination),
+            protocol: nonempty(p.protocol),
+            state: nonempty(p.state),
+            cursor: p.cursor.unwrap_or(0),
+            limit: p.limit.unwrap_or(DEFAULT_PAGE),
+        };
+        fq.filter().map_err(Reply::bad)?;
+        let backend = s.backend.clone();
+        let page = blocking(move || backend.flows(&fq)).await?;
+        Ok::<_, Reply>(axum::Json(page).into_response())
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Query of `GET /api/v1/events`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EventParams {
+    /// Only events with a sequence number greater than this (default 0: all kept).
+    after: Option<u64>,
+    /// Most events returned, 1..=1000 (default 100).
+    limit: Option<usize>,
+    /// Seconds to wait for an event after `after` when there is none yet, 0..=30 (default 0).
+    wait: Option<u64>,
+}
+
+/// Events (SPEC R6.2), oldest first; `wait` long-polls for the next one.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+    params(EventParams),
+    responses(
+        (status = 200, description = "Events after `after` (empty when `wait` passed without one)", body = Vec<EventRecord>),
+        (status = 400, description = "A bad parameter", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn events(
+    State(s): State<Shared>,
+    q: Result<Query<EventParams>, QueryRejection>,
+) -> Response {
+    let go = async {
+        let Query(p) = q.map_err(query_error)?;
+        let after = p.after.unwrap_or(0);
+        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(Reply::bad(ApiError::field(
+                format!("limit {limit}: expected 1..={MAX_PAGE}"),
+                "limit",
+            )));
+        }
+        let wait = p.wait.unwrap_or(0);
+        if wait > MAX_WAIT_SECS {
+            return Err(Reply::bad(ApiError::field(
+                format!("wait {wait}: at most {MAX_WAIT_SECS} seconds"),
+                "wait",
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(wait);
+        let mut waiter: Option<watch::Receiver<u64>> = s.backend.event_waiter();
+        loop {
+            let backend = s.backend.clone();
+            let evs = blocking(move || backend.events(after, limit)).await?;
+            let now = Instant::now();
+            if !evs.is_empty() || now >= deadline {
+                return Ok::<_, Reply>(axum::Json(evs).into_response());
+            }
+            let left = deadline - now;
+            match waiter.as_mut() {
+                Some(rx) => {
+                    let woke = tokio::time::timeout(left, rx.wait_for(|&seq| seq > after))
+                        .await
+                        .map(|r| r.is_ok());
+                    match woke {
+                        // Newer than `after` exists: read it (next turn).
+                        Ok(true) => tokio::time::sleep(Duration::from_millis(1)).await,
+                        // The sender is gone: fall back to polling.
+                        Ok(false) => waiter = None,
+                        Err(_) => {}
+                    }
+                }
+                None => tokio::time::sleep(left.min(Duration::from_millis(200))).await,
+            }
+        }
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Prometheus metrics (SPEC R6.1).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
+    security(("bearer" = [])))]
+async fn metrics(State(s): State<Shared>) -> Response {
+    let backend = s.backend.clone();
+    match blocking(move || backend.metrics()).await {
+        Ok(snap) => {
+            let text = crate::metrics::render(&snap);
+            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+        }
+        Err(r) => r.into_response(),
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document", body = Object)),
+    security(("bearer" = [])))]
+async fn openapi_json() -> Response {
+    static DOC: OnceLock<String> = OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi().to_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response()
+}
+
+/// Liveness (no auth).
+#[utoipa::path(get, path = "/healthz", tag = "meta",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "snatgw control plane",
+        description = "Desired topology (the config file's structure) as ARM-style resources, live ports, flows, events and metrics of a snatgw gateway. Errors are {error, field, rule}.",
+    ),
+    paths(
+        topology_get, topology_put, gateway_get, gateway_put,
+        public_ips::list, public_ips::get, public_ips::put, public_ips::delete,
+        availability_sets::list, availability_sets::get, availability_sets::put, availability_sets::delete,
+        deployments::list, deployments::get, deployments::put, deployments::delete,
+        redeploy, settle,
+        instances::list, instances::get, instances::put, instances::delete,
+        instance_ports,
+        load_balancers::list, load_balancers::get, load_balancers::put, load_balancers::delete,
+        flows, events, metrics, openapi_json, healthz,
+    ),
+    components(schemas(
+        ApiError, ConfigFile, GatewayCfg, PublicIpCfg, AvailabilitySetCfg, DeploymentCfg,
+        InstanceCfg, InstanceKind, Model, LoadBalancerCfg, FrontendCfg, BackendPoolCfg,
+        LbRuleCfg, RuleProtocol, RedeployRequest, InstancePorts, PerProtocol, PortRange,
+        FlowPage, FlowRecord, EventRecord,
+    )),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// How long in-flight requests (long-polls included) may run after a shutdown request.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// A running API server (see [`serve`]). Dropping it shuts the server down too.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish for at most [`SHUTDOWN_GRACE`], and
+    /// waits for the server thread.
+    pub fn shutdown(mut self) -> Result<(), ControlError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), ControlError> {
+        self.stop.send_replace(true);
+        match self.thread.take() {
+            None => Ok(()),
+            Some(t) => match t.join() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ControlError::Runtime(e)),
+                Err(_) => Err(ControlError::Runtime("the server thread panicked".into())),
+            },
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Reads a bearer token from a file (`--token-file`), trimmed; refuses an empty one.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, ControlError> {
+    let bad = |message: String| ControlError::Token {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(bad("the file is empty".into()));
+    }
+    Ok(t.to_string())
+}
+
+/// Serves `plane` on `addr` from its own thread with its own tokio runtime (the gateway is
+/// synchronous). Refuses a non-loopback address when the plane has no token. Binding happens
+/// before this returns, so a busy port is an error here, and port 0 gets a real port
+/// ([`ServerHandle::local_addr`]).
+pub fn serve(addr: SocketAddr, plane: ControlPlane) -> Result<ServerHandle, ControlError> {
+    if !plane.has_token() && !addr.ip().is_loopback() {
+        return Err(ControlError::InsecureBind(addr));
+    }
+    let bind_err = |e: std::io::Error| ControlError::Bind {
+        addr,
+        message: e.to_string(),
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("snatgw-api")
+        .enable_all()
+        .build()
+        .map_err(|e| ControlError::Runtime(e.to_string()))?;
+    let router = plane.router();
+    let (stop, stopped) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("snatgw-api".into())
+        .spawn(move || {
+            let r = rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                let mut graceful = stopped.clone();
+                let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|&v| v).await;
+                });
+                let mut task = tokio::spawn(server.into_future());
+                let mut stopped = stopped;
+                tokio::select! {
+                    r = &mut task => {
+                        return match r {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                    }
+                    _ = stopped.wait_for(|&v| v) => {}
+                }
+                // In-flight requests get a grace period; long-polls are cut after it.
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await;
+                Ok(())
+            });
+            rt.shutdown_timeout(Duration::from_millis(200));
+            r
+        })
+        .map_err(|e| ControlError::Runtime(e.to_string()))?;
+    Ok(ServerHandle {
+        addr: local,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn if_match_forms() {
+        let cur = Some("\"00000000000000ab\"");
+        assert!(if_match_ok("\"00000000000000ab\"", cur));
+        assert!(if_match_ok("\"x\", \"00000000000000ab\"", cur));
+        assert!(if_match_ok("*", cur));
+        assert!(!if_match_ok("*", None));
+        assert!(!if_match_ok("W/\"00000000000000ab\"", cur));
+        assert!(!if_match_ok("\"00000000000000ac\"", cur));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(ct_eq(b"secret", b"secret"));
+        assert!(!ct_eq(b"secret", b"secreT"));
+        assert!(!ct_eq(b"secret", b"secret2"));
+        assert!(!ct_eq(b"", b"x"));
+        assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn body_name_rules() {
+        let ok: PublicIpCfg =
+            resource_body("p1", br#"{"address":"203.0.113.9"}"#).unwrap_or_else(|_| {
+                panic!("body without a name takes the path's");
+            });
+        assert_eq!(ok.name, "p1");
+        assert!(resource_body::<PublicIpCfg>("p1", br#"{"name":"p1","address":"a"}"#).is_ok());
+        let Err(Reply(st, e)) =
+            resource_body::<PublicIpCfg>("p1", br#"{"name":"p2","address":"a"}"#)
+        else {
+            panic!("mismatched name accepted");
+        };
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        assert_eq!(e.field.as_deref(), Some("public_ip[p1].name"));
+        let Err(Reply(_, e)) =
+            resource_body::<PublicIpCfg>("p1", br#"{"address":"a","colour":"red"}"#)
+        else {
+            panic!("unknown field accepted");
+        };
+        assert_eq!(e.field.as_deref(), Some("public_ip[p1].colour"));
+        let Err(Reply(_, e)) = resource_body::<PublicIpCfg>("p1", br#"{}"#) else {
+            panic!("missing field accepted");
+        };
+        assert_eq!(e.field.as_deref(), Some("public_ip[p1].address"));
+        assert!(resource_body::<PublicIpCfg>("p1", b"[1]").is_err());
+        assert!(resource_body::<PublicIpCfg>("p1", b"{").is_err());
+    }
+}

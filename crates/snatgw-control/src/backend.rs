@@ -1,0 +1,870 @@
+//! The running gateway as the API sees it: the [`Backend`] trait, the JSON types it returns,
+//! the shared [`EventLog`], and [`GatewayBackend`], the real implementation over a
+//! `Mutex<snatgw_dataplane::Gateway>`.
+//!
+//! What the API needs from a running gateway: whether a topology would apply (`check`: the
+//! engine's plan without commit, SPEC R1.3 designation room and R2.8 pool sizes), applying it
+//! live (`apply`: R1.4 rescoping, R2.9/R2.10 tier changes, R2.11 redeploys), per-instance
+//! reports (R6.1), pages of live translations (R6.3), events (R2.6, R6.2, R9.3) and metrics
+//! (R6.1). Every hold of the data-path lock is bounded: flows are listed at most
+//! [`FLOW_SCAN_PER_LOCK`] table slots per acquisition (the lock is released between chunks),
+//! and metrics copy the per-instance reports and the five busiest destinations out under the
+//! lock and are formatted outside it.
+//!
+//! Events: the engine queues them and one consumer drains them
+//! ([`snatgw_core::Engine::drain_events`]); whoever drains (the gateway's housekeeping loop,
+//! or [`GatewayBackend::pump_events`]) pushes them into the [`EventLog`], a bounded log
+//! ([`EVENT_LOG_CAP`]) with sequence numbers that the API pages through and long-polls.
+//!
+//! This module does not validate configuration files (that is
+//! [`snatgw_core::Topology::from_config`]), persist anything (`store`) or speak HTTP (`api`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use snatgw_core::engine::FlowFilter;
+use snatgw_core::{
+    ApplyReport, ConfigError, DropReason, Event, EventKind, InstanceReport, Topology, L4,
+};
+use snatgw_dataplane::Gateway;
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+
+/// Most records the [`EventLog`] keeps; older ones are forgotten first.
+pub const EVENT_LOG_CAP: usize = 10_000;
+/// Flow-table slots examined per acquisition of the gateway lock when listing flows (R6.3).
+pub const FLOW_SCAN_PER_LOCK: u32 = 16_384;
+/// Busiest destinations reported per instance in metrics (bounded label cardinality).
+pub const BUSIEST_PER_INSTANCE: usize = 5;
+/// Largest page of flows or events one request may ask for.
+pub const MAX_PAGE: usize = 1000;
+/// Page size when a request does not say.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// The running gateway, as the control plane sees it.
+pub trait Backend: Send + Sync + 'static {
+    /// Would `topo` apply? (engine plan without commit; R1.3 designation room, R2.8 pool sizes)
+    fn check(&self, topo: &Topology) -> Result<(), ConfigError>;
+    /// Applies `topo` to the running engine (live: R1.4, R2.9, R2.10, R2.11).
+    fn apply(&self, topo: Topology) -> Result<ApplyReport, ConfigError>;
+    /// Per-instance reports (scenario, rule, public IP, allocated/used ports, block, flows, counters).
+    fn instances(&self) -> Vec<InstanceReport>;
+    /// One instance's report (default: found among [`Backend::instances`]).
+    fn instance(&self, name: &str) -> Option<InstanceReport> {
+        self.instances().into_iter().find(|r| &*r.name == name)
+    }
+    /// One page of live translations (R6.3); bounded work under the data-path lock.
+    fn flows(&self, q: &FlowQuery) -> FlowPage;
+    /// Events with sequence number > `after`, oldest first, at most `limit` (R6.2).
+    fn events(&self, after: u64, limit: usize) -> Vec<EventRecord>;
+    /// A channel holding the newest event sequence number, for long-polls. `None` (the
+    /// default): the API re-asks [`Backend::events`] periodically instead.
+    fn event_waiter(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+    /// Everything /metrics needs, copied out with bounded work under the lock.
+    fn metrics(&self) -> MetricsSnapshot;
+}
+
+/// Which live translations to list (R6.3), and which page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FlowQuery {
+    /// Only this instance's flows.
+    pub instance: Option<String>,
+    /// Only flows to this destination: `ip` or `ip:port`.
+    pub destination: Option<String>,
+    /// Only this protocol: `tcp` or `udp`.
+    pub protocol: Option<String>,
+    /// Only flows in this state: `open`, `fin_out`, `fin_in`, `closing` or `reset`.
+    pub state: Option<String>,
+    /// Where to continue (0: from the start; else a page's `next_cursor`).
+    pub cursor: u64,
+    /// Most flows in the page, 1..=1000 (default 100).
+    pub limit: usize,
+}
+
+impl Default for FlowQuery {
+    fn default() -> Self {
+        FlowQuery {
+            instance: None,
+            destination: None,
+            protocol: None,
+            state: None,
+            cursor: 0,
+            limit: DEFAULT_PAGE,
+        }
+    }
+}
+
+/// Flow states [`FlowQuery::state`] accepts.
+pub const FLOW_STATES: [&str; 5] = ["open", "fin_out", "fin_in", "closing", "reset"];
+
+impl FlowQuery {
+    /// The engine filter, or what is wrong with the query (naming the query parameter).
+    pub fn filter(&self) -> Result<FlowFilter, ApiError> {
+        let l4 = match self.protocol.as_deref() {
+            None => None,
+            Some("tcp") => Some(L4::Tcp),
+            Some("udp") => Some(L4::Udp),
+            Some(p) => {
+                return Err(ApiError::field(
+                    format!("protocol `{p}`: expected tcp or udp"),
+                    "protocol",
+                ))
+            }
+        };
+        let state = match self.state.as_deref() {
+            None => None,
+            Some(s) => Some(*FLOW_STATES.iter().find(|&&k| k == s).ok_or_else(|| {
+                ApiError::field(
+                    format!("state `{s}`: expected one of {}", FLOW_STATES.join(", ")),
+                    "state",
+                )
+            })?),
+        };
+        let (dst, dport) = match self.destination.as_deref() {
+            None => (None, None),
+            Some(d) => {
+                let bad = || {
+                    ApiError::field(
+                        format!("destination `{d}`: expected an IPv4 address or address:port"),
+                        "destination",
+                    )
+                };
+                let (ip, port) = match d.split_once(':') {
+                    Some((ip, port)) => (ip, Some(port.parse::<u16>().map_err(|_| bad())?)),
+                    None => (d, None),
+                };
+                let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+                (Some(u32::from(ip)), port)
+            }
+        };
+        if self.limit == 0 || self.limit > MAX_PAGE {
+            return Err(ApiError::field(
+                format!("limit {}: expected 1..={MAX_PAGE}", self.limit),
+                "limit",
+            ));
+        }
+        if self.cursor > u64::from(u32::MAX) {
+            return Err(ApiError::field(
+                format!("cursor {}: not a cursor this server returned", self.cursor),
+                "cursor",
+            ));
+        }
+        Ok(FlowFilter {
+            instance: self.instance.clone(),
+            l4,
+            dst,
+            dport,
+            state,
+        })
+    }
+}
+
+/// One live translation (R6.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FlowRecord {
+    /// Instance name.
+    pub instance: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Private source `ip:port`.
+    pub private: String,
+    /// Public `ip:port` (SNAT port).
+    pub public: String,
+    /// Destination `ip:port`.
+    pub remote: String,
+    /// Engine time of the last packet, either direction.
+    pub last_seen: u32,
+    /// Engine time the port is released if nothing else happens.
+    pub expires_at: u32,
+    /// `open`, `fin_out`, `fin_in`, `closing` or `reset`.
+    pub state: String,
+}
+
+/// A page of live translations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FlowPage {
+    /// The flows, in table order.
+    pub flows: Vec<FlowRecord>,
+    /// Cursor of the next page; `null` when the table has been listed to its end.
+    pub next_cursor: Option<u64>,
+}
+
+/// One event for operators (R2.6, R6.2), with its sequence number in the [`EventLog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventRecord {
+    /// Sequence number, from 1, growing by one per event.
+    pub seq: u64,
+    /// Engine time (for a summary: when its interval closed).
+    pub time: u32,
+    /// `exhaustion`, `flow_limit`, `overflow`, `ports_reclaimed`, `tier_changed`, `scenario_changed`.
+    pub kind: String,
+    /// Instance, if any.
+    pub instance: Option<String>,
+    /// Public IP, if any.
+    pub public_ip: Option<String>,
+    /// Protocol, if any.
+    pub protocol: Option<String>,
+    /// Destination `ip:port`, if any.
+    pub destination: Option<String>,
+    /// Occurrences it stands for: 1, or for a summary the repeats counted (R9.3).
+    pub count: u64,
+    /// Whether this is an aggregated summary of repeats (R9.3).
+    pub summary: bool,
+    /// Everything else, as text.
+    pub detail: String,
+}
+
+fn ip(a: u32) -> String {
+    Ipv4Addr::from(a).to_string()
+}
+
+fn endpoint(a: u32, port: u16) -> String {
+    format!("{}:{port}", Ipv4Addr::from(a))
+}
+
+impl EventRecord {
+    /// Converts an engine event (as `snatgw stats` shows it), with sequence number `seq`.
+    pub fn from_event(seq: u64, e: &Event) -> EventRecord {
+        let mut r = EventRecord {
+            seq,
+            time: e.time,
+            kind: String::new(),
+            instance: None,
+            public_ip: None,
+            protocol: None,
+            destination: None,
+            count: e.count,
+            summary: e.summary,
+            detail: String::new(),
+        };
+        match &e.kind {
+            EventKind::Exhaustion {
+                instance,
+                public_ip,
+                l4,
+                dst,
+                dst_port,
+                allocated,
+            } => {
+                r.kind = "exhaustion".into();
+                r.instance = Some(instance.to_string());
+                r.public_ip = Some(ip(*public_ip));
+                r.protocol = Some(l4.label().into());
+                r.destination = Some(endpoint(*dst, *dst_port));
+                r.detail =
+                    format!("all {allocated} preallocated ports in use for this destination");
+            }
+            EventKind::FlowLimit {
+                instance,
+                public_ip,
+                l4,
+                dst,
+                dst_port,
+                limit,
+                scope,
+            } => {
+                r.kind = "flow_limit".into();
+                r.instance = Some(instance.to_string());
+                r.public_ip = Some(ip(*public_ip));
+                r.protocol = Some(l4.label().into());
+                r.destination = Some(endpoint(*dst, *dst_port));
+                r.detail = format!("{scope} flow limit of {limit} live flows reached (R9.2)");
+            }
+            EventKind::Overflow => {
+                r.kind = "overflow".into();
+                r.detail =
+                    "events of further (instance, destination) keys, aggregated together".into();
+            }
+            EventKind::PortsReclaimed {
+                instance,
+                public_ip,
+                ports,
+                flows,
+                reason,
+            } => {
+                r.kind = "ports_reclaimed".into();
+                r.instance = Some(instance.to_string());
+                r.public_ip = Some(ip(*public_ip));
+                r.detail = format!("{ports} ports, {flows} flows dropped ({reason})");
+            }
+            EventKind::TierChanged {
+                public_ip,
+                pool_size,
+                from,
+                to,
+            } => {
+                r.kind = "tier_changed".into();
+                r.public_ip = Some(ip(*public_ip));
+                r.detail = format!("pool {pool_size}: {from} -> {to} ports per instance");
+            }
+            EventKind::ScenarioChanged { instance, from, to } => {
+                r.kind = "scenario_changed".into();
+                r.instance = Some(instance.to_string());
+                r.detail = format!("{from} -> {to}");
+            }
+        }
+        if e.summary {
+            r.detail = format!(
+                "{} more in {} s (summary, R9.3): {}",
+                e.count,
+                e.time.saturating_sub(e.since),
+                r.detail
+            );
+        }
+        r
+    }
+}
+
+/// Per-protocol pair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PerProtocol {
+    /// TCP.
+    pub tcp: u64,
+    /// UDP.
+    pub udp: u64,
+}
+
+/// An inclusive range of SNAT ports of a block (R2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+/// An instance's live report (`GET /api/v1/instances/{name}/ports`, R6.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstancePorts {
+    /// Name.
+    pub name: String,
+    /// `vm` or `web_worker_role`.
+    pub kind: String,
+    /// `arm` or `classic`.
+    pub model: String,
+    /// Private address.
+    pub private_ip: String,
+    /// `ilpip`, `load_balanced` or `default_snat`.
+    pub scenario: String,
+    /// The SPEC rule that decided the scenario (R1.1, R1.2, R1.3).
+    pub rule: String,
+    /// The public address its flows leave with.
+    pub public_ip: String,
+    /// Preallocated SNAT ports per protocol (R2.4, R2.8; 65535 for an ILPIP, R1.1).
+    pub allocated: u32,
+    /// The block as inclusive port ranges (empty for an ILPIP).
+    pub block: Vec<PortRange>,
+    /// Pool size that decides the tier (R2.8; as reported during a redeploy, R2.11).
+    pub pool_size: u32,
+    /// Used SNAT ports (R2.3).
+    pub used: PerProtocol,
+    /// Live flows.
+    pub flows: PerProtocol,
+    /// SNAT connections that got a port.
+    pub connections_ok: PerProtocol,
+    /// SNAT connections that failed for want of a port (R2.6).
+    pub connections_failed: PerProtocol,
+    /// Dropped packets by reason (all protocols), only non-zero ones.
+    pub drops: BTreeMap<String, u64>,
+}
+
+fn kind_label(k: snatgw_core::InstanceKind) -> &'static str {
+    match k {
+        snatgw_core::InstanceKind::Vm => "vm",
+        snatgw_core::InstanceKind::WebWorkerRole => "web_worker_role",
+    }
+}
+
+fn model_label(m: snatgw_core::Model) -> &'static str {
+    match m {
+        snatgw_core::Model::Arm => "arm",
+        snatgw_core::Model::Classic => "classic",
+    }
+}
+
+fn drops_of(drops: &[u64; DropReason::COUNT]) -> Vec<(String, u64)> {
+    DropReason::ALL
+        .iter()
+        .filter(|r| drops[**r as usize] > 0)
+        .map(|r| (r.label().to_string(), drops[*r as usize]))
+        .collect()
+}
+
+impl From<&InstanceReport> for InstancePorts {
+    fn from(r: &InstanceReport) -> Self {
+        let mut drops = BTreeMap::new();
+        for st in &r.stats {
+            for (k, v) in drops_of(&st.drops) {
+                *drops.entry(k).or_insert(0) += v;
+            }
+        }
+        InstancePorts {
+            name: r.name.to_string(),
+            kind: kind_label(r.kind).into(),
+            model: model_label(r.model).into(),
+            private_ip: ip(r.private_ip),
+            scenario: r.scenario.name().into(),
+            rule: r.scenario.rule().into(),
+            public_ip: ip(r.scenario.addr()),
+            allocated: r.allocated,
+            block: r
+                .block
+                .iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect(),
+            pool_size: r.pool_size,
+            used: PerProtocol {
+                tcp: r.used[0].into(),
+                udp: r.used[1].into(),
+            },
+            flows: PerProtocol {
+                tcp: r.flows[0].into(),
+                udp: r.flows[1].into(),
+            },
+            connections_ok: PerProtocol {
+                tcp: r.stats[0].conn_ok,
+                udp: r.stats[1].conn_ok,
+            },
+            connections_failed: PerProtocol {
+                tcp: r.stats[0].conn_fail,
+                udp: r.stats[1].conn_fail,
+            },
+            drops,
+        }
+    }
+}
+
+/// Everything `/metrics` shows, copied out of the engine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MetricsSnapshot {
+    /// Per instance.
+    pub instances: Vec<InstanceMetrics>,
+    /// Gateway-wide dropped packets by reason (all reasons, engine's and data plane's).
+    pub drops: Vec<(String, u64)>,
+    /// Flows in the table.
+    pub live_flows: u64,
+    /// Flows the gateway may hold (R9.2).
+    pub max_flows: u64,
+}
+
+/// One instance's metrics (R6.1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceMetrics {
+    /// Instance name.
+    pub instance: String,
+    /// Its public IP.
+    pub public_ip: String,
+    /// Its scenario (`ilpip`, `load_balanced`, `default_snat`).
+    pub scenario: String,
+    /// TCP and UDP.
+    pub per_protocol: Vec<ProtoMetrics>,
+    /// Drops of packets that are neither TCP nor UDP (ICMP, ESP...), by reason.
+    #[serde(default)]
+    pub other_protocol_drops: Vec<(String, u64)>,
+    /// The busiest destinations by ports used, at most 5, busiest first.
+    pub busiest: Vec<DestinationUse>,
+}
+
+/// One instance's metrics for one protocol.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProtoMetrics {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Preallocated SNAT ports (R2.4).
+    pub allocated_ports: u32,
+    /// Used SNAT ports (R2.3).
+    pub used_ports: u32,
+    /// Live flows.
+    pub flows: u64,
+    /// SNAT connections that got a port.
+    pub connections_ok: u64,
+    /// SNAT connections that failed for want of a port (R2.6).
+    pub connections_failed: u64,
+    /// Dropped packets by reason.
+    pub drops: Vec<(String, u64)>,
+}
+
+/// Ports one instance uses for one destination endpoint (R2.3).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DestinationUse {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Destination `ip:port`.
+    pub destination: String,
+    /// Ports of the block held by flows to it.
+    pub ports_used: u32,
+    /// The block's size (the most it can use).
+    pub allocated: u32,
+}
+
+/// Builds the metrics snapshot from what was copied out under the lock.
+pub fn metrics_snapshot(
+    reports: &[InstanceReport],
+    busiest: &[(Arc<str>, L4, u32, u16, u32)],
+    gateway_drops: &[u64; DropReason::COUNT],
+    live_flows: u64,
+    max_flows: u64,
+) -> MetricsSnapshot {
+    let mut by_name: BTreeMap<&str, Vec<DestinationUse>> = BTreeMap::new();
+    let allocated: BTreeMap<&str, u32> = reports.iter().map(|r| (&*r.name, r.allocated)).collect();
+    for (inst, l4, dst, dport, n) in busiest {
+        let v = by_name.entry(inst).or_default();
+        if v.len() < BUSIEST_PER_INSTANCE {
+            v.push(DestinationUse {
+                protocol: l4.label().into(),
+                destination: endpoint(*dst, *dport),
+                ports_used: *n,
+                allocated: allocated.get(&**inst).copied().unwrap_or(0),
+            });
+        }
+    }
+    let instances = reports
+        .iter()
+        .map(|r| InstanceMetrics {
+            instance: r.name.to_string(),
+            public_ip: ip(r.scenario.addr()),
+            scenario: r.scenario.name().into(),
+            per_protocol: [L4::Tcp, L4::Udp]
+                .iter()
+                .map(|&l| {
+                    let i = l as usize;
+                    ProtoMetrics {
+                        protocol: l.label().into(),
+                        allocated_ports: r.allocated,
+                        used_ports: r.used[i],
+                        flows: r.flows[i].into(),
+                        connections_ok: r.stats[i].conn_ok,
+                        connections_failed: r.stats[i].conn_fail,
+                        drops: drops_of(&r.stats[i].drops),
+                    }
+                })
+                .collect(),
+            other_protocol_drops: drops_of(&r.stats[2].drops),
+            busiest: by_name.remove(&*r.name).unwrap_or_default(),
+        })
+        .collect();
+    MetricsSnapshot {
+        instances,
+        drops: drops_of(gateway_drops),
+        live_flows,
+        max_flows,
+    }
+}
+
+struct LogInner {
+    records: VecDeque<EventRecord>,
+    /// Sequence number the next record gets.
+    next: u64,
+}
+
+/// A shared, bounded log of events with sequence numbers (R6.2), which the API pages through
+/// and long-polls. Pushing never blocks on readers; the oldest records are forgotten first.
+pub struct EventLog {
+    inner: Mutex<LogInner>,
+    cap: usize,
+    newest: watch::Sender<u64>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog::new()
+    }
+}
+
+impl EventLog {
+    /// An empty log keeping [`EVENT_LOG_CAP`] records.
+    pub fn new() -> EventLog {
+        EventLog::with_capacity(EVENT_LOG_CAP)
+    }
+
+    /// An empty log keeping `cap` records (at least 1).
+    pub fn with_capacity(cap: usize) -> EventLog {
+        EventLog {
+            inner: Mutex::new(LogInner {
+                records: VecDeque::new(),
+                next: 1,
+            }),
+            cap: cap.max(1),
+            newest: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an engine event; returns its sequence number.
+    pub fn push(&self, e: &Event) -> u64 {
+        let mut g = self.lock();
+        let seq = g.next;
+        g.next += 1;
+        if g.records.len() >= self.cap {
+            g.records.pop_front();
+        }
+        g.records.push_back(EventRecord::from_event(seq, e));
+        drop(g);
+        self.newest.send_replace(seq);
+        seq
+    }
+
+    /// Appends several engine events.
+    pub fn extend<'a>(&self, events: impl IntoIterator<Item = &'a Event>) {
+        for e in events {
+            self.push(e);
+        }
+    }
+
+    /// Records with sequence number > `after`, oldest first, at most `limit`.
+    pub fn after(&self, after: u64, limit: usize) -> Vec<EventRecord> {
+        let g = self.lock();
+        let first = g.records.front().map_or(g.next, |r| r.seq);
+        let skip =
+            usize::try_from(after.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
+        g.records.iter().skip(skip).take(limit).cloned().collect()
+    }
+
+    /// Sequence number of the newest record (0 if none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next - 1
+    }
+
+    /// A channel holding the newest sequence number.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.newest.subscribe()
+    }
+
+    /// Waits until a record with sequence number > `after` exists or `timeout` passes;
+    /// returns whether one exists. For async code.
+    pub async fn wait_after(&self, after: u64, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|&s| s > after)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+}
+
+/// The real [`Backend`]: the running [`Gateway`] behind the mutex its workers share, the
+/// event log, and the gateway's clock (engine seconds).
+pub struct GatewayBackend {
+    gateway: Arc<Mutex<Gateway>>,
+    events: Arc<EventLog>,
+    clock: Box<dyn Fn() -> u32 + Send + Sync>,
+}
+
+impl GatewayBackend {
+    /// A backend over `gateway`; `clock` returns the engine time to apply changes at.
+    pub fn new(
+        gateway: Arc<Mutex<Gateway>>,
+        events: Arc<EventLog>,
+        clock: impl Fn() -> u32 + Send + Sync + 'static,
+    ) -> GatewayBackend {
+        GatewayBackend {
+            gateway,
+            events,
+            clock: Box::new(clock),
+        }
+    }
+
+    /// The gateway.
+    pub fn gateway(&self) -> &Arc<Mutex<Gateway>> {
+        &self.gateway
+    }
+
+    /// The event log.
+    pub fn event_log(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// Drains the engine's queued events into the event log and returns them (for the
+    /// caller to log). Use this or drain and push yourself: the engine has one queue.
+    pub fn pump_events(&self) -> Vec<Event> {
+        let evs = self.lock().engine_mut().drain_events();
+        self.events.extend(&evs);
+        evs
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Gateway> {
+        // A worker that panicked leaves the lock poisoned; the control plane still reports.
+        self.gateway.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for GatewayBackend {
+    fn check(&self, topo: &Topology) -> Result<(), ConfigError> {
+        self.lock().engine().check(topo)
+    }
+
+    fn apply(&self, topo: Topology) -> Result<ApplyReport, ConfigError> {
+        let now = (self.clock)();
+        self.lock().apply(now, topo)
+    }
+
+    fn instances(&self) -> Vec<InstanceReport> {
+        self.lock().engine().instances()
+    }
+
+    fn instance(&self, name: &str) -> Option<InstanceReport> {
+        self.lock().engine().instance(name)
+    }
+
+    fn flows(&self, q: &FlowQuery) -> FlowPage {
+        let Ok(filter) = q.filter() else {
+            return FlowPage {
+                flows: Vec::new(),
+                next_cursor: None,
+            };
+        };
+        let limit = q.limit.clamp(1, MAX_PAGE);
+        let mut cursor = u32::try_from(q.cursor).unwrap_or(u32::MAX);
+        let mut views = Vec::new();
+        let next = loop {
+            // One bounded chunk per lock hold (R9.4); the lock is released in between.
+            let (page, next) = self.lock().engine().flows_page(
+                &filter,
+                cursor,
+                FLOW_SCAN_PER_LOCK,
+                limit - views.len(),
+            );
+            views.extend(page);
+            match next {
+                None => break None,
+                Some(n) if views.len() >= limit => break Some(n),
+                Some(n) => cursor = n,
+            }
+        };
+        FlowPage {
+            flows: views
+                .into_iter()
+                .map(|v| FlowRecord {
+                    instance: v.instance.to_string(),
+                    protocol: v.l4.label().into(),
+                    private: endpoint(v.private.0, v.private.1),
+                    public: endpoint(v.public.0, v.public.1),
+                    remote: endpoint(v.remote.0, v.remote.1),
+                    last_seen: v.last_seen,
+                    expires_at: v.expires_at,
+                    state: v.state.into(),
+                })
+                .collect(),
+            next_cursor: next.map(u64::from),
+        }
+    }
+
+    fn events(&self, after: u64, limit: usize) -> Vec<EventRecord> {
+        self.events.after(after, limit)
+    }
+
+    fn event_waiter(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.events.subscribe())
+    }
+
+    fn metrics(&self) -> MetricsSnapshot {
+        let (reports, busiest, drops, live, max) = {
+            let g = self.lock();
+            let e = g.engine();
+            (
+                e.instances(),
+                e.busiest_destinations(BUSIEST_PER_INSTANCE),
+                g.stats().drops,
+                e.live_flows() as u64,
+                u64::from(e.topology().params.max_flows),
+            )
+        };
+        metrics_snapshot(&reports, &busiest, &drops, live, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(t: u32) -> Event {
+        Event {
+            time: t,
+            kind: EventKind::TierChanged {
+                public_ip: 0xc000_0264,
+                pool_size: 51,
+                from: 1024,
+                to: 512,
+            },
+            count: 1,
+            since: t,
+            summary: false,
+        }
+    }
+
+    #[test]
+    fn event_log_pages_and_forgets_the_oldest() {
+        let log = EventLog::with_capacity(3);
+        assert!(log.after(0, 10).is_empty());
+        for t in 1..=5 {
+            assert_eq!(log.push(&ev(t)), u64::from(t));
+        }
+        let all = log.after(0, 10);
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(log.after(3, 10).len(), 2);
+        assert_eq!(log.after(4, 1)[0].seq, 5);
+        assert!(log.after(5, 10).is_empty());
+        assert!(log.after(u64::MAX, 10).is_empty());
+        assert_eq!(log.last_seq(), 5);
+        let r = &all[0];
+        assert_eq!(r.kind, "tier_changed");
+        assert_eq!(r.public_ip.as_deref(), Some("192.0.2.100"));
+        assert_eq!(r.detail, "pool 51: 1024 -> 512 ports per instance");
+    }
+
+    #[test]
+    fn summary_detail_says_so() {
+        let mut e = ev(20);
+        e.summary = true;
+        e.count = 7;
+        e.since = 10;
+        let r = EventRecord::from_event(1, &e);
+        assert!(r.summary);
+        assert!(r.detail.starts_with("7 more in 10 s (summary, R9.3)"));
+    }
+
+    #[test]
+    fn flow_query_validation() {
+        let q = |f: fn(&mut FlowQuery)| {
+            let mut q = FlowQuery::default();
+            f(&mut q);
+            q.filter()
+        };
+        assert!(q(|_| {}).is_ok());
+        let f = q(|q| q.destination = Some("198.51.100.7:443".into())).expect("ok");
+        assert_eq!((f.dst, f.dport), (Some(0xc633_6407), Some(443)));
+        assert_eq!(
+            q(|q| q.protocol = Some("icmp".into()))
+                .expect_err("bad")
+                .field
+                .as_deref(),
+            Some("protocol")
+        );
+        assert!(q(|q| q.state = Some("half".into())).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3:80".into())).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3.4:99999".into())).is_err());
+        assert!(q(|q| q.limit = 0).is_err());
+        assert!(q(|q| q.limit = 1001).is_err());
+        assert!(q(|q| q.cursor = 1 << 40).is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn wait_after_wakes_on_push() {
+        let log = Arc::new(EventLog::new());
+        assert!(!log.wait_after(0, Duration::from_millis(20)).await);
+        let l2 = log.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            l2.push(&ev(1));
+        });
+        assert!(log.wait_after(0, Duration::from_secs(5)).await);
+        t.join().expect("join");
+        assert!(log.wait_after(0, Duration::from_millis(1)).await);
+    }
+}

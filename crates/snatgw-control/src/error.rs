@@ -1,0 +1,274 @@
+//! Errors of the control plane, and the JSON error body of the API.
+//!
+//! [`StoreError`] is what a [`crate::store::Store`] returns, [`ControlError`] what starting the
+//! server returns, [`ClientError`] what the blocking client returns, and [`ApiError`] the body
+//! of every non-2xx answer: `{"error": "...", "field": "..." | null, "rule": "R2.8" | null}`.
+//! [`config_error_body`] maps a [`ConfigError`] to that body and its HTTP status (400 for a bad
+//! field of the request, 409 for a conflict with the rest of the topology), naming the field
+//! and the SPEC rule the error carries. This module does no I/O.
+
+use serde::{Deserialize, Serialize};
+use snatgw_core::ConfigError;
+
+/// Why the store could not load or save the desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store's directory or file could not be created or opened.
+    #[error("store {path}: {message}")]
+    Open {
+        /// The file or directory.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The database refused a read or a write (I/O error, corruption, lock).
+    #[error("store: {0}")]
+    Database(String),
+    /// The stored bytes are not a valid JSON `Stored` record.
+    #[error("store: stored state is not valid: {0}")]
+    Corrupt(String),
+}
+
+/// Why the control plane could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Binding a non-loopback address without a token would expose the API to anyone.
+    #[error("refusing to serve the API on {0} without a token: pass --token-file, or bind a loopback address such as 127.0.0.1")]
+    InsecureBind(std::net::SocketAddr),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {message}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        message: String,
+    },
+    /// The token file could not be read or is empty.
+    #[error("token file {path}: {message}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The async runtime or the server thread could not be started.
+    #[error("control plane runtime: {0}")]
+    Runtime(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The JSON body of every error answer of the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiError {
+    /// What went wrong, for people.
+    pub error: String,
+    /// Path of the offending field, such as `instance[vm1].public_ip`, if known.
+    pub field: Option<String>,
+    /// The SPEC rule that refused the change, such as `R2.8`, if any.
+    pub rule: Option<String>,
+}
+
+impl ApiError {
+    /// An error without field or rule.
+    pub fn msg(error: impl Into<String>) -> ApiError {
+        ApiError {
+            error: error.into(),
+            field: None,
+            rule: None,
+        }
+    }
+
+    /// An error naming a field.
+    pub fn field(error: impl Into<String>, field: impl Into<String>) -> ApiError {
+        ApiError {
+            error: error.into(),
+            field: Some(field.into()),
+            rule: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)?;
+        match (&self.field, &self.rule) {
+            (Some(fl), Some(r)) => write!(f, " (field {fl}, rule {r})"),
+            (Some(fl), None) => write!(f, " (field {fl})"),
+            (None, Some(r)) => write!(f, " (rule {r})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// Why a request of the blocking client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status and its JSON error body.
+    #[error("HTTP {status}: {body}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The server's `{error, field, rule}`.
+        body: ApiError,
+    },
+    /// The request did not reach the server or the answer did not arrive (connection, timeout).
+    #[error("request failed: {0}")]
+    Transport(String),
+    /// The answer was not what the route returns.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+    /// The request could not be built (for example a body that does not serialise).
+    #[error("bad request: {0}")]
+    Request(String),
+}
+
+impl ClientError {
+    /// The HTTP status, for an error answer of the server.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The SPEC rule id (`R2.8`) a message cites, if any: the first `R<digits>.<digits>`
+/// preceded by `SPEC `, else the first standing alone.
+pub fn rule_in(message: &str) -> Option<String> {
+    fn at(s: &str, i: usize) -> Option<String> {
+        let b = s.as_bytes();
+        if b.get(i) != Some(&b'R') {
+            return None;
+        }
+        let mut j = i + 1;
+        let d1 = j;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        if j == d1 || b.get(j) != Some(&b'.') {
+            return None;
+        }
+        j += 1;
+        let d2 = j;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        if j == d2 || b.get(j).is_some_and(|c| c.is_ascii_alphanumeric()) {
+            return None;
+        }
+        Some(s[i..j].to_string())
+    }
+    if let Some(r) = message
+        .match_indices("SPEC ")
+        .find_map(|(i, _)| at(message, i + 5))
+    {
+        return Some(r);
+    }
+    let b = message.as_bytes();
+    (0..b.len())
+        .filter(|&i| i == 0 || !b[i - 1].is_ascii_alphanumeric())
+        .find_map(|i| at(message, i))
+}
+
+/// Whether a refused configuration is the request's own fault (400) or a conflict with the
+/// rest of the topology (409).
+pub fn config_error_status(e: &ConfigError) -> u16 {
+    match e {
+        ConfigError::Parse(_)
+        | ConfigError::Invalid { .. }
+        | ConfigError::WebWorkerRoleIlpip { .. }
+        | ConfigError::Model { .. } => 400,
+        ConfigError::DuplicateName { .. }
+        | ConfigError::DuplicateAddress { .. }
+        | ConfigError::UnknownReference { .. }
+        | ConfigError::PoolTooLarge { .. }
+        | ConfigError::EmptyDefaultPool { .. } => 409,
+    }
+}
+
+/// The field path a [`ConfigError`] names, if any.
+pub fn config_error_field(e: &ConfigError) -> Option<String> {
+    match e {
+        ConfigError::Parse(_) => None,
+        ConfigError::Invalid { field, .. }
+        | ConfigError::DuplicateName { field, .. }
+        | ConfigError::DuplicateAddress { field, .. }
+        | ConfigError::UnknownReference { field, .. }
+        | ConfigError::WebWorkerRoleIlpip { field }
+        | ConfigError::PoolTooLarge { field, .. }
+        | ConfigError::Model { field, .. } => Some(field.clone()),
+        ConfigError::EmptyDefaultPool { .. } => Some("gateway.default_snat_pool".into()),
+    }
+}
+
+/// The SPEC rule behind a [`ConfigError`], if any: fixed for the variants that are one rule,
+/// else the rule its message cites.
+pub fn config_error_rule(e: &ConfigError) -> Option<String> {
+    match e {
+        ConfigError::WebWorkerRoleIlpip { .. } => Some("R1.5".into()),
+        ConfigError::PoolTooLarge { .. } => Some("R2.8".into()),
+        ConfigError::EmptyDefaultPool { .. } => Some("R1.3".into()),
+        _ => rule_in(&e.to_string()),
+    }
+}
+
+/// The API's status and error body for a refused configuration.
+pub fn config_error_body(e: &ConfigError) -> (u16, ApiError) {
+    (
+        config_error_status(e),
+        ApiError {
+            error: e.to_string(),
+            field: config_error_field(e),
+            rule: config_error_rule(e),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_is_found_in_messages() {
+        assert_eq!(rule_in("x (SPEC R2.11)").as_deref(), Some("R2.11"));
+        assert_eq!(rule_in("see R9.2 and SPEC R1.7").as_deref(), Some("R1.7"));
+        assert_eq!(rule_in("see R9.2, then").as_deref(), Some("R9.2"));
+        assert_eq!(rule_in("FR1.2 R1 R. R1.x R1.2x"), None);
+        assert_eq!(rule_in("SPEC §0"), None);
+    }
+
+    #[test]
+    fn config_errors_map_to_status_field_and_rule() {
+        let e = ConfigError::WebWorkerRoleIlpip {
+            field: "instance[r].public_ip".into(),
+        };
+        let (s, b) = config_error_body(&e);
+        assert_eq!(s, 400);
+        assert_eq!(b.field.as_deref(), Some("instance[r].public_ip"));
+        assert_eq!(b.rule.as_deref(), Some("R1.5"));
+        let e = ConfigError::Invalid {
+            field: "deployment[cs].redeploy_reported_instances".into(),
+            value: "9".into(),
+            reason: "while redeploying, the reported pool is between the actual size (1) and twice it (SPEC R2.11)".into(),
+        };
+        let (s, b) = config_error_body(&e);
+        assert_eq!((s, b.rule.as_deref()), (400, Some("R2.11")));
+        let e = ConfigError::UnknownReference {
+            field: "instance[a].public_ip".into(),
+            what: "public IP",
+            name: "p".into(),
+        };
+        let (s, b) = config_error_body(&e);
+        assert_eq!((s, b.rule), (409, None));
+        let (s, b) = config_error_body(&ConfigError::EmptyDefaultPool {
+            count: 1,
+            example: "a".into(),
+        });
+        assert_eq!(
+            (s, b.field.as_deref(), b.rule.as_deref()),
+            (409, Some("gateway.default_snat_pool"), Some("R1.3"))
+        );
+    }
+}

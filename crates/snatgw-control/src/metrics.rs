@@ -1,0 +1,220 @@
+//! Prometheus text for `GET /metrics`, built from a [`MetricsSnapshot`] (SPEC R6.1).
+//!
+//! A fresh `prometheus_client` registry is filled from the snapshot at every scrape and
+//! encoded in the Prometheus text format 0.0.4, so the gateway keeps no metric objects of its
+//! own: its counters stay where the engine keeps them. Names follow the cloud's metrics:
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `snatgw_allocated_snat_ports` ("Allocated SNAT Ports", R2.4/R2.8) | gauge | instance, public_ip, protocol |
+//! | `snatgw_used_snat_ports` ("Used SNAT Ports", R2.3) | gauge | instance, public_ip, protocol |
+//! | `snatgw_snat_connection_count_total` ("SNAT Connection Count") | counter | + result = successful / failed (R2.6) |
+//! | `snatgw_flows` (live flows) | gauge | instance, public_ip, protocol |
+//! | `snatgw_dropped_packets_total` | counter | instance, public_ip, protocol (tcp, udp, other), reason |
+//! | `snatgw_gateway_dropped_packets_total` (all drops of the gateway) | counter | reason |
+//! | `snatgw_destination_used_snat_ports`, `snatgw_destination_used_snat_ports_ratio` | gauge | instance, public_ip, protocol, destination |
+//! | `snatgw_live_flows`, `snatgw_max_flows` (R9.2) | gauge | — |
+//!
+//! Label cardinality is bounded: per instance two protocols, the drop reasons that occurred,
+//! and at most five destinations (the busiest by ports used), so users alert on the ratio of
+//! ports used for one destination. This module does not read the engine (the backend copies
+//! the snapshot out) and serves nothing (the `api` module does).
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::backend::MetricsSnapshot;
+
+/// `Content-Type` of the text this module renders.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
+    f.get_or_create(&labels)
+        .set(i64::try_from(v).unwrap_or(i64::MAX));
+}
+
+fn add(f: &Family<Labels, Counter>, labels: Labels, v: u64) {
+    f.get_or_create(&labels).inc_by(v);
+}
+
+/// Renders the snapshot as Prometheus text (format 0.0.4).
+pub fn render(s: &MetricsSnapshot) -> String {
+    let mut reg = Registry::default();
+    let allocated = gauge_family(
+        &mut reg,
+        "snatgw_allocated_snat_ports",
+        "Allocated SNAT Ports: ports preallocated to the instance per protocol (SPEC R2.4, R2.8)",
+    );
+    let used = gauge_family(
+        &mut reg,
+        "snatgw_used_snat_ports",
+        "Used SNAT Ports: distinct ports held by at least one flow (SPEC R2.3)",
+    );
+    let conns = counter_family(
+        &mut reg,
+        "snatgw_snat_connection_count",
+        "SNAT Connection Count: new flows that got a port (successful) or found none (failed, SPEC R2.6)",
+    );
+    let flows = gauge_family(&mut reg, "snatgw_flows", "Live flows of the instance");
+    let drops = counter_family(
+        &mut reg,
+        "snatgw_dropped_packets",
+        "Dropped packets of the instance by reason (SPEC R6.1)",
+    );
+    let gw_drops = counter_family(
+        &mut reg,
+        "snatgw_gateway_dropped_packets",
+        "Dropped packets of the whole gateway by reason",
+    );
+    let dest_used = gauge_family(
+        &mut reg,
+        "snatgw_destination_used_snat_ports",
+        "SNAT ports the instance uses for one destination endpoint, for its 5 busiest destinations (SPEC R2.3)",
+    );
+    let dest_ratio = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "snatgw_destination_used_snat_ports_ratio",
+        "Used / allocated SNAT ports for one destination endpoint, for the instance's 5 busiest destinations (1 = exhausted, SPEC R2.6)",
+        dest_ratio.clone(),
+    );
+    let live = Gauge::<i64>::default();
+    reg.register(
+        "snatgw_live_flows",
+        "Flows in the gateway's table",
+        live.clone(),
+    );
+    let max = Gauge::<i64>::default();
+    reg.register(
+        "snatgw_max_flows",
+        "Flows the gateway may hold (SPEC R9.2)",
+        max.clone(),
+    );
+
+    for i in &s.instances {
+        let base = |protocol: &str| -> Labels {
+            vec![
+                ("instance", i.instance.clone()),
+                ("public_ip", i.public_ip.clone()),
+                ("protocol", protocol.to_string()),
+            ]
+        };
+        for p in &i.per_protocol {
+            set(&allocated, base(&p.protocol), p.allocated_ports.into());
+            set(&used, base(&p.protocol), p.used_ports.into());
+            set(&flows, base(&p.protocol), p.flows);
+            for (result, v) in [
+                ("successful", p.connections_ok),
+                ("failed", p.connections_failed),
+            ] {
+                let mut l = base(&p.protocol);
+                l.push(("result", result.into()));
+                add(&conns, l, v);
+            }
+            for (reason, v) in &p.drops {
+                let mut l = base(&p.protocol);
+                l.push(("reason", reason.clone()));
+                add(&drops, l, *v);
+            }
+        }
+        for (reason, v) in &i.other_protocol_drops {
+            let mut l = base("other");
+            l.push(("reason", reason.clone()));
+            add(&drops, l, *v);
+        }
+        for d in &i.busiest {
+            let mut l = base(&d.protocol);
+            l.push(("destination", d.destination.clone()));
+            set(&dest_used, l.clone(), d.ports_used.into());
+            let ratio = if d.allocated == 0 {
+                0.0
+            } else {
+                f64::from(d.ports_used) / f64::from(d.allocated)
+            };
+            dest_ratio.get_or_create(&l).set(ratio);
+        }
+    }
+    for (reason, v) in &s.drops {
+        add(&gw_drops, vec![("reason", reason.clone())], *v);
+    }
+    live.set(i64::try_from(s.live_flows).unwrap_or(i64::MAX));
+    max.set(i64::try_from(s.max_flows).unwrap_or(i64::MAX));
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &reg);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{DestinationUse, InstanceMetrics, ProtoMetrics};
+
+    #[test]
+    fn renders_names_labels_and_values() {
+        let s = MetricsSnapshot {
+            instances: vec![InstanceMetrics {
+                instance: "vm1".into(),
+                public_ip: "203.0.113.1".into(),
+                scenario: "default_snat".into(),
+                per_protocol: vec![ProtoMetrics {
+                    protocol: "tcp".into(),
+                    allocated_ports: 1024,
+                    used_ports: 3,
+                    flows: 4,
+                    connections_ok: 4,
+                    connections_failed: 1,
+                    drops: vec![("ports_exhausted".into(), 1)],
+                }],
+                other_protocol_drops: vec![("icmp_echo_via_pat".into(), 2)],
+                busiest: vec![DestinationUse {
+                    protocol: "tcp".into(),
+                    destination: "198.51.100.1:443".into(),
+                    ports_used: 256,
+                    allocated: 1024,
+                }],
+            }],
+            drops: vec![("malformed".into(), 9)],
+            live_flows: 4,
+            max_flows: 100,
+        };
+        let t = render(&s);
+        let l = r#"instance="vm1",public_ip="203.0.113.1",protocol="tcp""#;
+        for want in [
+            format!("snatgw_allocated_snat_ports{{{l}}} 1024"),
+            format!("snatgw_used_snat_ports{{{l}}} 3"),
+            format!("snatgw_flows{{{l}}} 4"),
+            format!("snatgw_snat_connection_count_total{{{l},result=\"successful\"}} 4"),
+            format!("snatgw_snat_connection_count_total{{{l},result=\"failed\"}} 1"),
+            format!("snatgw_dropped_packets_total{{{l},reason=\"ports_exhausted\"}} 1"),
+            "snatgw_dropped_packets_total{instance=\"vm1\",public_ip=\"203.0.113.1\",protocol=\"other\",reason=\"icmp_echo_via_pat\"} 2".into(),
+            format!("snatgw_destination_used_snat_ports{{{l},destination=\"198.51.100.1:443\"}} 256"),
+            format!("snatgw_destination_used_snat_ports_ratio{{{l},destination=\"198.51.100.1:443\"}} 0.25"),
+            "snatgw_gateway_dropped_packets_total{reason=\"malformed\"} 9".into(),
+            "snatgw_live_flows 4".into(),
+            "snatgw_max_flows 100".into(),
+            "# TYPE snatgw_used_snat_ports gauge".into(),
+            "# TYPE snatgw_snat_connection_count_total counter".into(),
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+    }
+}
