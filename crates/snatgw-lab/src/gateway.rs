@@ -82,9 +82,43 @@ pub struct GatewayOptions {
     pub stats_file: PathBuf,
     /// Where its log (stderr) goes; `None`: inherited.
     pub log_file: Option<PathBuf>,
+    /// The gateway's store directory (`--state-dir`): the topology survives a restart there.
+    pub state_dir: PathBuf,
+    /// Start with an empty store (remove `state_dir` first), so the configuration file is the
+    /// topology; `false` keeps what an earlier gateway stored (a restart).
+    pub fresh_state: bool,
+    /// Management API address inside the gateway namespace (`--api`; its loopback is the
+    /// namespace's own, so every lab can use the default `127.0.0.1:7070`).
+    pub api: String,
     /// Extra arguments for `snatgw run`.
     pub extra: Vec<String>,
 }
+
+impl GatewayOptions {
+    /// Options with the defaults: state under the stats file's directory (`state/`), fresh,
+    /// API on `127.0.0.1:7070`, no offload, one log file beside the stats file.
+    pub fn new(bin: PathBuf, config: PathBuf, queues: usize, stats_file: PathBuf) -> Self {
+        let dir = stats_file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        GatewayOptions {
+            bin,
+            config,
+            queues,
+            offload: false,
+            log_file: Some(dir.join("gateway.log")),
+            state_dir: dir.join("state"),
+            fresh_state: true,
+            api: DEFAULT_API.into(),
+            stats_file,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// The API address `snatgw run` listens on in the lab (inside the gateway namespace).
+pub const DEFAULT_API: &str = "127.0.0.1:7070";
 
 /// Starts `snatgw run` in the gateway namespace of `lab` (which must be in
 /// [`GatewayMode::Snatgw`]), waits for its ready line, then configures the lab's routing
@@ -103,6 +137,19 @@ pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabEr
     let config = opts.config.to_string_lossy().into_owned();
     let stats = opts.stats_file.to_string_lossy().into_owned();
     let queues = opts.queues.to_string();
+    if opts.fresh_state {
+        match std::fs::remove_dir_all(&opts.state_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LabError::Spawn {
+                    cmd: format!("remove {}", opts.state_dir.display()),
+                    source,
+                })
+            }
+        }
+    }
+    let state = opts.state_dir.to_string_lossy().into_owned();
     let mut argv = vec![
         bin.as_str(),
         "run",
@@ -116,6 +163,10 @@ pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabEr
         &queues,
         "--stats-file",
         &stats,
+        "--state-dir",
+        &state,
+        "--api",
+        &opts.api,
     ];
     if opts.offload {
         argv.push("--offload");

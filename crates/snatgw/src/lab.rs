@@ -127,13 +127,8 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
     let gw = start_gateway(
         &lab,
         &GatewayOptions {
-            bin: exe.clone(),
-            config,
-            queues: a.queues,
             offload: a.tun_offload,
-            stats_file: stats.clone(),
-            log_file: Some(dir.join("gateway.log")),
-            extra: Vec::new(),
+            ..GatewayOptions::new(exe.clone(), config, a.queues, stats.clone())
         },
     )
     .map_err(|e| e.to_string())?;

@@ -77,6 +77,15 @@ enum Cmd {
         /// Burst of event log lines allowed above --log-rate.
         #[arg(long, default_value_t = 100)]
         log_burst: u32,
+        /// Management API address (REST, /metrics, /openapi.json), or `off`.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api: String,
+        /// File holding the API's bearer token (required to listen on a non-loopback address).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Directory of the embedded store: the topology survives restarts there.
+        #[arg(long, default_value = "/var/lib/snatgw")]
+        state_dir: PathBuf,
     },
     /// Print the counters snapshot a running gateway writes (--stats-file).
     Stats {
@@ -92,6 +101,16 @@ enum Cmd {
     Lab(lab::LabCmd),
     /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root).
     Race(race::RaceArgs),
+}
+
+/// `--api`: an address, or `off`.
+fn parse_api(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| format!("--api: `{s}` is neither an address like 127.0.0.1:7070 nor `off`"))
 }
 
 fn main() -> ExitCode {
@@ -117,19 +136,27 @@ fn main() -> ExitCode {
             log_json,
             log_rate,
             log_burst,
-        } => run::run(&run::RunArgs {
-            config,
-            tun_private,
-            tun_public,
-            queues,
-            offload,
-            batch,
-            stats_file,
-            stats_interval: std::time::Duration::from_millis(stats_interval_ms.max(100)),
-            tx_queue_len,
-            log_json,
-            log_rate,
-            log_burst,
+            api,
+            token_file,
+            state_dir,
+        } => parse_api(&api).and_then(|api| {
+            run::run(&run::RunArgs {
+                config,
+                tun_private,
+                tun_public,
+                queues,
+                offload,
+                batch,
+                stats_file,
+                stats_interval: std::time::Duration::from_millis(stats_interval_ms.max(100)),
+                tx_queue_len,
+                log_json,
+                log_rate,
+                log_burst,
+                api,
+                token_file,
+                state_dir,
+            })
         }),
         Cmd::Stats { file, json } => stats::run(&file, json),
         Cmd::Lab(c) => lab::run(c),

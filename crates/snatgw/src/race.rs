@@ -389,13 +389,9 @@ fn one_side(a: &RaceArgs, snatgw: bool, offloads: bool, dir: &Path) -> Result<Fi
             let gw = start_gateway(
                 &lab,
                 &GatewayOptions {
-                    bin: exe.clone(),
-                    config: cfg,
-                    queues: a.queues,
                     offload: offloads,
-                    stats_file: dir.join("stats.json"),
-                    log_file: Some(dir.join("gateway.log")),
                     extra: vec!["--tx-queue-len".into(), "10000".into()],
+                    ..GatewayOptions::new(exe.clone(), cfg, a.queues, dir.join("stats.json"))
                 },
             )
             .map_err(|e| e.to_string())?;

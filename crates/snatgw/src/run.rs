@@ -44,6 +44,8 @@ use snatgw_core::{Direction, Verdict, EXPIRY_BUDGET};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
+use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource};
+
 use crate::logcap::{Admit, LogCap};
 use crate::stats::{self, Snapshot};
 
@@ -74,6 +76,12 @@ pub struct RunArgs {
     pub log_rate: u32,
     /// Burst of event log lines above the rate.
     pub log_burst: u32,
+    /// Where the management API listens (`None`: no API).
+    pub api: Option<std::net::SocketAddr>,
+    /// File holding the API's bearer token.
+    pub token_file: Option<PathBuf>,
+    /// Directory of the embedded store (the topology survives restarts there).
+    pub state_dir: PathBuf,
 }
 
 /// Lock statistics shared by the threads.
@@ -115,7 +123,9 @@ struct Side {
 }
 
 struct Shared {
-    gw: Mutex<Gateway>,
+    gw: Arc<Mutex<Gateway>>,
+    /// Engine events for the API (`/api/v1/events`, R6.2), filled by the housekeeping loop.
+    events: Arc<EventLog>,
     stop: AtomicBool,
     start: Instant,
     lock: LockCounters,
@@ -290,6 +300,7 @@ fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>, cap: &mut LogCap) {
         }
         std::thread::yield_now();
     }
+    sh.events.extend(&events);
     let snaps: Vec<_> = events.iter().map(stats::event_snap).collect();
     let ms = sh.start.elapsed().as_millis() as u64;
     for e in &snaps {
@@ -322,7 +333,30 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     if a.batch == 0 || a.batch > 4096 {
         return Err("--batch must be 1..=4096".into());
     }
-    let mut engine = crate::show::load_for_gateway(&a.config)?;
+    // The desired topology: the store's if it holds one (it survives restarts), else the
+    // configuration file's, saved as generation 1 (issue #8).
+    let file = crate::show::load_topology(&a.config)?.source;
+    let store = Arc::new(
+        RedbStore::open(&a.state_dir)
+            .map_err(|e| format!("opening the store in {}: {e}", a.state_dir.display()))?,
+    );
+    let seeded = snatgw_control::seed(&*store, &file).map_err(|e| format!("store: {e}"))?;
+    match seeded.source {
+        SeedSource::Store => tracing::info!(
+            generation = seeded.stored.generation,
+            state_dir = %a.state_dir.display(),
+            config = %a.config.display(),
+            "running the topology from the store; the configuration file only seeds an empty store"
+        ),
+        SeedSource::ConfigFile => tracing::info!(
+            state_dir = %a.state_dir.display(),
+            "store was empty: seeded it with the configuration file (generation 1)"
+        ),
+    }
+    let topo = snatgw_core::Topology::from_config(seeded.stored.config.clone())
+        .map_err(|e| format!("stored topology: {e}"))?;
+    let mut engine =
+        crate::show::engine_for_gateway(topo).map_err(|e| format!("stored topology: {e}"))?;
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
     let n_inst = engine.instances().len();
     if a.tun_private == a.tun_public {
@@ -344,8 +378,14 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .iter()
         .map(|qs| qs.first().map(TunIo::waker).ok_or("no TUN queue opened"))
         .collect::<Result<_, _>>()?;
+    let token = match &a.token_file {
+        Some(p) => Some(snatgw_control::read_token_file(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let events = Arc::new(EventLog::new());
     let sh = Arc::new(Shared {
-        gw: Mutex::new(Gateway::new(engine)),
+        gw: Arc::new(Mutex::new(Gateway::new(engine))),
+        events: events.clone(),
         stop: AtomicBool::new(false),
         start: Instant::now(),
         lock: LockCounters::default(),
@@ -355,6 +395,22 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         queues: a.queues,
         failure: Mutex::new(None),
     });
+
+    let api = match a.api {
+        Some(addr) => {
+            let clock = {
+                let sh = sh.clone();
+                move || sh.now()
+            };
+            let backend = Arc::new(GatewayBackend::new(sh.gw.clone(), events, clock));
+            let plane = ControlPlane::new(backend, store, token, seeded.stored);
+            let h = snatgw_control::serve(addr, plane)
+                .map_err(|e| format!("management API on {addr}: {e}"))?;
+            tracing::info!(api = %h.local_addr(), "management API listening");
+            Some(h)
+        }
+        None => None,
+    };
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -412,10 +468,12 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "{{\"event\":\"ready\",\"tun_private\":\"{}\",\"tun_public\":\"{}\",\"queues\":{},\"pid\":{}}}",
+            "{{\"event\":\"ready\",\"tun_private\":\"{}\",\"tun_public\":\"{}\",\"queues\":{},\"api\":{},\"pid\":{}}}",
             a.tun_private,
             a.tun_public,
             a.queues,
+            api.as_ref()
+                .map_or("null".to_string(), |h| format!("\"{}\"", h.local_addr())),
             std::process::id()
         );
         let _ = out.flush();
@@ -445,6 +503,11 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     write_stats(a, &s);
     sig_handle.close();
     let _ = sig_thread.join();
+    if let Some(h) = api {
+        if let Err(e) = h.shutdown() {
+            tracing::warn!(error = %e, "stopping the management API");
+        }
+    }
     let failure = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
     tracing::info!(
         translated = s.dataplane.translated,

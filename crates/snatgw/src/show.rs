@@ -16,18 +16,17 @@ pub fn load_topology(path: &Path) -> Result<Topology, String> {
 }
 
 /// Loads a configuration file into an engine at time 0 (hash key from the config's seed:
-/// deterministic, for inspection; a running gateway uses [`load_for_gateway`]).
+/// deterministic, for inspection; a running gateway uses [`engine_for_gateway`]).
 pub fn load(path: &Path) -> Result<Engine, String> {
     Engine::new(load_topology(path)?, 0).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Loads a configuration file into an engine whose flow-table hash is keyed with OS entropy,
-/// so remote hosts, which choose part of every inbound key, cannot aim at one bucket.
-pub fn load_for_gateway(path: &Path) -> Result<Engine, String> {
+/// An engine for a running gateway on `topo`, its flow-table hash keyed with OS entropy, so
+/// remote hosts, which choose part of every inbound key, cannot aim at one bucket.
+pub fn engine_for_gateway(topo: Topology) -> Result<Engine, snatgw_core::ConfigError> {
     use std::hash::BuildHasher;
     let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
-    Engine::with_hash_key(load_topology(path)?, 0, key)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    Engine::with_hash_key(topo, 0, key)
 }
 
 fn detail(r: &InstanceReport) -> String {

@@ -56,13 +56,8 @@ impl GwLab {
         let gw = start_gateway(
             &lab,
             &GatewayOptions {
-                bin: BIN.into(),
-                config: cfg_path.clone(),
-                queues: 2,
-                offload: false,
-                stats_file: stats.clone(),
-                log_file: Some(dir.join("gateway.log")),
                 extra: vec!["--stats-interval-ms".into(), "200".into()],
+                ..GatewayOptions::new(BIN.into(), cfg_path.clone(), 2, stats.clone())
             },
         )
         .expect("gateway started");
