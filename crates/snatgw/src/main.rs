@@ -1,6 +1,9 @@
 //! `snatgw`: the command line. Subcommands:
 //! - `show --config FILE`: what the engine makes of a configuration (scenario, public IP,
-//!   preallocated ports and block per instance, and the SPEC rule that decided it).
+//!   preallocated ports and block per instance, and the SPEC rule that decided it);
+//! - `run`, `stats`, `lab`, `race`: the data plane and its lab (docs/RUNNING.md);
+//! - `get`, `apply`, `put`, `delete`, `redeploy`, `settle`, `ports`, `flows`, `events`:
+//!   clients of a running gateway's management API (docs/API.md, [`api_cli`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -13,6 +16,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
+mod api_cli;
+mod api_render;
 mod lab;
 mod logcap;
 mod race;
@@ -101,6 +106,9 @@ enum Cmd {
     Lab(lab::LabCmd),
     /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root).
     Race(race::RaceArgs),
+    /// Clients of a running gateway's management API (see docs/API.md).
+    #[command(flatten)]
+    Api(api_cli::ApiCmd),
 }
 
 /// `--api`: an address, or `off`.
@@ -161,6 +169,8 @@ fn main() -> ExitCode {
         Cmd::Stats { file, json } => stats::run(&file, json),
         Cmd::Lab(c) => lab::run(c),
         Cmd::Race(a) => race::run(&a),
+        // Prints its own `error: ...` (the server's message, field and SPEC rule).
+        Cmd::Api(c) => return api_cli::main(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

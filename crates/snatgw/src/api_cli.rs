@@ -1,0 +1,849 @@
+//! The API client subcommands of `snatgw` (issue #8): `get`, `apply`, `put`, `delete`,
+//! `redeploy`, `settle`, `ports`, `flows`, `events`.
+//!
+//! Each one speaks to a running gateway's management API (`snatgw run --api`) through the
+//! blocking [`snatgw_control::Client`]: `--api URL` (default `http://127.0.0.1:7070`) and
+//! `--token-file PATH` (the bearer token, when the server has one). Output is a table by
+//! default ([`crate::api_render`]) and the server's JSON with `--json`. A refused request
+//! exits non-zero with the server's message, the field and the SPEC rule
+//! (`error: HTTP 400: ... (field instance[r].public_ip, SPEC R1.5)`); a server that cannot be
+//! reached is named by its URL.
+//!
+//! What it does not do: validate topologies (the server does, with the engine's plan: a
+//! TOML file is only parsed here), retry, or keep state between runs.
+
+use std::io::{Read as _, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use snatgw_control::api::Resource;
+use snatgw_control::client::DEFAULT_URL;
+use snatgw_control::{
+    ApiError, Client, ClientError, EventRecord, FlowPage, FlowQuery, InstancePorts, ResourceKind,
+    Tagged,
+};
+use snatgw_core::config::{
+    AvailabilitySetCfg, DeploymentCfg, InstanceCfg, LoadBalancerCfg, PublicIpCfg,
+};
+use snatgw_core::ConfigFile;
+
+use crate::api_render::{self, Rows};
+
+/// Largest page of flows or events the server returns (`limit` 1..=1000).
+const MAX_PAGE: usize = 1000;
+/// How long one `events --follow` request waits on the server for a new event (its maximum).
+const FOLLOW_WAIT_SECS: u64 = 30;
+
+/// Why an API subcommand failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server answered with an error status and its `{error, field, rule}` body.
+    #[error("{}", api_message(*.status, .body))]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The server's error body.
+        body: ApiError,
+    },
+    /// The server could not be reached, or its answer did not arrive.
+    #[error("cannot reach the API at {url}: {detail} (is `snatgw run --api` listening there?)")]
+    Unreachable {
+        /// The base URL asked for.
+        url: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// The server's answer is not what the route returns (another program on that port?).
+    #[error("unexpected answer from the API at {url}: {detail}")]
+    Decode {
+        /// The base URL asked for.
+        url: String,
+        /// What did not decode.
+        detail: String,
+    },
+    /// A local file (`-f`, `--token-file`) could not be read or parsed.
+    #[error("{path}: {message}")]
+    File {
+        /// The file (`-` for standard input).
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The token file could not be read or is empty.
+    #[error(transparent)]
+    Token(snatgw_control::ControlError),
+    /// The arguments do not make a request (such as a name for `gateway`).
+    #[error("{0}")]
+    Usage(String),
+    /// Writing to standard output failed.
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// The reason phrase of the statuses the API returns.
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        412 => "Precondition Failed",
+        500 => "Internal Server Error",
+        _ => "",
+    }
+}
+
+/// `HTTP 409 Conflict: <message> (field F, SPEC R2.8)`, plus a hint for 401 and 412.
+fn api_message(status: u16, body: &ApiError) -> String {
+    let mut s = format!("HTTP {status}");
+    let phrase = reason(status);
+    if !phrase.is_empty() {
+        s.push(' ');
+        s.push_str(phrase);
+    }
+    s.push_str(": ");
+    s.push_str(&body.error);
+    let mut tail = Vec::new();
+    if let Some(f) = &body.field {
+        tail.push(format!("field {f}"));
+    }
+    if let Some(r) = &body.rule {
+        tail.push(format!("SPEC {r}"));
+    }
+    if !tail.is_empty() {
+        s.push_str(&format!(" ({})", tail.join(", ")));
+    }
+    match status {
+        401 => s.push_str("; pass --token-file with the server's token"),
+        412 => s.push_str("; it changed since you read it: get it again and retry"),
+        _ => {}
+    }
+    s
+}
+
+/// Where the API is and how to authenticate (every client subcommand takes these).
+#[derive(Args, Debug, Clone)]
+pub struct ApiOpts {
+    /// Base URL of the management API (`snatgw run --api`).
+    #[arg(long, value_name = "URL", default_value = DEFAULT_URL)]
+    pub api: String,
+    /// File holding the bearer token (the one `snatgw run --token-file` was given).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ApiOpts {
+    /// The base URL, with `http://` added when no scheme is given.
+    fn url(&self) -> String {
+        if self.api.contains("://") {
+            self.api.clone()
+        } else {
+            format!("http://{}", self.api)
+        }
+    }
+
+    /// A client of the API, with the token read from `--token-file`.
+    fn client(&self) -> Result<Api, CliError> {
+        let token = match &self.token_file {
+            Some(p) => Some(snatgw_control::read_token_file(p).map_err(CliError::Token)?),
+            None => None,
+        };
+        let url = self.url();
+        Ok(Api {
+            client: Client::new(&url, token),
+            url,
+        })
+    }
+}
+
+/// A resource kind as the CLI names it (singulars and the API's collection names work too).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The whole desired topology.
+    Topology,
+    /// The gateway settings.
+    Gateway,
+    /// Public IPs.
+    #[value(alias = "public-ip", alias = "publicIPAddresses")]
+    PublicIps,
+    /// ARM availability sets.
+    #[value(alias = "availability-set", alias = "availabilitySets")]
+    AvailabilitySets,
+    /// Classic deployments.
+    #[value(alias = "deployment")]
+    Deployments,
+    /// Instances (NIC IP configurations, role instances).
+    #[value(alias = "instance")]
+    Instances,
+    /// Load balancers.
+    #[value(alias = "load-balancer", alias = "loadBalancers")]
+    LoadBalancers,
+}
+
+impl Kind {
+    fn resource(self) -> ResourceKind {
+        match self {
+            Kind::Topology => ResourceKind::Topology,
+            Kind::Gateway => ResourceKind::Gateway,
+            Kind::PublicIps => ResourceKind::PublicIps,
+            Kind::AvailabilitySets => ResourceKind::AvailabilitySets,
+            Kind::Deployments => ResourceKind::Deployments,
+            Kind::Instances => ResourceKind::Instances,
+            Kind::LoadBalancers => ResourceKind::LoadBalancers,
+        }
+    }
+}
+
+/// `snatgw ...` subcommands that talk to a running gateway's API.
+#[derive(Subcommand, Debug)]
+pub enum ApiCmd {
+    /// Show resources of the desired topology (a table, or the API's JSON with --json).
+    Get {
+        /// What to show.
+        kind: Kind,
+        /// One resource (without: the whole collection; topology and gateway take none).
+        name: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Replace the whole topology with a file: TOML (as `snatgw run --config`) or JSON.
+    Apply {
+        /// The file (`-`: standard input). JSON if it ends in `.json` or starts with `{`.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Apply only if the topology's ETag still is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Create or replace one resource from a JSON file.
+    Put {
+        /// What to write.
+        kind: Kind,
+        /// Its name (wins over a `name` in the body, which must match; none for gateway).
+        name: Option<String>,
+        /// The JSON body (`-`: standard input).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Write only if the resource's ETag still is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Delete one resource (refused while something references it).
+    Delete {
+        /// What to delete.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// Delete only if the resource's ETag still is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Start a redeploy of a Classic deployment: tiers follow the reported pool size (SPEC R2.11).
+    Redeploy {
+        /// The deployment.
+        deployment: String,
+        /// The pool size the infrastructure reports: between the actual size and twice it.
+        #[arg(long, value_name = "N")]
+        reported: u32,
+        /// Only if the deployment's ETag still is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// End a redeploy: tiers follow the actual pool size again (SPEC R2.11, R2.10).
+    Settle {
+        /// The deployment.
+        deployment: String,
+        /// Only if the deployment's ETag still is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Live SNAT ports per instance: scenario, public IP, block, pool, used/free, flows,
+    /// connections, drops (SPEC R6.1).
+    Ports {
+        /// One instance (without: every instance).
+        instance: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// List live translations, filtered and paged (SPEC R6.3).
+    Flows {
+        /// Only this instance's flows.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only flows to this destination: `IP` or `IP:PORT`.
+        #[arg(long, value_name = "IP[:PORT]")]
+        destination: Option<String>,
+        /// Only this protocol.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        protocol: Option<String>,
+        /// Only flows in this state.
+        #[arg(long, value_parser = snatgw_control::backend::FLOW_STATES)]
+        state: Option<String>,
+        /// Flows per page, 1..=1000 (default 100; with --all 1000).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Continue from a previous page's cursor.
+        #[arg(long, value_name = "C", default_value_t = 0)]
+        cursor: u64,
+        /// Follow the cursors to the end of the table.
+        #[arg(long)]
+        all: bool,
+        /// Print the API's JSON (`{flows, next_cursor}`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Gateway events: exhaustion, flow limits, tier and scenario changes (SPEC R6.2).
+    Events {
+        /// Only events with a sequence number above this one.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+        /// Keep waiting for new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// JSON: an array; with --follow one object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+}
+
+/// Runs one API subcommand; prints `error: ...` and returns failure if it fails.
+pub fn main(cmd: ApiCmd) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match run(cmd, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `snatgw flows --all | head`: the reader left, nothing to report.
+        Err(CliError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            drop(out);
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one API subcommand, writing its output to `out`.
+pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        ApiCmd::Get {
+            kind,
+            name,
+            json,
+            api,
+        } => api.client()?.get(out, kind, name.as_deref(), json),
+        ApiCmd::Apply {
+            file,
+            if_match,
+            api,
+        } => {
+            let config = read_topology(&file)?;
+            let t = api
+                .client()?
+                .call(|c| c.put_topology(&config, if_match.as_deref()))?;
+            writeln!(
+                out,
+                "topology applied: generation {}, ETag {}",
+                show_opt(t.generation),
+                show_opt(t.etag)
+            )?;
+            Ok(())
+        }
+        ApiCmd::Put {
+            kind,
+            name,
+            file,
+            if_match,
+            api,
+        } => {
+            let body: serde_json::Value = serde_json::from_slice(&read_input(&file)?)
+                .map_err(|e| file_error(&file, format!("not JSON: {e}")))?;
+            let t = api.client()?.call(|c| {
+                c.put_json(kind.resource(), name.as_deref(), &body, if_match.as_deref())
+            })?;
+            writeln!(
+                out,
+                "{} stored: generation {}, ETag {}",
+                what(kind, name.as_deref()),
+                show_opt(t.generation),
+                show_opt(t.etag)
+            )?;
+            Ok(())
+        }
+        ApiCmd::Delete {
+            kind,
+            name,
+            if_match,
+            api,
+        } => {
+            let etag = api
+                .client()?
+                .call(|c| c.delete_json(kind.resource(), &name, if_match.as_deref()))?;
+            writeln!(
+                out,
+                "{} deleted: collection ETag {}",
+                what(kind, Some(&name)),
+                show_opt(etag)
+            )?;
+            Ok(())
+        }
+        ApiCmd::Redeploy {
+            deployment,
+            reported,
+            if_match,
+            api,
+        } => {
+            let api = api.client()?;
+            let t = api.call(|c| c.redeploy(&deployment, reported, if_match.as_deref()))?;
+            writeln!(
+                out,
+                "deployment {deployment}: redeploying, tiers follow the reported pool of {reported} instance(s) (SPEC R2.11); generation {}, ETag {}",
+                show_opt(t.generation),
+                show_opt(t.etag)
+            )?;
+            api.deployment_ports(out, &deployment)
+        }
+        ApiCmd::Settle {
+            deployment,
+            if_match,
+            api,
+        } => {
+            let api = api.client()?;
+            let t = api.call(|c| c.settle(&deployment, if_match.as_deref()))?;
+            writeln!(
+                out,
+                "deployment {deployment}: settled, tiers follow the actual pool again (SPEC R2.11, R2.10); generation {}, ETag {}",
+                show_opt(t.generation),
+                show_opt(t.etag)
+            )?;
+            api.deployment_ports(out, &deployment)
+        }
+        ApiCmd::Ports {
+            instance,
+            json,
+            api,
+        } => api.client()?.ports(out, instance.as_deref(), json),
+        ApiCmd::Flows {
+            instance,
+            destination,
+            protocol,
+            state,
+            limit,
+            cursor,
+            all,
+            json,
+            api,
+        } => {
+            let q = FlowQuery {
+                instance,
+                destination,
+                protocol,
+                state,
+                cursor,
+                limit: limit.unwrap_or(if all { MAX_PAGE } else { 100 }),
+            };
+            api.client()?.flows(out, &q, all, json)
+        }
+        ApiCmd::Events {
+            after,
+            follow,
+            json,
+            api,
+        } => api.client()?.events(out, after, follow, json),
+    }
+}
+
+fn show_opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// `instances/vm1`, `gateway`.
+fn what(kind: Kind, name: Option<&str>) -> String {
+    let k = kind.resource().cli_name();
+    match name {
+        Some(n) => format!("{k}/{n}"),
+        None => k.to_string(),
+    }
+}
+
+fn file_error(path: &Path, message: String) -> CliError {
+    CliError::File {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+/// The bytes of `path`, or of standard input for `-`.
+fn read_input(path: &Path) -> Result<Vec<u8>, CliError> {
+    if path == Path::new("-") {
+        let mut b = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut b)
+            .map_err(|e| file_error(path, e.to_string()))?;
+        return Ok(b);
+    }
+    std::fs::read(path).map_err(|e| file_error(path, e.to_string()))
+}
+
+/// A topology file: JSON if it is named `*.json` or starts with `{`, else the TOML config
+/// file format. Only parsed here; the server validates it.
+fn read_topology(path: &Path) -> Result<ConfigFile, CliError> {
+    let bytes = read_input(path)?;
+    let text = String::from_utf8(bytes).map_err(|e| file_error(path, e.to_string()))?;
+    let is_json =
+        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    if is_json {
+        serde_json::from_str(&text).map_err(|e| file_error(path, format!("JSON topology: {e}")))
+    } else {
+        ConfigFile::from_toml(&text).map_err(|e| file_error(path, e.to_string()))
+    }
+}
+
+/// A client and the URL it talks to (for error messages).
+struct Api {
+    client: Client,
+    url: String,
+}
+
+impl Api {
+    /// Runs one client call, turning its error into a [`CliError`] naming the URL.
+    fn call<T>(&self, f: impl FnOnce(&Client) -> Result<T, ClientError>) -> Result<T, CliError> {
+        f(&self.client).map_err(|e| match e {
+            ClientError::Api { status, body } => CliError::Api { status, body },
+            ClientError::Transport(detail) => CliError::Unreachable {
+                url: self.url.clone(),
+                detail,
+            },
+            ClientError::Decode(detail) => CliError::Decode {
+                url: self.url.clone(),
+                detail,
+            },
+            ClientError::Request(m) => CliError::Usage(m),
+        })
+    }
+
+    /// `snatgw get`.
+    fn get(
+        &self,
+        out: &mut dyn Write,
+        kind: Kind,
+        name: Option<&str>,
+        json: bool,
+    ) -> Result<(), CliError> {
+        let rk = kind.resource();
+        if name.is_some() && !rk.is_named() {
+            return Err(CliError::Usage(format!("{} takes no name", rk.cli_name())));
+        }
+        if json {
+            let t = self.call(|c| c.get_json(rk, name))?;
+            return print_json(out, &t.value);
+        }
+        let (text, etag, generation) = match kind {
+            Kind::Topology => {
+                let t = self.call(Client::topology)?;
+                (api_render::topology(&t.value), t.etag, t.generation)
+            }
+            Kind::Gateway => {
+                let t = self.call(Client::gateway)?;
+                (api_render::gateway(&t.value).render(), t.etag, t.generation)
+            }
+            Kind::PublicIps => self.rows::<PublicIpCfg>(name)?,
+            Kind::AvailabilitySets => self.rows::<AvailabilitySetCfg>(name)?,
+            Kind::Deployments => self.rows::<DeploymentCfg>(name)?,
+            Kind::Instances => self.rows::<InstanceCfg>(name)?,
+            Kind::LoadBalancers => self.rows::<LoadBalancerCfg>(name)?,
+        };
+        out.write_all(text.as_bytes())?;
+        writeln!(
+            out,
+            "ETag {}, generation {}",
+            show_opt(etag),
+            show_opt(generation)
+        )?;
+        Ok(())
+    }
+
+    /// The table of a named kind: the collection, or one resource.
+    fn rows<R: Resource + Rows>(
+        &self,
+        name: Option<&str>,
+    ) -> Result<(String, Option<String>, Option<u64>), CliError> {
+        let t: Tagged<Vec<R>> = match name {
+            Some(n) => {
+                let t = self.call(|c| c.get::<R>(n))?;
+                Tagged {
+                    value: vec![t.value],
+                    etag: t.etag,
+                    generation: t.generation,
+                }
+            }
+            None => self.call(Client::list::<R>)?,
+        };
+        Ok((api_render::table(&t.value).render(), t.etag, t.generation))
+    }
+
+    /// `snatgw ports`.
+    fn ports(
+        &self,
+        out: &mut dyn Write,
+        instance: Option<&str>,
+        json: bool,
+    ) -> Result<(), CliError> {
+        match instance {
+            Some(n) => {
+                let p = self.call(|c| c.instance_ports(n))?;
+                if json {
+                    return print_json(out, &p);
+                }
+                write_ports(out, std::slice::from_ref(&p))
+            }
+            None => {
+                let all = self.call(Client::all_instance_ports)?;
+                if json {
+                    return print_json(out, &all);
+                }
+                write_ports(out, &all)
+            }
+        }
+    }
+
+    /// The ports of a deployment's instances (after `redeploy` and `settle`). The change is
+    /// made already: failing to read them is only a warning.
+    fn deployment_ports(&self, out: &mut dyn Write, deployment: &str) -> Result<(), CliError> {
+        let read = || -> Result<Vec<InstancePorts>, CliError> {
+            let members: Vec<String> = self
+                .call(Client::list::<InstanceCfg>)?
+                .value
+                .into_iter()
+                .filter(|i| i.deployment.as_deref() == Some(deployment))
+                .map(|i| i.name)
+                .collect();
+            members
+                .iter()
+                .map(|n| self.call(|c| c.instance_ports(n)))
+                .collect()
+        };
+        match read() {
+            Ok(list) if list.is_empty() => Ok(()),
+            Ok(list) => write_ports(out, &list),
+            Err(e) => {
+                eprintln!(
+                    "warning: the change is made, but reading the instances' ports failed: {e}"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// `snatgw flows`.
+    fn flows(
+        &self,
+        out: &mut dyn Write,
+        q: &FlowQuery,
+        all: bool,
+        json: bool,
+    ) -> Result<(), CliError> {
+        let page = if all {
+            FlowPage {
+                flows: self.call(|c| c.all_flows(q))?,
+                next_cursor: None,
+            }
+        } else {
+            self.call(|c| c.flows(q))?
+        };
+        if json {
+            return print_json(out, &page);
+        }
+        out.write_all(api_render::flows(&page.flows).render().as_bytes())?;
+        match page.next_cursor {
+            Some(c) => writeln!(
+                out,
+                "{} flow(s); next cursor: {c} (continue with --cursor {c}, or pass --all)",
+                page.flows.len()
+            )?,
+            None => writeln!(out, "{} flow(s); end of the table", page.flows.len())?,
+        }
+        Ok(())
+    }
+
+    /// `snatgw events`: the events kept after `after`, then with `follow` the new ones as
+    /// they come (long-polls of [`FOLLOW_WAIT_SECS`]).
+    fn events(
+        &self,
+        out: &mut dyn Write,
+        after: u64,
+        follow: bool,
+        json: bool,
+    ) -> Result<(), CliError> {
+        let mut last = after;
+        let mut listed: Vec<EventRecord> = Vec::new();
+        if !json {
+            writeln!(out, "{}", api_render::event_header())?;
+        }
+        // What is kept already, page by page.
+        loop {
+            let page = self.call(|c| c.events(last, MAX_PAGE, 0))?;
+            let n = page.len();
+            if let Some(e) = page.last() {
+                last = last.max(e.seq);
+            }
+            if json && !follow {
+                listed.extend(page);
+            } else {
+                write_events(out, &page, json)?;
+            }
+            if n < MAX_PAGE {
+                break;
+            }
+        }
+        if !follow {
+            return if json {
+                print_json(out, &listed)
+            } else {
+                Ok(())
+            };
+        }
+        // Until interrupted (or the server goes away: that error ends it).
+        loop {
+            let page = self.call(|c| c.events(last, MAX_PAGE, FOLLOW_WAIT_SECS))?;
+            if let Some(e) = page.last() {
+                last = last.max(e.seq);
+            }
+            write_events(out, &page, json)?;
+        }
+    }
+}
+
+fn write_ports(out: &mut dyn Write, list: &[InstancePorts]) -> Result<(), CliError> {
+    out.write_all(api_render::ports(list).render().as_bytes())?;
+    Ok(())
+}
+
+/// Events as lines: fixed-width columns, or one JSON object per line; flushed at once.
+fn write_events(out: &mut dyn Write, evs: &[EventRecord], json: bool) -> Result<(), CliError> {
+    for e in evs {
+        if json {
+            let line = serde_json::to_string(e).map_err(std::io::Error::other)?;
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{}", api_render::event_line(e))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_name_status_field_and_rule() {
+        let body = ApiError {
+            error: "instance[r].public_ip: a web_worker_role instance cannot have an instance-level public IP (SPEC R1.5)".into(),
+            field: Some("instance[r].public_ip".into()),
+            rule: Some("R1.5".into()),
+        };
+        let m = CliError::Api { status: 400, body }.to_string();
+        assert!(
+            m.starts_with("HTTP 400 Bad Request: instance[r].public_ip: "),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("(field instance[r].public_ip, SPEC R1.5)"),
+            "{m}"
+        );
+        let m = CliError::Api {
+            status: 401,
+            body: ApiError::msg("missing `Authorization: Bearer <token>`"),
+        }
+        .to_string();
+        assert!(
+            m.contains("HTTP 401 Unauthorized") && m.contains("--token-file"),
+            "{m}"
+        );
+        let m = CliError::Api {
+            status: 412,
+            body: ApiError::field("If-Match \"1\" does not match", "If-Match"),
+        }
+        .to_string();
+        assert!(
+            m.contains("(field If-Match)") && m.contains("get it again"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn api_url_gets_a_scheme() {
+        let o = |s: &str| ApiOpts {
+            api: s.into(),
+            token_file: None,
+        };
+        assert_eq!(o("127.0.0.1:7070").url(), "http://127.0.0.1:7070");
+        assert_eq!(o("http://[::1]:7070/").url(), "http://[::1]:7070/");
+    }
+
+    #[test]
+    fn kinds_map_to_the_clients() {
+        for k in Kind::value_variants() {
+            let name = k
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            assert_eq!(name, k.resource().cli_name());
+        }
+    }
+
+    #[test]
+    fn topology_files_are_toml_or_json() {
+        let dir = std::env::temp_dir().join(format!("snatgw-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let toml = dir.join("t.toml");
+        std::fs::write(
+            &toml,
+            "[[public_ip]]\nname = \"p\"\naddress = \"203.0.113.9\"\n",
+        )
+        .expect("write");
+        assert_eq!(read_topology(&toml).expect("toml").public_ip[0].name, "p");
+        let json = dir.join("t.txt");
+        std::fs::write(
+            &json,
+            r#" {"public_ip":[{"name":"q","address":"203.0.113.8"}]}"#,
+        )
+        .expect("write");
+        assert_eq!(read_topology(&json).expect("json").public_ip[0].name, "q");
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"colour":1}"#).expect("write");
+        let e = read_topology(&bad).expect_err("unknown field").to_string();
+        assert!(e.contains("bad.json") && e.contains("colour"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
