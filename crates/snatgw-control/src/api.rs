@@ -480,11 +480,13 @@ async fn write<T>(
         (topo, r)
     })
     .await?;
-    checked.map_err(|e| Reply::config(&e))?;
-    let next = Stored {
+    let designations = checked.map_err(|e| Reply::config(&e))?;
+    let mut next = Stored {
         generation: cur.generation + 1,
         config: e.candidate,
+        designations: Vec::new(),
     };
+    next.set_designations(&designations);
     let store = s.store.clone();
     let saved = next.clone();
     blocking(move || store.save(&saved))

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use snatgw_core::engine::FlowFilter;
+use snatgw_core::topology::SnatGroup;
 use snatgw_core::{
     ApplyReport, ConfigError, DropReason, Event, EventKind, InstanceReport, Topology, L4,
 };
@@ -47,8 +48,9 @@ pub const DEFAULT_PAGE: usize = 100;
 
 /// The running gateway, as the control plane sees it.
 pub trait Backend: Send + Sync + 'static {
-    /// Would `topo` apply? (engine plan without commit; R1.3 designation room, R2.8 pool sizes)
-    fn check(&self, topo: &Topology) -> Result<(), ConfigError>;
+    /// Would `topo` apply? (engine plan without commit; R1.3 designation room, R2.8 pool
+    /// sizes.) Returns the default-SNAT designations the apply will leave, for the store.
+    fn check(&self, topo: &Topology) -> Result<Vec<(SnatGroup, u32)>, ConfigError>;
     /// Applies `topo` to the running engine (live: R1.4, R2.9, R2.10, R2.11).
     fn apply(&self, topo: Topology) -> Result<ApplyReport, ConfigError>;
     /// Per-instance reports (scenario, rule, public IP, allocated/used ports, block, flows, counters).
@@ -695,7 +697,7 @@ impl GatewayBackend {
 }
 
 impl Backend for GatewayBackend {
-    fn check(&self, topo: &Topology) -> Result<(), ConfigError> {
+    fn check(&self, topo: &Topology) -> Result<Vec<(SnatGroup, u32)>, ConfigError> {
         self.lock().engine().check(topo)
     }
 

@@ -18,6 +18,10 @@ use redb::{Database, ReadableDatabase, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 use snatgw_core::ConfigFile;
 
+use std::net::Ipv4Addr;
+
+use snatgw_core::topology::SnatGroup;
+
 use crate::error::StoreError;
 
 /// The desired state as saved: the accepted topology and its generation.
@@ -27,6 +31,30 @@ pub struct Stored {
     pub generation: u64,
     /// The desired topology.
     pub config: ConfigFile,
+    /// The default-SNAT address designated to each sharing group when this topology was
+    /// accepted (R1.3). Designations are kept across changes, so they depend on the order in
+    /// which groups joined; a restart passes them back to the engine
+    /// ([`snatgw_core::Engine::with_designations`]) so every group keeps its public IP.
+    #[serde(default)]
+    pub designations: Vec<(SnatGroup, Ipv4Addr)>,
+}
+
+impl Stored {
+    /// The designations as the engine takes them.
+    pub fn engine_designations(&self) -> Vec<(SnatGroup, u32)> {
+        self.designations
+            .iter()
+            .map(|(g, a)| (g.clone(), u32::from(*a)))
+            .collect()
+    }
+
+    /// Sets the designations from the engine's.
+    pub fn set_designations(&mut self, d: &[(SnatGroup, u32)]) {
+        self.designations = d
+            .iter()
+            .map(|(g, a)| (g.clone(), Ipv4Addr::from(*a)))
+            .collect();
+    }
 }
 
 /// A place that keeps the desired state.
@@ -174,6 +202,7 @@ pub fn seed(store: &dyn Store, config_file: &ConfigFile) -> Result<Seeded, Store
     let stored = Stored {
         generation: 1,
         config: config_file.clone(),
+        designations: Vec::new(),
     };
     store.save(&stored)?;
     Ok(Seeded {
@@ -197,6 +226,10 @@ mod tests {
         Stored {
             generation: g,
             config,
+            designations: vec![(
+                snatgw_core::topology::SnatGroup::AvailabilitySet(format!("as{g}")),
+                Ipv4Addr::new(192, 0, 2, 1),
+            )],
         }
     }
 

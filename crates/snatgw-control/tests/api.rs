@@ -553,6 +553,7 @@ fn refused_changes_change_nothing() {
     let mem = Arc::new(MemoryStore::with(Stored {
         generation: 1,
         config: before.value.clone(),
+        designations: Vec::new(),
     }));
     let env2 = Env::start(None, mem.clone());
     mem.fail_saves(true);

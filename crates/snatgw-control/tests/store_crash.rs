@@ -61,6 +61,7 @@ fn crash_child_writer() {
             .save(&Stored {
                 generation: g,
                 config: generation_config(g),
+                designations: Vec::new(),
             })
             .expect("child: save");
         if g == start {

@@ -77,7 +77,10 @@ pub struct PublicIp {
 }
 
 /// The group that shares one default-SNAT address (R1.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum SnatGroup {
     /// An ARM availability set.
     AvailabilitySet(String),

@@ -990,3 +990,39 @@ fn syn_on_a_closing_flow_starts_it_over() {
     );
     assert_eq!(e.flows(None)[0].state, "open");
 }
+
+#[test]
+fn r1_3_designations_survive_a_restart_when_the_store_keeps_them() {
+    // Two default-SNAT addresses; set "as-b" joins first and takes the first address, then
+    // "as-a" joins and takes the second (least loaded). Designations are kept across changes
+    // (R1.3), so they depend on that order: computed afresh, "as-a" would come first.
+    let toml = |sets: &[&str]| {
+        let mut t = String::from(
+            "[gateway]\nvnet_prefixes = [\"10.0.0.0/16\"]\ndefault_snat_pool = [\"192.0.2.1\", \"192.0.2.2\"]\n",
+        );
+        for (i, s) in sets.iter().enumerate() {
+            t += &format!(
+                "[[availability_set]]\nname = \"{s}\"\n[[instance]]\nname = \"vm-{s}\"\nprivate_ip = \"10.0.1.{}\"\navailability_set = \"{s}\"\n",
+                i + 1
+            );
+        }
+        Topology::from_toml(&t).unwrap()
+    };
+    let public = |e: &Engine, n: &str| e.instance(n).unwrap().scenario.addr();
+    let mut live = Engine::new(toml(&["as-b"]), 0).unwrap();
+    live.apply(1, toml(&["as-b", "as-a"])).unwrap();
+    assert_eq!(public(&live, "vm-as-b"), ip("192.0.2.1"));
+    assert_eq!(public(&live, "vm-as-a"), ip("192.0.2.2"));
+    let fresh = Engine::new(toml(&["as-b", "as-a"]), 0).unwrap();
+    assert_eq!(
+        public(&fresh, "vm-as-a"),
+        ip("192.0.2.1"),
+        "afresh, the order differs"
+    );
+    // What the control plane stores with the topology, and passes back after a restart.
+    let kept = live.designations();
+    assert_eq!(kept, live.check(&toml(&["as-b", "as-a"])).unwrap());
+    let restarted = Engine::with_designations(toml(&["as-b", "as-a"]), 0, 7, &kept).unwrap();
+    assert_eq!(public(&restarted, "vm-as-a"), ip("192.0.2.2"));
+    assert_eq!(public(&restarted, "vm-as-b"), ip("192.0.2.1"));
+}

@@ -44,7 +44,7 @@ use snatgw_core::{Direction, Verdict, EXPIRY_BUDGET};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
-use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource};
+use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store};
 
 use crate::logcap::{Admit, LogCap};
 use crate::stats::{self, Snapshot};
@@ -355,8 +355,16 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     let topo = snatgw_core::Topology::from_config(seeded.stored.config.clone())
         .map_err(|e| format!("stored topology: {e}"))?;
-    let mut engine =
-        crate::show::engine_for_gateway(topo).map_err(|e| format!("stored topology: {e}"))?;
+    let mut engine = crate::show::engine_for_gateway(topo, &seeded.stored.engine_designations())
+        .map_err(|e| format!("stored topology: {e}"))?;
+    // Keep the designations the engine made (all of them on a fresh seed) with the topology.
+    let mut stored = seeded.stored.clone();
+    stored.set_designations(&engine.designations());
+    if stored != seeded.stored {
+        store
+            .save(&stored)
+            .map_err(|e| format!("saving the designations: {e}"))?;
+    }
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
     let n_inst = engine.instances().len();
     if a.tun_private == a.tun_public {
@@ -403,7 +411,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
                 move || sh.now()
             };
             let backend = Arc::new(GatewayBackend::new(sh.gw.clone(), events, clock));
-            let plane = ControlPlane::new(backend, store, token, seeded.stored);
+            let plane = ControlPlane::new(backend, store, token, stored);
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
             tracing::info!(api = %h.local_addr(), "management API listening");

@@ -23,10 +23,15 @@ pub fn load(path: &Path) -> Result<Engine, String> {
 
 /// An engine for a running gateway on `topo`, its flow-table hash keyed with OS entropy, so
 /// remote hosts, which choose part of every inbound key, cannot aim at one bucket.
-pub fn engine_for_gateway(topo: Topology) -> Result<Engine, snatgw_core::ConfigError> {
+/// `designations` are the default-SNAT designations a store kept (R1.3), so groups keep their
+/// public IPs across restarts.
+pub fn engine_for_gateway(
+    topo: Topology,
+    designations: &[(snatgw_core::topology::SnatGroup, u32)],
+) -> Result<Engine, snatgw_core::ConfigError> {
     use std::hash::BuildHasher;
     let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
-    Engine::with_hash_key(topo, 0, key)
+    Engine::with_designations(topo, 0, key, designations)
 }
 
 fn detail(r: &InstanceReport) -> String {

@@ -228,9 +228,36 @@ impl Engine {
 
     /// Whether `topo` would apply (the plan of [`Engine::apply`] without committing it):
     /// default-SNAT designations with room (R1.3) and pool sizes (R2.8) checked against the
-    /// running state. Changes nothing.
-    pub fn check(&self, topo: &Topology) -> Result<(), ConfigError> {
-        self.plan(topo).map(|_| ())
+    /// running state. Returns the designations the apply would leave (what a store keeps so a
+    /// restart designates the same addresses). Changes nothing.
+    pub fn check(&self, topo: &Topology) -> Result<Vec<(SnatGroup, u32)>, ConfigError> {
+        self.plan(topo).map(|p| p.designation.into_iter().collect())
+    }
+
+    /// The default-SNAT address designated to each sharing group (R1.3).
+    pub fn designations(&self) -> Vec<(SnatGroup, u32)> {
+        self.designation
+            .iter()
+            .map(|(g, &a)| (g.clone(), a))
+            .collect()
+    }
+
+    /// Like [`Engine::with_hash_key`], keeping the default-SNAT `designations` an earlier run
+    /// made (R1.3: designations are kept across changes, so they must survive a restart too;
+    /// otherwise groups that joined in another order could come back on other addresses).
+    /// A pinned address no longer in the pool, or without room, is designated afresh.
+    pub fn with_designations(
+        topo: Topology,
+        now: Time,
+        key: u64,
+        designations: &[(SnatGroup, u32)],
+    ) -> Result<Engine, ConfigError> {
+        let empty = Topology::from_config(Default::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut e = Self::with_hash_key(empty, now, key)?;
+        e.designation = designations.iter().cloned().collect();
+        e.apply(now, topo)?;
+        Ok(e)
     }
 
     /// Applies a new configuration at time `now` (SPEC R1.4: scenarios are re-evaluated).

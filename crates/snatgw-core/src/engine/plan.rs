@@ -42,7 +42,7 @@ pub fn tier_ports(n: u32) -> u16 {
 /// The planned outcome of a configuration, computed before anything changes.
 pub(super) struct Plan {
     scenarios: Vec<Scenario>,
-    designation: BTreeMap<SnatGroup, u32>,
+    pub(super) designation: BTreeMap<SnatGroup, u32>,
     lb_choice: HashMap<Arc<str>, u32>,
     /// Public address -> (pool size for the tier, default SNAT?)
     pip_sizes: BTreeMap<u32, (u32, bool)>,
