@@ -5,7 +5,9 @@
 //! (this same binary, `snatgw lab-server serve`) in the internet namespace and `snatgw run`
 //! in the gateway namespace. `up` leaves it running (until `down`); `demo` drives real
 //! connections from every instance, prints what the internet saw, shows ports shared
-//! across destinations and an exhaustion happening and clearing, then removes everything.
+//! across destinations and an exhaustion happening (with the `/metrics` lines that show it)
+//! and clearing, makes one live change through the management API (an ILPIP for the
+//! exhausted instance, SPEC R1.4) and shows its new public address, then removes everything.
 //!
 //! What it does not do: touch anything outside the lab's namespaces (see `snatgw-lab`).
 
@@ -15,7 +17,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use snatgw_lab::gateway::{spec_from_config, start_gateway, stop_gateway, GatewayOptions};
+use snatgw_control::{Client, ClientError};
+use snatgw_core::config::{InstanceCfg, PublicIpCfg};
+use snatgw_lab::gateway::{
+    spec_from_config, start_gateway, stop_gateway, GatewayOptions, DEFAULT_API,
+};
 use snatgw_lab::{ClientReport, Lab, LabChild};
 
 use crate::stats;
@@ -31,7 +37,8 @@ pub enum LabCmd {
         #[arg(long, default_value = "sgl-")]
         prefix: String,
     },
-    /// Build the lab, show every scenario, port sharing and an exhaustion, remove it.
+    /// Build the lab, show every scenario, port sharing, an exhaustion and one live change
+    /// through the management API, remove it.
     Demo(UpArgs),
 }
 
@@ -99,6 +106,21 @@ impl Running {
     /// Reads the gateway's latest stats snapshot.
     pub fn snapshot(&self) -> Result<stats::Snapshot, String> {
         stats::read(&self.stats)
+    }
+
+    /// Runs `f` with a client of the gateway's management API on a thread inside the
+    /// gateway namespace (the API listens on that namespace's loopback, `127.0.0.1:7070`).
+    pub fn api<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Client) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, String> {
+        let c = Client::new(&format!("http://{DEFAULT_API}"), None);
+        self.lab
+            .spawn_thread_in(&self.lab.gw_ns(), move || f(&c))
+            .map_err(|e| e.to_string())?
+            .join()
+            .map_err(|_| "the API client thread panicked".to_string())?
+            .map_err(|e| format!("management API: {e}"))
     }
 }
 
@@ -236,6 +258,110 @@ fn demo(a: &UpArgs) -> Result<(), String> {
         t0.elapsed().as_secs_f64()
     );
     res
+}
+
+/// Address of the ILPIP the demo adds: the first of 203.0.113.30-99 the configuration does
+/// not use (the lab routes all of 203.0.113.0/24 but its servers to the gateway).
+fn free_public_ip(cfg: &snatgw_core::ConfigFile) -> Option<Ipv4Addr> {
+    (30..100)
+        .map(|d| Ipv4Addr::new(203, 0, 113, d))
+        .find(|a| !cfg.public_ip.iter().any(|p| p.address == a.to_string()))
+}
+
+/// Step 4: one live change through the API, no restart: `victim` gets an ILPIP (R1.1
+/// takes precedence, R1.4), its PAT block is reclaimed and its next connection is seen
+/// from the new address.
+fn live_change(r: &Running, victim: &str) -> Result<(), String> {
+    println!("\n4. A live change through the management API (R1.4): {victim} gets an ILPIP");
+    let name = victim.to_string();
+    let before = r.api(move |c| c.instance_ports(&name))?;
+    let block = |b: &[snatgw_control::backend::PortRange]| {
+        b.iter()
+            .map(|p| format!("{}-{}", p.first, p.last))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    println!(
+        "  before: {} via {} ({}), {} ports per protocol, block {}",
+        before.scenario,
+        before.public_ip,
+        before.rule,
+        before.allocated,
+        block(&before.block)
+    );
+    // The newest event so far, to show only what the change adds (the log keeps at most
+    // 10,000 events, so this takes at most 10 pages).
+    let mut seq = 0;
+    for _ in 0..11 {
+        let after = seq;
+        match r.api(move |c| c.events(after, 1000, 0))?.last() {
+            Some(e) => seq = e.seq,
+            None => break,
+        }
+    }
+    let topo = r.api(|c| c.topology())?.value;
+    let addr = free_public_ip(&topo).ok_or("no free address in 203.0.113.30-99")?;
+    let pip = PublicIpCfg {
+        name: "pip-live".into(),
+        address: addr.to_string(),
+    };
+    let put = r.api(move |c| c.put(&pip, None))?;
+    println!(
+        "  PUT /api/v1/publicIPAddresses/pip-live {{\"address\": \"{addr}\"}} -> generation {}",
+        put.generation.unwrap_or(0)
+    );
+    let name = victim.to_string();
+    let mut inst: InstanceCfg = r.api(move |c| c.get::<InstanceCfg>(&name))?.value;
+    inst.public_ip = Some("pip-live".into());
+    let put = r.api(move |c| c.put(&inst, None))?;
+    println!(
+        "  PUT /api/v1/instances/{victim} {{..., \"public_ip\": \"pip-live\"}} -> generation {}",
+        put.generation.unwrap_or(0)
+    );
+    let name = victim.to_string();
+    let after = r.api(move |c| c.instance_ports(&name))?;
+    println!(
+        "  after:  {} via {} ({}), {} ports, block {}",
+        after.scenario,
+        after.public_ip,
+        after.rule,
+        after.allocated,
+        if after.block.is_empty() {
+            "reclaimed".to_string()
+        } else {
+            block(&after.block)
+        }
+    );
+    let http = r.client(victim, &["myip-http", &SERVER_A.to_string()])?;
+    println!(
+        "  HTTP /myip from {victim} now sees {} (local {}: no PAT, the port is kept)",
+        http.seen.first().map_or("FAILED", String::as_str),
+        http.local.first().map_or("-", String::as_str)
+    );
+    // The housekeeping loop moves engine events to the API's log every 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let events = loop {
+        let evs = r.api(move |c| c.events(seq, 1000, 0))?;
+        let seen = evs
+            .iter()
+            .any(|e| e.kind == "ports_reclaimed" && e.instance.as_deref() == Some(victim));
+        if seen || Instant::now() >= deadline {
+            break evs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for e in events.iter().filter(|e| {
+        e.instance.as_deref() == Some(victim)
+            && matches!(e.kind.as_str(), "scenario_changed" | "ports_reclaimed")
+    }) {
+        println!("  GET /api/v1/events: {} {}", e.kind, e.detail);
+    }
+    if after.scenario != "ilpip"
+        || http.seen.first().and_then(|s| s.split(':').next()) != Some(&*addr.to_string())
+    {
+        return Err(format!("{victim} did not move to its ILPIP {addr}"));
+    }
+    Ok(())
 }
 
 fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
@@ -435,6 +561,25 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
             );
         }
     }
+    // The same exhaustion as the metrics a monitoring system scrapes (R6.1).
+    let metrics = r.api(|c| c.metrics_text());
+    let dst = format!("destination=\"{SERVER_A}:9000\"");
+    let inst = format!("instance=\"{victim}\"");
+    match &metrics {
+        Ok(text) => {
+            for l in text.lines().filter(|l| {
+                l.contains(&inst)
+                    && l.contains("protocol=\"tcp\"")
+                    && ((l.starts_with("snatgw_snat_connection_count_total")
+                        && l.contains("result=\"failed\""))
+                        || (l.starts_with("snatgw_destination_used_snat_ports_ratio")
+                            && l.contains(&dst)))
+            }) {
+                println!("  GET /metrics: {l}");
+            }
+        }
+        Err(e) => println!("  GET /metrics: FAILED ({e})"),
+    }
     println!("  closing the {} connections...", rbig.ok);
     let _ = big.wait_timeout(Duration::from_secs(20));
     let t = Instant::now();
@@ -472,8 +617,19 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
         }
     );
 
+    let live = live_change(r, victim);
+    if let Err(e) = &live {
+        println!("  FAILED: {e}");
+    }
+    // The stats file is written every second: wait for one taken after the change.
+    let _ = wait_stats(r, Duration::from_secs(3), |s| {
+        s.instances
+            .iter()
+            .any(|i| i.name == victim && i.scenario == "ilpip")
+    });
+
     println!(
-        "\n4. Gateway counters (snatgw stats --file {}):",
+        "\n5. Gateway counters (snatgw stats --file {}):",
         r.stats.display()
     );
     if let Ok(s) = r.snapshot() {
@@ -482,5 +638,7 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
     if !all_ok {
         return Err("some instance did not see its expected public IP".into());
     }
+    metrics.map(drop)?;
+    live?;
     Ok(())
 }
