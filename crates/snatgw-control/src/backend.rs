@@ -587,12 +587,22 @@ impl EventLog {
 
     /// An empty log keeping `cap` records (at least 1).
     pub fn with_capacity(cap: usize) -> EventLog {
+        EventLog::starting_after(0, cap)
+    }
+
+    /// An empty log keeping `cap` records whose first event gets sequence number `last + 1`.
+    /// `snatgw run` starts from the wall clock in microseconds, so sequence numbers keep
+    /// growing across restarts and a follower (`snatgw events --follow`) that saw the old
+    /// run's numbers still sees the new run's events.
+    pub fn starting_after(last: u64, cap: usize) -> EventLog {
         EventLog {
             inner: Mutex::new(LogInner {
                 records: VecDeque::new(),
-                next: 1,
+                next: last.saturating_add(1),
             }),
             cap: cap.max(1),
+            // The newest *record*: none yet, so a waiter for anything after `n` sleeps until
+            // the first push (not woken at once by the start number).
             newest: watch::channel(0).0,
         }
     }
@@ -831,6 +841,20 @@ mod tests {
         assert_eq!(r.kind, "tier_changed");
         assert_eq!(r.public_ip.as_deref(), Some("192.0.2.100"));
         assert_eq!(r.detail, "pool 51: 1024 -> 512 ports per instance");
+    }
+
+    #[test]
+    fn a_log_started_after_an_earlier_run_keeps_numbers_growing() {
+        // The previous run's follower last saw 1_000; the new run starts after a larger base.
+        let log = EventLog::starting_after(5_000, 10);
+        assert_eq!(log.last_seq(), 5_000);
+        assert!(log.after(1_000, 10).is_empty());
+        assert_eq!(log.push(&ev(1)), 5_001);
+        assert_eq!(
+            log.after(1_000, 10).len(),
+            1,
+            "a follower of the old run sees it"
+        );
     }
 
     #[test]

@@ -390,7 +390,15 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         Some(p) => Some(snatgw_control::read_token_file(p).map_err(|e| e.to_string())?),
         None => None,
     };
-    let events = Arc::new(EventLog::new());
+    // Event sequence numbers start from the wall clock (µs), so they keep growing across
+    // restarts (the log itself is not persisted).
+    let first_seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let events = Arc::new(EventLog::starting_after(
+        first_seq,
+        snatgw_control::backend::EVENT_LOG_CAP,
+    ));
     let sh = Arc::new(Shared {
         gw: Arc::new(Mutex::new(Gateway::new(engine))),
         events: events.clone(),
