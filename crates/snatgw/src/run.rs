@@ -49,39 +49,75 @@ use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSour
 use crate::logcap::{Admit, LogCap};
 use crate::stats::{self, Snapshot};
 
-/// Options of `snatgw run`.
-#[derive(Debug, Clone)]
+/// Options of `snatgw run` (also its command line).
+#[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Configuration file.
+    /// Configuration file (TOML).
+    #[arg(long, short)]
     pub config: PathBuf,
-    /// Private-side TUN device name (outbound packets).
+    /// Private-side TUN to create: every packet read from it is outbound (SPEC R9.1).
+    #[arg(long, default_value = "snat-priv")]
     pub tun_private: String,
-    /// Public-side TUN device name (inbound packets).
+    /// Public-side TUN to create: every packet read from it is inbound (SPEC R9.1).
+    #[arg(long, default_value = "snat-pub")]
     pub tun_public: String,
-    /// Queues per TUN = worker threads per TUN.
+    /// Queues per TUN, one worker thread each.
+    #[arg(long, default_value_t = 1)]
     pub queues: usize,
-    /// Virtio-net offload on the TUN.
+    /// Enable virtio-net offload (GSO/GRO) on the TUN.
+    #[arg(long)]
     pub offload: bool,
     /// Packets per batch.
+    #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    /// Where to write the JSON stats snapshot.
+    /// Write a JSON counters snapshot here (atomically) every --stats-interval-ms.
+    #[arg(long)]
     pub stats_file: Option<PathBuf>,
-    /// Snapshot period.
-    pub stats_interval: Duration,
+    /// Period of the stats snapshot, milliseconds (at least 100).
+    #[arg(long, default_value_t = 1000)]
+    pub stats_interval_ms: u64,
     /// TUN transmit queue length.
+    #[arg(long)]
     pub tx_queue_len: Option<u32>,
-    /// Logs as JSON lines instead of text.
+    /// Log JSON lines instead of text.
+    #[arg(long)]
     pub log_json: bool,
-    /// Event log lines per second at most (0: no cap), R9.3.
+    /// At most this many event log lines per second (0: no cap); the rest are counted (R9.3).
+    #[arg(long, default_value_t = 20)]
     pub log_rate: u32,
-    /// Burst of event log lines above the rate.
+    /// Burst of event log lines allowed above --log-rate.
+    #[arg(long, default_value_t = 100)]
     pub log_burst: u32,
-    /// Where the management API listens (`None`: no API).
-    pub api: Option<std::net::SocketAddr>,
-    /// File holding the API's bearer token.
+    /// Management API address (REST, /metrics, /openapi.json), or `off`.
+    #[arg(long, default_value = "127.0.0.1:7070", value_parser = parse_api)]
+    pub api: ApiAddr,
+    /// File holding the API's bearer token (required to listen on a non-loopback address).
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Directory of the embedded store (the topology survives restarts there).
+    /// Directory of the embedded store: the topology survives restarts there.
+    #[arg(long, default_value = "/var/lib/snatgw")]
     pub state_dir: PathBuf,
+}
+
+impl RunArgs {
+    /// The snapshot period.
+    fn stats_interval(&self) -> Duration {
+        Duration::from_millis(self.stats_interval_ms.max(100))
+    }
+}
+
+/// Where the management API listens; `None`: no API (`--api off`).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiAddr(pub Option<std::net::SocketAddr>);
+
+/// `--api`: an address, or `off`.
+fn parse_api(s: &str) -> Result<ApiAddr, String> {
+    if s == "off" {
+        return Ok(ApiAddr(None));
+    }
+    s.parse()
+        .map(|a| ApiAddr(Some(a)))
+        .map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:7070 nor `off`"))
 }
 
 /// Lock statistics shared by the threads.
@@ -412,7 +448,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         failure: Mutex::new(None),
     });
 
-    let api = match a.api {
+    let api = match a.api.0 {
         Some(addr) => {
             let clock = {
                 let sh = sh.clone();
@@ -500,7 +536,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let mut last_stats: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
         tick(&sh, &mut ring, &mut cap);
-        if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval) {
+        if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
             let mut s = snapshot(a, &sh, &ring);
             s.log_lines_suppressed = cap.suppressed_total;
