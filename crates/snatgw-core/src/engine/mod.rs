@@ -29,7 +29,8 @@
 //!   (R2.8–R2.11), planned before anything changes, then committed; `instance`: the
 //!   per-instance record and [`Scenario`];
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
-//!   consistency check tests run.
+//!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
+//!   activity a fast path saw (R3.4 with packets the engine never sees).
 //!
 //! Names: a *block* is an instance's preallocation (R2.4), `block::PortBlock` its port state
 //! for one protocol, and a block id (`Flow::block`) indexes `Engine::blocks` as instance slot ×
@@ -44,6 +45,7 @@ mod events;
 mod flows;
 mod instance;
 mod invariants;
+mod journal;
 mod plan;
 mod ports;
 mod report;
@@ -54,6 +56,7 @@ mod translate;
 
 pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
 pub use instance::Scenario;
+pub use journal::{ActivitySource, FlowChange, FlowKey, JOURNAL_CAP};
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
@@ -105,6 +108,10 @@ pub struct Engine {
     /// Timer entries `process` may examine per call (R9.4).
     expiry_budget: u32,
     global: GlobalStats,
+    /// Flow changes for a fast path or recorder (`journal`).
+    journal: journal::Journal,
+    /// Asked for activity outside the engine before an idle flow goes (`journal`).
+    activity: Option<Box<dyn ActivitySource>>,
 }
 
 impl Engine {
@@ -140,6 +147,8 @@ impl Engine {
             agg: events::aggregator(topo.params.event_interval),
             expiry_budget: EXPIRY_BUDGET,
             global: GlobalStats::default(),
+            journal: journal::Journal::default(),
+            activity: None,
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -277,12 +286,14 @@ impl Engine {
         let deadline = self.now.saturating_add(self.topo.params.idle_timeout);
         self.wheel.push(deadline, fi, gen);
         self.global.flows_created += 1;
+        self.journal_opened(fi);
         fi
     }
 
     /// Removes flow `fi`, releasing its port at `release_time`.
     fn remove_flow(&mut self, fi: u32, release_time: Time, cause: EndCause) {
         let f = self.flows.remove(fi);
+        self.journal_closed(&f, release_time, cause);
         self.release_port(f.block, f.dst, f.dport, f.idx, release_time, cause);
         if let Some(i) = self.insts[f.slot() as usize].as_mut() {
             i.stats[stats_bucket(f.proto)].ended[cause.index()] += 1;

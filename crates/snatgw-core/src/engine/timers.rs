@@ -122,7 +122,10 @@ impl Engine {
                 if f.gen != gen || f.block == NONE {
                     continue;
                 }
-                let (at, cause) = deadline(f, idle);
+                let (mut at, mut cause) = deadline(f, idle);
+                if at <= now && cause == EndCause::Idle && self.activity.is_some() {
+                    (at, cause) = self.refresh_from_outside(fi);
+                }
                 if at <= now {
                     self.remove_flow(fi, at, cause);
                 } else {
@@ -148,7 +151,14 @@ impl Engine {
         if self.wheel.next > self.now {
             return false;
         }
-        match self.due(fi) {
+        let due = match self.due(fi) {
+            Some((_, EndCause::Idle)) if self.activity.is_some() => {
+                let d = self.refresh_from_outside(fi);
+                (d.0 <= self.now).then_some(d)
+            }
+            d => d,
+        };
+        match due {
             Some((at, cause)) => {
                 self.remove_flow(fi, at, cause);
                 true

@@ -17,7 +17,7 @@ use super::events::EventKind;
 use super::flows::Flow;
 use super::instance::Scenario;
 use super::stats::stats_bucket;
-use super::{Engine, NONE};
+use super::{Engine, FlowKey, NONE};
 use crate::packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};
 
 impl Engine {
@@ -184,6 +184,7 @@ impl Engine {
                 scope,
             };
             self.event_aggregated(kind);
+            self.journal_refused(slot, refused_key(p, public), DropReason::FlowLimit);
             return self.drop_inst(slot, p.proto, DropReason::FlowLimit);
         }
         let block_id = slot * 2 + l4 as u32;
@@ -231,6 +232,7 @@ impl Engine {
                     allocated: self.blocks[block_id as usize].owned.count(),
                 };
                 self.event_aggregated(kind);
+                self.journal_refused(slot, refused_key(p, public), DropReason::PortsExhausted);
                 self.drop_inst(slot, p.proto, DropReason::PortsExhausted)
             }
         }
@@ -282,5 +284,18 @@ impl Engine {
             return self.drop_global(DropReason::UnsolicitedInbound);
         }
         self.drop_global(DropReason::NotOurAddress)
+    }
+}
+
+/// The journal's key for a refused new flow (no public port).
+fn refused_key(p: &Packet, public: u32) -> FlowKey {
+    FlowKey {
+        proto: p.proto,
+        src: p.src,
+        sport: p.src_port,
+        dst: p.dst,
+        dport: p.dst_port,
+        public,
+        pport: 0,
     }
 }
