@@ -19,9 +19,9 @@ pub mod topology;
 
 pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{
-    tier_ports, ActivitySource, ApplyReport, EndCause, Engine, Event, EventKind, FlowChange,
-    FlowFilter, FlowKey, FlowView, GlobalStats, InstanceReport, InstanceStats, Scenario, Time,
-    AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
+    tier_ports, ApplyReport, EndCause, Engine, Event, EventKind, FlowChange, FlowFilter, FlowKey,
+    FlowView, GlobalStats, InstanceReport, InstanceStats, Offload, Scenario, Time, AGGREGATE_KEYS,
+    EXPIRY_BUDGET, JOURNAL_CAP,
 };
 pub use error::ConfigError;
 pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};

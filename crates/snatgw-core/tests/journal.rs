@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use snatgw_core::{
-    ActivitySource, DropReason, EndCause, Engine, FlowChange, FlowKey, Packet, Verdict,
-};
+use snatgw_core::{DropReason, EndCause, Engine, FlowChange, FlowKey, Offload, Packet, Verdict};
 
 const SERVER: &str = "198.51.100.7";
 
@@ -17,7 +15,9 @@ const SERVER: &str = "198.51.100.7";
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<HashMap<FlowKey, u32>>>);
 
-impl ActivitySource for Seen {
+impl Offload for Seen {
+    fn install(&mut self, _slot: u32, _key: &FlowKey) {}
+    fn remove(&mut self, _key: &FlowKey) {}
     fn last_seen(&mut self, key: &FlowKey) -> Option<u32> {
         self.0.lock().unwrap().get(key).copied()
     }
@@ -47,7 +47,7 @@ fn r3_4_keepalives_seen_only_outside_the_engine_keep_the_flow_and_release_exactl
     let mut e = reference();
     e.set_journal(true);
     let seen = Seen::default();
-    e.set_activity_source(Some(Box::new(seen.clone())));
+    e.set_offload(Some(Box::new(seen.clone())));
     let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
     let (pub_, pport) = translated(out(&mut e, 0, Packet::udp(src, 5000, dst, 53)));
     let key = opened_key(&journal(&mut e));
@@ -92,7 +92,7 @@ fn r3_4_outside_activity_is_honoured_while_reaping_a_backlog() {
     // Behind on timers (R9.4), the allocator and lookups reap due flows: they ask too.
     let mut e = reference();
     let seen = Seen::default();
-    e.set_activity_source(Some(Box::new(seen.clone())));
+    e.set_offload(Some(Box::new(seen.clone())));
     e.set_journal(true);
     let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
     out(&mut e, 0, Packet::udp(src, 5000, dst, 53));
@@ -122,7 +122,7 @@ fn r3_4_outside_activity_is_honoured_while_reaping_a_backlog() {
 fn r3_3_rst_close_time_ignores_outside_activity() {
     let mut e = reference();
     let seen = Seen::default();
-    e.set_activity_source(Some(Box::new(seen.clone())));
+    e.set_offload(Some(Box::new(seen.clone())));
     e.set_journal(true);
     let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
     syn(&mut e, 0, src, 40000, dst, 443);
@@ -197,4 +197,47 @@ fn r6_1_packets_credited_from_outside_count_for_the_instance() {
     );
     assert_eq!(after.stats[1].packets_in, before.stats[1].packets_in + 900);
     assert_eq!(after.stats[0].packets_out, before.stats[0].packets_out);
+}
+
+/// An offload that records what it is told.
+#[derive(Clone, Default)]
+struct Told(Arc<Mutex<Vec<(bool, FlowKey)>>>);
+
+impl Offload for Told {
+    fn install(&mut self, _slot: u32, key: &FlowKey) {
+        self.0.lock().unwrap().push((true, *key));
+    }
+    fn remove(&mut self, key: &FlowKey) {
+        self.0.lock().unwrap().push((false, *key));
+    }
+    fn last_seen(&mut self, _key: &FlowKey) -> Option<u32> {
+        None
+    }
+}
+
+#[test]
+fn r2_2_offload_is_told_of_every_open_and_close_in_order() {
+    let mut e = reference();
+    let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
+    out(&mut e, 0, Packet::udp(src, 5000, dst, 53));
+    let told = Told::default();
+    e.set_offload(Some(Box::new(told.clone())));
+    // Attached to a running engine: the live flow is installed at once.
+    let first = {
+        let t = told.0.lock().unwrap();
+        assert_eq!(t.len(), 1);
+        assert!(t[0].0);
+        t[0].1
+    };
+    assert_eq!((first.src, first.sport, first.dst), (src, 5000, dst));
+    out(&mut e, 10, Packet::udp(src, 5001, dst, 53));
+    // 240 s idle (R3.4): the first flow goes at 240, the second at 250, in that order.
+    e.advance(240);
+    e.advance(250);
+    let t = told.0.lock().unwrap().clone();
+    assert_eq!(t.len(), 4, "{t:?}");
+    assert!(t[1].0 && t[1].1.sport == 5001);
+    assert_eq!(t[2], (false, first));
+    assert!(!t[3].0 && t[3].1.sport == 5001);
+    assert_eq!(e.live_flows(), 0);
 }

@@ -9,9 +9,11 @@
 //! [`Engine::journal_lost`], and a consumer that sees the count grow must resynchronise from
 //! [`Engine::flows_page`] (a fast path flushes its map).
 //!
-//! **Activity outside the engine.** Packets a fast path translates never reach
-//! [`Engine::process`], so the engine's `last_seen` lags. An [`ActivitySource`]
-//! ([`Engine::set_activity_source`]) is asked, for a flow the engine finds idle-due, when its
+//! **Offload: a fast path outside the engine.** An [`Offload`] ([`Engine::set_offload`]) is
+//! told synchronously of every flow that opens and closes (in the engine's order, inside the
+//! call that decided it), so a kernel fast path installs and removes translations exactly when
+//! the engine does. Packets it translates never reach [`Engine::process`], so the engine's
+//! `last_seen` lags: the offload is asked, for a flow the engine finds idle-due, when its
 //! last packet outside the engine was; a later time moves the flow's `last_seen` and re-queues
 //! it, so keepalives that stay in the fast path keep the flow alive and the port is released
 //! exactly `idle_timeout` seconds after the last packet in either path (R3.4, R3.5). Only
@@ -125,8 +127,17 @@ impl FlowChange {
     }
 }
 
-/// Where the engine learns of packets it did not see (a fast path's last-seen times).
-pub trait ActivitySource: Send {
+/// A place outside the engine that translates packets of the engine's flows (a kernel fast
+/// path): told synchronously, in order, when a flow opens and when it closes, so it never holds
+/// a translation the engine has released (R2.2), and asked for a flow's last activity before
+/// the engine removes it as idle (R3.4). The engine stays the only authority: it decides every
+/// flow's start, port and end; an offload only carries packets of flows it was given.
+pub trait Offload: Send {
+    /// Flow `key` of the instance at `slot` started: its packets may be translated outside the
+    /// engine from now on.
+    fn install(&mut self, slot: u32, key: &FlowKey);
+    /// Flow `key` ended and its port is released: translate none of its packets any more.
+    fn remove(&mut self, key: &FlowKey);
     /// The last time (engine seconds) a packet of `key`'s flow was seen outside the engine, in
     /// either direction, if any. Asked only for flows the engine finds idle-due.
     fn last_seen(&mut self, key: &FlowKey) -> Option<Time>;
@@ -170,10 +181,22 @@ impl Engine {
         self.journal.lost
     }
 
-    /// Sets (or with `None` removes) the source asked for activity outside the engine before
-    /// an idle flow is removed.
-    pub fn set_activity_source(&mut self, src: Option<Box<dyn ActivitySource>>) {
-        self.activity = src;
+    /// Sets (or with `None` removes) the [`Offload`] told of flows and asked for activity
+    /// outside the engine before an idle flow is removed. A new offload is given every live
+    /// flow first (so it can be attached to a running engine); the one replaced is told of
+    /// nothing more (its owner clears it).
+    pub fn set_offload(&mut self, offload: Option<Box<dyn Offload>>) {
+        self.offload = offload;
+        if let Some(o) = self.offload.as_mut() {
+            for (_, f) in self.flows.iter_live() {
+                o.install(f.slot(), &FlowKey::of(f));
+            }
+        }
+    }
+
+    /// Whether an [`Offload`] is set.
+    pub fn has_offload(&self) -> bool {
+        self.offload.is_some()
     }
 
     /// Credits packets translated outside the engine (a fast path) to the instance at `slot`,
@@ -192,6 +215,10 @@ impl Engine {
     }
 
     pub(super) fn journal_opened(&mut self, fi: u32) {
+        if let Some(o) = self.offload.as_mut() {
+            let f = self.flows.get(fi);
+            o.install(f.slot(), &FlowKey::of(f));
+        }
         if !self.journal.on {
             return;
         }
@@ -210,6 +237,9 @@ impl Engine {
     }
 
     pub(super) fn journal_closed(&mut self, f: &Flow, at: Time, cause: EndCause) {
+        if let Some(o) = self.offload.as_mut() {
+            o.remove(&FlowKey::of(f));
+        }
         if !self.journal.on {
             return;
         }
@@ -253,7 +283,7 @@ impl Engine {
         if d.1 != EndCause::Idle {
             return d;
         }
-        let Some(src) = self.activity.as_mut() else {
+        let Some(src) = self.offload.as_mut() else {
             return d;
         };
         let key = FlowKey::of(self.flows.get(fi));

@@ -56,7 +56,7 @@ mod translate;
 
 pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
 pub use instance::Scenario;
-pub use journal::{ActivitySource, FlowChange, FlowKey, JOURNAL_CAP};
+pub use journal::{FlowChange, FlowKey, Offload, JOURNAL_CAP};
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
@@ -110,8 +110,8 @@ pub struct Engine {
     global: GlobalStats,
     /// Flow changes for a fast path or recorder (`journal`).
     journal: journal::Journal,
-    /// Asked for activity outside the engine before an idle flow goes (`journal`).
-    activity: Option<Box<dyn ActivitySource>>,
+    /// A fast path told of flows and asked for their activity (`journal`).
+    offload: Option<Box<dyn Offload>>,
 }
 
 impl Engine {
@@ -148,7 +148,7 @@ impl Engine {
             expiry_budget: EXPIRY_BUDGET,
             global: GlobalStats::default(),
             journal: journal::Journal::default(),
-            activity: None,
+            offload: None,
         };
         e.apply(now, topo)?;
         Ok(e)

@@ -123,7 +123,7 @@ impl Engine {
                     continue;
                 }
                 let (mut at, mut cause) = deadline(f, idle);
-                if at <= now && cause == EndCause::Idle && self.activity.is_some() {
+                if at <= now && cause == EndCause::Idle && self.offload.is_some() {
                     (at, cause) = self.refresh_from_outside(fi);
                 }
                 if at <= now {
@@ -152,7 +152,7 @@ impl Engine {
             return false;
         }
         let due = match self.due(fi) {
-            Some((_, EndCause::Idle)) if self.activity.is_some() => {
+            Some((_, EndCause::Idle)) if self.offload.is_some() => {
                 let d = self.refresh_from_outside(fi);
                 (d.0 <= self.now).then_some(d)
             }
