@@ -6,12 +6,15 @@
 //! - [`PacketBatch`]: reusable packet buffers (allocated once, rewritten in place).
 //! - [`TunIo`]: the Linux TUN backend (multi-queue, optional virtio-net offload).
 //! - [`MemIo`]: an in-memory backend for tests (no privileges needed).
+//! - [`fastpath`]: the kernel fast path (a tc/tcx eBPF program built from `bpf/snat_tc.c`),
+//!   its loader and its maps (issue #9).
 //!
 //! What it does not do: parse or translate packets (`snatgw-wire`, `snatgw-dataplane`),
 //! configure addresses, routes or namespaces (`snatgw-lab` or the operator).
 //!
-//! This is the only workspace crate allowed `unsafe`; it uses it in one place, the opt-in
-//! huge-page allocator ([`HugePageAlloc`]), each block with a `// SAFETY:` comment.
+//! This is the only workspace crate allowed `unsafe`; it uses it in the opt-in huge-page
+//! allocator ([`HugePageAlloc`]) and in [`fastpath`] (the map types' `Pod` marker, two libc
+//! calls), each block with a `// SAFETY:` comment.
 //!
 //! # Worker loop
 //! ```no_run
@@ -36,6 +39,7 @@
 //! ```
 
 mod batch;
+pub mod fastpath;
 mod hugepage;
 mod mem;
 mod tun;

@@ -6,63 +6,12 @@
 //! disappears when the thread ends (no named namespace to leak, even on a crash).
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use snatgw_io::{PacketBatch, PacketIo, TunConfig, TunIo};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Runs `f` on a thread in a new, private network namespace.
-fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        // Belt and braces: a fresh namespace has nothing but a loopback device.
-        let links = ip(&["-o", "link", "show"]);
-        assert_eq!(
-            links.lines().count(),
-            1,
-            "not in a fresh namespace, refusing to continue: {links}"
-        );
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// Runs `ip ARGS` (in the calling thread's namespace) and returns stdout; panics on failure.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            // CI sets SNATGW_REQUIRE_ROOT=1: a root-only test must fail there, never skip.
-            assert!(
-                std::env::var("SNATGW_REQUIRE_ROOT").map_or(true, |v| v != "1"),
-                "this test needs root and SNATGW_REQUIRE_ROOT=1 is set: refusing to skip it"
-            );
-            eprintln!("skipped: needs root (set SNATGW_REQUIRE_ROOT=1 to make this a failure)");
-            return;
-        }
-    };
-}
+mod common;
+use common::{in_private_netns, ip};
 
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);

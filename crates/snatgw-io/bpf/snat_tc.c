@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
+//
+// snatgw's kernel fast path (issue #9): a tc (tcx) ingress classifier that translates packets
+// of flows the userspace engine has installed in FLOWS, and passes everything else up.
+//
+// What it does, per packet arriving on the interface it is attached to:
+//   - IPv4 without options, not a fragment, TCP without SYN/FIN/RST or UDP, TTL > 1, whose
+//     key (addresses, ports, protocol, direction) is in FLOWS: rewrite the source (outbound,
+//     attached to the private side) or the destination (inbound, public side) address and
+//     port with the kernel's checksum helpers (RFC 1624 incremental updates; a GSO or
+//     CHECKSUM_PARTIAL skb stays whole and correct, a zero UDP checksum stays zero), decrement
+//     the TTL as a router does, record last-seen time and per-instance packet counters, and
+//     redirect to the egress interface with bpf_redirect_neigh (FIB and neighbour lookup).
+//   - anything else (first packets of flows, SYN/FIN/RST, ICMP, fragments, options, a packet
+//     too big for the egress MTU, unknown flows): TC_ACT_OK, i.e. on to the kernel's stack
+//     and, by the operator's policy routing, to the userspace engine (the TUN). The engine
+//     stays the only authority: it installs and removes every entry (SPEC R2.2, R3.1-R3.5).
+//   - in "floor" mode (CONFIG[0] = 1, for benchmarks only): parse, decrement the TTL and
+//     redirect to CONFIG[1 + dir] without any lookup or rewrite: the cost of the mechanism.
+// What it does not do: create flows, decide ports, end flows, look at ICMP errors.
+//
+// Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
+// side's ingress, snat_in to the public side's, and the direction is part of the key.
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define DIR_OUT 0
+#define DIR_IN 1
+
+// Keep in step with crates/snatgw-io/src/fastpath.rs.
+struct flow_key {
+	__u32 src;   // source address as on the wire
+	__u32 dst;   // destination address as on the wire
+	__u16 sport; // network order
+	__u16 dport; // network order
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+struct flow_val {
+	__u32 addr;     // new address (outbound: source; inbound: destination), network order
+	__u16 port;     // new port, network order
+	__u16 pad;
+	__u32 ifindex;  // egress interface
+	__u32 counter;  // index into COUNTERS of this flow's instance, protocol and direction
+	__u64 last_seen; // bpf_ktime_get_ns() of the last packet translated here
+};
+
+// Indexes of STATS.
+enum {
+	ST_TRANSLATED_OUT = 0,
+	ST_TRANSLATED_IN,
+	ST_MISS,          // no entry: passed up
+	ST_CONTROL,       // TCP SYN/FIN/RST: passed up
+	ST_NOT_FAST,      // not IPv4 TCP/UDP, options, fragment: passed up
+	ST_TTL,           // TTL <= 1: passed up (the kernel answers time exceeded)
+	ST_MTU,           // too big for the egress interface: passed up
+	ST_FLOOR,         // floor mode redirects
+	ST_NOT_IPV4,      // not IPv4 (ARP and others): passed up
+	ST_COUNT,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+	__uint(max_entries, 1 << 20); // the loader sets the real size
+} FLOWS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1 << 18); // the loader sets the real size
+} COUNTERS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, ST_COUNT);
+} STATS SEC(".maps");
+
+// [0] mode (0 translate, 1 floor), [1] floor egress of snat_out, [2] floor egress of snat_in.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 4);
+} CONFIG SEC(".maps");
+
+#define IP_OFF ETH_HLEN
+#define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
+#define IP_TTL_OFF (IP_OFF + offsetof(struct iphdr, ttl))
+#define IP_SRC_OFF (IP_OFF + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF (IP_OFF + offsetof(struct iphdr, daddr))
+#define L4_OFF (IP_OFF + sizeof(struct iphdr))
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&STATS, &idx);
+	if (c)
+		*c += 1;
+}
+
+static __always_inline int pass(__u32 why)
+{
+	count(why);
+	return TC_ACT_OK;
+}
+
+static __always_inline __u32 config(__u32 idx)
+{
+	__u32 *v = bpf_map_lookup_elem(&CONFIG, &idx);
+	return v ? *v : 0;
+}
+
+// Decrements the TTL (caller checked ttl > 1), fixing the header checksum.
+static __always_inline int dec_ttl(struct __sk_buff *skb, __u8 ttl, __u8 proto)
+{
+	__u16 old = bpf_htons(((__u16)ttl << 8) | proto);
+	__u16 new = bpf_htons(((__u16)(ttl - 1) << 8) | proto);
+	__u8 nttl = ttl - 1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_TTL_OFF, &nttl, 1, 0);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return pass(ST_NOT_IPV4);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return pass(ST_NOT_IPV4);
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return pass(ST_NOT_FAST);
+	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		return pass(ST_NOT_FAST);
+	__u8 proto = ip->protocol;
+	__u8 ttl = ip->ttl;
+
+	if (config(0) == 1) {
+		// Floor mode: the mechanism without the NAT.
+		if (ttl <= 1)
+			return pass(ST_TTL);
+		if (dec_ttl(skb, ttl, proto))
+			return TC_ACT_SHOT;
+		count(ST_FLOOR);
+		return bpf_redirect_neigh(config(1 + dir), NULL, 0, 0);
+	}
+
+	struct flow_key k = {
+		.src = ip->saddr,
+		.dst = ip->daddr,
+		.proto = proto,
+		.dir = dir,
+	};
+	__u32 csum_off;
+	__u64 mangled = 0;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *t = (void *)(ip + 1);
+		if ((void *)(t + 1) > data_end)
+			return pass(ST_NOT_FAST);
+		if (t->syn || t->fin || t->rst)
+			return pass(ST_CONTROL);
+		k.sport = t->source;
+		k.dport = t->dest;
+		csum_off = L4_OFF + offsetof(struct tcphdr, check);
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *u = (void *)(ip + 1);
+		if ((void *)(u + 1) > data_end)
+			return pass(ST_NOT_FAST);
+		k.sport = u->source;
+		k.dport = u->dest;
+		csum_off = L4_OFF + offsetof(struct udphdr, check);
+		mangled = BPF_F_MARK_MANGLED_0;
+	} else {
+		return pass(ST_NOT_FAST);
+	}
+
+	struct flow_val *v = bpf_map_lookup_elem(&FLOWS, &k);
+	if (!v)
+		return pass(ST_MISS);
+	if (ttl <= 1)
+		return pass(ST_TTL);
+	__u32 mtu = 0;
+	if (bpf_check_mtu(skb, v->ifindex, &mtu, 0, 0))
+		return pass(ST_MTU);
+
+	__u32 new_addr = v->addr;
+	__u16 new_port = v->port;
+	__u32 old_addr = dir == DIR_OUT ? k.src : k.dst;
+	__u16 old_port = dir == DIR_OUT ? k.sport : k.dport;
+	__u32 addr_off = dir == DIR_OUT ? IP_SRC_OFF : IP_DST_OFF;
+	__u32 port_off = dir == DIR_OUT ? L4_OFF + 0 : L4_OFF + 2; // source / dest port
+
+	// Packet pointers are invalid after the first helper that may change the data.
+	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2))
+		return TC_ACT_SHOT;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
+		return TC_ACT_SHOT;
+	if (dec_ttl(skb, ttl, proto))
+		return TC_ACT_SHOT;
+
+	v->last_seen = bpf_ktime_get_ns();
+	__u32 ci = v->counter;
+	__u64 *c = bpf_map_lookup_elem(&COUNTERS, &ci);
+	if (c)
+		*c += 1;
+	count(dir == DIR_OUT ? ST_TRANSLATED_OUT : ST_TRANSLATED_IN);
+	return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
+}
+
+SEC("classifier")
+int snat_out(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_OUT);
+}
+
+SEC("classifier")
+int snat_in(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_IN);
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,368 @@
+//! The kernel fast path (issue #9): loads `bpf/snat_tc.c` (compiled by `build.rs` with clang
+//! `-target bpf`), attaches it at tc ingress (tcx on kernels ≥ 6.6, else a clsact qdisc) of
+//! the gateway's private and public interfaces, and gives typed access to its maps.
+//!
+//! What it does: [`TcFastPath::load`] loads and attaches the two programs (`snat_out` on the
+//! private side, `snat_in` on the public side: direction by interface, SPEC R9.1) and hands
+//! out the flow map ([`FlowMap`], written by whoever the engine tells of flows) and the
+//! counters ([`FastPathCounters`]: per-instance packet counts for R6.1, and why packets were
+//! passed up). The programs stay attached while the [`TcFastPath`] lives; dropping it, or the
+//! process ending, detaches them (tcx links are owned by file descriptors), so a dead gateway
+//! never leaves translations behind.
+//!
+//! What it does not do: decide anything. Which flows exist, their ports and their ends are
+//! the engine's (`snatgw-core`'s `Offload`); the binary maps engine flows to entries.
+//!
+//! Keys and values are `#[repr(C)]` copies of the C structs, addresses and ports in network
+//! byte order as the program reads them off the wire.
+
+use std::ffi::CString;
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+
+/// The compiled program (empty when the build had no clang).
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat_tc.o"));
+
+/// Direction byte of a key: packets arriving on the private side.
+pub const DIR_OUT: u8 = 0;
+/// Direction byte of a key: packets arriving on the public side.
+pub const DIR_IN: u8 = 1;
+
+/// Entries of the program's STATS array, in order (see `bpf/snat_tc.c`).
+pub const STAT_NAMES: [&str; 9] = [
+    "translated_out",
+    "translated_in",
+    "miss",
+    "control",
+    "not_fast",
+    "ttl",
+    "mtu",
+    "floor",
+    "not_ipv4",
+];
+
+/// Key of the flow map: the packet's addresses and ports as on the wire, and its direction.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct BpfFlowKey {
+    /// Source address, network order.
+    pub src: u32,
+    /// Destination address, network order.
+    pub dst: u32,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`DIR_OUT`] or [`DIR_IN`].
+    pub dir: u8,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// Value of the flow map: the rewrite, where to send the packet, and what the program records.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BpfFlowVal {
+    /// New address (outbound: source; inbound: destination), network order.
+    pub addr: u32,
+    /// New port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+    /// Egress interface index.
+    pub ifindex: u32,
+    /// Index into the per-instance packet counters.
+    pub counter: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds of the last packet translated here (0: none yet).
+    pub last_seen: u64,
+}
+
+// SAFETY: both are `#[repr(C)]` structs of plain integers with explicit padding fields, so
+// every bit pattern is valid and there are no uninitialised padding bytes (16 and 24 bytes,
+// checked by the `layout` test); this is what `aya::Pod` requires to copy them to and from
+// the kernel.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BpfFlowKey {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BpfFlowVal {}
+
+/// Why the fast path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    /// This build has no BPF object (clang was missing when it was compiled).
+    #[error("this build has no fast-path program: clang was not found when snatgw-io was compiled (install clang and libbpf-dev, then rebuild)")]
+    NotBuilt,
+    /// An interface name could not be resolved in this network namespace.
+    #[error("interface {0:?} not found")]
+    NoInterface(String),
+    /// The kernel refused to load the object or create its maps.
+    #[error("loading the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Loading or attaching a program failed.
+    #[error("{what}: {source}")]
+    Program {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or of the wrong shape.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// The error.
+        source: aya::maps::MapError,
+    },
+}
+
+/// How to set the fast path up.
+#[derive(Debug, Clone)]
+pub struct FastPathConfig {
+    /// Interface the instances' packets arrive on (outbound, R9.1).
+    pub private_if: String,
+    /// Interface the internet's packets arrive on (inbound, R9.1).
+    pub public_if: String,
+    /// Flows the map holds (two entries each); further flows stay on the slow path.
+    pub max_flows: u32,
+    /// Instance slots with counters (four counters each); flows of higher slots stay on the
+    /// slow path.
+    pub counter_slots: u32,
+    /// Benchmark floor: redirect every IPv4 packet to the other interface without lookup or
+    /// rewrite (no NAT at all; only for `snatgw race`).
+    pub floor: bool,
+}
+
+/// The attached fast path. Dropping it detaches the programs.
+pub struct TcFastPath {
+    _ebpf: Ebpf,
+    /// Index of the private interface.
+    pub private_ifindex: u32,
+    /// Index of the public interface.
+    pub public_ifindex: u32,
+}
+
+/// The flow map.
+pub struct FlowMap {
+    map: HashMap<MapData, BpfFlowKey, BpfFlowVal>,
+}
+
+/// The program's counters.
+pub struct FastPathCounters {
+    counters: PerCpuArray<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    slots: u32,
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of `bpf_ktime_get_ns`, and of
+/// `std::time::Instant` on Linux.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(r, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The index of interface `name` in this network namespace.
+pub fn ifindex(name: &str) -> Result<u32, FastPathError> {
+    let c = CString::new(name).map_err(|_| FastPathError::NoInterface(name.into()))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    #[allow(unsafe_code)]
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(FastPathError::NoInterface(name.into()))
+    } else {
+        Ok(i)
+    }
+}
+
+/// Whether this build carries the program.
+pub fn built() -> bool {
+    !PROGRAM.is_empty()
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    f: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, FastPathError> {
+    let m = ebpf.take_map(name).ok_or(FastPathError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    f(m).map_err(|source| FastPathError::Map { name, source })
+}
+
+impl TcFastPath {
+    /// Loads the program, sizes its maps, attaches it to both interfaces' ingress and returns
+    /// it with its flow map and counters.
+    pub fn load(
+        cfg: &FastPathConfig,
+    ) -> Result<(TcFastPath, FlowMap, FastPathCounters), FastPathError> {
+        if !built() {
+            return Err(FastPathError::NotBuilt);
+        }
+        let private_ifindex = ifindex(&cfg.private_if)?;
+        let public_ifindex = ifindex(&cfg.public_if)?;
+        let slots = cfg.counter_slots.max(1);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", cfg.max_flows.max(1).saturating_mul(2))
+            .map_max_entries("COUNTERS", slots.saturating_mul(4))
+            .load(PROGRAM)?;
+        {
+            let mut config: aya::maps::Array<&mut MapData, u32> =
+                aya::maps::Array::try_from(ebpf.map_mut("CONFIG").ok_or(FastPathError::Map {
+                    name: "CONFIG",
+                    source: aya::maps::MapError::InvalidName {
+                        name: "CONFIG".into(),
+                    },
+                })?)
+                .map_err(|source| FastPathError::Map {
+                    name: "CONFIG",
+                    source,
+                })?;
+            let set = |c: &mut aya::maps::Array<&mut MapData, u32>, i: u32, v: u32| {
+                c.set(i, v, 0).map_err(|source| FastPathError::Map {
+                    name: "CONFIG",
+                    source,
+                })
+            };
+            set(&mut config, 0, u32::from(cfg.floor))?;
+            set(&mut config, 1, public_ifindex)?;
+            set(&mut config, 2, private_ifindex)?;
+        }
+        for (prog, ifname) in [("snat_out", &cfg.private_if), ("snat_in", &cfg.public_if)] {
+            let err = |what: String| move |source| FastPathError::Program { what, source };
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| FastPathError::Program {
+                    what: format!("program {prog}"),
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(err(format!("program {prog}")))?;
+            p.load()
+                .map_err(err(format!("loading {prog} (verifier)")))?;
+            // tcx on kernels >= 6.6; older ones attach through a clsact qdisc, added on demand.
+            if p.attach(ifname, TcAttachType::Ingress).is_err() {
+                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+                p.attach(ifname, TcAttachType::Ingress)
+                    .map_err(err(format!("attaching {prog} to {ifname} ingress")))?;
+            }
+        }
+        let map = take(&mut ebpf, "FLOWS", HashMap::try_from)?;
+        let counters = take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
+        let stats = take(&mut ebpf, "STATS", PerCpuArray::try_from)?;
+        Ok((
+            TcFastPath {
+                _ebpf: ebpf,
+                private_ifindex,
+                public_ifindex,
+            },
+            FlowMap { map },
+            FastPathCounters {
+                counters,
+                stats,
+                slots,
+            },
+        ))
+    }
+}
+
+impl FlowMap {
+    /// Inserts or replaces an entry.
+    pub fn insert(&mut self, k: &BpfFlowKey, v: &BpfFlowVal) -> Result<(), aya::maps::MapError> {
+        self.map.insert(k, v, 0)
+    }
+
+    /// Removes an entry; a missing entry is not an error.
+    pub fn remove(&mut self, k: &BpfFlowKey) -> Result<(), aya::maps::MapError> {
+        match self.map.remove(k) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// The entry for `k`, if present.
+    pub fn get(&self, k: &BpfFlowKey) -> Option<BpfFlowVal> {
+        self.map.get(k, 0).ok()
+    }
+
+    /// Number of entries (walks the map: for tests and diagnostics).
+    pub fn len(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+
+    /// Whether the map is empty (walks the map).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FastPathCounters {
+    /// Instance slots with counters.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// The per-instance packet counters of the first `slots` instance slots, summed over CPUs:
+    /// index `slot * 4 + (udp ? 2 : 0) + dir`.
+    pub fn instance_counters(&self, slots: u32) -> Vec<u64> {
+        let n = slots.min(self.slots) * 4;
+        (0..n)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// The program's own counters, in the order of [`STAT_NAMES`], summed over CPUs.
+    pub fn stats(&self) -> [u64; STAT_NAMES.len()] {
+        let mut out = [0; STAT_NAMES.len()];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self
+                .stats
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        // The C structs: 16-byte key, 24-byte value, no implicit padding.
+        assert_eq!(std::mem::size_of::<BpfFlowKey>(), 16);
+        assert_eq!(std::mem::size_of::<BpfFlowVal>(), 24);
+        assert_eq!(std::mem::align_of::<BpfFlowVal>(), 8);
+    }
+
+    #[test]
+    fn the_build_carries_the_program() {
+        // clang is installed by the test script; a build without it must not pass unnoticed.
+        assert!(built(), "snatgw-io was built without the fast-path object");
+    }
+}
