@@ -90,8 +90,18 @@ pub struct GatewayOptions {
     /// Management API address inside the gateway namespace (`--api`; its loopback is the
     /// namespace's own, so every lab can use the default `127.0.0.1:7070`).
     pub api: String,
+    /// `--fast-path` (`off`, `tc` or `auto`); the lab's interfaces are the attach points
+    /// (the bridge for the private side, the link to the internet for the public side).
+    /// [`GatewayOptions::new`] takes it from `SNATGW_FAST_PATH` (default `off`), so every lab
+    /// test runs with the fast path on when the suite is run with `SNATGW_FAST_PATH=tc`.
+    pub fast_path: String,
     /// Extra arguments for `snatgw run`.
     pub extra: Vec<String>,
+}
+
+/// The fast-path mode lab gateways start with: `SNATGW_FAST_PATH`, default `off`.
+pub fn fast_path_from_env() -> String {
+    std::env::var("SNATGW_FAST_PATH").unwrap_or_else(|_| "off".into())
 }
 
 impl GatewayOptions {
@@ -112,6 +122,7 @@ impl GatewayOptions {
             fresh_state: true,
             api: DEFAULT_API.into(),
             stats_file,
+            fast_path: fast_path_from_env(),
             extra: Vec::new(),
         }
     }
@@ -171,6 +182,14 @@ pub fn start_gateway(lab: &Lab, opts: &GatewayOptions) -> Result<LabChild, LabEr
     if opts.offload {
         argv.push("--offload");
     }
+    argv.extend([
+        "--fast-path",
+        &opts.fast_path,
+        "--private-if",
+        crate::spec::BRIDGE,
+        "--public-if",
+        crate::spec::GW_INET_IF,
+    ]);
     argv.extend(opts.extra.iter().map(String::as_str));
     let stderr = match &opts.log_file {
         Some(p) => Stdio::from(std::fs::File::create(p).map_err(|source| LabError::Spawn {

@@ -18,6 +18,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
 mod api_cli;
 mod api_render;
+mod fastpath;
 mod lab;
 mod logcap;
 mod race;

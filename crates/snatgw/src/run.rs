@@ -46,6 +46,7 @@ use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
 use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store};
 
+use crate::fastpath::{FastPath, FastPathMode};
 use crate::logcap::{Admit, LogCap};
 use crate::stats::{self, Snapshot};
 
@@ -97,6 +98,23 @@ pub struct RunArgs {
     /// Directory of the embedded store: the topology survives restarts there.
     #[arg(long, default_value = "/var/lib/snatgw")]
     pub state_dir: PathBuf,
+    /// Kernel fast path for established flows (tc/tcx eBPF): `auto` uses it when the kernel,
+    /// the build and --private-if/--public-if allow, else the TUN path (logged); `tc` or fail.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fast_path: FastPathMode,
+    /// Interface the instances' packets arrive on (the fast path's outbound attach point).
+    #[arg(long)]
+    pub private_if: Option<String>,
+    /// Interface the internet's packets arrive on (the fast path's inbound attach point).
+    #[arg(long)]
+    pub public_if: Option<String>,
+    /// Flows the fast path's map holds; further flows stay on the TUN path.
+    #[arg(long, default_value_t = 262_144)]
+    pub fast_path_flows: u32,
+    /// Benchmark floor only: the fast path redirects every IPv4 packet between the two
+    /// interfaces with no NAT at all (what `snatgw race` measures against).
+    #[arg(long, hide = true)]
+    pub fast_path_floor: bool,
 }
 
 impl RunArgs {
@@ -164,6 +182,9 @@ struct Shared {
     events: Arc<EventLog>,
     stop: AtomicBool,
     start: Instant,
+    /// `CLOCK_MONOTONIC` nanoseconds at gateway time 0: the clock the fast path stamps
+    /// packets with, so its last-seen times and `now` agree to the second (R3.4).
+    start_ns: u64,
     lock: LockCounters,
     /// Private-side workers first, then public-side ones.
     workers: Vec<Mutex<WorkerStats>>,
@@ -174,7 +195,8 @@ struct Shared {
 
 impl Shared {
     fn now(&self) -> u32 {
-        u32::try_from(self.start.elapsed().as_secs()).unwrap_or(u32::MAX)
+        let ns = snatgw_io::fastpath::monotonic_ns().saturating_sub(self.start_ns);
+        u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
     }
 
     /// Takes the gateway lock, counting contention.
@@ -266,7 +288,12 @@ fn worker(idx: usize, side: Side, mut io: TunIo, batch_size: usize, sh: Arc<Shar
     tracing::debug!(side = label, queue = q, batches, "worker stopped");
 }
 
-fn snapshot(a: &RunArgs, sh: &Shared, events: &VecDeque<stats::EventSnap>) -> Snapshot {
+fn snapshot(
+    a: &RunArgs,
+    sh: &Shared,
+    events: &VecDeque<stats::EventSnap>,
+    fp: Option<&FastPath>,
+) -> Snapshot {
     let mut s = Snapshot {
         uptime_ms: sh.start.elapsed().as_millis() as u64,
         tun_private: a.tun_private.clone(),
@@ -274,6 +301,7 @@ fn snapshot(a: &RunArgs, sh: &Shared, events: &VecDeque<stats::EventSnap>) -> Sn
         queues: a.queues,
         offload: a.offload,
         events: events.iter().cloned().collect(),
+        fast_path: fp.map(FastPath::snap),
         ..Default::default()
     };
     {
@@ -312,7 +340,16 @@ fn write_stats(a: &RunArgs, s: &Snapshot) {
 
 /// Advances the engine's timers and drains its events (logged under the rate cap, R9.3;
 /// kept in `ring`).
-fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>, cap: &mut LogCap) {
+fn tick(
+    sh: &Shared,
+    ring: &mut VecDeque<stats::EventSnap>,
+    cap: &mut LogCap,
+    fp: Option<&mut FastPath>,
+) {
+    if let Some(fp) = fp {
+        // Packets the kernel translated count for their instances (R6.1).
+        fp.harvest(sh.lock_gw().engine_mut());
+    }
     let now = sh.now();
     // Timer work in bounded steps (R9.4): the lock is released between steps, so after a
     // mass expiry the workers keep translating while the backlog is worked off.
@@ -403,6 +440,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
     let n_inst = engine.instances().len();
+    // Engine time 0 is now: the fast path's timestamps are converted against the same reading.
+    let (start, start_ns) = (Instant::now(), snatgw_io::fastpath::monotonic_ns());
     if a.tun_private == a.tun_public {
         return Err(format!(
             "--tun-private and --tun-public must name different devices (both are {:?}): the side a packet arrives on decides its direction (SPEC R9.1)",
@@ -435,11 +474,21 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         first_seq,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
+    let mut fast_path = FastPath::setup(
+        a.fast_path,
+        a.private_if.as_deref(),
+        a.public_if.as_deref(),
+        a.fast_path_flows,
+        a.fast_path_floor,
+        start_ns,
+        &mut engine,
+    )?;
     let sh = Arc::new(Shared {
         gw: Arc::new(Mutex::new(Gateway::new(engine))),
         events: events.clone(),
         stop: AtomicBool::new(false),
-        start: Instant::now(),
+        start,
+        start_ns,
         lock: LockCounters::default(),
         workers: (0..2 * a.queues)
             .map(|_| Mutex::new(WorkerStats::default()))
@@ -520,10 +569,11 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "{{\"event\":\"ready\",\"tun_private\":\"{}\",\"tun_public\":\"{}\",\"queues\":{},\"api\":{},\"pid\":{}}}",
+            "{{\"event\":\"ready\",\"tun_private\":\"{}\",\"tun_public\":\"{}\",\"queues\":{},\"fast_path\":{},\"api\":{},\"pid\":{}}}",
             a.tun_private,
             a.tun_public,
             a.queues,
+            fast_path.is_some(),
             api.as_ref()
                 .map_or("null".to_string(), |h| format!("\"{}\"", h.local_addr())),
             std::process::id()
@@ -535,10 +585,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let mut cap = LogCap::new(a.log_rate, a.log_burst, 1000);
     let mut last_stats: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
-        tick(&sh, &mut ring, &mut cap);
+        tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
-            let mut s = snapshot(a, &sh, &ring);
+            let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
             s.log_lines_suppressed = cap.suppressed_total;
             write_stats(a, &s);
         }
@@ -548,8 +598,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     for h in workers {
         let _ = h.join();
     }
-    tick(&sh, &mut ring, &mut cap);
-    let mut s = snapshot(a, &sh, &ring);
+    tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
+    let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
     s.log_lines_suppressed = cap.suppressed_total;
     s.final_snapshot = true;
     write_stats(a, &s);

@@ -56,6 +56,9 @@ pub struct Snapshot {
     /// Event log lines not written because of the log rate cap (R9.3).
     #[serde(default)]
     pub log_lines_suppressed: u64,
+    /// The kernel fast path, when it runs (issue #9).
+    #[serde(default)]
+    pub fast_path: Option<crate::fastpath::FastPathSnap>,
 }
 
 /// Engine-wide counters.

@@ -209,6 +209,12 @@ impl Engine {
         }
     }
 
+    /// Instance slots in use or free (slots are `0..instance_slots()`): how far per-slot
+    /// counters kept outside the engine reach.
+    pub fn instance_slots(&self) -> u32 {
+        self.insts.len() as u32
+    }
+
     /// The slot of the instance named `name` (what [`FlowChange`] carries).
     pub fn instance_slot(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
