@@ -135,10 +135,22 @@ static __always_inline int dec_ttl(struct __sk_buff *skb, __u8 ttl, __u8 proto)
 	return bpf_skb_store_bytes(skb, IP_TTL_OFF, &nttl, 1, 0);
 }
 
+// Headers the program reads: Ethernet, IPv4 without options, a TCP header (the longest).
+#define HDRS_LEN (L4_OFF + sizeof(struct tcphdr))
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	if (data + HDRS_LEN > data_end) {
+		// Headers not all in the linear part (packet sockets, some drivers): pull them in,
+		// as much of them as the packet has.
+		__u32 want = skb->len < HDRS_LEN ? skb->len : HDRS_LEN;
+		if (bpf_skb_pull_data(skb, want))
+			return pass(ST_NOT_FAST);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return pass(ST_NOT_IPV4);

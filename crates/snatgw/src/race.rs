@@ -1,13 +1,17 @@
-//! `snatgw race`: the same lab (crates/snatgw-lab) through snatgw, through the kernel's
-//! nftables masquerade and through plain kernel routing without NAT (the floor), veth
+//! `snatgw race`: the same lab (crates/snatgw-lab) through snatgw with its kernel fast path
+//! (`--fast-path tc`), through snatgw on the TUN path alone (`--fast-path off`), through the
+//! kernel's nftables masquerade, and through two floors: plain kernel routing without NAT, and
+//! the fast path's program redirecting without lookup or rewrite (`--fast-path-floor`); veth
 //! offloads off then on, measuring 64-byte UDP packets/s (trafgen), TCP bulk throughput
 //! (iperf3) and new TCP connections/s, and the CPU spent. Prints the figures as
 //! min / median / max over the rounds, the ratios snatgw / kernel and each side / floor, and
 //! the CPU seconds per measurement (docs/PERFORMANCE.md, "Gateway vs kernel NAT").
 //!
-//! Order (ABBA): every round runs kernel, snatgw, floor, snatgw, kernel (odd rounds start
-//! with snatgw instead), one fresh lab per run; a round's figure for a side is the mean of its
-//! two runs, so a linear drift of the machine during the round cancels. At least 3 rounds.
+//! Order (ABBA): every round runs kernel, snatgw, floor, fast-path floor, snatgw-tun, snatgw,
+//! kernel (odd rounds swap kernel and snatgw), one fresh lab per run; a round's figure for
+//! snatgw and the kernel is the mean of their two runs, so a linear drift of the machine
+//! during the round cancels for the headline ratio; the floors and the TUN path run once per
+//! round, in the middle. At least 3 rounds.
 //!
 //! Same timers on both sides: snatgw's race configuration has idle 240 s (SPEC default),
 //! FIN 2 s, RST 1 s (short so the connection test is never port-bound); the kernel side gets
@@ -44,9 +48,7 @@
 //! is shown for information only: softirq work done in a process's context is also in that
 //! process's stime, so it must not be added to the others.
 //!
-//! What it does not measure: the second floor issue #9 names, "the fast path redirecting
-//! without rewriting", needs the eBPF fast path, which does not exist yet; traffic inbound to
-//! public load balancers; more than one UDP flow; a real NIC (everything is veth and TUN on one
+//! What it does not measure: traffic inbound to public load balancers; more than one UDP flow; a real NIC (everything is veth and TUN on one
 //! host, so generators, servers and the NAT share the same CPUs).
 //!
 //! Needs root, `iperf3` and `trafgen` (Debian: `apt-get install -y iperf3 netsniff-ng`).
@@ -66,7 +68,7 @@ use snatgw_lab::{GatewayMode, KernelNat, Lab, LabSpec};
 /// Options of `snatgw race`.
 #[derive(Args, Debug, Clone)]
 pub struct RaceArgs {
-    /// Rounds (each: kernel, snatgw, floor, snatgw, kernel; at least 3).
+    /// Rounds (each: kernel, snatgw, floor, fast-floor, snatgw-tun, snatgw, kernel; at least 3).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Seconds per measurement.
@@ -143,10 +145,15 @@ fn config() -> String {
 enum Side {
     /// The kernel's nftables masquerade, conntrack timers = snatgw's.
     Kernel,
-    /// `snatgw run` behind two TUNs.
+    /// `snatgw run --fast-path tc`: established flows in the kernel, the rest via the TUNs.
     Snatgw,
+    /// `snatgw run --fast-path off`: every packet through the TUNs.
+    SnatgwTun,
     /// Kernel routing without NAT (no nftables rules, no conntrack): the floor.
     Floor,
+    /// The fast path's program redirecting every packet between the interfaces, no lookup,
+    /// no rewrite, no NAT (`--fast-path-floor`): the fast path's own floor.
+    FastFloor,
 }
 
 impl Side {
@@ -154,19 +161,30 @@ impl Side {
         match self {
             Side::Kernel => "kernel",
             Side::Snatgw => "snatgw",
+            Side::SnatgwTun => "snatgw-tun",
             Side::Floor => "floor",
+            Side::FastFloor => "fast-floor",
         }
     }
+
+    const ALL: [Side; 5] = [
+        Side::Snatgw,
+        Side::SnatgwTun,
+        Side::Kernel,
+        Side::Floor,
+        Side::FastFloor,
+    ];
 }
 
-/// The runs of round `round` (0-based): ABBA around the floor, alternating the first side.
-fn round_order(round: usize) -> [Side; 5] {
+/// The runs of round `round` (0-based): ABBA of snatgw and the kernel around the floors and
+/// the TUN path, alternating the first side.
+fn round_order(round: usize) -> [Side; 7] {
     let (a, b) = if round.is_multiple_of(2) {
         (Side::Kernel, Side::Snatgw)
     } else {
         (Side::Snatgw, Side::Kernel)
     };
-    [a, b, Side::Floor, b, a]
+    [a, b, Side::Floor, Side::FastFloor, Side::SnatgwTun, b, a]
 }
 
 /// CPU seconds of one measurement; see the module docs.
@@ -626,6 +644,28 @@ fn set_conntrack_timers(lab: &Lab) -> Result<(), String> {
     Ok(())
 }
 
+/// Routes the private range (untranslated) from the internet namespace back to the gateway:
+/// what both floors need, as nothing is translated.
+fn route_private_back(lab: &Lab) -> Result<(), String> {
+    exec_ok(
+        lab,
+        &lab.inet_ns(),
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.0.0.0/16",
+            "via",
+            "198.51.100.1",
+            "dev",
+            "inet-gw",
+        ],
+        Duration::from_secs(10),
+    )
+    .map_err(|e| format!("floor: {e}"))?;
+    Ok(())
+}
+
 /// Turns the kernel-NAT lab into the floor: no nftables rules in the gateway namespace and the
 /// private range routed (untranslated) from the internet namespace back to the gateway.
 fn make_floor(lab: &Lab) -> Result<(), String> {
@@ -646,23 +686,7 @@ fn make_floor(lab: &Lab) -> Result<(), String> {
     if !rules.trim().is_empty() {
         return Err(format!("floor: {gw} still has nftables rules: {rules}"));
     }
-    exec_ok(
-        lab,
-        &lab.inet_ns(),
-        &[
-            "ip",
-            "route",
-            "add",
-            "10.0.0.0/16",
-            "via",
-            "198.51.100.1",
-            "dev",
-            "inet-gw",
-        ],
-        Duration::from_secs(10),
-    )
-    .map_err(|e| format!("floor: {e}"))?;
-    Ok(())
+    route_private_back(lab)
 }
 
 /// Live conntrack entries in the gateway namespace (`None` if conntrack is not loaded).
@@ -683,9 +707,11 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
         spec = spec.with_instance(format!("c{i}"), client_ip(i));
     }
     spec.public_ips = vec![POOL_IP.parse().map_err(|_| "bad ip")?];
-    spec = spec.with_mode(match side {
-        Side::Snatgw => GatewayMode::snatgw(),
-        Side::Kernel | Side::Floor => GatewayMode::Kernel(KernelNat::Masquerade),
+    let gateway = matches!(side, Side::Snatgw | Side::SnatgwTun | Side::FastFloor);
+    spec = spec.with_mode(if gateway {
+        GatewayMode::snatgw()
+    } else {
+        GatewayMode::Kernel(KernelNat::Masquerade)
     });
     let mut lab = Lab::up(spec).map_err(|e| format!("lab up: {e}"))?;
     let res = (|| -> Result<Figures, String> {
@@ -705,7 +731,8 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
         match side {
             Side::Kernel => set_conntrack_timers(&lab)?,
             Side::Floor => make_floor(&lab)?,
-            Side::Snatgw => {}
+            Side::FastFloor => route_private_back(&lab)?,
+            Side::Snatgw | Side::SnatgwTun => {}
         }
         let iperf = lab
             .spawn_with(
@@ -716,20 +743,27 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
             )
             .map_err(|e| format!("iperf3 server: {e}"))?;
         let mut gw_pid = None;
-        if side == Side::Snatgw {
+        let mut gw_child = None;
+        if gateway {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             let cfg = dir.join("race.toml");
             std::fs::write(&cfg, config()).map_err(|e| e.to_string())?;
+            let mut extra = vec!["--tx-queue-len".into(), "10000".into()];
+            if side == Side::FastFloor {
+                extra.push("--fast-path-floor".into());
+            }
             let gw = start_gateway(
                 &lab,
                 &GatewayOptions {
                     offload: offloads,
-                    extra: vec!["--tx-queue-len".into(), "10000".into()],
+                    fast_path: if side == Side::SnatgwTun { "off" } else { "tc" }.into(),
+                    extra,
                     ..GatewayOptions::new(exe, cfg, a.queues, dir.join("stats.json"))
                 },
             )
             .map_err(|e| format!("snatgw run: {e}"))?;
             gw_pid = Some(gw.id());
+            gw_child = Some(gw);
         }
         std::thread::sleep(Duration::from_millis(500));
         if let Ok(Some(st)) = iperf.try_wait() {
@@ -739,7 +773,16 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
         let (pps, cpu_pps) = with_cpu(gw_pid, &servers, || measure_pps(&lab, dir, a.secs))?;
         let (gbps, cpu_bulk) = with_cpu(gw_pid, &servers, || measure_bulk(&lab, a.secs))?;
         let (cps, cpu_cps) = with_cpu(gw_pid, &servers, || measure_cps(&lab, a.secs))?;
-        if side == Side::Floor {
+        if matches!(side, Side::Snatgw | Side::FastFloor) {
+            // The fast path must have carried the load, or this is no fast-path figure.
+            let st = read_fast_path_stats(&dir.join("stats.json"))?;
+            let worked = if side == Side::Snatgw { st.0 + st.1 } else { st.2 };
+            if worked == 0 {
+                return Err(format!("{}: the fast path carried nothing ({st:?})", side.name()));
+            }
+        }
+        drop(gw_child);
+        if matches!(side, Side::Floor | Side::FastFloor) {
             if let Some(n) = conntrack_count(&lab).filter(|&n| n > 0) {
                 return Err(format!(
                     "floor: {n} conntrack entries in the gateway namespace (it should track nothing)"
@@ -759,6 +802,18 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
     let f = res?;
     down?;
     Ok(f)
+}
+
+/// (translated out, translated in, floor redirects) of the fast path, from a stats snapshot.
+fn read_fast_path_stats(path: &Path) -> Result<(u64, u64, u64), String> {
+    // The snapshot is written every second; wait for one taken after the measurements.
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let p = &v["fast_path"]["packets"];
+    let g = |k: &str| p[k].as_u64().unwrap_or(0);
+    Ok((g("translated_out"), g("translated_in"), g("floor")))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -842,24 +897,38 @@ fn per_round(runs: &Runs, side: Side, pick: impl Fn(&Figures) -> f64) -> Vec<f64
 
 fn tables(label: &str, runs: &Runs, figs: &mut String, cpus: &mut String) {
     for row in &ROWS {
-        let k = per_round(runs, Side::Kernel, row.pick);
-        let s = per_round(runs, Side::Snatgw, row.pick);
-        let fl = per_round(runs, Side::Floor, row.pick);
-        let (km, sm, fm) = (median(&k), median(&s), median(&fl));
+        let per = |side| per_round(runs, side, row.pick);
+        let (s, t, k, fl, ff) = (
+            per(Side::Snatgw),
+            per(Side::SnatgwTun),
+            per(Side::Kernel),
+            per(Side::Floor),
+            per(Side::FastFloor),
+        );
+        let (sm, tm, km, fm, ffm) = (
+            median(&s),
+            median(&t),
+            median(&k),
+            median(&fl),
+            median(&ff),
+        );
         let ratios: Vec<f64> = s.iter().zip(&k).map(|(a, b)| a / b).collect();
         let (rlo, rhi) = min_max(&ratios);
         let _ = writeln!(
             figs,
-            "| {label} | {} | {} | {} | {} | **{:.2}x** ({rlo:.2}–{rhi:.2}) | {:.2} | {:.2} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | **{:.2}x** ({rlo:.2}–{rhi:.2}) | {:.2} | {:.2} | {:.2} |",
             row.what,
             mmm(&s),
+            mmm(&t),
             mmm(&k),
             mmm(&fl),
+            mmm(&ff),
             sm / km,
-            sm / fm,
+            tm / km,
+            sm / ffm,
             km / fm,
         );
-        for side in [Side::Snatgw, Side::Kernel, Side::Floor] {
+        for side in Side::ALL {
             let cpu = |p: fn(&Cpu) -> f64| -> String {
                 let v = per_round(runs, side, |f| p(&(row.cpu)(f)));
                 format!("{:.2}", median(&v))
@@ -925,7 +994,7 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
     }
     let t0 = Instant::now();
     let mut figs = String::from(
-        "| offloads | figure | snatgw min / median / max | kernel min / median / max | floor min / median / max | snatgw / kernel (per-round min–max) | snatgw / floor | kernel / floor |\n|---|---|---|---|---|---|---|---|\n",
+        "| offloads | figure | snatgw (fast path) min / median / max | snatgw-tun | kernel | floor | fast-floor | snatgw / kernel (per-round min–max) | snatgw-tun / kernel | snatgw / fast-floor | kernel / floor |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut cpus = String::from(
         "| offloads | figure | side | total | gw | gen | rest | softirq (overlaps) |\n|---|---|---|---|---|---|---|---|\n",
@@ -969,9 +1038,9 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "{} rounds (kernel, snatgw, floor, snatgw, kernel; odd rounds start with snatgw), {} s per \
-         measurement, {:.0} s in all. Per side and round the mean of its runs; min / median / max \
-         over the rounds; ratios of the medians.\n",
+        "{} rounds (kernel, snatgw, floor, fast-floor, snatgw-tun, snatgw, kernel; odd rounds swap \
+         kernel and snatgw), {} s per measurement, {:.0} s in all. Per side and round the mean of \
+         its runs; min / median / max over the rounds; ratios of the medians.\n",
         a.rounds,
         a.secs,
         t0.elapsed().as_secs_f64()
@@ -983,11 +1052,6 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
          snatgw process; gen = load generators and servers; rest = total − gw − gen.\n"
     );
     md.push_str(&cpus);
-    let _ = writeln!(
-        md,
-        "\nNot measured: the floor \"fast path redirecting without rewriting\" (needs the eBPF fast \
-         path, which does not exist yet)."
-    );
     println!();
     print!("{md}");
     if let Some(p) = &a.markdown {
@@ -1002,25 +1066,14 @@ mod tests {
 
     #[test]
     fn rounds_are_abba_and_alternate() {
+        use Side::*;
         assert_eq!(
             round_order(0),
-            [
-                Side::Kernel,
-                Side::Snatgw,
-                Side::Floor,
-                Side::Snatgw,
-                Side::Kernel
-            ]
+            [Kernel, Snatgw, Floor, FastFloor, SnatgwTun, Snatgw, Kernel]
         );
         assert_eq!(
             round_order(1),
-            [
-                Side::Snatgw,
-                Side::Kernel,
-                Side::Floor,
-                Side::Kernel,
-                Side::Snatgw
-            ]
+            [Snatgw, Kernel, Floor, FastFloor, SnatgwTun, Kernel, Snatgw]
         );
     }
 
