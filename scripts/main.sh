@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
   need=()
-  for pkg_cmd in iproute2:ip nftables:nft ethtool:ethtool procps:sysctl; do
+  for pkg_cmd in iproute2:ip nftables:nft ethtool:ethtool procps:sysctl clang:clang; do
     command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
   done
+  # clang -target bpf and libbpf's headers build the kernel fast path (issue #9).
+  [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
