@@ -9,7 +9,7 @@
 //! as idle it asks the map when the flow's last packet went through the kernel, so keepalives
 //! that never leave the fast path keep it alive to the second (R3.4, R3.5). FIN, RST and SYN
 //! always go up to the engine, so R3.1–R3.3 stay its own. Packet counts the kernel made are
-//! credited per instance and protocol every housekeeping tick ([`FastPath::harvest`], R6.1).
+//! credited per instance and protocol every second ([`FastPath::harvest`], R6.1).
 //!
 //! Modes: `off` (TUN only), `tc` (fast path or fail to start), `auto` (fast path when
 //! possible, else the TUN path with one warning saying why). Flows that do not fit the map
@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use snatgw_core::{proto, Engine, FlowKey, Offload, Time};
+
 use snatgw_io::fastpath::{
     BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap, TcFastPath, DIR_IN, DIR_OUT,
     STAT_NAMES,
@@ -260,25 +261,29 @@ impl FastPath {
         }))
     }
 
-    /// Credits to `engine` the packets the kernel translated since the last call, per
-    /// instance and protocol (R6.1).
-    pub fn harvest(&mut self, engine: &mut Engine) {
-        let now = self.counters.instance_counters(engine.instance_slots());
+    /// The packets the kernel translated since the last call, per instance slot and protocol,
+    /// for the first `slots` slots: `(slot, protocol, out, in)`, to credit to the engine
+    /// (`Engine::credit_packets`, R6.1). Reads the kernel's counters (four per slot), so the
+    /// caller does it without holding the gateway lock.
+    pub fn harvest(&mut self, slots: u32) -> Vec<(u32, u8, u64, u64)> {
+        let now = self.counters.instance_counters(slots);
         if self.credited.len() < now.len() {
             self.credited.resize(now.len(), 0);
         }
+        let mut out = Vec::new();
         for slot in 0..now.len() / 4 {
             for (p, pi) in [(proto::TCP, 0), (proto::UDP, 2)] {
                 let i = slot * 4 + pi;
-                let out = now[i].saturating_sub(self.credited[i]);
-                let inb = now[i + 1].saturating_sub(self.credited[i + 1]);
-                if out + inb > 0 {
-                    engine.credit_packets(slot as u32, p, out, inb);
+                let o = now[i].saturating_sub(self.credited[i]);
+                let n = now[i + 1].saturating_sub(self.credited[i + 1]);
+                if o + n > 0 {
+                    out.push((slot as u32, p, o, n));
                 }
                 self.credited[i] = now[i];
                 self.credited[i + 1] = now[i + 1];
             }
         }
+        out
     }
 
     /// The stats snapshot's part.

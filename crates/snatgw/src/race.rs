@@ -776,9 +776,16 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
         if matches!(side, Side::Snatgw | Side::FastFloor) {
             // The fast path must have carried the load, or this is no fast-path figure.
             let st = read_fast_path_stats(&dir.join("stats.json"))?;
-            let worked = if side == Side::Snatgw { st.0 + st.1 } else { st.2 };
+            let worked = if side == Side::Snatgw {
+                st.0 + st.1
+            } else {
+                st.2
+            };
             if worked == 0 {
-                return Err(format!("{}: the fast path carried nothing ({st:?})", side.name()));
+                return Err(format!(
+                    "{}: the fast path carried nothing ({st:?})",
+                    side.name()
+                ));
             }
         }
         drop(gw_child);
@@ -905,13 +912,7 @@ fn tables(label: &str, runs: &Runs, figs: &mut String, cpus: &mut String) {
             per(Side::Floor),
             per(Side::FastFloor),
         );
-        let (sm, tm, km, fm, ffm) = (
-            median(&s),
-            median(&t),
-            median(&k),
-            median(&fl),
-            median(&ff),
-        );
+        let (sm, tm, km, fm, ffm) = (median(&s), median(&t), median(&k), median(&fl), median(&ff));
         let ratios: Vec<f64> = s.iter().zip(&k).map(|(a, b)| a / b).collect();
         let (rlo, rhi) = min_max(&ratios);
         let _ = writeln!(

@@ -347,8 +347,16 @@ fn tick(
     fp: Option<&mut FastPath>,
 ) {
     if let Some(fp) = fp {
-        // Packets the kernel translated count for their instances (R6.1).
-        fp.harvest(sh.lock_gw().engine_mut());
+        // Packets the kernel translated count for their instances (R6.1): the kernel's
+        // counters are read without the lock, then credited under it.
+        let slots = sh.lock_gw().engine().instance_slots();
+        let credits = fp.harvest(slots);
+        if !credits.is_empty() {
+            let mut g = sh.lock_gw();
+            for (slot, p, out, inb) in credits {
+                g.engine_mut().credit_packets(slot, p, out, inb);
+            }
+        }
     }
     let now = sh.now();
     // Timer work in bounded steps (R9.4): the lock is released between steps, so after a
@@ -584,8 +592,20 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let mut ring = VecDeque::new();
     let mut cap = LogCap::new(a.log_rate, a.log_burst, 1000);
     let mut last_stats: Option<Instant> = None;
+    let mut last_harvest = Instant::now();
     while !sh.stop.load(Ordering::SeqCst) {
-        tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
+        // The kernel's per-instance counters are read once a second (four reads per
+        // instance slot), not every tick.
+        let harvest = last_harvest.elapsed() >= Duration::from_secs(1);
+        if harvest {
+            last_harvest = Instant::now();
+        }
+        tick(
+            &sh,
+            &mut ring,
+            &mut cap,
+            fast_path.as_mut().filter(|_| harvest),
+        );
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
             let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
