@@ -125,8 +125,13 @@ fn i9_established_flows_go_through_the_kernel_and_count_for_their_instance() {
         "the bulk transfer came back whole and intact"
     );
 
-    let ok = g.wait(Duration::from_secs(3), |s| {
-        fp_packets(s, "translated_out") >= n && fp_packets(s, "translated_in") >= n
+    // The kernel's per-instance counters are credited once a second.
+    let ok = g.wait(Duration::from_secs(4), |s| {
+        let udp = inst_of(s, "f-udp");
+        fp_packets(s, "translated_out") >= n
+            && fp_packets(s, "translated_in") >= n
+            && u(&udp["packets_out"]) >= n
+            && u(&udp["packets_in"]) >= n
     });
     let s = g.snapshot();
     assert!(
