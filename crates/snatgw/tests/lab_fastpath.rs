@@ -245,3 +245,74 @@ fn r3_4_keepalives_only_through_the_fast_path_keep_the_flow_then_it_goes_on_time
     );
     g.finish();
 }
+
+/// `snatgw run` in a namespace of its own (no lab): `--fast-path tc` that cannot attach
+/// refuses to start and says why; `auto` falls back to the TUN path with one warning.
+#[test]
+fn i9_fast_path_modes_refuse_or_fall_back_with_a_clear_line() {
+    if !root_or_skip() {
+        return;
+    }
+    let ns = format!("sgfb{}", std::process::id() % 100_000);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _del = Del(ns.clone());
+    let dir = std::env::temp_dir().join(format!("snatgw-test-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gw.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let run = |mode: &str, secs: &str| {
+        std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "timeout", secs, BIN, "run", "--config",
+            ])
+            .arg(&cfg)
+            .args(["--api", "off", "--state-dir"])
+            .arg(dir.join(format!("state-{mode}")))
+            .args([
+                "--fast-path",
+                mode,
+                "--private-if",
+                "no-such-if",
+                "--public-if",
+                "lo",
+            ])
+            .output()
+            .unwrap()
+    };
+    let tc = run("tc", "10");
+    let err = String::from_utf8_lossy(&tc.stderr);
+    assert_eq!(tc.status.code(), Some(1), "tc must refuse: {err}");
+    assert!(
+        err.contains("--fast-path tc") && err.contains("no-such-if"),
+        "names the mode and the interface: {err}"
+    );
+    // auto: starts on the TUN path (ready line says fast_path false), warns once; `timeout`
+    // ends it after 3 s (exit 124).
+    let auto = run("auto", "3");
+    let out = String::from_utf8_lossy(&auto.stdout);
+    let err = String::from_utf8_lossy(&auto.stderr);
+    assert_eq!(auto.status.code(), Some(124), "auto runs: {err}");
+    assert!(out.contains("\"fast_path\":false"), "{out}");
+    assert_eq!(
+        err.matches("falling back to the TUN path").count(),
+        1,
+        "one warning saying why: {err}"
+    );
+    assert!(err.contains("no-such-if"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
