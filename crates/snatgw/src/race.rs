@@ -25,8 +25,9 @@
 //!
 //! Workload, identical on every side:
 //! - pps: `trafgen` in instance `c0` sends 64-byte frames (one UDP flow, fixed ports) to
-//!   203.0.113.100:9 for `--secs`; the figure is packets received on the internet side
-//!   (`inet-gw` rx counter delta / seconds).
+//!   203.0.113.100:9 for `--secs`, where a socket that never reads discards them (so the
+//!   internet side answers none with ICMP port unreachable); the figure is packets received
+//!   on the internet side (`inet-gw` rx counter delta / seconds).
 //! - bulk: `iperf3 -c 203.0.113.100 -t SECS` from `c0` (one TCP stream).
 //! - conn/s: one thread per client instance (`c0..c3`) connects and immediately resets
 //!   (SO_LINGER 0) connections to 16 accept-and-close listeners (203.0.113.100:10000-10015)
@@ -359,6 +360,33 @@ fn mac_bytes(m: &str) -> String {
 /// 64-byte UDP frames (60 without FCS) with trafgen for `secs`; packets/s received by the
 /// internet namespace.
 fn measure_pps(lab: &Lab, dir: &Path, secs: u64) -> Result<f64, String> {
+    // A discard sink (RFC 863) on the target port that never reads: the receiver drops each
+    // datagram at the full socket instead of answering it with an ICMP port unreachable, whose
+    // generation (route lookups per datagram) was the largest single cost of the old
+    // workload, common to every side, and whose rate-limited replies came back through the
+    // gateway (snatgw's TUN path, the kernel's conntrack).
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = lab
+        .spawn_thread_in(&lab.inet_ns(), {
+            let stop = stop.clone();
+            move || -> Result<(), String> {
+                let s = std::net::UdpSocket::bind((SERVER, 9)).map_err(|e| format!("sink: {e}"))?;
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBuf, &4096)
+                    .map_err(|e| format!("sink: SO_RCVBUF: {e}"))?;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(())
+            }
+        })
+        .map_err(|e| format!("sink: {e}"))?;
+    let r = measure_pps_into_sink(lab, dir, secs);
+    stop.store(true, Ordering::Relaxed);
+    sink.join().map_err(|_| "sink: thread panicked".to_string())??;
+    r
+}
+
+fn measure_pps_into_sink(lab: &Lab, dir: &Path, secs: u64) -> Result<f64, String> {
     let ns = lab.ns_name("c0");
     let src = mac(lab, &ns, "eth0")?;
     let dst = mac(lab, &lab.gw_ns(), "br-priv")?;
