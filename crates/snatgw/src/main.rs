@@ -20,6 +20,7 @@ mod api_cli;
 mod api_render;
 mod lab;
 mod logcap;
+mod probe;
 mod race;
 mod run;
 mod show;
