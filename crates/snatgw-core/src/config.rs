@@ -79,6 +79,12 @@ pub struct GatewayCfg {
     /// protocol, destination) are aggregated into one summary (SPEC R9.3; default 10 s).
     #[serde(default = "default_event_interval")]
     pub event_interval_secs: u32,
+    /// Operator override of every inbound rule's idle timeout, in seconds (1–86400). Absent
+    /// (the default): each rule's `idle_timeout_minutes` (4–30, SPEC R3.7) holds. As with
+    /// `idle_timeout_secs` (R3.4 decision), the operator may set another value; lab tests use
+    /// seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_idle_timeout_secs: Option<u32>,
 }
 
 /// Bytes of memory budgeted per live flow when `max_flows` is derived from
@@ -131,6 +137,7 @@ impl Default for GatewayCfg {
             max_flows: None,
             flow_memory_mib: default_flow_memory_mib(),
             event_interval_secs: default_event_interval(),
+            inbound_idle_timeout_secs: None,
         }
     }
 }

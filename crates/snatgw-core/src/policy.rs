@@ -409,6 +409,16 @@ impl Policy {
         pat_frontends: &HashSet<u32>,
     ) -> Result<Policy, ConfigError> {
         let mut pol = Policy::default();
+        let idle_override = cfg.gateway.inbound_idle_timeout_secs;
+        if let Some(v) = idle_override {
+            if !(1..=86_400).contains(&v) {
+                return Err(invalid(
+                    "gateway.inbound_idle_timeout_secs".into(),
+                    v,
+                    "must be between 1 and 86400 seconds (operator override of SPEC R3.7)",
+                ));
+            }
+        }
         let inst: HashMap<&str, &Instance> = instances.iter().map(|i| (&*i.name, i)).collect();
         check_names("nsg.name", cfg.nsg.iter().map(|n| n.name.as_str()))?;
         let mut nic_owner: HashMap<&str, &str> = HashMap::new();
@@ -633,7 +643,7 @@ impl Policy {
                     backend_port: r.backend_port,
                     members,
                     probe,
-                    idle_timeout: r.idle_timeout_minutes * 60,
+                    idle_timeout: idle_override.unwrap_or(r.idle_timeout_minutes * 60),
                 });
             }
         }

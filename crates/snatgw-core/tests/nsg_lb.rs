@@ -738,3 +738,21 @@ fn r3_7_tcp_close_ends_an_inbound_flow_like_an_outbound_one() {
     e.advance(316);
     assert_eq!(e.inbound_flow_count(), 0);
 }
+
+#[test]
+fn r3_7_operator_override_of_the_inbound_idle_timeout_in_seconds() {
+    let cfg = config("").replace(
+        "default_snat_pool = [\"192.0.2.100\"]",
+        "default_snat_pool = [\"192.0.2.100\"]\ninbound_idle_timeout_secs = 5",
+    );
+    let mut e = engine(&cfg);
+    inb(&mut e, 0, Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, SYN));
+    e.advance(4);
+    assert_eq!(e.inbound_flow_count(), 1);
+    e.advance(5);
+    assert_eq!(e.inbound_flow_count(), 0);
+    let m = Topology::from_toml(&cfg.replace("= 5", "= 0"))
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("gateway.inbound_idle_timeout_secs"), "{m}");
+}
