@@ -19,6 +19,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 mod api_cli;
 mod api_render;
 mod lab;
+mod lab_inbound;
 mod logcap;
 mod probe;
 mod race;
