@@ -36,8 +36,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use snatgw_core::config::{
     AvailabilitySetCfg, BackendPoolCfg, DeploymentCfg, FrontendCfg, GatewayCfg, InstanceCfg,
-    LbRuleCfg, LoadBalancerCfg, NsgAccess, NsgCfg, NsgDirection, NsgProtocol, NsgRuleCfg,
-    ProbeCfg, ProbeProtocol, PublicIpCfg, RuleProtocol,
+    LbRuleCfg, LoadBalancerCfg, NsgAccess, NsgCfg, NsgDirection, NsgProtocol, NsgRuleCfg, ProbeCfg,
+    ProbeProtocol, PublicIpCfg, RuleProtocol,
 };
 use snatgw_core::{ConfigFile, InstanceKind, Model, Topology};
 use tokio::sync::watch;
@@ -753,8 +753,16 @@ resource_handlers!(
 async fn lb_probes(State(s): State<Shared>, name: Result<Path<String>, PathRejection>) -> Response {
     let go = async {
         let name = path_name(name)?;
-        if !s.current().config.load_balancer.iter().any(|l| l.name == name) {
-            return Err(Reply::not_found(format!("load_balancer[{name}] does not exist")));
+        if !s
+            .current()
+            .config
+            .load_balancer
+            .iter()
+            .any(|l| l.name == name)
+        {
+            return Err(Reply::not_found(format!(
+                "load_balancer[{name}] does not exist"
+            )));
         }
         let backend = s.backend.clone();
         let m = blocking(move || backend.metrics()).await?;

@@ -154,7 +154,10 @@ pub fn render(s: &MetricsSnapshot) -> String {
         ];
         set(&probe_up, l.clone(), u64::from(p.up));
         set(&probe_fails, l.clone(), p.consecutive_failures.into());
-        for (result, v) in [("ok", p.probes - p.failures.min(p.probes)), ("failed", p.failures)] {
+        for (result, v) in [
+            ("ok", p.probes - p.failures.min(p.probes)),
+            ("failed", p.failures),
+        ] {
             let mut l = l.clone();
             l.push(("result", result.into()));
             add(&probe_results, l, v);

@@ -7,13 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use snatgw_control::{
-    serve, Client, ClientError, ControlPlane, EventLog, GatewayBackend, MemoryStore,
-    ServerHandle, Store,
+    serve, Client, ClientError, ControlPlane, EventLog, GatewayBackend, MemoryStore, ServerHandle,
+    Store,
 };
 use snatgw_core::config::{InstanceCfg, LoadBalancerCfg, NsgCfg};
-use snatgw_core::{
-    ConfigFile, Direction, DropReason, Engine, Packet, Topology, Verdict,
-};
+use snatgw_core::{ConfigFile, Direction, DropReason, Engine, Packet, Topology, Verdict};
 use snatgw_dataplane::Gateway;
 
 const TOPOLOGY: &str = r#"
@@ -117,7 +115,9 @@ fn r4_1_nsg_resource_is_validated_stored_and_applied() {
     let c = &env.client;
     let before = c.topology().unwrap();
     // A priority outside 100-4096: 400 naming field and rule; nothing changes.
-    let bad = nsg(r#"{"name":"n","nics":["vm"],"rules":[{"name":"r","priority":4097,"direction":"outbound","access":"deny","protocol":"tcp"}]}"#);
+    let bad = nsg(
+        r#"{"name":"n","nics":["vm"],"rules":[{"name":"r","priority":4097,"direction":"outbound","access":"deny","protocol":"tcp"}]}"#,
+    );
     let (st, e) = api_err(c.put(&bad, None));
     assert_eq!(st, 400);
     assert_eq!(e.field.as_deref(), Some("nsg[n].rules[r].priority"));
@@ -130,7 +130,9 @@ fn r4_1_nsg_resource_is_validated_stored_and_applied() {
     assert_eq!(e.field.as_deref(), Some("nsg[n].nics"));
 
     // A valid NSG: stored, applied to the running engine.
-    let good = nsg(r#"{"name":"n","nics":["vm"],"rules":[{"name":"no-server","priority":100,"direction":"outbound","access":"deny","protocol":"any","destinations":["198.51.100.7"]}]}"#);
+    let good = nsg(
+        r#"{"name":"n","nics":["vm"],"rules":[{"name":"no-server","priority":100,"direction":"outbound","access":"deny","protocol":"any","destinations":["198.51.100.7"]}]}"#,
+    );
     let put = c.put(&good, None).expect("put nsg");
     assert_eq!(put.value, good);
     assert_eq!(env.generation(), 2);
@@ -146,7 +148,11 @@ fn r4_1_nsg_resource_is_validated_stored_and_applied() {
     let hits = c.nsg_hits("n").expect("hits");
     let h = hits.iter().find(|h| h.rule == "no-server").expect("rule");
     assert_eq!((h.hits, h.priority, h.access.as_str()), (1, 100, "deny"));
-    assert_eq!(hits.len(), 7, "one user rule and the six default rules (R4.2)");
+    assert_eq!(
+        hits.len(),
+        7,
+        "one user rule and the six default rules (R4.2)"
+    );
     let text = c.metrics_text().unwrap();
     for want in [
         "snatgw_nsg_rule_hits_total{nsg=\"n\",rule=\"no-server\",direction=\"outbound\",access=\"deny\",priority=\"100\"} 1",
@@ -193,7 +199,10 @@ fn r5_2_probe_state_through_the_api_and_metrics_and_lb_rules_are_validated() {
         "snatgw_lb_probe_up{lb=\"lb\",probe=\"hp\",member=\"web1\"} 1",
         "snatgw_lb_probe_consecutive_failures{lb=\"lb\",probe=\"hp\",member=\"web2\"} 2",
     ] {
-        assert!(text.lines().any(|l| l == want), "missing `{want}` in\n{text}");
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing `{want}` in\n{text}"
+        );
     }
     let (st, _) = api_err(c.lb_probes("nope"));
     assert_eq!(st, 404);
@@ -211,10 +220,13 @@ fn r5_2_probe_state_through_the_api_and_metrics_and_lb_rules_are_validated() {
         "web2 is down"
     );
     let text = c.metrics_text().unwrap();
-    assert!(text.lines().any(|l| l == "snatgw_inbound_flows 1"), "{text}");
-    assert!(text
-        .lines()
-        .any(|l| l == "snatgw_lb_inbound_flows_total{lb=\"lb\",rule=\"http\",result=\"created\"} 1"));
+    assert!(
+        text.lines().any(|l| l == "snatgw_inbound_flows 1"),
+        "{text}"
+    );
+    assert!(text.lines().any(
+        |l| l == "snatgw_lb_inbound_flows_total{lb=\"lb\",rule=\"http\",result=\"created\"} 1"
+    ));
 
     // R3.7 and R5.2 through PUT: refused with field and rule, nothing changes.
     let mut lb = c.get::<LoadBalancerCfg>("lb").unwrap().value;
@@ -244,5 +256,12 @@ fn r5_2_probe_state_through_the_api_and_metrics_and_lb_rules_are_validated() {
     assert_eq!(e.rule.as_deref(), Some("R2.4"));
     assert_eq!(env.generation(), 1);
     // Probe state survived (nothing was applied).
-    assert!(!c.lb_probes("lb").unwrap().iter().find(|p| p.member == "web2").unwrap().up);
+    assert!(
+        !c.lb_probes("lb")
+            .unwrap()
+            .iter()
+            .find(|p| p.member == "web2")
+            .unwrap()
+            .up
+    );
 }

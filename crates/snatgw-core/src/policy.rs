@@ -204,7 +204,14 @@ pub fn default_rules() -> Vec<NsgRule> {
             VirtualNetwork,
             VirtualNetwork,
         ),
-        r("AllowInternetOutBound", 65001, Outbound, Allow, Any, Internet),
+        r(
+            "AllowInternetOutBound",
+            65001,
+            Outbound,
+            Allow,
+            Any,
+            Internet,
+        ),
         r("DenyAllOutBound", 65500, Outbound, Deny, Any, Any),
     ]
 }
@@ -430,7 +437,10 @@ impl Policy {
             let mut prio: HashMap<(NsgDirection, u32), &str> = HashMap::new();
             for r in &n.rules {
                 let f = |x: &str| format!("nsg[{}].rules[{}].{x}", n.name, r.name);
-                if defaults.iter().any(|d| d.name.eq_ignore_ascii_case(&r.name)) {
+                if defaults
+                    .iter()
+                    .any(|d| d.name.eq_ignore_ascii_case(&r.name))
+                {
                     return Err(invalid(
                         f("name"),
                         &r.name,
@@ -472,9 +482,7 @@ impl Policy {
             for (i, s) in n.subnets.iter().enumerate() {
                 let field = format!("nsg[{}].subnets[{i}]", n.name);
                 let p = parse_prefix(&field, s)?;
-                let inside = vnet
-                    .iter()
-                    .any(|v| v.len <= p.len && v.contains(p.addr));
+                let inside = vnet.iter().any(|v| v.len <= p.len && v.contains(p.addr));
                 if !inside {
                     return Err(invalid(
                         field,
@@ -547,7 +555,9 @@ impl Policy {
                     (ProbeProtocol::Tcp, None) => String::new(),
                     (ProbeProtocol::Http, None) => "/".into(),
                     (ProbeProtocol::Http, Some(x)) => {
-                        if !x.starts_with('/') || x.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        if !x.starts_with('/')
+                            || x.chars().any(|c| c.is_whitespace() || c.is_control())
+                        {
                             return Err(invalid(
                                 f("path"),
                                 x,
@@ -629,7 +639,9 @@ impl Policy {
                         return Err(ConfigError::DuplicateAddress {
                             field: rf("frontend_port"),
                             address: format!("{}:{}", Ipv4Addr::from(addr), r.frontend_port),
-                            other: format!("{other} (one rule per frontend IP, protocol and port, SPEC R5.1)"),
+                            other: format!(
+                                "{other} (one rule per frontend IP, protocol and port, SPEC R5.1)"
+                            ),
                         });
                     }
                 }

@@ -85,8 +85,7 @@ const FE: &str = "203.0.113.20";
 
 #[test]
 fn r4_1_lowest_priority_matching_rule_decides() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "n"
 nics = ["vm-pat"]
@@ -111,8 +110,7 @@ priority = 4096
 direction = "outbound"
 access = "deny"
 protocol = "*"
-"#,
-    );
+"#);
     let src = ip("10.0.3.10");
     // 198.51.100.7:443 matches both 100 (deny) and 200 (allow): 100 wins.
     assert_eq!(
@@ -121,15 +119,27 @@ protocol = "*"
     );
     // Elsewhere port 443 and the range 8000-8100 are allowed, 8101 and UDP 443 are not.
     assert!(matches!(
-        out(&mut e, 1, Packet::tcp(src, 4000, ip("203.0.113.77"), 443, SYN)),
+        out(
+            &mut e,
+            1,
+            Packet::tcp(src, 4000, ip("203.0.113.77"), 443, SYN)
+        ),
         Verdict::Translate { .. }
     ));
     assert!(matches!(
-        out(&mut e, 1, Packet::tcp(src, 4001, ip("203.0.113.77"), 8100, SYN)),
+        out(
+            &mut e,
+            1,
+            Packet::tcp(src, 4001, ip("203.0.113.77"), 8100, SYN)
+        ),
         Verdict::Translate { .. }
     ));
     assert_eq!(
-        out(&mut e, 1, Packet::tcp(src, 4002, ip("203.0.113.77"), 8101, SYN)),
+        out(
+            &mut e,
+            1,
+            Packet::tcp(src, 4002, ip("203.0.113.77"), 8101, SYN)
+        ),
         Verdict::Drop(DropReason::NsgDenied)
     );
     assert_eq!(
@@ -147,14 +157,12 @@ protocol = "*"
 
 #[test]
 fn r4_1_inbound_to_an_ilpip_is_governed_by_the_nsg_one_port_only() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "n"
 nics = ["vm-ilpip"]
 rules = [ { name = "ssh", priority = 100, direction = "inbound", access = "allow", protocol = "tcp", sources = ["Internet"], destination_ports = ["22"] } ]
-"#,
-    );
+"#);
     let (pubip, private) = (ip("203.0.113.10"), ip("10.0.1.10"));
     assert_eq!(
         inb(&mut e, 1, Packet::tcp(ip(CLIENT), 5000, pubip, 22, SYN)),
@@ -180,8 +188,7 @@ rules = [ { name = "ssh", priority = 100, direction = "inbound", access = "allow
 
 #[test]
 fn r4_1_inbound_subnet_then_nic_outbound_nic_then_subnet() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "subnet"
 subnets = ["10.0.1.0/24"]
@@ -212,8 +219,7 @@ priority = 100
 direction = "outbound"
 access = "deny"
 protocol = "tcp"
-"#,
-    );
+"#);
     let (pubip, private) = (ip("203.0.113.10"), ip("10.0.1.10"));
     // Inbound: the subnet's NSG allows, then the NIC's denies.
     assert_eq!(
@@ -240,11 +246,20 @@ fn r4_1_invalid_rules_are_refused_naming_field_and_rule() {
     };
     let e = err(&rule("priority = 4097"));
     let m = e.to_string();
-    assert!(m.contains("nsg[n].rules[r].priority") && m.contains("4097") && m.contains("R4.1"), "{m}");
+    assert!(
+        m.contains("nsg[n].rules[r].priority") && m.contains("4097") && m.contains("R4.1"),
+        "{m}"
+    );
     let m = err(&rule("priority = 99")).to_string();
-    assert!(m.contains("nsg[n].rules[r].priority") && m.contains("100-4096"), "{m}");
+    assert!(
+        m.contains("nsg[n].rules[r].priority") && m.contains("100-4096"),
+        "{m}"
+    );
     let m = err(&rule("priority = 100\nsources = [\"Intranet\"]")).to_string();
-    assert!(m.contains("nsg[n].rules[r].sources[0]") && m.contains("R4.1"), "{m}");
+    assert!(
+        m.contains("nsg[n].rules[r].sources[0]") && m.contains("R4.1"),
+        "{m}"
+    );
     let m = err(&rule("priority = 100\ndestination_ports = [\"90-80\"]")).to_string();
     assert!(m.contains("nsg[n].rules[r].destination_ports[0]"), "{m}");
     let m = err(&rule("priority = 100\nsource_ports = [\"0\"]")).to_string();
@@ -255,10 +270,18 @@ fn r4_1_invalid_rules_are_refused_naming_field_and_rule() {
         rule("priority = 100")
     ))
     .to_string();
-    assert!(m.contains("nsg[n].rules[r2].priority") && m.contains("same priority"), "{m}");
+    assert!(
+        m.contains("nsg[n].rules[r2].priority") && m.contains("same priority"),
+        "{m}"
+    );
     // A NIC with two NSGs; an unknown NIC; a subnet outside the VNet; overlapping subnets.
-    let m = err("[[nsg]]\nname = \"a\"\nnics = [\"web1\"]\n[[nsg]]\nname = \"b\"\nnics = [\"web1\"]\n").to_string();
-    assert!(m.contains("nsg[b].nics") && m.contains("at most one NSG"), "{m}");
+    let m =
+        err("[[nsg]]\nname = \"a\"\nnics = [\"web1\"]\n[[nsg]]\nname = \"b\"\nnics = [\"web1\"]\n")
+            .to_string();
+    assert!(
+        m.contains("nsg[b].nics") && m.contains("at most one NSG"),
+        "{m}"
+    );
     let m = err("[[nsg]]\nname = \"a\"\nnics = [\"nobody\"]\n").to_string();
     assert!(m.contains("nsg[a].nics") && m.contains("nobody"), "{m}");
     let m = err("[[nsg]]\nname = \"a\"\nsubnets = [\"172.16.0.0/24\"]\n").to_string();
@@ -267,7 +290,10 @@ fn r4_1_invalid_rules_are_refused_naming_field_and_rule() {
     assert!(m.contains("nsg[b].subnets[0]"), "{m}");
     // A default rule's name is reserved.
     let m = err("[[nsg]]\nname = \"a\"\nrules = [ { name = \"DenyAllInBound\", priority = 100, direction = \"inbound\", access = \"deny\", protocol = \"tcp\" } ]\n").to_string();
-    assert!(m.contains("nsg[a].rules[DenyAllInBound].name") && m.contains("R4.2"), "{m}");
+    assert!(
+        m.contains("nsg[a].rules[DenyAllInBound].name") && m.contains("R4.2"),
+        "{m}"
+    );
 
     // A refused change leaves the running engine as it was.
     let mut e = eng("");
@@ -276,7 +302,11 @@ fn r4_1_invalid_rules_are_refused_naming_field_and_rule() {
     assert!(bad.is_err());
     assert_eq!(e.nsg_hits(), before);
     assert!(matches!(
-        out(&mut e, 1, Packet::tcp(ip("10.0.2.10"), 4000, ip(SERVER), 80, SYN)),
+        out(
+            &mut e,
+            1,
+            Packet::tcp(ip("10.0.2.10"), 4000, ip(SERVER), 80, SYN)
+        ),
         Verdict::Translate { .. }
     ));
 }
@@ -363,8 +393,7 @@ rules = [ { name = "no-server", priority = 100, direction = "outbound", access =
 
 #[test]
 fn r4_4_return_traffic_of_an_allowed_flow_is_allowed() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "n"
 nics = ["vm-ilpip", "vm-pat"]
@@ -373,24 +402,35 @@ rules = [
   { name = "web-out", priority = 100, direction = "outbound", access = "allow", protocol = "tcp", destination_ports = ["443"] },
   { name = "no-out", priority = 200, direction = "outbound", access = "deny", protocol = "any" },
 ]
-"#,
-    );
+"#);
     let (pubip, private) = (ip("203.0.113.10"), ip("10.0.1.10"));
     // ILPIP: outbound allowed; the server's answer passes although DenyAllInBound would
     // refuse it; the same port from another host does not.
     assert!(matches!(
-        out(&mut e, 10, Packet::tcp(private, 40000, ip(SERVER), 443, SYN)),
+        out(
+            &mut e,
+            10,
+            Packet::tcp(private, 40000, ip(SERVER), 443, SYN)
+        ),
         Verdict::Translate { .. }
     ));
     assert_eq!(
-        inb(&mut e, 10, Packet::tcp(ip(SERVER), 443, pubip, 40000, SYN | ACK)),
+        inb(
+            &mut e,
+            10,
+            Packet::tcp(ip(SERVER), 443, pubip, 40000, SYN | ACK)
+        ),
         Verdict::Translate {
             addr: private,
             port: 40000
         }
     );
     assert_eq!(
-        inb(&mut e, 10, Packet::tcp(ip("198.51.100.66"), 443, pubip, 40000, SYN | ACK)),
+        inb(
+            &mut e,
+            10,
+            Packet::tcp(ip("198.51.100.66"), 443, pubip, 40000, SYN | ACK)
+        ),
         Verdict::Drop(DropReason::NsgDenied)
     );
     // The entry lives while packets flow and is forgotten after the idle timeout (240 s).
@@ -408,14 +448,22 @@ rules = [
         Verdict::Translate { .. }
     ));
     assert_eq!(
-        out(&mut e, 500, Packet::tcp(private, 22, ip(CLIENT), 6000, SYN | ACK)),
+        out(
+            &mut e,
+            500,
+            Packet::tcp(private, 22, ip(CLIENT), 6000, SYN | ACK)
+        ),
         Verdict::Translate {
             addr: pubip,
             port: 22
         }
     );
     assert_eq!(
-        out(&mut e, 500, Packet::tcp(private, 22, ip(CLIENT), 6001, SYN | ACK)),
+        out(
+            &mut e,
+            500,
+            Packet::tcp(private, 22, ip(CLIENT), 6001, SYN | ACK)
+        ),
         Verdict::Drop(DropReason::NsgDenied)
     );
     // PAT: the flow table is the state; return traffic never meets DenyAllInBound.
@@ -474,7 +522,11 @@ fn r5_1_new_inbound_flow_goes_to_a_member_by_hash_and_sticks() {
             }
         );
         assert_eq!(
-            out(&mut e, 2, Packet::tcp(first.0, 8080, ip(CLIENT), cp, SYN | ACK)),
+            out(
+                &mut e,
+                2,
+                Packet::tcp(first.0, 8080, ip(CLIENT), cp, SYN | ACK)
+            ),
             Verdict::Translate {
                 addr: ip(FE),
                 port: 80
@@ -503,30 +555,30 @@ fn r5_1_new_inbound_flow_goes_to_a_member_by_hash_and_sticks() {
 
 #[test]
 fn r5_1_inbound_nsg_of_the_member_applies_and_frontend_ports_stay_below_the_snat_range() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "n"
 nics = ["web1", "web2"]
 rules = [ { name = "only-doc", priority = 100, direction = "inbound", access = "allow", protocol = "tcp", sources = ["198.51.100.0/24"], destination_ports = ["8080"] } ]
-"#,
-    );
+"#);
     assert!(matches!(
         inb(&mut e, 1, Packet::tcp(ip(CLIENT), 1000, ip(FE), 80, SYN)),
         Verdict::Translate { .. }
     ));
     assert_eq!(
-        inb(&mut e, 1, Packet::tcp(ip("192.0.2.9"), 1000, ip(FE), 80, SYN)),
+        inb(
+            &mut e,
+            1,
+            Packet::tcp(ip("192.0.2.9"), 1000, ip(FE), 80, SYN)
+        ),
         Verdict::Drop(DropReason::NsgDenied)
     );
     assert_eq!(hits(&e, "n", "only-doc"), 1);
     // The rule sees the backend port: allowing 80 (the frontend port) is not enough.
-    let m = Topology::from_toml(&config("").replace(
-        "frontend_port = 80,",
-        "frontend_port = 8443,",
-    ))
-    .unwrap_err()
-    .to_string();
+    let m =
+        Topology::from_toml(&config("").replace("frontend_port = 80,", "frontend_port = 8443,"))
+            .unwrap_err()
+            .to_string();
     assert!(
         m.contains("load_balancer[lb].rules[http].frontend_port") && m.contains("R2.4"),
         "{m}"
@@ -535,8 +587,7 @@ rules = [ { name = "only-doc", priority = 100, direction = "inbound", access = "
 
 #[test]
 fn r4_5_blocked_probe_marks_the_member_down_and_leaves_its_outbound_alone() {
-    let mut e = eng(
-        r#"
+    let mut e = eng(r#"
 [[nsg]]
 name = "block-probe"
 nics = ["web2"]
@@ -544,8 +595,7 @@ rules = [
   { name = "no-lb", priority = 100, direction = "inbound", access = "deny", protocol = "any", sources = ["AzureLoadBalancer"] },
   { name = "web", priority = 200, direction = "inbound", access = "allow", protocol = "tcp", sources = ["Internet"], destination_ports = ["8080"] },
 ]
-"#,
-    );
+"#);
     // A flow that reached web2 before it went down.
     let old = (10000..10100u16)
         .find(|&cp| {
@@ -623,8 +673,16 @@ fn r5_2_probes_threshold_and_recovery() {
     assert_eq!(e.probe_result(40, "lb", "hp", "vm-pat", false), None);
     // Probe validation names field and rule.
     for (from, to, field) in [
-        ("interval_secs = 5", "interval_secs = 0", "probes[hp].interval_secs"),
-        ("unhealthy_threshold = 2", "unhealthy_threshold = 0", "probes[hp].unhealthy_threshold"),
+        (
+            "interval_secs = 5",
+            "interval_secs = 0",
+            "probes[hp].interval_secs",
+        ),
+        (
+            "unhealthy_threshold = 2",
+            "unhealthy_threshold = 0",
+            "probes[hp].unhealthy_threshold",
+        ),
         ("port = 8080, path", "port = 0, path", "probes[hp].port"),
         ("path = \"/health\"", "path = \"health\"", "probes[hp].path"),
         ("probe = \"hp\"", "probe = \"nope\"", "rules[http].probe"),
@@ -640,7 +698,11 @@ fn r5_2_probes_threshold_and_recovery() {
     }
     let t2 = Topology::from_toml(&config("[[nsg]]\nname = \"x\"\nnics = [\"vm-pat\"]\n")).unwrap();
     e.apply(43, t2).unwrap();
-    let s2 = e.probe_states().into_iter().find(|s| &*s.member == "web2").unwrap();
+    let s2 = e
+        .probe_states()
+        .into_iter()
+        .find(|s| &*s.member == "web2")
+        .unwrap();
     assert!(!s2.up);
 }
 
@@ -677,24 +739,40 @@ fn r3_7_inbound_idle_timeout_is_4_minutes_by_default_to_the_second() {
 
 #[test]
 fn r3_7_inbound_idle_timeout_is_settable_from_4_to_30_minutes() {
-    let with = |m: u32| config("").replace("probe = \"hp\"", &format!("probe = \"hp\", idle_timeout_minutes = {m}"));
+    let with = |m: u32| {
+        config("").replace(
+            "probe = \"hp\"",
+            &format!("probe = \"hp\", idle_timeout_minutes = {m}"),
+        )
+    };
     let mut e = engine(&with(30));
-    assert!(matches!(
-        inb(&mut e, 0, Packet::udp(ip(CLIENT), 7000, ip(FE), 80)),
-        Verdict::Drop(DropReason::UnsolicitedInbound)
-    ), "a TCP rule does not carry UDP");
+    assert!(
+        matches!(
+            inb(&mut e, 0, Packet::udp(ip(CLIENT), 7000, ip(FE), 80)),
+            Verdict::Drop(DropReason::UnsolicitedInbound)
+        ),
+        "a TCP rule does not carry UDP"
+    );
     inb(&mut e, 100, Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, SYN));
     // The timer wheel of the engine spans only 240 s; the entry must still expire at 1800 s.
     e.advance(100 + 1799);
     assert_eq!(e.inbound_flow_count(), 1);
     assert!(matches!(
-        inb(&mut e, 100 + 1799, Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, ACK)),
+        inb(
+            &mut e,
+            100 + 1799,
+            Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, ACK)
+        ),
         Verdict::Translate { .. }
     ));
     e.advance(100 + 1799 + 1799);
     assert_eq!(e.inbound_flow_count(), 1);
     e.advance(100 + 1799 + 1800);
-    assert_eq!(e.inbound_flow_count(), 0, "removed by the timers, without traffic");
+    assert_eq!(
+        e.inbound_flow_count(),
+        0,
+        "removed by the timers, without traffic"
+    );
     assert_eq!(e.next_deadline(), None);
     for bad in [3, 31] {
         let m = Topology::from_toml(&with(bad)).unwrap_err().to_string();
@@ -723,7 +801,11 @@ fn r3_7_tcp_close_ends_an_inbound_flow_like_an_outbound_one() {
     else {
         panic!()
     };
-    inb(&mut e, 1, Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, FIN_ACK));
+    inb(
+        &mut e,
+        1,
+        Packet::tcp(ip(CLIENT), 7000, ip(FE), 80, FIN_ACK),
+    );
     out(&mut e, 2, Packet::tcp(m, 8080, ip(CLIENT), 7000, FIN_ACK));
     // FIN both ways at 2: released 240 s later (R3.2).
     e.advance(241);

@@ -292,7 +292,11 @@ fn r5_1_inbound_lb_flow_is_rewritten_to_the_member_and_back_on_real_bytes() {
         "frontend_port = 80, backend_pool = \"web\", backend_port = 80 }",
         "frontend_port = 80, backend_pool = \"web\", backend_port = 8080 }",
     );
-    assert_ne!(cfg, snatgw_dataplane::fuzzing::CONFIG, "the reference rule changed");
+    assert_ne!(
+        cfg,
+        snatgw_dataplane::fuzzing::CONFIG,
+        "the reference rule changed"
+    );
     let topo = snatgw_core::Topology::from_toml(&cfg).expect("config");
     let mut g = Gateway::new(snatgw_core::Engine::new(topo, 0).expect("engine"));
     let (client, fe) = (ip("198.51.100.50"), ip("203.0.113.20"));

@@ -476,7 +476,12 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
                 return print_json(out, &v);
             }
             let mut t = api_render::Table::new(&[
-                "PROBE", "MEMBER", "STATE", "FAILED IN A ROW", "RESULTS", "FAILED",
+                "PROBE",
+                "MEMBER",
+                "STATE",
+                "FAILED IN A ROW",
+                "RESULTS",
+                "FAILED",
             ]);
             for p in &v {
                 t.row(vec![

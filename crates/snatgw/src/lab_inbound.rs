@@ -130,7 +130,8 @@ fn spread(r: &Running, frontend: Ipv4Addr, n: usize) -> Result<BTreeMap<String, 
                     s.read_to_string(&mut t).ok()?;
                     t.rsplit("\r\n\r\n").next().map(|b| b.trim().to_string())
                 })();
-                *per.entry(got.unwrap_or_else(|| "FAILED".into())).or_insert(0) += 1;
+                *per.entry(got.unwrap_or_else(|| "FAILED".into()))
+                    .or_insert(0) += 1;
             }
             per
         })
@@ -211,15 +212,30 @@ pub fn step(r: &Running, number: u32) -> Result<(), String> {
         members[1].health.load(Ordering::Relaxed)
     );
     let before = spread(r, frontend, 20)?;
-    println!("  20 connections from the internet to {frontend}:80 answered by: {}", show(&before));
+    println!(
+        "  20 connections from the internet to {frontend}:80 answered by: {}",
+        show(&before)
+    );
 
     let nsg = NsgCfg {
         name: "block-probe".into(),
         nics: vec![m2.clone()],
         subnets: Vec::new(),
         rules: vec![
-            rule_cfg("no-lb-probe", 100, NsgAccess::Deny, "AzureLoadBalancer", "*"),
-            rule_cfg("web-in", 200, NsgAccess::Allow, "Internet", &BACKEND.to_string()),
+            rule_cfg(
+                "no-lb-probe",
+                100,
+                NsgAccess::Deny,
+                "AzureLoadBalancer",
+                "*",
+            ),
+            rule_cfg(
+                "web-in",
+                200,
+                NsgAccess::Allow,
+                "Internet",
+                &BACKEND.to_string(),
+            ),
         ],
     };
     let t = Instant::now();

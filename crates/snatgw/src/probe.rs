@@ -97,8 +97,12 @@ fn run(gw: &Mutex<Gateway>, now: &dyn Fn() -> u32, stopped: &dyn Fn() -> bool) {
                 .engine_mut()
                 .probe_result(now(), &k.0, &k.1, &k.2, ok);
             match changed {
-                Some(true) => tracing::info!(lb = %k.0, probe = %k.1, member = %k.2, "probe up: member gets new inbound flows (R5.2)"),
-                Some(false) => tracing::warn!(lb = %k.0, probe = %k.1, member = %k.2, "probe down: member gets no new inbound flows (R4.5, R5.2)"),
+                Some(true) => {
+                    tracing::info!(lb = %k.0, probe = %k.1, member = %k.2, "probe up: member gets new inbound flows (R5.2)")
+                }
+                Some(false) => {
+                    tracing::warn!(lb = %k.0, probe = %k.1, member = %k.2, "probe down: member gets no new inbound flows (R4.5, R5.2)")
+                }
                 None => {}
             }
         }

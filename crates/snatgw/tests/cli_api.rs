@@ -779,14 +779,20 @@ fn r4_1_r5_2_nsgs_and_probes_through_the_cli() {
     assert!(o.starts_with("nsgs/n1 stored: generation 2"), "{o}");
     let t = s.cli(&["get", "nsgs"]).ok();
     let r = row(&t, "n1");
-    assert!(r.contains("vm-as1") && r.contains("100 no-web outbound deny tcp"), "{r}");
+    assert!(
+        r.contains("vm-as1") && r.contains("100 no-web outbound deny tcp"),
+        "{r}"
+    );
     // Refused with field and rule named, nothing stored.
     let bad = s.file(
         "bad.json",
         r#"{"rules": [{"name": "r", "priority": 50, "direction": "inbound", "access": "allow", "protocol": "tcp"}]}"#,
     );
     let e = s.cli(&["put", "nsg", "n2", "-f", &bad]).failed();
-    assert!(e.contains("nsg[n2].rules[r].priority") && e.contains("R4.1"), "{e}");
+    assert!(
+        e.contains("nsg[n2].rules[r].priority") && e.contains("R4.1"),
+        "{e}"
+    );
     // A denied SYN (R4.3) shows up in the rule's hits.
     let mut p = testutil::tcp_syn(ip("10.0.3.10"), 40000, ip("198.51.100.7"), 443);
     assert_eq!(

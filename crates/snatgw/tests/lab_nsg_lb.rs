@@ -273,7 +273,14 @@ rules = [ { name = "no-server-b", priority = 100, direction = "outbound", access
     let g = GwLab::start("ns", &cfg, Some(&["pat"]));
     let denied = g.client(
         "pat",
-        &["tcp-echo", &format!("{SERVER_B}:7"), "--count", "2", "--timeout", "1.5"],
+        &[
+            "tcp-echo",
+            &format!("{SERVER_B}:7"),
+            "--count",
+            "2",
+            "--timeout",
+            "1.5",
+        ],
     );
     assert_eq!((denied.ok, denied.failed), (0, 2), "{denied:?}");
     assert!(
@@ -289,9 +296,16 @@ rules = [ { name = "no-server-b", priority = 100, direction = "outbound", access
     assert_eq!(u(&i["flows"]["tcp"]), 0, "{i}");
     assert_eq!(u(&i["conn_ok"]["tcp"]), 0, "{i}");
     // Other destinations are allowed (AllowInternetOutBound) and do take a port.
-    let ok = g.client("pat", &["tcp-echo", &format!("{SERVER_A}:7"), "--count", "2"]);
+    let ok = g.client(
+        "pat",
+        &["tcp-echo", &format!("{SERVER_A}:7"), "--count", "2"],
+    );
     assert_eq!((ok.ok, ok.failed), (2, 0), "{ok:?}");
-    assert!(g.wait(Duration::from_secs(3), |s| hits(s, "pat-nsg", "AllowInternetOutBound") >= 2));
+    assert!(g.wait(Duration::from_secs(3), |s| hits(
+        s,
+        "pat-nsg",
+        "AllowInternetOutBound"
+    ) >= 2));
     g.finish();
 }
 
@@ -319,8 +333,19 @@ rules = [ { name = "ssh", priority = 100, direction = "inbound", access = "allow
         .exec_timeout(
             &g.lab.inet_ns(),
             &[
-                "nmap", "-Pn", "-n", "-sS", "-p", "22,80,443,8080", "--max-retries", "1",
-                "--host-timeout", "60s", "-oG", "-", &ILPIP.to_string(),
+                "nmap",
+                "-Pn",
+                "-n",
+                "-sS",
+                "-p",
+                "22,80,443,8080",
+                "--max-retries",
+                "1",
+                "--host-timeout",
+                "60s",
+                "-oG",
+                "-",
+                &ILPIP.to_string(),
             ],
             Duration::from_secs(90),
         )
@@ -345,11 +370,18 @@ rules = [ { name = "ssh", priority = 100, direction = "inbound", access = "allow
     }
     // R4.4: the instance's own outbound connections get their answers through
     // DenyAllInBound.
-    let r = g.client("ilpip", &["myip-http", &SERVER_A.to_string(), "--count", "2"]);
+    let r = g.client(
+        "ilpip",
+        &["myip-http", &SERVER_A.to_string(), "--count", "2"],
+    );
     assert!(r.all_ok(), "{r:?}");
     let s = g.snapshot();
     assert!(hits(&s, "ilpip-nsg", "ssh") >= 1, "{}", s["nsg_hits"]);
-    assert!(hits(&s, "ilpip-nsg", "DenyAllInBound") >= 3, "{}", s["nsg_hits"]);
+    assert!(
+        hits(&s, "ilpip-nsg", "DenyAllInBound") >= 3,
+        "{}",
+        s["nsg_hits"]
+    );
     assert!(u(&inst_of(&s, "ilpip")["drops"]["nsg_denied"]) >= 3);
     g.finish();
 }
@@ -370,9 +402,9 @@ fn r5_1_r5_2_inbound_http_through_the_frontend_is_spread_over_two_members_and_st
             h1.load(Ordering::Relaxed) >= 2
                 && h2.load(Ordering::Relaxed) >= 2
                 && ["web1", "web2"].iter().all(|m| {
-                let p = probe_of(s, m);
-                p["up"] == true && u(&p["probes"]) >= 2 && u(&p["consecutive_failures"]) == 0
-            })
+                    let p = probe_of(s, m);
+                    p["up"] == true && u(&p["probes"]) >= 2 && u(&p["consecutive_failures"]) == 0
+                })
         }),
         "both members probed up: {}",
         g.snapshot()["probes"]
@@ -383,7 +415,11 @@ fn r5_1_r5_2_inbound_http_through_the_frontend_is_spread_over_two_members_and_st
         let member = conn[0].split(' ').next().unwrap().to_string();
         for a in conn {
             let mut it = a.split(' ');
-            assert_eq!(it.next(), Some(member.as_str()), "sticky per connection: {conn:?}");
+            assert_eq!(
+                it.next(),
+                Some(member.as_str()),
+                "sticky per connection: {conn:?}"
+            );
             // The member sees the client's own address: no SNAT on inbound.
             let peer: SocketAddr = it.next().unwrap().parse().unwrap();
             assert!(!peer.ip().to_string().starts_with("10."), "{a}");
@@ -398,7 +434,11 @@ fn r5_1_r5_2_inbound_http_through_the_frontend_is_spread_over_two_members_and_st
     );
     let s = g.snapshot();
     for m in ["web1", "web2"] {
-        assert_eq!(u(&inst_of(&s, m)["used"]["tcp"]), 0, "inbound LB uses no SNAT port");
+        assert_eq!(
+            u(&inst_of(&s, m)["used"]["tcp"]),
+            0,
+            "inbound LB uses no SNAT port"
+        );
     }
     drop((w1, w2));
     g.finish();
@@ -446,10 +486,17 @@ rules = [
     }
     assert_eq!(w2.requests.load(Ordering::Relaxed), 0);
     // Its outbound connectivity is untouched (R1.2: the probe does not matter for outbound).
-    let r = g.client("web2", &["tcp-echo", &format!("{SERVER_A}:7"), "--count", "3"]);
+    let r = g.client(
+        "web2",
+        &["tcp-echo", &format!("{SERVER_A}:7"), "--count", "3"],
+    );
     assert_eq!((r.ok, r.failed), (3, 0), "{r:?}");
     let m = g.client("web2", &["myip-http", &SERVER_A.to_string()]);
-    assert_eq!(m.seen_ips(), vec![FE], "web2 leaves from the frontend: {m:?}");
+    assert_eq!(
+        m.seen_ips(),
+        vec![FE],
+        "web2 leaves from the frontend: {m:?}"
+    );
     drop((w1, w2));
     g.finish();
 }
@@ -481,10 +528,19 @@ fn r3_7_inbound_idle_timeout_is_honoured() {
         std::thread::sleep(Duration::from_secs(1));
         (kept, b.get())
     });
-    assert!(kept.iter().all(|k| !k.is_empty() && k.split(' ').next() == kept[0].split(' ').next()), "{kept:?}");
-    assert_eq!(expired, None, "an idle connection past the inbound idle timeout is gone");
     assert!(
-        g.wait(Duration::from_secs(3), |s| u(&s["dataplane"]["drops"]["unsolicited_inbound"]) >= 1),
+        kept.iter()
+            .all(|k| !k.is_empty() && k.split(' ').next() == kept[0].split(' ').next()),
+        "{kept:?}"
+    );
+    assert_eq!(
+        expired, None,
+        "an idle connection past the inbound idle timeout is gone"
+    );
+    assert!(
+        g.wait(Duration::from_secs(3), |s| u(
+            &s["dataplane"]["drops"]["unsolicited_inbound"]
+        ) >= 1),
         "its packets are dropped as unsolicited: {}",
         g.snapshot()["dataplane"]["drops"]
     );

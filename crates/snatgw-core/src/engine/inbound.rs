@@ -35,6 +35,9 @@ use crate::policy::Query;
 /// (protocol, address, port, address, port).
 type Key5 = (u8, u32, u16, u32, u16);
 
+/// A rule's member: name, private address, and its probe state's (probe, member) index.
+type MemberRt = (Arc<str>, u32, Option<(usize, usize)>);
+
 const FIN_IN: u8 = 1;
 const FIN_OUT: u8 = 2;
 
@@ -58,7 +61,13 @@ struct LbFlow {
 
 impl LbFlow {
     fn front(&self) -> Key5 {
-        (self.proto, self.client, self.cport, self.frontend, self.fport)
+        (
+            self.proto,
+            self.client,
+            self.cport,
+            self.frontend,
+            self.fport,
+        )
     }
     fn back(&self) -> Key5 {
         (self.proto, self.member, self.bport, self.client, self.cport)
@@ -99,7 +108,7 @@ pub(super) struct InboundRt {
     /// (protocol, frontend, port) → rule index.
     rule_at: hashbrown::HashMap<(u8, u32, u16), u32>,
     /// Per rule: its members' addresses with their probe-state index.
-    members: Vec<Vec<(Arc<str>, u32, Option<(usize, usize)>)>>,
+    members: Vec<Vec<MemberRt>>,
     /// Per probe, per member (as `Policy::probes[k].members`).
     health: Vec<Vec<Health>>,
     stats: Vec<InboundRuleStats>,
@@ -242,7 +251,8 @@ impl Engine {
         for (k, r) in pol.rules.iter().enumerate() {
             for (on, p) in [(r.tcp, proto::TCP), (r.udp, proto::UDP)] {
                 if on {
-                    ib.rule_at.insert((p, r.frontend, r.frontend_port), k as u32);
+                    ib.rule_at
+                        .insert((p, r.frontend, r.frontend_port), k as u32);
                 }
             }
             let ms = r
@@ -275,17 +285,19 @@ impl Engine {
             if !f.live {
                 continue;
             }
-            let keep = old_rules.get(f.rule as usize).and_then(|(lb, name, fe, fp, bp)| {
-                let &k = new_idx.get(&(lb.as_str(), name.as_str()))?;
-                let r = &pol.rules[k];
-                let member_ok = ib.members[k].iter().any(|(_, a, _)| *a == f.member);
-                (r.frontend == *fe
-                    && r.frontend_port == *fp
-                    && r.backend_port == *bp
-                    && member_ok
-                    && ib.rule_at.get(&(f.proto, f.frontend, f.fport)) == Some(&(k as u32)))
-                .then_some(k)
-            });
+            let keep = old_rules
+                .get(f.rule as usize)
+                .and_then(|(lb, name, fe, fp, bp)| {
+                    let &k = new_idx.get(&(lb.as_str(), name.as_str()))?;
+                    let r = &pol.rules[k];
+                    let member_ok = ib.members[k].iter().any(|(_, a, _)| *a == f.member);
+                    (r.frontend == *fe
+                        && r.frontend_port == *fp
+                        && r.backend_port == *bp
+                        && member_ok
+                        && ib.rule_at.get(&(f.proto, f.frontend, f.fport)) == Some(&(k as u32)))
+                    .then_some(k)
+                });
             match keep {
                 Some(k) => ib.slab[fi].rule = k as u32,
                 None => gone.push(fi as u32),

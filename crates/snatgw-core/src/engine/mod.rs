@@ -60,8 +60,8 @@ mod translate;
 
 pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
 pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};
-pub use nsg::NsgHit;
 pub use instance::Scenario;
+pub use nsg::NsgHit;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};

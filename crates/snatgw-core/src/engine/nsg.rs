@@ -204,7 +204,13 @@ impl Engine {
                     direction: r.direction,
                     access: r.access,
                     default: r.default,
-                    hits: self.nsg.hits.get(k).and_then(|h| h.get(j)).copied().unwrap_or(0),
+                    hits: self
+                        .nsg
+                        .hits
+                        .get(k)
+                        .and_then(|h| h.get(j))
+                        .copied()
+                        .unwrap_or(0),
                 });
             }
         }

@@ -291,7 +291,10 @@ impl Engine {
             return v;
         }
         if let Some(&slot) = self.ilpips.get(&p.dst) {
-            let private = self.insts[slot as usize].as_ref().expect("instance").private_ip;
+            let private = self.insts[slot as usize]
+                .as_ref()
+                .expect("instance")
+                .private_ip;
             if !self.nsg_inbound_ilpip(private, p) {
                 return self.drop_inst(slot, p.proto, DropReason::NsgDenied);
             }
