@@ -838,3 +838,175 @@ fn r3_7_operator_override_of_the_inbound_idle_timeout_in_seconds() {
         .to_string();
     assert!(m.contains("gateway.inbound_idle_timeout_secs"), "{m}");
 }
+
+#[test]
+fn r5_1_udp_and_all_rules_carry_datagrams_with_the_rules_idle_timeout() {
+    let cfg = config("").replace(
+        "protocol = \"tcp\", frontend_port = 80",
+        "protocol = \"all\", frontend_port = 80",
+    );
+    let mut e = engine(&cfg);
+    let Verdict::Translate { addr: m, port } =
+        inb(&mut e, 0, Packet::udp(ip(CLIENT), 5353, ip(FE), 80))
+    else {
+        panic!("UDP to an `all` rule is load-balanced")
+    };
+    assert_eq!(port, 8080);
+    assert_eq!(
+        out(&mut e, 1, Packet::udp(m, 8080, ip(CLIENT), 5353)),
+        Verdict::Translate {
+            addr: ip(FE),
+            port: 80
+        }
+    );
+    // TCP on the same frontend port is a separate entry.
+    assert!(matches!(
+        inb(&mut e, 1, Packet::tcp(ip(CLIENT), 5353, ip(FE), 80, SYN)),
+        Verdict::Translate { .. }
+    ));
+    assert_eq!(e.inbound_flow_count(), 2);
+    // 240 s after the member's last datagram the UDP entry ends (R3.7 default).
+    e.advance(240);
+    assert_eq!(e.inbound_flow_count(), 2);
+    e.advance(241);
+    assert_eq!(e.inbound_flow_count(), 0);
+    e.check_inbound_invariants().unwrap();
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const IDLE: u32 = 30;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A new connection (SYN) from client port `cport`.
+        Syn(u16),
+        /// A packet of connection `pick` from the client (`true`) or the member.
+        Pkt {
+            pick: usize,
+            from_client: bool,
+            flags: u8,
+        },
+        /// A probe result for web1 / web2.
+        Probe {
+            second: bool,
+            ok: bool,
+        },
+        Advance(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1000u16..1040).prop_map(Op::Syn),
+            4 => (0usize..64, any::<bool>(), prop::sample::select(vec![ACK, ACK, FIN_ACK, RST]))
+                .prop_map(|(pick, from_client, flags)| Op::Pkt { pick, from_client, flags }),
+            1 => (any::<bool>(), any::<bool>()).prop_map(|(second, ok)| Op::Probe { second, ok }),
+            2 => (0u32..20).prop_map(Op::Advance),
+        ]
+    }
+
+    /// What the model knows of a connection: its member, last packet, and whether a FIN or
+    /// RST was sent (then the model stops predicting it).
+    struct Conn {
+        member: u32,
+        last: u32,
+        closing: bool,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// R5.1 stickiness and R3.7 lifetime against a model; the indexes stay consistent.
+        #[test]
+        fn r5_1_r3_7_inbound_flows_stick_until_they_end(ops in prop::collection::vec(op(), 1..120)) {
+            let cfg = config("").replace(
+                "default_snat_pool = [\"192.0.2.100\"]",
+                &format!("default_snat_pool = [\"192.0.2.100\"]\ninbound_idle_timeout_secs = {IDLE}"),
+            );
+            let mut e = engine(&cfg);
+            let mut now = 1u32;
+            let mut conns: HashMap<u16, Conn> = HashMap::new();
+            let mut order: Vec<u16> = Vec::new();
+            let mut down = [false, false];
+            for op in ops {
+                match op {
+                    Op::Syn(cp) => {
+                        let v = inb(&mut e, now, Packet::tcp(ip(CLIENT), cp, ip(FE), 80, SYN));
+                        let alive = conns.get(&cp).is_some_and(|c| !c.closing && c.last + IDLE > now);
+                        match v {
+                            Verdict::Translate { addr, port } => {
+                                prop_assert_eq!(port, 8080);
+                                if alive {
+                                    // A SYN on a live, open entry is part of it.
+                                    prop_assert_eq!(addr, conns[&cp].member);
+                                } else {
+                                    let up = [ip("10.0.2.10"), ip("10.0.2.11")]
+                                        .iter()
+                                        .zip(down)
+                                        .any(|(&a, d)| a == addr && !d);
+                                    prop_assert!(up, "a new flow goes to a healthy member");
+                                }
+                                let c = conns.entry(cp).or_insert(Conn { member: addr, last: now, closing: false });
+                                if !alive {
+                                    *c = Conn { member: addr, last: now, closing: false };
+                                }
+                                c.last = now;
+                                if !order.contains(&cp) {
+                                    order.push(cp);
+                                }
+                            }
+                            Verdict::Drop(DropReason::NoHealthyBackend) => {
+                                prop_assert!(!alive && down == [true, true]);
+                            }
+                            v => prop_assert!(false, "unexpected {:?}", v),
+                        }
+                    }
+                    Op::Pkt { pick, from_client, flags } => {
+                        if order.is_empty() {
+                            continue;
+                        }
+                        let cp = order[pick % order.len()];
+                        let c = conns.get_mut(&cp).unwrap();
+                        let alive = !c.closing && c.last + IDLE > now;
+                        let v = if from_client {
+                            inb(&mut e, now, Packet::tcp(ip(CLIENT), cp, ip(FE), 80, flags))
+                        } else {
+                            out(&mut e, now, Packet::tcp(c.member, 8080, ip(CLIENT), cp, flags))
+                        };
+                        if alive {
+                            let want = if from_client {
+                                Verdict::Translate { addr: c.member, port: 8080 }
+                            } else {
+                                Verdict::Translate { addr: ip(FE), port: 80 }
+                            };
+                            prop_assert_eq!(v, want, "a live flow sticks to its member");
+                        } else if !c.closing {
+                            prop_assert!(matches!(v, Verdict::Drop(_)), "an expired flow is gone: {:?}", v);
+                        }
+                        if matches!(v, Verdict::Translate { .. }) {
+                            c.last = now;
+                        }
+                        if flags & (FIN_ACK | RST) & !ACK != 0 /* FIN or RST */ {
+                            c.closing = true;
+                        }
+                    }
+                    Op::Probe { second, ok } => {
+                        let m = if second { "web2" } else { "web1" };
+                        for _ in 0..2 {
+                            e.probe_result(now, "lb", "hp", m, ok);
+                        }
+                        down[usize::from(second)] = !ok;
+                    }
+                    Op::Advance(s) => {
+                        now += s;
+                        e.advance(now);
+                    }
+                }
+                e.check_inbound_invariants().map_err(TestCaseError::fail)?;
+                e.check_invariants().map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+}

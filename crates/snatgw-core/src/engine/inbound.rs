@@ -389,8 +389,10 @@ impl Engine {
         if let Some(&fi) = self.inb.by_front.get(&key) {
             if self.inbound_live(fi) {
                 let f = self.inb.slab[fi as usize];
-                // A new SYN on a closing entry starts the connection over (R5.1).
-                if !(p.proto == proto::TCP && syn_only && f.close_at != 0) {
+                // A new SYN on an entry that saw a FIN or RST starts the connection over
+                // (as for PAT flows, R3.1 decision), choosing a member afresh (R5.1).
+                let closing = f.close_at != 0 || f.state != 0;
+                if !(p.proto == proto::TCP && syn_only && closing) {
                     self.inbound_touch(fi, p.flags, true);
                     return Some(Verdict::Translate {
                         addr: f.member,
@@ -558,6 +560,48 @@ impl Engine {
     /// The first second with inbound timer work, if any.
     pub(super) fn inbound_next_deadline(&self) -> Option<Time> {
         self.inb.timers.keys().next().copied()
+    }
+
+    /// Checks the inbound-LB state's invariants (tests): both indexes hold exactly the live
+    /// entries with their own keys, the live count matches, every entry's rule exists and its
+    /// member is one of the rule's members, and free slots are not live. Changes nothing.
+    pub fn check_inbound_invariants(&self) -> Result<(), String> {
+        let ib = &self.inb;
+        let live: Vec<(u32, &LbFlow)> = ib
+            .slab
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.live)
+            .map(|(i, f)| (i as u32, f))
+            .collect();
+        if live.len() != ib.live as usize
+            || ib.by_front.len() != live.len()
+            || ib.by_back.len() != live.len()
+        {
+            return Err(format!(
+                "inbound: {} live entries, count {}, indexes {}/{}",
+                live.len(),
+                ib.live,
+                ib.by_front.len(),
+                ib.by_back.len()
+            ));
+        }
+        for (fi, f) in &live {
+            if ib.by_front.get(&f.front()) != Some(fi) || ib.by_back.get(&f.back()) != Some(fi) {
+                return Err(format!("inbound entry {fi} not indexed by its keys: {f:?}"));
+            }
+            let members = ib
+                .members
+                .get(f.rule as usize)
+                .ok_or(format!("inbound entry {fi} of a missing rule {}", f.rule))?;
+            if !members.iter().any(|(_, a, _)| *a == f.member) {
+                return Err(format!("inbound entry {fi} on a non-member: {f:?}"));
+            }
+        }
+        if let Some(fi) = ib.free.iter().find(|&&fi| ib.slab[fi as usize].live) {
+            return Err(format!("free inbound slot {fi} is live"));
+        }
+        Ok(())
     }
 
     /// Live inbound LB flows.
