@@ -305,6 +305,21 @@ impl EventRecord {
                 r.public_ip = Some(ip(*public_ip));
                 r.detail = format!("pool {pool_size}: {from} -> {to} ports per instance");
             }
+            EventKind::ProbeChanged {
+                lb,
+                probe,
+                member,
+                up,
+                failures,
+            } => {
+                r.kind = if *up { "probe_up" } else { "probe_down" }.into();
+                r.instance = Some(member.to_string());
+                r.detail = if *up {
+                    format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
+                } else {
+                    format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
+                };
+            }
             EventKind::ScenarioChanged { instance, from, to } => {
                 r.kind = "scenario_changed".into();
                 r.instance = Some(instance.to_string());

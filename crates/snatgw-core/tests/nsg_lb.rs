@@ -617,6 +617,24 @@ rules = [
     let st = e.probe_states();
     let s2 = st.iter().find(|s| &*s.member == "web2").unwrap();
     assert!(!s2.up && s2.consecutive_failures == 2 && s2.changed_at == Some(10));
+    // The change is an event (R6.2).
+    let evs: Vec<_> = e
+        .drain_events()
+        .into_iter()
+        .filter(|ev| matches!(ev.kind, snatgw_core::EventKind::ProbeChanged { .. }))
+        .collect();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].time, 10);
+    assert_eq!(
+        evs[0].kind,
+        snatgw_core::EventKind::ProbeChanged {
+            lb: "lb".into(),
+            probe: "hp".into(),
+            member: "web2".into(),
+            up: false,
+            failures: 2
+        }
+    );
     // No new flow goes to web2.
     assert_eq!(spread(&mut e, 11, 20000..20200), (200, 0));
     // Its existing flow continues, and its outbound connectivity is untouched.

@@ -10,8 +10,8 @@
 //! 2. otherwise runs the probe from the gateway host (its own private-side address, not
 //!    through the TUN): a TCP connect, or `GET <path>` answered by status `200`, with a
 //!    timeout of the interval capped at 5 s;
-//! 3. feeds the result to [`snatgw_core::Engine::probe_result`] and logs a member's change of
-//!    state.
+//! 3. feeds the result to [`snatgw_core::Engine::probe_result`]; a member's change of state
+//!    is an engine event (`probe_down` / `probe_up`), logged and listed like the others.
 //!
 //! Each probe runs on its own short-lived thread, at most one in flight per (probe, member),
 //! so a member that does not answer never delays the others. What it does not do: decide
@@ -93,18 +93,11 @@ fn run(gw: &Mutex<Gateway>, now: &dyn Fn() -> u32, stopped: &dyn Fn() -> bool) {
         let results: Vec<(Key, bool)> = first.into_iter().chain(rx.try_iter()).collect();
         for (k, ok) in results {
             in_flight.remove(&k);
-            let changed = lock(gw)
+            // A change of state becomes an engine event (`probe_up` / `probe_down`), which
+            // the housekeeping loop logs and the API lists (R6.2).
+            let _ = lock(gw)
                 .engine_mut()
                 .probe_result(now(), &k.0, &k.1, &k.2, ok);
-            match changed {
-                Some(true) => {
-                    tracing::info!(lb = %k.0, probe = %k.1, member = %k.2, "probe up: member gets new inbound flows (R5.2)")
-                }
-                Some(false) => {
-                    tracing::warn!(lb = %k.0, probe = %k.1, member = %k.2, "probe down: member gets no new inbound flows (R4.5, R5.2)")
-                }
-                None => {}
-            }
         }
     }
 }

@@ -345,6 +345,19 @@ fn event_snap_kind(e: &Event) -> EventSnap {
             detail: format!("pool {pool_size}: {from} -> {to} ports per instance"),
             ..Default::default()
         },
+        EventKind::ProbeChanged {
+            lb,
+            probe,
+            member,
+            up,
+            failures,
+        } => EventSnap {
+            time: e.time,
+            kind: if *up { "probe_up" } else { "probe_down" }.into(),
+            instance: Some(member.to_string()),
+            detail: probe_detail(lb, probe, *up, *failures),
+            ..Default::default()
+        },
         EventKind::ScenarioChanged { instance, from, to } => EventSnap {
             time: e.time,
             kind: "scenario_changed".into(),
@@ -352,6 +365,15 @@ fn event_snap_kind(e: &Event) -> EventSnap {
             detail: format!("{from} -> {to}"),
             ..Default::default()
         },
+    }
+}
+
+/// The text of a probe state change (R5.2).
+pub fn probe_detail(lb: &str, probe: &str, up: bool, failures: u32) -> String {
+    if up {
+        format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
+    } else {
+        format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
     }
 }
 
@@ -363,6 +385,7 @@ pub fn log_event(e: &EventSnap) {
         "exhaustion" => Some("SNAT port exhaustion (R2.6)"),
         "flow_limit" => Some("flow limit reached (R9.2)"),
         "overflow" => Some("repeated events aggregated (R9.3)"),
+        "probe_down" => Some("load-balancer member down: no new inbound flows (R5.2, R4.5)"),
         _ => None,
     };
     if let Some(message) = message {

@@ -477,6 +477,15 @@ rules = [
     assert!(u(&probe_of(&s, "web2")["consecutive_failures"]) >= 3);
     assert_eq!(probe_of(&s, "web1")["up"], true);
     assert!(hits(&s, "web2-nsg", "no-probe") >= 3);
+    assert!(
+        g.wait(Duration::from_secs(3), |s| s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "probe_down" && e["instance"] == "web2")),
+        "a probe_down event for web2: {}",
+        g.snapshot()["events"]
+    );
     // Blocked probes are never sent, as the cloud host drops them.
     assert_eq!(w2.health.load(Ordering::Relaxed), 0);
     assert!(w1.health.load(Ordering::Relaxed) >= 1);

@@ -673,8 +673,9 @@ impl Engine {
 
     /// Feeds one probe result of `member` for probe `probe` of load balancer `lb` at `now`
     /// (R5.2): `unhealthy_threshold` failures in a row mark it down, a success marks it up.
-    /// Returns `Some(up)` when the member changed state, `None` otherwise (or when no such
-    /// probe or member exists, e.g. after a configuration change).
+    /// Returns `Some(up)` when the member changed state (and queues a `probe_changed` event,
+    /// R6.2), `None` otherwise (or when no such probe or member exists, e.g. after a
+    /// configuration change).
     pub fn probe_result(
         &mut self,
         now: Time,
@@ -705,10 +706,21 @@ impl Engine {
                 h.down = true;
             }
         }
-        (was_down != h.down).then(|| {
-            h.changed = Some(now);
-            !h.down
-        })
+        if was_down == h.down {
+            return None;
+        }
+        h.changed = Some(now);
+        let (up, failures) = (!h.down, h.fails);
+        let p = &self.topo.policy.probes[k];
+        let kind = super::EventKind::ProbeChanged {
+            lb: p.lb.clone(),
+            probe: p.name.clone(),
+            member: p.members[m].clone(),
+            up,
+            failures,
+        };
+        self.event(kind);
+        Some(up)
     }
 
     /// The probe state of every (probe, member).
