@@ -3,7 +3,9 @@
 # VMs behind a load balancer with two frontends, an availability set on default SNAT, a Classic
 # web/worker role, a gateway and an internet namespace), starts the gateway, drives real
 # connections from every instance, prints what the internet saw, shows ports shared across
-# destinations and an exhaustion happening and clearing, then removes everything.
+# destinations and an exhaustion happening and clearing, makes live changes through the API
+# (an ILPIP; an inbound rule with an HTTP health probe spread over two members, then an NSG
+# that blocks one member's probe so it goes down and gets no new flows), then removes everything.
 # Needs root (network namespaces). Without root it prints `snatgw show` for the same config.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg_cmd in iproute2:ip nftables:nft ethtool:ethtool procps:sysctl hping3:hping3 clang:clang; do
+for pkg_cmd in iproute2:ip nftables:nft ethtool:ethtool procps:sysctl hping3:hping3 clang:clang nmap:nmap; do
   command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || need+=("${pkg_cmd%%:*}")
 done
 # The fast path's eBPF program is compiled by snatgw-io's build script: clang -target bpf and

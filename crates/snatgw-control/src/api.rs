@@ -36,15 +36,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use snatgw_core::config::{
     AvailabilitySetCfg, BackendPoolCfg, DeploymentCfg, FrontendCfg, GatewayCfg, InstanceCfg,
-    LbRuleCfg, LoadBalancerCfg, PublicIpCfg, RuleProtocol,
+    LbRuleCfg, LoadBalancerCfg, NsgAccess, NsgCfg, NsgDirection, NsgProtocol, NsgRuleCfg, ProbeCfg,
+    ProbeProtocol, PublicIpCfg, RuleProtocol,
 };
 use snatgw_core::{ConfigFile, InstanceKind, Model, Topology};
 use tokio::sync::watch;
 use utoipa::OpenApi;
 
 use crate::backend::{
-    Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InstancePorts, PerProtocol, PortRange,
-    DEFAULT_PAGE, MAX_PAGE,
+    Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InstancePorts, NsgRuleMetrics,
+    PerProtocol, PortRange, ProbeMetrics, DEFAULT_PAGE, MAX_PAGE,
 };
 use crate::error::{config_error_body, ApiError, ControlError};
 use crate::store::{Store, Stored};
@@ -96,6 +97,7 @@ resource!(AvailabilitySetCfg, "availabilitySets", availability_set);
 resource!(DeploymentCfg, "deployments", deployment);
 resource!(InstanceCfg, "instances", instance);
 resource!(LoadBalancerCfg, "loadBalancers", load_balancer);
+resource!(NsgCfg, "networkSecurityGroups", nsg);
 
 /// Body of `POST /api/v1/deployments/{name}/redeploy` (SPEC R2.11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -314,6 +316,13 @@ impl ControlPlane {
                     .put(load_balancers::put)
                     .delete(load_balancers::delete),
             )
+            .route("/api/v1/loadBalancers/{name}/probes", get(lb_probes))
+            .route("/api/v1/networkSecurityGroups", get(nsgs::list))
+            .route(
+                "/api/v1/networkSecurityGroups/{name}",
+                get(nsgs::get).put(nsgs::put).delete(nsgs::delete),
+            )
+            .route("/api/v1/networkSecurityGroups/{name}/hits", get(nsg_hits))
             .route("/api/v1/flows", get(flows))
             .route("/api/v1/events", get(events))
             .route("/metrics", get(metrics))
@@ -725,6 +734,66 @@ resource_handlers!(
     "loadBalancers"
 );
 
+resource_handlers!(
+    nsgs,
+    NsgCfg,
+    "/api/v1/networkSecurityGroups",
+    "/api/v1/networkSecurityGroups/{name}",
+    "networkSecurityGroups"
+);
+
+/// Health-probe state of a load balancer's members (SPEC R5.2, R4.5).
+#[utoipa::path(get, path = "/api/v1/loadBalancers/{name}/probes", tag = "loadBalancers",
+    params(("name" = String, Path, description = "Load balancer name")),
+    responses(
+        (status = 200, description = "Per (probe, member): up, failures in a row, results", body = Vec<ProbeMetrics>),
+        (status = 404, description = "No such load balancer running", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn lb_probes(State(s): State<Shared>, name: Result<Path<String>, PathRejection>) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        if !s
+            .current()
+            .config
+            .load_balancer
+            .iter()
+            .any(|l| l.name == name)
+        {
+            return Err(Reply::not_found(format!(
+                "load_balancer[{name}] does not exist"
+            )));
+        }
+        let backend = s.backend.clone();
+        let m = blocking(move || backend.metrics()).await?;
+        let v: Vec<ProbeMetrics> = m.probes.into_iter().filter(|p| p.lb == name).collect();
+        Ok::<_, Reply>(tagged(StatusCode::OK, &v, None))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Hit counters of an NSG's rules, default rules included (SPEC R4.1, R4.2).
+#[utoipa::path(get, path = "/api/v1/networkSecurityGroups/{name}/hits", tag = "networkSecurityGroups",
+    params(("name" = String, Path, description = "NSG name")),
+    responses(
+        (status = 200, description = "Per rule, in evaluation order: priority, direction, access, hits", body = Vec<NsgRuleMetrics>),
+        (status = 404, description = "No such NSG", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn nsg_hits(State(s): State<Shared>, name: Result<Path<String>, PathRejection>) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        if !s.current().config.nsg.iter().any(|n| n.name == name) {
+            return Err(Reply::not_found(format!("nsg[{name}] does not exist")));
+        }
+        let backend = s.backend.clone();
+        let m = blocking(move || backend.metrics()).await?;
+        let v: Vec<NsgRuleMetrics> = m.nsg_rules.into_iter().filter(|h| h.nsg == name).collect();
+        Ok::<_, Reply>(tagged(StatusCode::OK, &v, None))
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// The whole desired topology.
 #[utoipa::path(get, path = "/api/v1/topology", tag = "topology",
     responses(
@@ -1104,12 +1173,15 @@ impl utoipa::Modify for BearerAuth {
         instances::list, instances::get, instances::put, instances::delete,
         instance_ports,
         load_balancers::list, load_balancers::get, load_balancers::put, load_balancers::delete,
+        lb_probes,
+        nsgs::list, nsgs::get, nsgs::put, nsgs::delete, nsg_hits,
         flows, events, metrics, openapi_json, healthz,
     ),
     components(schemas(
         ApiError, ConfigFile, GatewayCfg, PublicIpCfg, AvailabilitySetCfg, DeploymentCfg,
         InstanceCfg, InstanceKind, Model, LoadBalancerCfg, FrontendCfg, BackendPoolCfg,
-        LbRuleCfg, RuleProtocol, RedeployRequest, InstancePorts, PerProtocol, PortRange,
+        LbRuleCfg, RuleProtocol, ProbeCfg, ProbeProtocol, NsgCfg, NsgRuleCfg, NsgDirection,
+        NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics, RedeployRequest, InstancePorts, PerProtocol, PortRange,
         FlowPage, FlowRecord, EventRecord,
     )),
     modifiers(&BearerAuth),

@@ -305,6 +305,21 @@ impl EventRecord {
                 r.public_ip = Some(ip(*public_ip));
                 r.detail = format!("pool {pool_size}: {from} -> {to} ports per instance");
             }
+            EventKind::ProbeChanged {
+                lb,
+                probe,
+                member,
+                up,
+                failures,
+            } => {
+                r.kind = if *up { "probe_up" } else { "probe_down" }.into();
+                r.instance = Some(member.to_string());
+                r.detail = if *up {
+                    format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
+                } else {
+                    format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
+                };
+            }
             EventKind::ScenarioChanged { instance, from, to } => {
                 r.kind = "scenario_changed".into();
                 r.instance = Some(instance.to_string());
@@ -453,6 +468,113 @@ pub struct MetricsSnapshot {
     pub live_flows: u64,
     /// Flows the gateway may hold (R9.2).
     pub max_flows: u64,
+    /// Live inbound load-balancing flows (R5.1).
+    #[serde(default)]
+    pub inbound_flows: u64,
+    /// Health-probe state per (load balancer, probe, member) (R5.2).
+    #[serde(default)]
+    pub probes: Vec<ProbeMetrics>,
+    /// Hits per NSG rule, default rules included (R4.1, R4.2).
+    #[serde(default)]
+    pub nsg_rules: Vec<NsgRuleMetrics>,
+    /// Counters per inbound load-balancing rule (R5.1).
+    #[serde(default)]
+    pub inbound_rules: Vec<InboundRuleMetrics>,
+}
+
+/// One member's state for one health probe (R5.2, R4.5).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProbeMetrics {
+    /// Load balancer.
+    pub lb: String,
+    /// Probe.
+    pub probe: String,
+    /// Member instance.
+    pub member: String,
+    /// Whether it gets new inbound flows.
+    pub up: bool,
+    /// Failed probes in a row.
+    pub consecutive_failures: u32,
+    /// Probe results so far.
+    pub probes: u64,
+    /// Failed ones (blocked by the NSG included).
+    pub failures: u64,
+}
+
+/// One NSG rule's hits (what flow logs give, R4.1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NsgRuleMetrics {
+    /// NSG.
+    pub nsg: String,
+    /// Rule.
+    pub rule: String,
+    /// Priority.
+    pub priority: u32,
+    /// `inbound` / `outbound`.
+    pub direction: String,
+    /// `allow` / `deny`.
+    pub access: String,
+    /// Whether it is a default rule (R4.2).
+    pub default: bool,
+    /// Packets it decided.
+    pub hits: u64,
+}
+
+/// One inbound rule's counters (R5.1).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InboundRuleMetrics {
+    /// Load balancer.
+    pub lb: String,
+    /// Rule.
+    pub rule: String,
+    /// Inbound flows created.
+    pub flows: u64,
+    /// New flows dropped: no healthy member.
+    pub no_healthy_backend: u64,
+    /// New flows dropped by the chosen member's NSG.
+    pub nsg_denied: u64,
+}
+
+/// Copies the NSG, probe and inbound-LB state out of the engine into `m`.
+pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
+    m.inbound_flows = e.inbound_flow_count() as u64;
+    m.probes = e
+        .probe_states()
+        .into_iter()
+        .map(|p| ProbeMetrics {
+            lb: p.lb,
+            probe: p.probe,
+            member: p.member.to_string(),
+            up: p.up,
+            consecutive_failures: p.consecutive_failures,
+            probes: p.probes,
+            failures: p.failures,
+        })
+        .collect();
+    m.nsg_rules = e
+        .nsg_hits()
+        .into_iter()
+        .map(|h| NsgRuleMetrics {
+            nsg: h.nsg,
+            rule: h.rule,
+            priority: h.priority,
+            direction: format!("{:?}", h.direction).to_lowercase(),
+            access: format!("{:?}", h.access).to_lowercase(),
+            default: h.default,
+            hits: h.hits,
+        })
+        .collect();
+    m.inbound_rules = e
+        .inbound_rule_stats()
+        .into_iter()
+        .map(|(lb, rule, s)| InboundRuleMetrics {
+            lb,
+            rule,
+            flows: s.flows,
+            no_healthy_backend: s.no_healthy,
+            nsg_denied: s.nsg_denied,
+        })
+        .collect();
 }
 
 /// One instance's metrics (R6.1).
@@ -556,6 +678,7 @@ pub fn metrics_snapshot(
         drops: drops_of(gateway_drops),
         live_flows,
         max_flows,
+        ..Default::default()
     }
 }
 
@@ -789,9 +912,11 @@ impl Backend for GatewayBackend {
     }
 
     fn metrics(&self) -> MetricsSnapshot {
+        let mut policy = MetricsSnapshot::default();
         let (reports, busiest, drops, live, max) = {
             let g = self.lock();
             let e = g.engine();
+            fill_policy_metrics(&mut policy, e);
             (
                 e.instances(),
                 e.busiest_destinations(BUSIEST_PER_INSTANCE),
@@ -800,7 +925,13 @@ impl Backend for GatewayBackend {
                 u64::from(e.topology().params.max_flows),
             )
         };
-        metrics_snapshot(&reports, &busiest, &drops, live, max)
+        MetricsSnapshot {
+            inbound_flows: policy.inbound_flows,
+            probes: policy.probes,
+            nsg_rules: policy.nsg_rules,
+            inbound_rules: policy.inbound_rules,
+            ..metrics_snapshot(&reports, &busiest, &drops, live, max)
+        }
     }
 }
 

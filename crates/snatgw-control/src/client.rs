@@ -20,7 +20,9 @@ use snatgw_core::ConfigFile;
 use ureq::Agent;
 
 use crate::api::{RedeployRequest, Resource, GENERATION_HEADER, MAX_WAIT_SECS};
-use crate::backend::{EventRecord, FlowPage, FlowQuery, InstancePorts};
+use crate::backend::{
+    EventRecord, FlowPage, FlowQuery, InstancePorts, NsgRuleMetrics, ProbeMetrics,
+};
 use crate::error::{ApiError, ClientError};
 
 /// The API address the CLI uses by default.
@@ -58,11 +60,13 @@ pub enum ResourceKind {
     Instances,
     /// Load balancers (`/api/v1/loadBalancers`).
     LoadBalancers,
+    /// Network security groups (`/api/v1/networkSecurityGroups`).
+    Nsgs,
 }
 
 impl ResourceKind {
     /// Every kind, in the CLI's order.
-    pub const ALL: [ResourceKind; 7] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Topology,
         ResourceKind::Gateway,
         ResourceKind::PublicIps,
@@ -70,10 +74,11 @@ impl ResourceKind {
         ResourceKind::Deployments,
         ResourceKind::Instances,
         ResourceKind::LoadBalancers,
+        ResourceKind::Nsgs,
     ];
 
     /// The CLI's name: `topology`, `gateway`, `public-ips`, `availability-sets`,
-    /// `deployments`, `instances`, `load-balancers`.
+    /// `deployments`, `instances`, `load-balancers`, `nsgs`.
     pub fn cli_name(self) -> &'static str {
         match self {
             ResourceKind::Topology => "topology",
@@ -83,6 +88,7 @@ impl ResourceKind {
             ResourceKind::Deployments => "deployments",
             ResourceKind::Instances => "instances",
             ResourceKind::LoadBalancers => "load-balancers",
+            ResourceKind::Nsgs => "nsgs",
         }
     }
 
@@ -96,6 +102,7 @@ impl ResourceKind {
             ResourceKind::Deployments => "deployments",
             ResourceKind::Instances => "instances",
             ResourceKind::LoadBalancers => "loadBalancers",
+            ResourceKind::Nsgs => "networkSecurityGroups",
         }
     }
 
@@ -119,6 +126,7 @@ impl FromStr for ResourceKind {
             "deployments" | "deployment" => ResourceKind::Deployments,
             "instances" | "instance" => ResourceKind::Instances,
             "load-balancers" | "load-balancer" | "loadBalancers" => ResourceKind::LoadBalancers,
+            "nsgs" | "nsg" | "networkSecurityGroups" => ResourceKind::Nsgs,
             _ => {
                 return Err(format!(
                     "unknown kind `{s}`: expected one of {}",
@@ -455,6 +463,20 @@ impl Client {
     /// `GET /api/v1/instances/{name}/ports`: the instance's live report (R6.1).
     pub fn instance_ports(&self, name: &str) -> Result<InstancePorts, ClientError> {
         let path = format!("{}/ports", Self::item_path("instances", name));
+        let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
+        Self::decode(&b, &path)
+    }
+
+    /// `GET /api/v1/loadBalancers/{name}/probes`: health-probe state of its members (R5.2).
+    pub fn lb_probes(&self, name: &str) -> Result<Vec<ProbeMetrics>, ClientError> {
+        let path = format!("{}/probes", Self::item_path("loadBalancers", name));
+        let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
+        Self::decode(&b, &path)
+    }
+
+    /// `GET /api/v1/networkSecurityGroups/{name}/hits`: hits per rule (R4.1, R4.2).
+    pub fn nsg_hits(&self, name: &str) -> Result<Vec<NsgRuleMetrics>, ClientError> {
+        let path = format!("{}/hits", Self::item_path("networkSecurityGroups", name));
         let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
         Self::decode(&b, &path)
     }

@@ -14,6 +14,12 @@
 //! | `snatgw_gateway_dropped_packets_total` (all drops of the gateway) | counter | reason |
 //! | `snatgw_destination_used_snat_ports`, `snatgw_destination_used_snat_ports_ratio` | gauge | instance, public_ip, protocol, destination |
 //! | `snatgw_live_flows`, `snatgw_max_flows` (R9.2) | gauge | — |
+//! | `snatgw_inbound_flows` (live inbound LB flows, R5.1) | gauge | — |
+//! | `snatgw_lb_probe_up` (1 up, 0 down, R5.2/R4.5) | gauge | lb, probe, member |
+//! | `snatgw_lb_probe_consecutive_failures` | gauge | lb, probe, member |
+//! | `snatgw_lb_probe_results_total` | counter | lb, probe, member, result = ok / failed |
+//! | `snatgw_lb_inbound_flows_total` | counter | lb, rule, result = created / no_healthy_backend / nsg_denied |
+//! | `snatgw_nsg_rule_hits_total` (what flow logs give, R4.1/R4.2) | counter | nsg, rule, direction, access, priority |
 //!
 //! Label cardinality is bounded: per instance two protocols, the drop reasons that occurred,
 //! and at most five destinations (the busiest by ports used), so users alert on the ratio of
@@ -108,6 +114,80 @@ pub fn render(s: &MetricsSnapshot) -> String {
         max.clone(),
     );
 
+    let inbound = Gauge::<i64>::default();
+    reg.register(
+        "snatgw_inbound_flows",
+        "Live inbound load-balancing flows (SPEC R5.1)",
+        inbound.clone(),
+    );
+    let probe_up = gauge_family(
+        &mut reg,
+        "snatgw_lb_probe_up",
+        "1 when the member gets new inbound flows, 0 when its health probe marked it down (SPEC R5.2, R4.5)",
+    );
+    let probe_fails = gauge_family(
+        &mut reg,
+        "snatgw_lb_probe_consecutive_failures",
+        "Failed health probes in a row (down at the probe's unhealthy_threshold, SPEC R5.2)",
+    );
+    let probe_results = counter_family(
+        &mut reg,
+        "snatgw_lb_probe_results",
+        "Health-probe results; probes the member's NSG blocks count as failed (SPEC R4.5)",
+    );
+    let lb_flows = counter_family(
+        &mut reg,
+        "snatgw_lb_inbound_flows",
+        "New inbound flows of a load-balancing rule: created, or dropped (SPEC R5.1)",
+    );
+    let nsg_hits = counter_family(
+        &mut reg,
+        "snatgw_nsg_rule_hits",
+        "Packets an NSG rule decided, default rules included (SPEC R4.1, R4.2)",
+    );
+    inbound.set(i64::try_from(s.inbound_flows).unwrap_or(i64::MAX));
+    for p in &s.probes {
+        let l: Labels = vec![
+            ("lb", p.lb.clone()),
+            ("probe", p.probe.clone()),
+            ("member", p.member.clone()),
+        ];
+        set(&probe_up, l.clone(), u64::from(p.up));
+        set(&probe_fails, l.clone(), p.consecutive_failures.into());
+        for (result, v) in [
+            ("ok", p.probes - p.failures.min(p.probes)),
+            ("failed", p.failures),
+        ] {
+            let mut l = l.clone();
+            l.push(("result", result.into()));
+            add(&probe_results, l, v);
+        }
+    }
+    for r in &s.inbound_rules {
+        for (result, v) in [
+            ("created", r.flows),
+            ("no_healthy_backend", r.no_healthy_backend),
+            ("nsg_denied", r.nsg_denied),
+        ] {
+            let l: Labels = vec![
+                ("lb", r.lb.clone()),
+                ("rule", r.rule.clone()),
+                ("result", result.into()),
+            ];
+            add(&lb_flows, l, v);
+        }
+    }
+    for h in &s.nsg_rules {
+        let l: Labels = vec![
+            ("nsg", h.nsg.clone()),
+            ("rule", h.rule.clone()),
+            ("direction", h.direction.clone()),
+            ("access", h.access.clone()),
+            ("priority", h.priority.to_string()),
+        ];
+        add(&nsg_hits, l, h.hits);
+    }
+
     for i in &s.instances {
         let base = |protocol: &str| -> Labels {
             vec![
@@ -195,6 +275,32 @@ mod tests {
             drops: vec![("malformed".into(), 9)],
             live_flows: 4,
             max_flows: 100,
+            inbound_flows: 2,
+            probes: vec![crate::backend::ProbeMetrics {
+                lb: "lb".into(),
+                probe: "hp".into(),
+                member: "vm1".into(),
+                up: false,
+                consecutive_failures: 3,
+                probes: 5,
+                failures: 4,
+            }],
+            nsg_rules: vec![crate::backend::NsgRuleMetrics {
+                nsg: "n".into(),
+                rule: "DenyAllInBound".into(),
+                priority: 65500,
+                direction: "inbound".into(),
+                access: "deny".into(),
+                default: true,
+                hits: 7,
+            }],
+            inbound_rules: vec![crate::backend::InboundRuleMetrics {
+                lb: "lb".into(),
+                rule: "http".into(),
+                flows: 10,
+                no_healthy_backend: 1,
+                nsg_denied: 2,
+            }],
         };
         let t = render(&s);
         let l = r#"instance="vm1",public_ip="203.0.113.1",protocol="tcp""#;
@@ -211,6 +317,13 @@ mod tests {
             "snatgw_gateway_dropped_packets_total{reason=\"malformed\"} 9".into(),
             "snatgw_live_flows 4".into(),
             "snatgw_max_flows 100".into(),
+            "snatgw_inbound_flows 2".into(),
+            "snatgw_lb_probe_up{lb=\"lb\",probe=\"hp\",member=\"vm1\"} 0".into(),
+            "snatgw_lb_probe_consecutive_failures{lb=\"lb\",probe=\"hp\",member=\"vm1\"} 3".into(),
+            "snatgw_lb_probe_results_total{lb=\"lb\",probe=\"hp\",member=\"vm1\",result=\"ok\"} 1".into(),
+            "snatgw_lb_probe_results_total{lb=\"lb\",probe=\"hp\",member=\"vm1\",result=\"failed\"} 4".into(),
+            "snatgw_lb_inbound_flows_total{lb=\"lb\",rule=\"http\",result=\"nsg_denied\"} 2".into(),
+            "snatgw_nsg_rule_hits_total{nsg=\"n\",rule=\"DenyAllInBound\",direction=\"inbound\",access=\"deny\",priority=\"65500\"} 7".into(),
             "# TYPE snatgw_used_snat_ports gauge".into(),
             "# TYPE snatgw_snat_connection_count_total counter".into(),
         ] {

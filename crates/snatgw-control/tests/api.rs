@@ -1005,6 +1005,13 @@ fn openapi_lists_every_path() {
         ("/api/v1/instances/{name}/ports", &["get"]),
         ("/api/v1/loadBalancers", &["get"]),
         ("/api/v1/loadBalancers/{name}", &["get", "put", "delete"]),
+        ("/api/v1/loadBalancers/{name}/probes", &["get"]),
+        ("/api/v1/networkSecurityGroups", &["get"]),
+        (
+            "/api/v1/networkSecurityGroups/{name}",
+            &["get", "put", "delete"],
+        ),
+        ("/api/v1/networkSecurityGroups/{name}/hits", &["get"]),
         ("/api/v1/flows", &["get"]),
         ("/api/v1/events", &["get"]),
         ("/metrics", &["get"]),

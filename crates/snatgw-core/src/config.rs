@@ -31,6 +31,9 @@ pub struct ConfigFile {
     /// Public load balancers.
     #[serde(default)]
     pub load_balancer: Vec<LoadBalancerCfg>,
+    /// Network security groups (SPEC §4), with their NIC and subnet associations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nsg: Vec<NsgCfg>,
 }
 
 /// `[gateway]`: settings that are the operator's, not the tenant's.
@@ -76,6 +79,12 @@ pub struct GatewayCfg {
     /// protocol, destination) are aggregated into one summary (SPEC R9.3; default 10 s).
     #[serde(default = "default_event_interval")]
     pub event_interval_secs: u32,
+    /// Operator override of every inbound rule's idle timeout, in seconds (1–86400). Absent
+    /// (the default): each rule's `idle_timeout_minutes` (4–30, SPEC R3.7) holds. As with
+    /// `idle_timeout_secs` (R3.4 decision), the operator may set another value; lab tests use
+    /// seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_idle_timeout_secs: Option<u32>,
 }
 
 /// Bytes of memory budgeted per live flow when `max_flows` is derived from
@@ -128,6 +137,7 @@ impl Default for GatewayCfg {
             max_flows: None,
             flow_memory_mib: default_flow_memory_mib(),
             event_interval_secs: default_event_interval(),
+            inbound_idle_timeout_secs: None,
         }
     }
 }
@@ -237,6 +247,9 @@ pub struct LoadBalancerCfg {
     /// Load-balancing rules.
     #[serde(default)]
     pub rules: Vec<LbRuleCfg>,
+    /// Health probes (SPEC R5.2), referenced by rules' `probe`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<ProbeCfg>,
 }
 
 /// A frontend of a load balancer.
@@ -292,7 +305,9 @@ pub struct LbRuleCfg {
     pub backend_pool: String,
     /// Backend port (1–65535).
     pub backend_port: u16,
-    /// Optional health probe description (its verdict does not matter for outbound, SPEC R1.2).
+    /// Name of a health probe of the same load balancer (`probes`). Its verdict decides
+    /// which members get new inbound flows (SPEC R4.5, R5.2) and never matters for outbound
+    /// (R1.2). Without a probe every member counts as healthy.
     #[serde(default)]
     pub probe: Option<String>,
     /// Inbound idle timeout in minutes, 4–30 (SPEC R3.7; default 4).
@@ -302,6 +317,140 @@ pub struct LbRuleCfg {
 
 fn default_lb_idle() -> u32 {
     4
+}
+
+/// Protocol of a health probe (SPEC R5.2).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeProtocol {
+    /// Healthy when a TCP connection to the port is accepted.
+    Tcp,
+    /// Healthy when `GET <path>` on the port answers `200`.
+    Http,
+}
+
+/// `[[load_balancer.probes]]`: a health probe (SPEC R5.2).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProbeCfg {
+    /// Name, unique within the LB.
+    pub name: String,
+    /// `tcp` or `http`.
+    pub protocol: ProbeProtocol,
+    /// Port probed on each member (1–65535).
+    pub port: u16,
+    /// HTTP path (`http` only; default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Seconds between probes of one member, 1–3600 (default 15).
+    #[serde(default = "default_probe_interval")]
+    pub interval_secs: u32,
+    /// Consecutive failed probes that mark a member down, 1–100 (default 2).
+    #[serde(default = "default_probe_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_probe_interval() -> u32 {
+    15
+}
+fn default_probe_threshold() -> u32 {
+    2
+}
+
+/// `[[nsg]]`: a network security group (SPEC §4).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NsgCfg {
+    /// Unique name.
+    pub name: String,
+    /// Instances (NICs) the NSG is associated with; a NIC has at most one NSG.
+    #[serde(default)]
+    pub nics: Vec<String>,
+    /// Subnets (prefixes inside `gateway.vnet_prefixes`) the NSG is associated with; an
+    /// instance whose private IP is inside one is in that subnet. Subnets of different NSGs
+    /// must not overlap.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// Security rules (SPEC R4.1); the default rules (R4.2) are always added after them.
+    #[serde(default)]
+    pub rules: Vec<NsgRuleCfg>,
+}
+
+/// Direction of an NSG rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum NsgDirection {
+    /// Traffic towards the instance.
+    Inbound,
+    /// Traffic from the instance.
+    Outbound,
+}
+
+/// Access of an NSG rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum NsgAccess {
+    /// Let matching traffic through.
+    Allow,
+    /// Drop matching traffic.
+    Deny,
+}
+
+/// Protocol of an NSG rule (SPEC R4.1).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum NsgProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP.
+    Icmp,
+    /// ESP.
+    Esp,
+    /// Any protocol (`*` is accepted too).
+    #[serde(alias = "*")]
+    Any,
+}
+
+fn default_any() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `[[nsg.rules]]`: a security rule (SPEC R4.1).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NsgRuleCfg {
+    /// Name, unique within the NSG.
+    pub name: String,
+    /// 100–4096, unique per direction within the NSG; lower wins.
+    pub priority: u32,
+    /// `inbound` or `outbound`.
+    pub direction: NsgDirection,
+    /// `allow` or `deny`.
+    pub access: NsgAccess,
+    /// `tcp`, `udp`, `icmp`, `esp` or `any` / `*`.
+    pub protocol: NsgProtocol,
+    /// Source prefixes (`a.b.c.d/len` or an address), service tags (`VirtualNetwork`,
+    /// `Internet`, `AzureLoadBalancer`) or `*` (default `["*"]`).
+    #[serde(default = "default_any")]
+    pub sources: Vec<String>,
+    /// Source port ranges: `80`, `1000-2000` or `*` (default `["*"]`).
+    #[serde(default = "default_any")]
+    pub source_ports: Vec<String>,
+    /// Destination prefixes or service tags, as `sources` (default `["*"]`).
+    #[serde(default = "default_any")]
+    pub destinations: Vec<String>,
+    /// Destination port ranges, as `source_ports` (default `["*"]`).
+    #[serde(default = "default_any")]
+    pub destination_ports: Vec<String>,
 }
 
 impl ConfigFile {

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod hash;
 pub mod packet;
+pub mod policy;
 pub mod topology;
 
 pub use config::{ConfigFile, InstanceKind, Model};

@@ -161,11 +161,17 @@ pub enum DropReason {
     VnetSourceFromPublic,
     /// A new flow over the instance's or the gateway's flow limit (SPEC R9.2).
     FlowLimit,
+    /// Denied by a network security group of the instance, before any port is taken
+    /// (SPEC R4.1, R4.3).
+    NsgDenied,
+    /// A new inbound flow to a load-balancing rule whose pool has no healthy member
+    /// (SPEC R4.5, R5.1).
+    NoHealthyBackend,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
     /// All reasons, in label order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::UnknownSource,
@@ -181,6 +187,8 @@ impl DropReason {
         DropReason::Policy,
         DropReason::VnetSourceFromPublic,
         DropReason::FlowLimit,
+        DropReason::NsgDenied,
+        DropReason::NoHealthyBackend,
     ];
 
     /// The metric label.
@@ -199,6 +207,8 @@ impl DropReason {
             DropReason::Policy => "policy",
             DropReason::VnetSourceFromPublic => "vnet_source_from_public",
             DropReason::FlowLimit => "flow_limit",
+            DropReason::NsgDenied => "nsg_denied",
+            DropReason::NoHealthyBackend => "no_healthy_backend",
         }
     }
 }

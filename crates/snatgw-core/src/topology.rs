@@ -3,7 +3,8 @@
 //! [`Topology::from_config`] checks everything that can be checked without the engine's running
 //! state: names and references, address syntax and overlaps, deployment-model rules
 //! (SPEC §0, R1.5), pool sizes (R2.8), LB rule settings (R3.7), redeploy reports (R2.11) and the
-//! need for a default-SNAT pool (R1.3). It also works out, per instance, which LB frontends are
+//! need for a default-SNAT pool (R1.3); NSGs, inbound rules and probes are checked by
+//! [`crate::policy::Policy::from_config`] (§4, §5). It also works out, per instance, which LB frontends are
 //! candidates for outbound PAT (R1.2, R1.6). It does not decide scenarios or ports: that is the
 //! engine's job, since it depends on earlier choices (see [`crate::Engine`]).
 
@@ -12,7 +13,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::config::{ConfigFile, InstanceKind, Model, RuleProtocol};
+use crate::config::{ConfigFile, InstanceKind, Model};
 use crate::error::ConfigError;
 
 /// Largest pool of instances that may share one public IP (SPEC R2.8).
@@ -157,6 +158,8 @@ pub struct Topology {
     pub instances: Vec<Instance>,
     /// Classic deployments.
     pub deployments: Vec<Deployment>,
+    /// NSGs, inbound load-balancing rules and health probes (SPEC §4, §5).
+    pub policy: crate::policy::Policy,
     /// The file it came from.
     pub source: ConfigFile,
 }
@@ -625,7 +628,6 @@ impl Topology {
                                 .into(),
                     });
                 }
-                let _ = matches!(r.protocol, RuleProtocol::All);
                 rules_for_pool
                     .entry(r.backend_pool.as_str())
                     .or_default()
@@ -720,6 +722,9 @@ impl Topology {
             }
         }
 
+        let pat_frontends: HashSet<u32> = frontend_share.keys().copied().collect();
+        let policy = crate::policy::Policy::from_config(&cfg, &instances, &vnet, &pat_frontends)?;
+
         Ok(Topology {
             params,
             vnet,
@@ -727,6 +732,7 @@ impl Topology {
             public_ips,
             instances,
             deployments,
+            policy,
             source: cfg,
         })
     }

@@ -322,6 +322,7 @@ fn r1_6_frontend_choice_is_random_but_reproducible() {
             members,
         }],
         rules: vec![lb_rule("r1", "a", "p", 80), lb_rule("r2", "b", "p", 443)],
+        probes: vec![],
     });
     let choices = |seed: u64| -> Vec<u32> {
         let mut c = c.clone();

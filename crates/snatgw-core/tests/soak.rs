@@ -120,6 +120,7 @@ fn fleet(lb_n: usize, set_n: usize, classic_n: usize, ilpip_n: usize, redeploy: 
             lb_rule("a", "fe1", "web", 80),
             lb_rule("b", "fe2", "web", 443),
         ],
+        probes: vec![],
     });
     c.load_balancer.push(LoadBalancerCfg {
         name: "cloud".into(),
@@ -133,6 +134,7 @@ fn fleet(lb_n: usize, set_n: usize, classic_n: usize, ilpip_n: usize, redeploy: 
             members: roles,
         }],
         rules: vec![],
+        probes: vec![],
     });
     Topology::from_config(c).expect("valid fleet")
 }

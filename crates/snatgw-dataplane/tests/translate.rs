@@ -285,3 +285,42 @@ proptest! {
         snatgw_dataplane::fuzzing::run_one(&mut g, &mut now, &data);
     }
 }
+
+#[test]
+fn r5_1_inbound_lb_flow_is_rewritten_to_the_member_and_back_on_real_bytes() {
+    let cfg = snatgw_dataplane::fuzzing::CONFIG.replace(
+        "frontend_port = 80, backend_pool = \"web\", backend_port = 80 }",
+        "frontend_port = 80, backend_pool = \"web\", backend_port = 8080 }",
+    );
+    assert_ne!(
+        cfg,
+        snatgw_dataplane::fuzzing::CONFIG,
+        "the reference rule changed"
+    );
+    let topo = snatgw_core::Topology::from_toml(&cfg).expect("config");
+    let mut g = Gateway::new(snatgw_core::Engine::new(topo, 0).expect("engine"));
+    let (client, fe) = (ip("198.51.100.50"), ip("203.0.113.20"));
+    let tcp = |sp, dp, flags| TcpSpec {
+        src_port: sp,
+        dst_port: dp,
+        flags,
+        ..TcpSpec::default()
+    };
+    let mut syn = build_tcp(&spec(client, fe), &tcp(40000, 80, 0x02), b"");
+    let (member, port) = translate(&mut g, 1, &mut syn, Direction::Inbound);
+    assert_eq!(port, 8080);
+    assert!(member == ip("10.0.2.10") || member == ip("10.0.2.11"));
+    assert_eq!(
+        syn,
+        build_tcp(&spec(client, member), &tcp(40000, 8080, 0x02), b"")
+    );
+    let mut ack = build_tcp(&spec(member, client), &tcp(8080, 40000, 0x12), b"hello");
+    assert_eq!(
+        translate(&mut g, 1, &mut ack, Direction::Outbound),
+        (fe, 80)
+    );
+    assert_eq!(
+        ack,
+        build_tcp(&spec(fe, client), &tcp(80, 40000, 0x12), b"hello")
+    );
+}

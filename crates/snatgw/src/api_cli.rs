@@ -25,7 +25,7 @@ use snatgw_control::{
     Tagged,
 };
 use snatgw_core::config::{
-    AvailabilitySetCfg, DeploymentCfg, InstanceCfg, LoadBalancerCfg, PublicIpCfg,
+    AvailabilitySetCfg, DeploymentCfg, InstanceCfg, LoadBalancerCfg, NsgCfg, PublicIpCfg,
 };
 use snatgw_core::ConfigFile;
 
@@ -181,6 +181,9 @@ pub enum Kind {
     /// Load balancers.
     #[value(alias = "load-balancer", alias = "loadBalancers")]
     LoadBalancers,
+    /// Network security groups (SPEC §4).
+    #[value(alias = "nsg", alias = "networkSecurityGroups")]
+    Nsgs,
 }
 
 impl Kind {
@@ -193,6 +196,7 @@ impl Kind {
             Kind::Deployments => ResourceKind::Deployments,
             Kind::Instances => ResourceKind::Instances,
             Kind::LoadBalancers => ResourceKind::LoadBalancers,
+            Kind::Nsgs => ResourceKind::Nsgs,
         }
     }
 }
@@ -278,6 +282,27 @@ pub enum ApiCmd {
     Ports {
         /// One instance (without: every instance).
         instance: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Health-probe state of a load balancer's members: up or down, failures in a row
+    /// (SPEC R5.2, R4.5).
+    Probes {
+        /// The load balancer.
+        lb: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
+    /// Hits per rule of a network security group, default rules included (SPEC R4.1, R4.2).
+    NsgHits {
+        /// The NSG.
+        nsg: String,
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
@@ -445,6 +470,51 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
             json,
             api,
         } => api.client()?.ports(out, instance.as_deref(), json),
+        ApiCmd::Probes { lb, json, api } => {
+            let v = api.client()?.call(|c| c.lb_probes(&lb))?;
+            if json {
+                return print_json(out, &v);
+            }
+            let mut t = api_render::Table::new(&[
+                "PROBE",
+                "MEMBER",
+                "STATE",
+                "FAILED IN A ROW",
+                "RESULTS",
+                "FAILED",
+            ]);
+            for p in &v {
+                t.row(vec![
+                    p.probe.clone(),
+                    p.member.clone(),
+                    if p.up { "up" } else { "down" }.into(),
+                    p.consecutive_failures.to_string(),
+                    p.probes.to_string(),
+                    p.failures.to_string(),
+                ]);
+            }
+            out.write_all(t.render().as_bytes())?;
+            Ok(())
+        }
+        ApiCmd::NsgHits { nsg, json, api } => {
+            let v = api.client()?.call(|c| c.nsg_hits(&nsg))?;
+            if json {
+                return print_json(out, &v);
+            }
+            let mut t =
+                api_render::Table::new(&["DIRECTION", "PRIORITY", "RULE", "ACCESS", "HITS"]);
+            for h in &v {
+                t.row(vec![
+                    h.direction.clone(),
+                    h.priority.to_string(),
+                    h.rule.clone(),
+                    h.access.clone(),
+                    h.hits.to_string(),
+                ]);
+            }
+            out.write_all(t.render().as_bytes())?;
+            Ok(())
+        }
         ApiCmd::Flows {
             instance,
             destination,
@@ -574,6 +644,7 @@ impl Api {
             Kind::Deployments => self.rows::<DeploymentCfg>(name)?,
             Kind::Instances => self.rows::<InstanceCfg>(name)?,
             Kind::LoadBalancers => self.rows::<LoadBalancerCfg>(name)?,
+            Kind::Nsgs => self.rows::<NsgCfg>(name)?,
         };
         out.write_all(text.as_bytes())?;
         writeln!(

@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 
 use snatgw_control::{EventRecord, FlowRecord, InstancePorts};
 use snatgw_core::config::{
-    AvailabilitySetCfg, DeploymentCfg, GatewayCfg, InstanceCfg, LoadBalancerCfg, PublicIpCfg,
-    RuleProtocol,
+    AvailabilitySetCfg, DeploymentCfg, GatewayCfg, InstanceCfg, LoadBalancerCfg, NsgCfg,
+    PublicIpCfg, RuleProtocol,
 };
 use snatgw_core::{ConfigFile, InstanceKind, Model};
 
@@ -185,8 +185,13 @@ impl Rows for LoadBalancerCfg {
             .rules
             .iter()
             .map(|r| {
+                let probe = r
+                    .probe
+                    .as_ref()
+                    .map(|p| format!(" probe={p}"))
+                    .unwrap_or_default();
                 format!(
-                    "{} {} {}:{}->{}:{}",
+                    "{} {} {}:{}->{}:{}{probe}",
                     r.name,
                     protocol_label(r.protocol),
                     r.frontend,
@@ -202,6 +207,38 @@ impl Rows for LoadBalancerCfg {
             model_label(self.model).into(),
             frontends,
             pools,
+            rules,
+        ]
+    }
+}
+
+impl Rows for NsgCfg {
+    const HEAD: &'static [&'static str] = &["NAME", "NICS", "SUBNETS", "RULES"];
+    fn row(&self) -> Vec<String> {
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {:?} {:?} {:?} {}:{}->{}:{}",
+                    r.priority,
+                    r.name,
+                    r.direction,
+                    r.access,
+                    r.protocol,
+                    r.sources.join(","),
+                    r.source_ports.join(","),
+                    r.destinations.join(","),
+                    r.destination_ports.join(",")
+                )
+                .to_lowercase()
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        vec![
+            self.name.clone(),
+            self.nics.join(","),
+            self.subnets.join(","),
             rules,
         ]
     }

@@ -7,7 +7,9 @@
 //! connections from every instance, prints what the internet saw, shows ports shared
 //! across destinations and an exhaustion happening (with the `/metrics` lines that show it)
 //! and clearing, makes one live change through the management API (an ILPIP for the
-//! exhausted instance, SPEC R1.4) and shows its new public address, then removes everything.
+//! exhausted instance, SPEC R1.4) and shows its new public address, shows inbound load
+//! balancing and a health probe going down (`lab_inbound`, R5.1, R5.2, R4.5), then removes
+//! everything.
 //!
 //! What it does not do: touch anything outside the lab's namespaces (see `snatgw-lab`).
 
@@ -37,8 +39,8 @@ pub enum LabCmd {
         #[arg(long, default_value = "sgl-")]
         prefix: String,
     },
-    /// Build the lab, show every scenario, port sharing, an exhaustion and one live change
-    /// through the management API, remove it.
+    /// Build the lab, show every scenario, port sharing, an exhaustion, one live change
+    /// through the management API, inbound load balancing and a probe going down, remove it.
     Demo(UpArgs),
 }
 
@@ -628,8 +630,13 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
             .any(|i| i.name == victim && i.scenario == "ilpip")
     });
 
+    let inbound = crate::lab_inbound::step(r, 5);
+    if let Err(e) = &inbound {
+        println!("  FAILED: {e}");
+    }
+
     println!(
-        "\n5. Gateway counters (snatgw stats --file {}):",
+        "\n6. Gateway counters (snatgw stats --file {}):",
         r.stats.display()
     );
     if let Ok(s) = r.snapshot() {
@@ -640,5 +647,6 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
     }
     metrics.map(drop)?;
     live?;
+    inbound?;
     Ok(())
 }

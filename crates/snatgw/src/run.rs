@@ -399,6 +399,17 @@ fn tick(
     stats::push_events(ring, snaps);
 }
 
+/// Starts the health prober (SPEC R5.2, `crate::probe`); it stops with the gateway.
+fn start_prober(sh: &Arc<Shared>) -> Result<std::thread::JoinHandle<()>, String> {
+    let (a, b) = (sh.clone(), sh.clone());
+    crate::probe::spawn(
+        sh.gw.clone(),
+        move || a.now(),
+        move || b.stop.load(Ordering::Relaxed),
+    )
+    .map_err(|e| format!("spawning the prober: {e}"))
+}
+
 fn wake_all(wakers: &[Waker]) {
     for w in wakers {
         let _ = w.wake();
@@ -521,6 +532,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         None => None,
     };
 
+    let prober = start_prober(&sh)?;
+
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -618,6 +631,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     for h in workers {
         let _ = h.join();
     }
+    let _ = prober.join();
     tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
     let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
     s.log_lines_suppressed = cap.suppressed_total;

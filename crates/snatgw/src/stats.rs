@@ -59,6 +59,51 @@ pub struct Snapshot {
     /// The kernel fast path, when it runs (issue #9).
     #[serde(default)]
     pub fast_path: Option<crate::fastpath::FastPathSnap>,
+    /// Live inbound load-balancing flows (R5.1).
+    #[serde(default)]
+    pub inbound_flows: usize,
+    /// Health-probe state per (load balancer, probe, member) (R5.2).
+    #[serde(default)]
+    pub probes: Vec<ProbeSnap>,
+    /// Hits per NSG rule, default rules included (R4.1, R4.2).
+    #[serde(default)]
+    pub nsg_hits: Vec<NsgHitSnap>,
+}
+
+/// The probe state of one member (R5.2).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProbeSnap {
+    /// Load balancer.
+    pub lb: String,
+    /// Probe.
+    pub probe: String,
+    /// Member instance.
+    pub member: String,
+    /// Whether it gets new inbound flows.
+    pub up: bool,
+    /// Failed probes in a row.
+    pub consecutive_failures: u32,
+    /// Results fed so far.
+    pub probes: u64,
+    /// Failed results so far.
+    pub failures: u64,
+}
+
+/// One NSG rule's hit counter.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NsgHitSnap {
+    /// NSG.
+    pub nsg: String,
+    /// Rule.
+    pub rule: String,
+    /// `inbound` / `outbound`.
+    pub direction: String,
+    /// `allow` / `deny`.
+    pub access: String,
+    /// Priority.
+    pub priority: u32,
+    /// Packets it decided.
+    pub hits: u64,
 }
 
 /// Engine-wide counters.
@@ -303,6 +348,19 @@ fn event_snap_kind(e: &Event) -> EventSnap {
             detail: format!("pool {pool_size}: {from} -> {to} ports per instance"),
             ..Default::default()
         },
+        EventKind::ProbeChanged {
+            lb,
+            probe,
+            member,
+            up,
+            failures,
+        } => EventSnap {
+            time: e.time,
+            kind: if *up { "probe_up" } else { "probe_down" }.into(),
+            instance: Some(member.to_string()),
+            detail: probe_detail(lb, probe, *up, *failures),
+            ..Default::default()
+        },
         EventKind::ScenarioChanged { instance, from, to } => EventSnap {
             time: e.time,
             kind: "scenario_changed".into(),
@@ -310,6 +368,15 @@ fn event_snap_kind(e: &Event) -> EventSnap {
             detail: format!("{from} -> {to}"),
             ..Default::default()
         },
+    }
+}
+
+/// The text of a probe state change (R5.2).
+pub fn probe_detail(lb: &str, probe: &str, up: bool, failures: u32) -> String {
+    if up {
+        format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
+    } else {
+        format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
     }
 }
 
@@ -321,6 +388,7 @@ pub fn log_event(e: &EventSnap) {
         "exhaustion" => Some("SNAT port exhaustion (R2.6)"),
         "flow_limit" => Some("flow limit reached (R9.2)"),
         "overflow" => Some("repeated events aggregated (R9.3)"),
+        "probe_down" => Some("load-balancer member down: no new inbound flows (R5.2, R4.5)"),
         _ => None,
     };
     if let Some(message) = message {
@@ -354,6 +422,32 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
     const ENDED: [&str; 4] = ["idle", "fin", "rst", "reclaimed"];
     s.time = engine.now();
     s.live_flows = engine.live_flows();
+    s.inbound_flows = engine.inbound_flow_count();
+    s.probes = engine
+        .probe_states()
+        .into_iter()
+        .map(|p| ProbeSnap {
+            lb: p.lb,
+            probe: p.probe,
+            member: p.member.to_string(),
+            up: p.up,
+            consecutive_failures: p.consecutive_failures,
+            probes: p.probes,
+            failures: p.failures,
+        })
+        .collect();
+    s.nsg_hits = engine
+        .nsg_hits()
+        .into_iter()
+        .map(|h| NsgHitSnap {
+            nsg: h.nsg,
+            rule: h.rule,
+            direction: format!("{:?}", h.direction).to_lowercase(),
+            access: format!("{:?}", h.access).to_lowercase(),
+            priority: h.priority,
+            hits: h.hits,
+        })
+        .collect();
     s.engine = EngineSnap {
         passed: g.passed,
         ilpip_packets: g.ilpip_packets,

@@ -767,3 +767,47 @@ fn a_token_protected_server_needs_the_token_file() {
     let e = s.cli_token(&["ports"], Some(Path::new(&empty))).failed();
     assert!(e.contains("empty"), "{e}");
 }
+
+#[test]
+fn r4_1_r5_2_nsgs_and_probes_through_the_cli() {
+    let s = Server::start(None);
+    let body = s.file(
+        "nsg.json",
+        r#"{"nics": ["vm-as1"], "rules": [{"name": "no-web", "priority": 100, "direction": "outbound", "access": "deny", "protocol": "tcp", "destinations": ["198.51.100.0/24"], "destination_ports": ["443"]}]}"#,
+    );
+    let o = s.cli(&["put", "nsgs", "n1", "-f", &body]).ok();
+    assert!(o.starts_with("nsgs/n1 stored: generation 2"), "{o}");
+    let t = s.cli(&["get", "nsgs"]).ok();
+    let r = row(&t, "n1");
+    assert!(
+        r.contains("vm-as1") && r.contains("100 no-web outbound deny tcp"),
+        "{r}"
+    );
+    // Refused with field and rule named, nothing stored.
+    let bad = s.file(
+        "bad.json",
+        r#"{"rules": [{"name": "r", "priority": 50, "direction": "inbound", "access": "allow", "protocol": "tcp"}]}"#,
+    );
+    let e = s.cli(&["put", "nsg", "n2", "-f", &bad]).failed();
+    assert!(
+        e.contains("nsg[n2].rules[r].priority") && e.contains("R4.1"),
+        "{e}"
+    );
+    // A denied SYN (R4.3) shows up in the rule's hits.
+    let mut p = testutil::tcp_syn(ip("10.0.3.10"), 40000, ip("198.51.100.7"), 443);
+    assert_eq!(
+        s.outbound(&mut p),
+        Verdict::Drop(snatgw_core::DropReason::NsgDenied)
+    );
+    let t = s.cli(&["nsg-hits", "n1"]).ok();
+    let r = t.lines().find(|l| l.contains("no-web")).expect("rule row");
+    assert!(r.split_whitespace().last() == Some("1"), "{t}");
+    assert!(t.contains("DenyAllOutBound") && t.contains("65500"), "{t}");
+    let hits: serde_json::Value = s.cli(&["nsg-hits", "n1", "--json"]).json();
+    assert_eq!(hits.as_array().map(Vec::len), Some(7));
+    // Probe state of a load balancer: the reference LB has no probe.
+    let t = s.cli(&["probes", "lb"]).ok();
+    assert!(t.starts_with("PROBE"), "{t}");
+    let e = s.cli(&["probes", "nope"]).failed();
+    assert!(e.contains("404") || e.contains("does not exist"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! Operator events and why flows end (SPEC R2.6, R6.2, R9.3).
 //!
-//! [`Event`]s (exhaustion, flow limit, reclaimed ports, tier and scenario changes) are queued
+//! [`Event`]s (exhaustion, flow limit, reclaimed ports, tier and scenario changes, probe
+//! state changes) are queued
 //! with the engine's time, at most 65 536 of them; beyond that they are counted as lost
 //! ([`super::GlobalStats::events_lost`]) until the caller drains the queue
 //! ([`Engine::drain_events`]). Events that come in storms — exhaustion (R2.6) and flow limit
@@ -113,6 +114,20 @@ pub enum EventKind {
         from: u16,
         /// New ports per instance.
         to: u16,
+    },
+    /// A load-balancer member's health probe changed state (R5.2): down after
+    /// `unhealthy_threshold` failures (no new inbound flows, R4.5), up after a success.
+    ProbeChanged {
+        /// Load balancer.
+        lb: String,
+        /// Probe.
+        probe: String,
+        /// Member instance.
+        member: Arc<str>,
+        /// New state.
+        up: bool,
+        /// Failed probes in a row when it changed.
+        failures: u32,
     },
     /// An instance's outbound scenario changed (R1.4).
     ScenarioChanged {

@@ -4,7 +4,7 @@
 //! (SPEC §1–§3) and when a port comes free again. It is sans-IO: time is an argument (whole
 //! seconds, monotonic), randomness is seeded, nothing here reads a clock, opens a socket or
 //! spawns a thread. It does not parse packet bytes (that is `snatgw-wire` / the data plane) and
-//! does not implement NSGs (SPEC §4) or inbound load balancing (§5).
+//! does not perform health probes (it only keeps their results, `inbound`).
 //!
 //! This module holds the [`Engine`] state, its constructors, the public entry points
 //! ([`Engine::process`], [`Engine::advance`], [`Engine::apply`]), the accessors, and the two
@@ -28,6 +28,10 @@
 //! - `plan`: configuration changes — scenarios (R1.1–R1.6), designations and tiers
 //!   (R2.8–R2.11), planned before anything changes, then committed; `instance`: the
 //!   per-instance record and [`Scenario`];
+//! - `nsg`: network security groups at run time — evaluation order, hit counters, stateful
+//!   entries of ILPIP instances (SPEC §4); `inbound`: inbound load-balancing flows and
+//!   health-probe state (R5.1, R5.2, R3.7, R4.5). Both are asked by `translate` only where a
+//!   packet is not already a PAT flow's;
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
 //!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
 //!   activity a fast path saw (R3.4 with packets the engine never sees).
@@ -43,9 +47,11 @@ use std::sync::Arc;
 mod block;
 mod events;
 mod flows;
+mod inbound;
 mod instance;
 mod invariants;
 mod journal;
+mod nsg;
 mod plan;
 mod ports;
 mod report;
@@ -55,8 +61,10 @@ mod timers;
 mod translate;
 
 pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
+pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};
 pub use instance::Scenario;
 pub use journal::{FlowChange, FlowKey, Offload, JOURNAL_CAP};
+pub use nsg::NsgHit;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS, PORT_BASE};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
@@ -112,6 +120,10 @@ pub struct Engine {
     journal: journal::Journal,
     /// A fast path told of flows and asked for their activity (`journal`).
     offload: Option<Box<dyn Offload>>,
+    /// NSG state (SPEC §4).
+    nsg: nsg::NsgRt,
+    /// Inbound load balancing and probe state (SPEC §5).
+    inb: inbound::InboundRt,
 }
 
 impl Engine {
@@ -149,6 +161,8 @@ impl Engine {
             global: GlobalStats::default(),
             journal: journal::Journal::default(),
             offload: None,
+            nsg: Default::default(),
+            inb: Default::default(),
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -218,6 +232,8 @@ impl Engine {
         if now >= self.wheel.next {
             left = self.expire_due(now, left);
         }
+        left = self.nsg_expire(now, left);
+        left = self.inbound_expire(now, left);
         self.history
             .expire(now, self.topo.params.reuse_history, left);
         self.flush_aggregated(now);
@@ -274,7 +290,10 @@ impl Engine {
     pub fn apply(&mut self, now: Time, topo: Topology) -> Result<ApplyReport, ConfigError> {
         self.advance(now);
         let plan = self.plan(&topo)?;
-        Ok(self.commit(topo, plan))
+        let report = self.commit(topo, plan);
+        self.nsg_rebuild();
+        self.inbound_rebuild();
+        Ok(report)
     }
 
     /// Stores a new flow, queues its idle timer (R3.4) and counts it. Returns its slot.

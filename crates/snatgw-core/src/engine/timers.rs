@@ -187,6 +187,8 @@ impl Engine {
             self.wheel.first_busy(),
             self.history.next_deadline(),
             self.agg.next_deadline(),
+            self.nsg_next_deadline(),
+            self.inbound_next_deadline(),
         ]
         .into_iter()
         .flatten()

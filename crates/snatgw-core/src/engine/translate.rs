@@ -4,9 +4,12 @@
 //! a VNet destination passes untranslated (R1.7), an ILPIP instance is translated 1:1 (R1.1),
 //! and a TCP SYN (R3.1) or UDP datagram (R3.5) of a PAT instance starts a flow on a port from
 //! the allocator (`ports`), or is dropped and counted with an exhaustion event (R2.6). ICMP
-//! echo through PAT is dropped and counted apart (R3.6 decision). Inbound: a flow's return
-//! traffic by public 5-tuple (R2.1, R2.2), an ILPIP's traffic (R1.1), else dropped as
-//! unsolicited (R3.8) or not ours. The `lookup_*` and `ilpip_*` methods serve the data plane's
+//! echo through PAT is dropped and counted apart (R3.6 decision). A member's answer on an
+//! inbound LB flow leaves from the frontend (`inbound`, R5.1), and a packet that may start a
+//! flow first passes the instance's NSGs (`nsg`, R4.3: before a port is taken). Inbound: a
+//! flow's return traffic by public 5-tuple (R2.1, R2.2), an inbound LB flow or rule (R5.1),
+//! an ILPIP's traffic if its NSGs allow it (R1.1, R4.1), else dropped as unsolicited (R3.8)
+//! or not ours. The `lookup_*` and `ilpip_*` methods serve the data plane's
 //! ICMP-error translation (R3.6) without creating or refreshing anything.
 //!
 //! `outbound`, `inbound` and the flow-table probes they call are the hot path and stay
@@ -77,12 +80,12 @@ impl Engine {
             .or_else(|| self.ilpip_public(src).map(|a| (a, sport)))
     }
 
-    fn drop_global(&mut self, r: DropReason) -> Verdict {
+    pub(super) fn drop_global(&mut self, r: DropReason) -> Verdict {
         self.global.drops[r as usize] += 1;
         Verdict::Drop(r)
     }
 
-    fn drop_inst(&mut self, slot: u32, p: u8, r: DropReason) -> Verdict {
+    pub(super) fn drop_inst(&mut self, slot: u32, p: u8, r: DropReason) -> Verdict {
         if let Some(i) = self.insts[slot as usize].as_mut() {
             i.stats[stats_bucket(p)].drops[r as usize] += 1;
         }
@@ -128,6 +131,10 @@ impl Engine {
         let Some(&slot) = self.by_private.get(&p.src) else {
             return self.drop_global(DropReason::UnknownSource);
         };
+        // Return traffic of an inbound LB flow (R5.1) leaves from the frontend.
+        if let Some(v) = self.outbound_lb(p) {
+            return v;
+        }
         if self.topo.in_vnet(p.dst) {
             self.global.passed += 1;
             return Verdict::Pass;
@@ -137,6 +144,9 @@ impl Engine {
             .expect("indexed instance exists");
         let public = match inst.scenario {
             Scenario::Ilpip { addr } => {
+                if !self.nsg_outbound(p, true) {
+                    return self.drop_inst(slot, p.proto, DropReason::NsgDenied);
+                }
                 self.global.ilpip_packets += 1;
                 if let Some(i) = self.insts[slot as usize].as_mut() {
                     i.stats[stats_bucket(p.proto)].packets_out += 1;
@@ -163,6 +173,13 @@ impl Engine {
         {
             return self.drop_inst(slot, p.proto, DropReason::TcpNotSyn);
         }
+        // R4.3: the NSG decides before a port is taken.
+        if !self.nsg_outbound(p, false) {
+            return self.drop_inst(slot, p.proto, DropReason::NsgDenied);
+        }
+        let inst = self.insts[slot as usize]
+            .as_ref()
+            .expect("indexed instance exists");
         // R9.2: a new flow over the instance's or the gateway's limit is refused before it
         // can take a port; nothing else changes.
         let inst_limit = inst.max_flows;
@@ -271,7 +288,18 @@ impl Engine {
         if self.topo.in_vnet(p.src) {
             return self.drop_global(DropReason::VnetSourceFromPublic);
         }
+        // Inbound LB rules and their flows (R5.1).
+        if let Some(v) = self.inbound_lb(p) {
+            return v;
+        }
         if let Some(&slot) = self.ilpips.get(&p.dst) {
+            let private = self.insts[slot as usize]
+                .as_ref()
+                .expect("instance")
+                .private_ip;
+            if !self.nsg_inbound_ilpip(private, p) {
+                return self.drop_inst(slot, p.proto, DropReason::NsgDenied);
+            }
             let inst = self.insts[slot as usize].as_mut().expect("instance");
             inst.stats[stats_bucket(p.proto)].packets_in += 1;
             self.global.ilpip_packets += 1;

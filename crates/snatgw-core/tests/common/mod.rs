@@ -167,6 +167,7 @@ pub fn classic_config(n: usize, reported: Option<u32>) -> ConfigFile {
             members,
         }],
         rules: vec![],
+        probes: vec![],
     });
     c
 }
