@@ -192,8 +192,7 @@ impl Generator {
         w.sort();
         match self {
             Generator::Idle {
-                keepalive: Some(k),
-                ..
+                keepalive: Some(k), ..
             } => add_keepalives(&w, ms(*k)),
             _ => w,
         }
@@ -223,12 +222,21 @@ impl Generator {
         };
         let allowed: &[&str] = match kind {
             "http" => &["inst", "dst", "proto", "rate", "duration", "request"],
-            "pool" => &["inst", "dst", "proto", "conns", "rate", "duration", "request"],
-            "retry" => &[
-                "inst", "dst", "proto", "rate", "duration", "request", "retries", "delay",
-                "factor",
+            "pool" => &[
+                "inst", "dst", "proto", "conns", "rate", "duration", "request",
             ],
-            "idle" => &["inst", "dst", "proto", "flows", "duration", "every", "keepalive"],
+            "retry" => &[
+                "inst", "dst", "proto", "rate", "duration", "request", "retries", "delay", "factor",
+            ],
+            "idle" => &[
+                "inst",
+                "dst",
+                "proto",
+                "flows",
+                "duration",
+                "every",
+                "keepalive",
+            ],
             k => {
                 return Err(err(format!(
                     "`{k}` is not a generator (http, pool, retry, idle)"
@@ -251,7 +259,9 @@ impl Generator {
         let dst = match get("proto").unwrap_or("tcp") {
             "tcp" => Dest::tcp(*sa.ip(), sa.port()),
             "udp" if kind == "idle" => {
-                return Err(err("proto: idle flows are TCP (keepalives are TCP's)".into()))
+                return Err(err(
+                    "proto: idle flows are TCP (keepalives are TCP's)".into()
+                ))
             }
             "udp" => Dest::udp(*sa.ip(), sa.port()),
             p => return Err(err(format!("proto: `{p}` is not tcp or udp"))),

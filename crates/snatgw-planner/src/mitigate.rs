@@ -97,9 +97,7 @@ impl Mitigation {
                     .ok()
                     .filter(|v| (min..=max).contains(v))
                     .ok_or_else(|| {
-                        PlanError::Mitigation(format!(
-                            "`{s}`: `{a}` is not a number {min}..={max}"
-                        ))
+                        PlanError::Mitigation(format!("`{s}`: `{a}` is not a number {min}..={max}"))
                     }),
             }
         };

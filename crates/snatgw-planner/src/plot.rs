@@ -70,6 +70,8 @@ fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
             .configure_mesh()
             .x_desc("time (s)")
             .y_desc("SNAT ports")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| e.to_string())?;
         for l in lines {

@@ -104,5 +104,9 @@ fn open(out: &mut String, at: u32, id: u64, inst: &str, k: &FlowKey, refused: bo
         k.dport,
         k.sport
     );
-    out.push_str(if refused { ",\"refused\":true}\n" } else { "}\n" });
+    out.push_str(if refused {
+        ",\"refused\":true}\n"
+    } else {
+        "}\n"
+    });
 }

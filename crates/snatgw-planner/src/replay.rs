@@ -289,8 +289,7 @@ impl Replayer<'_> {
                 i.ilpip = matches!(rep.scenario, snatgw_core::Scenario::Ilpip { .. });
                 i.res.allocated = rep.allocated;
                 i.res.scenario = rep.scenario.name().to_string();
-                i.res.public_ip =
-                    std::net::Ipv4Addr::from(rep.scenario.addr()).to_string();
+                i.res.public_ip = std::net::Ipv4Addr::from(rep.scenario.addr()).to_string();
                 if i.res.allocated_min == 0 || rep.allocated < i.res.allocated_min {
                     i.res.allocated_min = rep.allocated;
                 }
@@ -325,9 +324,7 @@ impl Replayer<'_> {
                         i.res.reclaimed_flows += u64::from(flows);
                     }
                 }
-                EventKind::TierChanged { .. } | EventKind::ScenarioChanged { .. } => {
-                    changed = true
-                }
+                EventKind::TierChanged { .. } | EventKind::ScenarioChanged { .. } => changed = true,
                 _ => {}
             }
         }
@@ -591,8 +588,7 @@ impl Replayer<'_> {
                     Direction::Outbound,
                     &Packet::tcp(src, rt.sport, d.ip, d.port, flags),
                 );
-                if matches!(what, Pkt::Fin) && matches!(v, Verdict::Translate { .. }) && !rt.ilpip
-                {
+                if matches!(what, Pkt::Fin) && matches!(v, Verdict::Translate { .. }) && !rt.ilpip {
                     self.engine.process(
                         now,
                         Direction::Inbound,

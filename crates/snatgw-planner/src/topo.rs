@@ -43,9 +43,7 @@ pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef,
         .find(|i| i.name == name)
         .ok_or_else(|| format!("instance `{name}` is not in the configuration"))?;
     match rep.scenario {
-        Scenario::Ilpip { .. } => Err(format!(
-            "`{name}` has an ILPIP: no PAT, no pool (R1.1)"
-        )),
+        Scenario::Ilpip { .. } => Err(format!("`{name}` has an ILPIP: no PAT, no pool (R1.1)")),
         Scenario::LoadBalanced { ref lb, .. } => {
             let l = cfg
                 .load_balancer
@@ -101,7 +99,11 @@ fn free_private(cfg: &ConfigFile) -> Result<impl Iterator<Item = Ipv4Addr>, Stri
         .first()
         .ok_or("gateway.vnet_prefixes is empty: no room for placeholder instances")?;
     let p = parse_prefix("gateway.vnet_prefixes", first).map_err(|e| e.to_string())?;
-    let size = if p.len >= 32 { 1u64 } else { 1u64 << (32 - p.len) };
+    let size = if p.len >= 32 {
+        1u64
+    } else {
+        1u64 << (32 - p.len)
+    };
     let base = p.addr;
     Ok((1..size.saturating_sub(1))
         .map(move |k| Ipv4Addr::from(base.wrapping_add(k as u32)))
@@ -125,7 +127,11 @@ pub fn free_public(cfg: &ConfigFile, avoid: &[u32]) -> impl Iterator<Item = Ipv4
     }
     [[203u8, 0, 113], [198, 51, 100], [192, 0, 2]]
         .into_iter()
-        .flat_map(|n| (1..=254u8).rev().map(move |h| Ipv4Addr::new(n[0], n[1], n[2], h)))
+        .flat_map(|n| {
+            (1..=254u8)
+                .rev()
+                .map(move |h| Ipv4Addr::new(n[0], n[1], n[2], h))
+        })
         .filter(move |a| !used.contains(&u32::from(*a)))
 }
 
@@ -222,11 +228,7 @@ pub fn resize_pool(
 
 /// `cfg` with an ILPIP for each of `names` that can have one (R1.1; not a web/worker role,
 /// R1.5). Returns the configuration and the names that got one.
-pub fn add_ilpips(
-    cfg: &ConfigFile,
-    names: &[String],
-    avoid: &[u32],
-) -> (ConfigFile, Vec<String>) {
+pub fn add_ilpips(cfg: &ConfigFile, names: &[String], avoid: &[u32]) -> (ConfigFile, Vec<String>) {
     let mut out = cfg.clone();
     let mut addrs = free_public(cfg, avoid);
     let mut done = Vec::new();

@@ -228,6 +228,29 @@ impl Workload {
         }
     }
 
+    /// Adds all flows and events of `other` (instances and destinations are matched by
+    /// name and endpoint).
+    pub fn merge(&mut self, other: &Workload) {
+        let imap: Vec<u32> = other.instances.iter().map(|n| self.instance(n)).collect();
+        let dmap: Vec<u32> = other.dests.iter().map(|d| self.dest(*d)).collect();
+        let base = self.flows.len() as u32;
+        for f in &other.flows {
+            self.flows.push(FlowSpec {
+                inst: imap[f.inst as usize],
+                dest: dmap[f.dest as usize],
+                ..*f
+            });
+        }
+        for e in &other.events {
+            let flow = match e.kind {
+                EvKind::Scale(_) => imap[e.flow as usize],
+                _ => base + e.flow,
+            };
+            self.events.push(Ev { flow, ..*e });
+        }
+        self.sort();
+    }
+
     /// Time of the last event, milliseconds.
     pub fn end_ms(&self) -> u64 {
         self.events.last().map_or(0, |e| e.t_ms)
@@ -264,10 +287,8 @@ impl Workload {
                 line: line_no,
                 msg: e.to_string(),
             })?;
-            w.add_record(&rec, &mut ids).map_err(|msg| PlanError::Trace {
-                line: line_no,
-                msg,
-            })?;
+            w.add_record(&rec, &mut ids)
+                .map_err(|msg| PlanError::Trace { line: line_no, msg })?;
         }
         w.sort();
         Ok(w)
@@ -295,11 +316,9 @@ impl Workload {
                 let l4 = match proto.as_str() {
                     "tcp" => L4::Tcp,
                     "udp" => L4::Udp,
-                    p => {
-                        return Err(format!(
-                            "proto: `{p}` is not `tcp` or `udp` (PAT carries TCP and UDP, R1.2/R1.3)"
-                        ))
-                    }
+                    p => return Err(format!(
+                        "proto: `{p}` is not `tcp` or `udp` (PAT carries TCP and UDP, R1.2/R1.3)"
+                    )),
                 };
                 let dst = need(&r.dst, "dst")?;
                 let sa: SocketAddrV4 = dst
@@ -309,9 +328,7 @@ impl Workload {
                     if !(rt.delay.is_finite() && rt.delay >= 0.0)
                         || !(rt.factor.is_finite() && rt.factor >= 1.0)
                     {
-                        return Err(
-                            "retry: delay must be >= 0 seconds and factor >= 1".to_string()
-                        );
+                        return Err("retry: delay must be >= 0 seconds and factor >= 1".to_string());
                     }
                 }
                 let inst = self.instance(&inst);
@@ -321,7 +338,9 @@ impl Workload {
                     port: sa.port(),
                 });
                 if ids.contains_key(&id) {
-                    return Err(format!("id: {id} is opened twice (ids name one attempt each)"));
+                    return Err(format!(
+                        "id: {id} is opened twice (ids name one attempt each)"
+                    ));
                 }
                 let f = self.flow(FlowSpec {
                     inst,
@@ -334,26 +353,26 @@ impl Workload {
                 self.push(t_ms, f, EvKind::Open);
             }
             EvName::Data | EvName::Close => {
-                let id = r.id.ok_or_else(|| {
-                    format!("id: required for `{}` records", r.ev.label())
-                })?;
+                let id =
+                    r.id.ok_or_else(|| format!("id: required for `{}` records", r.ev.label()))?;
                 let &f = ids
                     .get(&id)
                     .ok_or_else(|| format!("id: {id} was not opened before"))?;
-                let kind = if r.ev == EvName::Data {
-                    EvKind::Data
-                } else {
-                    EvKind::Close(r.end.ok_or("end: required for `close` records (fin, rst, idle, reclaimed)")?)
-                };
+                let kind =
+                    if r.ev == EvName::Data {
+                        EvKind::Data
+                    } else {
+                        EvKind::Close(r.end.ok_or(
+                            "end: required for `close` records (fin, rst, idle, reclaimed)",
+                        )?)
+                    };
                 self.push(t_ms, f, kind);
             }
             EvName::Scale => {
                 let inst = need(&r.inst, "inst")?;
                 let size = r.size.ok_or("size: required for `scale` records")?;
                 if size == 0 || size > 1000 {
-                    return Err(format!(
-                        "size: {size} is not a pool size 1..=1000 (R2.8)"
-                    ));
+                    return Err(format!("size: {size} is not a pool size 1..=1000 (R2.8)"));
                 }
                 let i = self.instance(&inst);
                 self.push(t_ms, i, EvKind::Scale(size));

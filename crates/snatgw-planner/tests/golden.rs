@@ -100,7 +100,10 @@ fn http_without_reuse_r2_3_r2_8_r3_2() {
     // free each second and the 10 requests of second s take them: no more failures.
     // 6 + 1370 = 1376.
     assert_eq!(i.failed, 1376);
-    assert_eq!(i.lost, 1376, "no retry policy: every refused request is lost");
+    assert_eq!(
+        i.lost, 1376,
+        "no retry policy: every refused request is lost"
+    );
     assert_eq!(i.ok, 3000 - 1376);
     assert_eq!(r.dests[0].peak_used, 1024);
     assert_eq!(r.dests[0].failed, 1376);
@@ -268,10 +271,7 @@ fn mitigations_side_by_side_r1_1_r2_8() {
     // second, each released 240 s after its FIN): no failure, peak 240.
     let small = get("smaller-pool:50").unwrap();
     assert_eq!(small.instances[0].allocated, 1024);
-    assert_eq!(
-        (small.failed(), small.instances[0].peak_used[0]),
-        (0, 240)
-    );
+    assert_eq!((small.failed(), small.instances[0].peak_used[0]), (0, 240));
     // smaller-pool:400 → 128 ports: requests 128..=239 refused = 112, first at 128 s; from
     // 240 on, requests 0..=59 release a port each second (240..=299) for that second's request.
     let s400 = get("smaller-pool:400").unwrap();
@@ -331,7 +331,10 @@ fn growing_into_the_next_tier_reclaims_half_r2_9() {
     assert_eq!(i.allocated_min, 512);
     assert_eq!(i.reclaimed_ports, 512);
     assert!(i.reclaimed_flows >= 88, "{i:?}");
-    assert_eq!(i.broken, i.reclaimed_flows, "each dropped flow breaks on its next packet");
+    assert_eq!(
+        i.broken, i.reclaimed_flows,
+        "each dropped flow breaks on its next packet"
+    );
 }
 
 #[test]
@@ -356,11 +359,17 @@ fn plots_are_svg_with_the_preallocation() {
     };
     let rows = what_if(&set_of(801), &w, &[Mitigation::Reuse], &o).unwrap();
     let svg = snatgw_planner::plot::plot_what_if(&rows, "b0").unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("preallocated"), "{svg:.200}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("preallocated"),
+        "{svg:.200}"
+    );
     let r = rows[0].outcome.as_ref().unwrap();
     // The timeline reaches the preallocation (32) at second 31 and stays there.
     let tl = &r.timeline[0];
-    assert!(tl.points.iter().any(|p| p.0 == 31 && p.1[0] == 32), "{tl:?}");
+    assert!(
+        tl.points.iter().any(|p| p.0 == 31 && p.1[0] == 32),
+        "{tl:?}"
+    );
     let svg = snatgw_planner::plot::plot_report(r, "b0").unwrap();
     assert!(svg.contains("b0 used (tcp)"));
 }

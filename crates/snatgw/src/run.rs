@@ -40,7 +40,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use snatgw_core::{Direction, Verdict, EXPIRY_BUDGET};
+use snatgw_core::topology::Params;
+use snatgw_core::{Direction, FlowChange, Verdict, EXPIRY_BUDGET};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
@@ -97,6 +98,10 @@ pub struct RunArgs {
     /// Directory of the embedded store: the topology survives restarts there.
     #[arg(long, default_value = "/var/lib/snatgw")]
     pub state_dir: PathBuf,
+    /// Record every flow (opened, closed, refused) to this file in the planner's trace
+    /// format, for `snatgw plan --trace` (docs/PLANNER.md).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -354,6 +359,41 @@ fn tick(sh: &Shared, ring: &mut VecDeque<stats::EventSnap>, cap: &mut LogCap) {
     stats::push_events(ring, snaps);
 }
 
+/// Takes the engine's flow journal (the changes since the last call) and the timers they
+/// were made with, under the engine lock. The journal is on only when a consumer needs it.
+fn drain_flow_journal(sh: &Shared) -> (Vec<FlowChange>, Params) {
+    let mut out = Vec::new();
+    let mut g = sh.lock_gw();
+    g.engine_mut().drain_journal(&mut out);
+    (out, g.engine().topology().params)
+}
+
+/// Drains the flow journal once and hands the same changes to every consumer (the recorder,
+/// `--record`), outside the engine lock.
+fn feed_journal(sh: &Shared, recorder: Option<&mut crate::record::Recorder>) {
+    let (changes, params) = drain_flow_journal(sh);
+    if changes.is_empty() {
+        return;
+    }
+    if let Some(r) = recorder {
+        r.offer(&changes, params);
+    }
+}
+
+/// Stops the recorder and logs what it wrote.
+fn finish_recording(r: crate::record::Recorder, sh: &Shared) {
+    let journal_lost = sh.lock_gw().engine().journal_lost();
+    match r.finish() {
+        Ok(s) => tracing::info!(
+            records = s.records,
+            unmatched = s.unmatched,
+            lost = s.lost + journal_lost,
+            "flow recording written"
+        ),
+        Err(e) => tracing::error!(error = %e, "flow recording failed"),
+    }
+}
+
 fn wake_all(wakers: &[Waker]) {
     for w in wakers {
         let _ = w.wake();
@@ -402,6 +442,13 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             .map_err(|e| format!("saving the designations: {e}"))?;
     }
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
+    let mut recorder = match &a.record {
+        Some(p) => {
+            engine.set_journal(true);
+            Some(crate::record::Recorder::start(p)?)
+        }
+        None => None,
+    };
     let n_inst = engine.instances().len();
     if a.tun_private == a.tun_public {
         return Err(format!(
@@ -536,6 +583,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let mut last_stats: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
         tick(&sh, &mut ring, &mut cap);
+        feed_journal(&sh, recorder.as_mut());
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
             let mut s = snapshot(a, &sh, &ring);
@@ -549,6 +597,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         let _ = h.join();
     }
     tick(&sh, &mut ring, &mut cap);
+    feed_journal(&sh, recorder.as_mut());
+    if let Some(r) = recorder.take() {
+        finish_recording(r, &sh);
+    }
     let mut s = snapshot(a, &sh, &ring);
     s.log_lines_suppressed = cap.suppressed_total;
     s.final_snapshot = true;
