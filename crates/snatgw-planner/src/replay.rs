@@ -79,17 +79,23 @@ impl Sports {
             cursor: SPORT_MIN,
         }
     }
+    /// The first free port from the cursor on (wrapping), word by word.
     fn alloc(&mut self) -> Option<u16> {
-        let span = 65536 - SPORT_MIN;
-        let mut p = self.cursor;
-        for _ in 0..span {
-            let (w, b) = ((p >> 6) as usize, p & 63);
-            if self.bits[w] & (1 << b) == 0 {
-                self.bits[w] |= 1 << b;
+        let words = self.bits.len();
+        let first = (SPORT_MIN >> 6) as usize;
+        let mut w = (self.cursor >> 6) as usize;
+        // Bits below the cursor in its word count as taken on the first visit.
+        let mut mask = !0u64 << (self.cursor & 63);
+        for _ in 0..=(words - first) {
+            let free = !self.bits[w] & mask;
+            if free != 0 {
+                let p = (w as u32) << 6 | free.trailing_zeros();
+                self.bits[w] |= 1 << (p & 63);
                 self.cursor = if p == 65535 { SPORT_MIN } else { p + 1 };
                 return Some(p as u16);
             }
-            p = if p == 65535 { SPORT_MIN } else { p + 1 };
+            w = if w + 1 == words { first } else { w + 1 };
+            mask = !0;
         }
         None
     }
@@ -103,7 +109,6 @@ struct InstRt {
     name: Arc<str>,
     ip: u32,
     ilpip: bool,
-    sports: Option<Sports>,
     refs: [Vec<u32>; 2],
     used: [u32; 2],
     res: InstanceResult,
@@ -111,9 +116,12 @@ struct InstRt {
     points: Vec<(u32, [u32; 2], u32)>,
 }
 
-#[derive(Default, Clone, Copy)]
+/// Per (instance, destination): private source ports are unique per destination only (a
+/// client may use one source port towards several destinations).
+#[derive(Default)]
 struct PairRt {
     live: u32,
+    sports: Option<Sports>,
 }
 
 struct Replayer<'w> {
@@ -124,8 +132,10 @@ struct Replayer<'w> {
     insts: Vec<InstRt>,
     slot_inst: Vec<u32>,
     flows: Vec<FlowRt>,
-    dest_ix: hashbrown::HashMap<(u8, u32, u16), u32>,
-    pair_ix: hashbrown::HashMap<(u32, u32), u32>,
+    /// (instance, protocol, destination address, port) → index into `pairs`.
+    pair_by_key: hashbrown::HashMap<(u32, u8, u32, u16), u32>,
+    /// Each flow's index into `pairs`.
+    flow_pair: Vec<u32>,
     pairs: Vec<(PairRt, DestResult)>,
     journal: Vec<FlowChange>,
     heap: BinaryHeap<Reverse<(u64, u64, u32, u8)>>,
@@ -165,6 +175,9 @@ pub fn replay(cfg: &ConfigFile, w: &Workload, opts: &Options) -> Result<Report, 
     let topo = Topology::from_config(cfg.clone())?;
     let mut engine = Engine::new(topo, 0)?;
     engine.set_journal(true);
+    // Growing the flow tables from empty costs a quarter of a churn replay (rehashes):
+    // reserve for the flows of the workload, up to 256k (about 22 MiB).
+    engine.reserve_flows(w.flows.len().min(1 << 18));
     let mut r = Replayer {
         w,
         cfg: cfg.clone(),
@@ -173,13 +186,8 @@ pub fn replay(cfg: &ConfigFile, w: &Workload, opts: &Options) -> Result<Report, 
         insts: Vec::with_capacity(w.instances.len()),
         slot_inst: Vec::new(),
         flows: vec![FlowRt::default(); w.flows.len()],
-        dest_ix: w
-            .dests
-            .iter()
-            .enumerate()
-            .map(|(i, d)| ((d.l4.proto(), d.ip, d.port), i as u32))
-            .collect(),
-        pair_ix: hashbrown::HashMap::new(),
+        pair_by_key: hashbrown::HashMap::new(),
+        flow_pair: Vec::with_capacity(w.flows.len()),
         pairs: Vec::new(),
         journal: Vec::with_capacity(64),
         heap: BinaryHeap::new(),
@@ -205,19 +213,25 @@ pub fn replay(cfg: &ConfigFile, w: &Workload, opts: &Options) -> Result<Report, 
         };
         r.insts.push(rt);
     }
+    let mut pair_ix: hashbrown::HashMap<(u32, u32), u32> = hashbrown::HashMap::new();
     for f in &w.flows {
         let key = (f.inst, f.dest);
-        if !r.pair_ix.contains_key(&key) {
-            r.pair_ix.insert(key, r.pairs.len() as u32);
+        let p = *pair_ix.entry(key).or_insert_with(|| {
+            let d = w.dests[f.dest as usize];
+            let p = r.pairs.len() as u32;
+            r.pair_by_key
+                .insert((f.inst, d.l4.proto(), d.ip, d.port), p);
             r.pairs.push((
                 PairRt::default(),
                 DestResult {
                     instance: w.instances[f.inst as usize].clone(),
-                    dest: w.dests[f.dest as usize],
+                    dest: d,
                     ..Default::default()
                 },
             ));
-        }
+            p
+        });
+        r.flow_pair.push(p);
     }
     r.refresh_instances();
     let until = opts.until_ms.unwrap_or(u64::MAX);
@@ -360,12 +374,10 @@ impl Replayer<'_> {
                         inst.used[b] += 1;
                         inst.res.peak_used[b] = inst.res.peak_used[b].max(inst.used[b]);
                     }
-                    if let Some(&d) = self.dest_ix.get(&(key.proto, key.dst, key.dport)) {
-                        if let Some(&p) = self.pair_ix.get(&(ii, d)) {
-                            let (rt, res) = &mut self.pairs[p as usize];
-                            rt.live += 1;
-                            res.peak_used = res.peak_used.max(rt.live);
-                        }
+                    if let Some(&p) = self.pair_by_key.get(&(ii, key.proto, key.dst, key.dport)) {
+                        let (rt, res) = &mut self.pairs[p as usize];
+                        rt.live += 1;
+                        res.peak_used = res.peak_used.max(rt.live);
                     }
                 }
                 FlowChange::Closed { slot, key, .. } => {
@@ -385,13 +397,11 @@ impl Replayer<'_> {
                             }
                         }
                     }
-                    if let Some(s) = inst.sports.as_mut() {
-                        s.free(key.sport);
-                    }
-                    if let Some(&d) = self.dest_ix.get(&(key.proto, key.dst, key.dport)) {
-                        if let Some(&p) = self.pair_ix.get(&(ii, d)) {
-                            let rt = &mut self.pairs[p as usize].0;
-                            rt.live = rt.live.saturating_sub(1);
+                    if let Some(&p) = self.pair_by_key.get(&(ii, key.proto, key.dst, key.dport)) {
+                        let rt = &mut self.pairs[p as usize].0;
+                        rt.live = rt.live.saturating_sub(1);
+                        if let Some(s) = rt.sports.as_mut() {
+                            s.free(key.sport);
                         }
                     }
                 }
@@ -443,8 +453,9 @@ impl Replayer<'_> {
                         rt.state = CLOSED;
                     }
                     if rt.ilpip && rt.chosen {
-                        let (ii, sp) = (self.w.flows[fu].inst as usize, rt.sport);
-                        if let Some(s) = self.insts[ii].sports.as_mut() {
+                        let sp = rt.sport;
+                        let p = self.flow_pair[fu] as usize;
+                        if let Some(s) = self.pairs[p].0.sports.as_mut() {
                             s.free(sp);
                         }
                     }
@@ -463,10 +474,11 @@ impl Replayer<'_> {
         if !retry {
             self.flows[fu].open_ms = t;
         }
+        let p = self.flow_pair[fu] as usize;
         let (sport, chosen) = match spec.sport {
             Some(p) => (p, false),
             None => {
-                let s = self.insts[ii].sports.get_or_insert_with(Sports::new);
+                let s = self.pairs[p].0.sports.get_or_insert_with(Sports::new);
                 match s.alloc() {
                     Some(p) => (p, true),
                     None => {
@@ -483,7 +495,6 @@ impl Replayer<'_> {
         };
         let v = self.engine.process(self.sec, Direction::Outbound, &pkt);
         self.absorb();
-        let p = self.pair_ix[&(spec.inst, spec.dest)] as usize;
         let ilpip = self.insts[ii].ilpip;
         let rt = &mut self.flows[fu];
         rt.sport = sport;
@@ -516,7 +527,7 @@ impl Replayer<'_> {
             }
             Verdict::Drop(reason) => {
                 if chosen {
-                    if let Some(s) = self.insts[ii].sports.as_mut() {
+                    if let Some(s) = self.pairs[p].0.sports.as_mut() {
                         s.free(sport);
                     }
                 }
@@ -600,7 +611,7 @@ impl Replayer<'_> {
         };
         self.absorb();
         if let Verdict::Drop(reason) = v {
-            let p = self.pair_ix[&(spec.inst, spec.dest)] as usize;
+            let p = self.flow_pair[fu] as usize;
             let ii = spec.inst as usize;
             match reason {
                 // The gateway removed the flow (idle timeout) while the client still used
@@ -682,4 +693,22 @@ enum Pkt {
     Ack,
     Fin,
     Rst,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_ports_are_unique_until_freed() {
+        let mut s = Sports::new();
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(p) = s.alloc() {
+            assert!(p >= 1024 && seen.insert(p), "port {p} twice");
+        }
+        assert_eq!(seen.len(), 65536 - 1024);
+        s.free(40000);
+        assert_eq!(s.alloc(), Some(40000));
+        assert_eq!(s.alloc(), None);
+    }
 }

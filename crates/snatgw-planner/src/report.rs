@@ -134,7 +134,8 @@ pub struct Report {
     /// Where the replay stopped, seconds.
     pub end_s: f64,
     /// Opens for which the replayer found no free private source port (more than 64 512
-    /// flows of one instance at once): they reused one, so the result is approximate.
+    /// flows of one instance to one destination at once): they reused one, so the result is
+    /// approximate.
     pub sport_collisions: u64,
     /// Packets passed untranslated (VNet destinations, R1.7).
     pub passed: u64,

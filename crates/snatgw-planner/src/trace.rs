@@ -316,9 +316,11 @@ impl Workload {
                 let l4 = match proto.as_str() {
                     "tcp" => L4::Tcp,
                     "udp" => L4::Udp,
-                    p => return Err(format!(
+                    p => {
+                        return Err(format!(
                         "proto: `{p}` is not `tcp` or `udp` (PAT carries TCP and UDP, R1.2/R1.3)"
-                    )),
+                    ))
+                    }
                 };
                 let dst = need(&r.dst, "dst")?;
                 let sa: SocketAddrV4 = dst
