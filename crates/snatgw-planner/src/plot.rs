@@ -143,10 +143,16 @@ pub fn plot_what_if(rows: &[WhatIf], title: &str) -> Result<String, String> {
             continue;
         };
         let proto = usize::from(b.peak_used[1] > b.peak_used[0]);
+        let points = steps(&used_line(tl, proto));
+        // Identical curves hide each other: say so in the legend.
+        let label = match lines.iter().find(|l: &&Line| l.points == points) {
+            Some(same) => format!("{} (= {})", row.label, same.label),
+            None => row.label.clone(),
+        };
         lines.push(Line {
-            label: row.label.clone(),
+            label,
             colour: COLOURS[k % COLOURS.len()],
-            points: steps(&used_line(tl, proto)),
+            points,
             thin: false,
         });
         if k == 0 {

@@ -373,3 +373,21 @@ fn plots_are_svg_with_the_preallocation() {
     let svg = snatgw_planner::plot::plot_report(r, "b0").unwrap();
     assert!(svg.contains("b0 used (tcp)"));
 }
+
+#[test]
+fn readme_example_examples_planner_toml() {
+    // examples/planner.toml: 100 VMs behind one frontend → 512 ports (R2.8, 51–100). Four
+    // requests per second, each holding its port 240 s after its FIN (R3.2): the 512 ports
+    // fill in 128 s (first refusal at 128 s); seconds 128..=239 lose 4 each (448); the
+    // ports of seconds 0..=127 come back in 240..=367 for that span's requests; 368..=479
+    // lose 448 again; 480..=599 reuse the ports of 240..=359. 896 in all.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/planner.toml");
+    let cfg = ConfigFile::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let r = run(
+        &cfg,
+        "http:inst=web-0,dst=198.51.100.10:443,rate=4,duration=600",
+    );
+    assert_eq!(r.instances[0].allocated, 512);
+    assert_eq!(r.first_exhaustion_s(), Some(128.0));
+    assert_eq!(r.failed(), 896);
+}
