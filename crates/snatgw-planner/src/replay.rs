@@ -254,21 +254,21 @@ pub fn replay(cfg: &ConfigFile, w: &Workload, opts: &Options) -> Result<Report, 
         }
         let sec = (t / 1000) as u32;
         if sec > r.sec {
-            r.to_second(sec);
+            r.advance_to(sec);
         }
         r.events += 1;
         last_t = t;
         r.step(t, flow, kind, from_heap)?;
     }
     let end = opts.until_ms.unwrap_or(last_t);
-    r.to_second((end / 1000) as u32);
+    r.advance_to((end / 1000) as u32);
     Ok(r.finish(end))
 }
 
 impl Replayer<'_> {
     /// Moves the engine to second `sec`, one second at a time (so the timeline sees every
     /// release), absorbing the journal and events on the way.
-    fn to_second(&mut self, sec: u32) {
+    fn advance_to(&mut self, sec: u32) {
         // A long silence: jump (nothing in between but releases, counted at the end).
         if sec > self.sec + 100_000 {
             self.sec = sec - 100_000;

@@ -327,9 +327,11 @@ impl Workload {
                     .parse()
                     .map_err(|_| format!("dst: `{dst}` is not an IPv4 ip:port"))?;
                 if let Some(rt) = &r.retry {
-                    if !(rt.delay.is_finite() && rt.delay >= 0.0)
-                        || !(rt.factor.is_finite() && rt.factor >= 1.0)
-                    {
+                    let ok = rt.delay.is_finite()
+                        && rt.delay >= 0.0
+                        && rt.factor.is_finite()
+                        && rt.factor >= 1.0;
+                    if !ok {
                         return Err("retry: delay must be >= 0 seconds and factor >= 1".to_string());
                     }
                 }

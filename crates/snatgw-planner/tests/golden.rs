@@ -217,7 +217,7 @@ fn keepalive_longer_than_idle_timeout_does_not_help() {
 /// Baseline of the mitigation tests: b0 of an 801-instance set (32 ports, R2.8), one request
 /// per second for 300 s. Requests 0..=31 take the 32 ports; 32..=239 are refused (208);
 /// requests 240..=271 take the ports that requests 0..=31 release in seconds 240..=271 (FIN
-/// + 240 s); 272..=299 find none (the next releases are at 480..): 28 more, 236 in all.
+/// plus 240 s); 272..=299 find none (the next releases are at 480..): 28 more, 236 in all.
 /// First exhaustion at 32 s.
 fn mitigations_on_set() -> Vec<(String, Result<Report, String>)> {
     let cfg = set_of(801);
