@@ -122,3 +122,70 @@ impl Recorder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snatgw_core::{DropReason, EndCause, FlowKey, Topology};
+
+    #[test]
+    fn writes_a_trace_the_planner_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let params = Topology::from_config(Default::default()).unwrap().params;
+        let key = FlowKey {
+            proto: 6,
+            src: 0x0a00_010a,
+            sport: 40000,
+            dst: 0xc633_640a,
+            dport: 443,
+            public: 0xc000_0214,
+            pport: 1024,
+        };
+        let mut r = Recorder::start(&path).unwrap();
+        r.offer(
+            &[
+                FlowChange::Opened {
+                    at: 3,
+                    instance: "vm1".into(),
+                    slot: 0,
+                    key,
+                },
+                FlowChange::Refused {
+                    at: 4,
+                    instance: "vm1".into(),
+                    slot: 0,
+                    key: FlowKey {
+                        sport: 40001,
+                        pport: 0,
+                        ..key
+                    },
+                    reason: DropReason::PortsExhausted,
+                },
+            ],
+            params,
+        );
+        // Released 240 s after the FIN both ways (R3.2): the close record is at the FIN.
+        r.offer(
+            &[FlowChange::Closed {
+                at: 250,
+                instance: "vm1".into(),
+                slot: 0,
+                key,
+                cause: EndCause::Fin,
+            }],
+            params,
+        );
+        let s = r.finish().unwrap();
+        assert_eq!((s.records, s.unmatched, s.lost), (3, 0, 0));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let w = snatgw_planner::Workload::from_trace_str(&text).unwrap();
+        assert_eq!(w.flows.len(), 2);
+        assert!(w.flows[1].refused);
+        let close = w
+            .events
+            .iter()
+            .find(|e| e.kind != snatgw_planner::EvKind::Open);
+        assert_eq!(close.map(|e| e.t_ms), Some(10_000), "{text}");
+    }
+}
