@@ -23,6 +23,9 @@ pub enum PlanError {
     /// A generator specification is invalid.
     #[error("generator: {0}")]
     Generator(String),
+    /// A `scale` event cannot be applied (the message says why).
+    #[error("scale event {0}")]
+    Scale(String),
     /// A mitigation specification is invalid, or cannot be applied to this topology.
     #[error("mitigation {0}")]
     Mitigation(String),

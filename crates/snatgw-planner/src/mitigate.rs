@@ -395,12 +395,9 @@ pub fn what_if(
     }];
     for m in ms {
         let outcome = match m.apply(cfg, w) {
-            Ok((c, w2)) => {
-                let mut o = opts.clone();
-                // A mitigation may move the end (a reusing client closes later).
-                o.until_ms = opts.until_ms.map(|u| u.max(w2.end_ms()));
-                replay(&c, &w2, &o).map_err(|e| e.to_string())
-            }
+            // The same horizon for every variant when one is given; otherwise each runs to its
+            // own end (a reusing client closes its connections later).
+            Ok((c, w2)) => replay(&c, &w2, opts).map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         rows.push(WhatIf {

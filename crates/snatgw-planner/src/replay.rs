@@ -53,7 +53,9 @@ const BROKEN: u8 = 6;
 #[derive(Clone, Copy, Default)]
 struct FlowRt {
     state: u8,
-    ilpip: bool,
+    /// The engine keeps no flow for it (ILPIP, R1.1, or a VNet destination, R1.7): the
+    /// replayer frees its source port itself when it closes.
+    stateless: bool,
     /// The replayer chose the source port (so it frees it when the flow ends).
     chosen: bool,
     sport: u16,
@@ -452,7 +454,7 @@ impl Replayer<'_> {
                     if rt.state == OPEN {
                         rt.state = CLOSED;
                     }
-                    if rt.ilpip && rt.chosen {
+                    if rt.stateless && rt.chosen {
                         let sp = rt.sport;
                         let p = self.flow_pair[fu] as usize;
                         if let Some(s) = self.pairs[p].0.sports.as_mut() {
@@ -507,7 +509,7 @@ impl Replayer<'_> {
                 rt.state = OPEN;
                 rt.public = addr;
                 rt.pport = port;
-                rt.ilpip = ilpip;
+                rt.stateless = ilpip;
                 self.pairs[p].1.ok += 1;
                 self.insts[ii].res.ok += 1;
                 if rt.attempts > 1 {
@@ -523,6 +525,7 @@ impl Replayer<'_> {
             }
             Verdict::Pass => {
                 rt.state = OPEN;
+                rt.stateless = true;
                 self.passed += 1;
             }
             Verdict::Drop(reason) => {
@@ -575,7 +578,7 @@ impl Replayer<'_> {
     }
 
     /// Sends the packets of a flow event (outbound, and for a FIN the peer's FIN too).
-    fn packet(&mut self, f: u32, what: Pkt, _t: u64) {
+    fn packet(&mut self, f: u32, what: Pkt, t: u64) {
         let fu = f as usize;
         let spec = self.w.flows[fu];
         let d = self.w.dests[spec.dest as usize];
@@ -599,7 +602,10 @@ impl Replayer<'_> {
                     Direction::Outbound,
                     &Packet::tcp(src, rt.sport, d.ip, d.port, flags),
                 );
-                if matches!(what, Pkt::Fin) && matches!(v, Verdict::Translate { .. }) && !rt.ilpip {
+                if matches!(what, Pkt::Fin)
+                    && matches!(v, Verdict::Translate { .. })
+                    && !rt.stateless
+                {
                     self.engine.process(
                         now,
                         Direction::Inbound,
@@ -624,8 +630,12 @@ impl Replayer<'_> {
                 // A UDP datagram after the idle timeout starts a new flow (R3.5), which may
                 // find no port.
                 DropReason::PortsExhausted => {
-                    self.pairs[p].1.failed += 1;
-                    self.insts[ii].res.failed += 1;
+                    let ts = t as f64 / 1000.0;
+                    let (pr, ir) = (&mut self.pairs[p].1, &mut self.insts[ii].res);
+                    pr.failed += 1;
+                    ir.failed += 1;
+                    pr.first_exhaustion_s.get_or_insert(ts);
+                    ir.first_exhaustion_s.get_or_insert(ts);
                 }
                 _ => {}
             }
@@ -635,7 +645,7 @@ impl Replayer<'_> {
     fn scale(&mut self, inst: u32, size: u32) -> Result<(), PlanError> {
         let name = self.w.instances[inst as usize].clone();
         let cfg = topo::resize_pool(&self.cfg, &self.engine, &name, size, &self.w.instances)
-            .map_err(PlanError::Mitigation)?;
+            .map_err(|e| PlanError::Scale(format!("at {} s: {e}", self.sec)))?;
         let topo = Topology::from_config(cfg.clone())?;
         self.engine.apply(self.sec, topo)?;
         self.cfg = cfg;
@@ -676,6 +686,10 @@ impl Replayer<'_> {
                 d.allocated = i.allocated;
             }
         }
+        // A stable order whatever the order flows appeared in.
+        instances.sort_by(|a, b| a.name.cmp(&b.name));
+        timeline.sort_by(|a, b| a.instance.cmp(&b.instance));
+        dests.sort_by(|a, b| (&a.instance, a.dest).cmp(&(&b.instance, b.dest)));
         Report {
             instances,
             dests,
