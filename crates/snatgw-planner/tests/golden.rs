@@ -391,3 +391,31 @@ fn readme_example_examples_planner_toml() {
     assert_eq!(r.first_exhaustion_s(), Some(128.0));
     assert_eq!(r.failed(), 896);
 }
+
+#[test]
+fn reuse_needs_the_concurrency_pool_caps_it() {
+    // Ten requests per second, each 1 s long: at any moment 10 are in flight (Little's law),
+    // so reuse keeps 10 connections (request i+10 starts at the instant request i ends and
+    // takes its connection) → 10 ports (R2.3). A pool of 4 holds 4 ports; its requests wait.
+    let cfg = alone();
+    let w = Generator::parse(&format!(
+        "http:inst=vm1,dst={DST},rate=10,duration=60,request=1"
+    ))
+    .unwrap()
+    .workload();
+    let rows = what_if(
+        &cfg,
+        &w,
+        &[Mitigation::Reuse, Mitigation::Pool(4)],
+        &Options::default(),
+    )
+    .unwrap();
+    let peak = |k: usize| rows[k].outcome.as_ref().unwrap().instances[0].peak_used[0];
+    // Baseline: 600 connections, each held 240 s after its FIN (R3.2), fewer than 1024.
+    assert_eq!(peak(0), 600);
+    assert_eq!(peak(1), 10);
+    assert_eq!(peak(2), 4);
+    assert!(rows
+        .iter()
+        .all(|r| r.outcome.as_ref().unwrap().failed() == 0));
+}
