@@ -2,6 +2,7 @@
 //! - `show --config FILE`: what the engine makes of a configuration (scenario, public IP,
 //!   preallocated ports and block per instance, and the SPEC rule that decided it);
 //! - `run`, `stats`, `lab`, `race`: the data plane and its lab (docs/RUNNING.md);
+//! - `plan`: the exhaustion planner (docs/PLANNER.md, [`plan`]);
 //! - `get`, `apply`, `put`, `delete`, `redeploy`, `settle`, `ports`, `flows`, `events`:
 //!   clients of a running gateway's management API (docs/API.md, [`api_cli`]).
 #![forbid(unsafe_code)]
@@ -22,8 +23,10 @@ mod fastpath;
 mod lab;
 mod lab_inbound;
 mod logcap;
+mod plan;
 mod probe;
 mod race;
+mod record;
 mod run;
 mod show;
 mod stats;
@@ -63,6 +66,8 @@ enum Cmd {
     Lab(lab::LabCmd),
     /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root).
     Race(race::RaceArgs),
+    /// Predict SNAT exhaustion of a workload and compare mitigations (see docs/PLANNER.md).
+    Plan(plan::PlanArgs),
     /// Clients of a running gateway's management API (see docs/API.md).
     #[command(flatten)]
     Api(api_cli::ApiCmd),
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Stats { file, json } => stats::run(&file, json),
         Cmd::Lab(c) => lab::run(c),
         Cmd::Race(a) => race::run(&a),
+        Cmd::Plan(a) => plan::run(&a),
         // Prints its own `error: ...` (the server's message, field and SPEC rule).
         Cmd::Api(c) => return api_cli::main(c),
     };

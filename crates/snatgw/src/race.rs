@@ -382,7 +382,8 @@ fn measure_pps(lab: &Lab, dir: &Path, secs: u64) -> Result<f64, String> {
         .map_err(|e| format!("sink: {e}"))?;
     let r = measure_pps_into_sink(lab, dir, secs);
     stop.store(true, Ordering::Relaxed);
-    sink.join().map_err(|_| "sink: thread panicked".to_string())??;
+    sink.join()
+        .map_err(|_| "sink: thread panicked".to_string())??;
     r
 }
 

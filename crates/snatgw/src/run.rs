@@ -40,7 +40,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use snatgw_core::{Direction, Verdict, EXPIRY_BUDGET};
+use snatgw_core::topology::Params;
+use snatgw_core::{Direction, FlowChange, Verdict, EXPIRY_BUDGET};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
@@ -115,6 +116,10 @@ pub struct RunArgs {
     /// interfaces with no NAT at all (what `snatgw race` measures against).
     #[arg(long, hide = true)]
     pub fast_path_floor: bool,
+    /// Record every flow (opened, closed, refused) to this file in the planner's trace
+    /// format, for `snatgw plan --trace` (docs/PLANNER.md).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -410,6 +415,41 @@ fn start_prober(sh: &Arc<Shared>) -> Result<std::thread::JoinHandle<()>, String>
     .map_err(|e| format!("spawning the prober: {e}"))
 }
 
+/// Takes the engine's flow journal (the changes since the last call) and the timers they
+/// were made with, under the engine lock. The journal is on only when a consumer needs it.
+fn drain_flow_journal(sh: &Shared) -> (Vec<FlowChange>, Params) {
+    let mut out = Vec::new();
+    let mut g = sh.lock_gw();
+    g.engine_mut().drain_journal(&mut out);
+    (out, g.engine().topology().params)
+}
+
+/// Drains the flow journal once and hands the same changes to every consumer (the recorder,
+/// `--record`), outside the engine lock.
+fn feed_journal(sh: &Shared, recorder: Option<&mut crate::record::Recorder>) {
+    let (changes, params) = drain_flow_journal(sh);
+    if changes.is_empty() {
+        return;
+    }
+    if let Some(r) = recorder {
+        r.offer(&changes, params);
+    }
+}
+
+/// Stops the recorder and logs what it wrote.
+fn finish_recording(r: crate::record::Recorder, sh: &Shared) {
+    let journal_lost = sh.lock_gw().engine().journal_lost();
+    match r.finish() {
+        Ok(s) => tracing::info!(
+            records = s.records,
+            unmatched = s.unmatched,
+            lost = s.lost + journal_lost,
+            "flow recording written"
+        ),
+        Err(e) => tracing::error!(error = %e, "flow recording failed"),
+    }
+}
+
 fn wake_all(wakers: &[Waker]) {
     for w in wakers {
         let _ = w.wake();
@@ -458,6 +498,13 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             .map_err(|e| format!("saving the designations: {e}"))?;
     }
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
+    let mut recorder = match &a.record {
+        Some(p) => {
+            engine.set_journal(true);
+            Some(crate::record::Recorder::start(p)?)
+        }
+        None => None,
+    };
     let n_inst = engine.instances().len();
     // Engine time 0 is now: the fast path's timestamps are converted against the same reading.
     let (start, start_ns) = (Instant::now(), snatgw_io::fastpath::monotonic_ns());
@@ -619,6 +666,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             &mut cap,
             fast_path.as_mut().filter(|_| harvest),
         );
+        feed_journal(&sh, recorder.as_mut());
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
             let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
@@ -633,6 +681,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     let _ = prober.join();
     tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
+    feed_journal(&sh, recorder.as_mut());
+    if let Some(r) = recorder.take() {
+        finish_recording(r, &sh);
+    }
     let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
     s.log_lines_suppressed = cap.suppressed_total;
     s.final_snapshot = true;

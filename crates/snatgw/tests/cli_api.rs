@@ -811,3 +811,39 @@ fn r4_1_r5_2_nsgs_and_probes_through_the_cli() {
     let e = s.cli(&["probes", "nope"]).failed();
     assert!(e.contains("404") || e.contains("does not exist"), "{e}");
 }
+
+/// `snatgw plan --api`: the planner replays against the running gateway's topology (issue
+/// #11). vm-as1 shares its availability set's default-SNAT address with vm-as2: a pool of 2 →
+/// 1024 ports (R2.8). One request per second for 300 s holds at most 240 ports (FIN + 240 s,
+/// R3.2): no failure. After the API gives vm-as1 an ILPIP (R1.1), the same plan shows it.
+#[test]
+fn plan_replays_against_the_running_gateways_topology() {
+    let s = Server::start(Some(TOKEN));
+    let g = "http:inst=vm-as1,dst=198.51.100.10:443,rate=1,duration=300";
+    let v: serde_json::Value = s.cli(&["plan", "--json", "-g", g]).json();
+    let i = &v["instances"][0];
+    assert_eq!(i["name"], "vm-as1");
+    assert_eq!(i["scenario"], "default_snat");
+    assert_eq!(i["allocated"], 1024);
+    assert_eq!(i["failed"], 0);
+    assert_eq!(i["peak_used"][0], 240);
+    // Without the token the API refuses, and the planner says so.
+    let o = s.cli_token(&["plan", "-g", g], None);
+    assert!(!o.ok && o.stderr.contains("401"), "{}", o.stderr);
+    // A live change through the API is what the next plan sees.
+    let mut file = ConfigFile::from_toml(&reference_text()).unwrap();
+    let inst = file
+        .instance
+        .iter_mut()
+        .find(|i| i.name == "vm-as1")
+        .unwrap();
+    inst.public_ip = Some("pip-ilpip2".into());
+    file.public_ip.push(snatgw_core::config::PublicIpCfg {
+        name: "pip-ilpip2".into(),
+        address: "203.0.113.11".into(),
+    });
+    let path = s.file("ilpip.toml", &file.to_toml());
+    s.cli(&["apply", "-f", &path]).ok();
+    let v: serde_json::Value = s.cli(&["plan", "--json", "-g", g]).json();
+    assert_eq!(v["instances"][0]["scenario"], "ilpip");
+}
