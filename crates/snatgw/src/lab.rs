@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// TUN virtio-net offload on.
     #[arg(long)]
     pub tun_offload: bool,
+    /// The gateway's kernel fast path (`snatgw run --fast-path`), attached to the lab's bridge
+    /// and internet link; `auto` uses it when this build and kernel can.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub fast_path: crate::fastpath::FastPathMode,
 }
 
 /// Zone of the lab's DNS "which IP am I" responder.
@@ -152,6 +156,12 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
         &lab,
         &GatewayOptions {
             offload: a.tun_offload,
+            fast_path: match a.fast_path {
+                crate::fastpath::FastPathMode::Auto => "auto",
+                crate::fastpath::FastPathMode::Tc => "tc",
+                crate::fastpath::FastPathMode::Off => "off",
+            }
+            .into(),
             ..GatewayOptions::new(exe.clone(), config, a.queues, stats.clone())
         },
     )

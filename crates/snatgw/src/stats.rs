@@ -583,6 +583,28 @@ pub fn render(s: &Snapshot) -> String {
         d.fragments,
         fmt_map(&d.drops)
     );
+    if let Some(f) = &s.fast_path {
+        let p = |k: &str| f.packets.get(k).copied().unwrap_or(0);
+        let up: std::collections::BTreeMap<String, u64> = f
+            .packets
+            .iter()
+            .filter(|(k, v)| !k.starts_with("translated") && **v > 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let _ = writeln!(
+            o,
+            "fast path ({} on {} / {}): translated out {}, in {}; flows installed {}, removed {}, no room {}; passed up {}",
+            f.mode,
+            f.private_if,
+            f.public_if,
+            p("translated_out"),
+            p("translated_in"),
+            f.installed,
+            f.removed,
+            f.install_failed,
+            fmt_map(&up)
+        );
+    }
     let e = &s.engine;
     let _ = writeln!(
         o,
