@@ -535,11 +535,9 @@ pub struct InboundRuleMetrics {
     pub nsg_denied: u64,
 }
 
-/// Copies the NSG, probe and inbound-LB state out of the engine into `m`.
-pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
-    m.inbound_flows = e.inbound_flow_count() as u64;
-    m.probes = e
-        .probe_states()
+/// Every member's health-probe state (R5.2), as `/metrics` and the stats file show it.
+pub fn probe_metrics(e: &snatgw_core::Engine) -> Vec<ProbeMetrics> {
+    e.probe_states()
         .into_iter()
         .map(|p| ProbeMetrics {
             lb: p.lb,
@@ -550,9 +548,12 @@ pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
             probes: p.probes,
             failures: p.failures,
         })
-        .collect();
-    m.nsg_rules = e
-        .nsg_hits()
+        .collect()
+}
+
+/// Every NSG rule's hits, default rules included (R4.1, R4.2).
+pub fn nsg_rule_metrics(e: &snatgw_core::Engine) -> Vec<NsgRuleMetrics> {
+    e.nsg_hits()
         .into_iter()
         .map(|h| NsgRuleMetrics {
             nsg: h.nsg,
@@ -563,7 +564,14 @@ pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
             default: h.default,
             hits: h.hits,
         })
-        .collect();
+        .collect()
+}
+
+/// Copies the NSG, probe and inbound-LB state out of the engine into `m`.
+pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
+    m.inbound_flows = e.inbound_flow_count() as u64;
+    m.probes = probe_metrics(e);
+    m.nsg_rules = nsg_rule_metrics(e);
     m.inbound_rules = e
         .inbound_rule_stats()
         .into_iter()

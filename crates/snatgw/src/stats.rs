@@ -70,41 +70,11 @@ pub struct Snapshot {
     pub nsg_hits: Vec<NsgHitSnap>,
 }
 
-/// The probe state of one member (R5.2).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ProbeSnap {
-    /// Load balancer.
-    pub lb: String,
-    /// Probe.
-    pub probe: String,
-    /// Member instance.
-    pub member: String,
-    /// Whether it gets new inbound flows.
-    pub up: bool,
-    /// Failed probes in a row.
-    pub consecutive_failures: u32,
-    /// Results fed so far.
-    pub probes: u64,
-    /// Failed results so far.
-    pub failures: u64,
-}
+/// The probe state of one member (R5.2): the same record `/metrics` is built from.
+pub type ProbeSnap = snatgw_control::backend::ProbeMetrics;
 
-/// One NSG rule's hit counter.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct NsgHitSnap {
-    /// NSG.
-    pub nsg: String,
-    /// Rule.
-    pub rule: String,
-    /// `inbound` / `outbound`.
-    pub direction: String,
-    /// `allow` / `deny`.
-    pub access: String,
-    /// Priority.
-    pub priority: u32,
-    /// Packets it decided.
-    pub hits: u64,
-}
+/// One NSG rule's hit counter (R4.1): the same record `/metrics` is built from.
+pub type NsgHitSnap = snatgw_control::backend::NsgRuleMetrics;
 
 /// Engine-wide counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -423,31 +393,8 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
     s.time = engine.now();
     s.live_flows = engine.live_flows();
     s.inbound_flows = engine.inbound_flow_count();
-    s.probes = engine
-        .probe_states()
-        .into_iter()
-        .map(|p| ProbeSnap {
-            lb: p.lb,
-            probe: p.probe,
-            member: p.member.to_string(),
-            up: p.up,
-            consecutive_failures: p.consecutive_failures,
-            probes: p.probes,
-            failures: p.failures,
-        })
-        .collect();
-    s.nsg_hits = engine
-        .nsg_hits()
-        .into_iter()
-        .map(|h| NsgHitSnap {
-            nsg: h.nsg,
-            rule: h.rule,
-            direction: format!("{:?}", h.direction).to_lowercase(),
-            access: format!("{:?}", h.access).to_lowercase(),
-            priority: h.priority,
-            hits: h.hits,
-        })
-        .collect();
+    s.probes = snatgw_control::backend::probe_metrics(engine);
+    s.nsg_hits = snatgw_control::backend::nsg_rule_metrics(engine);
     s.engine = EngineSnap {
         passed: g.passed,
         ilpip_packets: g.ilpip_packets,
