@@ -44,8 +44,8 @@ use tokio::sync::watch;
 use utoipa::OpenApi;
 
 use crate::backend::{
-    Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InstancePorts, NsgRuleMetrics,
-    PerProtocol, PortRange, ProbeMetrics, DEFAULT_PAGE, MAX_PAGE,
+    Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InboundFlowPage, InboundFlowRecord,
+    InstancePorts, NsgRuleMetrics, PerProtocol, PortRange, ProbeMetrics, DEFAULT_PAGE, MAX_PAGE,
 };
 use crate::error::{config_error_body, ApiError, ControlError};
 use crate::store::{Store, Stored};
@@ -317,6 +317,10 @@ impl ControlPlane {
                     .delete(load_balancers::delete),
             )
             .route("/api/v1/loadBalancers/{name}/probes", get(lb_probes))
+            .route(
+                "/api/v1/loadBalancers/{name}/inboundFlows",
+                get(lb_inbound_flows),
+            )
             .route("/api/v1/networkSecurityGroups", get(nsgs::list))
             .route(
                 "/api/v1/networkSecurityGroups/{name}",
@@ -772,6 +776,60 @@ async fn lb_probes(State(s): State<Shared>, name: Result<Path<String>, PathRejec
     go.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Query of `GET /api/v1/loadBalancers/{name}/inboundFlows`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageParams {
+    /// Where to continue (`next_cursor` of the previous page; default 0).
+    cursor: Option<u64>,
+    /// Most flows returned, 1..=1000 (default 100).
+    limit: Option<usize>,
+}
+
+/// Live inbound flows of a load balancer (SPEC R5.1, R6.3): client, frontend and the member
+/// each flow sticks to, one bounded page at a time.
+#[utoipa::path(get, path = "/api/v1/loadBalancers/{name}/inboundFlows", tag = "loadBalancers",
+    params(("name" = String, Path, description = "Load balancer name"), PageParams),
+    responses(
+        (status = 200, description = "A page of inbound flows and the cursor of the next", body = InboundFlowPage),
+        (status = 400, description = "A bad parameter", body = ApiError),
+        (status = 404, description = "No such load balancer running", body = ApiError),
+    ),
+    security(("bearer" = [])))]
+async fn lb_inbound_flows(
+    State(s): State<Shared>,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<PageParams>, QueryRejection>,
+) -> Response {
+    let go = async {
+        let name = path_name(name)?;
+        let Query(p) = q.map_err(query_error)?;
+        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(Reply::bad(ApiError::field(
+                format!("limit {limit}: expected 1..={MAX_PAGE}"),
+                "limit",
+            )));
+        }
+        if !s
+            .current()
+            .config
+            .load_balancer
+            .iter()
+            .any(|l| l.name == name)
+        {
+            return Err(Reply::not_found(format!(
+                "load_balancer[{name}] does not exist"
+            )));
+        }
+        let backend = s.backend.clone();
+        let cursor = p.cursor.unwrap_or(0);
+        let page = blocking(move || backend.inbound_flows(&name, cursor, limit)).await?;
+        Ok::<_, Reply>(axum::Json(page).into_response())
+    };
+    go.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// Hit counters of an NSG's rules, default rules included (SPEC R4.1, R4.2).
 #[utoipa::path(get, path = "/api/v1/networkSecurityGroups/{name}/hits", tag = "networkSecurityGroups",
     params(("name" = String, Path, description = "NSG name")),
@@ -1174,6 +1232,7 @@ impl utoipa::Modify for BearerAuth {
         instance_ports,
         load_balancers::list, load_balancers::get, load_balancers::put, load_balancers::delete,
         lb_probes,
+        lb_inbound_flows,
         nsgs::list, nsgs::get, nsgs::put, nsgs::delete, nsg_hits,
         flows, events, metrics, openapi_json, healthz,
     ),
@@ -1181,7 +1240,7 @@ impl utoipa::Modify for BearerAuth {
         ApiError, ConfigFile, GatewayCfg, PublicIpCfg, AvailabilitySetCfg, DeploymentCfg,
         InstanceCfg, InstanceKind, Model, LoadBalancerCfg, FrontendCfg, BackendPoolCfg,
         LbRuleCfg, RuleProtocol, ProbeCfg, ProbeProtocol, NsgCfg, NsgRuleCfg, NsgDirection,
-        NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics, RedeployRequest, InstancePorts, PerProtocol, PortRange,
+        NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics, InboundFlowPage, InboundFlowRecord, RedeployRequest, InstancePorts, PerProtocol, PortRange,
         FlowPage, FlowRecord, EventRecord,
     )),
     modifiers(&BearerAuth),

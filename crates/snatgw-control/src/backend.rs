@@ -61,6 +61,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// One page of live translations (R6.3); bounded work under the data-path lock.
     fn flows(&self, q: &FlowQuery) -> FlowPage;
+    /// One page (at most `limit`, from `cursor`) of load balancer `lb`'s live inbound flows
+    /// (R5.1, R6.3); bounded work under the data-path lock.
+    fn inbound_flows(&self, lb: &str, cursor: u64, limit: usize) -> InboundFlowPage;
     /// Events with sequence number > `after`, oldest first, at most `limit` (R6.2).
     fn events(&self, after: u64, limit: usize) -> Vec<EventRecord>;
     /// A channel holding the newest event sequence number, for long-polls. `None` (the
@@ -193,6 +196,34 @@ pub struct FlowRecord {
 pub struct FlowPage {
     /// The flows, in table order.
     pub flows: Vec<FlowRecord>,
+    /// Cursor of the next page; `null` when the table has been listed to its end.
+    pub next_cursor: Option<u64>,
+}
+
+/// One live inbound load-balancing flow (R5.1, R6.3): client → frontend, sent to a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InboundFlowRecord {
+    /// Load balancer.
+    pub lb: String,
+    /// Inbound rule.
+    pub rule: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Client `ip:port` on the internet.
+    pub client: String,
+    /// Frontend `ip:port` the client connected to.
+    pub frontend: String,
+    /// Member private `ip:port` the flow sticks to.
+    pub member: String,
+    /// Seconds since the flow's last packet (its rule's idle timeout ends it, R3.7).
+    pub idle_secs: u32,
+}
+
+/// A page of live inbound load-balancing flows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InboundFlowPage {
+    /// The flows, in table order.
+    pub flows: Vec<InboundFlowRecord>,
     /// Cursor of the next page; `null` when the table has been listed to its end.
     pub next_cursor: Option<u64>,
 }
@@ -905,6 +936,42 @@ impl Backend for GatewayBackend {
                     last_seen: v.last_seen,
                     expires_at: v.expires_at,
                     state: v.state.into(),
+                })
+                .collect(),
+            next_cursor: next.map(u64::from),
+        }
+    }
+
+    fn inbound_flows(&self, lb: &str, cursor: u64, limit: usize) -> InboundFlowPage {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut cursor = u32::try_from(cursor).unwrap_or(u32::MAX);
+        let mut views = Vec::new();
+        let next = loop {
+            // One bounded chunk per lock hold (R9.4), as for PAT flows.
+            let (page, next) = self.lock().engine().inbound_flows_page(
+                Some(lb),
+                cursor,
+                FLOW_SCAN_PER_LOCK,
+                limit - views.len(),
+            );
+            views.extend(page);
+            match next {
+                None => break None,
+                Some(n) if views.len() >= limit => break Some(n),
+                Some(n) => cursor = n,
+            }
+        };
+        InboundFlowPage {
+            flows: views
+                .into_iter()
+                .map(|v| InboundFlowRecord {
+                    lb: v.lb,
+                    rule: v.rule,
+                    protocol: if v.proto == 6 { "tcp" } else { "udp" }.into(),
+                    client: endpoint(v.client.0, v.client.1),
+                    frontend: endpoint(v.frontend.0, v.frontend.1),
+                    member: endpoint(v.member.0, v.member.1),
+                    idle_secs: v.idle,
                 })
                 .collect(),
             next_cursor: next.map(u64::from),

@@ -21,7 +21,8 @@ use ureq::Agent;
 
 use crate::api::{RedeployRequest, Resource, GENERATION_HEADER, MAX_WAIT_SECS};
 use crate::backend::{
-    EventRecord, FlowPage, FlowQuery, InstancePorts, NsgRuleMetrics, ProbeMetrics,
+    EventRecord, FlowPage, FlowQuery, InboundFlowRecord, InstancePorts, NsgRuleMetrics,
+    ProbeMetrics,
 };
 use crate::error::{ApiError, ClientError};
 
@@ -472,6 +473,24 @@ impl Client {
         let path = format!("{}/probes", Self::item_path("loadBalancers", name));
         let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
         Self::decode(&b, &path)
+    }
+
+    /// `GET /api/v1/loadBalancers/{name}/inboundFlows`, every page: the load balancer's live
+    /// inbound flows (R5.1, R6.3).
+    pub fn lb_inbound_flows(&self, name: &str) -> Result<Vec<InboundFlowRecord>, ClientError> {
+        let base = format!("{}/inboundFlows", Self::item_path("loadBalancers", name));
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let path = format!("{base}?cursor={cursor}&limit=1000");
+            let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
+            let page: crate::backend::InboundFlowPage = Self::decode(&b, &path)?;
+            out.extend(page.flows);
+            match page.next_cursor {
+                Some(n) => cursor = n,
+                None => return Ok(out),
+            }
+        }
     }
 
     /// `GET /api/v1/networkSecurityGroups/{name}/hits`: hits per rule (R4.1, R4.2).

@@ -47,8 +47,8 @@ pub mod store;
 
 pub use api::{openapi, read_token_file, serve, ControlPlane, Resource, ServerHandle};
 pub use backend::{
-    Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend, InstancePorts,
-    MetricsSnapshot,
+    Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend,
+    InboundFlowPage, InboundFlowRecord, InstancePorts, MetricsSnapshot,
 };
 pub use client::{Client, ResourceKind, Tagged};
 pub use error::{ApiError, ClientError, ControlError, StoreError};

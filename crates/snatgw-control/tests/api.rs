@@ -1006,6 +1006,7 @@ fn openapi_lists_every_path() {
         ("/api/v1/loadBalancers", &["get"]),
         ("/api/v1/loadBalancers/{name}", &["get", "put", "delete"]),
         ("/api/v1/loadBalancers/{name}/probes", &["get"]),
+        ("/api/v1/loadBalancers/{name}/inboundFlows", &["get"]),
         ("/api/v1/networkSecurityGroups", &["get"]),
         (
             "/api/v1/networkSecurityGroups/{name}",

@@ -265,3 +265,47 @@ fn r5_2_probe_state_through_the_api_and_metrics_and_lb_rules_are_validated() {
             .up
     );
 }
+
+/// `GET /api/v1/loadBalancers/{name}/inboundFlows` (R5.1, R6.3): every live inbound flow with
+/// the member it sticks to, over several pages; an unknown LB is 404.
+#[test]
+fn r5_1_inbound_flows_are_listed_page_by_page() {
+    let env = Env::start();
+    let c = &env.client;
+    let mut members = std::collections::BTreeMap::new();
+    for i in 0..1500u16 {
+        let v = env.process(
+            Direction::Inbound,
+            Packet::tcp(ip("198.51.100.50"), 10000 + i, ip("203.0.113.20"), 80, 0x02),
+        );
+        let Verdict::Translate { addr, port } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(port, 8080);
+        members.insert(format!("198.51.100.50:{}", 10000 + i), addr);
+    }
+    // More than one page of 1000: the client follows the cursor.
+    let flows = c.lb_inbound_flows("lb").expect("inbound flows");
+    assert_eq!(flows.len(), 1500);
+    for f in &flows {
+        assert_eq!((f.lb.as_str(), f.rule.as_str()), ("lb", "http"));
+        assert_eq!(
+            (f.protocol.as_str(), f.frontend.as_str()),
+            ("tcp", "203.0.113.20:80")
+        );
+        let want = members.get(&f.client).expect("a client that connected");
+        assert_eq!(
+            f.member,
+            format!("{}:8080", std::net::Ipv4Addr::from(*want)),
+            "listed with the member the engine chose"
+        );
+    }
+    // Both members got flows (hash spread, R5.1).
+    let on_web1 = flows
+        .iter()
+        .filter(|f| f.member == "10.0.2.10:8080")
+        .count();
+    assert!(on_web1 > 0 && on_web1 < 1500, "{on_web1} of 1500 on web1");
+    let (st, _) = api_err(c.lb_inbound_flows("nope"));
+    assert_eq!(st, 404);
+}

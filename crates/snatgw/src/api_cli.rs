@@ -299,6 +299,17 @@ pub enum ApiCmd {
         #[command(flatten)]
         api: ApiOpts,
     },
+    /// Live inbound flows of a load balancer: client, frontend and the member each sticks to
+    /// (SPEC R5.1, R6.3).
+    InboundFlows {
+        /// The load balancer.
+        lb: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiOpts,
+    },
     /// Hits per rule of a network security group, default rules included (SPEC R4.1, R4.2).
     NsgHits {
         /// The NSG.
@@ -491,6 +502,27 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
                     p.consecutive_failures.to_string(),
                     p.probes.to_string(),
                     p.failures.to_string(),
+                ]);
+            }
+            out.write_all(t.render().as_bytes())?;
+            Ok(())
+        }
+        ApiCmd::InboundFlows { lb, json, api } => {
+            let v = api.client()?.call(|c| c.lb_inbound_flows(&lb))?;
+            if json {
+                return print_json(out, &v);
+            }
+            let mut t = api_render::Table::new(&[
+                "RULE", "PROTO", "CLIENT", "FRONTEND", "MEMBER", "IDLE S",
+            ]);
+            for f in &v {
+                t.row(vec![
+                    f.rule.clone(),
+                    f.protocol.clone(),
+                    f.client.clone(),
+                    f.frontend.clone(),
+                    f.member.clone(),
+                    f.idle_secs.to_string(),
                 ]);
             }
             out.write_all(t.render().as_bytes())?;

@@ -810,6 +810,13 @@ fn r4_1_r5_2_nsgs_and_probes_through_the_cli() {
     assert!(t.starts_with("PROBE"), "{t}");
     let e = s.cli(&["probes", "nope"]).failed();
     assert!(e.contains("404") || e.contains("does not exist"), "{e}");
+    // Inbound flows of a load balancer (R5.1, R6.3): none yet, a table with its header.
+    let t = s.cli(&["inbound-flows", "lb"]).ok();
+    assert!(t.starts_with("RULE") && t.contains("MEMBER"), "{t}");
+    let v: serde_json::Value = s.cli(&["inbound-flows", "lb", "--json"]).json();
+    assert_eq!(v, serde_json::json!([]));
+    let e = s.cli(&["inbound-flows", "nope"]).failed();
+    assert!(e.contains("404") || e.contains("does not exist"), "{e}");
 }
 
 /// `snatgw plan --api`: the planner replays against the running gateway's topology (issue

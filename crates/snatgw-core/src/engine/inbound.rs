@@ -611,24 +611,56 @@ impl Engine {
 
     /// Live inbound LB flows, listed (R6.3).
     pub fn inbound_flows(&self) -> Vec<InboundFlowView> {
-        let pol = &self.topo.policy;
         self.inb
             .slab
             .iter()
             .filter(|f| f.live && self.inbound_deadline(f) > self.now)
-            .map(|f| {
-                let r = &pol.rules[f.rule as usize];
-                InboundFlowView {
-                    lb: r.lb.clone(),
-                    rule: r.name.clone(),
-                    proto: f.proto,
-                    client: (f.client, f.cport),
-                    frontend: (f.frontend, f.fport),
-                    member: (f.member, f.bport),
-                    idle: self.now.saturating_sub(f.last_seen),
-                }
-            })
+            .map(|f| self.inbound_view(f))
             .collect()
+    }
+
+    /// One page of the live inbound LB flows (R6.3) of load balancer `lb` (all when `None`):
+    /// examines at most `scan` slots from slot `cursor` on and returns at most `limit` flows,
+    /// with the slot to continue from (`None`: the table was listed to its end). Bounded
+    /// work per call, as for PAT flows (R9.4).
+    pub fn inbound_flows_page(
+        &self,
+        lb: Option<&str>,
+        cursor: u32,
+        scan: u32,
+        limit: usize,
+    ) -> (Vec<InboundFlowView>, Option<u32>) {
+        let pol = &self.topo.policy;
+        let slab = &self.inb.slab;
+        let mut out = Vec::new();
+        let mut i = cursor as usize;
+        let end = i.saturating_add(scan as usize).min(slab.len());
+        while i < end && out.len() < limit {
+            let f = &slab[i];
+            i += 1;
+            if !f.live || self.inbound_deadline(f) <= self.now {
+                continue;
+            }
+            if lb.is_some_and(|l| *pol.rules[f.rule as usize].lb != *l) {
+                continue;
+            }
+            out.push(self.inbound_view(f));
+        }
+        let next = (i < slab.len()).then_some(i as u32);
+        (out, next)
+    }
+
+    fn inbound_view(&self, f: &LbFlow) -> InboundFlowView {
+        let r = &self.topo.policy.rules[f.rule as usize];
+        InboundFlowView {
+            lb: r.lb.clone(),
+            rule: r.name.clone(),
+            proto: f.proto,
+            client: (f.client, f.cport),
+            frontend: (f.frontend, f.fport),
+            member: (f.member, f.bport),
+            idle: self.now.saturating_sub(f.last_seen),
+        }
     }
 
     /// Counters per inbound rule: (load balancer, rule, counters).
