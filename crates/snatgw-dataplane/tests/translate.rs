@@ -324,3 +324,54 @@ fn r5_1_inbound_lb_flow_is_rewritten_to_the_member_and_back_on_real_bytes() {
         build_tcp(&spec(fe, client), &tcp(80, 40000, 0x12), b"hello")
     );
 }
+
+#[test]
+fn r3_6_r5_1_icmp_errors_of_inbound_lb_flows_are_translated_both_ways() {
+    let cfg = snatgw_dataplane::fuzzing::CONFIG.replace(
+        "frontend_port = 80, backend_pool = \"web\", backend_port = 80 }",
+        "frontend_port = 80, backend_pool = \"web\", backend_port = 8080 }",
+    );
+    let topo = snatgw_core::Topology::from_toml(&cfg).expect("config");
+    let mut g = Gateway::new(snatgw_core::Engine::new(topo, 0).expect("engine"));
+    let (client, fe, router) = (ip("198.51.100.50"), ip("203.0.113.20"), ip("198.51.100.1"));
+    let tcp = |sp, dp, flags| TcpSpec {
+        src_port: sp,
+        dst_port: dp,
+        flags,
+        ..TcpSpec::default()
+    };
+    let client_syn = build_tcp(&spec(client, fe), &tcp(40000, 80, 0x02), b"");
+    let mut syn = client_syn.clone();
+    let (member, _) = translate(&mut g, 1, &mut syn, Direction::Inbound);
+    // The member's answer leaves from the frontend; a router on the way asks for a smaller
+    // MTU. After the gateway the error is the one the member would get without NAT: sent to
+    // it, quoting its own packet (path MTU discovery works for inbound flows too).
+    let answer = build_tcp(&spec(member, client), &tcp(8080, 40000, 0x12), &[7; 100]);
+    let mut out = answer.clone();
+    assert_eq!(
+        translate(&mut g, 2, &mut out, Direction::Outbound),
+        (fe, 80)
+    );
+    let mut err = build_icmp_frag_needed(&spec(router, fe), 1280, &out, 28);
+    translate(&mut g, 3, &mut err, Direction::Inbound);
+    assert_eq!(
+        err,
+        build_icmp_frag_needed(&spec(router, member), 1280, &answer, 28)
+    );
+    // The member refuses the client's segment with an ICMP error: it leaves from the frontend,
+    // quoting what the client sent.
+    let mut refuse = build_icmp_dest_unreachable(&spec(member, client), 3, &syn, 28);
+    translate(&mut g, 4, &mut refuse, Direction::Outbound);
+    assert_eq!(
+        refuse,
+        build_icmp_dest_unreachable(&spec(fe, client), 3, &client_syn, 28)
+    );
+    assert_eq!(g.stats().icmp_errors, 2);
+    // About a client that has no inbound flow: no translation.
+    let stray = build_tcp(&spec(fe, ip("198.51.100.60")), &tcp(80, 1, 0x12), b"");
+    let mut err = build_icmp_frag_needed(&spec(router, fe), 1280, &stray, 28);
+    assert_eq!(
+        g.process(5, &mut err, Direction::Inbound),
+        Verdict::Drop(DropReason::IcmpErrorNoFlow)
+    );
+}

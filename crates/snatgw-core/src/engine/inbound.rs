@@ -525,6 +525,45 @@ impl Engine {
         })
     }
 
+    /// For an ICMP error from the internet about a packet a member sent back through the
+    /// frontend (R3.6): the quoted packet left as `frontend:fport` → `client:cport`. Returns
+    /// the member's private (address, backend port) to restore. Creates and refreshes
+    /// nothing; an entry past its deadline is not found.
+    pub(super) fn lb_lookup_inbound(
+        &self,
+        proto: u8,
+        frontend: u32,
+        fport: u16,
+        client: u32,
+        cport: u16,
+    ) -> Option<(u32, u16)> {
+        let &fi = self
+            .inb
+            .by_front
+            .get(&(proto, client, cport, frontend, fport))?;
+        let f = &self.inb.slab[fi as usize];
+        (self.inbound_deadline(f) > self.now).then_some((f.member, f.bport))
+    }
+
+    /// For an ICMP error a member sends about a packet of an inbound flow it received
+    /// (R3.6): the quoted packet arrived as `client:cport` → `member:bport`. Returns the
+    /// frontend (address, port) the client knows. Creates and refreshes nothing.
+    pub(super) fn lb_lookup_outbound(
+        &self,
+        proto: u8,
+        member: u32,
+        bport: u16,
+        client: u32,
+        cport: u16,
+    ) -> Option<(u32, u16)> {
+        let &fi = self
+            .inb
+            .by_back
+            .get(&(proto, member, bport, client, cport))?;
+        let f = &self.inb.slab[fi as usize];
+        (self.inbound_deadline(f) > self.now).then_some((f.frontend, f.fport))
+    }
+
     /// Removes inbound entries that are due at `now`, examining at most `budget` timer
     /// entries (R9.4). Returns the budget left.
     pub(super) fn inbound_expire(&mut self, now: Time, mut budget: u32) -> u32 {

@@ -27,7 +27,8 @@ impl Engine {
     /// Looks up the flow an ICMP error refers to (R3.6) without creating or refreshing it.
     /// `inner` is the embedded packet as the instance sent it after translation (outbound flow):
     /// its source is (public, SNAT port), its destination the remote. Returns the private
-    /// (address, port) to restore.
+    /// (address, port) to restore. Also finds inbound LB flows (the quoted packet left from
+    /// the frontend: the member is restored) and ILPIPs.
     pub fn lookup_inbound(
         &self,
         inner_proto: u8,
@@ -40,6 +41,7 @@ impl Engine {
             .find_rev(inner_proto, public, pport, remote, rport)
             .filter(|&fi| self.due(fi).is_none())
             .map(|fi| (self.flows.get(fi).src, self.flows.get(fi).sport))
+            .or_else(|| self.lb_lookup_inbound(inner_proto, public, pport, remote, rport))
             .or_else(|| self.ilpip_private(public).map(|a| (a, pport)))
     }
 
@@ -77,6 +79,7 @@ impl Engine {
             .find_fwd(p, src, sport, dst, dport)
             .filter(|&fi| self.due(fi).is_none())
             .map(|fi| (self.flows.get(fi).public, self.flows.get(fi).pport))
+            .or_else(|| self.lb_lookup_outbound(p, src, sport, dst, dport))
             .or_else(|| self.ilpip_public(src).map(|a| (a, sport)))
     }
 
