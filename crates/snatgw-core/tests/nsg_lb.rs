@@ -1028,3 +1028,59 @@ mod model {
         }
     }
 }
+
+#[test]
+fn r9_2_a_member_holds_at_most_its_max_flows_inbound_entries() {
+    // web1 and web2 may hold 10 flows each (R9.2); a SYN flood of 100 client ports at the
+    // frontend gets 10 entries per member, the other 80 SYNs are `flow_limit` drops counted
+    // for the member they were sent to; its outbound PAT flows are counted apart.
+    let cfg = config("")
+        .replace(
+            "name = \"web1\"\nprivate_ip = \"10.0.2.10\"",
+            "name = \"web1\"\nprivate_ip = \"10.0.2.10\"\nmax_flows = 10",
+        )
+        .replace(
+            "name = \"web2\"\nprivate_ip = \"10.0.2.11\"",
+            "name = \"web2\"\nprivate_ip = \"10.0.2.11\"\nmax_flows = 10",
+        );
+    assert!(cfg.matches("max_flows = 10").count() == 2, "config changed");
+    let mut e = engine(&cfg);
+    let (client, fe) = (ip(CLIENT), ip(FE));
+    let mut ok = 0;
+    for port in 0..100u16 {
+        match inb(&mut e, 1, Packet::tcp(client, 20000 + port, fe, 80, SYN)) {
+            Verdict::Translate { port: 8080, .. } => ok += 1,
+            Verdict::Drop(DropReason::FlowLimit) => {}
+            v => panic!("{v:?}"),
+        }
+    }
+    assert_eq!(ok, 20, "10 entries per member");
+    assert_eq!(e.inbound_flow_count(), 20);
+    e.check_inbound_invariants().unwrap();
+    let drops = |e: &Engine, n: &str| -> u64 {
+        e.instance(n)
+            .unwrap()
+            .stats
+            .iter()
+            .map(|s| s.drops[DropReason::FlowLimit as usize])
+            .sum()
+    };
+    assert_eq!(drops(&e, "web1") + drops(&e, "web2"), 80);
+    // The member's own outbound flows still start (its PAT flows are counted apart).
+    assert!(matches!(
+        out(
+            &mut e,
+            2,
+            Packet::tcp(ip("10.0.2.10"), 40000, ip(SERVER), 443, SYN)
+        ),
+        Verdict::Translate { .. }
+    ));
+    // After the rule's idle timeout (4 min, R3.7) the entries are gone and room is back.
+    e.advance(1 + 240);
+    assert_eq!(e.inbound_flow_count(), 0);
+    e.check_inbound_invariants().unwrap();
+    assert!(matches!(
+        inb(&mut e, 242, Packet::tcp(client, 30000, fe, 80, SYN)),
+        Verdict::Translate { port: 8080, .. }
+    ));
+}

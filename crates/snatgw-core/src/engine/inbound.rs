@@ -104,6 +104,9 @@ pub(super) struct InboundRt {
     live: u32,
     by_front: hashbrown::HashMap<Key5, u32>,
     by_back: hashbrown::HashMap<Key5, u32>,
+    /// Live entries per member address (R9.2: a member holds at most its instance's
+    /// `max_flows` inbound entries).
+    per_member: hashbrown::HashMap<u32, u32>,
     timers: BTreeMap<Time, Vec<(u32, u32)>>,
     /// (protocol, frontend, port) → rule index.
     rule_at: hashbrown::HashMap<(u8, u32, u16), u32>,
@@ -319,6 +322,12 @@ impl Engine {
         s.gen = s.gen.wrapping_add(1);
         ib.free.push(fi);
         ib.live -= 1;
+        if let hashbrown::hash_map::Entry::Occupied(mut e) = ib.per_member.entry(f.member) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     /// When entry `f` ends if nothing else happens.
@@ -454,9 +463,18 @@ impl Engine {
             // frontend; a second entry could not be told apart on the way back (R2.2).
             return self.drop_global(DropReason::Policy);
         }
-        // R9.2: inbound entries count against the gateway's flow limit.
+        // R9.2: inbound entries count against the gateway's flow limit, and a member holds
+        // at most its instance's `max_flows` of them, so a flood at one frontend stops there.
         if self.flows.live() + self.inb.live >= self.topo.params.max_flows {
             return self.drop_global(DropReason::FlowLimit);
+        }
+        if let Some(s) = slot {
+            let cap = self.insts[s as usize]
+                .as_ref()
+                .map_or(u32::MAX, |i| i.max_flows);
+            if self.inb.per_member.get(&member).copied().unwrap_or(0) >= cap {
+                return self.drop_inst(s, p.proto, DropReason::FlowLimit);
+            }
         }
         let now = self.now;
         let f = LbFlow {
@@ -489,6 +507,7 @@ impl Engine {
         ib.by_front.insert(f.front(), fi);
         ib.by_back.insert(back, fi);
         ib.live += 1;
+        *ib.per_member.entry(member).or_insert(0) += 1;
         ib.stats[r].flows += 1;
         let gen = ib.slab[fi as usize].gen;
         let at = now.saturating_add(self.topo.policy.rules[r].idle_timeout);
@@ -602,8 +621,9 @@ impl Engine {
     }
 
     /// Checks the inbound-LB state's invariants (tests): both indexes hold exactly the live
-    /// entries with their own keys, the live count matches, every entry's rule exists and its
-    /// member is one of the rule's members, and free slots are not live. Changes nothing.
+    /// entries with their own keys, the live count and the per-member counts match, every
+    /// entry's rule exists and its member is one of the rule's members, and free slots are not
+    /// live. Changes nothing.
     pub fn check_inbound_invariants(&self) -> Result<(), String> {
         let ib = &self.inb;
         let live: Vec<(u32, &LbFlow)> = ib
@@ -639,6 +659,16 @@ impl Engine {
         }
         if let Some(fi) = ib.free.iter().find(|&&fi| ib.slab[fi as usize].live) {
             return Err(format!("free inbound slot {fi} is live"));
+        }
+        let mut per: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
+        for (_, f) in &live {
+            *per.entry(f.member).or_insert(0) += 1;
+        }
+        if per != ib.per_member {
+            return Err(format!(
+                "inbound entries per member {:?}, counted {:?}",
+                per, ib.per_member
+            ));
         }
         Ok(())
     }
