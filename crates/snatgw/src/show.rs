@@ -122,7 +122,63 @@ pub fn table(e: &Engine) -> String {
     for r in &rows {
         let _ = writeln!(out, "{}", line(r));
     }
+    policy(&mut out, &e.topology().source);
     out
+}
+
+/// NSGs (SPEC §4) and inbound rules with their probes (§5, R3.7), one line each.
+fn policy(out: &mut String, cfg: &snatgw_core::ConfigFile) {
+    for n in &cfg.nsg {
+        let on = |v: &[String]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(",")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "nsg {}: nics {}, subnets {}; {} rule(s) + 6 default (R4.1, R4.2)",
+            n.name,
+            on(&n.nics),
+            on(&n.subnets),
+            n.rules.len()
+        );
+    }
+    for lb in &cfg.load_balancer {
+        for r in &lb.rules {
+            let fe = lb
+                .frontends
+                .iter()
+                .find(|f| f.name == r.frontend)
+                .and_then(|f| cfg.public_ip.iter().find(|p| p.name == f.public_ip))
+                .map_or("?".to_string(), |p| p.address.clone());
+            let probe = r
+                .probe
+                .as_deref()
+                .and_then(|n| lb.probes.iter().find(|p| p.name == n))
+                .map_or("no probe: every member healthy".to_string(), |p| {
+                    format!(
+                        "probe {} {:?} port {} every {} s, down after {} (R5.2)",
+                        p.name, p.protocol, p.port, p.interval_secs, p.unhealthy_threshold
+                    )
+                    .to_lowercase()
+                });
+            let _ = writeln!(
+                out,
+                "inbound rule {}/{}: {} {}:{} -> pool {} port {}, idle {} min (R5.1, R3.7); {}",
+                lb.name,
+                r.name,
+                format!("{:?}", r.protocol).to_lowercase(),
+                fe,
+                r.frontend_port,
+                r.backend_pool,
+                r.backend_port,
+                r.idle_timeout_minutes,
+                probe
+            );
+        }
+    }
 }
 
 /// JSON rendering (one object per instance).

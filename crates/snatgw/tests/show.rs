@@ -107,3 +107,42 @@ fn r1_5_show_refuses_a_bad_file_with_field_and_rule() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("config file"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn show_lists_nsgs_and_inbound_rules_with_their_probes() {
+    let mut text = std::fs::read_to_string(reference()).unwrap();
+    text.push_str(
+        r#"
+[[nsg]]
+name = "n1"
+nics = ["vm-as1"]
+rules = [ { name = "no-web", priority = 100, direction = "outbound", access = "deny", protocol = "tcp", destinations = ["198.51.100.0/24"] } ]
+"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("with-nsg.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = snatgw()
+        .args(["show", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    assert!(
+        text.contains("nsg n1: nics vm-as1, subnets -; 1 rule(s) + 6 default (R4.1, R4.2)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("inbound rule lb/http: tcp 203.0.113.20:80 -> pool web port 80, idle 4 min (R5.1, R3.7); no probe"),
+        "{text}"
+    );
+    assert!(
+        text.contains("inbound rule lb/https: tcp 203.0.113.21:443"),
+        "{text}"
+    );
+}
