@@ -30,6 +30,13 @@ pub const DIR_OUT: u8 = 0;
 /// Direction byte of a key: packets arriving on the public side.
 pub const DIR_IN: u8 = 1;
 
+/// Index into the per-instance packet counters of instance slot `slot`, protocol UDP or TCP,
+/// direction [`DIR_OUT`] or [`DIR_IN`]: four counters per slot. The one definition of the
+/// layout, used for the map entries' `counter` and for reading the counters back.
+pub fn counter_index(slot: u32, udp: bool, dir: u8) -> u32 {
+    slot * 4 + u32::from(udp) * 2 + u32::from(dir)
+}
+
 /// Entries of the program's STATS array, in order (see `bpf/snat_tc.c`).
 pub const STAT_NAMES: [&str; 9] = [
     "translated_out",
@@ -191,16 +198,27 @@ pub fn built() -> bool {
     !PROGRAM.is_empty()
 }
 
+/// The error for map `name` missing from the object.
+fn missing(name: &'static str) -> FastPathError {
+    FastPathError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    }
+}
+
+/// Wraps a map error of map `name`.
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> FastPathError {
+    move |source| FastPathError::Map { name, source }
+}
+
+/// Takes map `name` out of `ebpf` as the typed map `f` makes of it.
 fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
     f: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
 ) -> Result<T, FastPathError> {
-    let m = ebpf.take_map(name).ok_or(FastPathError::Map {
-        name,
-        source: aya::maps::MapError::InvalidName { name: name.into() },
-    })?;
-    f(m).map_err(|source| FastPathError::Map { name, source })
+    let m = ebpf.take_map(name).ok_or_else(|| missing(name))?;
+    f(m).map_err(map_error(name))
 }
 
 impl TcFastPath {
@@ -220,26 +238,19 @@ impl TcFastPath {
             .map_max_entries("COUNTERS", slots.saturating_mul(4))
             .load(PROGRAM)?;
         {
-            let mut config: aya::maps::Array<&mut MapData, u32> =
-                aya::maps::Array::try_from(ebpf.map_mut("CONFIG").ok_or(FastPathError::Map {
-                    name: "CONFIG",
-                    source: aya::maps::MapError::InvalidName {
-                        name: "CONFIG".into(),
-                    },
-                })?)
-                .map_err(|source| FastPathError::Map {
-                    name: "CONFIG",
-                    source,
-                })?;
-            let set = |c: &mut aya::maps::Array<&mut MapData, u32>, i: u32, v: u32| {
-                c.set(i, v, 0).map_err(|source| FastPathError::Map {
-                    name: "CONFIG",
-                    source,
-                })
-            };
-            set(&mut config, 0, u32::from(cfg.floor))?;
-            set(&mut config, 1, public_ifindex)?;
-            set(&mut config, 2, private_ifindex)?;
+            // Set before the programs load (they hold the map from then on), so it stays in
+            // `ebpf` rather than being taken out.
+            let mut config: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+                ebpf.map_mut("CONFIG").ok_or_else(|| missing("CONFIG"))?,
+            )
+            .map_err(map_error("CONFIG"))?;
+            for (i, v) in [
+                (0, u32::from(cfg.floor)),
+                (1, public_ifindex),
+                (2, private_ifindex),
+            ] {
+                config.set(i, v, 0).map_err(map_error("CONFIG"))?;
+            }
         }
         for (prog, ifname) in [("snat_out", &cfg.private_if), ("snat_in", &cfg.public_if)] {
             let err = |what: String| move |source| FastPathError::Program { what, source };
@@ -320,8 +331,8 @@ impl FastPathCounters {
         self.slots
     }
 
-    /// The per-instance packet counters of the first `slots` instance slots, summed over CPUs:
-    /// index `slot * 4 + (udp ? 2 : 0) + dir`.
+    /// The per-instance packet counters of the first `slots` instance slots, summed over CPUs,
+    /// indexed by [`counter_index`].
     pub fn instance_counters(&self, slots: u32) -> Vec<u64> {
         let n = slots.min(self.slots) * 4;
         (0..n)

@@ -483,69 +483,51 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
         } => api.client()?.ports(out, instance.as_deref(), json),
         ApiCmd::Probes { lb, json, api } => {
             let v = api.client()?.call(|c| c.lb_probes(&lb))?;
-            if json {
-                return print_json(out, &v);
-            }
-            let mut t = api_render::Table::new(&[
+            let head = [
                 "PROBE",
                 "MEMBER",
                 "STATE",
                 "FAILED IN A ROW",
                 "RESULTS",
                 "FAILED",
-            ]);
-            for p in &v {
-                t.row(vec![
+            ];
+            print_rows(out, json, &v, &head, |p| {
+                vec![
                     p.probe.clone(),
                     p.member.clone(),
                     if p.up { "up" } else { "down" }.into(),
                     p.consecutive_failures.to_string(),
                     p.probes.to_string(),
                     p.failures.to_string(),
-                ]);
-            }
-            out.write_all(t.render().as_bytes())?;
-            Ok(())
+                ]
+            })
         }
         ApiCmd::InboundFlows { lb, json, api } => {
             let v = api.client()?.call(|c| c.lb_inbound_flows(&lb))?;
-            if json {
-                return print_json(out, &v);
-            }
-            let mut t = api_render::Table::new(&[
-                "RULE", "PROTO", "CLIENT", "FRONTEND", "MEMBER", "IDLE S",
-            ]);
-            for f in &v {
-                t.row(vec![
+            let head = ["RULE", "PROTO", "CLIENT", "FRONTEND", "MEMBER", "IDLE S"];
+            print_rows(out, json, &v, &head, |f| {
+                vec![
                     f.rule.clone(),
                     f.protocol.clone(),
                     f.client.clone(),
                     f.frontend.clone(),
                     f.member.clone(),
                     f.idle_secs.to_string(),
-                ]);
-            }
-            out.write_all(t.render().as_bytes())?;
-            Ok(())
+                ]
+            })
         }
         ApiCmd::NsgHits { nsg, json, api } => {
             let v = api.client()?.call(|c| c.nsg_hits(&nsg))?;
-            if json {
-                return print_json(out, &v);
-            }
-            let mut t =
-                api_render::Table::new(&["DIRECTION", "PRIORITY", "RULE", "ACCESS", "HITS"]);
-            for h in &v {
-                t.row(vec![
+            let head = ["DIRECTION", "PRIORITY", "RULE", "ACCESS", "HITS"];
+            print_rows(out, json, &v, &head, |h| {
+                vec![
                     h.direction.clone(),
                     h.priority.to_string(),
                     h.rule.clone(),
                     h.access.clone(),
                     h.hits.to_string(),
-                ]);
-            }
-            out.write_all(t.render().as_bytes())?;
-            Ok(())
+                ]
+            })
         }
         ApiCmd::Flows {
             instance,
@@ -855,6 +837,25 @@ fn write_events(out: &mut dyn Write, evs: &[EventRecord], json: bool) -> Result<
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Prints `v` as the API's JSON (`json`), or as a table with `head` and one `row` per item.
+fn print_rows<T: Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    v: &[T],
+    head: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<(), CliError> {
+    if json {
+        return print_json(out, v);
+    }
+    let mut t = api_render::Table::new(head);
+    for x in v {
+        t.row(row(x));
+    }
+    out.write_all(t.render().as_bytes())?;
     Ok(())
 }
 

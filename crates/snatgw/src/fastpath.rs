@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use snatgw_core::{proto, Engine, FlowKey, Offload, Time};
 
 use snatgw_io::fastpath::{
-    BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap, TcFastPath, DIR_IN, DIR_OUT,
-    STAT_NAMES,
+    counter_index, BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap, TcFastPath,
+    DIR_IN, DIR_OUT, STAT_NAMES,
 };
 
 /// `--fast-path`.
@@ -65,6 +65,31 @@ pub struct TcOffload {
     counters: Arc<OffloadCounters>,
 }
 
+/// The two keys of a flow, as the program reads them off the wire: outbound (private
+/// 5-tuple), inbound (the remote's packet to the public address and SNAT port).
+fn keys(k: &FlowKey) -> [BpfFlowKey; 2] {
+    [
+        BpfFlowKey {
+            src: k.src.to_be(),
+            dst: k.dst.to_be(),
+            sport: k.sport.to_be(),
+            dport: k.dport.to_be(),
+            proto: k.proto,
+            dir: DIR_OUT,
+            pad: 0,
+        },
+        BpfFlowKey {
+            src: k.dst.to_be(),
+            dst: k.public.to_be(),
+            sport: k.dport.to_be(),
+            dport: k.pport.to_be(),
+            proto: k.proto,
+            dir: DIR_IN,
+            pad: 0,
+        },
+    ]
+}
+
 /// The two entries of a flow: (outbound key, value), (inbound key, value).
 fn entries(
     slot: u32,
@@ -72,25 +97,8 @@ fn entries(
     public_if: u32,
     private_if: u32,
 ) -> [(BpfFlowKey, BpfFlowVal); 2] {
-    let udp = u32::from(k.proto == proto::UDP) * 2;
-    let out = BpfFlowKey {
-        src: k.src.to_be(),
-        dst: k.dst.to_be(),
-        sport: k.sport.to_be(),
-        dport: k.dport.to_be(),
-        proto: k.proto,
-        dir: DIR_OUT,
-        pad: 0,
-    };
-    let inb = BpfFlowKey {
-        src: k.dst.to_be(),
-        dst: k.public.to_be(),
-        sport: k.dport.to_be(),
-        dport: k.pport.to_be(),
-        proto: k.proto,
-        dir: DIR_IN,
-        pad: 0,
-    };
+    let udp = k.proto == proto::UDP;
+    let [out, inb] = keys(k);
     [
         (
             out,
@@ -98,7 +106,7 @@ fn entries(
                 addr: k.public.to_be(),
                 port: k.pport.to_be(),
                 ifindex: public_if,
-                counter: slot * 4 + udp,
+                counter: counter_index(slot, udp, DIR_OUT),
                 ..Default::default()
             },
         ),
@@ -108,7 +116,7 @@ fn entries(
                 addr: k.src.to_be(),
                 port: k.sport.to_be(),
                 ifindex: private_if,
-                counter: slot * 4 + udp + 1,
+                counter: counter_index(slot, udp, DIR_IN),
                 ..Default::default()
             },
         ),
@@ -135,7 +143,7 @@ impl Offload for TcOffload {
     }
 
     fn remove(&mut self, key: &FlowKey) {
-        let [(ko, _), (ki, _)] = entries(0, key, 0, 0);
+        let [ko, ki] = keys(key);
         // Both, whatever happened at install: a missing entry is not an error.
         let a = self.map.remove(&ko);
         let b = self.map.remove(&ki);
@@ -146,8 +154,7 @@ impl Offload for TcOffload {
     }
 
     fn last_seen(&mut self, key: &FlowKey) -> Option<Time> {
-        let [(ko, _), (ki, _)] = entries(0, key, 0, 0);
-        let ns = [ko, ki]
+        let ns = keys(key)
             .iter()
             .filter_map(|k| self.map.get(k))
             .map(|v| v.last_seen)
@@ -271,16 +278,19 @@ impl FastPath {
             self.credited.resize(now.len(), 0);
         }
         let mut out = Vec::new();
-        for slot in 0..now.len() / 4 {
-            for (p, pi) in [(proto::TCP, 0), (proto::UDP, 2)] {
-                let i = slot * 4 + pi;
-                let o = now[i].saturating_sub(self.credited[i]);
-                let n = now[i + 1].saturating_sub(self.credited[i + 1]);
-                if o + n > 0 {
-                    out.push((slot as u32, p, o, n));
+        for slot in 0..(now.len() / 4) as u32 {
+            for (p, udp) in [(proto::TCP, false), (proto::UDP, true)] {
+                let (o, i) = (
+                    counter_index(slot, udp, DIR_OUT) as usize,
+                    counter_index(slot, udp, DIR_IN) as usize,
+                );
+                let dout = now[o].saturating_sub(self.credited[o]);
+                let din = now[i].saturating_sub(self.credited[i]);
+                if dout + din > 0 {
+                    out.push((slot, p, dout, din));
                 }
+                self.credited[o] = now[o];
                 self.credited[i] = now[i];
-                self.credited[i + 1] = now[i + 1];
             }
         }
         out

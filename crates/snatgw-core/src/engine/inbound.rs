@@ -680,12 +680,7 @@ impl Engine {
 
     /// Live inbound LB flows, listed (R6.3).
     pub fn inbound_flows(&self) -> Vec<InboundFlowView> {
-        self.inb
-            .slab
-            .iter()
-            .filter(|f| f.live && self.inbound_deadline(f) > self.now)
-            .map(|f| self.inbound_view(f))
-            .collect()
+        self.inbound_flows_page(None, 0, u32::MAX, usize::MAX).0
     }
 
     /// One page of the live inbound LB flows (R6.3) of load balancer `lb` (all when `None`):
