@@ -43,9 +43,11 @@ pub mod backend;
 pub mod client;
 pub mod error;
 pub mod metrics;
+pub mod server;
 pub mod store;
 
-pub use api::{openapi, read_token_file, serve, ControlPlane, Resource, ServerHandle};
+pub use api::{openapi, ControlPlane, Resource};
+pub use server::{read_token_file, serve, ServerHandle};
 pub use backend::{
     Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend,
     InboundFlowPage, InboundFlowRecord, InstancePorts, MetricsSnapshot,
