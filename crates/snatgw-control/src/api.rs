@@ -24,8 +24,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +46,7 @@ use crate::backend::{
     Backend, EventRecord, FlowPage, FlowQuery, FlowRecord, InboundFlowPage, InboundFlowRecord,
     InstancePorts, NsgRuleMetrics, PerProtocol, PortRange, ProbeMetrics, DEFAULT_PAGE, MAX_PAGE,
 };
+use crate::body::QueryParams;
 use crate::error::{config_error_body, ApiError, ControlError};
 use crate::store::{Store, Stored};
 
@@ -171,8 +172,14 @@ impl Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let mut r = (self.0, axum::Json(self.1)).into_response();
-        if self.0 == StatusCode::UNAUTHORIZED {
+        let Reply(status, mut body) = self;
+        // Never echo more than a bounded part of what the client sent.
+        body.error = crate::body::bounded(&body.error, crate::body::MAX_ERROR_LEN);
+        body.field = body
+            .field
+            .map(|f| crate::body::bounded(&f, crate::body::MAX_FIELD_LEN));
+        let mut r = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -230,6 +237,11 @@ impl Inner {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Makes `next` the accepted state readers see.
+    fn publish(&self, next: Stored) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
     }
 }
 
@@ -332,11 +344,19 @@ impl ControlPlane {
             .route("/openapi.json", get(openapi_json))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            // Bodies are buffered under a per-request cap and a global budget, behind the
+            // auth (issue #20, crate::server::body_budget).
+            .layer(middleware::from_fn_with_state(
+                crate::server::BodyBudget::default(),
+                crate::server::body_budget,
+            ))
+            .layer(middleware::from_fn(json_content_type))
             .layer(middleware::from_fn_with_state(s.clone(), auth));
         Router::new()
             .route("/healthz", get(healthz))
             .merge(api)
             .layer(DefaultBodyLimit::max(MAX_BODY))
+            .layer(middleware::from_fn(errors_as_json))
             .with_state(s)
     }
 
@@ -369,6 +389,94 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Longest request target (path and query) the API reads, in bytes; a longer one is
+/// answered 414 with the JSON error body. (hyper itself answers targets over 64 KiB, and
+/// heads over its buffer, with an empty 414/431 before any route runs.)
+pub const MAX_URI: usize = 8 << 10;
+
+/// Every error answer carries the JSON error body `{error, field, rule}`, also the ones that
+/// axum's extractors and layers produce as plain text (413 from the body limit, 400 from a
+/// path that is not UTF-8...); and a request target over [`MAX_URI`] is refused with 414.
+async fn errors_as_json(req: Request, next: Next) -> Response {
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > MAX_URI {
+        return Reply::new(
+            StatusCode::URI_TOO_LONG,
+            ApiError::msg(format!(
+                "the request target is {target_len} bytes; at most {MAX_URI}"
+            )),
+        )
+        .into_response();
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let reason = status.canonical_reason().unwrap_or("error");
+    let error = if text.trim().is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}: {}", text.trim())
+    };
+    let mut r = Reply::new(status, ApiError::msg(error)).into_response();
+    // Keep what the layer said besides the body (Allow, Retry-After, WWW-Authenticate).
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    r
+}
+
+/// A body sent with a media type other than JSON is refused with 415 (a body without a
+/// `Content-Type` is read as JSON).
+async fn json_content_type(req: Request, next: Next) -> Response {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let json = essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"));
+        let has_body = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            != Some(0)
+            && req.method() != axum::http::Method::GET
+            && req.method() != axum::http::Method::HEAD
+            && req.method() != axum::http::Method::DELETE;
+        if has_body && !json {
+            return Reply::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ApiError::field(
+                    format!(
+                        "request body of type `{}`: send `Content-Type: application/json`",
+                        crate::body::bounded(&essence, 64)
+                    ),
+                    "Content-Type",
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 async fn not_found(req: Request) -> Reply {
     Reply::not_found(format!("no route {} {}", req.method(), req.uri().path()))
 }
@@ -386,6 +494,13 @@ async fn method_not_allowed(req: Request) -> Reply {
 
 fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String> {
     match p {
+        Ok(Path(n)) if n.trim() != n || n.is_empty() => Err(Reply::bad(ApiError::field(
+            format!(
+                "name `{}`: a name has no leading or trailing whitespace and is not empty",
+                crate::body::bounded(&n, 64)
+            ),
+            "name",
+        ))),
         Ok(Path(n)) => Ok(n),
         Err(e) => Err(Reply::bad(ApiError::field(e.body_text(), "name"))),
     }
@@ -424,16 +539,27 @@ fn json_error(e: &serde_json::Error, prefix: &str) -> Reply {
     })
 }
 
+/// A body refused by [`crate::body::strict_object`], as a 400.
+fn body_error(e: crate::body::BodyError) -> Reply {
+    Reply::bad(ApiError {
+        error: e.message,
+        field: e.field,
+        rule: None,
+    })
+}
+
+/// A body the schema says is an object of type `T`, decoded under the API's rules (an object,
+/// no duplicate keys, no surrounding whitespace: see [`crate::body`]); errors name the field
+/// under `prefix`.
+fn decode<T: DeserializeOwned>(body: &[u8], prefix: &str) -> Result<T> {
+    let obj = crate::body::strict_object(body, prefix).map_err(body_error)?;
+    serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| json_error(&e, prefix))
+}
+
 /// A resource body: the path's name wins and must equal the body's `name`, if given.
 fn resource_body<R: Resource>(name: &str, body: &[u8]) -> Result<R> {
     let prefix = format!("{}[{name}]", R::FIELD);
-    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| json_error(&e, ""))?;
-    let Some(obj) = v.as_object_mut() else {
-        return Err(Reply::bad(ApiError::field(
-            "request body: expected a JSON object",
-            prefix,
-        )));
-    };
+    let mut obj = crate::body::strict_object(body, &prefix).map_err(body_error)?;
     match obj.get("name") {
         None => {
             obj.insert("name".into(), serde_json::Value::String(name.into()));
@@ -446,7 +572,7 @@ fn resource_body<R: Resource>(name: &str, body: &[u8]) -> Result<R> {
             )))
         }
     }
-    serde_json::from_value(v).map_err(|e| json_error(&e, &prefix))
+    serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| json_error(&e, &prefix))
 }
 
 /// What a write does to the desired state.
@@ -459,8 +585,24 @@ struct Edit<T> {
     result: T,
 }
 
-/// Runs a write: If-Match, validation, engine check, save, apply (see the module docs).
-async fn write<T>(
+/// Runs a write: If-Match, validation, engine check, save, apply, publish (see the module
+/// docs), all or nothing whatever the client does: the work runs in its own task, which the
+/// request does not own, so a client that goes away (hyper then drops the request's future)
+/// cannot stop it between the save and the publish. The answer is sent if the client is still
+/// there.
+async fn write<T: Send + 'static>(
+    s: &Shared,
+    if_match: Option<String>,
+    edit: impl FnOnce(&ConfigFile) -> Result<Edit<T>> + Send + 'static,
+) -> Result<(T, u64)> {
+    let s = s.clone();
+    tokio::spawn(async move { write_to_completion(&s, if_match, edit).await })
+        .await
+        .map_err(|e| Reply::internal(format!("the write task failed: {e}")))?
+}
+
+/// The body of [`write`], run in a task of its own.
+async fn write_to_completion<T>(
     s: &Shared,
     if_match: Option<String>,
     edit: impl FnOnce(&ConfigFile) -> Result<Edit<T>>,
@@ -504,22 +646,43 @@ async fn write<T>(
     blocking(move || store.save(&saved))
         .await?
         .map_err(|e| Reply::internal(e.to_string()))?;
+    // Saved: from here on the store holds `next`, so every path below ends with the store,
+    // the engine and `current` agreeing.
     let backend = s.backend.clone();
-    if let Err(err) = blocking(move || backend.apply(topo)).await? {
-        // Not reachable while writers are serialised (the same plan was checked); keep the
-        // store equal to the running state anyway.
+    let applied = match blocking(move || backend.apply(topo)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(Reply::config(&err)),
+        Err(panicked) => Err(panicked),
+    };
+    if let Err(refused) = applied {
+        // Not reachable while writers are serialised (the same plan was checked). Put the
+        // previous topology back under a new generation, so no generation number is ever
+        // given to two different states.
+        let restored = Stored {
+            generation: next.generation + 1,
+            ..(*cur).clone()
+        };
         let store = s.store.clone();
-        let old = (*cur).clone();
-        let restored = blocking(move || store.save(&old)).await?;
-        if let Err(se) = restored {
-            return Err(Reply::internal(format!(
-                "the engine refused the change after it was saved ({err}), and restoring the previous state failed: {se}"
-            )));
-        }
-        return Err(Reply::config(&err));
+        let to_save = restored.clone();
+        let saved_back = blocking(move || store.save(&to_save)).await;
+        return match saved_back {
+            Ok(Ok(())) => {
+                s.publish(restored);
+                Err(refused)
+            }
+            Ok(Err(se)) => {
+                // The store still holds `next`; the engine runs the previous topology.
+                s.publish(next);
+                Err(Reply::internal(format!(
+                    "the engine refused the change after it was saved ({}), and restoring the previous state failed: {se}; restart the gateway to run the stored topology",
+                    refused.1.error
+                )))
+            }
+            Err(r) => Err(r),
+        };
     }
     let generation = next.generation;
-    *s.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    s.publish(next);
     Ok((e.result, generation))
 }
 
@@ -550,7 +713,7 @@ async fn put_impl<R: Resource>(
         let name = path_name(name)?;
         let m = if_match(&headers)?;
         let new: R = resource_body(&name, &body)?;
-        let (r, g) = write(&s, m, |c| {
+        let (r, g) = write(&s, m, move |c| {
             let mut candidate = c.clone();
             let list = R::list_mut(&mut candidate);
             let current_etag = match list.iter_mut().find(|r| r.name() == name) {
@@ -584,7 +747,7 @@ async fn delete_impl<R: Resource>(
     let go = async {
         let name = path_name(name)?;
         let m = if_match(&headers)?;
-        let (tag, g) = write(&s, m, |c| {
+        let (tag, g) = write(&s, m, move |c| {
             let mut candidate = c.clone();
             let list = R::list_mut(&mut candidate);
             let Some(i) = list.iter().position(|r| r.name() == name) else {
@@ -776,13 +939,25 @@ async fn lb_probes(State(s): State<Shared>, name: Result<Path<String>, PathRejec
 }
 
 /// Query of `GET /api/v1/loadBalancers/{name}/inboundFlows`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct PageParams {
     /// Where to continue (`next_cursor` of the previous page; default 0).
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     cursor: Option<u64>,
     /// Most flows returned, 1..=1000 (default 100).
-    limit: Option<usize>,
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u64>,
+}
+
+impl PageParams {
+    fn from_query(raw: Option<&str>) -> Result<PageParams> {
+        let q = QueryParams::parse(raw, &["cursor", "limit"]).map_err(body_error)?;
+        Ok(PageParams {
+            cursor: q.number("cursor", 0, MAX_COUNTER).map_err(body_error)?,
+            limit: q.number("limit", 1, MAX_PAGE as u64).map_err(body_error)?,
+        })
+    }
 }
 
 /// Live inbound flows of a load balancer (SPEC R5.1, R6.3): client, frontend and the member
@@ -798,18 +973,12 @@ struct PageParams {
 async fn lb_inbound_flows(
     State(s): State<Shared>,
     name: Result<Path<String>, PathRejection>,
-    q: Result<Query<PageParams>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
     let go = async {
         let name = path_name(name)?;
-        let Query(p) = q.map_err(query_error)?;
-        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(Reply::bad(ApiError::field(
-                format!("limit {limit}: expected 1..={MAX_PAGE}"),
-                "limit",
-            )));
-        }
+        let p = PageParams::from_query(q.as_deref())?;
+        let limit = p.limit.map_or(DEFAULT_PAGE, |l| l as usize);
         if !s
             .current()
             .config
@@ -882,8 +1051,8 @@ async fn topology_get(State(s): State<Shared>) -> Response {
 async fn topology_put(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let go = async {
         let m = if_match(&headers)?;
-        let new: ConfigFile = serde_json::from_slice(&body).map_err(|e| json_error(&e, ""))?;
-        let (r, g) = write(&s, m, |c| {
+        let new: ConfigFile = decode(&body, "")?;
+        let (r, g) = write(&s, m, move |c| {
             Ok(Edit {
                 current_etag: Some(etag_of(c)),
                 candidate: new.clone(),
@@ -925,9 +1094,8 @@ async fn gateway_get(State(s): State<Shared>) -> Response {
 async fn gateway_put(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let go = async {
         let m = if_match(&headers)?;
-        let new: GatewayCfg =
-            serde_json::from_slice(&body).map_err(|e| json_error(&e, "gateway"))?;
-        let (r, g) = write(&s, m, |c| {
+        let new: GatewayCfg = decode(&body, "gateway")?;
+        let (r, g) = write(&s, m, move |c| {
             let mut candidate = c.clone();
             candidate.gateway = new.clone();
             Ok(Edit {
@@ -950,7 +1118,7 @@ async fn set_redeploy(
 ) -> Result<Response> {
     let name = path_name(name)?;
     let m = if_match(&headers)?;
-    let (r, g) = write(&s, m, |c| {
+    let (r, g) = write(&s, m, move |c| {
         let mut candidate = c.clone();
         let Some(d) = candidate.deployment.iter_mut().find(|d| d.name == name) else {
             return Err(Reply::not_found(format!(
@@ -992,7 +1160,7 @@ async fn redeploy(
     body: Bytes,
 ) -> Response {
     let go = async {
-        let req: RedeployRequest = serde_json::from_slice(&body).map_err(|e| json_error(&e, ""))?;
+        let req: RedeployRequest = decode(&body, "")?;
         set_redeploy(s, name, headers, Some(req.reported_instances)).await
     };
     go.await.unwrap_or_else(IntoResponse::into_response)
@@ -1046,7 +1214,7 @@ async fn instance_ports(
 }
 
 /// Query of `GET /api/v1/flows`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct FlowParams {
     /// Only this instance's flows.
@@ -1054,18 +1222,62 @@ struct FlowParams {
     /// Only flows to `ip` or `ip:port`.
     destination: Option<String>,
     /// `tcp` or `udp`.
+    #[param(inline, value_type = Option<FlowProtocolParam>)]
     protocol: Option<String>,
     /// `open`, `fin_out`, `fin_in`, `closing` or `reset`.
+    #[param(inline, value_type = Option<FlowStateParam>)]
     state: Option<String>,
     /// A page's `next_cursor` (default 0).
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     cursor: Option<u64>,
     /// Page size, 1..=1000 (default 100).
-    limit: Option<usize>,
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u64>,
 }
 
-fn query_error(e: QueryRejection) -> Reply {
-    Reply::bad(ApiError::msg(format!("query: {}", e.body_text())))
+/// The protocols `GET /api/v1/flows?protocol=` filters on (documentation only).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum FlowProtocolParam {
+    Tcp,
+    Udp,
 }
+
+/// The states `GET /api/v1/flows?state=` filters on (documentation only).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum FlowStateParam {
+    Open,
+    FinOut,
+    FinIn,
+    Closing,
+    Reset,
+}
+
+impl FlowParams {
+    fn from_query(raw: Option<&str>) -> Result<FlowParams> {
+        let q = QueryParams::parse(
+            raw,
+            &["instance", "destination", "protocol", "state", "cursor", "limit"],
+        )
+        .map_err(body_error)?;
+        let text = |k: &str| q.text(k).map(str::to_string);
+        Ok(FlowParams {
+            instance: text("instance"),
+            destination: text("destination"),
+            protocol: text("protocol"),
+            state: text("state"),
+            cursor: q.number("cursor", 0, MAX_COUNTER).map_err(body_error)?,
+            limit: q.number("limit", 1, MAX_PAGE as u64).map_err(body_error)?,
+        })
+    }
+}
+
+/// Largest cursor or sequence number a query takes (the largest signed 64-bit number, what
+/// the OpenAPI `int64` format allows).
+const MAX_COUNTER: u64 = i64::MAX as u64;
 
 fn nonempty(s: Option<String>) -> Option<String> {
     s.filter(|v| !v.is_empty())
@@ -1079,16 +1291,16 @@ fn nonempty(s: Option<String>) -> Option<String> {
         (status = 400, description = "A bad filter (field names the query parameter)", body = ApiError),
     ),
     security(("bearer" = [])))]
-async fn flows(State(s): State<Shared>, q: Result<Query<FlowParams>, QueryRejection>) -> Response {
+async fn flows(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
     let go = async {
-        let Query(p) = q.map_err(query_error)?;
+        let p = FlowParams::from_query(q.as_deref())?;
         let fq = FlowQuery {
             instance: nonempty(p.instance),
             destination: nonempty(p.destination),
             protocol: nonempty(p.protocol),
             state: nonempty(p.state),
             cursor: p.cursor.unwrap_or(0),
-            limit: p.limit.unwrap_or(DEFAULT_PAGE),
+            limit: p.limit.map_or(DEFAULT_PAGE, |l| l as usize),
         };
         fq.filter().map_err(Reply::bad)?;
         let backend = s.backend.clone();
@@ -1099,15 +1311,29 @@ async fn flows(State(s): State<Shared>, q: Result<Query<FlowParams>, QueryReject
 }
 
 /// Query of `GET /api/v1/events`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct EventParams {
     /// Only events with a sequence number greater than this (default 0: all kept).
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     after: Option<u64>,
     /// Most events returned, 1..=1000 (default 100).
-    limit: Option<usize>,
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u64>,
     /// Seconds to wait for an event after `after` when there is none yet, 0..=30 (default 0).
+    #[param(minimum = 0, maximum = 30)]
     wait: Option<u64>,
+}
+
+impl EventParams {
+    fn from_query(raw: Option<&str>) -> Result<EventParams> {
+        let q = QueryParams::parse(raw, &["after", "limit", "wait"]).map_err(body_error)?;
+        Ok(EventParams {
+            after: q.number("after", 0, MAX_COUNTER).map_err(body_error)?,
+            limit: q.number("limit", 1, MAX_PAGE as u64).map_err(body_error)?,
+            wait: q.number("wait", 0, MAX_WAIT_SECS).map_err(body_error)?,
+        })
+    }
 }
 
 /// Events (SPEC R6.2), oldest first; `wait` long-polls for the next one.
@@ -1120,25 +1346,13 @@ struct EventParams {
     security(("bearer" = [])))]
 async fn events(
     State(s): State<Shared>,
-    q: Result<Query<EventParams>, QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
     let go = async {
-        let Query(p) = q.map_err(query_error)?;
+        let p = EventParams::from_query(q.as_deref())?;
         let after = p.after.unwrap_or(0);
-        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(Reply::bad(ApiError::field(
-                format!("limit {limit}: expected 1..={MAX_PAGE}"),
-                "limit",
-            )));
-        }
+        let limit = p.limit.map_or(DEFAULT_PAGE, |l| l as usize);
         let wait = p.wait.unwrap_or(0);
-        if wait > MAX_WAIT_SECS {
-            return Err(Reply::bad(ApiError::field(
-                format!("wait {wait}: at most {MAX_WAIT_SECS} seconds"),
-                "wait",
-            )));
-        }
         let deadline = Instant::now() + Duration::from_secs(wait);
         let mut waiter: Option<watch::Receiver<u64>> = s.backend.event_waiter();
         loop {

@@ -40,6 +40,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod body;
 pub mod client;
 pub mod error;
 pub mod metrics;
