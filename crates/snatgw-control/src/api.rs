@@ -54,8 +54,9 @@ use crate::store::{Store, Stored};
 pub const PREFIX: &str = "/api/v1";
 /// Longest long-poll of `GET /api/v1/events?wait=` (seconds).
 pub const MAX_WAIT_SECS: u64 = 30;
-/// Largest request body (a whole topology of a thousand instances is far smaller).
-pub const MAX_BODY: usize = 16 << 20;
+/// Largest request body: 4 MiB (a whole topology of a thousand instances is ~150 KB of JSON;
+/// see `crate::server::body_budget`, which enforces it).
+pub const MAX_BODY: usize = 4 << 20;
 /// Header carrying the accepted-write count of the desired state.
 pub const GENERATION_HEADER: &str = "x-generation";
 
@@ -1429,6 +1430,107 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Makes the document state every status a route can answer, as the server behaves (issue
+/// #20): 401 on every route but `/healthz`; 414 (request target over [`MAX_URI`]) and 503
+/// (connection cap or body budget, see [`crate::server`]) on every route; 500 (store or
+/// backend failure) on every API route; 400, 413 and 415 on every route with a body; 400 on
+/// every route with query parameters. A resource PUT's body may leave out `name` (the path
+/// gives it), so its body schema is the resource's with `name` optional.
+struct Contract;
+
+impl utoipa::Modify for Contract {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, Schema};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        Content::new(Some(Ref::from_schema_name("ApiError"))),
+                    )
+                    .build(),
+            )
+        };
+        let mut body_schemas: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let ops = [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let add = |op: &mut utoipa::openapi::path::Operation, code: u16, d: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(d));
+                };
+                let api = path != "/healthz";
+                if api {
+                    add(op, 401, "Missing or wrong bearer token");
+                    add(op, 500, "The store or the running gateway failed");
+                }
+                add(op, 414, "The request target is longer than 8 KiB");
+                add(
+                    op,
+                    503,
+                    "Too many connections or request bodies at once; retry (see Retry-After)",
+                );
+                let has_query = op.parameters.as_ref().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        matches!(p, RefOr::T(p) if matches!(p.parameter_in, ParameterIn::Query))
+                    })
+                });
+                if has_query {
+                    add(op, 400, "A bad query parameter (field names it)");
+                }
+                if op.request_body.is_some() || method == "put" || method == "post" {
+                    add(op, 400, "Bad JSON or field (with field and SPEC rule)");
+                    add(op, 413, "The request body is larger than the limit");
+                    add(op, 415, "The request body is not application/json");
+                }
+                if method == "put" && path.ends_with("/{name}") {
+                    if let Some(RefOr::T(body)) = op.request_body.as_mut() {
+                        for content in body.content.values_mut() {
+                            if let RefOr::T(c) = content {
+                                if let Some(RefOr::Ref(r)) = c.schema.as_mut() {
+                                    let name = r
+                                        .ref_location
+                                        .rsplit('/')
+                                        .next()
+                                        .unwrap_or_default()
+                                        .to_string();
+                                    let body_name = format!("{name}Body");
+                                    *r = Ref::from_schema_name(body_name.clone());
+                                    body_schemas.push((name, body_name));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let components = doc.components.get_or_insert_with(Default::default);
+        for (name, body_name) in body_schemas {
+            if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get(&name) {
+                let mut o = o.clone();
+                o.required.retain(|f| f != "name");
+                o.description = Some(format!(
+                    "{}; `name` may be left out (the path gives it) and must match the path if given.",
+                    o.description.as_deref().unwrap_or(&name).trim_end_matches('.')
+                ));
+                components
+                    .schemas
+                    .insert(body_name, RefOr::T(Schema::Object(o)));
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -1456,7 +1558,7 @@ impl utoipa::Modify for BearerAuth {
         NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics, InboundFlowPage, InboundFlowRecord, RedeployRequest, InstancePorts, PerProtocol, PortRange,
         FlowPage, FlowRecord, EventRecord,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Contract),
 )]
 struct ApiDoc;
 

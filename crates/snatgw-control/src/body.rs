@@ -7,6 +7,8 @@
 //!   or a port range, none of which has meaningful surrounding spaces, so the API refuses
 //!   rather than trims: what is stored is exactly what was sent). Each refusal names the
 //!   field by its path (`instance[vm1].private_ip`, `rules[0].name`).
+//!   A whole number above `i64::MAX` is refused too: the config file (TOML) cannot hold one,
+//!   and the OpenAPI document types numbers as `int64`.
 //! - [`bounded`] keeps error messages short: an error never echoes more than a bounded
 //!   prefix and suffix of what the client sent (a 10 MB string must not come back as a 10 MB
 //!   error body).
@@ -152,7 +154,13 @@ impl<'de, 'r> Visitor<'de> for StrictSeed<'r> {
     fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
         Ok(Value::from(v))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        if v > i64::MAX as u64 {
+            return Err(self.refuse(
+                self.path.clone(),
+                format!("{v} is larger than {} (a signed 64-bit number, as in the config file and the OpenAPI `int64` format)", i64::MAX),
+            ));
+        }
         Ok(Value::from(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
@@ -326,6 +334,13 @@ mod tests {
         let e = refused(r#"{"members":["a","b\t"]}"#, "");
         assert_eq!(e.field.as_deref(), Some("members[1]"));
         assert!(strict_object(br#"{"a":"in side"}"#, "").is_ok());
+    }
+
+    #[test]
+    fn numbers_past_i64_are_refused() {
+        assert!(strict_object(br#"{"seed":9223372036854775807}"#, "").is_ok());
+        let e = refused(r#"{"seed":9223372036854775808}"#, "gateway");
+        assert_eq!(e.field.as_deref(), Some("gateway.seed"));
     }
 
     #[test]

@@ -405,3 +405,53 @@ fn every_error_status_has_the_json_error_body() {
     assert_eq!(r.error().field.as_deref(), Some("Content-Type"));
     assert!(raw(env.addr, "GET", "/api/v1/availabilitySets/as2", &[], b"").status == 404);
 }
+
+/// The OpenAPI document states what the server does (issue #20): 401 on every route but
+/// `/healthz`, 414 and 503 everywhere, 400/413/415 wherever a body is read, 400 wherever a
+/// query is read, and a resource PUT's body may leave out `name`.
+#[test]
+fn openapi_states_every_status_and_an_optional_body_name() {
+    let doc = serde_json::to_value(snatgw_control::openapi()).expect("document");
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut checked = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("path item") {
+            let codes: Vec<&str> = op["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let has = |c: &str| codes.contains(&c);
+            let at = format!("{method} {path}: {codes:?}");
+            assert!(has("414") && has("503"), "{at}");
+            if path != "/healthz" {
+                assert!(has("401"), "{at}");
+            }
+            if method == "put" || method == "post" {
+                assert!(has("400") && has("413") && has("415"), "{at}");
+            }
+            let query = op["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+            if query {
+                assert!(has("400"), "{at}");
+            }
+            if method == "put" && path.ends_with("/{name}") {
+                let r = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                    .as_str()
+                    .expect("body schema ref");
+                let name = r.rsplit('/').next().expect("name");
+                let schema = &doc["components"]["schemas"][name];
+                let required: Vec<&str> = schema["required"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                    .unwrap_or_default();
+                assert!(!required.contains(&"name"), "{at}: {name} requires name");
+                assert!(schema["properties"]["name"].is_object(), "{at}: {name} lost name");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 39, "only {checked} operations");
+}
