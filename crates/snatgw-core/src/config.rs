@@ -41,21 +41,33 @@ pub struct ConfigFile {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayCfg {
-    /// Seed of every random choice (SPEC R1.6 decision: a run is reproducible).
+    /// Seed of every random choice (SPEC R1.6 decision: a run is reproducible), 0 to
+    /// 9223372036854775807 (`i64::MAX`: the TOML config file cannot hold a larger number, and
+    /// the API refuses one).
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)
+    )]
     pub seed: u64,
-    /// Idle timeout of outbound flows in seconds (SPEC R3.4; default 240).
+    /// Idle timeout of outbound flows in seconds, 1–86400 (SPEC R3.4; default 240).
     #[serde(default = "default_idle")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub idle_timeout_secs: u32,
-    /// Delay between a FIN seen in both directions and the port's release (SPEC R3.2; default 240).
+    /// Delay between a FIN seen in both directions and the port's release, in seconds,
+    /// 1–86400 (SPEC R3.2; default 240).
     #[serde(default = "default_fin")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub fin_timeout_secs: u32,
-    /// Delay between a RST and the port's release (SPEC R3.3; default 15).
+    /// Delay between a RST and the port's release, in seconds, 1–86400 (SPEC R3.3; default 15).
     #[serde(default = "default_rst")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub rst_timeout_secs: u32,
     /// How long a port released for a destination counts as "recently used" for it
-    /// (SPEC R2.3 decision; default 240, the longest TIME_WAIT a server may hold).
+    /// (SPEC R2.3 decision), in seconds, 0–86400 (0: no history); default 240, the longest
+    /// TIME_WAIT a server may hold.
     #[serde(default = "default_history")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 86_400))]
     pub port_reuse_history_secs: u32,
     /// The virtual network's address space: destinations inside it are not translated (SPEC R1.7).
     #[serde(default = "default_vnet")]
@@ -63,27 +75,43 @@ pub struct GatewayCfg {
     /// The provider's default-SNAT address pool (SPEC R1.3), chosen by the operator.
     #[serde(default)]
     pub default_snat_pool: Vec<String>,
-    /// Live flows one instance may hold (SPEC R9.2; default 500 000, the figure clouds
-    /// document per VM). `[[instance]] max_flows` overrides it for one instance.
+    /// Live flows one instance may hold, 1–2147483648 (SPEC R9.2; default 500 000, the figure
+    /// clouds document per VM). `[[instance]] max_flows` overrides it for one instance.
     #[serde(default = "default_max_flows_per_instance")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = Int64, minimum = 1, maximum = 2_147_483_648_i64)
+    )]
     pub max_flows_per_instance: u32,
-    /// Live flows the whole gateway may hold (SPEC R9.2). Default: derived from
+    /// Live flows the whole gateway may hold, 1–2147483648 (SPEC R9.2). Default: derived from
     /// `flow_memory_mib` at [`BYTES_PER_FLOW_BUDGET`] bytes per flow.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = Int64, minimum = 1, maximum = 2_147_483_648_i64)
+    )]
     pub max_flows: Option<u32>,
-    /// Memory budget for the flow table, MiB, from which the default `max_flows` is derived
-    /// (default 1024).
+    /// Memory budget for the flow table, MiB, from which the default `max_flows` is derived:
+    /// at least 1, any 32-bit unsigned number (the derived `max_flows` is capped at
+    /// 2147483648); default 1024.
     #[serde(default = "default_flow_memory_mib")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = Int64, minimum = 1, maximum = 4_294_967_295_i64)
+    )]
     pub flow_memory_mib: u32,
     /// Interval over which repeated events of one kind for one (instance, public IP,
-    /// protocol, destination) are aggregated into one summary (SPEC R9.3; default 10 s).
+    /// protocol, destination) are aggregated into one summary, in seconds, 1–86400
+    /// (SPEC R9.3; default 10).
     #[serde(default = "default_event_interval")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub event_interval_secs: u32,
     /// Operator override of every inbound rule's idle timeout, in seconds (1–86400). Absent
     /// (the default): each rule's `idle_timeout_minutes` (4–30, SPEC R3.7) holds. As with
     /// `idle_timeout_secs` (R3.4 decision), the operator may set another value; lab tests use
     /// seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub inbound_idle_timeout_secs: Option<u32>,
 }
 
@@ -170,7 +198,9 @@ pub struct DeploymentCfg {
     /// Unique name.
     pub name: String,
     /// While the deployment is being redeployed, the pool size the infrastructure reports
-    /// (SPEC R2.11: between the actual size and twice it). Absent when settled.
+    /// (SPEC R2.11): between the actual size (the deployment's instances) and twice it, so 0
+    /// or 1 for a deployment without instances; this range depends on the instances, so the
+    /// schema states only the lower bound 0. Absent when settled.
     #[serde(default)]
     pub redeploy_reported_instances: Option<u32>,
 }
@@ -223,8 +253,13 @@ pub struct InstanceCfg {
     /// Classic deployment (required for Classic instances).
     #[serde(default)]
     pub deployment: Option<String>,
-    /// Live flows this instance may hold (SPEC R9.2); default `gateway.max_flows_per_instance`.
+    /// Live flows this instance may hold, 1–2147483648 (SPEC R9.2); default
+    /// `gateway.max_flows_per_instance`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = Int64, minimum = 1, maximum = 2_147_483_648_i64)
+    )]
     pub max_flows: Option<u32>,
 }
 
@@ -299,11 +334,14 @@ pub struct LbRuleCfg {
     pub frontend: String,
     /// `tcp`, `udp` or `all`.
     pub protocol: RuleProtocol,
-    /// Frontend port (1–65535).
+    /// Frontend port, 1–65535; 1–1023 when the frontend's public IP is also used for outbound
+    /// PAT, whose SNAT ports are 1024–65535 (SPEC R2.4, R2.2).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
     pub frontend_port: u16,
     /// Backend pool name.
     pub backend_pool: String,
-    /// Backend port (1–65535).
+    /// Backend port, 1–65535.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
     pub backend_port: u16,
     /// Name of a health probe of the same load balancer (`probes`). Its verdict decides
     /// which members get new inbound flows (SPEC R4.5, R5.2) and never matters for outbound
@@ -312,6 +350,7 @@ pub struct LbRuleCfg {
     pub probe: Option<String>,
     /// Inbound idle timeout in minutes, 4–30 (SPEC R3.7; default 4).
     #[serde(default = "default_lb_idle")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 4, maximum = 30))]
     pub idle_timeout_minutes: u32,
 }
 
@@ -339,16 +378,19 @@ pub struct ProbeCfg {
     pub name: String,
     /// `tcp` or `http`.
     pub protocol: ProbeProtocol,
-    /// Port probed on each member (1–65535).
+    /// Port probed on each member, 1–65535.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
     pub port: u16,
     /// HTTP path (`http` only; default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Seconds between probes of one member, 1–3600 (default 15).
     #[serde(default = "default_probe_interval")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
     pub interval_secs: u32,
     /// Consecutive failed probes that mark a member down, 1–100 (default 2).
     #[serde(default = "default_probe_threshold")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub unhealthy_threshold: u32,
 }
 
@@ -430,7 +472,8 @@ fn default_any() -> Vec<String> {
 pub struct NsgRuleCfg {
     /// Name, unique within the NSG.
     pub name: String,
-    /// 100–4096, unique per direction within the NSG; lower wins.
+    /// 100–4096, unique per direction within the NSG; lower wins (SPEC R4.1).
+    #[cfg_attr(feature = "openapi", schema(minimum = 100, maximum = 4096))]
     pub priority: u32,
     /// `inbound` or `outbound`.
     pub direction: NsgDirection,
