@@ -1,4 +1,13 @@
-// SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
+// SPDX-License-Identifier: GPL-2.0-only OR MIT
+//
+// Licence (issue #16): this program, and snat_abi.h which it includes, are dual-licensed GPL-2.0
+// (only) or MIT, and say so to the kernel with LICENSE = "Dual MIT/GPL", one of the strings the
+// kernel takes as GPL-compatible (include/linux/license.h). It has to be GPL-compatible: the
+// verifier refuses GPL-only helpers to other programs, and bpf_check_mtu is GPL-only
+// (gpl_only = true in net/core/filter.c; the other helpers used here, bpf_redirect_neigh,
+// bpf_ktime_get_ns, the checksum/store/pull and map helpers, are not). The rest of snatgw is
+// Apache-2.0; MIT is the permissive choice that sits with it, GPL-2.0 the one the kernel needs.
+// build.rs checks that the SPDX lines of both files and the LICENSE string agree.
 //
 // snatgw's kernel fast path (issue #9): a tc (tcx) ingress classifier that translates packets
 // of flows the userspace engine has installed in FLOWS, and passes everything else up.
@@ -15,8 +24,9 @@
 //     too big for the egress MTU, unknown flows): TC_ACT_OK, i.e. on to the kernel's stack
 //     and, by the operator's policy routing, to the userspace engine (the TUN). The engine
 //     stays the only authority: it installs and removes every entry (SPEC R2.2, R3.1-R3.5).
-//   - in "floor" mode (CONFIG[0] = 1, for benchmarks only): parse, decrement the TTL and
-//     redirect to CONFIG[1 + dir] without any lookup or rewrite: the cost of the mechanism.
+//   - in "floor" mode (CONFIG[CFG_MODE] = MODE_FLOOR, for benchmarks only): parse, decrement
+//     the TTL and redirect to CONFIG[CFG_FLOOR_EGRESS_OUT + dir] without any lookup or
+//     rewrite: the cost of the mechanism.
 // What it does not do: create flows, decide ports, end flows, look at ICMP errors.
 //
 // Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
@@ -32,42 +42,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define DIR_OUT 0
-#define DIR_IN 1
-
-// Keep in step with crates/snatgw-io/src/fastpath.rs.
-struct flow_key {
-	__u32 src;   // source address as on the wire
-	__u32 dst;   // destination address as on the wire
-	__u16 sport; // network order
-	__u16 dport; // network order
-	__u8 proto;
-	__u8 dir;
-	__u16 pad;
-};
-
-struct flow_val {
-	__u32 addr;     // new address (outbound: source; inbound: destination), network order
-	__u16 port;     // new port, network order
-	__u16 pad;
-	__u32 ifindex;  // egress interface
-	__u32 counter;  // index into COUNTERS of this flow's instance, protocol and direction
-	__u64 last_seen; // bpf_ktime_get_ns() of the last packet translated here
-};
-
-// Indexes of STATS.
-enum {
-	ST_TRANSLATED_OUT = 0,
-	ST_TRANSLATED_IN,
-	ST_MISS,          // no entry: passed up
-	ST_CONTROL,       // TCP SYN/FIN/RST: passed up
-	ST_NOT_FAST,      // not IPv4 TCP/UDP, options, fragment: passed up
-	ST_TTL,           // TTL <= 1: passed up (the kernel answers time exceeded)
-	ST_MTU,           // too big for the egress interface: passed up
-	ST_FLOOR,         // floor mode redirects
-	ST_NOT_IPV4,      // not IPv4 (ARP and others): passed up
-	ST_COUNT,
-};
+// The structs, constants, CONFIG slots and STATS indexes shared with the loader.
+#include "snat_abi.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -90,12 +66,12 @@ struct {
 	__uint(max_entries, ST_COUNT);
 } STATS SEC(".maps");
 
-// [0] mode (0 translate, 1 floor), [1] floor egress of snat_out, [2] floor egress of snat_in.
+// Indexed by the CFG_* slots of snat_abi.h; written by the loader before the programs load.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, __u32);
-	__uint(max_entries, 4);
+	__uint(max_entries, CFG_COUNT);
 } CONFIG SEC(".maps");
 
 #define IP_OFF ETH_HLEN
@@ -164,14 +140,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	__u8 proto = ip->protocol;
 	__u8 ttl = ip->ttl;
 
-	if (config(0) == 1) {
+	if (config(CFG_MODE) == MODE_FLOOR) {
 		// Floor mode: the mechanism without the NAT.
 		if (ttl <= 1)
 			return pass(ST_TTL);
 		if (dec_ttl(skb, ttl, proto))
 			return TC_ACT_SHOT;
 		count(ST_FLOOR);
-		return bpf_redirect_neigh(config(1 + dir), NULL, 0, 0);
+		return bpf_redirect_neigh(config(CFG_FLOOR_EGRESS_OUT + dir), NULL, 0, 0);
 	}
 
 	struct flow_key k = {
@@ -254,4 +230,5 @@ int snat_in(struct __sk_buff *skb)
 	return handle(skb, DIR_IN);
 }
 
+// Must agree with the SPDX line at the top (checked by build.rs); see the licence note there.
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -15,6 +15,25 @@
 //!
 //! Keys and values are `#[repr(C)]` copies of the C structs, addresses and ports in network
 //! byte order as the program reads them off the wire.
+//!
+//! # One ABI, checked by the build (issue #16)
+//!
+//! Everything the program and this loader share (the flow key and value, the directions, the
+//! counters per instance slot, the CONFIG slots and modes, the STATS entries and their order)
+//! is defined once, in `bpf/snat_abi.h`, which `snat_tc.c` includes. This module keeps a
+//! Rust mirror of it, under the header's own names ([`BpfFlowKey`] is `struct flow_key`,
+//! [`BpfFlowVal`] is `struct flow_val`, [`STAT_NAMES`] lists the STATS entries), and the build
+//! proves the mirror right: `build.rs` compiles `bpf/abi_check.c` for the host, which walks the
+//! header's lists (X-macros, so nothing declared there can be skipped) and prints each
+//! struct's size and alignment, each field's type, offset and size, each constant's and slot's
+//! value and each STATS index with its name; `build.rs` turns that into `const` assertions
+//! (`offset_of!`, `size_of`, the field's type, `STAT_NAMES[i]`), included in the private `abi`
+//! module below. A disagreement is a compile error naming the item, so a wrong mirror can
+//! never be built, tested or shipped: the loudest failure there is, and it needs no test run.
+//! The header itself asserts that its structs have no implicit padding, so their layout is
+//! the same for `-target bpf` as for the host compiler that measured it. Without any C
+//! compiler the fast path is not built either and the check is skipped with a warning
+//! (`abi::ABI_CHECKED` is then false; a unit test insists on it whenever the program is built).
 
 use std::ffi::CString;
 
@@ -25,20 +44,42 @@ use aya::{Ebpf, EbpfLoader};
 /// The compiled program (empty when the build had no clang).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat_tc.o"));
 
-/// Direction byte of a key: packets arriving on the private side.
+/// Direction byte of a key: packets arriving on the private side (`DIR_OUT` of
+/// `bpf/snat_abi.h`).
 pub const DIR_OUT: u8 = 0;
-/// Direction byte of a key: packets arriving on the public side.
+/// Direction byte of a key: packets arriving on the public side (`DIR_IN`).
 pub const DIR_IN: u8 = 1;
 
+/// Per-instance packet counters per instance slot: {TCP, UDP} × {out, in}
+/// (`COUNTERS_PER_SLOT`).
+pub const COUNTERS_PER_SLOT: u32 = 4;
+
+/// `CONFIG[CFG_MODE]`: look flows up and translate them.
+const MODE_TRANSLATE: u32 = 0;
+/// `CONFIG[CFG_MODE]`: the benchmark floor (redirect without NAT).
+const MODE_FLOOR: u32 = 1;
+/// CONFIG slot: the mode.
+const CFG_MODE: u32 = 0;
+/// CONFIG slot: floor mode's egress interface of `snat_out`'s packets.
+const CFG_FLOOR_EGRESS_OUT: u32 = 1;
+/// CONFIG slot: floor mode's egress interface of `snat_in`'s packets.
+const CFG_FLOOR_EGRESS_IN: u32 = 2;
+/// CONFIG slots.
+const CFG_COUNT: u32 = 3;
+/// STATS entries.
+const ST_COUNT: usize = 9;
+
 /// Index into the per-instance packet counters of instance slot `slot`, protocol UDP or TCP,
-/// direction [`DIR_OUT`] or [`DIR_IN`]: four counters per slot. The one definition of the
-/// layout, used for the map entries' `counter` and for reading the counters back.
+/// direction [`DIR_OUT`] or [`DIR_IN`]: [`COUNTERS_PER_SLOT`] counters per slot. The one
+/// definition of the layout, used for the map entries' `counter` and for reading the counters
+/// back.
 pub fn counter_index(slot: u32, udp: bool, dir: u8) -> u32 {
-    slot * 4 + u32::from(udp) * 2 + u32::from(dir)
+    slot * COUNTERS_PER_SLOT + u32::from(udp) * 2 + u32::from(dir)
 }
 
-/// Entries of the program's STATS array, in order (see `bpf/snat_tc.c`).
-pub const STAT_NAMES: [&str; 9] = [
+/// Entries of the program's STATS array, in order (the `SNAT_STATS` list of
+/// `bpf/snat_abi.h`; checked by the build).
+pub const STAT_NAMES: [&str; ST_COUNT] = [
     "translated_out",
     "translated_in",
     "miss",
@@ -89,14 +130,46 @@ pub struct BpfFlowVal {
 }
 
 // SAFETY: both are `#[repr(C)]` structs of plain integers with explicit padding fields, so
-// every bit pattern is valid and there are no uninitialised padding bytes (16 and 24 bytes,
-// checked by the `layout` test); this is what `aya::Pod` requires to copy them to and from
-// the kernel.
+// every bit pattern is valid and there are no uninitialised padding bytes: the header asserts
+// that `struct flow_key`/`flow_val` have no implicit padding, and the `abi` checks below prove
+// these mirrors have the same size and every field at the same offset with the same type, so
+// the fields cover every byte; this is what `aya::Pod` requires to copy them to and from the
+// kernel.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for BpfFlowKey {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for BpfFlowVal {}
+
+/// The build's check of this module against `bpf/snat_abi.h` (see the module doc): the
+/// header's names for the mirrors, and the assertions `build.rs` generated.
+#[allow(non_camel_case_types, dead_code)]
+mod abi {
+    use super::*;
+
+    /// `struct flow_key`.
+    type flow_key = BpfFlowKey;
+    /// `struct flow_val`.
+    type flow_val = BpfFlowVal;
+
+    /// `a == b`, in const context.
+    const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/snat_abi_check.rs"));
+}
 
 /// Why the fast path could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +308,7 @@ impl TcFastPath {
         let slots = cfg.counter_slots.max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", cfg.max_flows.max(1).saturating_mul(2))
-            .map_max_entries("COUNTERS", slots.saturating_mul(4))
+            .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT))
             .load(PROGRAM)?;
         {
             // Set before the programs load (they hold the map from then on), so it stays in
@@ -244,11 +317,18 @@ impl TcFastPath {
                 ebpf.map_mut("CONFIG").ok_or_else(|| missing("CONFIG"))?,
             )
             .map_err(map_error("CONFIG"))?;
-            for (i, v) in [
-                (0, u32::from(cfg.floor)),
-                (1, public_ifindex),
-                (2, private_ifindex),
-            ] {
+            let mode = if cfg.floor {
+                MODE_FLOOR
+            } else {
+                MODE_TRANSLATE
+            };
+            // Every slot, by its name in the header (an added slot changes CFG_COUNT).
+            let slots: [(u32, u32); CFG_COUNT as usize] = [
+                (CFG_MODE, mode),
+                (CFG_FLOOR_EGRESS_OUT, public_ifindex),
+                (CFG_FLOOR_EGRESS_IN, private_ifindex),
+            ];
+            for (i, v) in slots {
                 config.set(i, v, 0).map_err(map_error("CONFIG"))?;
             }
         }
@@ -334,7 +414,7 @@ impl FastPathCounters {
     /// The per-instance packet counters of the first `slots` instance slots, summed over CPUs,
     /// indexed by [`counter_index`].
     pub fn instance_counters(&self, slots: u32) -> Vec<u64> {
-        let n = slots.min(self.slots) * 4;
+        let n = slots.min(self.slots) * COUNTERS_PER_SLOT;
         (0..n)
             .map(|i| {
                 self.counters
@@ -369,6 +449,23 @@ mod tests {
         assert_eq!(std::mem::size_of::<BpfFlowKey>(), 16);
         assert_eq!(std::mem::size_of::<BpfFlowVal>(), 24);
         assert_eq!(std::mem::align_of::<BpfFlowVal>(), 8);
+    }
+
+    #[test]
+    fn the_abi_was_checked_against_the_header() {
+        // The checks themselves are compile-time assertions (module doc): this only makes
+        // sure the build generated them, whenever it built the program (build.rs insists
+        // too) and always under SNATGW_REQUIRE_ROOT=1 (CI, which installs clang).
+        let required = built() || std::env::var("SNATGW_REQUIRE_ROOT").is_ok_and(|v| v == "1");
+        // black_box: the values are constants, the question is which ones this build made.
+        let (checked, items) = std::hint::black_box((abi::ABI_CHECKED, abi::ABI_ITEMS));
+        if required {
+            assert!(checked, "the fast path's ABI was not checked by this build");
+            // Structs, fields, constants and slots, stats: some 30 items today.
+            assert!(items >= 30, "only {items} ABI items checked");
+        } else if !checked {
+            eprintln!("skipped: no host C compiler at build time, ABI unchecked");
+        }
     }
 
     #[test]

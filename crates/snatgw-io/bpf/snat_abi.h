@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR MIT */
+/*
+ * The fast path's ABI (issue #16): every struct and constant shared by the tc program
+ * (snat_tc.c) and its userspace loader (crates/snatgw-io/src/fastpath.rs), defined once, here.
+ *
+ * The Rust side keeps `#[repr(C)]` mirrors and consts, checked against this header by every
+ * build: build.rs compiles bpf/abi_check.c (which includes this header) for the host, runs
+ * it, and turns what it prints (each struct's size and alignment, each field's type, offset
+ * and size, each constant's value, each STATS index with its name) into compile-time
+ * assertions that fastpath.rs includes. A mirror that disagrees does not compile.
+ *
+ * The lists below are X-macros so that abi_check.c walks exactly what is declared: a field,
+ * constant, config slot or stat added here is checked without anyone remembering to list it,
+ * and fails the Rust build until the mirror has it.
+ *
+ * Layout rules: fixed-width types only, explicit padding fields, no implicit padding (asserted
+ * below), so the layout is the same for -target bpf and any 64-bit host, and every byte the
+ * loader copies to the kernel is initialised (what aya::Pod requires).
+ *
+ * Licence: as snat_tc.c (see there): this header is compiled into the BPF object.
+ */
+#ifndef SNAT_ABI_H
+#define SNAT_ABI_H
+
+#include <linux/types.h>
+
+/* Named constants: K(name, value). */
+#define SNAT_CONSTANTS(K)                                                                   \
+	K(DIR_OUT, 0)           /* key direction: arrived on the private side (snat_out) */ \
+	K(DIR_IN, 1)            /* key direction: arrived on the public side (snat_in) */   \
+	K(COUNTERS_PER_SLOT, 4) /* COUNTERS entries per instance slot: {TCP,UDP} x {out,in} */ \
+	K(MODE_TRANSLATE, 0)    /* CONFIG[CFG_MODE]: look flows up and translate them */    \
+	K(MODE_FLOOR, 1)        /* CONFIG[CFG_MODE]: benchmark floor, redirect without NAT */
+
+/* Slots of the CONFIG array, in order: C(name). */
+#define SNAT_CONFIG_SLOTS(C)                                                       \
+	C(CFG_MODE)             /* MODE_TRANSLATE or MODE_FLOOR */                 \
+	C(CFG_FLOOR_EGRESS_OUT) /* floor mode: egress ifindex of snat_out's packets */ \
+	C(CFG_FLOOR_EGRESS_IN)  /* floor mode: egress ifindex of snat_in's packets */
+
+/* Entries of the STATS array, in order: S(index name, name in Rust's STAT_NAMES). */
+#define SNAT_STATS(S)                                                                    \
+	S(ST_TRANSLATED_OUT, translated_out)                                             \
+	S(ST_TRANSLATED_IN, translated_in)                                               \
+	S(ST_MISS, miss)         /* no entry: passed up */                               \
+	S(ST_CONTROL, control)   /* TCP SYN/FIN/RST: passed up */                        \
+	S(ST_NOT_FAST, not_fast) /* not IPv4 TCP/UDP, options, fragment: passed up */    \
+	S(ST_TTL, ttl)           /* TTL <= 1: passed up (the kernel answers time exceeded) */ \
+	S(ST_MTU, mtu)           /* too big for the egress interface: passed up */       \
+	S(ST_FLOOR, floor)       /* floor mode redirects */                              \
+	S(ST_NOT_IPV4, not_ipv4) /* not IPv4 (ARP and others): passed up */
+
+/* Key of FLOWS: F(type, name). Addresses and ports as on the wire (network order). */
+#define SNAT_FLOW_KEY_FIELDS(F)                          \
+	F(__u32, src)   /* source address */             \
+	F(__u32, dst)   /* destination address */        \
+	F(__u16, sport) /* source port */                \
+	F(__u16, dport) /* destination port */           \
+	F(__u8, proto)  /* IP protocol */                \
+	F(__u8, dir)    /* DIR_OUT or DIR_IN */          \
+	F(__u16, pad)   /* zero */
+
+/* Value of FLOWS: F(type, name). */
+#define SNAT_FLOW_VAL_FIELDS(F)                                                             \
+	F(__u32, addr)      /* new address (outbound: source; inbound: destination), network order */ \
+	F(__u16, port)      /* new port, network order */                                   \
+	F(__u16, pad)       /* zero */                                                      \
+	F(__u32, ifindex)   /* egress interface */                                          \
+	F(__u32, counter)   /* COUNTERS index of this flow's instance, protocol, direction */ \
+	F(__u64, last_seen) /* bpf_ktime_get_ns() of the last packet translated here */
+
+/* The struct of each list; abi_check.c walks this one too: T(struct name, fields macro). */
+#define SNAT_STRUCTS(T)                          \
+	T(flow_key, SNAT_FLOW_KEY_FIELDS)        \
+	T(flow_val, SNAT_FLOW_VAL_FIELDS)
+
+/* ---- Declarations made from the lists. ---- */
+
+#define SNAT_ABI_CONST_(name, value) name = (value),
+enum { SNAT_CONSTANTS(SNAT_ABI_CONST_) };
+#undef SNAT_ABI_CONST_
+
+#define SNAT_ABI_SLOT_(name) name,
+enum snat_config_slot { SNAT_CONFIG_SLOTS(SNAT_ABI_SLOT_) CFG_COUNT };
+#undef SNAT_ABI_SLOT_
+
+#define SNAT_ABI_STAT_(id, name) id,
+enum snat_stat { SNAT_STATS(SNAT_ABI_STAT_) ST_COUNT };
+#undef SNAT_ABI_STAT_
+
+#define SNAT_ABI_FIELD_(type, name) type name;
+#define SNAT_ABI_STRUCT_(name, fields) struct name { fields(SNAT_ABI_FIELD_) };
+SNAT_STRUCTS(SNAT_ABI_STRUCT_)
+#undef SNAT_ABI_STRUCT_
+#undef SNAT_ABI_FIELD_
+
+/* No implicit padding anywhere: the size is the sum of the declared fields. */
+#define SNAT_ABI_SIZE_(type, name) +sizeof(type)
+#define SNAT_ABI_NO_PADDING_(name, fields) \
+	_Static_assert(sizeof(struct name) == 0 fields(SNAT_ABI_SIZE_), \
+		       "struct " #name " has implicit padding: add explicit pad fields");
+SNAT_STRUCTS(SNAT_ABI_NO_PADDING_)
+#undef SNAT_ABI_NO_PADDING_
+#undef SNAT_ABI_SIZE_
+
+/* The program picks the floor egress as CFG_FLOOR_EGRESS_OUT + dir. */
+_Static_assert(CFG_FLOOR_EGRESS_OUT + DIR_IN == CFG_FLOOR_EGRESS_IN, "floor egress slots by dir");
+
+#endif /* SNAT_ABI_H */
