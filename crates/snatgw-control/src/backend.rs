@@ -231,7 +231,10 @@ pub struct InboundFlowPage {
 /// One event for operators (R2.6, R6.2), with its sequence number in the [`EventLog`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
-    /// Sequence number, from 1, growing by one per event.
+    /// Sequence number, growing by one per event. `snatgw run` starts a run's numbers above
+    /// the wall clock in microseconds and above every number an earlier run on the same
+    /// state directory issued, so they never repeat across restarts (a bare [`EventLog`]
+    /// starts from 1).
     pub seq: u64,
     /// Engine time (for a summary: when its interval closed).
     pub time: u32,
@@ -753,9 +756,11 @@ impl EventLog {
     }
 
     /// An empty log keeping `cap` records whose first event gets sequence number `last + 1`.
-    /// `snatgw run` starts from the wall clock in microseconds, so sequence numbers keep
-    /// growing across restarts and a follower (`snatgw events --follow`) that saw the old
-    /// run's numbers still sees the new run's events.
+    /// `snatgw run` starts after [`crate::store::event_seq_start`]: the wall clock in
+    /// microseconds, but never below the floor persisted in the store, so sequence numbers
+    /// keep growing across restarts (also after the clock steps back) and a follower
+    /// (`snatgw events --follow`) that saw the old run's numbers still sees the new run's
+    /// events.
     pub fn starting_after(last: u64, cap: usize) -> EventLog {
         EventLog {
             inner: Mutex::new(LogInner {

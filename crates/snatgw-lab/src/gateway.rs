@@ -131,6 +131,30 @@ impl GatewayOptions {
 /// The API address `snatgw run` listens on in the lab (inside the gateway namespace).
 pub const DEFAULT_API: &str = "127.0.0.1:7070";
 
+/// The token file `snatgw run` generates in its state directory when it is not given
+/// `--token-file` (`snatgw_control::store::TOKEN_FILE`; this crate does not depend on it).
+pub const TOKEN_FILE: &str = "api-token";
+
+impl GatewayOptions {
+    /// The file holding the API's bearer token of a gateway started with these options: the
+    /// `--token-file` among [`GatewayOptions::extra`], else `state_dir/api-token`.
+    pub fn token_file(&self) -> PathBuf {
+        self.extra
+            .iter()
+            .position(|a| a == "--token-file")
+            .and_then(|i| self.extra.get(i + 1))
+            .map_or_else(|| self.state_dir.join(TOKEN_FILE), PathBuf::from)
+    }
+
+    /// The API's bearer token (trimmed), read from [`GatewayOptions::token_file`]; `None` if
+    /// it cannot be read (no API, or the gateway has not started yet).
+    pub fn api_token(&self) -> Option<String> {
+        let t = std::fs::read_to_string(self.token_file()).ok()?;
+        let t = t.trim();
+        (!t.is_empty()).then(|| t.to_string())
+    }
+}
+
 /// Starts `snatgw run` in the gateway namespace of `lab` (which must be in
 /// [`GatewayMode::Snatgw`]), waits for its ready line, then configures the lab's routing
 /// into its TUNs. The process is killed by [`Lab::down`] if still running.
@@ -242,6 +266,20 @@ pub fn read_config(path: &Path) -> Result<ConfigFile, LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_file_is_the_flag_or_the_state_dirs() {
+        let mut o =
+            GatewayOptions::new("snatgw".into(), "gw.toml".into(), 1, "/t/stats.json".into());
+        assert_eq!(o.token_file(), Path::new("/t/state/api-token"));
+        o.extra = vec![
+            "--stats-interval-ms".into(),
+            "200".into(),
+            "--token-file".into(),
+            "/t/tok".into(),
+        ];
+        assert_eq!(o.token_file(), Path::new("/t/tok"));
+    }
 
     #[test]
     fn lab_toml_derives_a_valid_spec() {

@@ -2,8 +2,11 @@
 //! `redeploy`, `settle`, `ports`, `flows`, `events`.
 //!
 //! Each one speaks to a running gateway's management API (`snatgw run --api`) through the
-//! blocking [`snatgw_control::Client`]: `--api URL` (default `http://127.0.0.1:7070`) and
-//! `--token-file PATH` (the bearer token, when the server has one). Output is a table by
+//! blocking [`snatgw_control::Client`]: `--api URL` (default `http://127.0.0.1:7070`) and the
+//! bearer token, found without flags: `--token-file PATH`, else the file named by
+//! `SNATGW_TOKEN_FILE`, else `<--state-dir>/api-token` (default `/var/lib/snatgw`, where
+//! `snatgw run` generates it; if that file is not readable the request goes without a token
+//! and a 401 says where the token lives). Output is a table by
 //! default ([`crate::api_render`]) and the server's JSON with `--json`. A refused request
 //! exits non-zero with the server's message, the field and the SPEC rule
 //! (`error: HTTP 400: ... (field instance[r].public_ip, SPEC R1.5)`); a server that cannot be
@@ -20,6 +23,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use snatgw_control::api::Resource;
 use snatgw_control::client::DEFAULT_URL;
+use snatgw_control::store::{DEFAULT_STATE_DIR, TOKEN_FILE};
 use snatgw_control::{
     ApiError, Client, ClientError, EventRecord, FlowPage, FlowQuery, InstancePorts, ResourceKind,
     Tagged,
@@ -40,12 +44,14 @@ const FOLLOW_WAIT_SECS: u64 = 30;
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// The server answered with an error status and its `{error, field, rule}` body.
-    #[error("{}", api_message(*.status, .body))]
+    #[error("{}", api_message(*.status, .body, .token.as_ref()))]
     Api {
         /// HTTP status.
         status: u16,
         /// The server's error body.
         body: ApiError,
+        /// Where the token sent came from, or was looked for (for a 401's hint).
+        token: Option<TokenSource>,
     },
     /// The server could not be reached, or its answer did not arrive.
     #[error("cannot reach the API at {url}: {detail} (is `snatgw run --api` listening there?)")]
@@ -96,8 +102,9 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// `HTTP 409 Conflict: <message> (field F, SPEC R2.8)`, plus a hint for 401 and 412.
-fn api_message(status: u16, body: &ApiError) -> String {
+/// `HTTP 409 Conflict: <message> (field F, SPEC R2.8)`, plus a hint for 401 (where the
+/// token was found, or looked for) and 412.
+fn api_message(status: u16, body: &ApiError, token: Option<&TokenSource>) -> String {
     let mut s = format!("HTTP {status}");
     let phrase = reason(status);
     if !phrase.is_empty() {
@@ -117,7 +124,10 @@ fn api_message(status: u16, body: &ApiError) -> String {
         s.push_str(&format!(" ({})", tail.join(", ")));
     }
     match status {
-        401 => s.push_str("; pass --token-file with the server's token"),
+        401 => s.push_str(&match token {
+            Some(t) => t.hint(),
+            None => "; pass --token-file with the server's token".into(),
+        }),
         412 => s.push_str("; it changed since you read it: get it again and retry"),
         _ => {}
     }
@@ -130,9 +140,86 @@ pub struct ApiOpts {
     /// Base URL of the management API (`snatgw run --api`).
     #[arg(long, value_name = "URL", default_value = DEFAULT_URL)]
     pub api: String,
-    /// File holding the bearer token (the one `snatgw run --token-file` was given).
+    /// File holding the bearer token (the one `snatgw run --token-file` was given). Default:
+    /// `$SNATGW_TOKEN_FILE`, else `<--state-dir>/api-token`.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// The gateway's state directory (`snatgw run --state-dir`), where it keeps the token it
+    /// generated (`api-token`), read when neither --token-file nor SNATGW_TOKEN_FILE is given.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+/// The environment variable naming the token file when `--token-file` is not given.
+pub const TOKEN_FILE_ENV: &str = "SNATGW_TOKEN_FILE";
+
+/// Where the CLI's token came from, or where it was looked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `--token-file PATH`.
+    Flag(PathBuf),
+    /// `SNATGW_TOKEN_FILE`.
+    Env(PathBuf),
+    /// `<state-dir>/api-token`, read.
+    StateDir(PathBuf),
+    /// `<state-dir>/api-token` could not be read (why): no token was sent.
+    Unreadable(PathBuf, String),
+}
+
+impl TokenSource {
+    /// The hint a 401 ends with.
+    fn hint(&self) -> String {
+        let other = "pass --token-file with the server's token (or set SNATGW_TOKEN_FILE)";
+        match self {
+            TokenSource::Flag(p) => format!(
+                "; the token in {} (--token-file) is not the server's: {other}",
+                p.display()
+            ),
+            TokenSource::Env(p) => format!(
+                "; the token in {} (SNATGW_TOKEN_FILE) is not the server's: {other}",
+                p.display()
+            ),
+            TokenSource::StateDir(p) => format!(
+                "; the token in {} is not this server's: give the gateway's --state-dir, or {other}",
+                p.display()
+            ),
+            TokenSource::Unreadable(p, why) => format!(
+                "; no token sent: the gateway keeps its token in {} (`snatgw run --state-dir`, default {DEFAULT_STATE_DIR}), which could not be read ({why}): run as a user who can read it, give the gateway's --state-dir, or {other}",
+                p.display()
+            ),
+        }
+    }
+}
+
+/// Finds the CLI's token: `flag` (`--token-file`), else `env` (`SNATGW_TOKEN_FILE`), else
+/// `<state_dir>/api-token`. A file named by the flag or the variable must be readable; the
+/// state directory's may not be (the request then goes without a token).
+pub fn find_token(
+    flag: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+    state_dir: &Path,
+) -> Result<(Option<String>, TokenSource), CliError> {
+    let env = env.filter(|v| !v.is_empty()).map(PathBuf::from);
+    let named = match (flag, env) {
+        (Some(p), _) => Some((p.to_path_buf(), TokenSource::Flag(p.to_path_buf()))),
+        (None, Some(p)) => Some((p.clone(), TokenSource::Env(p))),
+        (None, None) => None,
+    };
+    if let Some((p, src)) = named {
+        let t = snatgw_control::read_token_file(&p).map_err(CliError::Token)?;
+        return Ok((Some(t), src));
+    }
+    let p = state_dir.join(TOKEN_FILE);
+    match snatgw_control::read_token_file(&p) {
+        Ok(t) => Ok((Some(t), TokenSource::StateDir(p))),
+        Err(e) => {
+            let why = match e {
+                snatgw_control::ControlError::Token { message, .. } => message,
+                other => other.to_string(),
+            };
+            Ok((None, TokenSource::Unreadable(p, why)))
+        }
+    }
 }
 
 impl ApiOpts {
@@ -145,16 +232,18 @@ impl ApiOpts {
         }
     }
 
-    /// A client of the API, with the token read from `--token-file`.
+    /// A client of the API, with the token [`find_token`] finds.
     fn client(&self) -> Result<Api, CliError> {
-        let token = match &self.token_file {
-            Some(p) => Some(snatgw_control::read_token_file(p).map_err(CliError::Token)?),
-            None => None,
-        };
+        let (token, source) = find_token(
+            self.token_file.as_deref(),
+            std::env::var_os(TOKEN_FILE_ENV),
+            &self.state_dir,
+        )?;
         let url = self.url();
         Ok(Api {
             client: Client::new(&url, token),
             url,
+            token: source,
         })
     }
 }
@@ -609,13 +698,19 @@ fn read_topology(path: &Path) -> Result<ConfigFile, CliError> {
 struct Api {
     client: Client,
     url: String,
+    /// Where its token came from (for a 401's hint).
+    token: TokenSource,
 }
 
 impl Api {
     /// Runs one client call, turning its error into a [`CliError`] naming the URL.
     fn call<T>(&self, f: impl FnOnce(&Client) -> Result<T, ClientError>) -> Result<T, CliError> {
         f(&self.client).map_err(|e| match e {
-            ClientError::Api { status, body } => CliError::Api { status, body },
+            ClientError::Api { status, body } => CliError::Api {
+                status,
+                body,
+                token: Some(self.token.clone()),
+            },
             ClientError::Transport(detail) => CliError::Unreachable {
                 url: self.url.clone(),
                 detail,
@@ -876,7 +971,12 @@ mod tests {
             field: Some("instance[r].public_ip".into()),
             rule: Some("R1.5".into()),
         };
-        let m = CliError::Api { status: 400, body }.to_string();
+        let m = CliError::Api {
+            status: 400,
+            body,
+            token: None,
+        }
+        .to_string();
         assert!(
             m.starts_with("HTTP 400 Bad Request: instance[r].public_ip: "),
             "{m}"
@@ -888,6 +988,7 @@ mod tests {
         let m = CliError::Api {
             status: 401,
             body: ApiError::msg("missing `Authorization: Bearer <token>`"),
+            token: None,
         }
         .to_string();
         assert!(
@@ -897,6 +998,7 @@ mod tests {
         let m = CliError::Api {
             status: 412,
             body: ApiError::field("If-Match \"1\" does not match", "If-Match"),
+            token: None,
         }
         .to_string();
         assert!(
@@ -906,10 +1008,85 @@ mod tests {
     }
 
     #[test]
+    fn the_token_is_found_without_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        let flag = dir.path().join("flag-token");
+        let env = dir.path().join("env-token");
+        std::fs::write(&flag, "from-flag\n").expect("write");
+        std::fs::write(&env, "from-env\n").expect("write");
+        let generated = state.join(TOKEN_FILE);
+        // Nothing given, nothing in the state directory: no token, and the 401 says where
+        // the gateway keeps it.
+        let (t, src) = find_token(None, None, &state).expect("none");
+        assert_eq!(t, None);
+        let TokenSource::Unreadable(p, why) = &src else {
+            panic!("{src:?}")
+        };
+        assert_eq!(p, &generated);
+        assert!(why.contains("No such file"), "{why}");
+        let m = CliError::Api {
+            status: 401,
+            body: ApiError::msg("missing `Authorization: Bearer <token>`"),
+            token: Some(src.clone()),
+        }
+        .to_string();
+        assert!(
+            m.contains(&format!(
+                "the gateway keeps its token in {}",
+                generated.display()
+            )) && m.contains("--token-file"),
+            "{m}"
+        );
+        // The state directory's token.
+        std::fs::write(&generated, "from-state\n").expect("write");
+        assert_eq!(
+            find_token(None, None, &state).expect("state"),
+            (
+                Some("from-state".into()),
+                TokenSource::StateDir(generated.clone())
+            )
+        );
+        // SNATGW_TOKEN_FILE wins over the state directory (an empty variable counts as unset).
+        assert_eq!(
+            find_token(None, Some(env.clone().into()), &state).expect("env"),
+            (Some("from-env".into()), TokenSource::Env(env.clone()))
+        );
+        assert_eq!(
+            find_token(None, Some("".into()), &state)
+                .expect("empty env")
+                .1,
+            TokenSource::StateDir(generated.clone())
+        );
+        // --token-file wins over both.
+        assert_eq!(
+            find_token(Some(&flag), Some(env.clone().into()), &state).expect("flag"),
+            (Some("from-flag".into()), TokenSource::Flag(flag.clone()))
+        );
+        // A file named explicitly must be readable.
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            find_token(Some(&missing), None, &state),
+            Err(CliError::Token(_))
+        ));
+        assert!(matches!(
+            find_token(None, Some(missing.into()), &state),
+            Err(CliError::Token(_))
+        ));
+        let m = TokenSource::StateDir(generated).hint();
+        assert!(
+            m.contains("is not this server's") && m.contains("--state-dir"),
+            "{m}"
+        );
+    }
+
+    #[test]
     fn api_url_gets_a_scheme() {
         let o = |s: &str| ApiOpts {
             api: s.into(),
             token_file: None,
+            state_dir: DEFAULT_STATE_DIR.into(),
         };
         assert_eq!(o("127.0.0.1:7070").url(), "http://127.0.0.1:7070");
         assert_eq!(o("http://[::1]:7070/").url(), "http://[::1]:7070/");

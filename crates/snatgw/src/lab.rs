@@ -89,6 +89,10 @@ pub struct Running {
     pub stats: PathBuf,
     /// This binary.
     pub exe: PathBuf,
+    /// The gateway's API bearer token (generated in its state directory).
+    pub token: Option<String>,
+    /// The file holding it.
+    pub token_file: PathBuf,
 }
 
 impl Running {
@@ -120,7 +124,7 @@ impl Running {
         &self,
         f: impl FnOnce(&Client) -> Result<T, ClientError> + Send + 'static,
     ) -> Result<T, String> {
-        let c = Client::new(&format!("http://{DEFAULT_API}"), None);
+        let c = Client::new(&format!("http://{DEFAULT_API}"), self.token.clone());
         self.lab
             .spawn_thread_in(&self.lab.gw_ns(), move || f(&c))
             .map_err(|e| e.to_string())?
@@ -152,26 +156,26 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
     lab.start_servers(&exe, ZONE).map_err(|e| e.to_string())?;
     let stats = dir.join("stats.json");
     let _ = std::fs::remove_file(&stats);
-    let gw = start_gateway(
-        &lab,
-        &GatewayOptions {
-            offload: a.tun_offload,
-            fast_path: match a.fast_path {
-                crate::fastpath::FastPathMode::Auto => "auto",
-                crate::fastpath::FastPathMode::Tc => "tc",
-                crate::fastpath::FastPathMode::Off => "off",
-            }
-            .into(),
-            ..GatewayOptions::new(exe.clone(), config, a.queues, stats.clone())
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let opts = GatewayOptions {
+        offload: a.tun_offload,
+        fast_path: match a.fast_path {
+            crate::fastpath::FastPathMode::Auto => "auto",
+            crate::fastpath::FastPathMode::Tc => "tc",
+            crate::fastpath::FastPathMode::Off => "off",
+        }
+        .into(),
+        ..GatewayOptions::new(exe.clone(), config, a.queues, stats.clone())
+    };
+    let gw = start_gateway(&lab, &opts).map_err(|e| e.to_string())?;
     Ok(Running {
         lab,
         gw,
         dir,
         stats,
         exe,
+        // The API always needs a token: the one the gateway generated in its state directory.
+        token: opts.api_token(),
+        token_file: opts.token_file(),
     })
 }
 
@@ -211,6 +215,12 @@ fn up(a: &UpArgs) -> Result<(), String> {
         r.stats.display()
     );
     println!("  log:   {}", r.dir.join("gateway.log").display());
+    println!(
+        "  api:   ip netns exec {} {} get instances --token-file {}",
+        r.lab.gw_ns(),
+        r.exe.display(),
+        r.token_file.display()
+    );
     println!(
         "  down:  {} lab down --prefix {}",
         r.exe.display(),

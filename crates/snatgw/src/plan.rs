@@ -24,7 +24,8 @@ pub struct PlanArgs {
     /// Topology: the running gateway's, from its management API (e.g. http://127.0.0.1:7070).
     #[arg(long)]
     pub api: Option<String>,
-    /// Bearer token file for --api.
+    /// Bearer token file for --api (default: `$SNATGW_TOKEN_FILE`, else
+    /// `/var/lib/snatgw/api-token` if readable).
     #[arg(long, requires = "api")]
     pub token_file: Option<PathBuf>,
     /// A trace file (JSON Lines, docs/PLANNER.md); repeatable.
@@ -55,10 +56,14 @@ fn topology(a: &PlanArgs) -> Result<snatgw_core::ConfigFile, String> {
     match (&a.config, &a.api) {
         (Some(p), None) => Ok(crate::show::load_topology(p)?.source),
         (None, Some(url)) => {
-            let token = match &a.token_file {
-                Some(p) => Some(snatgw_control::read_token_file(p).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            // As the API subcommands find it: --token-file, SNATGW_TOKEN_FILE, or the token
+            // `snatgw run` generated in the default state directory.
+            let (token, _) = crate::api_cli::find_token(
+                a.token_file.as_deref(),
+                std::env::var_os(crate::api_cli::TOKEN_FILE_ENV),
+                std::path::Path::new(snatgw_control::store::DEFAULT_STATE_DIR),
+            )
+            .map_err(|e| e.to_string())?;
             snatgw_control::Client::new(url, token)
                 .topology()
                 .map(|t| t.value)

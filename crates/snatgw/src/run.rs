@@ -30,12 +30,18 @@
 //! On start-up, once the TUN exists and the workers run, one JSON line is printed on stdout:
 //! `{"event":"ready","tun_private":...,"tun_public":...,"queues":...,"pid":...}`. Logs go to stderr.
 //!
+//! Start-up state (issue #20): the API always needs a bearer token (`--token-file`, else
+//! `<state-dir>/api-token`, generated on first start with mode 0600 and reused); the store's
+//! topology wins over the configuration file unless `--config-wins` (a file that differs is
+//! named change by change in a warning); event sequence numbers start above the wall clock
+//! in microseconds and above a floor kept in the store, so they never repeat across restarts.
+//!
 //! What it does not do: configure addresses or routes (the operator, or `snatgw lab`, points
 //! routes at the TUN), or reload configuration.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -45,7 +51,13 @@ use snatgw_core::{Direction, FlowChange, Verdict, EXPIRY_BUDGET};
 use snatgw_dataplane::Gateway;
 use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
 
-use snatgw_control::{ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store};
+use snatgw_control::store::{
+    event_seq_start, summarize_diff, topology_diff, DEFAULT_STATE_DIR, EVENT_SEQ_RESERVE,
+    TOKEN_FILE,
+};
+use snatgw_control::{
+    ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store, Stored,
+};
 
 use crate::fastpath::{FastPath, FastPathMode};
 use crate::logcap::{Admit, LogCap};
@@ -93,12 +105,18 @@ pub struct RunArgs {
     /// Management API address (REST, /metrics, /openapi.json), or `off`.
     #[arg(long, default_value = "127.0.0.1:7070", value_parser = parse_api)]
     pub api: ApiAddr,
-    /// File holding the API's bearer token (required to listen on a non-loopback address).
+    /// File holding the API's bearer token. Without it the token is `<state-dir>/api-token`,
+    /// generated on first start (mode 0600) and reused; the API always needs a token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Directory of the embedded store: the topology survives restarts there.
-    #[arg(long, default_value = "/var/lib/snatgw")]
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Let the configuration file win over the topology in the store: when they differ, the
+    /// file is validated like any change and saved as the next generation. Without it the
+    /// store's topology runs and a warning names what the file would change.
+    #[arg(long)]
+    pub config_wins: bool,
     /// Kernel fast path for established flows (tc/tcx eBPF): `auto` uses it when the kernel,
     /// the build and --private-if/--public-if allow, else the TUN path (logged); `tc` or fail.
     #[arg(long, value_enum, default_value = "auto")]
@@ -473,29 +491,35 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             .map_err(|e| format!("opening the store in {}: {e}", a.state_dir.display()))?,
     );
     let seeded = snatgw_control::seed(&*store, &file).map_err(|e| format!("store: {e}"))?;
-    match seeded.source {
-        SeedSource::Store => tracing::info!(
-            generation = seeded.stored.generation,
-            state_dir = %a.state_dir.display(),
-            config = %a.config.display(),
-            "running the topology from the store; the configuration file only seeds an empty store"
-        ),
-        SeedSource::ConfigFile => tracing::info!(
-            state_dir = %a.state_dir.display(),
-            "store was empty: seeded it with the configuration file (generation 1)"
-        ),
-    }
-    let topo = snatgw_core::Topology::from_config(seeded.stored.config.clone())
-        .map_err(|e| format!("stored topology: {e}"))?;
-    let mut engine = crate::show::engine_for_gateway(topo, &seeded.stored.engine_designations())
-        .map_err(|e| format!("stored topology: {e}"))?;
+    let start_state = starting_state(a, &seeded.stored, seeded.source, &file);
+    let what = if start_state.generation == seeded.stored.generation {
+        "stored topology".to_string()
+    } else {
+        format!(
+            "{} (--config-wins; nothing saved, the store still holds generation {})",
+            a.config.display(),
+            seeded.stored.generation
+        )
+    };
+    let topo = snatgw_core::Topology::from_config(start_state.config.clone())
+        .map_err(|e| format!("{what}: {e}"))?;
+    // The engine's plan checks what validation cannot (R1.3 designation room, R2.8), as for
+    // a change through the API; stored designations of groups that remain are kept.
+    let mut engine = crate::show::engine_for_gateway(topo, &start_state.engine_designations())
+        .map_err(|e| format!("{what}: {e}"))?;
     // Keep the designations the engine made (all of them on a fresh seed) with the topology.
-    let mut stored = seeded.stored.clone();
+    let mut stored = start_state;
     stored.set_designations(&engine.designations());
     if stored != seeded.stored {
         store
             .save(&stored)
-            .map_err(|e| format!("saving the designations: {e}"))?;
+            .map_err(|e| format!("saving the starting topology: {e}"))?;
+        if stored.generation != seeded.stored.generation {
+            tracing::info!(
+                generation = stored.generation,
+                "saved the configuration file as the stored topology (--config-wins)"
+            );
+        }
     }
     engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
     let mut recorder = match &a.record {
@@ -527,17 +551,13 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .iter()
         .map(|qs| qs.first().map(TunIo::waker).ok_or("no TUN queue opened"))
         .collect::<Result<_, _>>()?;
-    let token = match &a.token_file {
-        Some(p) => Some(snatgw_control::read_token_file(p).map_err(|e| e.to_string())?),
-        None => None,
-    };
+    let token = api_token(a)?;
     // Event sequence numbers start from the wall clock (µs), so they keep growing across
-    // restarts (the log itself is not persisted).
-    let first_seq = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
+    // restarts (the log itself is not persisted), and above the floor an earlier run left in
+    // the store, so a clock stepped back cannot reuse them.
+    let mut seq_floor = SeqFloor::start(store.clone())?;
     let events = Arc::new(EventLog::starting_after(
-        first_seq,
+        seq_floor.start_after,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
     let mut fast_path = FastPath::setup(
@@ -570,7 +590,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
                 move || sh.now()
             };
             let backend = Arc::new(GatewayBackend::new(sh.gw.clone(), events, clock));
-            let plane = ControlPlane::new(backend, store, token, stored);
+            let plane = ControlPlane::new(backend, store.clone(), token, stored);
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
             tracing::info!(api = %h.local_addr(), "management API listening");
@@ -667,6 +687,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             fast_path.as_mut().filter(|_| harvest),
         );
         feed_journal(&sh, recorder.as_mut());
+        seq_floor.renew(sh.events.last_seq());
         if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
             last_stats = Some(Instant::now());
             let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
@@ -682,6 +703,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let _ = prober.join();
     tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
     feed_journal(&sh, recorder.as_mut());
+    // Every event is in the log now (the API pushes none): the floor is the last one issued.
+    seq_floor.finish(sh.events.last_seq());
     if let Some(r) = recorder.take() {
         finish_recording(r, &sh);
     }
@@ -706,5 +729,251 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     match failure {
         Some(f) => Err(f),
         None => Ok(()),
+    }
+}
+
+/// The state the gateway starts with. A fresh store holds the file's topology already. When
+/// the store holds one and the file differs: with `--config-wins` the file, as the next
+/// generation (the stored designations go along: the engine keeps those of groups that
+/// remain, as on the API's write path); without it the store's, and a warning naming what
+/// the file would change and how to apply it.
+fn starting_state(
+    a: &RunArgs,
+    stored: &Stored,
+    source: SeedSource,
+    file: &snatgw_core::ConfigFile,
+) -> Stored {
+    if source == SeedSource::ConfigFile {
+        tracing::info!(
+            state_dir = %a.state_dir.display(),
+            "store was empty: seeded it with the configuration file (generation 1)"
+        );
+        return stored.clone();
+    }
+    let diff = topology_diff(&stored.config, file);
+    if diff.is_empty() {
+        tracing::info!(
+            generation = stored.generation,
+            state_dir = %a.state_dir.display(),
+            "running the topology from the store; it equals the configuration file"
+        );
+        return stored.clone();
+    }
+    let changes = summarize_diff(&diff, DIFF_SHOWN);
+    if a.config_wins {
+        tracing::info!(
+            stored_generation = stored.generation,
+            config = %a.config.display(),
+            "--config-wins: the configuration file replaces the stored topology: {changes}"
+        );
+        return Stored {
+            generation: stored.generation + 1,
+            config: file.clone(),
+            designations: stored.designations.clone(),
+        };
+    }
+    tracing::warn!(
+        generation = stored.generation,
+        state_dir = %a.state_dir.display(),
+        config = %a.config.display(),
+        "the configuration file differs from the stored topology, which runs (the store wins at start): {changes}; \
+         to apply the file: `snatgw apply -f {}` while the gateway runs, or restart with --config-wins",
+        a.config.display()
+    );
+    stored.clone()
+}
+
+/// Changes named in the start-up warning before `and N more`.
+const DIFF_SHOWN: usize = 12;
+
+/// The event sequence floor in the store (see [`snatgw_control::store::event_seq_start`]):
+/// at start the run reserves [`EVENT_SEQ_RESERVE`] numbers above its start, renews the
+/// reservation when half is used, and at a clean stop saves the last number it issued.
+struct SeqFloor {
+    store: Arc<RedbStore>,
+    /// The log starts after this number.
+    start_after: u64,
+    /// The floor saved in the store.
+    reserved: u64,
+}
+
+impl SeqFloor {
+    fn start(store: Arc<RedbStore>) -> Result<SeqFloor, String> {
+        let wall_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let floor = store
+            .event_seq_floor()
+            .map_err(|e| format!("store: event sequence floor: {e}"))?;
+        let start_after = event_seq_start(wall_us, floor);
+        if floor > wall_us {
+            tracing::warn!(
+                floor,
+                wall_clock_us = wall_us,
+                "the wall clock is behind event numbers an earlier run issued: numbering continues after them"
+            );
+        }
+        let reserved = start_after.saturating_add(EVENT_SEQ_RESERVE);
+        store
+            .save_event_seq_floor(reserved)
+            .map_err(|e| format!("store: saving the event sequence floor: {e}"))?;
+        Ok(SeqFloor {
+            store,
+            start_after,
+            reserved,
+        })
+    }
+
+    /// Moves the reservation on when `issued` (the last number given) used half of it.
+    fn renew(&mut self, issued: u64) {
+        if issued.saturating_add(EVENT_SEQ_RESERVE / 2) < self.reserved {
+            return;
+        }
+        let next = issued.saturating_add(EVENT_SEQ_RESERVE);
+        match self.store.save_event_seq_floor(next) {
+            Ok(()) => self.reserved = next,
+            Err(e) => tracing::warn!(error = %e, "cannot save the event sequence floor"),
+        }
+    }
+
+    /// A clean stop: the floor becomes the last number issued.
+    fn finish(self, issued: u64) {
+        if let Err(e) = self
+            .store
+            .save_event_seq_floor(issued.max(self.start_after))
+        {
+            tracing::warn!(error = %e, "cannot save the event sequence floor");
+        }
+    }
+}
+
+/// The API's bearer token (none with `--api off`): `--token-file`'s, else the one in
+/// `<state-dir>/api-token`, generated there on first start. The API always needs a token.
+fn api_token(a: &RunArgs) -> Result<Option<String>, String> {
+    if a.api.0.is_none() {
+        return Ok(None);
+    }
+    let (path, token) = match &a.token_file {
+        Some(p) => {
+            let t = snatgw_control::read_token_file(p).map_err(|e| e.to_string())?;
+            tracing::info!(token_file = %p.display(), "API bearer token read from --token-file");
+            (p.clone(), t)
+        }
+        None => {
+            let p = a.state_dir.join(TOKEN_FILE);
+            let (t, generated) = token_in_state_dir(&p)?;
+            if generated {
+                tracing::info!(token_file = %p.display(), "API bearer token generated (mode 0600); `snatgw get ...` on this host reads it from there");
+            } else {
+                tracing::info!(token_file = %p.display(), "API bearer token read from the state directory");
+            }
+            (p, t)
+        }
+    };
+    if let Some(mode) = readable_by_others(&path) {
+        tracing::warn!(
+            token_file = %path.display(),
+            mode = %format!("{mode:o}"),
+            "the API token file is readable by group or others: anyone who can read it can change the topology (chmod 600 it)"
+        );
+    }
+    Ok(Some(token))
+}
+
+/// The file's permission bits when group or others may read it.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
+/// The token at `path` if it holds one (trimmed, non-empty), else a new one written there;
+/// returns it and whether it was generated.
+fn token_in_state_dir(path: &Path) -> Result<(String, bool), String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading the API token {}: {e}", path.display())),
+    }
+    let token = generate_token()?;
+    write_private(path, format!("{token}\n").as_bytes())
+        .map_err(|e| format!("writing the API token {}: {e}", path.display()))?;
+    Ok((token, true))
+}
+
+/// 32 bytes from the kernel's CSPRNG (getrandom(2)), as 64 hex digits.
+fn generate_token() -> Result<String, String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| format!("generating the API token: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600: a temporary file created with that
+/// mode in the same directory, synced, renamed over `path`, then the directory synced.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or("token".into(), |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_token_is_generated_once_with_mode_0600_and_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join(TOKEN_FILE);
+        let (t, generated) = token_in_state_dir(&p).expect("generate");
+        assert!(generated);
+        assert_eq!(t.len(), 64, "32 bytes in hex");
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()), "{t}");
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(readable_by_others(&p), None);
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), format!("{t}\n"));
+        // Reused, not regenerated.
+        assert_eq!(token_in_state_dir(&p).expect("reuse"), (t.clone(), false));
+        // No temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(TOKEN_FILE)]);
+        // An empty file is replaced by a new token; two tokens differ.
+        std::fs::write(&p, " \n").expect("empty");
+        let (t2, generated) = token_in_state_dir(&p).expect("regenerate");
+        assert!(generated);
+        assert_ne!(t2, t);
+        // An operator's own token is kept as it is (trimmed).
+        std::fs::write(&p, "  my-token\n").expect("own");
+        assert_eq!(
+            token_in_state_dir(&p).expect("own"),
+            ("my-token".to_string(), false)
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert_eq!(readable_by_others(&p), Some(0o640));
     }
 }

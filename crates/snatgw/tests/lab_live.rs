@@ -18,8 +18,10 @@
 //!   topology equals one written version exactly, with its generation, and no acknowledged
 //!   write is lost;
 //! - metrics during exhaustion (R6.1): `/metrics` at 32 of 32 ports for one destination;
-//! - bearer-token auth: 401 without or with a wrong token, 200 with it; no API on a
-//!   non-loopback address without a token.
+//! - bearer-token auth: 401 without or with a wrong token, 200 with it; a group-readable
+//!   `--token-file` is warned about; without `--token-file` the gateway generates a token
+//!   in its state directory (mode 0600, reused by the next start) and needs it on any
+//!   address (issue #20).
 //!
 //! Expected numbers come from the SPEC's tier table (R2.8: 1–50 → 1024, 51–100 → 512,
 //! 101–200 → 256, 201–400 → 128, 401–800 → 64, 801–1000 → 32). Root only (fails instead of
@@ -30,6 +32,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -527,8 +530,12 @@ fn store_topology_changed_through_the_api_survives_a_restart_with_the_original_c
     let file = std::fs::read_to_string(&g.config).unwrap();
     assert_eq!(file, set_config(400), "the config file was not rewritten");
     g.restart();
+    // The store wins; the warning names what the file would change (issue #20).
     assert!(
-        g.log().contains("running the topology from the store"),
+        g.log().contains(
+            "the configuration file differs from the stored topology, which runs (the store wins at start): \
+             gateway.idle_timeout_secs changed, instance[a400] removed;"
+        ),
         "{}",
         g.log()
     );
@@ -776,6 +783,7 @@ fn api_auth_bearer_token_in_the_lab() {
     let mut g = GwLab::start_with("aut", &pair_config(), Some(&["vm-as1"]), |o, dir| {
         let f = dir.join("token");
         std::fs::write(&f, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         o.extra
             .extend(["--token-file".into(), f.to_string_lossy().into_owned()]);
     });
@@ -822,22 +830,59 @@ fn api_auth_bearer_token_in_the_lab() {
         Duration::from_secs(5)
     ));
 
-    // Without a token the API may only listen on loopback: refused at start.
-    let mut opts = g.opts.clone();
-    opts.extra
-        .retain(|a| a != "--token-file" && !a.ends_with("/token"));
-    opts.api = "0.0.0.0:7070".into();
-    opts.fresh_state = false;
-    opts.stats_file = g.dir.join("stats-refused.json");
-    let log = g.dir.join("gateway-refused.log");
-    opts.log_file = Some(log.clone());
-    assert!(snatgw_lab::gateway::start_gateway(&g.lab, &opts).is_err());
-    let text = std::fs::read_to_string(&log).unwrap();
+    // The token file is 0644: the gateway warned (without logging the token).
+    let log = g.log();
     assert!(
-        text.contains("refusing to serve the API on 0.0.0.0:7070 without a token"),
-        "{text}"
+        log.contains("the API token file is readable by group or others") && !log.contains(TOKEN),
+        "{log}"
     );
-    // The first gateway's final snapshot is still the stats file `finish` checks.
+
+    // No --token-file (issue #20): the API still needs a token, the one the gateway generates
+    // in its state directory, on any address (here 0.0.0.0).
+    g.opts
+        .extra
+        .retain(|a| a != "--token-file" && !a.ends_with("/token"));
+    g.opts.api = "0.0.0.0:7070".into();
     g.restart();
+    let file = g.opts.state_dir.join(snatgw_lab::gateway::TOKEN_FILE);
+    assert_eq!(file, g.opts.token_file());
+    assert_eq!(
+        snatgw_lab::gateway::TOKEN_FILE,
+        snatgw_control::store::TOKEN_FILE
+    );
+    let generated = g.token.clone().expect("a generated token");
+    assert_eq!(generated.len(), 64, "32 random bytes in hex");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let log = g.log();
+    assert!(
+        log.contains("API bearer token generated") && log.contains(&*file.to_string_lossy()),
+        "{log}"
+    );
+    assert!(!log.contains(&generated), "the token is never logged");
+    assert!(!log.contains("readable by group or others"), "{log}");
+    for token in [None, Some(TOKEN.to_string())] {
+        assert_eq!(
+            status(g.api_as(token, |c| c.topology().map(drop))),
+            Some(401)
+        );
+    }
+    let t = g
+        .api(|c| c.topology())
+        .expect("GET /topology with the generated token");
+    assert_eq!(t.generation, Some(1));
+    // The next start reuses it.
+    assert!(snatgw_lab::gateway::stop_gateway(
+        &g.gw,
+        Duration::from_secs(5)
+    ));
+    g.restart();
+    assert_eq!(g.token.as_deref(), Some(generated.as_str()));
+    assert!(g
+        .log()
+        .contains("API bearer token read from the state directory"));
+    assert!(g.api(|c| c.metrics_text()).is_ok());
     g.finish();
 }

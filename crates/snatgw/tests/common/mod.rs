@@ -48,7 +48,8 @@ pub struct GwLab {
     pub config: PathBuf,
     /// How the gateway was started (kept for [`GwLab::restart`]).
     pub opts: GatewayOptions,
-    /// Bearer token [`GwLab::api`] sends, if the gateway was started with one.
+    /// Bearer token [`GwLab::api`] sends: the gateway's (its `--token-file`, else the one it
+    /// generated in its state directory), read after every start.
     pub token: Option<String>,
     /// Gateway starts so far (1 after [`GwLab::start`]).
     pub starts: u32,
@@ -88,6 +89,7 @@ impl GwLab {
         };
         customize(&mut opts, &dir);
         let gw = start_gateway(&lab, &opts).expect("gateway started");
+        let token = opts.api_token();
         GwLab {
             lab,
             gw,
@@ -95,7 +97,7 @@ impl GwLab {
             stats,
             config: cfg_path,
             opts,
-            token: None,
+            token,
             starts: 1,
         }
     }
@@ -110,7 +112,8 @@ impl GwLab {
     }
 
     /// Starts the gateway again, on the same state directory (`fresh_state: false`) and the
-    /// same (original) configuration file, after it stopped or was killed. Its log goes to
+    /// same configuration file path (a test may rewrite it, or add flags to `opts.extra`),
+    /// after it stopped or was killed. Its log goes to
     /// `gateway-<n>.log`; the stats file is removed first so snapshots are the new run's.
     pub fn restart(&mut self) {
         assert!(
@@ -122,6 +125,7 @@ impl GwLab {
         self.opts.log_file = Some(self.dir.join(format!("gateway-{}.log", self.starts)));
         let _ = std::fs::remove_file(&self.stats);
         self.gw = start_gateway(&self.lab, &self.opts).expect("gateway restarted");
+        self.token = self.opts.api_token();
     }
 
     /// The API's base URL (inside the gateway namespace).
