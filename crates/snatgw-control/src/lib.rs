@@ -48,7 +48,7 @@ pub mod server;
 pub mod store;
 
 pub use api::{openapi, ControlPlane, Resource};
-pub use server::{read_token_file, serve, ServerHandle};
+pub use server::{read_token_file, serve, serve_with, ServerHandle, ServerLimits};
 pub use backend::{
     Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend,
     InboundFlowPage, InboundFlowRecord, InstancePorts, MetricsSnapshot,
