@@ -96,4 +96,10 @@ pub trait PacketIo: Send {
 
     /// Counters since the backend was opened.
     fn stats(&self) -> IoStats;
+
+    /// A batch of `capacity` slots sized for this backend (default: slots of 64 KiB, the
+    /// largest IPv4 packet).
+    fn new_batch(&self, capacity: usize) -> PacketBatch {
+        PacketBatch::new(capacity, usize::from(u16::MAX))
+    }
 }

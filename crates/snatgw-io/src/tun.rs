@@ -455,6 +455,10 @@ fn is_fatal(e: &io::Error) -> bool {
 }
 
 impl PacketIo for TunIo {
+    fn new_batch(&self, capacity: usize) -> PacketBatch {
+        TunIo::new_batch(self, capacity)
+    }
+
     fn recv_batch(&mut self, batch: &mut PacketBatch, timeout: Duration) -> io::Result<usize> {
         batch.clear();
         let n = self.drain(batch)?;

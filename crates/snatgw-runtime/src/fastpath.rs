@@ -31,7 +31,8 @@ use snatgw_io::fastpath::{
 };
 
 /// `--fast-path`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FastPathMode {
     /// The fast path when the kernel, the build and the options allow it, else the TUN path.
     Auto,
@@ -39,6 +40,38 @@ pub enum FastPathMode {
     Tc,
     /// The TUN path only.
     Off,
+}
+
+impl FastPathMode {
+    /// The spellings `--fast-path` takes.
+    pub const NAMES: [&'static str; 3] = ["auto", "tc", "off"];
+
+    /// Its spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FastPathMode::Auto => "auto",
+            FastPathMode::Tc => "tc",
+            FastPathMode::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FastPathMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(FastPathMode::Auto),
+            "tc" => Ok(FastPathMode::Tc),
+            "off" => Ok(FastPathMode::Off),
+            _ => Err(format!("`{s}`: expected one of auto, tc, off")),
+        }
+    }
+}
+
+impl std::fmt::Display for FastPathMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Instance slots with fast-path counters; flows of instances in higher slots stay on the

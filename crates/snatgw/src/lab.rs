@@ -26,7 +26,7 @@ use snatgw_lab::gateway::{
 };
 use snatgw_lab::{ClientReport, Lab, LabChild};
 
-use crate::stats;
+use snatgw_runtime::stats;
 
 /// `snatgw lab ...`.
 #[derive(Subcommand, Debug)]
@@ -64,8 +64,8 @@ pub struct UpArgs {
     pub tun_offload: bool,
     /// The gateway's kernel fast path (`snatgw run --fast-path`), attached to the lab's bridge
     /// and internet link; `auto` uses it when this build and kernel can.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub fast_path: crate::fastpath::FastPathMode,
+    #[arg(long, default_value = "auto", value_parser = crate::run::parse_fast_path)]
+    pub fast_path: snatgw_runtime::fastpath::FastPathMode,
 }
 
 /// Zone of the lab's DNS "which IP am I" responder.
@@ -142,7 +142,7 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
     }
     let cfg = snatgw_lab::gateway::read_config(&a.config).map_err(|e| e.to_string())?;
     // The engine must accept it too (and before anything is built).
-    crate::show::load(&a.config)?;
+    snatgw_runtime::config::load_engine(&a.config).map_err(|e| e.to_string())?;
     let spec = spec_from_config(&a.prefix, &cfg, only)
         .map_err(|e| e.to_string())?
         .with_offloads(a.veth_offloads);
@@ -159,9 +159,9 @@ pub fn start(a: &UpArgs, only: Option<&[&str]>) -> Result<Running, String> {
     let opts = GatewayOptions {
         offload: a.tun_offload,
         fast_path: match a.fast_path {
-            crate::fastpath::FastPathMode::Auto => "auto",
-            crate::fastpath::FastPathMode::Tc => "tc",
-            crate::fastpath::FastPathMode::Off => "off",
+            snatgw_runtime::fastpath::FastPathMode::Tc => "tc",
+            snatgw_runtime::fastpath::FastPathMode::Off => "off",
+            _ => "auto",
         }
         .into(),
         ..GatewayOptions::new(exe.clone(), config, a.queues, stats.clone())

@@ -19,17 +19,12 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
 mod api_cli;
 mod api_render;
-mod fastpath;
 mod lab;
 mod lab_inbound;
-mod logcap;
 mod plan;
-mod probe;
 mod race;
-mod record;
 mod run;
 mod show;
-mod stats;
 
 /// snatgw: outbound connectivity (SNAT/PAT) for private instances.
 #[derive(Parser, Debug)]
@@ -84,7 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Show { config, json } => show::run(&config, json),
         Cmd::Run(a) => run::run(&a),
-        Cmd::Stats { file, json } => stats::run(&file, json),
+        Cmd::Stats { file, json } => snatgw_runtime::stats::run(&file, json),
         Cmd::Lab(c) => lab::run(c),
         Cmd::Race(a) => race::run(&a),
         Cmd::Plan(a) => plan::run(&a),

@@ -54,7 +54,9 @@ pub struct PlanArgs {
 
 fn topology(a: &PlanArgs) -> Result<snatgw_core::ConfigFile, String> {
     match (&a.config, &a.api) {
-        (Some(p), None) => Ok(crate::show::load_topology(p)?.source),
+        (Some(p), None) => Ok(snatgw_runtime::config::load_topology(p)
+            .map_err(|e| e.to_string())?
+            .source),
         (None, Some(url)) => {
             // As the API subcommands find it: --token-file, SNATGW_TOKEN_FILE, or the token
             // `snatgw run` generated in the default state directory.

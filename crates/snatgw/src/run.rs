@@ -39,17 +39,12 @@
 //! What it does not do: configure addresses or routes (the operator, or `snatgw lab`, points
 //! routes at the TUN), or reload configuration.
 
-use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use snatgw_core::topology::Params;
-use snatgw_core::{Direction, FlowChange, Verdict, EXPIRY_BUDGET};
-use snatgw_dataplane::Gateway;
-use snatgw_io::{IoStats, PacketIo, TunConfig, TunIo, Waker};
+use snatgw_io::{TunConfig, TunIo};
 
 use snatgw_control::store::{
     event_seq_start, summarize_diff, topology_diff, DEFAULT_STATE_DIR, EVENT_SEQ_RESERVE,
@@ -58,10 +53,8 @@ use snatgw_control::store::{
 use snatgw_control::{
     ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store, Stored,
 };
-
-use crate::fastpath::{FastPath, FastPathMode};
-use crate::logcap::{Admit, LogCap};
-use crate::stats::{self, Snapshot};
+use snatgw_runtime::fastpath::{FastPath, FastPathMode};
+use snatgw_runtime::{Clock, Parts, Runtime, RuntimeOptions, Wake};
 
 /// Options of `snatgw run` (also its command line).
 #[derive(clap::Args, Debug, Clone)]
@@ -119,7 +112,7 @@ pub struct RunArgs {
     pub config_wins: bool,
     /// Kernel fast path for established flows (tc/tcx eBPF): `auto` uses it when the kernel,
     /// the build and --private-if/--public-if allow, else the TUN path (logged); `tc` or fail.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = parse_fast_path)]
     pub fast_path: FastPathMode,
     /// Interface the instances' packets arrive on (the fast path's outbound attach point).
     #[arg(long)]
@@ -161,91 +154,9 @@ fn parse_api(s: &str) -> Result<ApiAddr, String> {
         .map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:7070 nor `off`"))
 }
 
-/// Lock statistics shared by the threads.
-#[derive(Default)]
-struct LockCounters {
-    acquisitions: AtomicU64,
-    contended: AtomicU64,
-    wait_ns: AtomicU64,
-    held_ns: AtomicU64,
-    /// Bounded timer steps the housekeeping thread ran (R9.4).
-    timer_steps: AtomicU64,
-    /// Longest single timer step, nanoseconds.
-    timer_max_ns: AtomicU64,
-    /// Longest time a worker held the lock for one batch, nanoseconds.
-    batch_max_ns: AtomicU64,
-}
-
-/// Timer entries one packet may make the engine examine (R9.4): a batch of up to `--batch`
-/// packets is decided under one lock, so per packet the share stays small; the housekeeping
-/// thread works any backlog off in steps of [`EXPIRY_BUDGET`] with the lock released between.
-const PACKET_EXPIRY_BUDGET: u32 = 8;
-/// Steps of the housekeeping thread per 100 ms tick (about 1 ms each): a backlog of a
-/// million expired flows is gone within about one second.
-const MAX_TIMER_STEPS_PER_TICK: usize = 100;
-
-/// What one worker publishes for the stats snapshot.
-#[derive(Default, Clone, Copy)]
-struct WorkerStats {
-    io: IoStats,
-    batches: u64,
-}
-
-/// Which TUN a worker reads, and so which way its packets travel (R9.1).
-#[derive(Clone, Copy)]
-struct Side {
-    dir: Direction,
-    label: &'static str,
-    queue: usize,
-}
-
-struct Shared {
-    gw: Arc<Mutex<Gateway>>,
-    /// Engine events for the API (`/api/v1/events`, R6.2), filled by the housekeeping loop.
-    events: Arc<EventLog>,
-    stop: AtomicBool,
-    start: Instant,
-    /// `CLOCK_MONOTONIC` nanoseconds at gateway time 0: the clock the fast path stamps
-    /// packets with, so its last-seen times and `now` agree to the second (R3.4).
-    start_ns: u64,
-    lock: LockCounters,
-    /// Private-side workers first, then public-side ones.
-    workers: Vec<Mutex<WorkerStats>>,
-    /// Queues per TUN.
-    queues: usize,
-    failure: Mutex<Option<String>>,
-}
-
-impl Shared {
-    fn now(&self) -> u32 {
-        let ns = snatgw_io::fastpath::monotonic_ns().saturating_sub(self.start_ns);
-        u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
-    }
-
-    /// Takes the gateway lock, counting contention.
-    fn lock_gw(&self) -> MutexGuard<'_, Gateway> {
-        self.lock.acquisitions.fetch_add(1, Ordering::Relaxed);
-        match self.gw.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                self.lock.contended.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                let g = self.gw.lock().unwrap_or_else(|p| p.into_inner());
-                self.lock
-                    .wait_ns
-                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                g
-            }
-        }
-    }
-
-    fn fail(&self, msg: String) {
-        tracing::error!(error = %msg, "worker failed; stopping");
-        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        f.get_or_insert(msg);
-        self.stop.store(true, Ordering::SeqCst);
-    }
+/// `--fast-path`: `auto`, `tc` or `off`.
+pub fn parse_fast_path(s: &str) -> Result<FastPathMode, String> {
+    s.parse()
 }
 
 /// Initialises `tracing` (stderr; `RUST_LOG` filters, default `info`).
@@ -264,216 +175,6 @@ pub fn init_tracing(json: bool) {
     };
 }
 
-fn worker(idx: usize, side: Side, mut io: TunIo, batch_size: usize, sh: Arc<Shared>) {
-    let mut batch = io.new_batch(batch_size);
-    let mut batches = 0u64;
-    let mut since_publish = 0u32;
-    let (dir, label, q) = (side.dir, side.label, side.queue);
-    tracing::debug!(side = label, queue = q, "worker started");
-    while !sh.stop.load(Ordering::Relaxed) {
-        let n = match io.recv_batch(&mut batch, Duration::from_millis(100)) {
-            Ok(n) => n,
-            Err(e) => return sh.fail(format!("{label} queue {q}: receive: {e}")),
-        };
-        if n > 0 {
-            batches += 1;
-            let now = sh.now();
-            {
-                let mut g = sh.lock_gw();
-                let t = Instant::now();
-                for i in 0..n {
-                    let pkt = batch.packet_mut(i);
-                    if let Verdict::Drop(_) = g.process(now, pkt, dir) {
-                        batch.drop_packet(i);
-                    }
-                }
-                let held = t.elapsed().as_nanos() as u64;
-                sh.lock.held_ns.fetch_add(held, Ordering::Relaxed);
-                sh.lock.batch_max_ns.fetch_max(held, Ordering::Relaxed);
-            }
-            if let Err(e) = io.send_batch(&mut batch) {
-                return sh.fail(format!("{label} queue {q}: send: {e}"));
-            }
-        }
-        since_publish += 1;
-        if n == 0 || since_publish >= 64 {
-            since_publish = 0;
-            *sh.workers[idx].lock().unwrap_or_else(|p| p.into_inner()) = WorkerStats {
-                io: io.stats(),
-                batches,
-            };
-        }
-    }
-    *sh.workers[idx].lock().unwrap_or_else(|p| p.into_inner()) = WorkerStats {
-        io: io.stats(),
-        batches,
-    };
-    tracing::debug!(side = label, queue = q, batches, "worker stopped");
-}
-
-fn snapshot(
-    a: &RunArgs,
-    sh: &Shared,
-    events: &VecDeque<stats::EventSnap>,
-    fp: Option<&FastPath>,
-) -> Snapshot {
-    let mut s = Snapshot {
-        uptime_ms: sh.start.elapsed().as_millis() as u64,
-        tun_private: a.tun_private.clone(),
-        tun_public: a.tun_public.clone(),
-        queues: a.queues,
-        offload: a.offload,
-        events: events.iter().cloned().collect(),
-        fast_path: fp.map(FastPath::snap),
-        ..Default::default()
-    };
-    {
-        let g = sh.gw.lock().unwrap_or_else(|p| p.into_inner());
-        stats::fill_from_engine(&mut s, g.engine(), g.stats());
-    }
-    s.io = sh
-        .workers
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let w = *w.lock().unwrap_or_else(|p| p.into_inner());
-            let side = if i < sh.queues { "private" } else { "public" };
-            stats::io_snap(side, i % sh.queues, &w.io, w.batches)
-        })
-        .collect();
-    s.lock = stats::LockSnap {
-        acquisitions: sh.lock.acquisitions.load(Ordering::Relaxed),
-        contended: sh.lock.contended.load(Ordering::Relaxed),
-        wait_ns: sh.lock.wait_ns.load(Ordering::Relaxed),
-        held_ns: sh.lock.held_ns.load(Ordering::Relaxed),
-        timer_steps: sh.lock.timer_steps.load(Ordering::Relaxed),
-        timer_max_ns: sh.lock.timer_max_ns.load(Ordering::Relaxed),
-        batch_max_ns: sh.lock.batch_max_ns.load(Ordering::Relaxed),
-    };
-    s
-}
-
-fn write_stats(a: &RunArgs, s: &Snapshot) {
-    if let Some(p) = &a.stats_file {
-        if let Err(e) = stats::write_atomic(p, s) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot write stats file");
-        }
-    }
-}
-
-/// Advances the engine's timers and drains its events (logged under the rate cap, R9.3;
-/// kept in `ring`).
-fn tick(
-    sh: &Shared,
-    ring: &mut VecDeque<stats::EventSnap>,
-    cap: &mut LogCap,
-    fp: Option<&mut FastPath>,
-) {
-    if let Some(fp) = fp {
-        // Packets the kernel translated count for their instances (R6.1): the kernel's
-        // counters are read without the lock, then credited under it.
-        let slots = sh.lock_gw().engine().instance_slots();
-        let credits = fp.harvest(slots);
-        if !credits.is_empty() {
-            let mut g = sh.lock_gw();
-            for (slot, p, out, inb) in credits {
-                g.engine_mut().credit_packets(slot, p, out, inb);
-            }
-        }
-    }
-    let now = sh.now();
-    // Timer work in bounded steps (R9.4): the lock is released between steps, so after a
-    // mass expiry the workers keep translating while the backlog is worked off.
-    let mut events = Vec::new();
-    for _ in 0..MAX_TIMER_STEPS_PER_TICK {
-        let mut g = sh.lock_gw();
-        if g.engine().next_deadline().is_none_or(|d| d > now) {
-            // Nothing due (the common case): no timer work under the lock.
-            events.extend(g.engine_mut().drain_events());
-            break;
-        }
-        let t = Instant::now();
-        let done = g.engine_mut().advance_bounded(now, EXPIRY_BUDGET);
-        events.extend(g.engine_mut().drain_events());
-        drop(g);
-        sh.lock.timer_steps.fetch_add(1, Ordering::Relaxed);
-        let held = t.elapsed().as_nanos() as u64;
-        sh.lock.timer_max_ns.fetch_max(held, Ordering::Relaxed);
-        if done {
-            break;
-        }
-        std::thread::yield_now();
-    }
-    sh.events.extend(&events);
-    let snaps: Vec<_> = events.iter().map(stats::event_snap).collect();
-    let ms = sh.start.elapsed().as_millis() as u64;
-    for e in &snaps {
-        if cap.admit(ms) == Admit::Write {
-            stats::log_event(e);
-        }
-    }
-    if let Some(n) = cap.report_due(ms) {
-        tracing::warn!(
-            suppressed = n,
-            suppressed_total = cap.suppressed_total,
-            "event log lines suppressed by the log rate cap (R9.3); counters and the stats file stay exact"
-        );
-    }
-    stats::push_events(ring, snaps);
-}
-
-/// Starts the health prober (SPEC R5.2, `crate::probe`); it stops with the gateway.
-fn start_prober(sh: &Arc<Shared>) -> Result<std::thread::JoinHandle<()>, String> {
-    let (a, b) = (sh.clone(), sh.clone());
-    crate::probe::spawn(
-        sh.gw.clone(),
-        move || a.now(),
-        move || b.stop.load(Ordering::Relaxed),
-    )
-    .map_err(|e| format!("spawning the prober: {e}"))
-}
-
-/// Takes the engine's flow journal (the changes since the last call) and the timers they
-/// were made with, under the engine lock. The journal is on only when a consumer needs it.
-fn drain_flow_journal(sh: &Shared) -> (Vec<FlowChange>, Params) {
-    let mut out = Vec::new();
-    let mut g = sh.lock_gw();
-    g.engine_mut().drain_journal(&mut out);
-    (out, g.engine().topology().params)
-}
-
-/// Drains the flow journal once and hands the same changes to every consumer (the recorder,
-/// `--record`), outside the engine lock.
-fn feed_journal(sh: &Shared, recorder: Option<&mut crate::record::Recorder>) {
-    let (changes, params) = drain_flow_journal(sh);
-    if changes.is_empty() {
-        return;
-    }
-    if let Some(r) = recorder {
-        r.offer(&changes, params);
-    }
-}
-
-/// Stops the recorder and logs what it wrote.
-fn finish_recording(r: crate::record::Recorder, sh: &Shared) {
-    let journal_lost = sh.lock_gw().engine().journal_lost();
-    match r.finish() {
-        Ok(s) => tracing::info!(
-            records = s.records,
-            unmatched = s.unmatched,
-            lost = s.lost + journal_lost,
-            "flow recording written"
-        ),
-        Err(e) => tracing::error!(error = %e, "flow recording failed"),
-    }
-}
-
-fn wake_all(wakers: &[Waker]) {
-    for w in wakers {
-        let _ = w.wake();
-    }
-}
-
 /// `snatgw run`.
 pub fn run(a: &RunArgs) -> Result<(), String> {
     init_tracing(a.log_json);
@@ -485,7 +186,9 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     }
     // The desired topology: the store's if it holds one (it survives restarts), else the
     // configuration file's, saved as generation 1 (issue #8).
-    let file = crate::show::load_topology(&a.config)?.source;
+    let file = snatgw_runtime::config::load_topology(&a.config)
+        .map_err(|e| e.to_string())?
+        .source;
     let store = Arc::new(
         RedbStore::open(&a.state_dir)
             .map_err(|e| format!("opening the store in {}: {e}", a.state_dir.display()))?,
@@ -505,7 +208,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .map_err(|e| format!("{what}: {e}"))?;
     // The engine's plan checks what validation cannot (R1.3 designation room, R2.8), as for
     // a change through the API; stored designations of groups that remain are kept.
-    let mut engine = crate::show::engine_for_gateway(topo, &start_state.engine_designations())
+    let mut engine = snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
         .map_err(|e| format!("{what}: {e}"))?;
     // Keep the designations the engine made (all of them on a fresh seed) with the topology.
     let mut stored = start_state;
@@ -521,17 +224,17 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             );
         }
     }
-    engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
-    let mut recorder = match &a.record {
+    let recorder = match &a.record {
         Some(p) => {
             engine.set_journal(true);
-            Some(crate::record::Recorder::start(p)?)
+            Some(snatgw_runtime::record::Recorder::start(p)?)
         }
         None => None,
     };
     let n_inst = engine.instances().len();
     // Engine time 0 is now: the fast path's timestamps are converted against the same reading.
-    let (start, start_ns) = (Instant::now(), snatgw_io::fastpath::monotonic_ns());
+    let start_ns = snatgw_io::fastpath::monotonic_ns();
+    let clock = Clock::Monotonic { start_ns };
     if a.tun_private == a.tun_public {
         return Err(format!(
             "--tun-private and --tun-public must name different devices (both are {:?}): the side a packet arrives on decides its direction (SPEC R9.1)",
@@ -547,10 +250,15 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     };
     let private = open(&a.tun_private)?;
     let public = open(&a.tun_public)?;
-    let wakers: Vec<Waker> = [&private, &public]
+    let wakers: Vec<Wake> = [&private, &public]
         .iter()
-        .map(|qs| qs.first().map(TunIo::waker).ok_or("no TUN queue opened"))
-        .collect::<Result<_, _>>()?;
+        .map(|qs| {
+            let w = qs.first().map(TunIo::waker).ok_or("no TUN queue opened")?;
+            Ok(Box::new(move || {
+                let _ = w.wake();
+            }) as Wake)
+        })
+        .collect::<Result<_, String>>()?;
     let token = api_token(a)?;
     // Event sequence numbers start from the wall clock (µs), so they keep growing across
     // restarts (the log itself is not persisted), and above the floor an earlier run left in
@@ -560,7 +268,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         seq_floor.start_after,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
-    let mut fast_path = FastPath::setup(
+    let fast_path = FastPath::setup(
         a.fast_path,
         a.private_if.as_deref(),
         a.public_if.as_deref(),
@@ -569,27 +277,36 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         start_ns,
         &mut engine,
     )?;
-    let sh = Arc::new(Shared {
-        gw: Arc::new(Mutex::new(Gateway::new(engine))),
+    let has_fast_path = fast_path.is_some();
+    let opts = RuntimeOptions {
+        batch: a.batch,
+        stats_file: a.stats_file.clone(),
+        stats_interval: a.stats_interval(),
+        log_rate: a.log_rate,
+        log_burst: a.log_burst,
+        private_name: a.tun_private.clone(),
+        public_name: a.tun_public.clone(),
+        offload: a.offload,
+        probes: true,
+    };
+    let parts = Parts {
+        engine,
+        clock: clock.clone(),
         events: events.clone(),
-        stop: AtomicBool::new(false),
-        start,
-        start_ns,
-        lock: LockCounters::default(),
-        workers: (0..2 * a.queues)
-            .map(|_| Mutex::new(WorkerStats::default()))
-            .collect(),
-        queues: a.queues,
-        failure: Mutex::new(None),
-    });
+        fast_path,
+        recorder,
+        wakers,
+    };
+    let mut rt = Runtime::start(parts, private, public, opts).map_err(|e| e.to_string())?;
 
     let api = match a.api.0 {
         Some(addr) => {
-            let clock = {
-                let sh = sh.clone();
-                move || sh.now()
-            };
-            let backend = Arc::new(GatewayBackend::new(sh.gw.clone(), events, clock));
+            let clock = clock.clone();
+            let backend = Arc::new(GatewayBackend::new(
+                rt.gateway().clone(),
+                events,
+                move || clock.now(),
+            ));
             let plane = ControlPlane::new(backend, store.clone(), token, stored);
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
@@ -599,8 +316,6 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         None => None,
     };
 
-    let prober = start_prober(&sh)?;
-
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -608,42 +323,17 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     let sig_handle = signals.handle();
     let sig_thread = {
-        let sh = sh.clone();
-        let wakers = wakers.clone();
+        let stop = rt.stop_handle();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     tracing::info!(signal = sig, "stop requested");
-                    sh.stop.store(true, Ordering::SeqCst);
-                    wake_all(&wakers);
+                    stop.stop();
                 }
             })
             .map_err(|e| format!("spawning the signal thread: {e}"))?
     };
-
-    let mut workers = Vec::new();
-    let sides = [
-        (Direction::Outbound, "private", private),
-        (Direction::Inbound, "public", public),
-    ];
-    for (k, (dir, label, queues)) in sides.into_iter().enumerate() {
-        for (q, io) in queues.into_iter().enumerate() {
-            let sh = sh.clone();
-            let batch = a.batch;
-            let idx = k * a.queues + q;
-            let side = Side {
-                dir,
-                label,
-                queue: q,
-            };
-            let h = std::thread::Builder::new()
-                .name(format!("{label}-{q}"))
-                .spawn(move || worker(idx, side, io, batch, sh))
-                .map_err(|e| format!("spawning {label} worker {q}: {e}"))?;
-            workers.push(h);
-        }
-    }
     tracing::info!(
         tun_private = %a.tun_private,
         tun_public = %a.tun_public,
@@ -661,7 +351,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             a.tun_private,
             a.tun_public,
             a.queues,
-            fast_path.is_some(),
+            has_fast_path,
             api.as_ref()
                 .map_or("null".to_string(), |h| format!("\"{}\"", h.local_addr())),
             std::process::id()
@@ -669,49 +359,11 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         let _ = out.flush();
     }
 
-    let mut ring = VecDeque::new();
-    let mut cap = LogCap::new(a.log_rate, a.log_burst, 1000);
-    let mut last_stats: Option<Instant> = None;
-    let mut last_harvest = Instant::now();
-    while !sh.stop.load(Ordering::SeqCst) {
-        // The kernel's per-instance counters are read once a second (four reads per
-        // instance slot), not every tick.
-        let harvest = last_harvest.elapsed() >= Duration::from_secs(1);
-        if harvest {
-            last_harvest = Instant::now();
-        }
-        tick(
-            &sh,
-            &mut ring,
-            &mut cap,
-            fast_path.as_mut().filter(|_| harvest),
-        );
-        feed_journal(&sh, recorder.as_mut());
-        seq_floor.renew(sh.events.last_seq());
-        if last_stats.is_none_or(|t| t.elapsed() >= a.stats_interval()) {
-            last_stats = Some(Instant::now());
-            let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
-            s.log_lines_suppressed = cap.suppressed_total;
-            write_stats(a, &s);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    wake_all(&wakers);
-    for h in workers {
-        let _ = h.join();
-    }
-    let _ = prober.join();
-    tick(&sh, &mut ring, &mut cap, fast_path.as_mut());
-    feed_journal(&sh, recorder.as_mut());
+    let log = rt.events_log();
+    rt.run_until_stopped(|_| seq_floor.renew(log.last_seq()));
+    let finished = rt.shutdown();
     // Every event is in the log now (the API pushes none): the floor is the last one issued.
-    seq_floor.finish(sh.events.last_seq());
-    if let Some(r) = recorder.take() {
-        finish_recording(r, &sh);
-    }
-    let mut s = snapshot(a, &sh, &ring, fast_path.as_ref());
-    s.log_lines_suppressed = cap.suppressed_total;
-    s.final_snapshot = true;
-    write_stats(a, &s);
+    seq_floor.finish(log.last_seq());
     sig_handle.close();
     let _ = sig_thread.join();
     if let Some(h) = api {
@@ -719,16 +371,17 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             tracing::warn!(error = %e, "stopping the management API");
         }
     }
-    let failure = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-    tracing::info!(
-        translated = s.dataplane.translated,
-        flows_created = s.engine.flows_created,
-        lock_contended = s.lock.contended,
-        "gateway stopped"
-    );
-    match failure {
-        Some(f) => Err(f),
-        None => Ok(()),
+    match finished {
+        Ok(s) => {
+            tracing::info!(
+                translated = s.dataplane.translated,
+                flows_created = s.engine.flows_created,
+                lock_contended = s.lock.contended,
+                "gateway stopped"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 

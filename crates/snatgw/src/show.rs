@@ -7,31 +7,12 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use snatgw_core::{Engine, InstanceReport, Scenario, Topology};
+use snatgw_core::{Engine, InstanceReport, Scenario};
 
-/// Reads and validates a configuration file.
-pub fn load_topology(path: &Path) -> Result<Topology, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Topology::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Loads a configuration file into an engine at time 0 (hash key from the config's seed:
-/// deterministic, for inspection; a running gateway uses [`engine_for_gateway`]).
+/// Loads a configuration file into an engine at time 0 (see
+/// [`snatgw_runtime::config::load_engine`]).
 pub fn load(path: &Path) -> Result<Engine, String> {
-    Engine::new(load_topology(path)?, 0).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// An engine for a running gateway on `topo`, its flow-table hash keyed with OS entropy, so
-/// remote hosts, which choose part of every inbound key, cannot aim at one bucket.
-/// `designations` are the default-SNAT designations a store kept (R1.3), so groups keep their
-/// public IPs across restarts.
-pub fn engine_for_gateway(
-    topo: Topology,
-    designations: &[(snatgw_core::topology::SnatGroup, u32)],
-) -> Result<Engine, snatgw_core::ConfigError> {
-    use std::hash::BuildHasher;
-    let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
-    Engine::with_designations(topo, 0, key, designations)
+    snatgw_runtime::config::load_engine(path).map_err(|e| e.to_string())
 }
 
 fn detail(r: &InstanceReport) -> String {
