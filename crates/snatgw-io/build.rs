@@ -34,10 +34,35 @@ fn main() {
     println!("cargo:rerun-if-env-changed=HOST_CC");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let clang = std::env::var("SNATGW_CLANG").unwrap_or_else(|_| "clang".into());
+    watch_for(&clang);
 
     check_licence(src, "bpf/snat_abi.h");
     let built = build_bpf(&clang, src, &out_dir);
     check_abi(&clang, built, &out_dir);
+}
+
+/// Makes cargo run this script again when `tool` appears or changes (issue #21): a build
+/// made before clang was installed would otherwise be kept, without the fast path, until
+/// the C file changed. A path is watched as it is (a missing file makes cargo rerun the
+/// script on every build, cheap without clang); a bare name is watched where PATH finds it,
+/// or, while it is found nowhere, through the PATH directories themselves, whose mtime
+/// changes when a file is added to them.
+fn watch_for(tool: &str) {
+    if tool.contains('/') {
+        println!("cargo:rerun-if-changed={tool}");
+        return;
+    }
+    let dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    match dirs.iter().map(|d| d.join(tool)).find(|p| p.is_file()) {
+        Some(found) => println!("cargo:rerun-if-changed={}", found.display()),
+        None => {
+            for d in dirs.iter().filter(|d| d.is_dir()) {
+                println!("cargo:rerun-if-changed={}", d.display());
+            }
+        }
+    }
 }
 
 /// Compiles the BPF object into `out_dir`; false (and an empty object) without clang.
