@@ -127,17 +127,43 @@ pub fn probe_once(t: &ProbeTarget) -> bool {
             if s.write_all(req.as_bytes()).is_err() {
                 return false;
             }
-            let mut buf = [0u8; 64];
-            let mut n = 0;
-            while n < 12 {
-                match s.read(&mut buf[n..]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
-                }
-            }
-            status_is_200(&buf[..n])
+            read_response(&mut s, Instant::now() + timeout)
         }
     }
+}
+
+/// Most of a probe's answer read (status line, headers, body); the rest is not waited for.
+const MAX_PROBE_ANSWER: usize = 64 << 10;
+
+/// Reads an HTTP answer to its end (the server closes: `Connection: close`, HTTP/1.0), at
+/// most [`MAX_PROBE_ANSWER`] bytes and until `deadline`, and says whether its status is
+/// 200. Reading to the end before closing matters: closing a socket with unread data sends
+/// a TCP reset, and the member's server logs every probe as a broken connection (issue #21).
+fn read_response(s: &mut TcpStream, deadline: Instant) -> bool {
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 4096];
+    let mut total = 0usize;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || total >= MAX_PROBE_ANSWER {
+            break;
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                total += k;
+                if head.len() < 64 {
+                    let take = k.min(64 - head.len());
+                    head.extend_from_slice(&buf[..take]);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    // Our side is done: a FIN, not a reset, even if the server still had something to say.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    status_is_200(&head)
 }
 
 /// Whether a response starts with an HTTP status line of code 200.
@@ -149,7 +175,55 @@ fn status_is_200(head: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::status_is_200;
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A member's HTTP server that answers `status` with a 32 KiB body, then reads: a clean
+    /// close by the prober is end-of-file there, a close with unread data a reset.
+    fn member(status: &str) -> (ProbeTarget, std::thread::JoinHandle<std::io::Result<usize>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let status = status.to_string();
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req)?;
+            c.write_all(format!("HTTP/1.0 {status}\r\nContent-Length: 32768\r\n\r\n").as_bytes())?;
+            std::thread::sleep(Duration::from_millis(50));
+            c.write_all(&[b'x'; 32768])?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            let mut rest = [0u8; 16];
+            c.read(&mut rest)
+        });
+        let t = ProbeTarget {
+            lb: "lb".into(),
+            probe: "p".into(),
+            member: Arc::from("m"),
+            addr: u32::from(Ipv4Addr::LOCALHOST),
+            protocol: ProbeProtocol::Http,
+            port,
+            path: "/health".into(),
+            interval: 5,
+            threshold: 2,
+        };
+        (t, h)
+    }
+
+    #[test]
+    fn r5_2_http_probe_reads_the_answer_and_closes_without_a_reset() {
+        let (t, server) = member("200 OK");
+        assert!(probe_once(&t), "a 200 is healthy");
+        let end = server.join().expect("server thread");
+        assert_eq!(
+            end.expect("the member saw a reset, not a clean close"),
+            0,
+            "the member should read end-of-file"
+        );
+        let (t, server) = member("503 Service Unavailable");
+        assert!(!probe_once(&t), "a 503 is not healthy");
+        assert_eq!(server.join().expect("server").expect("clean close"), 0);
+    }
 
     #[test]
     fn r5_2_only_status_200_is_healthy() {
