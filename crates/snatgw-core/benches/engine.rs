@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use snatgw_core::{hash::splitmix64, Direction, Engine, Packet, Verdict};
+use snatgw_core::{hash::splitmix64, tcp_flags, Direction, Engine, Packet, Verdict};
 
 // Huge pages for the large tables, as the `snatgw` binary does. For the 4 KiB-page baseline:
 // RUSTFLAGS="--cfg snatgw_bench_4k" cargo bench -p snatgw-core --bench engine
@@ -32,7 +32,7 @@ fn established(c: &mut Criterion) {
                 10_000 + ((r >> 20) % 1000) as u16,
                 dst((r >> 20) % 1000),
                 443,
-                0x10,
+                tcp_flags::ACK,
             )
         })
         .collect();
@@ -83,7 +83,9 @@ fn established(c: &mut Criterion) {
     let inb: Vec<Packet> = pkts
         .iter()
         .map(|p| match e.process(1, Direction::Outbound, p) {
-            Verdict::Translate { addr, port } => Packet::tcp(p.dst, p.dst_port, addr, port, 0x10),
+            Verdict::Translate { addr, port } => {
+                Packet::tcp(p.dst, p.dst_port, addr, port, tcp_flags::ACK)
+            }
             v => panic!("{v:?}"),
         })
         .collect();
@@ -129,7 +131,7 @@ fn new_flows(c: &mut Criterion) {
                 10_000 + (n / 200) as u16,
                 dst(0),
                 443,
-                0x02,
+                tcp_flags::SYN,
             )
         })
         .collect();

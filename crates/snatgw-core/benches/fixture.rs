@@ -2,7 +2,7 @@
 //! 50 on 20 default-SNAT addresses) and `per` flows each to 250 destinations on port 443.
 
 use snatgw_core::config::{AvailabilitySetCfg, ConfigFile, InstanceCfg};
-use snatgw_core::{Direction, Engine, Packet, Topology, Verdict};
+use snatgw_core::{tcp_flags, Direction, Engine, Packet, Topology, Verdict};
 
 pub const INSTANCES: usize = 1000;
 
@@ -51,7 +51,7 @@ pub fn topology_with_history(secs: u32) -> Topology {
 
 /// The `k`-th flow of instance `i` as an outbound SYN.
 pub fn syn(i: usize, k: usize) -> Packet {
-    Packet::tcp(private(i), 10_000 + k as u16, dst(k), 443, 0x02)
+    Packet::tcp(private(i), 10_000 + k as u16, dst(k), 443, tcp_flags::SYN)
 }
 
 /// An engine holding `per` flows for each of the 1000 instances.

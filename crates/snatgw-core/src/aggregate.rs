@@ -19,7 +19,7 @@ use std::hash::Hash;
 
 use hashbrown::HashMap;
 
-use crate::engine::Time;
+use crate::units::Time;
 
 /// What [`Aggregator::offer`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

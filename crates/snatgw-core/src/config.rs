@@ -70,9 +70,14 @@ pub struct GatewayCfg {
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 86_400))]
     pub port_reuse_history_secs: u32,
     /// The virtual network's address space: destinations inside it are not translated (SPEC R1.7).
+    /// At least one prefix `a.b.c.d/len` (len 0–32) without host bits set (`10.0.0.0/16`, not
+    /// `10.0.0.1/16`); absent, the RFC 1918 space (`10.0.0.0/8`, `172.16.0.0/12`,
+    /// `192.168.0.0/16`). Every instance's `private_ip` lies inside it.
     #[serde(default = "default_vnet")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub vnet_prefixes: Vec<String>,
-    /// The provider's default-SNAT address pool (SPEC R1.3), chosen by the operator.
+    /// The provider's default-SNAT address pool (SPEC R1.3), chosen by the operator: IPv4
+    /// addresses outside `vnet_prefixes`, each used once.
     #[serde(default)]
     pub default_snat_pool: Vec<String>,
     /// Live flows one instance may hold, 1–2147483648 (SPEC R9.2; default 500 000, the figure
@@ -176,8 +181,10 @@ impl Default for GatewayCfg {
 #[serde(deny_unknown_fields)]
 pub struct PublicIpCfg {
     /// Unique name, referenced by instances (`public_ip`) and LB frontends.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
-    /// The IPv4 address.
+    /// The IPv4 address (dotted quad, outside `gateway.vnet_prefixes`, used once).
+    #[cfg_attr(feature = "openapi", schema(format = Ipv4))]
     pub address: String,
 }
 
@@ -187,6 +194,7 @@ pub struct PublicIpCfg {
 #[serde(deny_unknown_fields)]
 pub struct AvailabilitySetCfg {
     /// Unique name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
 }
 
@@ -196,6 +204,7 @@ pub struct AvailabilitySetCfg {
 #[serde(deny_unknown_fields)]
 pub struct DeploymentCfg {
     /// Unique name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// While the deployment is being redeployed, the pool size the infrastructure reports
     /// (SPEC R2.11): between the actual size (the deployment's instances) and twice it, so 0
@@ -235,23 +244,30 @@ pub enum InstanceKind {
 #[serde(deny_unknown_fields)]
 pub struct InstanceCfg {
     /// Unique name (for ARM, conventionally `vm/nic/ipconfig`).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
-    /// `vm` or `web_worker_role`.
+    /// `vm` or `web_worker_role` (default `vm`); a `web_worker_role` is `classic` and has no
+    /// `public_ip` (SPEC §0, R1.5).
     #[serde(default)]
     pub kind: InstanceKind,
-    /// `arm` or `classic`.
+    /// `arm` or `classic` (default `arm`).
     #[serde(default)]
     pub model: Model,
-    /// Private IPv4 address, inside `gateway.vnet_prefixes`.
+    /// Private IPv4 address (dotted quad), inside `gateway.vnet_prefixes` (SPEC R1.7), used by
+    /// one instance.
+    #[cfg_attr(feature = "openapi", schema(format = Ipv4))]
     pub private_ip: String,
     /// Name of an instance-level public IP (SPEC R1.1).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub public_ip: Option<String>,
-    /// ARM availability set (SPEC R1.3).
+    /// ARM availability set (SPEC R1.3); an `arm` instance only.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub availability_set: Option<String>,
-    /// Classic deployment (required for Classic instances).
+    /// Classic deployment: required for a `classic` instance, absent for an `arm` one.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub deployment: Option<String>,
     /// Live flows this instance may hold, 1–2147483648 (SPEC R9.2); default
     /// `gateway.max_flows_per_instance`.
@@ -269,6 +285,7 @@ pub struct InstanceCfg {
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancerCfg {
     /// Unique name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// `arm` or `classic`; members must have the same model.
     #[serde(default)]
@@ -293,8 +310,10 @@ pub struct LoadBalancerCfg {
 #[serde(deny_unknown_fields)]
 pub struct FrontendCfg {
     /// Name, unique within the LB.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// Name of the public IP.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub public_ip: String,
 }
 
@@ -304,6 +323,7 @@ pub struct FrontendCfg {
 #[serde(deny_unknown_fields)]
 pub struct BackendPoolCfg {
     /// Name, unique within the LB.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// Names of member instances.
     #[serde(default)]
@@ -329,8 +349,10 @@ pub enum RuleProtocol {
 #[serde(deny_unknown_fields)]
 pub struct LbRuleCfg {
     /// Name, unique within the LB.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// Frontend name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub frontend: String,
     /// `tcp`, `udp` or `all`.
     pub protocol: RuleProtocol,
@@ -339,6 +361,7 @@ pub struct LbRuleCfg {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
     pub frontend_port: u16,
     /// Backend pool name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub backend_pool: String,
     /// Backend port, 1–65535.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
@@ -347,6 +370,7 @@ pub struct LbRuleCfg {
     /// which members get new inbound flows (SPEC R4.5, R5.2) and never matters for outbound
     /// (R1.2). Without a probe every member counts as healthy.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub probe: Option<String>,
     /// Inbound idle timeout in minutes, 4–30 (SPEC R3.7; default 4).
     #[serde(default = "default_lb_idle")]
@@ -375,13 +399,15 @@ pub enum ProbeProtocol {
 #[serde(deny_unknown_fields)]
 pub struct ProbeCfg {
     /// Name, unique within the LB.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// `tcp` or `http`.
     pub protocol: ProbeProtocol,
     /// Port probed on each member, 1–65535.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65_535))]
     pub port: u16,
-    /// HTTP path (`http` only; default `/`).
+    /// HTTP path (`http` only; default `/`): starts with `/`, no whitespace or control
+    /// character. A `tcp` probe has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Seconds between probes of one member, 1–3600 (default 15).
@@ -407,11 +433,13 @@ fn default_probe_threshold() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct NsgCfg {
     /// Unique name.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// Instances (NICs) the NSG is associated with; a NIC has at most one NSG.
     #[serde(default)]
     pub nics: Vec<String>,
-    /// Subnets (prefixes inside `gateway.vnet_prefixes`) the NSG is associated with; an
+    /// Subnets (prefixes `a.b.c.d/len` without host bits set, inside `gateway.vnet_prefixes`)
+    /// the NSG is associated with; an
     /// instance whose private IP is inside one is in that subnet. Subnets of different NSGs
     /// must not overlap.
     #[serde(default)]
@@ -470,7 +498,8 @@ fn default_any() -> Vec<String> {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NsgRuleCfg {
-    /// Name, unique within the NSG.
+    /// Name, unique within the NSG, and not the name of a default rule (SPEC R4.2), in any case.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub name: String,
     /// 100–4096, unique per direction within the NSG; lower wins (SPEC R4.1).
     #[cfg_attr(feature = "openapi", schema(minimum = 100, maximum = 4096))]
@@ -481,18 +510,24 @@ pub struct NsgRuleCfg {
     pub access: NsgAccess,
     /// `tcp`, `udp`, `icmp`, `esp` or `any` / `*`.
     pub protocol: NsgProtocol,
-    /// Source prefixes (`a.b.c.d/len` or an address), service tags (`VirtualNetwork`,
-    /// `Internet`, `AzureLoadBalancer`) or `*` (default `["*"]`).
+    /// Source prefixes (`a.b.c.d/len` without host bits set, or an address), service tags
+    /// (`VirtualNetwork`, `Internet`, `AzureLoadBalancer`, any case), `*` or `any`: at least
+    /// one (default `["*"]`).
     #[serde(default = "default_any")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub sources: Vec<String>,
-    /// Source port ranges: `80`, `1000-2000` or `*` (default `["*"]`).
+    /// Source port ranges: `80`, `1000-2000` (1–65535, low ≤ high) or `*`: at least one
+    /// (default `["*"]`).
     #[serde(default = "default_any")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub source_ports: Vec<String>,
     /// Destination prefixes or service tags, as `sources` (default `["*"]`).
     #[serde(default = "default_any")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub destinations: Vec<String>,
     /// Destination port ranges, as `source_ports` (default `["*"]`).
     #[serde(default = "default_any")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub destination_ports: Vec<String>,
 }
 

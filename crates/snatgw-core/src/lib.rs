@@ -17,6 +17,7 @@ pub mod hash;
 pub mod packet;
 pub mod policy;
 pub mod topology;
+pub mod units;
 
 pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{

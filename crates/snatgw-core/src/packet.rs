@@ -8,28 +8,26 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
-/// IP protocol numbers the engine distinguishes.
+/// IP protocol numbers the engine distinguishes: `snatgw-wire`'s, under short names.
 pub mod proto {
-    /// ICMP.
-    pub const ICMP: u8 = 1;
-    /// TCP.
-    pub const TCP: u8 = 6;
-    /// UDP.
-    pub const UDP: u8 = 17;
-    /// ESP.
-    pub const ESP: u8 = 50;
+    pub use snatgw_wire::{
+        PROTO_ESP as ESP, PROTO_ICMP as ICMP, PROTO_TCP as TCP, PROTO_UDP as UDP,
+    };
 }
 
-/// TCP flag bits as in the TCP header's flag byte.
+/// TCP flag bits as in the TCP header's flag byte: `snatgw-wire`'s
+/// [`TcpFlags`](snatgw_wire::TcpFlags) bits, as plain constants.
 pub mod tcp_flags {
+    use snatgw_wire::TcpFlags;
+
     /// FIN.
-    pub const FIN: u8 = 0x01;
+    pub const FIN: u8 = TcpFlags::FIN;
     /// SYN.
-    pub const SYN: u8 = 0x02;
+    pub const SYN: u8 = TcpFlags::SYN;
     /// RST.
-    pub const RST: u8 = 0x04;
+    pub const RST: u8 = TcpFlags::RST;
     /// ACK.
-    pub const ACK: u8 = 0x10;
+    pub const ACK: u8 = TcpFlags::ACK;
 }
 
 /// Which way a packet travels through the gateway.
@@ -54,8 +52,8 @@ pub struct Packet {
     pub src_port: u16,
     /// Destination port (TCP/UDP; 0 otherwise).
     pub dst_port: u16,
-    /// TCP: the flag byte. ICMP: the ICMP type (8 = echo request), so the engine can tell an
-    /// echo from other ICMP (R3.6 decision). Other protocols: 0.
+    /// TCP: the flag byte. ICMP: the ICMP type ([`ICMP_ECHO_REQUEST`](snatgw_wire::ICMP_ECHO_REQUEST)
+    /// = 8), so the engine can tell an echo from other ICMP (R3.6 decision). Other protocols: 0.
     pub flags: u8,
 }
 

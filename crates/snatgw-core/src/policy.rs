@@ -24,12 +24,13 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::config::{
-    ConfigFile, NsgAccess, NsgDirection, NsgProtocol, NsgRuleCfg, ProbeProtocol, RuleProtocol,
+    ConfigFile, LbRuleCfg, LoadBalancerCfg, NsgAccess, NsgCfg, NsgDirection, NsgProtocol,
+    NsgRuleCfg, ProbeCfg, ProbeProtocol, RuleProtocol,
 };
-use crate::engine::PORT_BASE;
 use crate::error::ConfigError;
 use crate::packet::proto;
-use crate::topology::{parse_ipv4, parse_prefix, Instance, Prefix};
+use crate::topology::{check_unique, parse_ipv4, parse_prefix, Instance, Prefix};
+use crate::units::PORT_BASE;
 
 /// The source address the NSG sees for health probes, and that tag `AzureLoadBalancer`
 /// stands for: 168.63.129.16, as in the cloud. The prober really connects from the
@@ -388,20 +389,210 @@ fn rule_of(f: &dyn Fn(&str) -> String, r: &NsgRuleCfg) -> Result<NsgRule, Config
     })
 }
 
-fn check_names<'a>(field: &str, names: impl Iterator<Item = &'a str>) -> Result<(), ConfigError> {
-    let mut seen = HashSet::new();
-    for n in names {
-        if n.is_empty() {
-            return Err(invalid(field.into(), "", "a name must not be empty"));
+/// The rules of NSG `n`: its user rules (names not those of default rules, priorities unique
+/// per direction) and the default rules, sorted by (direction, priority).
+fn nsg_rules(n: &NsgCfg) -> Result<Vec<NsgRule>, ConfigError> {
+    check_unique(
+        &format!("nsg[{}].rules.name", n.name),
+        n.rules.iter().map(|r| r.name.as_str()),
+    )?;
+    let defaults = default_rules();
+    let mut rules = Vec::new();
+    let mut prio: HashMap<(NsgDirection, u32), &str> = HashMap::new();
+    for r in &n.rules {
+        let f = |x: &str| format!("nsg[{}].rules[{}].{x}", n.name, r.name);
+        if defaults
+            .iter()
+            .any(|d| d.name.eq_ignore_ascii_case(&r.name))
+        {
+            return Err(invalid(
+                f("name"),
+                &r.name,
+                "the name of a default rule, which every NSG has (SPEC R4.2)",
+            ));
         }
-        if !seen.insert(n) {
-            return Err(ConfigError::DuplicateName {
-                field: field.into(),
-                name: n.into(),
-            });
+        let rule = rule_of(&f, r)?;
+        if let Some(other) = prio.insert((r.direction, r.priority), &r.name) {
+            return Err(invalid(
+                f("priority"),
+                r.priority,
+                format!(
+                    "rule `{other}` has the same priority and direction; priorities are unique per direction (SPEC R4.1)"
+                ),
+            ));
         }
+        rules.push(rule);
     }
-    Ok(())
+    rules.extend(defaults);
+    rules.sort_by_key(|r| (r.direction, r.priority));
+    Ok(rules)
+}
+
+/// A validated probe of `lb` (SPEC R5.2), without members.
+fn probe_of(lb: &LoadBalancerCfg, p: &ProbeCfg) -> Result<Probe, ConfigError> {
+    let f = |x: &str| format!("load_balancer[{}].probes[{}].{x}", lb.name, p.name);
+    if p.port == 0 {
+        return Err(invalid(f("port"), 0, "a port must be 1-65535 (SPEC R5.2)"));
+    }
+    if !(1..=3600).contains(&p.interval_secs) {
+        return Err(invalid(
+            f("interval_secs"),
+            p.interval_secs,
+            "a probe interval is 1-3600 seconds (SPEC R5.2)",
+        ));
+    }
+    if !(1..=100).contains(&p.unhealthy_threshold) {
+        return Err(invalid(
+            f("unhealthy_threshold"),
+            p.unhealthy_threshold,
+            "an unhealthy threshold is 1-100 probes (SPEC R5.2)",
+        ));
+    }
+    let path = match (p.protocol, &p.path) {
+        (ProbeProtocol::Tcp, Some(x)) => {
+            return Err(invalid(
+                f("path"),
+                x,
+                "a TCP probe has no path; use protocol = \"http\" (SPEC R5.2)",
+            ))
+        }
+        (ProbeProtocol::Tcp, None) => String::new(),
+        (ProbeProtocol::Http, None) => "/".into(),
+        (ProbeProtocol::Http, Some(x)) => {
+            if !x.starts_with('/') || x.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    f("path"),
+                    x,
+                    "an HTTP path starts with `/` and has no spaces (SPEC R5.2)",
+                ));
+            }
+            x.clone()
+        }
+    };
+    Ok(Probe {
+        lb: lb.name.clone(),
+        name: p.name.clone(),
+        protocol: p.protocol,
+        port: p.port,
+        path,
+        interval: p.interval_secs,
+        threshold: p.unhealthy_threshold,
+        members: Vec::new(),
+    })
+}
+
+/// What the inbound rules of all load balancers are checked against.
+struct Inbound<'a> {
+    /// Public IP addresses by name (the topology has checked them).
+    pip: HashMap<&'a str, u32>,
+    /// (protocol, frontend address, frontend port) → the rule field that claimed it (R5.1).
+    front_owner: HashMap<(u8, u32, u16), String>,
+    pat_frontends: &'a HashSet<u32>,
+    idle_override: Option<u32>,
+}
+
+impl Inbound<'_> {
+    /// Claims (protocol, `addr`, frontend port) of rule `r` for each protocol it carries
+    /// (`(carries, protocol)`): one rule per frontend IP, protocol and port (R5.1).
+    fn claim_frontend(
+        &mut self,
+        lb: &LoadBalancerCfg,
+        r: &LbRuleCfg,
+        addr: u32,
+        protocols: [(bool, u8); 2],
+    ) -> Result<(), ConfigError> {
+        let field = format!("load_balancer[{}].rules[{}].frontend_port", lb.name, r.name);
+        for (on, p) in protocols {
+            if !on {
+                continue;
+            }
+            if let Some(other) = self
+                .front_owner
+                .insert((p, addr, r.frontend_port), field.clone())
+            {
+                return Err(ConfigError::DuplicateAddress {
+                    field,
+                    address: format!("{}:{}", Ipv4Addr::from(addr), r.frontend_port),
+                    other: format!(
+                        "{other} (one rule per frontend IP, protocol and port, SPEC R5.1)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates the inbound side of rule `r` of `lb` and adds it to `pol`, with its pool's
+    /// members added to its probe's. A rule whose frontend the topology did not resolve is
+    /// skipped (it cannot occur in a validated topology).
+    fn add_rule(
+        &mut self,
+        pol: &mut Policy,
+        lb: &LoadBalancerCfg,
+        r: &LbRuleCfg,
+        pools: &HashMap<&str, &Vec<String>>,
+        probe_idx: &HashMap<&str, usize>,
+    ) -> Result<(), ConfigError> {
+        let rf = |x: &str| format!("load_balancer[{}].rules[{}].{x}", lb.name, r.name);
+        let Some(fe) = lb.frontends.iter().find(|f| f.name == r.frontend) else {
+            return Ok(());
+        };
+        let Some(&addr) = self.pip.get(fe.public_ip.as_str()) else {
+            return Ok(());
+        };
+        let members: Vec<Arc<str>> = pools
+            .get(r.backend_pool.as_str())
+            .map(|m| m.iter().map(|n| Arc::from(n.as_str())).collect())
+            .unwrap_or_default();
+        let probe =
+            match &r.probe {
+                None => None,
+                Some(n) => Some(*probe_idx.get(n.as_str()).ok_or_else(|| {
+                    ConfigError::UnknownReference {
+                        field: rf("probe"),
+                        what: "probe",
+                        name: n.clone(),
+                    }
+                })?),
+            };
+        if let Some(k) = probe {
+            for m in &members {
+                if !pol.probes[k].members.contains(m) {
+                    pol.probes[k].members.push(m.clone());
+                }
+            }
+        }
+        if r.frontend_port >= PORT_BASE && self.pat_frontends.contains(&addr) {
+            return Err(invalid(
+                rf("frontend_port"),
+                r.frontend_port,
+                format!(
+                    "public IP {} is used for outbound PAT, whose SNAT ports are {PORT_BASE}-65535 (SPEC R2.4); an inbound rule on it uses a frontend port 1-{} so the two never share a public 5-tuple (R2.2)",
+                    Ipv4Addr::from(addr),
+                    PORT_BASE - 1
+                ),
+            ));
+        }
+        let (tcp, udp) = match r.protocol {
+            RuleProtocol::Tcp => (true, false),
+            RuleProtocol::Udp => (false, true),
+            RuleProtocol::All => (true, true),
+        };
+        self.claim_frontend(lb, r, addr, [(tcp, proto::TCP), (udp, proto::UDP)])?;
+        pol.rules.push(InboundRule {
+            lb: lb.name.clone(),
+            name: r.name.clone(),
+            frontend: addr,
+            tcp,
+            udp,
+            frontend_port: r.frontend_port,
+            backend_port: r.backend_port,
+            members,
+            probe,
+            idle_timeout: self.idle_override.unwrap_or(r.idle_timeout_minutes * 60),
+        });
+        Ok(())
+    }
 }
 
 impl Policy {
@@ -409,6 +600,8 @@ impl Policy {
     /// already validated `instances` and `vnet` (from [`crate::Topology::from_config`]).
     /// A frontend address that is an outbound PAT candidate of some instance
     /// (`pat_frontends`) accepts inbound rules on ports below the SNAT range only.
+    /// Checked in this order: `gateway.inbound_idle_timeout_secs`, the NSGs (names, rules,
+    /// NICs, subnets, one NSG after the other), then each load balancer's probes and rules.
     pub fn from_config(
         cfg: &ConfigFile,
         instances: &[Instance],
@@ -426,242 +619,127 @@ impl Policy {
                 ));
             }
         }
-        let inst: HashMap<&str, &Instance> = instances.iter().map(|i| (&*i.name, i)).collect();
-        check_names("nsg.name", cfg.nsg.iter().map(|n| n.name.as_str()))?;
-        let mut nic_owner: HashMap<&str, &str> = HashMap::new();
-        for (k, n) in cfg.nsg.iter().enumerate() {
-            let nf = |x: &str| format!("nsg[{}].{x}", n.name);
-            check_names(&nf("rules.name"), n.rules.iter().map(|r| r.name.as_str()))?;
-            let defaults = default_rules();
-            let mut rules = Vec::new();
-            let mut prio: HashMap<(NsgDirection, u32), &str> = HashMap::new();
-            for r in &n.rules {
-                let f = |x: &str| format!("nsg[{}].rules[{}].{x}", n.name, r.name);
-                if defaults
-                    .iter()
-                    .any(|d| d.name.eq_ignore_ascii_case(&r.name))
-                {
-                    return Err(invalid(
-                        f("name"),
-                        &r.name,
-                        "the name of a default rule, which every NSG has (SPEC R4.2)",
-                    ));
-                }
-                let rule = rule_of(&f, r)?;
-                if let Some(other) = prio.insert((r.direction, r.priority), &r.name) {
-                    return Err(invalid(
-                        f("priority"),
-                        r.priority,
-                        format!(
-                            "rule `{other}` has the same priority and direction; priorities are unique per direction (SPEC R4.1)"
-                        ),
-                    ));
-                }
-                rules.push(rule);
-            }
-            rules.extend(defaults);
-            rules.sort_by_key(|r| (r.direction, r.priority));
-            for m in &n.nics {
-                if !inst.contains_key(m.as_str()) {
-                    return Err(ConfigError::UnknownReference {
-                        field: nf("nics"),
-                        what: "instance",
-                        name: m.clone(),
-                    });
-                }
-                if let Some(other) = nic_owner.insert(m.as_str(), n.name.as_str()) {
-                    return Err(ConfigError::Model {
-                        field: nf("nics"),
-                        reason: format!(
-                            "instance `{m}` is already associated with NSG `{other}`; a NIC has at most one NSG (SPEC R4.1)"
-                        ),
-                    });
-                }
-                pol.nic.insert(Arc::from(m.as_str()), k);
-            }
-            for (i, s) in n.subnets.iter().enumerate() {
-                let field = format!("nsg[{}].subnets[{i}]", n.name);
-                let p = parse_prefix(&field, s)?;
-                let inside = vnet.iter().any(|v| v.len <= p.len && v.contains(p.addr));
-                if !inside {
-                    return Err(invalid(
-                        field,
-                        s,
-                        "a subnet lies inside gateway.vnet_prefixes (SPEC R4.1)",
-                    ));
-                }
-                for (q, o) in &pol.subnets {
-                    if q.contains(p.addr) || p.contains(q.addr) {
-                        return Err(ConfigError::DuplicateAddress {
-                            field,
-                            address: s.clone(),
-                            other: format!(
-                                "subnet {q} of NSG `{}` (a subnet has at most one NSG)",
-                                cfg.nsg[*o].name
-                            ),
-                        });
-                    }
-                }
-                pol.subnets.push((p, k));
-            }
-            pol.nsgs.push(Nsg {
-                name: n.name.clone(),
-                rules,
-            });
-        }
-
+        pol.add_nsgs(cfg, instances, vnet)?;
         // Load balancers: probes, then the inbound side of the rules. References to
         // frontends and pools were checked by the topology.
-        let mut front_owner: HashMap<(u8, u32, u16), String> = HashMap::new();
-        let pip: HashMap<&str, u32> = cfg
-            .public_ip
-            .iter()
-            .filter_map(|p| Some((p.name.as_str(), parse_ipv4("", &p.address).ok()?)))
-            .collect();
+        let mut inbound = Inbound {
+            pip: cfg
+                .public_ip
+                .iter()
+                .filter_map(|p| Some((p.name.as_str(), parse_ipv4("", &p.address).ok()?)))
+                .collect(),
+            front_owner: HashMap::new(),
+            pat_frontends,
+            idle_override,
+        };
         for lb in &cfg.load_balancer {
-            let lf = |x: String| format!("load_balancer[{}].{x}", lb.name);
-            check_names(
-                &lf("probes.name".into()),
-                lb.probes.iter().map(|p| p.name.as_str()),
-            )?;
-            let mut probe_idx = HashMap::new();
-            for p in &lb.probes {
-                let f = |x: &str| lf(format!("probes[{}].{x}", p.name));
-                if p.port == 0 {
-                    return Err(invalid(f("port"), 0, "a port must be 1-65535 (SPEC R5.2)"));
-                }
-                if !(1..=3600).contains(&p.interval_secs) {
-                    return Err(invalid(
-                        f("interval_secs"),
-                        p.interval_secs,
-                        "a probe interval is 1-3600 seconds (SPEC R5.2)",
-                    ));
-                }
-                if !(1..=100).contains(&p.unhealthy_threshold) {
-                    return Err(invalid(
-                        f("unhealthy_threshold"),
-                        p.unhealthy_threshold,
-                        "an unhealthy threshold is 1-100 probes (SPEC R5.2)",
-                    ));
-                }
-                let path = match (p.protocol, &p.path) {
-                    (ProbeProtocol::Tcp, Some(x)) => {
-                        return Err(invalid(
-                            f("path"),
-                            x,
-                            "a TCP probe has no path; use protocol = \"http\" (SPEC R5.2)",
-                        ))
-                    }
-                    (ProbeProtocol::Tcp, None) => String::new(),
-                    (ProbeProtocol::Http, None) => "/".into(),
-                    (ProbeProtocol::Http, Some(x)) => {
-                        if !x.starts_with('/')
-                            || x.chars().any(|c| c.is_whitespace() || c.is_control())
-                        {
-                            return Err(invalid(
-                                f("path"),
-                                x,
-                                "an HTTP path starts with `/` and has no spaces (SPEC R5.2)",
-                            ));
-                        }
-                        x.clone()
-                    }
-                };
-                probe_idx.insert(p.name.as_str(), pol.probes.len());
-                pol.probes.push(Probe {
-                    lb: lb.name.clone(),
-                    name: p.name.clone(),
-                    protocol: p.protocol,
-                    port: p.port,
-                    path,
-                    interval: p.interval_secs,
-                    threshold: p.unhealthy_threshold,
-                    members: Vec::new(),
-                });
-            }
+            let probe_idx = pol.add_probes(lb)?;
             let pools: HashMap<&str, &Vec<String>> = lb
                 .backend_pools
                 .iter()
                 .map(|b| (b.name.as_str(), &b.members))
                 .collect();
             for r in &lb.rules {
-                let rf = |x: &str| lf(format!("rules[{}].{x}", r.name));
-                let Some(fe) = lb.frontends.iter().find(|f| f.name == r.frontend) else {
-                    continue;
-                };
-                let Some(&addr) = pip.get(fe.public_ip.as_str()) else {
-                    continue;
-                };
-                let members: Vec<Arc<str>> = pools
-                    .get(r.backend_pool.as_str())
-                    .map(|m| m.iter().map(|n| Arc::from(n.as_str())).collect())
-                    .unwrap_or_default();
-                let probe = match &r.probe {
-                    None => None,
-                    Some(n) => Some(*probe_idx.get(n.as_str()).ok_or_else(|| {
-                        ConfigError::UnknownReference {
-                            field: rf("probe"),
-                            what: "probe",
-                            name: n.clone(),
-                        }
-                    })?),
-                };
-                if let Some(k) = probe {
-                    for m in &members {
-                        if !pol.probes[k].members.contains(m) {
-                            pol.probes[k].members.push(m.clone());
-                        }
-                    }
-                }
-                if r.frontend_port >= PORT_BASE && pat_frontends.contains(&addr) {
-                    return Err(invalid(
-                        rf("frontend_port"),
-                        r.frontend_port,
-                        format!(
-                            "public IP {} is used for outbound PAT, whose SNAT ports are {PORT_BASE}-65535 (SPEC R2.4); an inbound rule on it uses a frontend port 1-{} so the two never share a public 5-tuple (R2.2)",
-                            Ipv4Addr::from(addr),
-                            PORT_BASE - 1
-                        ),
-                    ));
-                }
-                let (tcp, udp) = match r.protocol {
-                    RuleProtocol::Tcp => (true, false),
-                    RuleProtocol::Udp => (false, true),
-                    RuleProtocol::All => (true, true),
-                };
-                for (on, p) in [(tcp, proto::TCP), (udp, proto::UDP)] {
-                    if !on {
-                        continue;
-                    }
-                    if let Some(other) =
-                        front_owner.insert((p, addr, r.frontend_port), rf("frontend_port"))
-                    {
-                        return Err(ConfigError::DuplicateAddress {
-                            field: rf("frontend_port"),
-                            address: format!("{}:{}", Ipv4Addr::from(addr), r.frontend_port),
-                            other: format!(
-                                "{other} (one rule per frontend IP, protocol and port, SPEC R5.1)"
-                            ),
-                        });
-                    }
-                }
-                pol.rules.push(InboundRule {
-                    lb: lb.name.clone(),
-                    name: r.name.clone(),
-                    frontend: addr,
-                    tcp,
-                    udp,
-                    frontend_port: r.frontend_port,
-                    backend_port: r.backend_port,
-                    members,
-                    probe,
-                    idle_timeout: idle_override.unwrap_or(r.idle_timeout_minutes * 60),
-                });
+                inbound.add_rule(&mut pol, lb, r, &pools, &probe_idx)?;
             }
         }
         Ok(pol)
     }
 
+    /// Validates the `[[nsg]]` entries and their associations, in configured order.
+    fn add_nsgs(
+        &mut self,
+        cfg: &ConfigFile,
+        instances: &[Instance],
+        vnet: &[Prefix],
+    ) -> Result<(), ConfigError> {
+        let inst: HashMap<&str, &Instance> = instances.iter().map(|i| (&*i.name, i)).collect();
+        check_unique("nsg.name", cfg.nsg.iter().map(|n| n.name.as_str()))?;
+        let mut nic_owner: HashMap<&str, &str> = HashMap::new();
+        for (k, n) in cfg.nsg.iter().enumerate() {
+            let rules = nsg_rules(n)?;
+            for m in &n.nics {
+                let field = || format!("nsg[{}].nics", n.name);
+                if !inst.contains_key(m.as_str()) {
+                    return Err(ConfigError::UnknownReference {
+                        field: field(),
+                        what: "instance",
+                        name: m.clone(),
+                    });
+                }
+                if let Some(other) = nic_owner.insert(m.as_str(), n.name.as_str()) {
+                    return Err(ConfigError::Model {
+                        field: field(),
+                        reason: format!(
+                            "instance `{m}` is already associated with NSG `{other}`; a NIC has at most one NSG (SPEC R4.1)"
+                        ),
+                    });
+                }
+                self.nic.insert(Arc::from(m.as_str()), k);
+            }
+            self.add_subnets(cfg, n, k, vnet)?;
+            self.nsgs.push(Nsg {
+                name: n.name.clone(),
+                rules,
+            });
+        }
+        Ok(())
+    }
+
+    /// Associates the subnets of NSG `n` (index `k`): prefixes inside the VNet, overlapping
+    /// no subnet of an earlier association.
+    fn add_subnets(
+        &mut self,
+        cfg: &ConfigFile,
+        n: &NsgCfg,
+        k: usize,
+        vnet: &[Prefix],
+    ) -> Result<(), ConfigError> {
+        for (i, s) in n.subnets.iter().enumerate() {
+            let field = format!("nsg[{}].subnets[{i}]", n.name);
+            let p = parse_prefix(&field, s)?;
+            let inside = vnet.iter().any(|v| v.len <= p.len && v.contains(p.addr));
+            if !inside {
+                return Err(invalid(
+                    field,
+                    s,
+                    "a subnet lies inside gateway.vnet_prefixes (SPEC R4.1)",
+                ));
+            }
+            for (q, o) in &self.subnets {
+                if q.contains(p.addr) || p.contains(q.addr) {
+                    return Err(ConfigError::DuplicateAddress {
+                        field,
+                        address: s.clone(),
+                        other: format!(
+                            "subnet {q} of NSG `{}` (a subnet has at most one NSG)",
+                            cfg.nsg[*o].name
+                        ),
+                    });
+                }
+            }
+            self.subnets.push((p, k));
+        }
+        Ok(())
+    }
+
+    /// Validates the probes of `lb` and adds them (without members yet); returns their
+    /// indices in [`Policy::probes`] by name.
+    fn add_probes<'a>(
+        &mut self,
+        lb: &'a LoadBalancerCfg,
+    ) -> Result<HashMap<&'a str, usize>, ConfigError> {
+        check_unique(
+            &format!("load_balancer[{}].probes.name", lb.name),
+            lb.probes.iter().map(|p| p.name.as_str()),
+        )?;
+        let mut probe_idx = HashMap::new();
+        for p in &lb.probes {
+            probe_idx.insert(p.name.as_str(), self.probes.len());
+            self.probes.push(probe_of(lb, p)?);
+        }
+        Ok(probe_idx)
+    }
     /// The NSGs that apply to the instance `name` at `private_ip`, in evaluation order for
     /// `direction`: inbound subnet then NIC, outbound NIC then subnet (the cloud's order).
     pub fn nsgs_for(

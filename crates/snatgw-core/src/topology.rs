@@ -13,7 +13,9 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::config::{ConfigFile, InstanceKind, Model};
+use crate::config::{
+    BackendPoolCfg, ConfigFile, GatewayCfg, InstanceCfg, InstanceKind, LoadBalancerCfg, Model,
+};
 use crate::error::ConfigError;
 
 /// Largest pool of instances that may share one public IP (SPEC R2.8).
@@ -198,7 +200,8 @@ pub fn parse_prefix(field: &str, s: &str) -> Result<Prefix, ConfigError> {
     Ok(p)
 }
 
-fn check_unique<'a>(
+/// Refuses an empty name or a name given twice among `names`, naming `field`.
+pub(crate) fn check_unique<'a>(
     field: &str,
     names: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), ConfigError> {
@@ -232,124 +235,178 @@ fn check_secs(field: &str, v: u32, min: u32) -> Result<(), ConfigError> {
     Ok(())
 }
 
-impl Topology {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_config(ConfigFile::from_toml(text)?)
+/// A flow limit (R9.2): 1 to [`MAX_FLOWS_LIMIT`].
+fn check_flows(field: &str, v: u64) -> Result<u32, ConfigError> {
+    if v == 0 || v > u64::from(MAX_FLOWS_LIMIT) {
+        return Err(ConfigError::Invalid {
+            field: field.into(),
+            value: v.to_string(),
+            reason: format!("a flow limit is between 1 and {MAX_FLOWS_LIMIT} (SPEC R9.2)"),
+        });
+    }
+    Ok(v as u32)
+}
+
+/// The timers, seed and flow limits of `[gateway]`.
+fn gateway_params(g: &GatewayCfg) -> Result<Params, ConfigError> {
+    check_secs("gateway.idle_timeout_secs", g.idle_timeout_secs, 1)?;
+    check_secs("gateway.fin_timeout_secs", g.fin_timeout_secs, 1)?;
+    check_secs("gateway.rst_timeout_secs", g.rst_timeout_secs, 1)?;
+    check_secs(
+        "gateway.port_reuse_history_secs",
+        g.port_reuse_history_secs,
+        0,
+    )?;
+    check_secs("gateway.event_interval_secs", g.event_interval_secs, 1)?;
+    if g.flow_memory_mib == 0 {
+        return Err(ConfigError::Invalid {
+            field: "gateway.flow_memory_mib".into(),
+            value: "0".into(),
+            reason: "the flow table needs a memory budget of at least 1 MiB (SPEC R9.2)".into(),
+        });
+    }
+    let max_flows = match g.max_flows {
+        Some(n) => check_flows("gateway.max_flows", u64::from(n))?,
+        None => (u64::from(g.flow_memory_mib) * (1 << 20) / crate::config::BYTES_PER_FLOW_BUDGET)
+            .clamp(1, u64::from(MAX_FLOWS_LIMIT)) as u32,
+    };
+    check_flows(
+        "gateway.max_flows_per_instance",
+        u64::from(g.max_flows_per_instance),
+    )?;
+    Ok(Params {
+        seed: g.seed,
+        idle_timeout: g.idle_timeout_secs,
+        fin_timeout: g.fin_timeout_secs,
+        rst_timeout: g.rst_timeout_secs,
+        reuse_history: g.port_reuse_history_secs,
+        max_flows,
+        event_interval: g.event_interval_secs,
+    })
+}
+
+/// The VNet address space (R1.7): at least one prefix.
+fn vnet_prefixes(g: &GatewayCfg) -> Result<Vec<Prefix>, ConfigError> {
+    let mut vnet = Vec::new();
+    for (i, p) in g.vnet_prefixes.iter().enumerate() {
+        vnet.push(parse_prefix(&format!("gateway.vnet_prefixes[{i}]"), p)?);
+    }
+    if vnet.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "gateway.vnet_prefixes".into(),
+            value: "[]".into(),
+            reason: "the virtual network needs at least one prefix (SPEC R1.7)".into(),
+        });
+    }
+    Ok(vnet)
+}
+
+/// The path of field `x` of instance `ic`.
+fn inst_field(ic: &InstanceCfg, x: &str) -> String {
+    format!("instance[{}].{x}", ic.name)
+}
+
+/// What the steps of [`Topology::from_config`] found so far, for the steps after them.
+/// Each step is one method, called in the order of the checks (so that of several errors
+/// the same one is reported).
+struct Validation<'a> {
+    cfg: &'a ConfigFile,
+    vnet: &'a [Prefix],
+    /// Every public address, with who uses it, to refuse duplicates and overlaps.
+    public_owner: HashMap<u32, String>,
+    pip_by_name: HashMap<&'a str, u32>,
+    avsets: HashSet<&'a str>,
+    deployment_names: HashSet<&'a str>,
+    instances: Vec<Instance>,
+    inst_idx: HashMap<&'a str, usize>,
+    ilpip_owner: HashMap<u32, &'a str>,
+    deployment_count: BTreeMap<&'a str, u32>,
+    /// Every LB frontend address, with the field that names it.
+    frontend_owner: HashMap<u32, String>,
+}
+
+impl<'a> Validation<'a> {
+    fn new(cfg: &'a ConfigFile, vnet: &'a [Prefix]) -> Self {
+        Validation {
+            cfg,
+            vnet,
+            public_owner: HashMap::new(),
+            pip_by_name: HashMap::new(),
+            avsets: HashSet::new(),
+            deployment_names: HashSet::new(),
+            instances: Vec::new(),
+            inst_idx: HashMap::new(),
+            ilpip_owner: HashMap::new(),
+            deployment_count: BTreeMap::new(),
+            frontend_owner: HashMap::new(),
+        }
     }
 
-    /// Validates a parsed file.
-    pub fn from_config(cfg: ConfigFile) -> Result<Self, ConfigError> {
-        let g = &cfg.gateway;
-        check_secs("gateway.idle_timeout_secs", g.idle_timeout_secs, 1)?;
-        check_secs("gateway.fin_timeout_secs", g.fin_timeout_secs, 1)?;
-        check_secs("gateway.rst_timeout_secs", g.rst_timeout_secs, 1)?;
-        check_secs(
-            "gateway.port_reuse_history_secs",
-            g.port_reuse_history_secs,
-            0,
-        )?;
-        check_secs("gateway.event_interval_secs", g.event_interval_secs, 1)?;
-        let check_flows = |field: &str, v: u64| -> Result<u32, ConfigError> {
-            if v == 0 || v > u64::from(MAX_FLOWS_LIMIT) {
-                return Err(ConfigError::Invalid {
-                    field: field.into(),
-                    value: v.to_string(),
-                    reason: format!("a flow limit is between 1 and {MAX_FLOWS_LIMIT} (SPEC R9.2)"),
-                });
-            }
-            Ok(v as u32)
-        };
-        if g.flow_memory_mib == 0 {
-            return Err(ConfigError::Invalid {
-                field: "gateway.flow_memory_mib".into(),
-                value: "0".into(),
-                reason: "the flow table needs a memory budget of at least 1 MiB (SPEC R9.2)".into(),
+    fn in_vnet(&self, ip: u32) -> Option<&'a Prefix> {
+        self.vnet.iter().find(|p| p.contains(ip))
+    }
+
+    /// Records that `who` uses public address `addr`, refusing VNet addresses and a second user.
+    fn claim(&mut self, field: &str, addr: u32, who: String) -> Result<(), ConfigError> {
+        if let Some(p) = self.in_vnet(addr) {
+            return Err(ConfigError::DuplicateAddress {
+                field: field.into(),
+                address: Ipv4Addr::from(addr).to_string(),
+                other: format!("the virtual network {p} (gateway.vnet_prefixes)"),
             });
         }
-        let max_flows = match g.max_flows {
-            Some(n) => check_flows("gateway.max_flows", u64::from(n))?,
-            None => (u64::from(g.flow_memory_mib) * (1 << 20)
-                / crate::config::BYTES_PER_FLOW_BUDGET)
-                .clamp(1, u64::from(MAX_FLOWS_LIMIT)) as u32,
-        };
-        check_flows(
-            "gateway.max_flows_per_instance",
-            u64::from(g.max_flows_per_instance),
-        )?;
-        let params = Params {
-            seed: g.seed,
-            idle_timeout: g.idle_timeout_secs,
-            fin_timeout: g.fin_timeout_secs,
-            rst_timeout: g.rst_timeout_secs,
-            reuse_history: g.port_reuse_history_secs,
-            max_flows,
-            event_interval: g.event_interval_secs,
-        };
-
-        let mut vnet = Vec::new();
-        for (i, p) in g.vnet_prefixes.iter().enumerate() {
-            vnet.push(parse_prefix(&format!("gateway.vnet_prefixes[{i}]"), p)?);
-        }
-        if vnet.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "gateway.vnet_prefixes".into(),
-                value: "[]".into(),
-                reason: "the virtual network needs at least one prefix (SPEC R1.7)".into(),
+        if let Some(other) = self.public_owner.get(&addr) {
+            return Err(ConfigError::DuplicateAddress {
+                field: field.into(),
+                address: Ipv4Addr::from(addr).to_string(),
+                other: other.clone(),
             });
         }
-        let in_vnet = |ip: u32| vnet.iter().find(|p| p.contains(ip));
+        self.public_owner.insert(addr, who);
+        Ok(())
+    }
 
-        // Every public address, with who uses it, to refuse duplicates and overlaps.
-        let mut public_owner: HashMap<u32, String> = HashMap::new();
-        let mut claim = |field: &str, addr: u32, who: String| -> Result<(), ConfigError> {
-            if let Some(p) = in_vnet(addr) {
-                return Err(ConfigError::DuplicateAddress {
-                    field: field.into(),
-                    address: Ipv4Addr::from(addr).to_string(),
-                    other: format!("the virtual network {p} (gateway.vnet_prefixes)"),
-                });
-            }
-            if let Some(other) = public_owner.get(&addr) {
-                return Err(ConfigError::DuplicateAddress {
-                    field: field.into(),
-                    address: Ipv4Addr::from(addr).to_string(),
-                    other: other.clone(),
-                });
-            }
-            public_owner.insert(addr, who);
-            Ok(())
-        };
-
+    /// The named public IPs.
+    fn public_ips(&mut self) -> Result<Vec<PublicIp>, ConfigError> {
+        let cfg = self.cfg;
         check_unique(
             "public_ip.name",
             cfg.public_ip.iter().map(|p| p.name.as_str()),
         )?;
         let mut public_ips = Vec::new();
-        let mut pip_by_name = HashMap::new();
         for p in &cfg.public_ip {
             let field = format!("public_ip[{}].address", p.name);
             let addr = parse_ipv4(&field, &p.address)?;
-            claim(&field, addr, format!("public_ip[{}]", p.name))?;
-            pip_by_name.insert(p.name.as_str(), addr);
+            self.claim(&field, addr, format!("public_ip[{}]", p.name))?;
+            self.pip_by_name.insert(p.name.as_str(), addr);
             public_ips.push(PublicIp {
                 name: p.name.clone(),
                 addr,
             });
         }
+        Ok(public_ips)
+    }
+
+    /// The default-SNAT pool (R1.3).
+    fn default_pool(&mut self) -> Result<Vec<u32>, ConfigError> {
         let mut default_pool = Vec::new();
-        for (i, a) in g.default_snat_pool.iter().enumerate() {
+        for (i, a) in self.cfg.gateway.default_snat_pool.iter().enumerate() {
             let field = format!("gateway.default_snat_pool[{i}]");
             let addr = parse_ipv4(&field, a)?;
-            claim(&field, addr, field.clone())?;
+            self.claim(&field, addr, field.clone())?;
             default_pool.push(addr);
         }
+        Ok(default_pool)
+    }
 
+    /// The names of availability sets and deployments, each unique.
+    fn group_names(&mut self) -> Result<(), ConfigError> {
+        let cfg = self.cfg;
         check_unique(
             "availability_set.name",
             cfg.availability_set.iter().map(|a| a.name.as_str()),
         )?;
-        let avsets: HashSet<&str> = cfg
+        self.avsets = cfg
             .availability_set
             .iter()
             .map(|a| a.name.as_str())
@@ -358,127 +415,51 @@ impl Topology {
             "deployment.name",
             cfg.deployment.iter().map(|d| d.name.as_str()),
         )?;
-        let deployment_names: HashSet<&str> =
-            cfg.deployment.iter().map(|d| d.name.as_str()).collect();
+        self.deployment_names = cfg.deployment.iter().map(|d| d.name.as_str()).collect();
+        Ok(())
+    }
 
+    /// The instances, in configured order (without LB membership yet).
+    fn instances(&mut self) -> Result<(), ConfigError> {
+        let cfg = self.cfg;
         check_unique(
             "instance.name",
             cfg.instance.iter().map(|i| i.name.as_str()),
         )?;
-        let mut instances = Vec::new();
-        let mut inst_idx: HashMap<&str, usize> = HashMap::new();
         let mut private_owner: HashMap<u32, &str> = HashMap::new();
-        let mut ilpip_owner: HashMap<u32, &str> = HashMap::new();
-        let mut deployment_count: BTreeMap<&str, u32> = BTreeMap::new();
         for ic in &cfg.instance {
-            let f = |x: &str| format!("instance[{}].{x}", ic.name);
-            let private_ip = parse_ipv4(&f("private_ip"), &ic.private_ip)?;
-            if in_vnet(private_ip).is_none() {
+            let private_ip = parse_ipv4(&inst_field(ic, "private_ip"), &ic.private_ip)?;
+            if self.in_vnet(private_ip).is_none() {
                 return Err(ConfigError::Invalid {
-                    field: f("private_ip"),
+                    field: inst_field(ic, "private_ip"),
                     value: ic.private_ip.clone(),
                     reason: "not inside gateway.vnet_prefixes".into(),
                 });
             }
             if let Some(other) = private_owner.insert(private_ip, &ic.name) {
                 return Err(ConfigError::DuplicateAddress {
-                    field: f("private_ip"),
+                    field: inst_field(ic, "private_ip"),
                     address: ic.private_ip.clone(),
                     other: format!("instance[{other}]"),
                 });
             }
             if ic.kind == InstanceKind::WebWorkerRole && ic.model != Model::Classic {
                 return Err(ConfigError::Model {
-                    field: f("kind"),
+                    field: inst_field(ic, "kind"),
                     reason: "web_worker_role exists only in the Classic model (SPEC §0): set model = \"classic\"".into(),
                 });
             }
-            let ilpip = match &ic.public_ip {
-                None => None,
-                Some(_) if ic.kind == InstanceKind::WebWorkerRole => {
-                    return Err(ConfigError::WebWorkerRoleIlpip {
-                        field: f("public_ip"),
-                    })
-                }
-                Some(n) => {
-                    let addr = *pip_by_name.get(n.as_str()).ok_or_else(|| {
-                        ConfigError::UnknownReference {
-                            field: f("public_ip"),
-                            what: "public_ip",
-                            name: n.clone(),
-                        }
-                    })?;
-                    if let Some(other) = ilpip_owner.insert(addr, &ic.name) {
-                        return Err(ConfigError::DuplicateAddress {
-                            field: f("public_ip"),
-                            address: Ipv4Addr::from(addr).to_string(),
-                            other: format!(
-                                "instance[{other}].public_ip (an ILPIP is 1:1, SPEC R1.1)"
-                            ),
-                        });
-                    }
-                    Some(addr)
-                }
-            };
+            let ilpip = self.ilpip(ic)?;
             let group = match ic.model {
-                Model::Arm => {
-                    if ic.deployment.is_some() {
-                        return Err(ConfigError::Model {
-                            field: f("deployment"),
-                            reason:
-                                "deployments are Classic; an ARM instance uses availability_set"
-                                    .into(),
-                        });
-                    }
-                    match &ic.availability_set {
-                        Some(a) if avsets.contains(a.as_str()) => {
-                            SnatGroup::AvailabilitySet(a.clone())
-                        }
-                        Some(a) => {
-                            return Err(ConfigError::UnknownReference {
-                                field: f("availability_set"),
-                                what: "availability_set",
-                                name: a.clone(),
-                            })
-                        }
-                        None => SnatGroup::Alone(ic.name.clone()),
-                    }
-                }
-                Model::Classic => {
-                    if ic.availability_set.is_some() {
-                        return Err(ConfigError::Model {
-                            field: f("availability_set"),
-                            reason: "availability sets are ARM; a Classic instance belongs to a deployment".into(),
-                        });
-                    }
-                    match &ic.deployment {
-                        Some(d) if deployment_names.contains(d.as_str()) => {
-                            *deployment_count.entry(d.as_str()).or_default() += 1;
-                            SnatGroup::Deployment(d.clone())
-                        }
-                        Some(d) => {
-                            return Err(ConfigError::UnknownReference {
-                                field: f("deployment"),
-                                what: "deployment",
-                                name: d.clone(),
-                            })
-                        }
-                        None => {
-                            return Err(ConfigError::Model {
-                                field: f("deployment"),
-                                reason: "a Classic instance must name its deployment (SPEC R1.3)"
-                                    .into(),
-                            })
-                        }
-                    }
-                }
+                Model::Arm => self.arm_group(ic)?,
+                Model::Classic => self.classic_group(ic)?,
             };
             let max_flows = match ic.max_flows {
-                Some(n) => check_flows(&f("max_flows"), u64::from(n))?,
-                None => g.max_flows_per_instance,
+                Some(n) => check_flows(&inst_field(ic, "max_flows"), u64::from(n))?,
+                None => cfg.gateway.max_flows_per_instance,
             };
-            inst_idx.insert(ic.name.as_str(), instances.len());
-            instances.push(Instance {
+            self.inst_idx.insert(ic.name.as_str(), self.instances.len());
+            self.instances.push(Instance {
                 name: Arc::from(ic.name.as_str()),
                 kind: ic.kind,
                 model: ic.model,
@@ -489,176 +470,247 @@ impl Topology {
                 max_flows,
             });
         }
+        Ok(())
+    }
 
+    /// The instance-level public IP of `ic` (R1.1): a named public IP, one instance each.
+    fn ilpip(&mut self, ic: &'a InstanceCfg) -> Result<Option<u32>, ConfigError> {
+        let Some(n) = &ic.public_ip else {
+            return Ok(None);
+        };
+        if ic.kind == InstanceKind::WebWorkerRole {
+            return Err(ConfigError::WebWorkerRoleIlpip {
+                field: inst_field(ic, "public_ip"),
+            });
+        }
+        let addr =
+            *self
+                .pip_by_name
+                .get(n.as_str())
+                .ok_or_else(|| ConfigError::UnknownReference {
+                    field: inst_field(ic, "public_ip"),
+                    what: "public_ip",
+                    name: n.clone(),
+                })?;
+        if let Some(other) = self.ilpip_owner.insert(addr, &ic.name) {
+            return Err(ConfigError::DuplicateAddress {
+                field: inst_field(ic, "public_ip"),
+                address: Ipv4Addr::from(addr).to_string(),
+                other: format!("instance[{other}].public_ip (an ILPIP is 1:1, SPEC R1.1)"),
+            });
+        }
+        Ok(Some(addr))
+    }
+
+    /// The default-SNAT group of an ARM instance: its availability set, else itself (R1.3).
+    fn arm_group(&self, ic: &InstanceCfg) -> Result<SnatGroup, ConfigError> {
+        if ic.deployment.is_some() {
+            return Err(ConfigError::Model {
+                field: inst_field(ic, "deployment"),
+                reason: "deployments are Classic; an ARM instance uses availability_set".into(),
+            });
+        }
+        match &ic.availability_set {
+            Some(a) if self.avsets.contains(a.as_str()) => {
+                Ok(SnatGroup::AvailabilitySet(a.clone()))
+            }
+            Some(a) => Err(ConfigError::UnknownReference {
+                field: inst_field(ic, "availability_set"),
+                what: "availability_set",
+                name: a.clone(),
+            }),
+            None => Ok(SnatGroup::Alone(ic.name.clone())),
+        }
+    }
+
+    /// The default-SNAT group of a Classic instance: its deployment (R1.3), which it counts in.
+    fn classic_group(&mut self, ic: &InstanceCfg) -> Result<SnatGroup, ConfigError> {
+        if ic.availability_set.is_some() {
+            return Err(ConfigError::Model {
+                field: inst_field(ic, "availability_set"),
+                reason: "availability sets are ARM; a Classic instance belongs to a deployment"
+                    .into(),
+            });
+        }
+        match &ic.deployment {
+            Some(d) => match self.deployment_names.get(d.as_str()) {
+                Some(&name) => {
+                    *self.deployment_count.entry(name).or_default() += 1;
+                    Ok(SnatGroup::Deployment(d.clone()))
+                }
+                None => Err(ConfigError::UnknownReference {
+                    field: inst_field(ic, "deployment"),
+                    what: "deployment",
+                    name: d.clone(),
+                }),
+            },
+            None => Err(ConfigError::Model {
+                field: inst_field(ic, "deployment"),
+                reason: "a Classic instance must name its deployment (SPEC R1.3)".into(),
+            }),
+        }
+    }
+
+    /// The load balancers: frontends, pools and rules, and from them each member's outbound
+    /// candidates (R1.2, R1.6), sorted.
+    fn load_balancers(&mut self) -> Result<(), ConfigError> {
+        let cfg = self.cfg;
         check_unique(
             "load_balancer.name",
             cfg.load_balancer.iter().map(|l| l.name.as_str()),
         )?;
-        let mut frontend_owner: HashMap<u32, String> = HashMap::new();
         for lb in &cfg.load_balancer {
-            let lf = |x: String| format!("load_balancer[{}].{x}", lb.name);
-            check_unique(
-                &lf("frontends.name".into()),
-                lb.frontends.iter().map(|x| x.name.as_str()),
-            )?;
-            check_unique(
-                &lf("backend_pools.name".into()),
-                lb.backend_pools.iter().map(|x| x.name.as_str()),
-            )?;
-            check_unique(
-                &lf("rules.name".into()),
-                lb.rules.iter().map(|x| x.name.as_str()),
-            )?;
-            let mut fe_addr = HashMap::new();
-            for fe in &lb.frontends {
-                let field = lf(format!("frontends[{}].public_ip", fe.name));
-                let addr = *pip_by_name.get(fe.public_ip.as_str()).ok_or_else(|| {
-                    ConfigError::UnknownReference {
-                        field: field.clone(),
-                        what: "public_ip",
-                        name: fe.public_ip.clone(),
-                    }
-                })?;
-                if let Some(owner) = ilpip_owner.get(&addr) {
-                    return Err(ConfigError::DuplicateAddress {
-                        field,
-                        address: Ipv4Addr::from(addr).to_string(),
-                        other: format!("instance[{owner}].public_ip"),
-                    });
-                }
-                if let Some(other) = frontend_owner.insert(addr, field.clone()) {
-                    return Err(ConfigError::DuplicateAddress {
-                        field,
-                        address: Ipv4Addr::from(addr).to_string(),
-                        other,
-                    });
-                }
-                fe_addr.insert(fe.name.as_str(), addr);
-            }
-            let mut pool_members: HashMap<&str, Vec<usize>> = HashMap::new();
-            for bp in &lb.backend_pools {
-                let field = lf(format!("backend_pools[{}].members", bp.name));
-                if bp.members.len() > MAX_POOL {
-                    return Err(ConfigError::PoolTooLarge {
-                        field,
-                        address: "(backend pool)".into(),
-                        size: bp.members.len(),
-                    });
-                }
-                let mut v = Vec::new();
-                let mut seen = HashSet::new();
-                for m in &bp.members {
-                    let &i =
-                        inst_idx
-                            .get(m.as_str())
-                            .ok_or_else(|| ConfigError::UnknownReference {
-                                field: field.clone(),
-                                what: "instance",
-                                name: m.clone(),
-                            })?;
-                    if !seen.insert(i) {
-                        return Err(ConfigError::DuplicateName {
-                            field: field.clone(),
-                            name: m.clone(),
-                        });
-                    }
-                    if instances[i].model != lb.model {
-                        return Err(ConfigError::Model {
-                            field: field.clone(),
-                            reason: format!(
-                                "instance `{m}` is {:?} but the load balancer is {:?}",
-                                instances[i].model, lb.model
-                            ),
-                        });
-                    }
-                    if let Some(other) = &instances[i].lb {
-                        if other.lb != lb.name {
-                            return Err(ConfigError::Model {
-                                field: field.clone(),
-                                reason: format!(
-                                    "instance `{m}` is already in a pool of public load balancer `{}`; an instance belongs to one public load balancer",
-                                    other.lb
-                                ),
-                            });
-                        }
-                    }
-                    instances[i].lb = Some(LbMembership {
-                        lb: lb.name.clone(),
-                        candidates: Vec::new(),
-                    });
-                    v.push(i);
-                }
-                pool_members.insert(bp.name.as_str(), v);
-            }
-            let mut rules_for_pool: HashMap<&str, Vec<u32>> = HashMap::new();
-            for r in &lb.rules {
-                let rf = |x: &str| lf(format!("rules[{}].{x}", r.name));
-                let fa = *fe_addr.get(r.frontend.as_str()).ok_or_else(|| {
-                    ConfigError::UnknownReference {
-                        field: rf("frontend"),
-                        what: "frontend",
-                        name: r.frontend.clone(),
-                    }
-                })?;
-                if !pool_members.contains_key(r.backend_pool.as_str()) {
-                    return Err(ConfigError::UnknownReference {
-                        field: rf("backend_pool"),
-                        what: "backend pool",
-                        name: r.backend_pool.clone(),
-                    });
-                }
-                for (name, port) in [
-                    ("frontend_port", r.frontend_port),
-                    ("backend_port", r.backend_port),
-                ] {
-                    if port == 0 {
-                        return Err(ConfigError::Invalid {
-                            field: rf(name),
-                            value: "0".into(),
-                            reason: "a port must be 1-65535".into(),
-                        });
-                    }
-                }
-                if !(4..=30).contains(&r.idle_timeout_minutes) {
-                    return Err(ConfigError::Invalid {
-                        field: rf("idle_timeout_minutes"),
-                        value: r.idle_timeout_minutes.to_string(),
-                        reason:
-                            "an inbound idle timeout is settable from 4 to 30 minutes (SPEC R3.7)"
-                                .into(),
-                    });
-                }
-                rules_for_pool
-                    .entry(r.backend_pool.as_str())
-                    .or_default()
-                    .push(fa);
-            }
-            // Outbound candidates (R1.2, R1.6).
-            let all_frontends: Vec<u32> = fe_addr.values().copied().collect();
-            for (pool, members) in &pool_members {
-                let cands: Vec<u32> = match lb.model {
-                    // ARM: only frontends of rules that reference this pool.
-                    Model::Arm => rules_for_pool.get(pool).cloned().unwrap_or_default(),
-                    // Classic: the pool membership of a load-balanced endpoint is enough.
-                    Model::Classic => all_frontends.clone(),
-                };
-                for &i in members {
-                    if let Some(m) = instances[i].lb.as_mut() {
-                        m.candidates.extend(&cands);
-                    }
-                }
-            }
+            self.load_balancer(lb)?;
         }
-        for inst in &mut instances {
+        for inst in &mut self.instances {
             if let Some(m) = inst.lb.as_mut() {
                 m.candidates.sort_unstable();
                 m.candidates.dedup();
             }
         }
+        Ok(())
+    }
 
-        // R2.8 for frontends: instances that may use a frontend for PAT.
+    fn load_balancer(&mut self, lb: &'a LoadBalancerCfg) -> Result<(), ConfigError> {
+        let lf = |x: &str| format!("load_balancer[{}].{x}", lb.name);
+        check_unique(
+            &lf("frontends.name"),
+            lb.frontends.iter().map(|x| x.name.as_str()),
+        )?;
+        check_unique(
+            &lf("backend_pools.name"),
+            lb.backend_pools.iter().map(|x| x.name.as_str()),
+        )?;
+        check_unique(&lf("rules.name"), lb.rules.iter().map(|x| x.name.as_str()))?;
+        let fe_addr = self.frontends(lb)?;
+        let mut pool_members: HashMap<&str, Vec<usize>> = HashMap::new();
+        for bp in &lb.backend_pools {
+            pool_members.insert(bp.name.as_str(), self.backend_pool(lb, bp)?);
+        }
+        let rules_for_pool = lb_rules(lb, &fe_addr, &pool_members)?;
+        // Outbound candidates (R1.2, R1.6).
+        let all_frontends: Vec<u32> = fe_addr.values().copied().collect();
+        for (pool, members) in &pool_members {
+            let cands: Vec<u32> = match lb.model {
+                // ARM: only frontends of rules that reference this pool.
+                Model::Arm => rules_for_pool.get(pool).cloned().unwrap_or_default(),
+                // Classic: the pool membership of a load-balanced endpoint is enough.
+                Model::Classic => all_frontends.clone(),
+            };
+            for &i in members {
+                if let Some(m) = self.instances[i].lb.as_mut() {
+                    m.candidates.extend(&cands);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The frontend addresses of `lb` by frontend name: named public IPs, none an ILPIP, none
+    /// used by another frontend.
+    fn frontends(&mut self, lb: &'a LoadBalancerCfg) -> Result<HashMap<&'a str, u32>, ConfigError> {
+        let mut fe_addr = HashMap::new();
+        for fe in &lb.frontends {
+            let field = format!(
+                "load_balancer[{}].frontends[{}].public_ip",
+                lb.name, fe.name
+            );
+            let addr = *self.pip_by_name.get(fe.public_ip.as_str()).ok_or_else(|| {
+                ConfigError::UnknownReference {
+                    field: field.clone(),
+                    what: "public_ip",
+                    name: fe.public_ip.clone(),
+                }
+            })?;
+            if let Some(owner) = self.ilpip_owner.get(&addr) {
+                return Err(ConfigError::DuplicateAddress {
+                    field,
+                    address: Ipv4Addr::from(addr).to_string(),
+                    other: format!("instance[{owner}].public_ip"),
+                });
+            }
+            if let Some(other) = self.frontend_owner.insert(addr, field.clone()) {
+                return Err(ConfigError::DuplicateAddress {
+                    field,
+                    address: Ipv4Addr::from(addr).to_string(),
+                    other,
+                });
+            }
+            fe_addr.insert(fe.name.as_str(), addr);
+        }
+        Ok(fe_addr)
+    }
+
+    /// The members of backend pool `bp` of `lb` (instance indices), each made a member of `lb`:
+    /// at most [`MAX_POOL`], known, listed once, of the LB's model, in no other public LB.
+    fn backend_pool(
+        &mut self,
+        lb: &LoadBalancerCfg,
+        bp: &BackendPoolCfg,
+    ) -> Result<Vec<usize>, ConfigError> {
+        let field = format!(
+            "load_balancer[{}].backend_pools[{}].members",
+            lb.name, bp.name
+        );
+        if bp.members.len() > MAX_POOL {
+            return Err(ConfigError::PoolTooLarge {
+                field,
+                address: "(backend pool)".into(),
+                size: bp.members.len(),
+            });
+        }
+        let mut v = Vec::new();
+        let mut seen = HashSet::new();
+        for m in &bp.members {
+            let &i =
+                self.inst_idx
+                    .get(m.as_str())
+                    .ok_or_else(|| ConfigError::UnknownReference {
+                        field: field.clone(),
+                        what: "instance",
+                        name: m.clone(),
+                    })?;
+            if !seen.insert(i) {
+                return Err(ConfigError::DuplicateName {
+                    field: field.clone(),
+                    name: m.clone(),
+                });
+            }
+            let inst = &mut self.instances[i];
+            if inst.model != lb.model {
+                return Err(ConfigError::Model {
+                    field: field.clone(),
+                    reason: format!(
+                        "instance `{m}` is {:?} but the load balancer is {:?}",
+                        inst.model, lb.model
+                    ),
+                });
+            }
+            if let Some(other) = &inst.lb {
+                if other.lb != lb.name {
+                    return Err(ConfigError::Model {
+                        field: field.clone(),
+                        reason: format!(
+                            "instance `{m}` is already in a pool of public load balancer `{}`; an instance belongs to one public load balancer",
+                            other.lb
+                        ),
+                    });
+                }
+            }
+            inst.lb = Some(LbMembership {
+                lb: lb.name.clone(),
+                candidates: Vec::new(),
+            });
+            v.push(i);
+        }
+        Ok(v)
+    }
+
+    /// R2.8 for frontends: how many instances (without an ILPIP) may use each frontend for
+    /// PAT, at most [`MAX_POOL`].
+    fn frontend_share(&self) -> Result<HashMap<u32, usize>, ConfigError> {
         let mut frontend_share: HashMap<u32, usize> = HashMap::new();
-        for inst in instances.iter().filter(|i| i.ilpip.is_none()) {
+        for inst in self.instances.iter().filter(|i| i.ilpip.is_none()) {
             if let Some(m) = &inst.lb {
                 for &a in &m.candidates {
                     *frontend_share.entry(a).or_default() += 1;
@@ -668,16 +720,25 @@ impl Topology {
         for (addr, n) in &frontend_share {
             if *n > MAX_POOL {
                 return Err(ConfigError::PoolTooLarge {
-                    field: frontend_owner.get(addr).cloned().unwrap_or_default(),
+                    field: self.frontend_owner.get(addr).cloned().unwrap_or_default(),
                     address: Ipv4Addr::from(*addr).to_string(),
                     size: *n,
                 });
             }
         }
+        Ok(frontend_share)
+    }
 
+    /// The Classic deployments with their actual size and, while redeploying, the reported one
+    /// (R2.11).
+    fn deployments(&self) -> Result<Vec<Deployment>, ConfigError> {
         let mut deployments = Vec::new();
-        for d in &cfg.deployment {
-            let actual = deployment_count.get(d.name.as_str()).copied().unwrap_or(0);
+        for d in &self.cfg.deployment {
+            let actual = self
+                .deployment_count
+                .get(d.name.as_str())
+                .copied()
+                .unwrap_or(0);
             if let Some(r) = d.redeploy_reported_instances {
                 if r < actual || r > actual.saturating_mul(2).max(1) {
                     return Err(ConfigError::Invalid {
@@ -695,18 +756,22 @@ impl Topology {
                 reported: d.redeploy_reported_instances,
             });
         }
+        Ok(deployments)
+    }
 
-        // R1.3: who needs default SNAT, and group sizes.
+    /// R1.3: the instances that need default SNAT need a pool, and no group of them may
+    /// exceed [`MAX_POOL`].
+    fn default_snat(&self, pool_empty: bool) -> Result<(), ConfigError> {
         let mut group_size: BTreeMap<&SnatGroup, usize> = BTreeMap::new();
         let mut need = Vec::new();
-        for inst in &instances {
+        for inst in &self.instances {
             let lb_ok = inst.lb.as_ref().is_some_and(|m| !m.candidates.is_empty());
             if inst.ilpip.is_none() && !lb_ok {
                 need.push(inst.name.clone());
                 *group_size.entry(&inst.group).or_default() += 1;
             }
         }
-        if !need.is_empty() && default_pool.is_empty() {
+        if !need.is_empty() && pool_empty {
             return Err(ConfigError::EmptyDefaultPool {
                 count: need.len(),
                 example: need[0].to_string(),
@@ -721,6 +786,86 @@ impl Topology {
                 });
             }
         }
+        Ok(())
+    }
+}
+
+/// The rules of `lb` (references, ports, R3.7 idle timeout); returns the frontend addresses
+/// of the rules that use each backend pool.
+fn lb_rules<'a>(
+    lb: &'a LoadBalancerCfg,
+    fe_addr: &HashMap<&str, u32>,
+    pool_members: &HashMap<&str, Vec<usize>>,
+) -> Result<HashMap<&'a str, Vec<u32>>, ConfigError> {
+    let mut rules_for_pool: HashMap<&str, Vec<u32>> = HashMap::new();
+    for r in &lb.rules {
+        let rf = |x: &str| format!("load_balancer[{}].rules[{}].{x}", lb.name, r.name);
+        let fa =
+            *fe_addr
+                .get(r.frontend.as_str())
+                .ok_or_else(|| ConfigError::UnknownReference {
+                    field: rf("frontend"),
+                    what: "frontend",
+                    name: r.frontend.clone(),
+                })?;
+        if !pool_members.contains_key(r.backend_pool.as_str()) {
+            return Err(ConfigError::UnknownReference {
+                field: rf("backend_pool"),
+                what: "backend pool",
+                name: r.backend_pool.clone(),
+            });
+        }
+        for (name, port) in [
+            ("frontend_port", r.frontend_port),
+            ("backend_port", r.backend_port),
+        ] {
+            if port == 0 {
+                return Err(ConfigError::Invalid {
+                    field: rf(name),
+                    value: "0".into(),
+                    reason: "a port must be 1-65535".into(),
+                });
+            }
+        }
+        if !(4..=30).contains(&r.idle_timeout_minutes) {
+            return Err(ConfigError::Invalid {
+                field: rf("idle_timeout_minutes"),
+                value: r.idle_timeout_minutes.to_string(),
+                reason: "an inbound idle timeout is settable from 4 to 30 minutes (SPEC R3.7)"
+                    .into(),
+            });
+        }
+        rules_for_pool
+            .entry(r.backend_pool.as_str())
+            .or_default()
+            .push(fa);
+    }
+    Ok(rules_for_pool)
+}
+
+impl Topology {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_config(ConfigFile::from_toml(text)?)
+    }
+
+    /// Validates a parsed file: `[gateway]`, the public addresses, availability sets and
+    /// deployments, instances, load balancers, the shares of frontends and default-SNAT groups
+    /// (R2.8), then the policy (NSGs, inbound rules, probes), in that order; the first error
+    /// found is returned.
+    pub fn from_config(cfg: ConfigFile) -> Result<Self, ConfigError> {
+        let params = gateway_params(&cfg.gateway)?;
+        let vnet = vnet_prefixes(&cfg.gateway)?;
+        let mut v = Validation::new(&cfg, &vnet);
+        let public_ips = v.public_ips()?;
+        let default_pool = v.default_pool()?;
+        v.group_names()?;
+        v.instances()?;
+        v.load_balancers()?;
+        let frontend_share = v.frontend_share()?;
+        let deployments = v.deployments()?;
+        v.default_snat(default_pool.is_empty())?;
+        let instances = v.instances;
 
         let pat_frontends: HashSet<u32> = frontend_share.keys().copied().collect();
         let policy = crate::policy::Policy::from_config(&cfg, &instances, &vnet, &pat_frontends)?;

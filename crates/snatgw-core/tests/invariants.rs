@@ -186,7 +186,7 @@ proptest! {
                                 let t = now + RSTT;
                                 m.close = Some(m.close.map_or(t, |c| c.min(t)));
                             }
-                            if flags & 0x01 != 0 {
+                            if flags & snatgw_core::tcp_flags::FIN != 0 {
                                 let had = m.fin_out && m.fin_in;
                                 if inbound { m.fin_in = true } else { m.fin_out = true }
                                 if m.fin_out && m.fin_in && !had {

@@ -145,11 +145,19 @@ fn r1_2_pat_carries_tcp_and_udp_only() {
         Verdict::Drop(DropReason::ProtocolNotTranslated)
     );
     assert_eq!(
-        out(&mut e, 1, Packet::icmp(src, ip(SERVER), 8)),
+        out(
+            &mut e,
+            1,
+            Packet::icmp(src, ip(SERVER), snatgw_wire::ICMP_ECHO_REQUEST)
+        ),
         Verdict::Drop(DropReason::IcmpEchoViaPat)
     );
     assert_eq!(
-        out(&mut e, 1, Packet::icmp(src, ip(SERVER), 3)),
+        out(
+            &mut e,
+            1,
+            Packet::icmp(src, ip(SERVER), snatgw_wire::ICMP_DEST_UNREACHABLE)
+        ),
         Verdict::Drop(DropReason::ProtocolNotTranslated)
     );
     let r = e.instance("vm-lb1").expect("instance");

@@ -7,11 +7,8 @@
 //! What it does not do: no decryption, no integrity check, no UDP encapsulation (RFC 3948
 //! NAT-T is plain UDP to this crate), no PAT (ESP has no ports).
 
-use crate::field::get_u32;
+use crate::field::{esp, get_u32};
 use crate::WireError;
-
-/// Length of the ESP header (SPI + sequence number).
-pub const ESP_HEADER_LEN: usize = 8;
 
 /// A view of an ESP packet in a byte buffer.
 ///
@@ -40,7 +37,7 @@ impl<T: AsRef<[u8]>> EspPacket<T> {
     /// Validate: buffer >= 8 bytes.
     #[inline]
     pub fn check_len(&self) -> Result<(), WireError> {
-        if self.buffer.as_ref().len() < ESP_HEADER_LEN {
+        if self.buffer.as_ref().len() < esp::HEADER_LEN {
             return Err(WireError::EspTruncated);
         }
         Ok(())
@@ -55,19 +52,19 @@ impl<T: AsRef<[u8]>> EspPacket<T> {
     /// The Security Parameters Index.
     #[inline]
     pub fn spi(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), 0)
+        get_u32(self.buffer.as_ref(), esp::SPI)
     }
 
     /// The sequence number.
     #[inline]
     pub fn seq(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), 4)
+        get_u32(self.buffer.as_ref(), esp::SEQ)
     }
 
     /// The encrypted payload, ICV included (bytes after the 8-byte header).
     #[inline]
     pub fn payload(&self) -> &[u8] {
-        &self.buffer.as_ref()[ESP_HEADER_LEN..]
+        &self.buffer.as_ref()[esp::HEADER_LEN..]
     }
 }
 

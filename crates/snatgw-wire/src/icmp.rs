@@ -15,46 +15,9 @@
 //! [`Ipv4Packet::payload`](crate::Ipv4Packet::payload)).
 
 use crate::checksum::{self, Delta};
+use crate::field::icmp;
 use crate::field::{get_u16, get_u32, set_u16};
 use crate::WireError;
-
-/// Length of the ICMP header (type, code, checksum, 4 bytes of rest-of-header).
-pub const ICMP_HEADER_LEN: usize = 8;
-
-/// ICMP type: echo reply.
-pub const ICMP_ECHO_REPLY: u8 = 0;
-/// ICMP type: destination unreachable.
-pub const ICMP_DEST_UNREACHABLE: u8 = 3;
-/// ICMP type: source quench (deprecated by RFC 6633, still classified as an error).
-pub const ICMP_SOURCE_QUENCH: u8 = 4;
-/// ICMP type: echo request.
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-/// ICMP type: time exceeded.
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
-/// ICMP type: parameter problem.
-pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// Destination-unreachable code: port unreachable.
-pub const ICMP_CODE_PORT_UNREACHABLE: u8 = 3;
-/// Destination-unreachable code: fragmentation needed and DF set (RFC 1191).
-pub const ICMP_CODE_FRAG_NEEDED: u8 = 4;
-
-pub(crate) mod off {
-    pub const TYPE: usize = 0;
-    pub const CODE: usize = 1;
-    pub const CHECKSUM: usize = 2;
-    pub const ECHO_ID: usize = 4;
-    pub const ECHO_SEQ: usize = 6;
-    pub const MTU: usize = 6;
-}
-
-/// True for the ICMP types that carry a quoted packet: 3, 4, 11, 12.
-#[inline(always)]
-pub(crate) const fn is_error_type(t: u8) -> bool {
-    matches!(
-        t,
-        ICMP_DEST_UNREACHABLE | ICMP_SOURCE_QUENCH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    )
-}
 
 /// A view of an ICMPv4 message in a byte buffer.
 ///
@@ -83,7 +46,7 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
     /// Validate: buffer >= 8 bytes. The quoted packet of an error is not validated here.
     #[inline]
     pub fn check_len(&self) -> Result<(), WireError> {
-        if self.buffer.as_ref().len() < ICMP_HEADER_LEN {
+        if self.buffer.as_ref().len() < icmp::HEADER_LEN {
             return Err(WireError::IcmpTruncated);
         }
         Ok(())
@@ -98,71 +61,71 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
     /// The message type.
     #[inline]
     pub fn msg_type(&self) -> u8 {
-        self.buffer.as_ref()[off::TYPE]
+        self.buffer.as_ref()[icmp::TYPE]
     }
 
     /// The message code.
     #[inline]
     pub fn code(&self) -> u8 {
-        self.buffer.as_ref()[off::CODE]
+        self.buffer.as_ref()[icmp::CODE]
     }
 
     /// The checksum field (covers the whole message).
     #[inline]
     pub fn checksum(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::CHECKSUM)
+        get_u16(self.buffer.as_ref(), icmp::CHECKSUM)
     }
 
     /// Bytes 4..8 of the header as one big-endian word.
     #[inline]
     pub fn rest_of_header(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), off::ECHO_ID)
+        get_u32(self.buffer.as_ref(), icmp::REST)
     }
 
     /// The echo identifier (bytes 4..6; meaningful for echo request/reply).
     #[inline]
     pub fn echo_identifier(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::ECHO_ID)
+        get_u16(self.buffer.as_ref(), icmp::ECHO_ID)
     }
 
     /// The echo sequence number (bytes 6..8; meaningful for echo request/reply).
     #[inline]
     pub fn echo_sequence(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::ECHO_SEQ)
+        get_u16(self.buffer.as_ref(), icmp::ECHO_SEQ)
     }
 
     /// True for error messages that quote a packet: destination unreachable (3), source
     /// quench (4), time exceeded (11), parameter problem (12).
     #[inline]
     pub fn is_error(&self) -> bool {
-        is_error_type(self.msg_type())
+        icmp::is_error_type(self.msg_type())
     }
 
     /// True for an echo request (type 8).
     #[inline]
     pub fn is_echo_request(&self) -> bool {
-        self.msg_type() == ICMP_ECHO_REQUEST
+        self.msg_type() == icmp::ECHO_REQUEST
     }
 
     /// True for an echo reply (type 0).
     #[inline]
     pub fn is_echo_reply(&self) -> bool {
-        self.msg_type() == ICMP_ECHO_REPLY
+        self.msg_type() == icmp::ECHO_REPLY
     }
 
     /// The next-hop MTU of a "fragmentation needed" message (type 3 code 4, RFC 1191);
     /// `None` for other messages. A value of 0 comes from a pre-RFC 1191 router.
     #[inline]
     pub fn next_hop_mtu(&self) -> Option<u16> {
-        (self.msg_type() == ICMP_DEST_UNREACHABLE && self.code() == ICMP_CODE_FRAG_NEEDED)
-            .then(|| get_u16(self.buffer.as_ref(), off::MTU))
+        (self.msg_type() == icmp::DEST_UNREACHABLE && self.code() == icmp::CODE_FRAG_NEEDED)
+            .then(|| get_u16(self.buffer.as_ref(), icmp::MTU))
     }
 
     /// Bytes after the 8-byte header: for an error message, the quoted packet (its IPv4 header
     /// and at least the first 8 bytes of its payload when well formed; possibly truncated).
     #[inline]
     pub fn inner(&self) -> &[u8] {
-        &self.buffer.as_ref()[ICMP_HEADER_LEN..]
+        &self.buffer.as_ref()[icmp::HEADER_LEN..]
     }
 
     /// True when the checksum over the whole message is valid.
@@ -173,30 +136,34 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
+    /// Set the 16-bit field at `off` and update the checksum incrementally.
+    #[inline(always)]
+    fn set_field(&mut self, off: usize, value: u16) {
+        let b = self.buffer.as_mut();
+        let old = get_u16(b, off);
+        set_u16(b, off, value);
+        let c = Delta::new()
+            .u16(old, value)
+            .apply(get_u16(b, icmp::CHECKSUM));
+        set_u16(b, icmp::CHECKSUM, c);
+    }
+
     /// Set the echo identifier and update the checksum incrementally.
     #[inline]
     pub fn set_echo_identifier(&mut self, id: u16) {
-        let old = self.echo_identifier();
-        let b = self.buffer.as_mut();
-        set_u16(b, off::ECHO_ID, id);
-        let c = Delta::new().u16(old, id).apply(get_u16(b, off::CHECKSUM));
-        set_u16(b, off::CHECKSUM, c);
+        self.set_field(icmp::ECHO_ID, id);
     }
 
     /// Set the echo sequence number and update the checksum incrementally.
     #[inline]
     pub fn set_echo_sequence(&mut self, seq: u16) {
-        let old = self.echo_sequence();
-        let b = self.buffer.as_mut();
-        set_u16(b, off::ECHO_SEQ, seq);
-        let c = Delta::new().u16(old, seq).apply(get_u16(b, off::CHECKSUM));
-        set_u16(b, off::CHECKSUM, c);
+        self.set_field(icmp::ECHO_SEQ, seq);
     }
 
     /// Write the checksum field as is (no computation).
     #[inline]
     pub fn set_checksum(&mut self, check: u16) {
-        set_u16(self.buffer.as_mut(), off::CHECKSUM, check);
+        set_u16(self.buffer.as_mut(), icmp::CHECKSUM, check);
     }
 
     /// Recompute the checksum over the whole message from scratch.
@@ -210,7 +177,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
     /// The bytes after the 8-byte header, mutable. Changing them invalidates the checksum.
     #[inline]
     pub fn inner_mut(&mut self) -> &mut [u8] {
-        &mut self.buffer.as_mut()[ICMP_HEADER_LEN..]
+        &mut self.buffer.as_mut()[icmp::HEADER_LEN..]
     }
 }
 
@@ -218,6 +185,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
 mod tests {
     use super::*;
     use crate::testutil::{self, Ipv4Spec};
+    use crate::ICMP_ECHO_REQUEST;
 
     #[test]
     fn echo_accessors_and_setters() {

@@ -11,48 +11,29 @@
 //! [`rewrite_dst`](crate::rewrite_dst) for that), and ignores bytes after `total_len`.
 
 use crate::checksum;
+use crate::field::ipv4;
 use crate::field::{get_u16, get_u32, set_u16, set_u32};
 use crate::WireError;
-
-/// Length of an IPv4 header without options.
-pub const IPV4_MIN_HEADER_LEN: usize = 20;
-/// Length of an IPv4 header with 40 bytes of options (IHL 15).
-pub const IPV4_MAX_HEADER_LEN: usize = 60;
-
-pub(crate) mod off {
-    pub const VER_IHL: usize = 0;
-    pub const TOS: usize = 1;
-    pub const TOTAL_LEN: usize = 2;
-    pub const IDENT: usize = 4;
-    pub const FLAGS_FRAG: usize = 6;
-    pub const TTL: usize = 8;
-    pub const PROTOCOL: usize = 9;
-    pub const CHECKSUM: usize = 10;
-    pub const SRC: usize = 12;
-    pub const DST: usize = 16;
-}
-
-const FLAG_DF: u16 = 0x4000;
-const FLAG_MF: u16 = 0x2000;
-const FRAG_MASK: u16 = 0x1fff;
 
 /// Validate an IPv4 header at the start of `b` (see [`Ipv4Packet::check_len`]); returns the
 /// fixed 20-byte header, the header length and the total length.
 #[inline(always)]
-pub(crate) fn check_header(b: &[u8]) -> Result<(&[u8; 20], usize, usize), WireError> {
-    let Some(h) = b.first_chunk::<IPV4_MIN_HEADER_LEN>() else {
+pub(crate) fn check_header(
+    b: &[u8],
+) -> Result<(&[u8; ipv4::MIN_HEADER_LEN], usize, usize), WireError> {
+    let Some(h) = b.first_chunk::<{ ipv4::MIN_HEADER_LEN }>() else {
         return Err(WireError::Ipv4TooShort { len: b.len() });
     };
-    let version = h[off::VER_IHL] >> 4;
-    if version != 4 {
+    let version = ipv4::version(h[ipv4::VER_IHL]);
+    if version != ipv4::VERSION {
         return Err(WireError::BadVersion(version));
     }
-    let ihl = h[off::VER_IHL] & 0x0f;
-    if ihl < 5 {
+    let ihl = ipv4::ihl(h[ipv4::VER_IHL]);
+    if ihl < ipv4::MIN_IHL {
         return Err(WireError::BadIhl(ihl));
     }
-    let header_len = usize::from(ihl) * 4;
-    let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    let header_len = ipv4::header_len(h[ipv4::VER_IHL]);
+    let total_len = usize::from(get_u16(h, ipv4::TOTAL_LEN));
     if header_len > total_len {
         return Err(WireError::HeaderLenExceedsTotalLen {
             header_len,
@@ -114,97 +95,98 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// The version field (4 for a checked packet).
     #[inline]
     pub fn version(&self) -> u8 {
-        self.buffer.as_ref()[off::VER_IHL] >> 4
+        ipv4::version(self.buffer.as_ref()[ipv4::VER_IHL])
     }
 
     /// Header length in bytes (IHL * 4, 20..=60).
     #[inline]
     pub fn header_len(&self) -> u8 {
-        (self.buffer.as_ref()[off::VER_IHL] & 0x0f) * 4
+        ipv4::header_len(self.buffer.as_ref()[ipv4::VER_IHL]) as u8
     }
 
     /// The type-of-service byte (DSCP and ECN).
     #[inline]
     pub fn tos(&self) -> u8 {
-        self.buffer.as_ref()[off::TOS]
+        self.buffer.as_ref()[ipv4::TOS]
     }
 
     /// The total length field (header + payload).
     #[inline]
     pub fn total_len(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::TOTAL_LEN)
+        get_u16(self.buffer.as_ref(), ipv4::TOTAL_LEN)
     }
 
     /// The identification field.
     #[inline]
     pub fn ident(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::IDENT)
+        get_u16(self.buffer.as_ref(), ipv4::IDENT)
     }
 
     /// The don't-fragment flag.
     #[inline]
     pub fn dont_frag(&self) -> bool {
-        get_u16(self.buffer.as_ref(), off::FLAGS_FRAG) & FLAG_DF != 0
+        get_u16(self.buffer.as_ref(), ipv4::FLAGS_FRAG) & ipv4::FLAG_DF != 0
     }
 
     /// The more-fragments flag.
     #[inline]
     pub fn more_frags(&self) -> bool {
-        get_u16(self.buffer.as_ref(), off::FLAGS_FRAG) & FLAG_MF != 0
+        get_u16(self.buffer.as_ref(), ipv4::FLAGS_FRAG) & ipv4::FLAG_MF != 0
     }
 
     /// The fragment offset in bytes (field * 8).
     #[inline]
     pub fn frag_offset(&self) -> u16 {
-        (get_u16(self.buffer.as_ref(), off::FLAGS_FRAG) & FRAG_MASK) * 8
+        (get_u16(self.buffer.as_ref(), ipv4::FLAGS_FRAG) & ipv4::FRAG_MASK) * ipv4::FRAG_UNIT
     }
 
     /// True for any fragment (more-fragments set or non-zero offset).
     #[inline]
     pub fn is_fragment(&self) -> bool {
-        get_u16(self.buffer.as_ref(), off::FLAGS_FRAG) & (FLAG_MF | FRAG_MASK) != 0
+        get_u16(self.buffer.as_ref(), ipv4::FLAGS_FRAG) & (ipv4::FLAG_MF | ipv4::FRAG_MASK) != 0
     }
 
     /// True for the first fragment of a fragmented packet (offset 0, more-fragments set).
     #[inline]
     pub fn is_first_fragment(&self) -> bool {
-        get_u16(self.buffer.as_ref(), off::FLAGS_FRAG) & (FLAG_MF | FRAG_MASK) == FLAG_MF
+        get_u16(self.buffer.as_ref(), ipv4::FLAGS_FRAG) & (ipv4::FLAG_MF | ipv4::FRAG_MASK)
+            == ipv4::FLAG_MF
     }
 
     /// The time-to-live field.
     #[inline]
     pub fn ttl(&self) -> u8 {
-        self.buffer.as_ref()[off::TTL]
+        self.buffer.as_ref()[ipv4::TTL]
     }
 
     /// The protocol field (see [`PROTO_TCP`](crate::PROTO_TCP) and friends).
     #[inline]
     pub fn protocol(&self) -> u8 {
-        self.buffer.as_ref()[off::PROTOCOL]
+        self.buffer.as_ref()[ipv4::PROTOCOL]
     }
 
     /// The header checksum field.
     #[inline]
     pub fn checksum(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::CHECKSUM)
+        get_u16(self.buffer.as_ref(), ipv4::CHECKSUM)
     }
 
     /// The source address, host byte order.
     #[inline]
     pub fn src_addr(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), off::SRC)
+        get_u32(self.buffer.as_ref(), ipv4::SRC)
     }
 
     /// The destination address, host byte order.
     #[inline]
     pub fn dst_addr(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), off::DST)
+        get_u32(self.buffer.as_ref(), ipv4::DST)
     }
 
     /// The options bytes (`20..header_len`), empty without options.
     #[inline]
     pub fn options(&self) -> &[u8] {
-        &self.buffer.as_ref()[IPV4_MIN_HEADER_LEN..usize::from(self.header_len())]
+        &self.buffer.as_ref()[ipv4::MIN_HEADER_LEN..usize::from(self.header_len())]
     }
 
     /// The payload: bytes `header_len..total_len`. Bytes after `total_len` are not included.
@@ -225,8 +207,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline(always)]
     fn update_checksum(&mut self, delta: checksum::Delta) {
         let b = self.buffer.as_mut();
-        let c = delta.apply(get_u16(b, off::CHECKSUM));
-        set_u16(b, off::CHECKSUM, c);
+        let c = delta.apply(get_u16(b, ipv4::CHECKSUM));
+        set_u16(b, ipv4::CHECKSUM, c);
     }
 
     /// Set the source address and update the header checksum incrementally.
@@ -234,7 +216,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline]
     pub fn set_src_addr(&mut self, addr: u32) {
         let old = self.src_addr();
-        set_u32(self.buffer.as_mut(), off::SRC, addr);
+        set_u32(self.buffer.as_mut(), ipv4::SRC, addr);
         self.update_checksum(checksum::Delta::new().u32(old, addr));
     }
 
@@ -243,7 +225,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline]
     pub fn set_dst_addr(&mut self, addr: u32) {
         let old = self.dst_addr();
-        set_u32(self.buffer.as_mut(), off::DST, addr);
+        set_u32(self.buffer.as_mut(), ipv4::DST, addr);
         self.update_checksum(checksum::Delta::new().u32(old, addr));
     }
 
@@ -251,9 +233,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline]
     pub fn set_ttl(&mut self, ttl: u8) {
         let b = self.buffer.as_mut();
-        let old = get_u16(b, off::TTL);
-        b[off::TTL] = ttl;
-        let new = get_u16(b, off::TTL);
+        let old = get_u16(b, ipv4::TTL);
+        b[ipv4::TTL] = ttl;
+        let new = get_u16(b, ipv4::TTL);
         self.update_checksum(checksum::Delta::new().u16(old, new));
     }
 
@@ -261,14 +243,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline]
     pub fn set_ident(&mut self, ident: u16) {
         let old = self.ident();
-        set_u16(self.buffer.as_mut(), off::IDENT, ident);
+        set_u16(self.buffer.as_mut(), ipv4::IDENT, ident);
         self.update_checksum(checksum::Delta::new().u16(old, ident));
     }
 
     /// Write the header checksum field as is (no computation).
     #[inline]
     pub fn set_checksum(&mut self, check: u16) {
-        set_u16(self.buffer.as_mut(), off::CHECKSUM, check);
+        set_u16(self.buffer.as_mut(), ipv4::CHECKSUM, check);
     }
 
     /// Recompute the header checksum from scratch.
@@ -295,7 +277,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     #[inline]
     pub fn options_mut(&mut self) -> &mut [u8] {
         let hl = usize::from(self.header_len());
-        &mut self.buffer.as_mut()[IPV4_MIN_HEADER_LEN..hl]
+        &mut self.buffer.as_mut()[ipv4::MIN_HEADER_LEN..hl]
     }
 }
 
@@ -342,7 +324,7 @@ mod tests {
         assert!(p.verify_checksum());
         assert_eq!(
             p.checksum(),
-            u16::from_be_bytes([bytes[10], bytes[11]]),
+            get_u16(&bytes, ipv4::CHECKSUM),
             "checksum accessor"
         );
     }
@@ -404,7 +386,7 @@ mod tests {
     #[test]
     fn error_bad_version() {
         let mut b = sample();
-        b[0] = 0x65;
+        b[ipv4::VER_IHL] = 0x65;
         assert_eq!(
             Ipv4Packet::new_checked(&b[..]),
             Err(WireError::BadVersion(6))
@@ -414,7 +396,7 @@ mod tests {
     #[test]
     fn error_ihl_below_5() {
         let mut b = sample();
-        b[0] = 0x44;
+        b[ipv4::VER_IHL] = 0x44;
         assert_eq!(Ipv4Packet::new_checked(&b[..]), Err(WireError::BadIhl(4)));
     }
 
@@ -433,8 +415,7 @@ mod tests {
     #[test]
     fn error_header_len_exceeds_total_len() {
         let mut b = sample();
-        b[2] = 0;
-        b[3] = 22;
+        set_u16(&mut b, ipv4::TOTAL_LEN, 22);
         assert_eq!(
             Ipv4Packet::new_checked(&b[..]),
             Err(WireError::HeaderLenExceedsTotalLen {

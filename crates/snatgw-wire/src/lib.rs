@@ -5,6 +5,9 @@
 //!
 //! The crate is organised like smoltcp's `wire` module:
 //!
+//! * `field` (internal): one table per header (IPv4, TCP, UDP, ICMP, ESP) with every offset,
+//!   length, mask, flag bit and protocol number; everything below, and the public constants
+//!   (`PROTO_TCP`, `IPV4_MIN_HEADER_LEN`, `ICMP_ECHO_REQUEST`, ...), come from it.
 //! * [`checksum`]: the Internet checksum (RFC 1071) and its incremental update (RFC 1624).
 //! * [`Ipv4Packet`], [`TcpPacket`], [`UdpPacket`], [`IcmpPacket`], [`EspPacket`]: typed views
 //!   over a byte buffer (`T: AsRef<[u8]>`, mutable when `T: AsMut<[u8]>`). `new_checked`
@@ -45,26 +48,27 @@ pub mod testutil;
 mod proptests;
 
 pub use error::WireError;
-pub use esp::{EspPacket, ESP_HEADER_LEN};
-pub use icmp::{
-    IcmpPacket, ICMP_CODE_FRAG_NEEDED, ICMP_CODE_PORT_UNREACHABLE, ICMP_DEST_UNREACHABLE,
-    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HEADER_LEN, ICMP_PARAMETER_PROBLEM,
-    ICMP_SOURCE_QUENCH, ICMP_TIME_EXCEEDED,
+pub use esp::EspPacket;
+pub use field::esp::HEADER_LEN as ESP_HEADER_LEN;
+pub use field::icmp::{
+    CODE_FRAG_NEEDED as ICMP_CODE_FRAG_NEEDED, CODE_PORT_UNREACHABLE as ICMP_CODE_PORT_UNREACHABLE,
+    DEST_UNREACHABLE as ICMP_DEST_UNREACHABLE, ECHO_REPLY as ICMP_ECHO_REPLY,
+    ECHO_REQUEST as ICMP_ECHO_REQUEST, HEADER_LEN as ICMP_HEADER_LEN,
+    PARAMETER_PROBLEM as ICMP_PARAMETER_PROBLEM, SOURCE_QUENCH as ICMP_SOURCE_QUENCH,
+    TIME_EXCEEDED as ICMP_TIME_EXCEEDED,
 };
-pub use ipv4::{Ipv4Packet, IPV4_MAX_HEADER_LEN, IPV4_MIN_HEADER_LEN};
+pub use field::ipv4::{
+    MAX_HEADER_LEN as IPV4_MAX_HEADER_LEN, MIN_HEADER_LEN as IPV4_MIN_HEADER_LEN, PROTO_ESP,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+pub use field::tcp::MIN_HEADER_LEN as TCP_MIN_HEADER_LEN;
+pub use field::udp::HEADER_LEN as UDP_HEADER_LEN;
+pub use icmp::IcmpPacket;
+pub use ipv4::Ipv4Packet;
 pub use rewrite::{
     rewrite_dst, rewrite_icmp_error_inbound, rewrite_icmp_error_outbound, rewrite_src,
 };
 pub use summary::{parse, Frag, IcmpKind, InnerSummary, Summary};
-pub use tcp::{TcpFlags, TcpPacket, TCP_MIN_HEADER_LEN};
-pub use udp::{UdpPacket, UDP_HEADER_LEN};
+pub use tcp::{TcpFlags, TcpPacket};
+pub use udp::UdpPacket;
 pub use verify::verify_checksums;
-
-/// IP protocol number of ICMP (RFC 792).
-pub const PROTO_ICMP: u8 = 1;
-/// IP protocol number of TCP (RFC 9293).
-pub const PROTO_TCP: u8 = 6;
-/// IP protocol number of UDP (RFC 768).
-pub const PROTO_UDP: u8 = 17;
-/// IP protocol number of ESP (RFC 4303).
-pub const PROTO_ESP: u8 = 50;

@@ -3,9 +3,11 @@
 //! checked against itself.
 
 use crate::checksum;
+use crate::field::{icmp, ipv4, set_u16, tcp, udp};
 use crate::{
     parse, rewrite_dst, rewrite_icmp_error_inbound, rewrite_icmp_error_outbound, rewrite_src, Frag,
-    IcmpKind, InnerSummary, Summary, WireError, PROTO_ESP, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    IcmpKind, InnerSummary, Summary, TcpFlags, WireError, PROTO_ESP, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP,
 };
 use etherparse::{
     icmpv4::{DestUnreachableHeader, TimeExceededCode},
@@ -75,12 +77,12 @@ struct TcpP {
 fn ep_tcp(ip: &IpP, t: &TcpP, payload: &[u8]) -> Vec<u8> {
     let mut h = TcpHeader::new(t.sport, t.dport, t.seq, t.window);
     h.acknowledgment_number = t.ack;
-    h.fin = t.flags & 0x01 != 0;
-    h.syn = t.flags & 0x02 != 0;
-    h.rst = t.flags & 0x04 != 0;
-    h.psh = t.flags & 0x08 != 0;
-    h.ack = t.flags & 0x10 != 0;
-    h.urg = t.flags & 0x20 != 0;
+    h.fin = t.flags & TcpFlags::FIN != 0;
+    h.syn = t.flags & TcpFlags::SYN != 0;
+    h.rst = t.flags & TcpFlags::RST != 0;
+    h.psh = t.flags & TcpFlags::PSH != 0;
+    h.ack = t.flags & TcpFlags::ACK != 0;
+    h.urg = t.flags & TcpFlags::URG != 0;
     h.set_options_raw(&t.options).expect("tcp options");
     let mut v = Vec::new();
     builder(ip).tcp_header(h).write(&mut v, payload).unwrap();
@@ -94,9 +96,8 @@ fn ep_udp(ip: &IpP, sport: u16, dport: u16, payload: &[u8], zero_checksum: bool)
         .write(&mut v, payload)
         .unwrap();
     if zero_checksum {
-        let hl = 20 + ip.options.len();
-        v[hl + 6] = 0;
-        v[hl + 7] = 0;
+        let hl = ipv4::MIN_HEADER_LEN + ip.options.len();
+        v[hl + udp::CHECKSUM..hl + udp::HEADER_LEN].fill(0);
     }
     v
 }
@@ -296,7 +297,8 @@ fn valid_packet() -> impl Strategy<Value = Vec<u8>> {
         )
             .prop_map(|(outer, inner, t, k, extra)| {
                 let sent = ep_tcp(&inner, &t, b"payload bytes");
-                let q = (20 + inner.options.len() + 8 + extra).min(sent.len());
+                let ihl = ipv4::MIN_HEADER_LEN + inner.options.len();
+                let q = (ihl + icmp::QUOTED_L4_LEN + extra).min(sent.len());
                 ep_icmp_error(&outer, k, &sent[..q])
             }),
         (ip_strategy(), payload(), 8usize..64).prop_map(|(ip, p, step)| {
@@ -523,7 +525,7 @@ proptest! {
         prop_assert_eq!(&b, &expected);
         let hl = usize::from(s.l3_len);
         if zero {
-            prop_assert_eq!(&b[hl + 6..hl + 8], &[0u8, 0][..]);
+            prop_assert_eq!(&b[hl + udp::CHECKSUM..hl + udp::HEADER_LEN], &[0u8, 0][..]);
         }
         let s2 = parse(&b).unwrap();
         if dst_side {
@@ -639,8 +641,8 @@ proptest! {
                   ep_echo(&with_ip(&inner, priv_addr, inner.dst), true,
                           priv_port.unwrap_or(t.sport), t.dport, &p)),
         };
-        let ihl = 20 + inner.options.len();
-        let q = (ihl + 8 + extra).min(sent.len());
+        let ihl = ipv4::MIN_HEADER_LEN + inner.options.len();
+        let q = (ihl + icmp::QUOTED_L4_LEN + extra).min(sent.len());
         let router = with_ip(&outer, outer.src, pub_addr);
         let orig = ep_icmp_error(&router, kind, &sent[..q]);
         let s = parse(&orig).unwrap();
@@ -648,16 +650,17 @@ proptest! {
             return Err(TestCaseError::fail("not an ICMP error"));
         };
         prop_assert_eq!((is.src, is.dst, is.src_port), (pub_addr, inner.dst, t.sport));
-        prop_assert_eq!(usize::from(is.inner_ip_offset), 20 + outer.options.len() + 8);
+        let outer_hl = ipv4::MIN_HEADER_LEN + outer.options.len();
+        prop_assert_eq!(usize::from(is.inner_ip_offset), outer_hl + icmp::HEADER_LEN);
         prop_assert_eq!(usize::from(is.inner_l4_offset), usize::from(is.inner_ip_offset) + ihl);
 
         let mut b = orig.clone();
         rewrite_icmp_error_inbound(&mut b, &s, priv_addr, priv_addr, priv_port).unwrap();
 
         let mut quote = private_view[..q].to_vec();
-        if inner_kind == 0 && q == ihl + 17 {
+        if inner_kind == 0 && q == ihl + tcp::CHECKSUM + 1 {
             // Half a TCP checksum quoted: left as it was.
-            quote[ihl + 16] = sent[ihl + 16];
+            quote[ihl + tcp::CHECKSUM] = sent[ihl + tcp::CHECKSUM];
         }
         let expected = ep_icmp_error(&with_ip(&router, router.src, priv_addr), kind, &quote);
         ep_check(&b)?;
@@ -685,16 +688,16 @@ proptest! {
             (ep_tcp(&inner, &t, &p),
              ep_tcp(&public_inner, &TcpP { dport: pub_port.unwrap_or(t.dport), ..t.clone() }, &p))
         };
-        let ihl = 20 + inner.options.len();
-        let q = (ihl + 8 + extra).min(received.len());
+        let ihl = ipv4::MIN_HEADER_LEN + inner.options.len();
+        let q = (ihl + icmp::QUOTED_L4_LEN + extra).min(received.len());
         let instance = with_ip(&outer, priv_addr, inner.src);
         let orig = ep_icmp_error(&instance, kind, &received[..q]);
         let s = parse(&orig).unwrap();
         let mut b = orig.clone();
         rewrite_icmp_error_outbound(&mut b, &s, pub_addr, pub_addr, pub_port).unwrap();
         let mut quote = public_view[..q].to_vec();
-        if !use_udp && q == ihl + 17 {
-            quote[ihl + 16] = received[ihl + 16];
+        if !use_udp && q == ihl + tcp::CHECKSUM + 1 {
+            quote[ihl + tcp::CHECKSUM] = received[ihl + tcp::CHECKSUM];
         }
         let expected = ep_icmp_error(&with_ip(&instance, pub_addr, inner.src), kind, &quote);
         ep_check(&b)?;
@@ -722,19 +725,21 @@ proptest! {
     fn parse_never_panics_on_plausible_headers(
         mut buf in vec(any::<u8>(), 20..600), ihl in 5u8..=15, proto in prop_oneof![
             Just(PROTO_TCP), Just(PROTO_UDP), Just(PROTO_ICMP), Just(PROTO_ESP)],
-        frag in prop_oneof![Just(0u16), Just(0x2000), any::<u16>()],
-        icmp_type in prop_oneof![Just(3u8), Just(11), Just(0), Just(8), any::<u8>()],
+        frag in prop_oneof![Just(0u16), Just(ipv4::FLAG_MF), any::<u16>()],
+        icmp_type in prop_oneof![Just(icmp::DEST_UNREACHABLE), Just(icmp::TIME_EXCEEDED),
+            Just(icmp::ECHO_REPLY), Just(icmp::ECHO_REQUEST), any::<u8>()],
         a in any::<u32>(), p in any::<Option<u16>>(),
     ) {
         let len = buf.len();
-        buf[0] = 0x40 | ihl;
-        buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        buf[6..8].copy_from_slice(&frag.to_be_bytes());
-        buf[9] = proto;
-        let hl = usize::from(ihl) * 4;
-        if proto == PROTO_ICMP && hl + 8 + 20 < len {
-            buf[hl] = icmp_type;
-            buf[hl + 8] = 0x45; // a plausible quoted header
+        let hl = usize::from(ihl) * ipv4::IHL_UNIT;
+        buf[ipv4::VER_IHL] = ipv4::ver_ihl(hl);
+        set_u16(&mut buf, ipv4::TOTAL_LEN, len as u16);
+        set_u16(&mut buf, ipv4::FLAGS_FRAG, frag);
+        buf[ipv4::PROTOCOL] = proto;
+        if proto == PROTO_ICMP && hl + icmp::HEADER_LEN + ipv4::MIN_HEADER_LEN < len {
+            buf[hl + icmp::TYPE] = icmp_type;
+            // A plausible quoted header: version 4, IHL 5.
+            buf[hl + icmp::HEADER_LEN] = ipv4::ver_ihl(ipv4::MIN_HEADER_LEN);
         }
         match parse(&buf) {
             Ok(s) => {

@@ -16,13 +16,11 @@
 //! the buffer is unchanged, and no input makes them panic.
 
 use crate::checksum::Delta;
+use crate::field::ipv4::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use crate::field::{get_u16, get_u32, set_u16, set_u32};
-use crate::ipv4::{self, IPV4_MIN_HEADER_LEN};
+use crate::field::{icmp, ipv4, tcp, udp};
 use crate::udp::update_udp_checksum;
-use crate::{
-    Frag, IcmpKind, Summary, WireError, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HEADER_LEN,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-};
+use crate::{Frag, IcmpKind, Summary, WireError};
 
 /// Which end of a flow a rewrite applies to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,41 +33,34 @@ impl Side {
     #[inline(always)]
     const fn ip_off(self) -> usize {
         match self {
-            Side::Src => ipv4::off::SRC,
-            Side::Dst => ipv4::off::DST,
+            Side::Src => ipv4::SRC,
+            Side::Dst => ipv4::DST,
         }
     }
 
-    /// Offset of the port in a TCP or UDP header.
+    /// Offset of the port in a TCP or UDP header (the same in both, see `field`).
     #[inline(always)]
     const fn port_off(self) -> usize {
         match self {
-            Side::Src => 0,
-            Side::Dst => 2,
+            Side::Src => udp::SRC_PORT,
+            Side::Dst => udp::DST_PORT,
         }
     }
 }
-
-/// Offset of the checksum in TCP and UDP headers.
-const TCP_CHECKSUM: usize = 16;
-const UDP_CHECKSUM: usize = 6;
-/// Offsets in an ICMP header.
-const ICMP_CHECKSUM: usize = 2;
-const ICMP_ECHO_ID: usize = 4;
 
 /// Check that `s` describes `buf`; returns (header_len, total_len).
 #[inline(always)]
 fn check_outer(buf: &[u8], s: &Summary) -> Result<(usize, usize), WireError> {
     let hl = usize::from(s.l3_len);
     let tl = usize::from(s.total_len);
-    if hl < IPV4_MIN_HEADER_LEN
+    if hl < ipv4::MIN_HEADER_LEN
         || hl > tl
         || tl > buf.len()
-        || buf[0] != 0x40 | (hl / 4) as u8
-        || hl % 4 != 0
-        || usize::from(get_u16(buf, ipv4::off::TOTAL_LEN)) != tl
-        || buf[ipv4::off::PROTOCOL] != s.proto
-        || (get_u16(buf, ipv4::off::FLAGS_FRAG) & 0x1fff != 0)
+        || buf[ipv4::VER_IHL] != ipv4::ver_ihl(hl)
+        || hl % ipv4::IHL_UNIT != 0
+        || usize::from(get_u16(buf, ipv4::TOTAL_LEN)) != tl
+        || buf[ipv4::PROTOCOL] != s.proto
+        || (get_u16(buf, ipv4::FLAGS_FRAG) & ipv4::FRAG_MASK != 0)
             != matches!(s.frag, Frag::NonFirst { .. })
     {
         return Err(WireError::SummaryMismatch);
@@ -85,8 +76,8 @@ fn rewrite_ip_addr(buf: &mut [u8], side: Side, addr: u32) -> u32 {
     set_u32(buf, off, addr);
     let c = Delta::new()
         .u32(old, addr)
-        .apply(get_u16(buf, ipv4::off::CHECKSUM));
-    set_u16(buf, ipv4::off::CHECKSUM, c);
+        .apply(get_u16(buf, ipv4::CHECKSUM));
+    set_u16(buf, ipv4::CHECKSUM, c);
     old
 }
 
@@ -117,12 +108,11 @@ fn rewrite_addr_port(
     };
     let need = match l4 {
         L4::None => 0,
-        L4::Tcp => 20,
-        L4::Udp | L4::IcmpEcho => 8,
+        L4::Tcp => tcp::MIN_HEADER_LEN,
+        L4::Udp => udp::HEADER_LEN,
+        L4::IcmpEcho => icmp::HEADER_LEN,
     };
-    if tl - hl < need
-        || (matches!(l4, L4::IcmpEcho) && !matches!(buf[hl], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY))
-    {
+    if tl - hl < need || (matches!(l4, L4::IcmpEcho) && !icmp::is_echo_type(buf[hl + icmp::TYPE])) {
         return Err(WireError::SummaryMismatch);
     }
     let old_addr = rewrite_ip_addr(buf, side, addr);
@@ -136,20 +126,20 @@ fn rewrite_addr_port(
                 set_u16(buf, off, p);
             }
             if let L4::Tcp = l4 {
-                let off = hl + TCP_CHECKSUM;
+                let off = hl + tcp::CHECKSUM;
                 set_u16(buf, off, delta.apply(get_u16(buf, off)));
             } else {
-                let off = hl + UDP_CHECKSUM;
+                let off = hl + udp::CHECKSUM;
                 set_u16(buf, off, update_udp_checksum(get_u16(buf, off), delta));
             }
         }
         L4::IcmpEcho => {
             // ICMP has no pseudo-header: only the identifier change matters.
             if let Some(id) = port {
-                let off = hl + ICMP_ECHO_ID;
+                let off = hl + icmp::ECHO_ID;
                 let delta = Delta::new().u16(get_u16(buf, off), id);
                 set_u16(buf, off, id);
-                let c = hl + ICMP_CHECKSUM;
+                let c = hl + icmp::CHECKSUM;
                 set_u16(buf, c, delta.apply(get_u16(buf, c)));
             }
         }
@@ -269,28 +259,26 @@ fn rewrite_icmp_error(
     let il4 = usize::from(inner.inner_l4_offset);
     if s.proto != PROTO_ICMP
         || matches!(s.frag, Frag::NonFirst { .. })
-        || ii != hl + ICMP_HEADER_LEN
-        || ii + IPV4_MIN_HEADER_LEN > tl
-        || buf[ii] >> 4 != 4
-        || il4 != ii + usize::from(buf[ii] & 0x0f) * 4
-        || il4 < ii + IPV4_MIN_HEADER_LEN
+        || ii != hl + icmp::HEADER_LEN
+        || ii + ipv4::MIN_HEADER_LEN > tl
+        || ipv4::version(buf[ii + ipv4::VER_IHL]) != ipv4::VERSION
+        || il4 != ii + ipv4::header_len(buf[ii + ipv4::VER_IHL])
+        || il4 < ii + ipv4::MIN_HEADER_LEN
         || il4 > tl
-        || buf[ii + ipv4::off::PROTOCOL] != inner.proto
+        || buf[ii + ipv4::PROTOCOL] != inner.proto
     {
         return Err(WireError::SummaryMismatch);
     }
     let l4 = if !inner.has_ports {
         InnerL4::None
     } else {
-        if il4 + 8 > tl {
+        if il4 + icmp::QUOTED_L4_LEN > tl {
             return Err(WireError::SummaryMismatch);
         }
         match inner.proto {
             PROTO_TCP => InnerL4::Tcp,
             PROTO_UDP => InnerL4::Udp,
-            PROTO_ICMP if matches!(buf[il4], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) => {
-                InnerL4::IcmpEcho
-            }
+            PROTO_ICMP if icmp::is_echo_type(buf[il4 + icmp::TYPE]) => InnerL4::IcmpEcho,
             _ => return Err(WireError::SummaryMismatch),
         }
     };
@@ -298,19 +286,19 @@ fn rewrite_icmp_error(
     // Outer header: address and header checksum. ICMP has no pseudo-header.
     rewrite_ip_addr(buf, outer_side, outer_addr);
 
-    // Every word changed inside the ICMP message goes into `icmp`.
-    let mut icmp = Delta::new();
+    // Every word changed inside the ICMP message goes into `icmp_delta`.
+    let mut icmp_delta = Delta::new();
 
     // Quoted IPv4 header: address and its header checksum.
     let a_off = ii + inner_side.ip_off();
     let old_addr = get_u32(buf, a_off);
     set_u32(buf, a_off, inner_addr);
     let addr_delta = Delta::new().u32(old_addr, inner_addr);
-    let c_off = ii + ipv4::off::CHECKSUM;
+    let c_off = ii + ipv4::CHECKSUM;
     let old_c = get_u16(buf, c_off);
     let new_c = addr_delta.apply(old_c);
     set_u16(buf, c_off, new_c);
-    icmp = icmp.u32(old_addr, inner_addr).u16(old_c, new_c);
+    icmp_delta = icmp_delta.u32(old_addr, inner_addr).u16(old_c, new_c);
 
     // Quoted transport header.
     match l4 {
@@ -322,11 +310,14 @@ fn rewrite_icmp_error(
                 let old = get_u16(buf, off);
                 set_u16(buf, off, p);
                 l4_delta = l4_delta.u16(old, p);
-                icmp = icmp.u16(old, p);
+                icmp_delta = icmp_delta.u16(old, p);
             }
             let (off, present) = match l4 {
-                InnerL4::Tcp => (il4 + TCP_CHECKSUM, il4 + TCP_CHECKSUM + 2 <= tl),
-                _ => (il4 + UDP_CHECKSUM, true),
+                InnerL4::Tcp => {
+                    let off = il4 + tcp::CHECKSUM;
+                    (off, off + size_of::<u16>() <= tl)
+                }
+                _ => (il4 + udp::CHECKSUM, true),
             };
             if present {
                 let old = get_u16(buf, off);
@@ -335,25 +326,25 @@ fn rewrite_icmp_error(
                     _ => update_udp_checksum(old, l4_delta),
                 };
                 set_u16(buf, off, new);
-                icmp = icmp.u16(old, new);
+                icmp_delta = icmp_delta.u16(old, new);
             }
         }
         InnerL4::IcmpEcho => {
             if let Some(id) = inner_port {
-                let off = il4 + ICMP_ECHO_ID;
+                let off = il4 + icmp::ECHO_ID;
                 let old = get_u16(buf, off);
                 set_u16(buf, off, id);
-                let c_off = il4 + ICMP_CHECKSUM;
+                let c_off = il4 + icmp::CHECKSUM;
                 let old_c = get_u16(buf, c_off);
                 let new_c = Delta::new().u16(old, id).apply(old_c);
                 set_u16(buf, c_off, new_c);
-                icmp = icmp.u16(old, id).u16(old_c, new_c);
+                icmp_delta = icmp_delta.u16(old, id).u16(old_c, new_c);
             }
         }
     }
 
-    let off = hl + ICMP_CHECKSUM;
-    set_u16(buf, off, icmp.apply(get_u16(buf, off)));
+    let off = hl + icmp::CHECKSUM;
+    set_u16(buf, off, icmp_delta.apply(get_u16(buf, off)));
     Ok(())
 }
 
@@ -369,11 +360,7 @@ mod tests {
     const ROUTER: u32 = 0xcb00_7101;
 
     fn ip(src: u32, dst: u32) -> Ipv4Spec {
-        Ipv4Spec {
-            src,
-            dst,
-            ..Ipv4Spec::default()
-        }
+        Ipv4Spec::between(src, dst)
     }
 
     #[test]
@@ -422,7 +409,7 @@ mod tests {
         let mut b = testutil::build_udp_no_checksum(&ip(PRIV, REMOTE), 5000, 53, b"q");
         let s = parse(&b).unwrap();
         rewrite_src(&mut b, &s, PUB, Some(2000)).unwrap();
-        assert_eq!(get_u16(&b, 26), 0);
+        assert_eq!(get_u16(&b, ipv4::MIN_HEADER_LEN + udp::CHECKSUM), 0);
         assert!(Ipv4Packet::new_checked(&b[..]).unwrap().verify_checksum());
     }
 

@@ -18,13 +18,10 @@
 //! RFC 1858 tiny-fragment case); its UDP length describes the whole datagram, so it is only
 //! checked to be >= 8.
 
-use crate::field::{get_u16, get_u32};
-use crate::icmp::{self, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HEADER_LEN};
-use crate::ipv4::{self, IPV4_MIN_HEADER_LEN};
-use crate::{
-    WireError, ESP_HEADER_LEN, PROTO_ESP, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_MIN_HEADER_LEN,
-    UDP_HEADER_LEN,
-};
+use crate::field::ipv4::{PROTO_ESP, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::field::{be_u32, get_u16, get_u32};
+use crate::field::{esp, icmp, ipv4, tcp, udp};
+use crate::WireError;
 
 /// Fragmentation state of a packet (RFC 791).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,12 +157,12 @@ impl Summary {
 /// Never panics. See the module documentation for what is validated.
 #[inline]
 pub fn parse(buf: &[u8]) -> Result<Summary, WireError> {
-    let (h, hl, tl) = ipv4::check_header(buf)?;
-    let proto = h[ipv4::off::PROTOCOL];
-    let flags_frag = u16::from_be_bytes([h[6], h[7]]);
-    let more = flags_frag & 0x2000 != 0;
-    let offset = (flags_frag & 0x1fff) << 3;
-    let ident = u16::from_be_bytes([h[4], h[5]]);
+    let (h, hl, tl) = crate::ipv4::check_header(buf)?;
+    let proto = h[ipv4::PROTOCOL];
+    let flags_frag = get_u16(h, ipv4::FLAGS_FRAG);
+    let more = flags_frag & ipv4::FLAG_MF != 0;
+    let offset = (flags_frag & ipv4::FRAG_MASK) * ipv4::FRAG_UNIT;
+    let ident = get_u16(h, ipv4::IDENT);
     let frag = match (offset, more) {
         (0, false) => Frag::None,
         (0, true) => Frag::First { ident, more },
@@ -177,8 +174,8 @@ pub fn parse(buf: &[u8]) -> Result<Summary, WireError> {
     };
     let mut s = Summary {
         proto,
-        src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
-        dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
+        src: be_u32!(h, ipv4::SRC),
+        dst: be_u32!(h, ipv4::DST),
         src_port: 0,
         dst_port: 0,
         tcp_flags: 0,
@@ -193,58 +190,49 @@ pub fn parse(buf: &[u8]) -> Result<Summary, WireError> {
     let l4 = &buf[hl..tl];
     match proto {
         PROTO_TCP => {
-            let Some(t) = l4.first_chunk::<TCP_MIN_HEADER_LEN>() else {
-                return Err(WireError::TcpTruncated);
-            };
-            let doff = t[12] >> 4;
-            if doff < 5 {
-                return Err(WireError::BadTcpDataOffset(doff));
-            }
-            if usize::from(doff) * 4 > l4.len() {
-                return Err(WireError::TcpTruncated);
-            }
-            s.src_port = u16::from_be_bytes([t[0], t[1]]);
-            s.dst_port = u16::from_be_bytes([t[2], t[3]]);
-            s.tcp_flags = t[13];
+            let t = crate::tcp::check_header(l4)?;
+            s.src_port = get_u16(t, tcp::SRC_PORT);
+            s.dst_port = get_u16(t, tcp::DST_PORT);
+            s.tcp_flags = t[tcp::FLAGS];
         }
         PROTO_UDP => {
-            let Some(u) = l4.first_chunk::<UDP_HEADER_LEN>() else {
+            let Some(u) = l4.first_chunk::<{ udp::HEADER_LEN }>() else {
                 return Err(WireError::UdpTruncated);
             };
-            let len = u16::from_be_bytes([u[4], u[5]]);
+            let len = get_u16(u, udp::LEN);
             let too_long = matches!(frag, Frag::None) && usize::from(len) > l4.len();
-            if usize::from(len) < UDP_HEADER_LEN || too_long {
+            if usize::from(len) < udp::HEADER_LEN || too_long {
                 return Err(WireError::BadUdpLength {
                     len,
                     available: l4.len(),
                 });
             }
-            s.src_port = u16::from_be_bytes([u[0], u[1]]);
-            s.dst_port = u16::from_be_bytes([u[2], u[3]]);
+            s.src_port = get_u16(u, udp::SRC_PORT);
+            s.dst_port = get_u16(u, udp::DST_PORT);
         }
         PROTO_ICMP => {
-            if l4.len() < ICMP_HEADER_LEN {
+            if l4.len() < icmp::HEADER_LEN {
                 return Err(WireError::IcmpTruncated);
             }
-            let icmp_type = l4[0];
-            if icmp_type == ICMP_ECHO_REQUEST || icmp_type == ICMP_ECHO_REPLY {
-                let id = get_u16(l4, icmp::off::ECHO_ID);
+            let icmp_type = l4[icmp::TYPE];
+            if icmp::is_echo_type(icmp_type) {
+                let id = get_u16(l4, icmp::ECHO_ID);
                 s.src_port = id;
                 s.dst_port = id;
                 s.icmp = Some(IcmpKind::Echo {
-                    request: icmp_type == ICMP_ECHO_REQUEST,
+                    request: icmp_type == icmp::ECHO_REQUEST,
                     id,
                 });
             } else if icmp::is_error_type(icmp_type) {
-                let inner = parse_inner(&l4[ICMP_HEADER_LEN..], hl + ICMP_HEADER_LEN)?;
+                let inner = parse_inner(&l4[icmp::HEADER_LEN..], hl + icmp::HEADER_LEN)?;
                 s.icmp = Some(IcmpKind::Error {
                     icmp_type,
-                    code: l4[1],
+                    code: l4[icmp::CODE],
                     inner,
                 });
             }
         }
-        PROTO_ESP if l4.len() < ESP_HEADER_LEN => return Err(WireError::EspTruncated),
+        PROTO_ESP if l4.len() < esp::HEADER_LEN => return Err(WireError::EspTruncated),
         _ => {}
     }
     Ok(s)
@@ -253,21 +241,22 @@ pub fn parse(buf: &[u8]) -> Result<Summary, WireError> {
 /// Parse the packet quoted by an ICMP error. `q` starts at the quoted IPv4 header, which is at
 /// `base` in the whole packet.
 fn parse_inner(q: &[u8], base: usize) -> Result<InnerSummary, WireError> {
-    if q.len() < IPV4_MIN_HEADER_LEN {
+    if q.len() < ipv4::MIN_HEADER_LEN {
         return Err(WireError::IcmpInnerTruncated);
     }
-    if q[0] >> 4 != 4 || q[0] & 0x0f < 5 {
+    let ver_ihl = q[ipv4::VER_IHL];
+    if ipv4::version(ver_ihl) != ipv4::VERSION || ipv4::ihl(ver_ihl) < ipv4::MIN_IHL {
         return Err(WireError::IcmpInnerBadHeader);
     }
-    let ihl = usize::from(q[0] & 0x0f) * 4;
+    let ihl = ipv4::header_len(ver_ihl);
     if ihl > q.len() {
         return Err(WireError::IcmpInnerTruncated);
     }
-    let proto = q[ipv4::off::PROTOCOL];
+    let proto = q[ipv4::PROTOCOL];
     let mut inner = InnerSummary {
         proto,
-        src: get_u32(q, ipv4::off::SRC),
-        dst: get_u32(q, ipv4::off::DST),
+        src: get_u32(q, ipv4::SRC),
+        dst: get_u32(q, ipv4::DST),
         src_port: 0,
         dst_port: 0,
         // base <= 60 + 8 and ihl <= 60: no overflow.
@@ -275,26 +264,27 @@ fn parse_inner(q: &[u8], base: usize) -> Result<InnerSummary, WireError> {
         inner_l4_offset: (base + ihl) as u16,
         has_ports: false,
     };
-    let non_first = get_u16(q, ipv4::off::FLAGS_FRAG) & 0x1fff != 0;
+    let non_first = get_u16(q, ipv4::FLAGS_FRAG) & ipv4::FRAG_MASK != 0;
     if non_first || !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_ICMP) {
         return Ok(inner);
     }
     let l4 = &q[ihl..];
-    if l4.len() < 8 {
+    if l4.len() < icmp::QUOTED_L4_LEN {
         return Err(WireError::IcmpInnerTruncated);
     }
     match proto {
         PROTO_ICMP => {
-            if l4[0] == ICMP_ECHO_REQUEST || l4[0] == ICMP_ECHO_REPLY {
-                let id = get_u16(l4, icmp::off::ECHO_ID);
+            if icmp::is_echo_type(l4[icmp::TYPE]) {
+                let id = get_u16(l4, icmp::ECHO_ID);
                 inner.src_port = id;
                 inner.dst_port = id;
                 inner.has_ports = true;
             }
         }
+        // TCP and UDP: the ports lead both headers.
         _ => {
-            inner.src_port = get_u16(l4, 0);
-            inner.dst_port = get_u16(l4, 2);
+            inner.src_port = get_u16(l4, udp::SRC_PORT);
+            inner.dst_port = get_u16(l4, udp::DST_PORT);
             inner.has_ports = true;
         }
     }
@@ -304,6 +294,8 @@ fn parse_inner(q: &[u8], base: usize) -> Result<InnerSummary, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// Where the transport header starts in the samples (no IPv4 options).
+    const L4: usize = ipv4::MIN_HEADER_LEN;
     use crate::field::set_u16;
     use crate::testutil::{self, addr, Ipv4Spec, TcpSpec};
     use crate::TcpFlags;
@@ -313,11 +305,7 @@ mod tests {
     const REMOTE: u32 = 0x5db8_d822;
 
     fn ip(src: u32, dst: u32) -> Ipv4Spec {
-        Ipv4Spec {
-            src,
-            dst,
-            ..Ipv4Spec::default()
-        }
+        Ipv4Spec::between(src, dst)
     }
 
     #[test]
@@ -415,7 +403,7 @@ mod tests {
         assert!(matches!(last.frag, Frag::NonFirst { more: false, .. }));
         // A non-first fragment is not parsed beyond the IP header, even if tiny.
         let mut tiny = frags[1][..20].to_vec();
-        set_u16(&mut tiny, 2, 20);
+        set_u16(&mut tiny, ipv4::TOTAL_LEN, 20);
         assert!(parse(&tiny).is_ok());
     }
 
@@ -436,7 +424,7 @@ mod tests {
         assert_eq!((s.src_port, s.dst_port), (1000, 53));
         // The same length would be an error in an unfragmented packet.
         let mut cut = frags[0].clone();
-        set_u16(&mut cut, 6, 0);
+        set_u16(&mut cut, ipv4::FLAGS_FRAG, 0);
         let mut p = crate::Ipv4Packet::new_unchecked(&mut cut[..]);
         p.fill_checksum();
         assert!(matches!(parse(&cut), Err(WireError::BadUdpLength { .. })));
@@ -447,14 +435,14 @@ mod tests {
         let b = testutil::tcp_syn(PRIV, 40000, REMOTE, 443);
         // Cut the TCP header to 19 bytes by shrinking total length.
         let mut t = b[..39].to_vec();
-        set_u16(&mut t, 2, 39);
+        set_u16(&mut t, ipv4::TOTAL_LEN, 39);
         assert_eq!(parse(&t), Err(WireError::TcpTruncated));
         // Data offset points past the segment.
         let mut t = b.clone();
-        t[32] = 0xf0;
+        t[L4 + tcp::DATA_OFF] = 0xf0;
         assert_eq!(parse(&t), Err(WireError::TcpTruncated));
         let mut t = b.clone();
-        t[32] = 0x40;
+        t[L4 + tcp::DATA_OFF] = 0x40;
         assert_eq!(parse(&t), Err(WireError::BadTcpDataOffset(4)));
         // A first fragment holding half a TCP header is an error too.
         let full = testutil::build_tcp(&ip(PRIV, REMOTE), &TcpSpec::default(), &[0; 64]);
@@ -467,7 +455,7 @@ mod tests {
     fn error_udp_length_mismatch() {
         let b = testutil::build_udp(&ip(PRIV, REMOTE), 1, 2, b"abcd");
         let mut t = b.clone();
-        set_u16(&mut t, 24, 13);
+        set_u16(&mut t, L4 + udp::LEN, 13);
         assert_eq!(
             parse(&t),
             Err(WireError::BadUdpLength {
@@ -476,14 +464,14 @@ mod tests {
             })
         );
         let mut t = b.clone();
-        set_u16(&mut t, 24, 4);
+        set_u16(&mut t, L4 + udp::LEN, 4);
         assert!(matches!(
             parse(&t),
             Err(WireError::BadUdpLength { len: 4, .. })
         ));
         // Shorter UDP length than the IP payload is fine.
         let mut t = b.clone();
-        set_u16(&mut t, 24, 8);
+        set_u16(&mut t, L4 + udp::LEN, 8);
         assert!(parse(&t).is_ok());
         let short = testutil::build_ipv4(&ip(PRIV, REMOTE), PROTO_UDP, &[0; 7]);
         assert_eq!(parse(&short), Err(WireError::UdpTruncated));
@@ -586,10 +574,10 @@ mod tests {
         assert_eq!(parse(&b), Err(WireError::IcmpInnerTruncated));
         // Bad quoted version / IHL.
         let mut bad = inner.clone();
-        bad[0] = 0x65;
+        bad[ipv4::VER_IHL] = 0x65;
         let b = testutil::build_icmp_dest_unreachable(&outer, 3, &bad, 28);
         assert_eq!(parse(&b), Err(WireError::IcmpInnerBadHeader));
-        bad[0] = 0x43;
+        bad[ipv4::VER_IHL] = 0x43;
         let b = testutil::build_icmp_dest_unreachable(&outer, 3, &bad, 28);
         assert_eq!(parse(&b), Err(WireError::IcmpInnerBadHeader));
         // Exactly header + 8 bytes is fine.

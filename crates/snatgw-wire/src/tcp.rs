@@ -12,22 +12,25 @@
 //! The view's buffer is the whole TCP segment (for example [`Ipv4Packet::payload`](crate::Ipv4Packet::payload)).
 
 use crate::checksum::{self, Delta};
+use crate::field::tcp;
 use crate::field::{get_u16, get_u32, set_u16};
 use crate::{WireError, PROTO_TCP};
 
-/// Length of a TCP header without options.
-pub const TCP_MIN_HEADER_LEN: usize = 20;
-
-pub(crate) mod off {
-    pub const SRC_PORT: usize = 0;
-    pub const DST_PORT: usize = 2;
-    pub const SEQ: usize = 4;
-    pub const ACK: usize = 8;
-    pub const DATA_OFF: usize = 12;
-    pub const FLAGS: usize = 13;
-    pub const WINDOW: usize = 14;
-    pub const CHECKSUM: usize = 16;
-    pub const URGENT: usize = 18;
+/// Validate a TCP header at the start of `b` (see [`TcpPacket::check_len`]); returns the fixed
+/// 20-byte header.
+#[inline(always)]
+pub(crate) fn check_header(b: &[u8]) -> Result<&[u8; tcp::MIN_HEADER_LEN], WireError> {
+    let Some(t) = b.first_chunk::<{ tcp::MIN_HEADER_LEN }>() else {
+        return Err(WireError::TcpTruncated);
+    };
+    let doff = tcp::data_off(t[tcp::DATA_OFF]);
+    if doff < tcp::MIN_DATA_OFF {
+        return Err(WireError::BadTcpDataOffset(doff));
+    }
+    if tcp::header_len(t[tcp::DATA_OFF]) > b.len() {
+        return Err(WireError::TcpTruncated);
+    }
+    Ok(t)
 }
 
 /// The TCP control flags the NAT cares about, decoded from the flag byte.
@@ -51,17 +54,17 @@ pub struct TcpFlags {
 
 impl TcpFlags {
     /// FIN bit in the raw flag byte.
-    pub const FIN: u8 = 0x01;
+    pub const FIN: u8 = tcp::FLAG_FIN;
     /// SYN bit in the raw flag byte.
-    pub const SYN: u8 = 0x02;
+    pub const SYN: u8 = tcp::FLAG_SYN;
     /// RST bit in the raw flag byte.
-    pub const RST: u8 = 0x04;
+    pub const RST: u8 = tcp::FLAG_RST;
     /// PSH bit in the raw flag byte.
-    pub const PSH: u8 = 0x08;
+    pub const PSH: u8 = tcp::FLAG_PSH;
     /// ACK bit in the raw flag byte.
-    pub const ACK: u8 = 0x10;
+    pub const ACK: u8 = tcp::FLAG_ACK;
     /// URG bit in the raw flag byte.
-    pub const URG: u8 = 0x20;
+    pub const URG: u8 = tcp::FLAG_URG;
 
     /// Decode the raw flag byte (byte 13 of the header, e.g. [`Summary::tcp_flags`](crate::Summary::tcp_flags)).
     #[inline]
@@ -135,18 +138,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// Validate: buffer >= 20 bytes, data offset >= 5 and the header fits in the buffer.
     #[inline]
     pub fn check_len(&self) -> Result<(), WireError> {
-        let b = self.buffer.as_ref();
-        if b.len() < TCP_MIN_HEADER_LEN {
-            return Err(WireError::TcpTruncated);
-        }
-        let doff = b[off::DATA_OFF] >> 4;
-        if doff < 5 {
-            return Err(WireError::BadTcpDataOffset(doff));
-        }
-        if usize::from(doff) * 4 > b.len() {
-            return Err(WireError::TcpTruncated);
-        }
-        Ok(())
+        check_header(self.buffer.as_ref()).map(|_| ())
     }
 
     /// The underlying buffer.
@@ -158,37 +150,37 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// The source port.
     #[inline]
     pub fn src_port(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::SRC_PORT)
+        get_u16(self.buffer.as_ref(), tcp::SRC_PORT)
     }
 
     /// The destination port.
     #[inline]
     pub fn dst_port(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::DST_PORT)
+        get_u16(self.buffer.as_ref(), tcp::DST_PORT)
     }
 
     /// The sequence number.
     #[inline]
     pub fn seq(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), off::SEQ)
+        get_u32(self.buffer.as_ref(), tcp::SEQ)
     }
 
     /// The acknowledgment number.
     #[inline]
     pub fn ack(&self) -> u32 {
-        get_u32(self.buffer.as_ref(), off::ACK)
+        get_u32(self.buffer.as_ref(), tcp::ACK)
     }
 
     /// Header length in bytes (data offset * 4).
     #[inline]
     pub fn header_len(&self) -> u8 {
-        (self.buffer.as_ref()[off::DATA_OFF] >> 4) * 4
+        tcp::header_len(self.buffer.as_ref()[tcp::DATA_OFF]) as u8
     }
 
     /// The raw flag byte (CWR ECE URG ACK PSH RST SYN FIN).
     #[inline]
     pub fn raw_flags(&self) -> u8 {
-        self.buffer.as_ref()[off::FLAGS]
+        self.buffer.as_ref()[tcp::FLAGS]
     }
 
     /// The decoded flags.
@@ -200,25 +192,25 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// The window field.
     #[inline]
     pub fn window(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::WINDOW)
+        get_u16(self.buffer.as_ref(), tcp::WINDOW)
     }
 
     /// The checksum field.
     #[inline]
     pub fn checksum(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::CHECKSUM)
+        get_u16(self.buffer.as_ref(), tcp::CHECKSUM)
     }
 
     /// The urgent pointer.
     #[inline]
     pub fn urgent(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::URGENT)
+        get_u16(self.buffer.as_ref(), tcp::URGENT)
     }
 
     /// The options bytes (`20..header_len`).
     #[inline]
     pub fn options(&self) -> &[u8] {
-        &self.buffer.as_ref()[TCP_MIN_HEADER_LEN..usize::from(self.header_len())]
+        &self.buffer.as_ref()[tcp::MIN_HEADER_LEN..usize::from(self.header_len())]
     }
 
     /// The payload (`header_len..` end of buffer).
@@ -244,15 +236,15 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     #[inline(always)]
     fn update_checksum(&mut self, delta: Delta) {
         let b = self.buffer.as_mut();
-        let c = delta.apply(get_u16(b, off::CHECKSUM));
-        set_u16(b, off::CHECKSUM, c);
+        let c = delta.apply(get_u16(b, tcp::CHECKSUM));
+        set_u16(b, tcp::CHECKSUM, c);
     }
 
     /// Set the source port and update the checksum incrementally.
     #[inline]
     pub fn set_src_port(&mut self, port: u16) {
         let old = self.src_port();
-        set_u16(self.buffer.as_mut(), off::SRC_PORT, port);
+        set_u16(self.buffer.as_mut(), tcp::SRC_PORT, port);
         self.update_checksum(Delta::new().u16(old, port));
     }
 
@@ -260,7 +252,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     #[inline]
     pub fn set_dst_port(&mut self, port: u16) {
         let old = self.dst_port();
-        set_u16(self.buffer.as_mut(), off::DST_PORT, port);
+        set_u16(self.buffer.as_mut(), tcp::DST_PORT, port);
         self.update_checksum(Delta::new().u16(old, port));
     }
 
@@ -273,7 +265,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     /// Write the checksum field as is (no computation).
     #[inline]
     pub fn set_checksum(&mut self, check: u16) {
-        set_u16(self.buffer.as_mut(), off::CHECKSUM, check);
+        set_u16(self.buffer.as_mut(), tcp::CHECKSUM, check);
     }
 
     /// Recompute the checksum from scratch for a segment between `src` and `dst`.
@@ -305,16 +297,13 @@ mod tests {
     use super::*;
     use crate::testutil::{self, Ipv4Spec, TcpSpec};
     use crate::Ipv4Packet;
+    use crate::IPV4_MIN_HEADER_LEN;
 
     const SRC: u32 = 0x0a00_0004;
     const DST: u32 = 0x5db8_d822;
 
     fn sample() -> Vec<u8> {
-        let ip = Ipv4Spec {
-            src: SRC,
-            dst: DST,
-            ..Ipv4Spec::default()
-        };
+        let ip = Ipv4Spec::between(SRC, DST);
         let tcp = TcpSpec {
             src_port: 40000,
             dst_port: 443,
@@ -353,7 +342,7 @@ mod tests {
         assert_eq!(t.payload(), b"hello");
         assert!(t.verify_checksum(SRC, DST));
         assert!(!t.verify_checksum(SRC + 1, DST));
-        assert_eq!(t.checksum(), get_u16(ip.payload(), 16));
+        assert_eq!(t.checksum(), get_u16(ip.payload(), tcp::CHECKSUM));
     }
 
     #[test]
@@ -370,7 +359,7 @@ mod tests {
     #[test]
     fn setters_keep_checksum_valid() {
         let mut bytes = sample();
-        let hl = 20;
+        let hl = IPV4_MIN_HEADER_LEN;
         let mut t = TcpPacket::new_checked(&mut bytes[hl..]).unwrap();
         t.set_src_port(1024);
         t.set_dst_port(8443);
@@ -403,7 +392,7 @@ mod tests {
     #[test]
     fn error_bad_data_offset() {
         let mut bytes = sample();
-        bytes[20 + 12] = 0x40;
+        bytes[IPV4_MIN_HEADER_LEN + tcp::DATA_OFF] = tcp::data_off_byte(16);
         assert_eq!(
             TcpPacket::new_checked(&bytes[20..]),
             Err(WireError::BadTcpDataOffset(4))

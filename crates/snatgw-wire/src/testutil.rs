@@ -8,10 +8,9 @@
 //! What it does not do: build malformed packets (mutate the output for that) or IPv6.
 
 use crate::checksum;
-use crate::{
-    ICMP_CODE_FRAG_NEEDED, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-    ICMP_TIME_EXCEEDED, PROTO_ESP, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
-};
+use crate::field::ipv4::{PROTO_ESP, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::field::{esp, icmp, ipv4, tcp, udp};
+use crate::field::{get_u16, set_u16 as put16, set_u32 as put32};
 
 /// An IPv4 address from its four octets, host order (`addr(10, 0, 0, 4)` = 10.0.0.4).
 pub const fn addr(a: u8, b: u8, c: u8, d: u8) -> u32 {
@@ -49,6 +48,17 @@ impl Default for Ipv4Spec {
             dont_frag: false,
             tos: 0,
             options: Vec::new(),
+        }
+    }
+}
+
+impl Ipv4Spec {
+    /// The [default](Ipv4Spec::default) header from `src` to `dst`.
+    pub fn between(src: u32, dst: u32) -> Self {
+        Self {
+            src,
+            dst,
+            ..Self::default()
         }
     }
 }
@@ -97,14 +107,6 @@ fn padded(options: &[u8]) -> Vec<u8> {
     o
 }
 
-fn put16(b: &mut [u8], off: usize, v: u16) {
-    b[off..off + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
-}
-
 fn len16(len: usize) -> u16 {
     u16::try_from(len).expect("packet longer than 65535 bytes")
 }
@@ -113,20 +115,21 @@ fn len16(len: usize) -> u16 {
 /// The payload is copied as is (its own checksums are the caller's business).
 pub fn build_ipv4(ip: &Ipv4Spec, proto: u8, payload: &[u8]) -> Vec<u8> {
     let options = padded(&ip.options);
-    let hl = 20 + options.len();
+    let hl = ipv4::MIN_HEADER_LEN + options.len();
     let mut b = vec![0u8; hl];
-    b[0] = 0x40 | (hl / 4) as u8;
-    b[1] = ip.tos;
-    put16(&mut b, 2, len16(hl + payload.len()));
-    put16(&mut b, 4, ip.ident);
-    put16(&mut b, 6, if ip.dont_frag { 0x4000 } else { 0 });
-    b[8] = ip.ttl;
-    b[9] = proto;
-    put32(&mut b, 12, ip.src);
-    put32(&mut b, 16, ip.dst);
-    b[20..].copy_from_slice(&options);
+    b[ipv4::VER_IHL] = ipv4::ver_ihl(hl);
+    b[ipv4::TOS] = ip.tos;
+    put16(&mut b, ipv4::TOTAL_LEN, len16(hl + payload.len()));
+    put16(&mut b, ipv4::IDENT, ip.ident);
+    let df = if ip.dont_frag { ipv4::FLAG_DF } else { 0 };
+    put16(&mut b, ipv4::FLAGS_FRAG, df);
+    b[ipv4::TTL] = ip.ttl;
+    b[ipv4::PROTOCOL] = proto;
+    put32(&mut b, ipv4::SRC, ip.src);
+    put32(&mut b, ipv4::DST, ip.dst);
+    b[ipv4::MIN_HEADER_LEN..].copy_from_slice(&options);
     let c = checksum::internet_checksum(&b);
-    put16(&mut b, 10, c);
+    put16(&mut b, ipv4::CHECKSUM, c);
     b.extend_from_slice(payload);
     b
 }
@@ -137,30 +140,30 @@ fn l4_checksum(ip: &Ipv4Spec, proto: u8, segment: &[u8]) -> u16 {
 }
 
 /// A TCP segment in an IPv4 packet, both checksums correct.
-pub fn build_tcp(ip: &Ipv4Spec, tcp: &TcpSpec, payload: &[u8]) -> Vec<u8> {
-    let options = padded(&tcp.options);
-    let hl = 20 + options.len();
+pub fn build_tcp(ip: &Ipv4Spec, spec: &TcpSpec, payload: &[u8]) -> Vec<u8> {
+    let options = padded(&spec.options);
+    let hl = tcp::MIN_HEADER_LEN + options.len();
     let mut t = vec![0u8; hl];
-    put16(&mut t, 0, tcp.src_port);
-    put16(&mut t, 2, tcp.dst_port);
-    put32(&mut t, 4, tcp.seq);
-    put32(&mut t, 8, tcp.ack);
-    t[12] = ((hl / 4) as u8) << 4;
-    t[13] = tcp.flags;
-    put16(&mut t, 14, tcp.window);
-    put16(&mut t, 18, tcp.urgent);
-    t[20..].copy_from_slice(&options);
+    put16(&mut t, tcp::SRC_PORT, spec.src_port);
+    put16(&mut t, tcp::DST_PORT, spec.dst_port);
+    put32(&mut t, tcp::SEQ, spec.seq);
+    put32(&mut t, tcp::ACK, spec.ack);
+    t[tcp::DATA_OFF] = tcp::data_off_byte(hl);
+    t[tcp::FLAGS] = spec.flags;
+    put16(&mut t, tcp::WINDOW, spec.window);
+    put16(&mut t, tcp::URGENT, spec.urgent);
+    t[tcp::MIN_HEADER_LEN..].copy_from_slice(&options);
     t.extend_from_slice(payload);
     let c = l4_checksum(ip, PROTO_TCP, &t);
-    put16(&mut t, 16, c);
+    put16(&mut t, tcp::CHECKSUM, c);
     build_ipv4(ip, PROTO_TCP, &t)
 }
 
 fn udp_segment(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = vec![0u8; 8];
-    put16(&mut u, 0, src_port);
-    put16(&mut u, 2, dst_port);
-    put16(&mut u, 4, len16(8 + payload.len()));
+    let mut u = vec![0u8; udp::HEADER_LEN];
+    put16(&mut u, udp::SRC_PORT, src_port);
+    put16(&mut u, udp::DST_PORT, dst_port);
+    put16(&mut u, udp::LEN, len16(udp::HEADER_LEN + payload.len()));
     u.extend_from_slice(payload);
     u
 }
@@ -172,7 +175,7 @@ pub fn build_udp(ip: &Ipv4Spec, src_port: u16, dst_port: u16, payload: &[u8]) ->
         0 => 0xffff,
         c => c,
     };
-    put16(&mut u, 6, c);
+    put16(&mut u, udp::CHECKSUM, c);
     build_ipv4(ip, PROTO_UDP, &u)
 }
 
@@ -188,20 +191,22 @@ pub fn build_udp_no_checksum(
 
 /// Any ICMP message: type, code, the 4 rest-of-header bytes and a body; checksum correct.
 pub fn build_icmp(ip: &Ipv4Spec, icmp_type: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
-    let mut m = vec![icmp_type, code, 0, 0];
-    m.extend_from_slice(&rest);
+    let mut m = vec![0u8; icmp::HEADER_LEN];
+    m[icmp::TYPE] = icmp_type;
+    m[icmp::CODE] = code;
+    m[icmp::REST..icmp::HEADER_LEN].copy_from_slice(&rest);
     m.extend_from_slice(body);
     let c = checksum::internet_checksum(&m);
-    put16(&mut m, 2, c);
+    put16(&mut m, icmp::CHECKSUM, c);
     build_ipv4(ip, PROTO_ICMP, &m)
 }
 
 /// An ICMP echo request (`request`) or reply.
 pub fn build_icmp_echo(ip: &Ipv4Spec, request: bool, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     let t = if request {
-        ICMP_ECHO_REQUEST
+        icmp::ECHO_REQUEST
     } else {
-        ICMP_ECHO_REPLY
+        icmp::ECHO_REPLY
     };
     let [a, b] = id.to_be_bytes();
     let [c, d] = seq.to_be_bytes();
@@ -229,7 +234,7 @@ pub fn build_icmp_dest_unreachable(
     original: &[u8],
     quote_len: usize,
 ) -> Vec<u8> {
-    build_icmp_error(ip, ICMP_DEST_UNREACHABLE, code, 0, original, quote_len)
+    build_icmp_error(ip, icmp::DEST_UNREACHABLE, code, 0, original, quote_len)
 }
 
 /// Fragmentation needed (type 3 code 4) with the next-hop MTU (RFC 1191).
@@ -241,8 +246,8 @@ pub fn build_icmp_frag_needed(
 ) -> Vec<u8> {
     build_icmp_error(
         ip,
-        ICMP_DEST_UNREACHABLE,
-        ICMP_CODE_FRAG_NEEDED,
+        icmp::DEST_UNREACHABLE,
+        icmp::CODE_FRAG_NEEDED,
         u32::from(mtu),
         original,
         quote_len,
@@ -251,14 +256,14 @@ pub fn build_icmp_frag_needed(
 
 /// Time exceeded in transit (type 11 code 0).
 pub fn build_icmp_time_exceeded(ip: &Ipv4Spec, original: &[u8], quote_len: usize) -> Vec<u8> {
-    build_icmp_error(ip, ICMP_TIME_EXCEEDED, 0, 0, original, quote_len)
+    build_icmp_error(ip, icmp::TIME_EXCEEDED, 0, 0, original, quote_len)
 }
 
 /// An ESP packet: SPI, sequence number, then `payload` (opaque ciphertext + ICV).
 pub fn build_esp(ip: &Ipv4Spec, spi: u32, seq: u32, payload: &[u8]) -> Vec<u8> {
-    let mut e = Vec::with_capacity(8 + payload.len());
-    e.extend_from_slice(&spi.to_be_bytes());
-    e.extend_from_slice(&seq.to_be_bytes());
+    let mut e = vec![0u8; esp::HEADER_LEN];
+    put32(&mut e, esp::SPI, spi);
+    put32(&mut e, esp::SEQ, seq);
     e.extend_from_slice(payload);
     build_ipv4(ip, PROTO_ESP, &e)
 }
@@ -272,7 +277,8 @@ pub fn build_esp(ip: &Ipv4Spec, spi: u32, seq: u32, payload: &[u8]) -> Vec<u8> {
 /// If `packet` is not a valid IPv4 packet.
 pub fn fragment(packet: &[u8], max_payload: usize) -> Vec<Vec<u8>> {
     let ip = crate::Ipv4Packet::new_checked(packet).expect("valid IPv4 packet");
-    let step = (max_payload / 8).max(1) * 8;
+    let unit = usize::from(ipv4::FRAG_UNIT);
+    let step = (max_payload / unit).max(1) * unit;
     let hl = usize::from(ip.header_len());
     let payload = ip.payload();
     if payload.len() <= step {
@@ -289,25 +295,22 @@ pub fn fragment(packet: &[u8], max_payload: usize) -> Vec<Vec<u8>> {
             let mut f = packet[..hl].to_vec();
             f.extend_from_slice(chunk);
             let total = len16(f.len());
-            put16(&mut f, 2, total);
+            put16(&mut f, ipv4::TOTAL_LEN, total);
             let more = i + 1 < n || last_more;
-            let off = ((base + i * step) / 8) as u16;
-            let df = u16::from_be_bytes([f[6], f[7]]) & 0x4000;
-            put16(&mut f, 6, df | if more { 0x2000 } else { 0 } | off);
-            put16(&mut f, 10, 0);
+            let off = ((base + i * step) / unit) as u16;
+            let df = get_u16(&f, ipv4::FLAGS_FRAG) & ipv4::FLAG_DF;
+            let mf = if more { ipv4::FLAG_MF } else { 0 };
+            put16(&mut f, ipv4::FLAGS_FRAG, df | mf | off);
+            put16(&mut f, ipv4::CHECKSUM, 0);
             let c = checksum::internet_checksum(&f[..hl]);
-            put16(&mut f, 10, c);
+            put16(&mut f, ipv4::CHECKSUM, c);
             f
         })
         .collect()
 }
 
 fn spec(src: u32, dst: u32) -> Ipv4Spec {
-    Ipv4Spec {
-        src,
-        dst,
-        ..Ipv4Spec::default()
-    }
+    Ipv4Spec::between(src, dst)
 }
 
 /// A TCP SYN (no ACK, MSS option 1460) from `src:src_port` to `dst:dst_port`.
@@ -417,10 +420,10 @@ mod tests {
     #[test]
     fn verify_checksums_detects_corruption() {
         let mut p = udp(1, 2, 3, 4, b"abc");
-        p[29] ^= 1;
+        p[ipv4::MIN_HEADER_LEN + udp::HEADER_LEN + 1] ^= 1;
         assert_eq!(verify_checksums(&p), Err("udp"));
         let mut p = tcp_syn(1, 2, 3, 4);
-        p[10] ^= 1;
+        p[ipv4::CHECKSUM] ^= 1;
         assert_eq!(verify_checksums(&p), Err("ipv4 header checksum"));
         let inner = udp(1, 2, 3, 4, b"abc");
         let mut p = build_icmp_time_exceeded(&spec(3, 1), &inner, 100);

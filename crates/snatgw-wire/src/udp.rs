@@ -14,18 +14,9 @@
 //! which are ignored.
 
 use crate::checksum::{self, Delta};
+use crate::field::udp;
 use crate::field::{get_u16, set_u16};
 use crate::{WireError, PROTO_UDP};
-
-/// Length of the UDP header.
-pub const UDP_HEADER_LEN: usize = 8;
-
-pub(crate) mod off {
-    pub const SRC_PORT: usize = 0;
-    pub const DST_PORT: usize = 2;
-    pub const LEN: usize = 4;
-    pub const CHECKSUM: usize = 6;
-}
 
 /// Apply `delta` to a UDP checksum keeping RFC 768's rules: 0 (no checksum) stays 0 and a
 /// result of 0 becomes 0xffff.
@@ -68,11 +59,11 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     #[inline]
     pub fn check_len(&self) -> Result<(), WireError> {
         let b = self.buffer.as_ref();
-        if b.len() < UDP_HEADER_LEN {
+        if b.len() < udp::HEADER_LEN {
             return Err(WireError::UdpTruncated);
         }
-        let len = get_u16(b, off::LEN);
-        if usize::from(len) < UDP_HEADER_LEN || usize::from(len) > b.len() {
+        let len = get_u16(b, udp::LEN);
+        if usize::from(len) < udp::HEADER_LEN || usize::from(len) > b.len() {
             return Err(WireError::BadUdpLength {
                 len,
                 available: b.len(),
@@ -90,37 +81,37 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// The source port.
     #[inline]
     pub fn src_port(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::SRC_PORT)
+        get_u16(self.buffer.as_ref(), udp::SRC_PORT)
     }
 
     /// The destination port.
     #[inline]
     pub fn dst_port(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::DST_PORT)
+        get_u16(self.buffer.as_ref(), udp::DST_PORT)
     }
 
     /// The length field (header + payload).
     #[inline]
     pub fn len(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::LEN)
+        get_u16(self.buffer.as_ref(), udp::LEN)
     }
 
     /// True when the length field says the datagram has no payload.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        usize::from(self.len()) <= UDP_HEADER_LEN
+        usize::from(self.len()) <= udp::HEADER_LEN
     }
 
     /// The checksum field (0: no checksum).
     #[inline]
     pub fn checksum(&self) -> u16 {
-        get_u16(self.buffer.as_ref(), off::CHECKSUM)
+        get_u16(self.buffer.as_ref(), udp::CHECKSUM)
     }
 
     /// The payload, `8..length`.
     #[inline]
     pub fn payload(&self) -> &[u8] {
-        &self.buffer.as_ref()[UDP_HEADER_LEN..usize::from(self.len())]
+        &self.buffer.as_ref()[udp::HEADER_LEN..usize::from(self.len())]
     }
 
     /// True when the checksum is 0 (not used) or valid for a datagram between `src` and `dst`.
@@ -140,15 +131,15 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     #[inline(always)]
     fn update_checksum(&mut self, delta: Delta) {
         let b = self.buffer.as_mut();
-        let c = update_udp_checksum(get_u16(b, off::CHECKSUM), delta);
-        set_u16(b, off::CHECKSUM, c);
+        let c = update_udp_checksum(get_u16(b, udp::CHECKSUM), delta);
+        set_u16(b, udp::CHECKSUM, c);
     }
 
     /// Set the source port and update the checksum incrementally (0 stays 0).
     #[inline]
     pub fn set_src_port(&mut self, port: u16) {
         let old = self.src_port();
-        set_u16(self.buffer.as_mut(), off::SRC_PORT, port);
+        set_u16(self.buffer.as_mut(), udp::SRC_PORT, port);
         self.update_checksum(Delta::new().u16(old, port));
     }
 
@@ -156,7 +147,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     #[inline]
     pub fn set_dst_port(&mut self, port: u16) {
         let old = self.dst_port();
-        set_u16(self.buffer.as_mut(), off::DST_PORT, port);
+        set_u16(self.buffer.as_mut(), udp::DST_PORT, port);
         self.update_checksum(Delta::new().u16(old, port));
     }
 
@@ -169,7 +160,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     /// Write the checksum field as is (no computation); 0 disables the checksum.
     #[inline]
     pub fn set_checksum(&mut self, check: u16) {
-        set_u16(self.buffer.as_mut(), off::CHECKSUM, check);
+        set_u16(self.buffer.as_mut(), udp::CHECKSUM, check);
     }
 
     /// Recompute the checksum from scratch for a datagram between `src` and `dst`
@@ -191,24 +182,22 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let len = usize::from(self.len());
-        &mut self.buffer.as_mut()[UDP_HEADER_LEN..len]
+        &mut self.buffer.as_mut()[udp::HEADER_LEN..len]
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// Where the UDP header starts in the samples (no IPv4 options).
+    const L4: usize = crate::IPV4_MIN_HEADER_LEN;
     use crate::testutil::{self, Ipv4Spec};
 
     const SRC: u32 = 0x0a00_0004;
     const DST: u32 = 0x0808_0808;
 
     fn sample() -> Vec<u8> {
-        let ip = Ipv4Spec {
-            src: SRC,
-            dst: DST,
-            ..Ipv4Spec::default()
-        };
+        let ip = Ipv4Spec::between(SRC, DST);
         testutil::build_udp(&ip, 5353, 53, b"query")
     }
 
@@ -252,11 +241,7 @@ mod tests {
 
     #[test]
     fn zero_checksum_stays_zero() {
-        let ip = Ipv4Spec {
-            src: SRC,
-            dst: DST,
-            ..Ipv4Spec::default()
-        };
+        let ip = Ipv4Spec::between(SRC, DST);
         let mut bytes = testutil::build_udp_no_checksum(&ip, 5353, 53, b"query");
         let mut u = UdpPacket::new_checked(&mut bytes[20..]).unwrap();
         assert_eq!(u.checksum(), 0);
@@ -271,15 +256,11 @@ mod tests {
     fn computed_zero_is_sent_as_ffff() {
         // Find a payload word that makes the checksum compute to zero, then check fill and
         // incremental update both produce 0xffff.
-        let ip = Ipv4Spec {
-            src: SRC,
-            dst: DST,
-            ..Ipv4Spec::default()
-        };
+        let ip = Ipv4Spec::between(SRC, DST);
         let mut bytes = testutil::build_udp(&ip, 5353, 53, &[0, 0]);
-        let c = get_u16(&bytes, 26);
+        let c = get_u16(&bytes, L4 + udp::CHECKSUM);
         // Adding `c` to the payload word (one's complement) brings the sum to 0xffff.
-        set_u16(&mut bytes, 28, c);
+        set_u16(&mut bytes, L4 + udp::HEADER_LEN, c);
         let mut u = UdpPacket::new_checked(&mut bytes[20..]).unwrap();
         u.fill_checksum(SRC, DST);
         assert_eq!(u.checksum(), 0xffff);
@@ -303,7 +284,7 @@ mod tests {
     #[test]
     fn error_length_mismatch() {
         let mut bytes = sample();
-        set_u16(&mut bytes, 24, 14);
+        set_u16(&mut bytes, L4 + udp::LEN, 14);
         assert_eq!(
             UdpPacket::new_checked(&bytes[20..]),
             Err(WireError::BadUdpLength {
@@ -311,7 +292,7 @@ mod tests {
                 available: 13
             })
         );
-        set_u16(&mut bytes, 24, 7);
+        set_u16(&mut bytes, L4 + udp::LEN, 7);
         assert_eq!(
             UdpPacket::new_checked(&bytes[20..]),
             Err(WireError::BadUdpLength {

@@ -5,6 +5,7 @@
 //! 792), and names the first one that is wrong. What it does not do: run on the data path
 //! (translation keeps checksums valid incrementally, RFC 1624, and never needs a full recompute).
 
+use crate::field::icmp;
 use crate::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 /// Check every checksum that can be checked: the IPv4 header; TCP/UDP/ICMP of an unfragmented
@@ -22,7 +23,7 @@ pub fn verify_checksums(buf: &[u8]) -> Result<(), &'static str> {
     }
     verify_l4(s.proto, s.src, s.dst, ip.payload(), "tcp", "udp", "icmp")?;
     if let Some(crate::IcmpKind::Error { .. }) = s.icmp {
-        let q = &ip.payload()[8..];
+        let q = &ip.payload()[icmp::HEADER_LEN..];
         let inner = crate::Ipv4Packet::new_unchecked(q);
         if !inner.verify_checksum() {
             return Err("inner ipv4 header checksum");

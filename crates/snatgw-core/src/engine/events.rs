@@ -15,9 +15,10 @@
 
 use std::sync::Arc;
 
-use super::{Engine, Time};
+use super::Engine;
 use crate::aggregate::{Aggregator, Offer};
 use crate::packet::L4;
+use crate::units::Time;
 
 /// Events kept in the queue before new ones are counted as lost.
 const EVENT_CAP: usize = 65_536;

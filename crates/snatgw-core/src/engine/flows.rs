@@ -24,9 +24,10 @@
 
 use hashbrown::HashTable;
 
-use super::{Time, NONE};
+use super::NONE;
 use crate::bits::Bits;
 use crate::hash::KeyedHash;
+use crate::units::Time;
 
 /// One live translation (or a free slab slot when `block` is [`NONE`]).
 #[derive(Clone, Copy, Debug)]

@@ -26,11 +26,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{Engine, Time};
+use super::Engine;
 use crate::config::{NsgDirection, ProbeProtocol};
 use crate::hash::KeyedHash;
 use crate::packet::{proto, tcp_flags, DropReason, Packet, Verdict};
 use crate::policy::Query;
+use crate::units::Time;
 
 /// (protocol, address, port, address, port).
 type Key5 = (u8, u32, u16, u32, u16);

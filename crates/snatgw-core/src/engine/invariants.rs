@@ -10,9 +10,10 @@
 use std::collections::HashMap;
 
 use super::flows::Flow;
-use super::ports::{CHUNK, PORT_BASE};
+use super::ports::CHUNK;
 use super::Engine;
 use crate::bits::Bits;
+use crate::units::PORT_BASE;
 
 impl Engine {
     /// Checks internal invariants (for tests and the soak): uniqueness of public 5-tuples

@@ -33,8 +33,9 @@ use std::sync::Arc;
 use super::events::EndCause;
 use super::flows::Flow;
 use super::stats::stats_bucket;
-use super::{Engine, Time};
+use super::Engine;
 use crate::packet::DropReason;
+use crate::units::Time;
 
 /// Flow changes kept for the consumer before further ones are counted as lost.
 pub const JOURNAL_CAP: usize = 1 << 20;

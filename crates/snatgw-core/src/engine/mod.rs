@@ -66,9 +66,11 @@ pub use instance::Scenario;
 pub use journal::{FlowChange, FlowKey, Offload, JOURNAL_CAP};
 pub use nsg::NsgHit;
 pub use plan::tier_ports;
-pub use ports::{CHUNK, CHUNKS, PORT_BASE};
+pub use ports::{CHUNK, CHUNKS};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
 pub use stats::{GlobalStats, InstanceStats};
+// Their home is `crate::units`, a leaf module; re-exported here for existing users.
+pub use crate::units::{Time, PORT_BASE};
 
 use block::PortBlock;
 use flows::{Flow, FlowTable};
@@ -82,9 +84,6 @@ use crate::error::ConfigError;
 use crate::hash::KeyedHash;
 use crate::packet::{Direction, Packet, Verdict};
 use crate::topology::{SnatGroup, Topology};
-
-/// Engine time: whole seconds since an arbitrary epoch, never decreasing.
-pub type Time = u32;
 
 /// "No flow" / "no owner": the end of a chain or free list, a free slab slot's block, a free chunk.
 const NONE: u32 = u32::MAX;

@@ -18,10 +18,11 @@
 
 use std::collections::VecDeque;
 
-use super::{Engine, Time};
+use super::Engine;
 use crate::config::{NsgAccess, NsgDirection};
 use crate::packet::Packet;
 use crate::policy::{Query, PROBE_SOURCE};
+use crate::units::Time;
 
 /// (protocol, private address, private port, remote address, remote port).
 type ConnKey = (u8, u32, u16, u32, u16);

@@ -21,13 +21,12 @@ use hashbrown::HashTable;
 
 use super::events::{EndCause, EventKind};
 use super::flows::dest_hash;
-use super::{Engine, Time, NONE};
+use super::{Engine, NONE};
 use crate::bits::Bits;
 use crate::chunked::ChunkQueue;
 use crate::hash::KeyedHash;
+use crate::units::{Time, PORT_BASE};
 
-/// First port of every public IP's SNAT range (SPEC R2.4 decision).
-pub const PORT_BASE: u16 = 1024;
 /// Ports per chunk, the unit in which blocks are handed out (the smallest tier).
 pub const CHUNK: u16 = 32;
 /// Chunks in a public IP's range 1024–65535.

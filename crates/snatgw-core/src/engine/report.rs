@@ -8,9 +8,10 @@
 use std::sync::Arc;
 
 use super::ports::CHUNK;
-use super::{tcp, timers, Engine, InstanceStats, Scenario, Time};
+use super::{tcp, timers, Engine, InstanceStats, Scenario};
 use crate::config::{InstanceKind, Model};
 use crate::packet::{proto, L4};
+use crate::units::Time;
 
 /// Which live translations [`Engine::flows_page`] lists (R6.3); `None` matches all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

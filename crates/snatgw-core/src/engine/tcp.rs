@@ -8,8 +8,9 @@
 //! unmatched TCP packet may start a flow (R3.1) is decided in `translate`.
 
 use super::events::EndCause;
-use super::{Engine, Time};
+use super::Engine;
 use crate::packet::{tcp_flags, Direction};
+use crate::units::Time;
 
 const ST_FIN_OUT: u8 = 1;
 const ST_FIN_IN: u8 = 2;

@@ -21,8 +21,9 @@
 
 use super::events::EndCause;
 use super::flows::Flow;
-use super::{tcp, Engine, Time, NONE};
+use super::{tcp, Engine, NONE};
 use crate::topology::Params;
+use crate::units::Time;
 
 /// Timer entries one bounded call examines by default (SPEC R9.4). Removing an expired flow
 /// and recording its release costs up to about 1.5 µs when the tables are far larger than

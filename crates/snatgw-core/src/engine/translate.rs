@@ -164,7 +164,7 @@ impl Engine {
         let Some(l4) = L4::from_proto(p.proto) else {
             // R3.6 decision: ICMP echo is not translated through PAT (the seeds list TCP and
             // UDP only); it is counted apart so a tenant asking "why does ping fail" gets an answer.
-            let r = if p.proto == proto::ICMP && p.flags == 8 {
+            let r = if p.proto == proto::ICMP && p.flags == snatgw_wire::ICMP_ECHO_REQUEST {
                 DropReason::IcmpEchoViaPat
             } else {
                 DropReason::ProtocolNotTranslated

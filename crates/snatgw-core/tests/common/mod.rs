@@ -7,12 +7,12 @@ use snatgw_core::config::{
     AvailabilitySetCfg, BackendPoolCfg, ConfigFile, DeploymentCfg, FrontendCfg, InstanceCfg,
     LbRuleCfg, LoadBalancerCfg, PublicIpCfg, RuleProtocol,
 };
-use snatgw_core::{Direction, Engine, Packet, Topology, Verdict};
+use snatgw_core::{tcp_flags, Direction, Engine, Packet, Topology, Verdict};
 
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
-pub const FIN_ACK: u8 = 0x11;
-pub const RST: u8 = 0x04;
+pub const SYN: u8 = tcp_flags::SYN;
+pub const ACK: u8 = tcp_flags::ACK;
+pub const FIN_ACK: u8 = tcp_flags::FIN | tcp_flags::ACK;
+pub const RST: u8 = tcp_flags::RST;
 
 pub fn ip(s: &str) -> u32 {
     u32::from(s.parse::<Ipv4Addr>().expect("address"))
