@@ -21,9 +21,12 @@ if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
 fi
-cargo build --release --locked -p snatgw
 if [ "$(id -u)" = 0 ]; then
+  # Two binaries (issue #16): the gateway `snatgw`, and the lab tools `snatgw-lab`, which
+  # `snatgw lab ...` execs from the same directory.
+  cargo build --release --locked -p snatgw -p snatgw-lab
   exec ./target/release/snatgw lab demo "$@"
 fi
+cargo build --release --locked -p snatgw
 echo "not root: network namespaces need root; showing the lab configuration instead" >&2
 exec ./target/release/snatgw show --config examples/lab.toml

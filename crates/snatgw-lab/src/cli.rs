@@ -1,6 +1,6 @@
 //! The command line of the lab's servers and clients, shared by the `snatgw-lab-server`
-//! binary and the hidden `snatgw lab-server` subcommand (so one `snatgw` binary can serve
-//! the whole lab). `serve` runs every server until killed; `client ...` runs one client
+//! binary and the hidden `snatgw-lab lab-server` subcommand (so the one lab tool binary can
+//! serve the whole lab). `serve` runs every server until killed; `client ...` runs one client
 //! and prints its [`ClientReport`] as one JSON line (exit 0 when nothing failed, 1 otherwise).
 
 use std::io::Write;
@@ -134,7 +134,7 @@ fn print(r: &ClientReport) {
 }
 
 /// Runs the servers/clients command line with `args` (the first item is the program name),
-/// as the `snatgw-lab-server` binary and `snatgw lab-server` do.
+/// as the `snatgw-lab-server` binary and `snatgw-lab lab-server` do.
 pub fn main_with_args<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,

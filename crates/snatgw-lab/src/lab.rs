@@ -61,7 +61,7 @@ pub struct Lab {
     children: Mutex<Vec<LabChild>>,
     is_down: bool,
     /// Arguments inserted between the server binary and `serve`/`client` (e.g.
-    /// `lab-server` when the binary is `snatgw`).
+    /// `lab-server` when the binary is the lab tool `snatgw-lab`).
     server_sub: Vec<String>,
 }
 
@@ -87,7 +87,7 @@ impl Lab {
 
     /// Uses `server_bin SUBCOMMAND serve|client ...` in [`start_servers`](Self::start_servers)
     /// and [`client`](Self::client): for a binary that embeds the servers behind a
-    /// subcommand, such as `snatgw lab-server`. `None` (the default): `server_bin serve`.
+    /// subcommand, such as `snatgw-lab lab-server`. `None` (the default): `server_bin serve`.
     pub fn set_server_subcommand(&mut self, sub: Option<&str>) {
         self.server_sub = sub.map(|s| vec![s.to_string()]).unwrap_or_default();
     }

@@ -7,7 +7,13 @@
 //!   creates) or [`GatewayMode::Kernel`] (nftables NAT, the baseline). Everything is removed
 //!   again by [`Lab::down`] or on drop.
 //! - [`server`] and [`client`]: the destination servers (echo, "which IP am I" over HTTP and
-//!   DNS, connection hold) and their clients, run by the `snatgw-lab-server` binary.
+//!   DNS, connection hold) and their clients, run by the `snatgw-lab-server` binary (and by
+//!   `snatgw-lab lab-server`).
+//!
+//! Binaries of this crate: `snatgw-lab-server`, and `snatgw-lab`, snatgw's lab tools outside the
+//! production binary (issue #16): `lab up|down|demo` and `race`, which `snatgw lab ...` and
+//! `snatgw race ...` exec (`src/bin/snatgw-lab/`). Only that binary uses the gateway's crates
+//! (`snatgw-runtime`, `snatgw-control`); this library uses `snatgw-core` alone.
 //! - [`dns`]: the minimal DNS encoding they share.
 //!
 //! What it does not do: run the gateway itself, or touch anything outside its namespaces

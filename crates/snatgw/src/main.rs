@@ -1,7 +1,9 @@
 //! `snatgw`: the command line. Subcommands:
 //! - `show --config FILE`: what the engine makes of a configuration (scenario, public IP,
 //!   preallocated ports and block per instance, and the SPEC rule that decided it);
-//! - `run`, `stats`, `lab`, `race`: the data plane and its lab (docs/RUNNING.md);
+//! - `run`, `stats`: the data plane (docs/RUNNING.md);
+//! - `lab`, `race`: the lab tools, a separate binary (`snatgw-lab`, crate `snatgw-lab`) that
+//!   these two exec with every argument, git-style ([`lab`]; issue #16);
 //! - `plan`: the exhaustion planner (docs/PLANNER.md, [`plan`]);
 //! - `get`, `apply`, `put`, `delete`, `redeploy`, `settle`, `ports`, `flows`, `events`:
 //!   clients of a running gateway's management API (docs/API.md, [`api_cli`]).
@@ -20,9 +22,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 mod api_cli;
 mod api_render;
 mod lab;
-mod lab_inbound;
 mod plan;
-mod race;
 mod run;
 mod show;
 
@@ -56,11 +56,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The reference lab in network namespaces (needs root).
-    #[command(subcommand)]
-    Lab(lab::LabCmd),
-    /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root).
-    Race(race::RaceArgs),
+    /// The reference lab in network namespaces (needs root; runs `snatgw-lab lab ...`).
+    #[command(disable_help_flag = true)]
+    Lab(lab::ToolArgs),
+    /// Benchmark snatgw against the kernel's nftables masquerade in the same lab (needs root;
+    /// runs `snatgw-lab race ...`).
+    #[command(disable_help_flag = true)]
+    Race(lab::ToolArgs),
     /// Predict SNAT exhaustion of a workload and compare mitigations (see docs/PLANNER.md).
     Plan(plan::PlanArgs),
     /// Clients of a running gateway's management API (see docs/API.md).
@@ -69,19 +71,23 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // Hidden: `snatgw lab-server serve|client ...` runs the lab's servers and clients.
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "lab-server") {
-        args.remove(1);
-        return snatgw_lab::cli::main_with_args(args);
+    // `snatgw help lab|race [...]` is the lab tool's help too, as `snatgw lab --help` is.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "help") {
+        if let Some(sub @ ("lab" | "race")) = args.get(2).and_then(|a| a.to_str()) {
+            let mut rest: Vec<std::ffi::OsString> = args[3..].to_vec();
+            rest.push("--help".into());
+            return lab::exec(sub, &lab::ToolArgs { args: rest });
+        }
     }
     let cli = Cli::parse_from(args);
     let result = match cli.cmd {
         Cmd::Show { config, json } => show::run(&config, json),
         Cmd::Run(a) => run::run(&a),
         Cmd::Stats { file, json } => snatgw_runtime::stats::run(&file, json),
-        Cmd::Lab(c) => lab::run(c),
-        Cmd::Race(a) => race::run(&a),
+        // Replace this process with the lab tool; returns only if that fails.
+        Cmd::Lab(a) => return lab::exec("lab", &a),
+        Cmd::Race(a) => return lab::exec("race", &a),
         Cmd::Plan(a) => plan::run(&a),
         // Prints its own `error: ...` (the server's message, field and SPEC rule).
         Cmd::Api(c) => return api_cli::main(c),

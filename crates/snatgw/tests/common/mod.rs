@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,28 @@ use snatgw_lab::gateway::{spec_from_config, start_gateway, stop_gateway, Gateway
 use snatgw_lab::{ClientReport, Lab, LabChild};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_snatgw");
+
+/// The lab tool, `snatgw-lab` (crate `snatgw-lab`, issue #16): the lab's servers and clients
+/// are `snatgw-lab lab-server serve|client ...`. Another package's binary has no
+/// `CARGO_BIN_EXE_*` here, so it is taken beside [`BIN`], in the same target directory and
+/// profile: `cargo test --workspace` (and `--all-targets --no-run`, as scripts/test-all.sh
+/// runs first) builds it there, as a binary of a package with integration tests. Panics,
+/// saying how to build it, when it is not there (`cargo test -p snatgw` alone does not).
+pub fn lab_bin() -> &'static str {
+    static LAB_BIN: OnceLock<String> = OnceLock::new();
+    LAB_BIN.get_or_init(|| {
+        let p = Path::new(BIN).with_file_name("snatgw-lab");
+        assert!(
+            p.is_file(),
+            "the lab tool {} is missing (the lab tests run their servers and clients with it): \
+             build it into the same target directory first, e.g. `cargo test --workspace \
+             --all-targets --no-run` or `cargo build --profile test -p snatgw-lab`",
+            p.display()
+        );
+        p.to_string_lossy().into_owned()
+    })
+}
+
 pub const SERVER_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 pub const SERVER_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 101);
 pub const SERVER_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
@@ -69,6 +91,7 @@ impl GwLab {
         only: Option<&[&str]>,
         customize: impl FnOnce(&mut GatewayOptions, &Path),
     ) -> GwLab {
+        let lab_bin = lab_bin();
         let prefix = format!("sg{tag}{}-", std::process::id() % 100_000);
         let dir =
             std::env::temp_dir().join(format!("snatgw-test-{}", prefix.trim_end_matches('-')));
@@ -79,7 +102,7 @@ impl GwLab {
         let spec = spec_from_config(&prefix, &cfg, only).expect("spec");
         let mut lab = Lab::up(spec).expect("lab up");
         lab.set_server_subcommand(Some("lab-server"));
-        lab.start_servers(Path::new(BIN), "snatgw.test")
+        lab.start_servers(Path::new(lab_bin), "snatgw.test")
             .expect("servers");
         let stats = dir.join("stats.json");
         let _ = std::fs::remove_file(&stats);
@@ -201,12 +224,12 @@ impl GwLab {
 
     pub fn client(&self, instance: &str, args: &[&str]) -> ClientReport {
         self.lab
-            .client(instance, Path::new(BIN), args, T)
+            .client(instance, Path::new(lab_bin()), args, T)
             .expect("client ran")
     }
 
     pub fn spawn_client(&self, instance: &str, args: &[&str]) -> LabChild {
-        let mut argv = vec![BIN, "lab-server", "client"];
+        let mut argv = vec![lab_bin(), "lab-server", "client"];
         argv.extend_from_slice(args);
         self.lab
             .spawn(&self.lab.ns_name(instance), &argv)

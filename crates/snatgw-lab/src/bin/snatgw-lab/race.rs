@@ -1,5 +1,5 @@
-//! `snatgw race`: the same lab (crates/snatgw-lab) through snatgw with its kernel fast path
-//! (`--fast-path tc`), through snatgw on the TUN path alone (`--fast-path off`), through the
+//! `snatgw-lab race` (run by users as `snatgw race`): the same lab (crates/snatgw-lab) through
+//! snatgw with its kernel fast path (`--fast-path tc`), through snatgw on the TUN path alone (`--fast-path off`), through the
 //! kernel's nftables masquerade, and through two floors: plain kernel routing without NAT, and
 //! the fast path's program redirecting without lookup or rewrite (`--fast-path-floor`); veth
 //! offloads off then on, measuring 64-byte UDP packets/s (trafgen), TCP bulk throughput
@@ -774,7 +774,7 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
         let mut gw_pid = None;
         let mut gw_child = None;
         if gateway {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let exe = crate::gateway_bin()?;
             let cfg = dir.join("race.toml");
             std::fs::write(&cfg, config()).map_err(|e| e.to_string())?;
             let mut extra = vec!["--tx-queue-len".into(), "10000".into()];
@@ -978,7 +978,7 @@ fn tables(label: &str, runs: &Runs, figs: &mut String, cpus: &mut String) {
     }
 }
 
-/// `snatgw race`.
+/// `snatgw-lab race` (`snatgw race`).
 pub fn run(a: &RaceArgs) -> Result<(), String> {
     if !snatgw_lab::is_root() {
         return Err("the race needs root (network namespaces)".into());
