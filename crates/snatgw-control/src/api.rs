@@ -1,5 +1,5 @@
 //! The REST API: an axum router over a [`Backend`] and a [`Store`], bearer auth, JSON errors,
-//! ETags, the OpenAPI document, and [`serve`], which runs it on its own thread.
+//! ETags, the OpenAPI document, and [`crate::serve`], which runs it on its own thread.
 //!
 //! The desired topology is a [`ConfigFile`]; every resource (`publicIPAddresses`,
 //! `availabilitySets`, `deployments`, `instances`, `loadBalancers`, `gateway`) is a view into
@@ -284,7 +284,7 @@ impl ControlPlane {
         self.inner.token.is_some()
     }
 
-    /// The axum router with every route (for embedding or tests; [`serve`] runs it).
+    /// The axum router with every route (for embedding or tests; [`crate::serve`] runs it).
     pub fn router(&self) -> Router {
         let s = self.inner.clone();
         let api = Router::new()
@@ -361,7 +361,7 @@ impl ControlPlane {
             .with_state(s)
     }
 
-    /// Serves the API on `addr` (see [`serve`]).
+    /// Serves the API on `addr` (see [`crate::serve`]).
     pub fn serve(&self, addr: SocketAddr) -> Result<crate::ServerHandle, ControlError> {
         crate::server::serve(addr, self.clone())
     }
@@ -493,16 +493,28 @@ async fn method_not_allowed(req: Request) -> Reply {
     )
 }
 
+/// The `{name}` of a path, under the rule of every string the API takes (no control
+/// character, no whitespace at either end: [`crate::body::string_fault`]) and not empty:
+/// otherwise 400 naming `name` (no resource can have such a name).
 fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String> {
     match p {
-        Ok(Path(n)) if n.trim() != n || n.is_empty() => Err(Reply::bad(ApiError::field(
-            format!(
-                "name `{}`: a name has no leading or trailing whitespace and is not empty",
-                crate::body::bounded(&n, 64)
-            ),
-            "name",
-        ))),
-        Ok(Path(n)) => Ok(n),
+        Ok(Path(n)) => {
+            let fault = if n.is_empty() {
+                Some("is empty".to_string())
+            } else {
+                crate::body::string_fault(&n)
+            };
+            match fault {
+                None => Ok(n),
+                Some(f) => Err(Reply::bad(ApiError::field(
+                    format!(
+                        "name `{}` {f}; a name is not empty, has no control character and no leading or trailing whitespace",
+                        crate::body::bounded(&n, 64).escape_debug()
+                    ),
+                    "name",
+                ))),
+            }
+        }
         Err(e) => Err(Reply::bad(ApiError::field(e.body_text(), "name"))),
     }
 }
@@ -1149,8 +1161,9 @@ async fn set_redeploy(
     responses(
         (status = 200, description = "The deployment, redeploying", body = DeploymentCfg,
             headers(("ETag" = String, description = "The new ETag"))),
-        (status = 400, description = "Reported size outside actual..2x actual (R2.11)", body = ApiError),
+        (status = 400, description = "Bad JSON or field", body = ApiError),
         (status = 404, description = "No such deployment", body = ApiError),
+        (status = 409, description = "Reported size outside the deployment's actual size..twice it (R2.11, with field and rule)", body = ApiError),
         (status = 412, description = "If-Match does not match", body = ApiError),
     ),
     security(("bearer" = [])))]
@@ -1261,7 +1274,14 @@ impl FlowParams {
     fn from_query(raw: Option<&str>) -> Result<FlowParams> {
         let q = QueryParams::parse(
             raw,
-            &["instance", "destination", "protocol", "state", "cursor", "limit"],
+            &[
+                "instance",
+                "destination",
+                "protocol",
+                "state",
+                "cursor",
+                "limit",
+            ],
         )
         .map_err(body_error)?;
         let text = |k: &str| q.text(k).map(str::to_string);
@@ -1280,10 +1300,6 @@ impl FlowParams {
 /// the OpenAPI `int64` format allows).
 const MAX_COUNTER: u64 = i64::MAX as u64;
 
-fn nonempty(s: Option<String>) -> Option<String> {
-    s.filter(|v| !v.is_empty())
-}
-
 /// Lists live translations (SPEC R6.3), one bounded page at a time.
 #[utoipa::path(get, path = "/api/v1/flows", tag = "flows",
     params(FlowParams),
@@ -1296,10 +1312,10 @@ async fn flows(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
     let go = async {
         let p = FlowParams::from_query(q.as_deref())?;
         let fq = FlowQuery {
-            instance: nonempty(p.instance),
-            destination: nonempty(p.destination),
-            protocol: nonempty(p.protocol),
-            state: nonempty(p.state),
+            instance: p.instance,
+            destination: p.destination,
+            protocol: p.protocol,
+            state: p.state,
             cursor: p.cursor.unwrap_or(0),
             limit: p.limit.map_or(DEFAULT_PAGE, |l| l as usize),
         };
@@ -1345,10 +1361,7 @@ impl EventParams {
         (status = 400, description = "A bad parameter", body = ApiError),
     ),
     security(("bearer" = [])))]
-async fn events(
-    State(s): State<Shared>,
-    RawQuery(q): RawQuery,
-) -> Response {
+async fn events(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
     let go = async {
         let p = EventParams::from_query(q.as_deref())?;
         let after = p.after.unwrap_or(0);
@@ -1430,17 +1443,333 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Makes the document state every status a route can answer, as the server behaves (issue
-/// #20): 401 on every route but `/healthz`; 414 (request target over [`MAX_URI`]) and 503
+/// Regular expressions of the OpenAPI document for the values the server parses (issue #20).
+/// Each is a JSON Schema (ECMA-262) `pattern` that Python's `re` (which schemathesis generates
+/// from) and Rust's `regex` read the same way: explicit character classes, `\uXXXX` escapes, no
+/// `\s`, `\d` or flags. They describe the canonical spelling the server accepts; what they
+/// cannot state (a prefix's host bits, a port range's low ≤ high, references, and the other
+/// rules of [`snatgw_core::Topology::from_config`]) the server refuses with 400 or 409.
+pub mod patterns {
+    /// One octet of a dotted quad, 0–255 without leading zeros (as Rust's `Ipv4Addr` parses).
+    const OCTET: &str = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    /// A prefix length, 0–32.
+    const PREFIX_LEN: &str = "(?:3[0-2]|[12]?[0-9])";
+    /// A port 1–65535 without leading zeros.
+    const PORT: &str =
+        "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+
+    /// A dotted-quad IPv4 address, unanchored.
+    fn ipv4() -> String {
+        format!(r"{OCTET}(?:\.{OCTET}){{3}}")
+    }
+
+    /// `word` in any ASCII case: `[Aa][Nn][Yy]`.
+    fn any_case(word: &str) -> String {
+        word.chars()
+            .map(|c| {
+                if c.is_ascii_alphabetic() {
+                    format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase())
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    }
+
+    /// An IPv4 prefix `a.b.c.d/len` (`gateway.vnet_prefixes`, `nsg.subnets`). Host bits set
+    /// (`10.0.0.1/16`) match but are refused by the server (400).
+    pub fn prefix() -> String {
+        format!("^{}/{PREFIX_LEN}$", ipv4())
+    }
+
+    /// An NSG rule's port range: `*`, a port `80` or a range `1000-2000` (1–65535). A range
+    /// whose low end is above its high end matches but is refused by the server (400).
+    pub fn port_range() -> String {
+        format!(r"^(?:\*|{PORT}(?:-{PORT})?)$")
+    }
+
+    /// An NSG rule's address: `*`, `any`, a service tag (in any case), an address or a prefix.
+    pub fn address_match() -> String {
+        let tags = ["any", "VirtualNetwork", "Internet", "AzureLoadBalancer"]
+            .map(any_case)
+            .join("|");
+        format!(r"^(?:\*|{tags}|{}(?:/{PREFIX_LEN})?)$", ipv4())
+    }
+
+    /// `GET /api/v1/flows?destination=`: `ip` or `ip:port` (port 0–65535).
+    pub fn destination() -> String {
+        format!("^{}(?::(?:0|{PORT}))?$", ipv4())
+    }
+
+    /// An HTTP probe's path: `/`, then no whitespace or control character.
+    pub fn probe_path() -> String {
+        format!("^/[^{}]*$", crate::body::SPACE_OR_CONTROL_CLASS)
+    }
+
+    /// The names of the default NSG rules (SPEC R4.2) in any case, which a rule cannot take.
+    pub fn default_rule_name() -> String {
+        let names: Vec<String> = snatgw_core::policy::default_rules()
+            .iter()
+            .map(|r| any_case(&r.name))
+            .collect();
+        format!("^(?:{})$", names.join("|"))
+    }
+
+    /// An `If-Match` header (RFC 9110 §13.1.1): `*`, or entity tags `"…"` (optionally weak,
+    /// `W/"…"`) separated by commas.
+    pub const IF_MATCH: &str = r#"^(?:\*|(?:W/)?"[\u0021\u0023-\u007E]*"(?:[ \t]*,[ \t]*(?:W/)?"[\u0021\u0023-\u007E]*")*)$"#;
+}
+
+/// Makes the document the contract (issue #20): every status a route can answer, and every
+/// constraint on a request the server enforces that JSON Schema can state.
+///
+/// Statuses: 401 on every route but `/healthz`; 414 (request target over [`MAX_URI`]) and 503
 /// (connection cap or body budget, see [`crate::server`]) on every route; 500 (store or
 /// backend failure) on every API route; 400, 413 and 415 on every route with a body; 400 on
-/// every route with query parameters. A resource PUT's body may leave out `name` (the path
-/// gives it), so its body schema is the resource's with `name` optional.
+/// every route with query parameters or a `{name}` in its path.
+///
+/// Values, in every schema a request body reaches (`ConfigFile`, the resources, their parts):
+/// the patterns of [`patterns`] where a string is an address list, prefix, port range or path
+/// (the scalar addresses have `format: ipv4`, names `minLength: 1`, required lists `minItems:
+/// 1`: see `snatgw_core::config`); then [`crate::body::STRING_PATTERN`] on every other string
+/// property and string array item (and `minLength: 1` on the items that name a resource); and
+/// the cross-field rules an instance and a probe follow (`if`/`then`). The path's `{name}`
+/// gets the same pattern and `minLength: 1`; `If-Match` the pattern of an ETag list; the
+/// `/flows` filters theirs.
+///
+/// A resource PUT's body may leave out `name` (the path gives it), so its body schema is the
+/// resource's with `name` optional and `readOnly` (a generated client does not send it; the
+/// server still accepts a matching one).
 struct Contract;
+
+/// The JSON Schema of a request string: a pattern or a format of its own, else
+/// [`crate::body::STRING_PATTERN`]; `non_empty` adds `minLength: 1`.
+enum StringRule {
+    Pattern(String),
+    Ipv4,
+    NonEmpty,
+}
+
+impl Contract {
+    /// The string rules of array items, by (schema, property).
+    fn item_rules() -> Vec<(&'static str, &'static str, StringRule)> {
+        vec![
+            (
+                "GatewayCfg",
+                "vnet_prefixes",
+                StringRule::Pattern(patterns::prefix()),
+            ),
+            ("GatewayCfg", "default_snat_pool", StringRule::Ipv4),
+            ("NsgCfg", "subnets", StringRule::Pattern(patterns::prefix())),
+            ("NsgCfg", "nics", StringRule::NonEmpty),
+            ("BackendPoolCfg", "members", StringRule::NonEmpty),
+            (
+                "NsgRuleCfg",
+                "sources",
+                StringRule::Pattern(patterns::address_match()),
+            ),
+            (
+                "NsgRuleCfg",
+                "destinations",
+                StringRule::Pattern(patterns::address_match()),
+            ),
+            (
+                "NsgRuleCfg",
+                "source_ports",
+                StringRule::Pattern(patterns::port_range()),
+            ),
+            (
+                "NsgRuleCfg",
+                "destination_ports",
+                StringRule::Pattern(patterns::port_range()),
+            ),
+        ]
+    }
+
+    /// The cross-field rules of a schema, as JSON Schema `allOf` of `if`/`then`: what an
+    /// absent field means (`kind` `vm`, `model` `arm`) is spelled out with `required`.
+    fn cross_field_rules(schema: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        match schema {
+            // SPEC §0, R1.3, R1.5: a web/worker role is Classic and has no instance-level
+            // public IP; a Classic instance names its deployment and no availability set; an
+            // ARM instance names no deployment.
+            "InstanceCfg" => Some(json!([
+                {
+                    "if": {"required": ["kind"], "properties": {"kind": {"const": "web_worker_role"}}},
+                    "then": {
+                        "required": ["model"],
+                        "properties": {"model": {"const": "classic"}, "public_ip": {"type": "null"}}
+                    }
+                },
+                {
+                    "if": {"required": ["model"], "properties": {"model": {"const": "classic"}}},
+                    "then": {
+                        "required": ["deployment"],
+                        "properties": {"deployment": {"type": "string"}, "availability_set": {"type": "null"}}
+                    },
+                    "else": {"properties": {"deployment": {"type": "null"}}}
+                }
+            ])),
+            // SPEC R5.2: a TCP probe has no path.
+            "ProbeCfg" => Some(json!([
+                {
+                    "if": {"required": ["protocol"], "properties": {"protocol": {"const": "tcp"}}},
+                    "then": {"properties": {"path": {"type": "null"}}}
+                }
+            ])),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `o` is (or may be) a string.
+fn is_string(o: &utoipa::openapi::schema::Object) -> bool {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    match &o.schema_type {
+        SchemaType::Type(Type::String) => true,
+        SchemaType::Array(ts) => ts.contains(&Type::String),
+        _ => false,
+    }
+}
+
+/// Applies `rule` to the string schema `o` (see [`StringRule`]).
+fn constrain_string(o: &mut utoipa::openapi::schema::Object, rule: &StringRule) {
+    use utoipa::openapi::schema::{KnownFormat, SchemaFormat};
+    match rule {
+        StringRule::Pattern(p) => o.pattern = Some(p.clone()),
+        StringRule::Ipv4 => o.format = Some(SchemaFormat::KnownFormat(KnownFormat::Ipv4)),
+        StringRule::NonEmpty => o.min_length = Some(o.min_length.unwrap_or(0).max(1)),
+    }
+}
+
+/// Gives every string of `o` without a pattern or format of its own the API's string rule
+/// ([`crate::body::STRING_PATTERN`]).
+fn default_string_rule(o: &mut utoipa::openapi::schema::Object) {
+    if is_string(o) && o.pattern.is_none() && o.format.is_none() && o.enum_values.is_none() {
+        o.pattern = Some(crate::body::STRING_PATTERN.to_string());
+    }
+}
+
+/// The string schema of `s` itself or, for an array, of its items.
+fn string_schemas(
+    s: &mut utoipa::openapi::RefOr<utoipa::openapi::Schema>,
+) -> Option<&mut utoipa::openapi::schema::Object> {
+    use utoipa::openapi::schema::ArrayItems;
+    use utoipa::openapi::{RefOr, Schema};
+    match s {
+        RefOr::T(Schema::Object(o)) if is_string(o) => Some(o),
+        RefOr::T(Schema::Array(a)) => match &mut a.items {
+            ArrayItems::RefOrSchema(item) => match item.as_mut() {
+                RefOr::T(Schema::Object(o)) if is_string(o) => Some(o),
+                _ => None,
+            },
+            ArrayItems::False => None,
+        },
+        _ => None,
+    }
+}
+
+/// The component schemas a request body reaches (through `$ref`s, transitively).
+fn request_schemas(doc: &utoipa::openapi::OpenApi) -> std::collections::BTreeSet<String> {
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(r)) = m.get("$ref") {
+                    if let Some(n) = r.strip_prefix("#/components/schemas/") {
+                        out.push(n.to_string());
+                    }
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut todo = Vec::new();
+    for item in doc.paths.paths.values() {
+        for op in [&item.get, &item.put, &item.post, &item.delete]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(b) = &op.request_body {
+                refs(&serde_json::to_value(b).unwrap_or_default(), &mut todo);
+            }
+        }
+    }
+    let schemas = doc.components.as_ref().map(|c| &c.schemas);
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(n) = todo.pop() {
+        if seen.insert(n.clone()) {
+            if let Some(s) = schemas.and_then(|m| m.get(&n)) {
+                refs(&serde_json::to_value(s).unwrap_or_default(), &mut todo);
+            }
+        }
+    }
+    seen
+}
+
+/// Examples, so that schemathesis' examples phase has something to send and the reader a
+/// start: the reference topology (`examples/reference.toml`) and its resources.
+mod examples {
+    use serde_json::{json, Value};
+
+    const REFERENCE: &str = include_str!("../../../examples/reference.toml");
+
+    /// An existing resource's name for a `{name}` under `path`, in the reference topology.
+    pub(super) fn name(path: &str) -> Option<&'static str> {
+        [
+            ("publicIPAddresses", "pip-ilpip"),
+            ("availabilitySets", "as1"),
+            ("deployments", "cs1"),
+            ("instances", "vm-as1"),
+            ("loadBalancers", "lb"),
+            ("networkSecurityGroups", "nsg-alone"),
+        ]
+        .into_iter()
+        .find(|(c, _)| path.starts_with(&format!("/api/v1/{c}/")))
+        .map(|(_, n)| n)
+    }
+
+    /// A request body for `method path`.
+    pub(super) fn body(method: &str, path: &str) -> Option<Value> {
+        let reference = || {
+            snatgw_core::ConfigFile::from_toml(REFERENCE)
+                .ok()
+                .and_then(|c| serde_json::to_value(c).ok())
+        };
+        Some(match (method, path) {
+            ("put", "/api/v1/topology") => reference()?,
+            ("put", "/api/v1/gateway") => reference()?.get("gateway")?.clone(),
+            ("put", "/api/v1/publicIPAddresses/{name}") => json!({"address": "203.0.113.50"}),
+            ("put", "/api/v1/availabilitySets/{name}") => json!({}),
+            ("put", "/api/v1/deployments/{name}") => json!({}),
+            ("put", "/api/v1/instances/{name}") => {
+                json!({"private_ip": "10.0.3.30", "availability_set": "as1"})
+            }
+            ("put", "/api/v1/loadBalancers/{name}") => json!({
+                "frontends": [{"name": "fe1", "public_ip": "pip-fe1"}],
+                "backend_pools": [{"name": "web", "members": ["vm-lb1", "vm-lb2"]}],
+                "rules": [{"name": "http", "frontend": "fe1", "protocol": "tcp",
+                           "frontend_port": 80, "backend_pool": "web", "backend_port": 80,
+                           "probe": "hp"}],
+                "probes": [{"name": "hp", "protocol": "http", "port": 80, "path": "/healthz"}]
+            }),
+            ("put", "/api/v1/networkSecurityGroups/{name}") => json!({
+                "nics": ["vm-alone"],
+                "rules": [{"name": "deny-smtp", "priority": 100, "direction": "outbound",
+                           "access": "deny", "protocol": "tcp", "destination_ports": ["25"]}]
+            }),
+            ("post", "/api/v1/deployments/{name}/redeploy") => json!({"reported_instances": 2}),
+            _ => return None,
+        })
+    }
+}
 
 impl utoipa::Modify for Contract {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::schema::{Object, Type};
         use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, Schema};
         let error = |description: &str| {
             RefOr::T(
@@ -1452,6 +1781,54 @@ impl utoipa::Modify for Contract {
                     )
                     .build(),
             )
+        };
+        // The values of request bodies, before the PUT body schemas are copied from them.
+        let requested = request_schemas(doc);
+        let components = doc.components.get_or_insert_with(Default::default);
+        let item_rules = Contract::item_rules();
+        for (name, schema) in components.schemas.iter_mut() {
+            if !requested.contains(name) {
+                continue;
+            }
+            let RefOr::T(Schema::Object(o)) = schema else {
+                continue;
+            };
+            for (prop, s) in o.properties.iter_mut() {
+                let rules = item_rules
+                    .iter()
+                    .filter(|(sn, pn, _)| sn == name && pn == prop);
+                let Some(str_schema) = string_schemas(s) else {
+                    continue;
+                };
+                for (_, _, rule) in rules {
+                    constrain_string(str_schema, rule);
+                }
+                if name == "ProbeCfg" && prop == "path" {
+                    str_schema.pattern = Some(patterns::probe_path());
+                }
+                if name == "NsgRuleCfg" && prop == "name" {
+                    str_schema
+                        .extensions
+                        .get_or_insert_with(Default::default)
+                        .insert(
+                            "not".into(),
+                            serde_json::json!({"pattern": patterns::default_rule_name()}),
+                        );
+                }
+                default_string_rule(str_schema);
+            }
+            if let Some(rules) = Contract::cross_field_rules(name) {
+                o.extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("allOf".into(), rules);
+            }
+        }
+
+        let string_param = |min_len: Option<usize>, pattern: String| {
+            let mut o = Object::with_type(Type::String);
+            o.min_length = min_len;
+            o.pattern = Some(pattern);
+            RefOr::T(Schema::Object(o))
         };
         let mut body_schemas: Vec<(String, String)> = Vec::new();
         for (path, item) in doc.paths.paths.iter_mut() {
@@ -1488,10 +1865,56 @@ impl utoipa::Modify for Contract {
                 if has_query {
                     add(op, 400, "A bad query parameter (field names it)");
                 }
+                if path.contains("{name}") {
+                    add(
+                        op,
+                        400,
+                        "A bad `{name}`: empty, a control character, or whitespace at either end (field `name`)",
+                    );
+                }
                 if op.request_body.is_some() || method == "put" || method == "post" {
                     add(op, 400, "Bad JSON or field (with field and SPEC rule)");
                     add(op, 413, "The request body is larger than the limit");
                     add(op, 415, "The request body is not application/json");
+                }
+                for p in op.parameters.iter_mut().flatten() {
+                    let RefOr::T(p) = p else { continue };
+                    let schema = match (&p.parameter_in, p.name.as_str(), path.as_str()) {
+                        (ParameterIn::Path, "name", _) => {
+                            let mut s =
+                                string_param(Some(1), crate::body::STRING_PATTERN.to_string());
+                            if let (RefOr::T(Schema::Object(o)), Some(n)) =
+                                (&mut s, examples::name(path))
+                            {
+                                o.examples = vec![n.into()];
+                            }
+                            Some(s)
+                        }
+                        (ParameterIn::Header, "If-Match", _) => {
+                            Some(string_param(None, patterns::IF_MATCH.to_string()))
+                        }
+                        (ParameterIn::Query, "destination", "/api/v1/flows") => {
+                            Some(string_param(None, patterns::destination()))
+                        }
+                        (ParameterIn::Query, "instance", "/api/v1/flows") => {
+                            let mut o = Object::with_type(Type::String);
+                            o.min_length = Some(1);
+                            Some(RefOr::T(Schema::Object(o)))
+                        }
+                        _ => None,
+                    };
+                    if let Some(s) = schema {
+                        p.schema = Some(s);
+                    }
+                }
+                if let (Some(RefOr::T(body)), Some(example)) =
+                    (op.request_body.as_mut(), examples::body(method, path))
+                {
+                    for content in body.content.values_mut() {
+                        if let RefOr::T(c) = content {
+                            c.example = Some(example.clone());
+                        }
+                    }
                 }
                 if method == "put" && path.ends_with("/{name}") {
                     if let Some(RefOr::T(body)) = op.request_body.as_mut() {
@@ -1519,8 +1942,11 @@ impl utoipa::Modify for Contract {
             if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get(&name) {
                 let mut o = o.clone();
                 o.required.retain(|f| f != "name");
+                if let Some(RefOr::T(Schema::Object(n))) = o.properties.get_mut("name") {
+                    n.read_only = Some(true);
+                }
                 o.description = Some(format!(
-                    "{}; `name` may be left out (the path gives it) and must match the path if given.",
+                    "{}; `name` is read-only: the path gives it (a body may still carry it, equal to the path's).",
                     o.description.as_deref().unwrap_or(&name).trim_end_matches('.')
                 ));
                 components

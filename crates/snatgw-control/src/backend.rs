@@ -86,7 +86,8 @@ pub struct FlowQuery {
     pub protocol: Option<String>,
     /// Only flows in this state: `open`, `fin_out`, `fin_in`, `closing` or `reset`.
     pub state: Option<String>,
-    /// Where to continue (0: from the start; else a page's `next_cursor`).
+    /// Where to continue (0: from the start; else a page's `next_cursor`; past the end of
+    /// the table: an empty page, the end of the list).
     pub cursor: u64,
     /// Most flows in the page, 1..=1000 (default 100).
     pub limit: usize,
@@ -110,7 +111,24 @@ pub const FLOW_STATES: [&str; 5] = ["open", "fin_out", "fin_in", "closing", "res
 
 impl FlowQuery {
     /// The engine filter, or what is wrong with the query (naming the query parameter).
+    /// A filter given empty (`?instance=`) is refused: a parameter left out is "no filter".
+    /// A cursor past the end of the table is the end of the list (an empty last page).
     pub fn filter(&self) -> Result<FlowFilter, ApiError> {
+        for (name, v) in [
+            ("instance", &self.instance),
+            ("destination", &self.destination),
+            ("protocol", &self.protocol),
+            ("state", &self.state),
+        ] {
+            if v.as_deref() == Some("") {
+                return Err(ApiError::field(
+                    format!(
+                        "{name} is empty: give a value, or leave the parameter out for no filter"
+                    ),
+                    name,
+                ));
+            }
+        }
         let l4 = match self.protocol.as_deref() {
             None => None,
             Some("tcp") => Some(L4::Tcp),
@@ -140,8 +158,16 @@ impl FlowQuery {
                         "destination",
                     )
                 };
+                // The port as the document's pattern writes it: decimal digits, no sign, no
+                // leading zero.
+                let port = |p: &str| {
+                    let canonical = !p.is_empty()
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && (p == "0" || !p.starts_with('0'));
+                    canonical.then(|| p.parse::<u16>().ok()).flatten()
+                };
                 let (ip, port) = match d.split_once(':') {
-                    Some((ip, port)) => (ip, Some(port.parse::<u16>().map_err(|_| bad())?)),
+                    Some((ip, p)) => (ip, Some(port(p).ok_or_else(bad)?)),
                     None => (d, None),
                 };
                 let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
@@ -152,12 +178,6 @@ impl FlowQuery {
             return Err(ApiError::field(
                 format!("limit {}: expected 1..={MAX_PAGE}", self.limit),
                 "limit",
-            ));
-        }
-        if self.cursor > u64::from(u32::MAX) {
-            return Err(ApiError::field(
-                format!("cursor {}: not a cursor this server returned", self.cursor),
-                "cursor",
             ));
         }
         Ok(FlowFilter {
@@ -423,6 +443,10 @@ pub struct InstancePorts {
     pub connections_failed: PerProtocol,
     /// Dropped packets by reason (all protocols), only non-zero ones.
     pub drops: BTreeMap<String, u64>,
+    /// Flows ended by idle timeout on which the instance later sent again: the symptom of
+    /// missing keepalives (SPEC R3.4, R7.1; `snatgw keepalive-check`).
+    #[serde(default)]
+    pub idle_ended_then_sent: PerProtocol,
 }
 
 fn kind_label(k: snatgw_core::InstanceKind) -> &'static str {
@@ -487,6 +511,10 @@ impl From<&InstanceReport> for InstancePorts {
                 udp: r.stats[1].conn_fail,
             },
             drops,
+            idle_ended_then_sent: PerProtocol {
+                tcp: r.stats[0].idle_ended_then_sent,
+                udp: r.stats[1].idle_ended_then_sent,
+            },
         }
     }
 }
@@ -654,6 +682,9 @@ pub struct ProtoMetrics {
     pub connections_failed: u64,
     /// Dropped packets by reason.
     pub drops: Vec<(String, u64)>,
+    /// Flows ended by idle timeout on which the instance later sent again (R3.4, R7.1).
+    #[serde(default)]
+    pub idle_ended_then_sent: u64,
 }
 
 /// Ports one instance uses for one destination endpoint (R2.3).
@@ -708,6 +739,7 @@ pub fn metrics_snapshot(
                         connections_ok: r.stats[i].conn_ok,
                         connections_failed: r.stats[i].conn_fail,
                         drops: drops_of(&r.stats[i].drops),
+                        idle_ended_then_sent: r.stats[i].idle_ended_then_sent,
                     }
                 })
                 .collect(),
@@ -912,6 +944,7 @@ impl Backend for GatewayBackend {
             };
         };
         let limit = q.limit.clamp(1, MAX_PAGE);
+        // A cursor past the table (also one past u32) is its end: an empty last page.
         let mut cursor = u32::try_from(q.cursor).unwrap_or(u32::MAX);
         let mut views = Vec::new();
         let next = loop {
@@ -949,6 +982,7 @@ impl Backend for GatewayBackend {
 
     fn inbound_flows(&self, lb: &str, cursor: u64, limit: usize) -> InboundFlowPage {
         let limit = limit.clamp(1, MAX_PAGE);
+        // A cursor past the table (also one past u32) is its end: an empty last page.
         let mut cursor = u32::try_from(cursor).unwrap_or(u32::MAX);
         let mut views = Vec::new();
         let next = loop {
@@ -1101,7 +1135,23 @@ mod tests {
         assert!(q(|q| q.destination = Some("1.2.3.4:99999".into())).is_err());
         assert!(q(|q| q.limit = 0).is_err());
         assert!(q(|q| q.limit = 1001).is_err());
-        assert!(q(|q| q.cursor = 1 << 40).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3.4:+80".into())).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3.4:080".into())).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3.4:".into())).is_err());
+        assert!(q(|q| q.destination = Some("01.2.3.4".into())).is_err());
+        assert!(q(|q| q.destination = Some("1.2.3.4:0".into())).is_ok());
+        assert!(q(|q| q.destination = Some("1.2.3.4:65535".into())).is_ok());
+        for empty in [
+            |q: &mut FlowQuery| q.instance = Some(String::new()),
+            |q: &mut FlowQuery| q.destination = Some(String::new()),
+            |q: &mut FlowQuery| q.protocol = Some(String::new()),
+            |q: &mut FlowQuery| q.state = Some(String::new()),
+        ] {
+            assert!(q(empty).is_err());
+        }
+        // A cursor past the table is its end, not an error (an empty last page).
+        assert!(q(|q| q.cursor = 1 << 40).is_ok());
+        assert!(q(|q| q.cursor = i64::MAX as u64).is_ok());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -4,7 +4,8 @@
 //! server returns, [`ClientError`] what the blocking client returns, and [`ApiError`] the body
 //! of every non-2xx answer: `{"error": "...", "field": "..." | null, "rule": "R2.8" | null}`.
 //! [`config_error_body`] maps a [`ConfigError`] to that body and its HTTP status (400 for a bad
-//! field of the request, 409 for a conflict with the rest of the topology), naming the field
+//! field of the request, 409 for a conflict with the rest of the topology, such as a
+//! redeploy's reported size outside the deployment's actual size..twice it), naming the field
 //! and the SPEC rule the error carries. This module does no I/O.
 
 use serde::{Deserialize, Serialize};
@@ -173,9 +174,13 @@ pub fn rule_in(message: &str) -> Option<String> {
 }
 
 /// Whether a refused configuration is the request's own fault (400) or a conflict with the
-/// rest of the topology (409).
+/// rest of the topology (409). A redeploy's reported size (R2.11) is a conflict: whether it
+/// is allowed depends on how many instances the deployment has (between that and twice it).
 pub fn config_error_status(e: &ConfigError) -> u16 {
     match e {
+        ConfigError::Invalid { field, .. } if field.ends_with(".redeploy_reported_instances") => {
+            409
+        }
         ConfigError::Parse(_)
         | ConfigError::Invalid { .. }
         | ConfigError::WebWorkerRoleIlpip { .. }
@@ -254,7 +259,13 @@ mod tests {
             reason: "while redeploying, the reported pool is between the actual size (1) and twice it (SPEC R2.11)".into(),
         };
         let (s, b) = config_error_body(&e);
-        assert_eq!((s, b.rule.as_deref()), (400, Some("R2.11")));
+        assert_eq!((s, b.rule.as_deref()), (409, Some("R2.11")));
+        let e = ConfigError::Invalid {
+            field: "gateway.vnet_prefixes[0]".into(),
+            value: "10.0.0.1/16".into(),
+            reason: "host bits are set".into(),
+        };
+        assert_eq!(config_error_status(&e), 400);
         let e = ConfigError::UnknownReference {
             field: "instance[a].public_ip".into(),
             what: "public IP",

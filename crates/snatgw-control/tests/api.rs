@@ -401,10 +401,11 @@ fn redeploy_and_settle_follow_the_reported_size() {
             (512, 2 * ROLES, 512)
         );
     }
-    // More than twice is refused (R2.11), naming the field and the rule.
+    // More than twice is refused (R2.11), naming the field and the rule: 409, a conflict with
+    // the deployment's current size.
     let before = c.topology().expect("topology");
     let (st, e) = api_err(c.redeploy("cs1", 2 * ROLES + 1, None));
-    assert_eq!(st, 400);
+    assert_eq!(st, 409);
     assert_eq!(e.rule.as_deref(), Some("R2.11"));
     assert_eq!(
         e.field.as_deref(),

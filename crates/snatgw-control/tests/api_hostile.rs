@@ -88,8 +88,12 @@ struct Env {
 
 impl Env {
     fn start(pause: Duration) -> Env {
+        Env::with(TOPOLOGY, pause)
+    }
+
+    fn with(topology: &str, pause: Duration) -> Env {
         let store = Arc::new(MemoryStore::new());
-        let file = ConfigFile::from_toml(TOPOLOGY).expect("test topology parses");
+        let file = ConfigFile::from_toml(topology).expect("test topology parses");
         let seeded = snatgw_control::seed(&*store, &file).expect("seed");
         let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
         let gateway = Arc::new(Mutex::new(Gateway::new(
@@ -172,8 +176,12 @@ impl Answer {
             self.head,
             self.body
         );
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("status {}: not the error body ({e}): {}", self.status, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: not the error body ({e}): {}",
+                self.status, self.body
+            )
+        })
     }
 }
 
@@ -184,7 +192,10 @@ fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[&str], body: &[u
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization:")) {
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("authorization:"))
+    {
         req.push_str(&format!("Authorization: Bearer {TOKEN}\r\n"));
     }
     for h in headers {
@@ -222,7 +233,10 @@ fn cancelled_writes_leave_store_engine_and_get_in_agreement() {
     let mut last_generation = env.stored().1;
     for round in 0..30 {
         let name = format!("dc{round}");
-        let body = format!(r#"{{"private_ip":"10.0.9.{}","availability_set":"as1"}}"#, round + 1);
+        let body = format!(
+            r#"{{"private_ip":"10.0.9.{}","availability_set":"as1"}}"#,
+            round + 1
+        );
         let req = format!(
             "PUT /api/v1/instances/{name} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -248,7 +262,10 @@ fn cancelled_writes_leave_store_engine_and_get_in_agreement() {
         );
         assert!(sg >= last_generation, "round {round}: generation went back");
         if in_store {
-            assert!(sg > last_generation, "round {round}: a change reused a generation");
+            assert!(
+                sg > last_generation,
+                "round {round}: a change reused a generation"
+            );
         }
         last_generation = sg;
     }
@@ -259,7 +276,10 @@ fn cancelled_writes_leave_store_engine_and_get_in_agreement() {
         .filter(|r| stored.instance.iter().any(|i| i.name == format!("dc{r}")))
         .count();
     println!("{applied} of 30 cancelled writes were applied (all or nothing each)");
-    assert!(applied > 0, "no cancelled write reached the server: the test tests nothing");
+    assert!(
+        applied > 0,
+        "no cancelled write reached the server: the test tests nothing"
+    );
 }
 
 /// Issue #20 item 2: `[]` is not a topology. Refused with 400 and nothing changes; likewise
@@ -276,7 +296,13 @@ fn non_object_bodies_are_refused_and_change_nothing() {
         ("PUT", "/api/v1/instances/vm1", "[\"vm1\", \"10.0.1.11\"]"),
         ("PUT", "/api/v1/availabilitySets/as2", "7"),
     ] {
-        let r = raw(env.addr, method, target, &["Content-Type: application/json"], body.as_bytes());
+        let r = raw(
+            env.addr,
+            method,
+            target,
+            &["Content-Type: application/json"],
+            body.as_bytes(),
+        );
         assert_eq!(r.status, 400, "{method} {target} {body}: {}", r.body);
         let e = r.error();
         assert!(e.error.contains("expected a JSON object"), "{e:?}");
@@ -308,14 +334,16 @@ fn duplicate_keys_and_padded_strings_are_refused_naming_the_field() {
             r#"{"private_ip":" 10.0.1.41 "}"#,
             "instance[vm2].private_ip",
         ),
-        (
-            "/api/v1/availabilitySets/as1%20",
-            r#"{}"#,
-            "name",
-        ),
+        ("/api/v1/availabilitySets/as1%20", r#"{}"#, "name"),
     ];
     for (target, body, field) in cases {
-        let r = raw(env.addr, "PUT", target, &["Content-Type: application/json"], body.as_bytes());
+        let r = raw(
+            env.addr,
+            "PUT",
+            target,
+            &["Content-Type: application/json"],
+            body.as_bytes(),
+        );
         assert_eq!(r.status, 400, "{target} {body}: {}", r.body);
         assert_eq!(r.error().field.as_deref(), Some(field), "{target} {body}");
     }
@@ -328,14 +356,26 @@ fn errors_echo_only_a_bounded_part_of_the_value() {
     let env = Env::start(Duration::ZERO);
     let huge = "9".repeat(10 << 20);
     let body = format!(r#"{{"private_ip":"{huge}"}}"#);
-    let r = raw(env.addr, "PUT", "/api/v1/instances/vm2", &["Content-Type: application/json"], body.as_bytes());
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/instances/vm2",
+        &["Content-Type: application/json"],
+        body.as_bytes(),
+    );
     assert!(r.status == 400 || r.status == 413, "{}", r.status);
     assert!(r.body.len() < 2048, "error body of {} bytes", r.body.len());
     r.error();
     let body = format!(r#"{{"seed":"{huge}"}}"#);
     let r = raw(env.addr, "PUT", "/api/v1/gateway", &[], body.as_bytes());
     assert!(r.body.len() < 2048, "error body of {} bytes", r.body.len());
-    let r = raw(env.addr, "GET", &format!("/api/v1/flows?limit={}", "7".repeat(4000)), &[], b"");
+    let r = raw(
+        env.addr,
+        "GET",
+        &format!("/api/v1/flows?limit={}", "7".repeat(4000)),
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 400);
     assert!(r.body.len() < 1024, "error body of {} bytes", r.body.len());
 }
@@ -362,7 +402,13 @@ fn query_errors_name_their_parameter() {
         assert_eq!(r.status, 400, "{target}: {}", r.body);
         assert_eq!(r.error().field.as_deref(), Some(field), "{target}");
     }
-    let r = raw(env.addr, "GET", "/api/v1/events?after=0&limit=1000&wait=0", &[], b"");
+    let r = raw(
+        env.addr,
+        "GET",
+        "/api/v1/events?after=0&limit=1000&wait=0",
+        &[],
+        b"",
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -372,21 +418,47 @@ fn every_error_status_has_the_json_error_body() {
     let env = Env::start(Duration::ZERO);
     let json = ["Content-Type: application/json"];
     // 400, 404, 405, 409, 412
-    assert_eq!(raw(env.addr, "PUT", "/api/v1/topology", &json, b"{").error().rule, None);
+    assert_eq!(
+        raw(env.addr, "PUT", "/api/v1/topology", &json, b"{")
+            .error()
+            .rule,
+        None
+    );
     let r = raw(env.addr, "GET", "/api/v1/instances/nope", &[], b"");
     assert_eq!(r.status, 404);
     r.error();
     let r = raw(env.addr, "PATCH", "/api/v1/instances/vm1", &json, b"{}");
     assert_eq!(r.status, 405);
     r.error();
-    let r = raw(env.addr, "PUT", "/api/v1/instances/vm2", &json, br#"{"private_ip":"10.0.1.10"}"#);
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/instances/vm2",
+        &json,
+        br#"{"private_ip":"10.0.1.10"}"#,
+    );
     assert_eq!(r.status, 409, "{}", r.body);
     r.error();
-    let r = raw(env.addr, "PUT", "/api/v1/availabilitySets/as1", &["Content-Type: application/json", "If-Match: \"0000000000000000\""], b"{}");
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/availabilitySets/as1",
+        &[
+            "Content-Type: application/json",
+            "If-Match: \"0000000000000000\"",
+        ],
+        b"{}",
+    );
     assert_eq!(r.status, 412);
     assert_eq!(r.error().field.as_deref(), Some("If-Match"));
     // 401
-    let r = raw(env.addr, "GET", "/api/v1/topology", &["Authorization: Bearer wrong"], b"");
+    let r = raw(
+        env.addr,
+        "GET",
+        "/api/v1/topology",
+        &["Authorization: Bearer wrong"],
+        b"",
+    );
     assert_eq!(r.status, 401);
     r.error();
     // 413: a body over the limit
@@ -395,20 +467,267 @@ fn every_error_status_has_the_json_error_body() {
     assert_eq!(r.status, 413, "{}", r.body);
     r.error();
     // 414: a request target over the limit
-    let long = format!("/api/v1/instances/{}", "a".repeat(snatgw_control::api::MAX_URI));
+    let long = format!(
+        "/api/v1/instances/{}",
+        "a".repeat(snatgw_control::api::MAX_URI)
+    );
     let r = raw(env.addr, "GET", &long, &[], b"");
     assert_eq!(r.status, 414, "{}", r.body);
     r.error();
     // 415: a body that is not JSON
-    let r = raw(env.addr, "PUT", "/api/v1/availabilitySets/as2", &["Content-Type: text/plain"], b"{}");
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/availabilitySets/as2",
+        &["Content-Type: text/plain"],
+        b"{}",
+    );
     assert_eq!(r.status, 415, "{}", r.body);
     assert_eq!(r.error().field.as_deref(), Some("Content-Type"));
     assert!(raw(env.addr, "GET", "/api/v1/availabilitySets/as2", &[], b"").status == 404);
 }
 
+/// A string with a control character anywhere is refused like one with whitespace at an end,
+/// in a body (naming the field) and in a path's `{name}` (naming `name`), on every route.
+#[test]
+fn control_characters_are_refused_in_bodies_and_names() {
+    let env = Env::start(Duration::ZERO);
+    let before = env.shown();
+    let json = ["Content-Type: application/json"];
+    for (target, body, field) in [
+        (
+            "/api/v1/instances/vm2",
+            "{\"private_ip\":\"10.0.1.20\",\"availability_set\":\"as\\u001f1\"}",
+            "instance[vm2].availability_set",
+        ),
+        (
+            "/api/v1/instances/vm2",
+            "{\"private_ip\":\"10.0.1.20\\u0085\"}",
+            "instance[vm2].private_ip",
+        ),
+        (
+            "/api/v1/availabilitySets/as2",
+            "{\"name\":\"as\\t2\"}",
+            "availability_set[as2].name",
+        ),
+        ("/api/v1/availabilitySets/%1Fx", "{}", "name"),
+        ("/api/v1/availabilitySets/x%7F", "{}", "name"),
+        ("/api/v1/availabilitySets/%C2%A0x", "{}", "name"),
+        ("/api/v1/availabilitySets/x%E3%80%80", "{}", "name"),
+    ] {
+        let r = raw(env.addr, "PUT", target, &json, body.as_bytes());
+        assert_eq!(r.status, 400, "{target} {body}: {}", r.body);
+        assert_eq!(r.error().field.as_deref(), Some(field), "{target} {body}");
+    }
+    for (method, target) in [
+        ("GET", "/api/v1/instances/vm%001"),
+        ("DELETE", "/api/v1/instances/%0Avm1"),
+        ("GET", "/api/v1/instances/vm1%C2%85/ports"),
+        ("GET", "/api/v1/loadBalancers/%09lb/probes"),
+        ("GET", "/api/v1/networkSecurityGroups/n%1B/hits"),
+        ("POST", "/api/v1/deployments/%20cs/settle"),
+    ] {
+        let r = raw(env.addr, method, target, &[], b"");
+        assert_eq!(r.status, 400, "{method} {target}: {}", r.body);
+        assert_eq!(
+            r.error().field.as_deref(),
+            Some("name"),
+            "{method} {target}"
+        );
+    }
+    // Inside a name, a no-break space or any printable character is fine.
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/availabilitySets/as%C2%A02%2F%E4%B8%AD",
+        &json,
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = raw(
+        env.addr,
+        "DELETE",
+        "/api/v1/availabilitySets/as%C2%A02%2F%E4%B8%AD",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(env.shown().0, before.0);
+}
+
+/// A number whose value is whole is an integer however it is written (JSON Schema's
+/// `integer`); a fraction is still refused for an integer field.
+#[test]
+fn whole_numbers_written_as_floats_are_integers() {
+    let env = Env::start(Duration::ZERO);
+    let json = ["Content-Type: application/json"];
+    let body = r#"{"seed":1.0,"fin_timeout_secs":2.4e2,"vnet_prefixes":["10.0.0.0/16"],"default_snat_pool":["192.0.2.100","192.0.2.101"]}"#;
+    let r = raw(env.addr, "PUT", "/api/v1/gateway", &json, body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let g: serde_json::Value = serde_json::from_str(&r.body).expect("gateway");
+    assert_eq!(
+        (g["seed"].as_u64(), g["fin_timeout_secs"].as_u64()),
+        (Some(1), Some(240))
+    );
+    for body in [
+        r#"{"fin_timeout_secs":240.5}"#,
+        r#"{"fin_timeout_secs":-240.0}"#,
+        r#"{"seed":1e19}"#,
+    ] {
+        let r = raw(env.addr, "PUT", "/api/v1/gateway", &json, body.as_bytes());
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(
+            r.error().field.is_some_and(|f| f.starts_with("gateway")),
+            "{body}"
+        );
+    }
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/instances/vm2",
+        &json,
+        br#"{"private_ip":"10.0.1.20","max_flows":1e3}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// An empty filter is refused naming its parameter (a parameter left out is "no filter"); a
+/// cursor past the end of a table is its end: an empty page, no next cursor.
+#[test]
+fn empty_filters_are_refused_and_a_cursor_past_the_end_is_the_end() {
+    let env = Env::start(Duration::ZERO);
+    for (target, field) in [
+        ("/api/v1/flows?protocol=", "protocol"),
+        ("/api/v1/flows?state=", "state"),
+        ("/api/v1/flows?instance=", "instance"),
+        ("/api/v1/flows?destination=", "destination"),
+        ("/api/v1/flows?destination=198.51.100.7:+443", "destination"),
+        ("/api/v1/flows?destination=198.51.100.7:0443", "destination"),
+    ] {
+        let r = raw(env.addr, "GET", target, &[], b"");
+        assert_eq!(r.status, 400, "{target}: {}", r.body);
+        assert_eq!(r.error().field.as_deref(), Some(field), "{target}");
+    }
+    let json = ["Content-Type: application/json"];
+    let r = raw(
+        env.addr,
+        "PUT",
+        "/api/v1/loadBalancers/lb",
+        &json,
+        br#"{"frontends":[{"name":"fe","public_ip":"pip1"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for target in [
+        "/api/v1/flows?cursor=5",
+        "/api/v1/flows?cursor=4294967296",
+        "/api/v1/flows?cursor=9223372036854775807&protocol=tcp",
+        "/api/v1/loadBalancers/lb/inboundFlows?cursor=4294967295",
+        "/api/v1/loadBalancers/lb/inboundFlows?cursor=9223372036854775807",
+    ] {
+        let r = raw(env.addr, "GET", target, &[], b"");
+        assert_eq!(r.status, 200, "{target}: {}", r.body);
+        let page: serde_json::Value = serde_json::from_str(&r.body).expect("page");
+        assert_eq!(page["flows"], serde_json::json!([]), "{target}");
+        assert!(page["next_cursor"].is_null(), "{target}");
+    }
+}
+
+/// A reported size outside the deployment's actual size..twice it (R2.11) depends on the
+/// deployment's instances: 409, naming the field and the rule, and nothing changes.
+#[test]
+fn a_redeploy_outside_r2_11_is_a_conflict() {
+    let env = Env::start(Duration::ZERO);
+    let json = ["Content-Type: application/json"];
+    let r = raw(env.addr, "PUT", "/api/v1/deployments/cs", &json, b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = env.shown();
+    for (method, target, body) in [
+        (
+            "POST",
+            "/api/v1/deployments/cs/redeploy",
+            r#"{"reported_instances":2}"#,
+        ),
+        (
+            "PUT",
+            "/api/v1/deployments/cs",
+            r#"{"redeploy_reported_instances":7}"#,
+        ),
+    ] {
+        let r = raw(env.addr, method, target, &json, body.as_bytes());
+        assert_eq!(r.status, 409, "{method} {target} {body}: {}", r.body);
+        let e = r.error();
+        assert_eq!(e.rule.as_deref(), Some("R2.11"));
+        assert_eq!(
+            e.field.as_deref(),
+            Some("deployment[cs].redeploy_reported_instances")
+        );
+    }
+    assert_eq!(env.shown(), before);
+    // Within the range (0 or 1 for a deployment without instances): accepted.
+    let r = raw(
+        env.addr,
+        "POST",
+        "/api/v1/deployments/cs/redeploy",
+        &json,
+        br#"{"reported_instances":1}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// The document's examples (request bodies and `{name}`s, from the reference topology) are
+/// accepted by a gateway running the reference topology with one NSG, as scripts/schemathesis.sh
+/// runs it: its examples phase sends them.
+#[test]
+fn openapi_examples_are_accepted() {
+    let reference = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/reference.toml"
+    ))
+    .expect("examples/reference.toml");
+    let topology = format!("{reference}\n[[nsg]]\nname = \"nsg-alone\"\nnics = [\"vm-alone\"]\n");
+    let env = Env::with(&topology, Duration::ZERO);
+    let doc = serde_json::to_value(snatgw_control::openapi()).expect("document");
+    let mut sent = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in ["put", "post"] {
+            let op = &item[method];
+            let Some(example) = op["requestBody"]["content"]["application/json"].get("example")
+            else {
+                continue;
+            };
+            let name = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["in"] == "path")
+                .map(|p| {
+                    p["schema"]["examples"][0]
+                        .as_str()
+                        .expect("a {name} example")
+                });
+            let target = match name {
+                Some(n) => path.replace("{name}", n),
+                None => path.clone(),
+            };
+            let body = serde_json::to_vec(example).expect("example");
+            let r = raw(
+                env.addr,
+                &method.to_ascii_uppercase(),
+                &target,
+                &["Content-Type: application/json"],
+                &body,
+            );
+            assert_eq!(r.status, 200, "{method} {target} {example}: {}", r.body);
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 9, "request body examples");
+}
+
 /// The OpenAPI document states what the server does (issue #20): 401 on every route but
 /// `/healthz`, 414 and 503 everywhere, 400/413/415 wherever a body is read, 400 wherever a
-/// query is read, and a resource PUT's body may leave out `name`.
+/// query or a `{name}` is read, a resource PUT's body has `name` read-only and optional, the
+/// path's `{name}` has the API's string rule, and `If-Match` is an ETag list.
 #[test]
 fn openapi_states_every_status_and_an_optional_body_name() {
     let doc = serde_json::to_value(snatgw_control::openapi()).expect("document");
@@ -434,8 +753,40 @@ fn openapi_states_every_status_and_an_optional_body_name() {
             let query = op["parameters"]
                 .as_array()
                 .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
-            if query {
+            if query || path.contains("{name}") {
                 assert!(has("400"), "{at}");
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let schema = &p["schema"];
+                match (p["in"].as_str(), p["name"].as_str()) {
+                    (Some("path"), Some("name")) => {
+                        assert_eq!(schema["type"], "string", "{at}");
+                        assert_eq!(schema["minLength"], 1, "{at}");
+                        assert_eq!(
+                            schema["pattern"],
+                            snatgw_control::body::STRING_PATTERN,
+                            "{at}"
+                        );
+                    }
+                    (Some("header"), Some("If-Match")) => {
+                        assert_eq!(schema["type"], "string", "{at}: not nullable");
+                        let re = regex::Regex::new(schema["pattern"].as_str().expect("pattern"))
+                            .expect("regex");
+                        for ok in [
+                            "*",
+                            "\"0123456789abcdef\"",
+                            "W/\"x\"",
+                            "\"a\", W/\"b\",\"c\"",
+                            "\"\"",
+                        ] {
+                            assert!(re.is_match(ok), "{at}: {ok}");
+                        }
+                        for bad in ["null", "abc", "\"a", "*, \"a\"", "\"a\" \"b\"", "W/x", ""] {
+                            assert!(!re.is_match(bad), "{at}: {bad}");
+                        }
+                    }
+                    _ => {}
+                }
             }
             if method == "put" && path.ends_with("/{name}") {
                 let r = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -448,10 +799,28 @@ fn openapi_states_every_status_and_an_optional_body_name() {
                     .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
                     .unwrap_or_default();
                 assert!(!required.contains(&"name"), "{at}: {name} requires name");
-                assert!(schema["properties"]["name"].is_object(), "{at}: {name} lost name");
+                assert_eq!(
+                    schema["properties"]["name"]["readOnly"], true,
+                    "{at}: {name}"
+                );
+                let base = name.strip_suffix("Body").expect("a *Body schema");
+                let base_required = &doc["components"]["schemas"][base]["required"];
+                assert!(
+                    base_required
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|f| f == "name")),
+                    "{at}: {base} (inside ConfigFile) must keep name required"
+                );
+                assert!(
+                    doc["components"]["schemas"][base]["properties"]["name"]["readOnly"].is_null()
+                );
             }
             checked += 1;
         }
     }
     assert!(checked >= 39, "only {checked} operations");
+    let redeploy = &doc["paths"]["/api/v1/deployments/{name}/redeploy"]["post"]["responses"];
+    assert!(redeploy["409"]["description"]
+        .as_str()
+        .is_some_and(|d| d.contains("R2.11")));
 }

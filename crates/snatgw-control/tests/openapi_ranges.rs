@@ -9,11 +9,19 @@
 //! accepted at `minimum` and `maximum` and refused at `minimum - 1` and `maximum + 1` when the
 //! field's Rust type can hold them (serde refuses the others before validation).
 //! A numeric property without an entry fails the test, so a new field must be added here.
+//!
+//! Likewise for strings: every string property and string array item of those schemas has a
+//! `pattern` or a `format`; the ones that are parsed (addresses, prefixes, port ranges, NSG
+//! addresses, a probe's path, an NSG rule's name) have an entry in [`STRINGS`] whose values
+//! are accepted exactly when they match, apart from the refusals JSON Schema cannot state
+//! (host bits, low > high, an address inside or outside the virtual network: the values
+//! marked [`Verdict::Semantic`]), which docs/API.md lists as the schemathesis exclusions.
 
 use std::collections::BTreeSet;
 
+use regex::Regex;
 use serde_json::Value;
-use snatgw_core::config::{DeploymentCfg, InstanceCfg, LoadBalancerCfg, NsgRuleCfg};
+use snatgw_core::config::{DeploymentCfg, InstanceCfg, LoadBalancerCfg, NsgRuleCfg, ProbeProtocol};
 use snatgw_core::{ConfigFile, Engine, Topology};
 
 /// Sets a field to a value, or `None` when its Rust type cannot hold the value.
@@ -225,12 +233,20 @@ fn request_schemas(doc: &Value) -> BTreeSet<String> {
     seen
 }
 
-/// The schema whose properties `s` repeats: `XBody` (a PUT body, where `name` may be left
-/// out) is checked through the entries of `X` when its properties are exactly those of `X`.
+/// The schema whose properties `s` repeats: `XBody` (a PUT body, where `name` is read-only
+/// and may be left out) is checked through the entries of `X` when its properties are
+/// exactly those of `X` but for `name`'s `readOnly`.
 fn same_as<'a>(doc: &Value, s: &'a str) -> &'a str {
     let schemas = &doc["components"]["schemas"];
+    let without_read_only = |n: &str| {
+        let mut props = schemas[n]["properties"].clone();
+        if let Some(name) = props.get_mut("name").and_then(Value::as_object_mut) {
+            name.remove("readOnly");
+        }
+        props
+    };
     match s.strip_suffix("Body") {
-        Some(base) if schemas[base]["properties"] == schemas[s]["properties"] => base,
+        Some(base) if without_read_only(base) == without_read_only(s) => base,
         _ => s,
     }
 }
@@ -346,4 +362,320 @@ fn schema_ranges_are_the_ranges_the_server_enforces() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(checked >= 2 * FIELDS.len(), "only {checked} values checked");
+}
+
+/// What the server does with a string value that the table below sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Accepted: the document's pattern (or format) matches it.
+    Valid,
+    /// Refused: the document's pattern (or format) does not match it.
+    Invalid,
+    /// Matches the document but refused for a reason JSON Schema cannot state (400 or 409).
+    Semantic,
+}
+
+/// Sets a string field (or adds one item to a string list) to a value.
+type StringSetter = fn(&mut ConfigFile, &str);
+
+use Verdict::{Invalid, Semantic, Valid};
+
+/// The parsed strings of the request schemas: (schema, property, setter, values and what the
+/// server does with each). For a list, the setter adds the value as one more item.
+#[allow(clippy::type_complexity)]
+const STRINGS: &[(&str, &str, StringSetter, &[(&str, Verdict)])] = &[
+    (
+        "GatewayCfg",
+        "vnet_prefixes",
+        |c, v| c.gateway.vnet_prefixes.push(v.into()),
+        &[
+            ("172.16.0.0/12", Valid),
+            ("100.64.0.0/10", Valid),
+            ("192.168.4.0/24", Valid),
+            ("192.168.4.4/32", Valid),
+            ("192.168.4.1/24", Semantic), // host bits set
+            ("192.168.4.0/33", Invalid),
+            ("192.168.4.0", Invalid),
+            ("192.168.04.0/24", Invalid),
+            ("192.168.4.0/", Invalid),
+            ("256.0.0.0/8", Invalid),
+            ("", Invalid),
+        ],
+    ),
+    (
+        "GatewayCfg",
+        "default_snat_pool",
+        |c, v| c.gateway.default_snat_pool.push(v.into()),
+        &[
+            ("198.51.100.200", Valid),
+            ("0.0.0.0", Valid),
+            ("10.0.9.9", Semantic), // inside the virtual network: 409
+            ("198.51.100.020", Invalid),
+            ("198.51.100", Invalid),
+            ("198.51.100.200/32", Invalid),
+            ("::1", Invalid),
+            ("", Invalid),
+        ],
+    ),
+    (
+        "PublicIpCfg",
+        "address",
+        |c, v| c.public_ip[0].address = v.into(),
+        &[
+            ("203.0.113.99", Valid),
+            ("203.0.113.1o", Invalid),
+            ("203.0.113.099", Invalid),
+            ("", Invalid),
+        ],
+    ),
+    (
+        "InstanceCfg",
+        "private_ip",
+        |c, v| instance(c).private_ip = v.into(),
+        &[
+            ("10.0.200.1", Valid),
+            ("10.9.0.1", Semantic), // outside gateway.vnet_prefixes (R1.7)
+            ("10.0.200.01", Invalid),
+            ("10.0.200.1/32", Invalid),
+        ],
+    ),
+    (
+        "NsgCfg",
+        "subnets",
+        |c, v| c.nsg[0].subnets.push(v.into()),
+        &[
+            ("10.0.128.0/17", Valid),
+            ("10.0.200.0/24", Valid),
+            ("10.0.128.1/17", Semantic), // host bits set
+            ("10.9.0.0/24", Semantic),   // outside gateway.vnet_prefixes
+            ("10.0.128.0/40", Invalid),
+            ("10.0.128.0", Invalid),
+        ],
+    ),
+    (
+        "NsgRuleCfg",
+        "sources",
+        |c, v| nsg_rule(c).sources = vec![v.into()],
+        ADDRESSES,
+    ),
+    (
+        "NsgRuleCfg",
+        "destinations",
+        |c, v| nsg_rule(c).destinations = vec![v.into()],
+        ADDRESSES,
+    ),
+    (
+        "NsgRuleCfg",
+        "source_ports",
+        |c, v| nsg_rule(c).source_ports = vec![v.into()],
+        PORTS,
+    ),
+    (
+        "NsgRuleCfg",
+        "destination_ports",
+        |c, v| nsg_rule(c).destination_ports = vec![v.into()],
+        PORTS,
+    ),
+    (
+        "NsgRuleCfg",
+        "name",
+        |c, v| nsg_rule(c).name = v.into(),
+        &[
+            ("allow-web", Valid),
+            ("AllowVnetInBound2", Valid),
+            ("AllowVnetInBound", Invalid),
+            ("allowvnetinbound", Invalid),
+            ("DENYALLOUTBOUND", Invalid),
+            ("", Invalid),
+        ],
+    ),
+    (
+        "ProbeCfg",
+        "path",
+        |c, v| {
+            let p = &mut lb_in(c).probes[0];
+            p.protocol = ProbeProtocol::Http;
+            p.path = Some(v.into());
+        },
+        &[
+            ("/", Valid),
+            ("/healthz?full=1", Valid),
+            ("/é", Valid),
+            ("", Invalid),
+            ("healthz", Invalid),
+            ("/a b", Invalid),
+            ("/a\u{a0}b", Invalid),
+            ("/a\u{3000}", Invalid),
+            ("/a\u{7f}", Invalid),
+        ],
+    ),
+];
+
+const ADDRESSES: &[(&str, Verdict)] = &[
+    ("*", Valid),
+    ("any", Valid),
+    ("Any", Valid),
+    ("VirtualNetwork", Valid),
+    ("virtualnetwork", Valid),
+    ("INTERNET", Valid),
+    ("AzureLoadBalancer", Valid),
+    ("198.51.100.7", Valid),
+    ("198.51.100.0/24", Valid),
+    ("0.0.0.0/0", Valid),
+    ("198.51.100.7/24", Semantic), // host bits set
+    ("", Invalid),
+    ("**", Invalid),
+    ("vnet", Invalid),
+    ("Internet2", Invalid),
+    ("198.51.100.7/33", Invalid),
+    ("198.51.100.07", Invalid),
+    ("198.51.100.0/", Invalid),
+];
+
+const PORTS: &[(&str, Verdict)] = &[
+    ("*", Valid),
+    ("80", Valid),
+    ("1", Valid),
+    ("65535", Valid),
+    ("1000-2000", Valid),
+    ("1-65535", Valid),
+    ("443-443", Valid),
+    ("2000-1000", Semantic), // low above high
+    ("0", Invalid),
+    ("65536", Invalid),
+    ("0-80", Invalid),
+    ("80-", Invalid),
+    ("-80", Invalid),
+    ("80-90-100", Invalid),
+    ("x", Invalid),
+    ("", Invalid),
+];
+
+/// The property schema of `schema.prop`, or its items' schema for a list.
+fn string_schema<'a>(doc: &'a Value, schema: &str, prop: &str) -> &'a Value {
+    let p = &doc["components"]["schemas"][schema]["properties"][prop];
+    assert!(p.is_object(), "{schema}.{prop} is not in the document");
+    if p["type"] == "array" {
+        &p["items"]
+    } else {
+        p
+    }
+}
+
+/// Whether `v` satisfies the string schema `s` as far as this test reads one: `pattern`,
+/// `not.pattern`, `minLength` and `format: ipv4` (read as Rust's `Ipv4Addr` parser, which
+/// refuses leading zeros as the JSON Schema format does).
+fn satisfies(s: &Value, v: &str) -> bool {
+    let re = |p: &Value| Regex::new(p.as_str().expect("pattern")).expect("a Rust regex");
+    if let Some(p) = s.get("pattern") {
+        if !re(p).is_match(v) {
+            return false;
+        }
+    }
+    if let Some(p) = s.get("not").and_then(|n| n.get("pattern")) {
+        if re(p).is_match(v) {
+            return false;
+        }
+    }
+    if s["minLength"]
+        .as_u64()
+        .is_some_and(|m| (v.chars().count() as u64) < m)
+    {
+        return false;
+    }
+    match s["format"].as_str() {
+        None => true,
+        Some("ipv4") => v.parse::<std::net::Ipv4Addr>().is_ok(),
+        Some(f) => panic!("format {f} is not read by this test"),
+    }
+}
+
+#[test]
+fn string_patterns_are_the_formats_the_server_parses() {
+    let doc = serde_json::to_value(snatgw_control::openapi()).expect("document as JSON");
+    let base_cfg = base();
+    let engine = Engine::new(
+        Topology::from_config(base_cfg.clone()).expect("the base topology is valid"),
+        0,
+    )
+    .expect("engine");
+    let mut failures = Vec::new();
+    for &(schema, prop, set, values) in STRINGS {
+        let s = string_schema(&doc, schema, prop);
+        for &(v, verdict) in values {
+            let mut cfg = base_cfg.clone();
+            set(&mut cfg, v);
+            let server = server_verdict(&engine, &cfg);
+            let document = satisfies(s, v);
+            let at = format!("{schema}.{prop} = {v:?}");
+            match (verdict, document, &server) {
+                (Valid, true, Ok(())) | (Invalid, false, Err(_)) | (Semantic, true, Err(_)) => {}
+                _ => failures.push(format!(
+                    "{at}: expected {verdict:?}; the document {} it, the server {}",
+                    if document { "allows" } else { "refuses" },
+                    match &server {
+                        Ok(()) => "accepts it".to_string(),
+                        Err(e) => format!("refuses it ({e})"),
+                    }
+                )),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every string a request body can carry is constrained in the document: a `pattern` or a
+/// `format` (the API's string rule at least: no control character, no whitespace at either
+/// end), and a name or a reference to one is never empty.
+#[test]
+fn every_request_string_has_a_pattern_or_format() {
+    let doc = serde_json::to_value(snatgw_control::openapi()).expect("document as JSON");
+    let rule = Regex::new(snatgw_control::body::STRING_PATTERN).expect("STRING_PATTERN");
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for schema in request_schemas(&doc) {
+        let props = doc["components"]["schemas"][&schema]["properties"].as_object();
+        for (prop, p) in props.into_iter().flatten() {
+            let s = if p["type"] == "array" { &p["items"] } else { p };
+            let is_string = |t: &Value| t == "string";
+            let string = match &s["type"] {
+                Value::Array(ts) => ts.iter().any(is_string),
+                t => is_string(t),
+            };
+            if !string {
+                continue;
+            }
+            checked += 1;
+            if s.get("pattern").is_none() && s.get("format").is_none() {
+                missing.push(format!("{schema}.{prop}: no pattern or format"));
+            }
+            if let Some(pat) = s["pattern"].as_str() {
+                let re = Regex::new(pat).unwrap_or_else(|e| panic!("{schema}.{prop}: {e}"));
+                // No pattern allows what the string rule refuses.
+                for bad in [" x", "x ", "x\u{1f}", "\u{a0}x", "x\u{3000}"] {
+                    assert!(!re.is_match(bad), "{schema}.{prop} allows {bad:?}");
+                }
+                if pat == snatgw_control::body::STRING_PATTERN {
+                    assert!(rule.is_match("x"));
+                }
+            }
+            let names_something = prop == "name"
+                || [
+                    "public_ip",
+                    "availability_set",
+                    "deployment",
+                    "frontend",
+                    "backend_pool",
+                    "probe",
+                    "members",
+                    "nics",
+                ]
+                .contains(&prop.as_str());
+            if names_something && s["minLength"].as_u64() != Some(1) {
+                missing.push(format!("{schema}.{prop}: a name without minLength 1"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    assert!(checked >= 40, "only {checked} string properties");
 }

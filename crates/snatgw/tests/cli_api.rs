@@ -462,10 +462,11 @@ fn apply_redeploy_and_settle_follow_the_tier_table() {
     let d = s.cli(&["get", "deployments"]).ok();
     assert!(row(&d, "cs2").contains("redeploying  52"), "{d}");
     assert!(row(&d, "cs1").contains("settled"), "{d}");
-    // More than twice the actual size is refused (R2.11) and changes nothing.
+    // More than twice the actual size is refused (R2.11: 409, a conflict with the deployment's
+    // size) and changes nothing.
     let e = s.cli(&["redeploy", "cs2", "--reported", "53"]).failed();
     assert!(
-        e.contains("HTTP 400")
+        e.contains("HTTP 409")
             && e.contains("(field deployment[cs2].redeploy_reported_instances, SPEC R2.11)"),
         "{e}"
     );
