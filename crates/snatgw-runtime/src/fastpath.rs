@@ -74,6 +74,19 @@ impl std::fmt::Display for FastPathMode {
     }
 }
 
+/// Why `--fast-path tc` cannot run (with `auto` the same reasons are logged and the TUN
+/// path is used instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The interfaces to attach to were not named.
+    #[error("--fast-path tc: --private-if and --public-if name the interfaces the fast path attaches to")]
+    NoInterfaces,
+    /// The program could not be built, loaded or attached.
+    #[error("--fast-path tc: {0}")]
+    Load(#[from] snatgw_io::fastpath::FastPathError),
+}
+
 /// Instance slots with fast-path counters; flows of instances in higher slots stay on the
 /// TUN path (counted as `skipped`).
 pub const COUNTER_SLOTS: u32 = 16_384;
@@ -244,7 +257,7 @@ impl FastPath {
         floor: bool,
         start_ns: u64,
         engine: &mut Engine,
-    ) -> Result<Option<FastPath>, String> {
+    ) -> Result<Option<FastPath>, SetupError> {
         if mode == FastPathMode::Off {
             tracing::info!("fast path off (--fast-path off): every packet goes through the TUN");
             return Ok(None);
@@ -252,7 +265,7 @@ impl FastPath {
         let (Some(private_if), Some(public_if)) = (private_if, public_if) else {
             let why = "--private-if and --public-if name the interfaces the fast path attaches to";
             if mode == FastPathMode::Tc {
-                return Err(format!("--fast-path tc: {why}"));
+                return Err(SetupError::NoInterfaces);
             }
             tracing::warn!("fast path not used, every packet goes through the TUN: {why}");
             return Ok(None);
@@ -266,7 +279,7 @@ impl FastPath {
         };
         let (fp, map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,
-            Err(e) if mode == FastPathMode::Tc => return Err(format!("--fast-path tc: {e}")),
+            Err(e) if mode == FastPathMode::Tc => return Err(SetupError::Load(e)),
             Err(e) => {
                 tracing::warn!(error = %e, "fast path unavailable, falling back to the TUN path for every packet");
                 return Ok(None);

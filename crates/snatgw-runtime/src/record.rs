@@ -42,24 +42,48 @@ pub struct Summary {
     pub lost: u64,
 }
 
+/// Why the recorder could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The trace file could not be created or written.
+    #[error("--record {path}: {source}")]
+    Write {
+        /// The trace file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("spawning the recorder thread: {0}")]
+    Spawn(std::io::Error),
+    /// The writer thread panicked.
+    #[error("the recorder thread panicked")]
+    Panicked,
+}
+
 /// A running recorder (see the module documentation).
 pub struct Recorder {
     tx: Option<SyncSender<Batch>>,
-    thread: Option<JoinHandle<Result<(u64, u64), String>>>,
+    thread: Option<JoinHandle<Result<(u64, u64), RecordError>>>,
     lost: u64,
     lost_unreported: u64,
 }
 
 impl Recorder {
     /// Creates (truncates) `path`, writes the trace header and starts the writer thread.
-    pub fn start(path: &Path) -> Result<Recorder, String> {
-        let f = File::create(path).map_err(|e| format!("--record {}: {e}", path.display()))?;
+    pub fn start(path: &Path) -> Result<Recorder, RecordError> {
+        let shown = path.display().to_string();
+        let failed = |source| RecordError::Write {
+            path: shown.clone(),
+            source,
+        };
+        let f = File::create(path).map_err(failed)?;
         let mut out = BufWriter::with_capacity(1 << 16, f);
         out.write_all(TraceRecorder::header().as_bytes())
             .and_then(|()| out.flush())
-            .map_err(|e| format!("--record {}: {e}", path.display()))?;
+            .map_err(failed)?;
         let (tx, rx) = sync_channel::<Batch>(BACKLOG);
-        let shown = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
@@ -76,11 +100,14 @@ impl Recorder {
                     conv.write(&b.changes, &b.params, &mut text);
                     out.write_all(text.as_bytes())
                         .and_then(|()| out.flush())
-                        .map_err(|e| format!("--record {shown}: {e}"))?;
+                        .map_err(|source| RecordError::Write {
+                            path: shown.clone(),
+                            source,
+                        })?;
                 }
                 Ok((conv.records, conv.unmatched))
             })
-            .map_err(|e| format!("spawning the recorder thread: {e}"))?;
+            .map_err(RecordError::Spawn)?;
         Ok(Recorder {
             tx: Some(tx),
             thread: Some(thread),
@@ -107,12 +134,10 @@ impl Recorder {
     }
 
     /// Stops the writer after it wrote everything queued.
-    pub fn finish(mut self) -> Result<Summary, String> {
+    pub fn finish(mut self) -> Result<Summary, RecordError> {
         drop(self.tx.take());
         let (records, unmatched) = match self.thread.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| "the recorder thread panicked".to_string())??,
+            Some(h) => h.join().map_err(|_| RecordError::Panicked)??,
             None => (0, 0),
         };
         Ok(Summary {
