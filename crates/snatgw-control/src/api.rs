@@ -76,29 +76,6 @@ pub trait Resource:
     fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self>;
 }
 
-macro_rules! resource {
-    ($ty:ident, $coll:literal, $field:ident) => {
-        impl Resource for $ty {
-            const COLLECTION: &'static str = $coll;
-            const FIELD: &'static str = stringify!($field);
-            fn name(&self) -> &str {
-                &self.name
-            }
-            fn list(c: &ConfigFile) -> &Vec<Self> {
-                &c.$field
-            }
-            fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self> {
-                &mut c.$field
-            }
-        }
-    };
-}
-resource!(PublicIpCfg, "publicIPAddresses", public_ip);
-resource!(AvailabilitySetCfg, "availabilitySets", availability_set);
-resource!(DeploymentCfg, "deployments", deployment);
-resource!(InstanceCfg, "instances", instance);
-resource!(LoadBalancerCfg, "loadBalancers", load_balancer);
-resource!(NsgCfg, "networkSecurityGroups", nsg);
 
 /// Body of `POST /api/v1/deployments/{name}/redeploy` (SPEC R2.11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -287,56 +264,16 @@ impl ControlPlane {
     /// The axum router with every route (for embedding or tests; [`crate::serve`] runs it).
     pub fn router(&self) -> Router {
         let s = self.inner.clone();
-        let api = Router::new()
+        let api = resource_routes(Router::new())
             .route("/api/v1/topology", get(topology_get).put(topology_put))
             .route("/api/v1/gateway", get(gateway_get).put(gateway_put))
-            .route("/api/v1/publicIPAddresses", get(public_ips::list))
-            .route(
-                "/api/v1/publicIPAddresses/{name}",
-                get(public_ips::get)
-                    .put(public_ips::put)
-                    .delete(public_ips::delete),
-            )
-            .route("/api/v1/availabilitySets", get(availability_sets::list))
-            .route(
-                "/api/v1/availabilitySets/{name}",
-                get(availability_sets::get)
-                    .put(availability_sets::put)
-                    .delete(availability_sets::delete),
-            )
-            .route("/api/v1/deployments", get(deployments::list))
-            .route(
-                "/api/v1/deployments/{name}",
-                get(deployments::get)
-                    .put(deployments::put)
-                    .delete(deployments::delete),
-            )
             .route("/api/v1/deployments/{name}/redeploy", post(redeploy))
             .route("/api/v1/deployments/{name}/settle", post(settle))
-            .route("/api/v1/instances", get(instances::list))
-            .route(
-                "/api/v1/instances/{name}",
-                get(instances::get)
-                    .put(instances::put)
-                    .delete(instances::delete),
-            )
             .route("/api/v1/instances/{name}/ports", get(instance_ports))
-            .route("/api/v1/loadBalancers", get(load_balancers::list))
-            .route(
-                "/api/v1/loadBalancers/{name}",
-                get(load_balancers::get)
-                    .put(load_balancers::put)
-                    .delete(load_balancers::delete),
-            )
             .route("/api/v1/loadBalancers/{name}/probes", get(lb_probes))
             .route(
                 "/api/v1/loadBalancers/{name}/inboundFlows",
                 get(lb_inbound_flows),
-            )
-            .route("/api/v1/networkSecurityGroups", get(nsgs::list))
-            .route(
-                "/api/v1/networkSecurityGroups/{name}",
-                get(nsgs::get).put(nsgs::put).delete(nsgs::delete),
             )
             .route("/api/v1/networkSecurityGroups/{name}/hits", get(nsg_hits))
             .route("/api/v1/flows", get(flows))
@@ -877,49 +814,159 @@ macro_rules! resource_handlers {
     };
 }
 
-resource_handlers!(
-    public_ips,
-    PublicIpCfg,
-    "/api/v1/publicIPAddresses",
-    "/api/v1/publicIPAddresses/{name}",
-    "publicIPAddresses"
-);
-resource_handlers!(
-    availability_sets,
-    AvailabilitySetCfg,
-    "/api/v1/availabilitySets",
-    "/api/v1/availabilitySets/{name}",
-    "availabilitySets"
-);
-resource_handlers!(
-    deployments,
-    DeploymentCfg,
-    "/api/v1/deployments",
-    "/api/v1/deployments/{name}",
-    "deployments"
-);
-resource_handlers!(
-    instances,
-    InstanceCfg,
-    "/api/v1/instances",
-    "/api/v1/instances/{name}",
-    "instances"
-);
-resource_handlers!(
-    load_balancers,
-    LoadBalancerCfg,
-    "/api/v1/loadBalancers",
-    "/api/v1/loadBalancers/{name}",
-    "loadBalancers"
-);
+/// The resource table (issue #16): one row per named resource kind of the desired topology.
+/// Each row generates the kind's [`Resource`] impl, its four handlers with their OpenAPI
+/// descriptions, its two routes, its OpenAPI paths and schema, and its [`ResourceKind`]
+/// variant with the CLI's names. Adding a kind: its struct in `snatgw_core::config` (and its
+/// list in `ConfigFile`), its validation in `snatgw_core::topology`, and one row here (see
+/// docs/DESIGN.md, "Adding a resource kind").
+///
+/// Columns: variant, type, handler module, collection (the tag and the route under
+/// `/api/v1`), the collection's route, the resource's route, the config file's key, the CLI
+/// name, the other names the CLI accepts, and the variant's documentation.
+macro_rules! resource_table {
+    ($( $variant:ident, $ty:ident, $module:ident, $coll:literal, $coll_route:literal,
+        $item_route:literal, $field:ident, $cli:literal, [$($alias:literal),*], $doc:literal; )*) => {
+        $(
+            impl Resource for $ty {
+                const COLLECTION: &'static str = $coll;
+                const FIELD: &'static str = stringify!($field);
+                fn name(&self) -> &str {
+                    &self.name
+                }
+                fn list(c: &ConfigFile) -> &Vec<Self> {
+                    &c.$field
+                }
+                fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self> {
+                    &mut c.$field
+                }
+            }
+            resource_handlers!($module, $ty, $coll_route, $item_route, $coll);
+        )*
 
-resource_handlers!(
-    nsgs,
-    NsgCfg,
-    "/api/v1/networkSecurityGroups",
-    "/api/v1/networkSecurityGroups/{name}",
-    "networkSecurityGroups"
-);
+        /// The routes of every kind of the table.
+        fn resource_routes(r: Router<Shared>) -> Router<Shared> {
+            r $(
+                .route($coll_route, get($module::list))
+                .route(
+                    $item_route,
+                    get($module::get).put($module::put).delete($module::delete),
+                )
+            )*
+        }
+
+        /// A kind of the desired topology, as routes and the CLI name it: the whole topology,
+        /// the gateway settings, and one kind per row of the resource table.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ResourceKind {
+            /// The whole topology (`/api/v1/topology`).
+            Topology,
+            /// The gateway settings (`/api/v1/gateway`).
+            Gateway,
+            $( #[doc = $doc] $variant, )*
+        }
+
+        impl ResourceKind {
+            /// Every kind, in the CLI's order.
+            pub const ALL: &'static [ResourceKind] =
+                &[ResourceKind::Topology, ResourceKind::Gateway, $( ResourceKind::$variant, )*];
+
+            /// The CLI's name: `topology`, `gateway`, `public-ips`, `instances`...
+            pub fn cli_name(self) -> &'static str {
+                match self {
+                    ResourceKind::Topology => "topology",
+                    ResourceKind::Gateway => "gateway",
+                    $( ResourceKind::$variant => $cli, )*
+                }
+            }
+
+            /// The route under `/api/v1`.
+            pub fn collection(self) -> &'static str {
+                match self {
+                    ResourceKind::Topology => "topology",
+                    ResourceKind::Gateway => "gateway",
+                    $( ResourceKind::$variant => $coll, )*
+                }
+            }
+
+            /// Whether the kind is a collection of named resources (not `topology`, `gateway`).
+            pub fn is_named(self) -> bool {
+                !matches!(self, ResourceKind::Topology | ResourceKind::Gateway)
+            }
+        }
+
+        impl std::str::FromStr for ResourceKind {
+            type Err = String;
+            /// Accepts the CLI names, the route names and the singulars (`public-ip`).
+            fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+                match s {
+                    "topology" => return Ok(ResourceKind::Topology),
+                    "gateway" => return Ok(ResourceKind::Gateway),
+                    _ => {}
+                }
+                $(
+                    if s == $cli || s == $coll $(|| s == $alias)* {
+                        return Ok(ResourceKind::$variant);
+                    }
+                )*
+                Err(format!(
+                    "unknown kind `{s}`: expected one of {}",
+                    ResourceKind::ALL
+                        .iter()
+                        .map(|k| k.cli_name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        }
+
+        #[derive(OpenApi)]
+        #[openapi(
+            info(
+                title = "snatgw control plane",
+                description = "Desired topology (the config file's structure) as ARM-style resources, live ports, flows, events and metrics of a snatgw gateway. Errors are {error, field, rule}.",
+            ),
+            paths(
+                topology_get, topology_put, gateway_get, gateway_put,
+                redeploy, settle, instance_ports, lb_probes, lb_inbound_flows, nsg_hits,
+                flows, events, metrics, openapi_json, healthz,
+                $( $module::list, $module::get, $module::put, $module::delete, )*
+            ),
+            components(schemas(
+                ApiError, ConfigFile, GatewayCfg, InstanceKind, Model, FrontendCfg,
+                BackendPoolCfg, LbRuleCfg, RuleProtocol, ProbeCfg, ProbeProtocol, NsgRuleCfg,
+                NsgDirection, NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics,
+                InboundFlowPage, InboundFlowRecord, RedeployRequest, InstancePorts, PerProtocol,
+                PortRange, FlowPage, FlowRecord, EventRecord,
+                $( $ty, )*
+            )),
+            modifiers(&BearerAuth, &Contract),
+        )]
+        struct ApiDoc;
+    };
+}
+
+resource_table! {
+    PublicIps, PublicIpCfg, public_ips, "publicIPAddresses", "/api/v1/publicIPAddresses",
+        "/api/v1/publicIPAddresses/{name}", public_ip, "public-ips", ["public-ip"],
+        "Public IPs (`/api/v1/publicIPAddresses`).";
+    AvailabilitySets, AvailabilitySetCfg, availability_sets, "availabilitySets",
+        "/api/v1/availabilitySets", "/api/v1/availabilitySets/{name}", availability_set,
+        "availability-sets", ["availability-set"], "Availability sets (`/api/v1/availabilitySets`).";
+    Deployments, DeploymentCfg, deployments, "deployments", "/api/v1/deployments",
+        "/api/v1/deployments/{name}", deployment, "deployments", ["deployment"],
+        "Classic deployments (`/api/v1/deployments`).";
+    Instances, InstanceCfg, instances, "instances", "/api/v1/instances",
+        "/api/v1/instances/{name}", instance, "instances", ["instance"],
+        "Instances (`/api/v1/instances`).";
+    LoadBalancers, LoadBalancerCfg, load_balancers, "loadBalancers", "/api/v1/loadBalancers",
+        "/api/v1/loadBalancers/{name}", load_balancer, "load-balancers", ["load-balancer"],
+        "Load balancers (`/api/v1/loadBalancers`).";
+    Nsgs, NsgCfg, nsgs, "networkSecurityGroups", "/api/v1/networkSecurityGroups",
+        "/api/v1/networkSecurityGroups/{name}", nsg, "nsgs", ["nsg"],
+        "Network security groups (`/api/v1/networkSecurityGroups`).";
+}
 
 /// Health-probe state of a load balancer's members (SPEC R5.2, R4.5).
 #[utoipa::path(get, path = "/api/v1/loadBalancers/{name}/probes", tag = "loadBalancers",
@@ -1957,36 +2004,6 @@ impl utoipa::Modify for Contract {
     }
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "snatgw control plane",
-        description = "Desired topology (the config file's structure) as ARM-style resources, live ports, flows, events and metrics of a snatgw gateway. Errors are {error, field, rule}.",
-    ),
-    paths(
-        topology_get, topology_put, gateway_get, gateway_put,
-        public_ips::list, public_ips::get, public_ips::put, public_ips::delete,
-        availability_sets::list, availability_sets::get, availability_sets::put, availability_sets::delete,
-        deployments::list, deployments::get, deployments::put, deployments::delete,
-        redeploy, settle,
-        instances::list, instances::get, instances::put, instances::delete,
-        instance_ports,
-        load_balancers::list, load_balancers::get, load_balancers::put, load_balancers::delete,
-        lb_probes,
-        lb_inbound_flows,
-        nsgs::list, nsgs::get, nsgs::put, nsgs::delete, nsg_hits,
-        flows, events, metrics, openapi_json, healthz,
-    ),
-    components(schemas(
-        ApiError, ConfigFile, GatewayCfg, PublicIpCfg, AvailabilitySetCfg, DeploymentCfg,
-        InstanceCfg, InstanceKind, Model, LoadBalancerCfg, FrontendCfg, BackendPoolCfg,
-        LbRuleCfg, RuleProtocol, ProbeCfg, ProbeProtocol, NsgCfg, NsgRuleCfg, NsgDirection,
-        NsgAccess, NsgProtocol, ProbeMetrics, NsgRuleMetrics, InboundFlowPage, InboundFlowRecord, RedeployRequest, InstancePorts, PerProtocol, PortRange,
-        FlowPage, FlowRecord, EventRecord,
-    )),
-    modifiers(&BearerAuth, &Contract),
-)]
-struct ApiDoc;
 
 /// The OpenAPI document of every route.
 pub fn openapi() -> utoipa::openapi::OpenApi {

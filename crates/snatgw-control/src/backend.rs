@@ -542,7 +542,57 @@ pub struct MetricsSnapshot {
     /// Counters per inbound load-balancing rule (R5.1).
     #[serde(default)]
     pub inbound_rules: Vec<InboundRuleMetrics>,
+    /// The runtime's counters (packets per side, the gateway lock, the fast path), when the
+    /// backend has a source for them ([`GatewayBackend::with_runtime_counters`]).
+    #[serde(default)]
+    pub runtime: Option<RuntimeCounters>,
 }
+
+/// The runtime's counters for `/metrics` (issue #21): what the stats file holds besides the
+/// engine's counters. Filled by the runtime (this crate does not depend on it) from its shared
+/// atomics, never under the gateway lock.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RuntimeCounters {
+    /// Packets received from the private side (outbound, R9.1), summed over its queues.
+    pub private_rx_packets: u64,
+    /// Packets sent on the private side (translated inbound packets, answers), summed over
+    /// its queues.
+    pub private_tx_packets: u64,
+    /// Packets received from the public side (inbound, R9.1), summed over its queues.
+    pub public_rx_packets: u64,
+    /// Packets sent on the public side, summed over its queues.
+    pub public_tx_packets: u64,
+    /// Acquisitions of the gateway lock (workers, housekeeping).
+    pub lock_acquisitions: u64,
+    /// Acquisitions that found the lock held and waited.
+    pub lock_contended: u64,
+    /// Nanoseconds spent waiting for the lock.
+    pub lock_wait_ns: u64,
+    /// Nanoseconds workers held the lock deciding batches.
+    pub lock_held_ns: u64,
+    /// The kernel fast path's counters, when it runs.
+    pub fast_path: Option<FastPathCounters>,
+}
+
+/// The kernel fast path's counters, as of the runtime's last harvest (about once a second).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FastPathCounters {
+    /// Flows installed in the kernel's flow map.
+    pub installed: u64,
+    /// Flows removed from the map.
+    pub removed: u64,
+    /// Flows the map had no room for (they stay on the TUN path).
+    pub install_failed: u64,
+    /// Flows of instance slots without kernel counters (they stay on the TUN path).
+    pub skipped: u64,
+    /// Packets the kernel translated outbound (private to public).
+    pub translated_out: u64,
+    /// Packets the kernel translated inbound (public to private).
+    pub translated_in: u64,
+}
+
+/// Where a [`GatewayBackend`] gets the runtime's counters from.
+pub type RuntimeCountersSource = Arc<dyn Fn() -> RuntimeCounters + Send + Sync>;
 
 /// One member's state for one health probe (R5.2, R4.5).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -865,6 +915,7 @@ pub struct GatewayBackend {
     gateway: Arc<Mutex<Gateway>>,
     events: Arc<EventLog>,
     clock: Box<dyn Fn() -> u32 + Send + Sync>,
+    runtime: Option<RuntimeCountersSource>,
 }
 
 impl GatewayBackend {
@@ -878,7 +929,16 @@ impl GatewayBackend {
             gateway,
             events,
             clock: Box::new(clock),
+            runtime: None,
         }
+    }
+
+    /// The same backend, with `source` giving the runtime's counters for `/metrics`
+    /// ([`MetricsSnapshot::runtime`]). The source is called at every scrape, outside the
+    /// gateway lock; it must not take it.
+    pub fn with_runtime_counters(mut self, source: RuntimeCountersSource) -> GatewayBackend {
+        self.runtime = Some(source);
+        self
     }
 
     /// The gateway.
@@ -1044,6 +1104,7 @@ impl Backend for GatewayBackend {
             probes: policy.probes,
             nsg_rules: policy.nsg_rules,
             inbound_rules: policy.inbound_rules,
+            runtime: self.runtime.as_ref().map(|f| f()),
             ..metrics_snapshot(&reports, &busiest, &drops, live, max)
         }
     }

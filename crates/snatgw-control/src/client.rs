@@ -10,7 +10,6 @@
 //!
 //! It does not format tables or read config files (the CLI does), and it does not retry.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -44,100 +43,7 @@ pub struct Tagged<T> {
     pub generation: Option<u64>,
 }
 
-/// A resource kind, chosen at run time (the CLI's `<kind>` argument).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResourceKind {
-    /// The whole topology (`/api/v1/topology`).
-    Topology,
-    /// The gateway settings (`/api/v1/gateway`).
-    Gateway,
-    /// Public IPs (`/api/v1/publicIPAddresses`).
-    PublicIps,
-    /// Availability sets (`/api/v1/availabilitySets`).
-    AvailabilitySets,
-    /// Classic deployments (`/api/v1/deployments`).
-    Deployments,
-    /// Instances (`/api/v1/instances`).
-    Instances,
-    /// Load balancers (`/api/v1/loadBalancers`).
-    LoadBalancers,
-    /// Network security groups (`/api/v1/networkSecurityGroups`).
-    Nsgs,
-}
-
-impl ResourceKind {
-    /// Every kind, in the CLI's order.
-    pub const ALL: [ResourceKind; 8] = [
-        ResourceKind::Topology,
-        ResourceKind::Gateway,
-        ResourceKind::PublicIps,
-        ResourceKind::AvailabilitySets,
-        ResourceKind::Deployments,
-        ResourceKind::Instances,
-        ResourceKind::LoadBalancers,
-        ResourceKind::Nsgs,
-    ];
-
-    /// The CLI's name: `topology`, `gateway`, `public-ips`, `availability-sets`,
-    /// `deployments`, `instances`, `load-balancers`, `nsgs`.
-    pub fn cli_name(self) -> &'static str {
-        match self {
-            ResourceKind::Topology => "topology",
-            ResourceKind::Gateway => "gateway",
-            ResourceKind::PublicIps => "public-ips",
-            ResourceKind::AvailabilitySets => "availability-sets",
-            ResourceKind::Deployments => "deployments",
-            ResourceKind::Instances => "instances",
-            ResourceKind::LoadBalancers => "load-balancers",
-            ResourceKind::Nsgs => "nsgs",
-        }
-    }
-
-    /// The route under `/api/v1`.
-    pub fn collection(self) -> &'static str {
-        match self {
-            ResourceKind::Topology => "topology",
-            ResourceKind::Gateway => "gateway",
-            ResourceKind::PublicIps => "publicIPAddresses",
-            ResourceKind::AvailabilitySets => "availabilitySets",
-            ResourceKind::Deployments => "deployments",
-            ResourceKind::Instances => "instances",
-            ResourceKind::LoadBalancers => "loadBalancers",
-            ResourceKind::Nsgs => "networkSecurityGroups",
-        }
-    }
-
-    /// Whether the kind is a collection of named resources (not `topology`, `gateway`).
-    pub fn is_named(self) -> bool {
-        !matches!(self, ResourceKind::Topology | ResourceKind::Gateway)
-    }
-}
-
-impl FromStr for ResourceKind {
-    type Err = String;
-    /// Accepts the CLI names, the route names and a few singulars (`public-ip`, `instance`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let k = match s {
-            "topology" => ResourceKind::Topology,
-            "gateway" => ResourceKind::Gateway,
-            "public-ips" | "public-ip" | "publicIPAddresses" => ResourceKind::PublicIps,
-            "availability-sets" | "availability-set" | "availabilitySets" => {
-                ResourceKind::AvailabilitySets
-            }
-            "deployments" | "deployment" => ResourceKind::Deployments,
-            "instances" | "instance" => ResourceKind::Instances,
-            "load-balancers" | "load-balancer" | "loadBalancers" => ResourceKind::LoadBalancers,
-            "nsgs" | "nsg" | "networkSecurityGroups" => ResourceKind::Nsgs,
-            _ => {
-                return Err(format!(
-                    "unknown kind `{s}`: expected one of {}",
-                    ResourceKind::ALL.map(ResourceKind::cli_name).join(", ")
-                ))
-            }
-        };
-        Ok(k)
-    }
-}
+pub use crate::api::ResourceKind;
 
 /// Percent-encodes one path segment (everything but unreserved characters).
 pub fn encode_segment(s: &str) -> String {
@@ -608,7 +514,7 @@ mod tests {
 
     #[test]
     fn kinds_parse() {
-        for k in ResourceKind::ALL {
+        for &k in ResourceKind::ALL {
             assert_eq!(k.cli_name().parse::<ResourceKind>(), Ok(k));
             assert_eq!(k.collection().parse::<ResourceKind>(), Ok(k));
         }

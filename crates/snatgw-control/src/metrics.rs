@@ -11,6 +11,7 @@
 //! | `snatgw_snat_connection_count_total` ("SNAT Connection Count") | counter | + result = successful / failed (R2.6) |
 //! | `snatgw_flows` (live flows) | gauge | instance, public_ip, protocol |
 //! | `snatgw_dropped_packets_total` | counter | instance, public_ip, protocol (tcp, udp, other), reason |
+//! | `snatgw_idle_ended_then_sent_total` (flows ended by idle timeout, then sent on again: keepalives missing, R7.1) | counter | instance, public_ip, protocol |
 //! | `snatgw_gateway_dropped_packets_total` (all drops of the gateway) | counter | reason |
 //! | `snatgw_destination_used_snat_ports`, `snatgw_destination_used_snat_ports_ratio` | gauge | instance, public_ip, protocol, destination |
 //! | `snatgw_live_flows`, `snatgw_max_flows` (R9.2) | gauge | — |
@@ -20,6 +21,14 @@
 //! | `snatgw_lb_probe_results_total` | counter | lb, probe, member, result = ok / failed |
 //! | `snatgw_lb_inbound_flows_total` | counter | lb, rule, result = created / no_healthy_backend / nsg_denied |
 //! | `snatgw_nsg_rule_hits_total` (what flow logs give, R4.1/R4.2) | counter | nsg, rule, direction, access, priority |
+//! | `snatgw_packets_received_total`, `snatgw_packets_sent_total` (TUN queues, summed) | counter | side = private / public |
+//! | `snatgw_lock_acquisitions_total`, `snatgw_lock_contended_total` (the gateway lock) | counter | — |
+//! | `snatgw_lock_wait_seconds_total`, `snatgw_lock_held_seconds_total` | counter | — |
+//! | `snatgw_fastpath_flows_installed_total`, `_removed_total`, `_skipped_total`, `snatgw_fastpath_install_failures_total` | counter | — |
+//! | `snatgw_fastpath_packets_total` (translated in the kernel) | counter | direction = outbound / inbound |
+//!
+//! The runtime's counters (the last three rows' block) are exported only when the backend has
+//! a source for them ([`MetricsSnapshot::runtime`]), the fast path's only when it runs.
 //!
 //! Label cardinality is bounded: per instance two protocols, the drop reasons that occurred,
 //! and at most five destinations (the busiest by ports used), so users alert on the ratio of
@@ -33,7 +42,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::backend::MetricsSnapshot;
+use crate::backend::{MetricsSnapshot, RuntimeCounters};
 
 /// `Content-Type` of the text this module renders.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -84,6 +93,11 @@ pub fn render(s: &MetricsSnapshot) -> String {
         &mut reg,
         "snatgw_dropped_packets",
         "Dropped packets of the instance by reason (SPEC R6.1)",
+    );
+    let idle_then_sent = counter_family(
+        &mut reg,
+        "snatgw_idle_ended_then_sent",
+        "Flows ended by idle timeout on which the instance later sent again (TCP: the segment is dropped, the connection breaks; UDP: a new flow): enable TCP keepalives below the idle timeout (SPEC R3.4, R7.1)",
     );
     let gw_drops = counter_family(
         &mut reg,
@@ -200,6 +214,7 @@ pub fn render(s: &MetricsSnapshot) -> String {
             set(&allocated, base(&p.protocol), p.allocated_ports.into());
             set(&used, base(&p.protocol), p.used_ports.into());
             set(&flows, base(&p.protocol), p.flows);
+            add(&idle_then_sent, base(&p.protocol), p.idle_ended_then_sent);
             for (result, v) in [
                 ("successful", p.connections_ok),
                 ("failed", p.connections_failed),
@@ -237,10 +252,109 @@ pub fn render(s: &MetricsSnapshot) -> String {
     live.set(i64::try_from(s.live_flows).unwrap_or(i64::MAX));
     max.set(i64::try_from(s.max_flows).unwrap_or(i64::MAX));
 
+    if let Some(rt) = &s.runtime {
+        register_runtime(&mut reg, rt);
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_text::encode(&mut out, &reg);
     out
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+fn seconds_counter(reg: &mut Registry, name: &str, help: &str, ns: u64) {
+    let c = Counter::<f64, AtomicU64>::default();
+    c.inc_by(ns as f64 / 1e9);
+    reg.register(name, help, c);
+}
+
+/// The runtime's counters: packets per side, the gateway lock, the kernel fast path.
+fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
+    let rx = counter_family(
+        reg,
+        "snatgw_packets_received",
+        "Packets received from the TUN queues of one side, summed over its queues (private: outbound, public: inbound, SPEC R9.1)",
+    );
+    let tx = counter_family(
+        reg,
+        "snatgw_packets_sent",
+        "Packets written to the TUN queues of one side, summed over its queues",
+    );
+    for (side, r, t) in [
+        ("private", rt.private_rx_packets, rt.private_tx_packets),
+        ("public", rt.public_rx_packets, rt.public_tx_packets),
+    ] {
+        add(&rx, vec![("side", side.into())], r);
+        add(&tx, vec![("side", side.into())], t);
+    }
+    counter(
+        reg,
+        "snatgw_lock_acquisitions",
+        "Acquisitions of the gateway lock (one per received batch, plus housekeeping)",
+        rt.lock_acquisitions,
+    );
+    counter(
+        reg,
+        "snatgw_lock_contended",
+        "Acquisitions of the gateway lock that found it held and waited",
+        rt.lock_contended,
+    );
+    seconds_counter(
+        reg,
+        "snatgw_lock_wait_seconds",
+        "Seconds spent waiting for the gateway lock",
+        rt.lock_wait_ns,
+    );
+    seconds_counter(
+        reg,
+        "snatgw_lock_held_seconds",
+        "Seconds workers held the gateway lock deciding batches",
+        rt.lock_held_ns,
+    );
+    let Some(fp) = &rt.fast_path else {
+        return;
+    };
+    counter(
+        reg,
+        "snatgw_fastpath_flows_installed",
+        "Flows installed in the kernel fast path's flow map",
+        fp.installed,
+    );
+    counter(
+        reg,
+        "snatgw_fastpath_flows_removed",
+        "Flows removed from the kernel fast path's flow map",
+        fp.removed,
+    );
+    counter(
+        reg,
+        "snatgw_fastpath_install_failures",
+        "Flows the kernel fast path's map had no room for: they stay on the TUN path (raise --fast-path-flows)",
+        fp.install_failed,
+    );
+    counter(
+        reg,
+        "snatgw_fastpath_flows_skipped",
+        "Flows of instance slots without kernel counters: they stay on the TUN path",
+        fp.skipped,
+    );
+    let pkts = counter_family(
+        reg,
+        "snatgw_fastpath_packets",
+        "Packets the kernel fast path translated, as of the last harvest (about once a second)",
+    );
+    for (direction, v) in [
+        ("outbound", fp.translated_out),
+        ("inbound", fp.translated_in),
+    ] {
+        add(&pkts, vec![("direction", direction.into())], v);
+    }
 }
 
 #[cfg(test)]
@@ -263,6 +377,7 @@ mod tests {
                     connections_ok: 4,
                     connections_failed: 1,
                     drops: vec![("ports_exhausted".into(), 1)],
+                    idle_ended_then_sent: 6,
                 }],
                 other_protocol_drops: vec![("icmp_echo_via_pat".into(), 2)],
                 busiest: vec![DestinationUse {
@@ -301,6 +416,7 @@ mod tests {
                 no_healthy_backend: 1,
                 nsg_denied: 2,
             }],
+            runtime: None,
         };
         let t = render(&s);
         let l = r#"instance="vm1",public_ip="203.0.113.1",protocol="tcp""#;
@@ -311,6 +427,8 @@ mod tests {
             format!("snatgw_snat_connection_count_total{{{l},result=\"successful\"}} 4"),
             format!("snatgw_snat_connection_count_total{{{l},result=\"failed\"}} 1"),
             format!("snatgw_dropped_packets_total{{{l},reason=\"ports_exhausted\"}} 1"),
+            format!("snatgw_idle_ended_then_sent_total{{{l}}} 6"),
+            "# TYPE snatgw_idle_ended_then_sent_total counter".into(),
             "snatgw_dropped_packets_total{instance=\"vm1\",public_ip=\"203.0.113.1\",protocol=\"other\",reason=\"icmp_echo_via_pat\"} 2".into(),
             format!("snatgw_destination_used_snat_ports{{{l},destination=\"198.51.100.1:443\"}} 256"),
             format!("snatgw_destination_used_snat_ports_ratio{{{l},destination=\"198.51.100.1:443\"}} 0.25"),
@@ -326,6 +444,63 @@ mod tests {
             "snatgw_nsg_rule_hits_total{nsg=\"n\",rule=\"DenyAllInBound\",direction=\"inbound\",access=\"deny\",priority=\"65500\"} 7".into(),
             "# TYPE snatgw_used_snat_ports gauge".into(),
             "# TYPE snatgw_snat_connection_count_total counter".into(),
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+    }
+
+    #[test]
+    fn renders_runtime_counters_only_when_present() {
+        let none = render(&MetricsSnapshot::default());
+        assert!(!none.contains("snatgw_packets_received"), "{none}");
+        let mut s = MetricsSnapshot {
+            runtime: Some(RuntimeCounters {
+                private_rx_packets: 10,
+                private_tx_packets: 7,
+                public_rx_packets: 8,
+                public_tx_packets: 9,
+                lock_acquisitions: 20,
+                lock_contended: 3,
+                lock_wait_ns: 1_500_000_000,
+                lock_held_ns: 250_000_000,
+                fast_path: None,
+            }),
+            ..Default::default()
+        };
+        let t = render(&s);
+        for want in [
+            "snatgw_packets_received_total{side=\"private\"} 10",
+            "snatgw_packets_received_total{side=\"public\"} 8",
+            "snatgw_packets_sent_total{side=\"private\"} 7",
+            "snatgw_packets_sent_total{side=\"public\"} 9",
+            "snatgw_lock_acquisitions_total 20",
+            "snatgw_lock_contended_total 3",
+            "snatgw_lock_wait_seconds_total 1.5",
+            "snatgw_lock_held_seconds_total 0.25",
+            "# TYPE snatgw_lock_wait_seconds_total counter",
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+        assert!(!t.contains("snatgw_fastpath"), "{t}");
+        if let Some(rt) = s.runtime.as_mut() {
+            rt.fast_path = Some(crate::backend::FastPathCounters {
+                installed: 5,
+                removed: 2,
+                install_failed: 1,
+                skipped: 4,
+                translated_out: 100,
+                translated_in: 90,
+            });
+        }
+        let t = render(&s);
+        for want in [
+            "snatgw_fastpath_flows_installed_total 5",
+            "snatgw_fastpath_flows_removed_total 2",
+            "snatgw_fastpath_install_failures_total 1",
+            "snatgw_fastpath_flows_skipped_total 4",
+            "snatgw_fastpath_packets_total{direction=\"outbound\"} 100",
+            "snatgw_fastpath_packets_total{direction=\"inbound\"} 90",
+            "# TYPE snatgw_fastpath_install_failures_total counter",
         ] {
             assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
         }

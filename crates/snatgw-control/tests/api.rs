@@ -249,7 +249,7 @@ fn every_collection_and_resource_can_be_read_with_etags() {
     assert_eq!(lb.backend_pools[0].members, vec!["vm-lb1".to_string()]);
 
     // The same through the run-time kinds the CLI uses.
-    for k in ResourceKind::ALL {
+    for &k in ResourceKind::ALL {
         let v = c.get_json(k, None).expect("collection as JSON");
         assert!(v.etag.is_some(), "{k:?} has an ETag");
     }

@@ -184,6 +184,10 @@ pub struct InstanceSnap {
     pub packets_in: u64,
     /// Drops by reason label (all protocols), only non-zero ones.
     pub drops: BTreeMap<String, u64>,
+    /// Flows ended by idle timeout on which the instance later sent again: keepalives
+    /// missing (SPEC R3.4, R7.1).
+    #[serde(default)]
+    pub idle_ended_then_sent: PerProto,
 }
 
 /// One event (SPEC R6.2).
@@ -455,9 +459,22 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
                 packets_out: r.stats.iter().map(|s| s.packets_out).sum(),
                 packets_in: r.stats.iter().map(|s| s.packets_in).sum(),
                 drops: drop_map(&drops),
+                idle_ended_then_sent: PerProto {
+                    tcp: r.stats[0].idle_ended_then_sent,
+                    udp: r.stats[1].idle_ended_then_sent,
+                },
             }
         })
         .collect();
+}
+
+/// The line saying that an instance used flows the gateway had ended by idle timeout (SPEC
+/// R3.4, R7.1), for `snatgw stats`, `snatgw ports` and `snatgw keepalive-check`.
+pub fn idle_then_sent_note(instance: &str, tcp: u64, udp: u64) -> String {
+    format!(
+        "instance {instance}: {} flow(s) ended idle and were used again (tcp {tcp}, udp {udp}): enable keepalives below the idle timeout (SPEC R7.1, `snatgw keepalive-check`)",
+        tcp + udp
+    )
 }
 
 /// Converts I/O counters.
@@ -630,6 +647,12 @@ pub fn render(s: &Snapshot) -> String {
     let _ = writeln!(o, "{}", line(head.to_vec()));
     for r in &rows {
         let _ = writeln!(o, "{}", line(r.iter().map(String::as_str).collect()));
+    }
+    for i in &s.instances {
+        let n = &i.idle_ended_then_sent;
+        if n.tcp + n.udp > 0 {
+            let _ = writeln!(o, "{}", idle_then_sent_note(&i.name, n.tcp, n.udp));
+        }
     }
     if !s.events.is_empty() {
         let _ = writeln!(o, "events (last {}):", s.events.len());

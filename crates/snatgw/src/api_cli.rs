@@ -19,7 +19,7 @@ use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde::Serialize;
 use snatgw_control::api::Resource;
 use snatgw_control::client::DEFAULT_URL;
@@ -233,7 +233,7 @@ impl ApiOpts {
     }
 
     /// A client of the API, with the token [`find_token`] finds.
-    fn client(&self) -> Result<Api, CliError> {
+    pub(crate) fn client(&self) -> Result<Api, CliError> {
         let (token, source) = find_token(
             self.token_file.as_deref(),
             std::env::var_os(TOKEN_FILE_ENV),
@@ -248,46 +248,10 @@ impl ApiOpts {
     }
 }
 
-/// A resource kind as the CLI names it (singulars and the API's collection names work too).
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// The whole desired topology.
-    Topology,
-    /// The gateway settings.
-    Gateway,
-    /// Public IPs.
-    #[value(alias = "public-ip", alias = "publicIPAddresses")]
-    PublicIps,
-    /// ARM availability sets.
-    #[value(alias = "availability-set", alias = "availabilitySets")]
-    AvailabilitySets,
-    /// Classic deployments.
-    #[value(alias = "deployment")]
-    Deployments,
-    /// Instances (NIC IP configurations, role instances).
-    #[value(alias = "instance")]
-    Instances,
-    /// Load balancers.
-    #[value(alias = "load-balancer", alias = "loadBalancers")]
-    LoadBalancers,
-    /// Network security groups (SPEC §4).
-    #[value(alias = "nsg", alias = "networkSecurityGroups")]
-    Nsgs,
-}
-
-impl Kind {
-    fn resource(self) -> ResourceKind {
-        match self {
-            Kind::Topology => ResourceKind::Topology,
-            Kind::Gateway => ResourceKind::Gateway,
-            Kind::PublicIps => ResourceKind::PublicIps,
-            Kind::AvailabilitySets => ResourceKind::AvailabilitySets,
-            Kind::Deployments => ResourceKind::Deployments,
-            Kind::Instances => ResourceKind::Instances,
-            Kind::LoadBalancers => ResourceKind::LoadBalancers,
-            Kind::Nsgs => ResourceKind::Nsgs,
-        }
-    }
+/// `<kind>`: `topology`, `gateway`, `public-ips`, `availability-sets`, `deployments`,
+/// `instances`, `load-balancers`, `nsgs` (singulars and the API's collection names work too).
+fn parse_kind(s: &str) -> Result<ResourceKind, String> {
+    s.parse()
 }
 
 /// `snatgw ...` subcommands that talk to a running gateway's API.
@@ -296,7 +260,8 @@ pub enum ApiCmd {
     /// Show resources of the desired topology (a table, or the API's JSON with --json).
     Get {
         /// What to show.
-        kind: Kind,
+        #[arg(value_parser = parse_kind)]
+        kind: ResourceKind,
         /// One resource (without: the whole collection; topology and gateway take none).
         name: Option<String>,
         /// Print the API's JSON.
@@ -319,7 +284,8 @@ pub enum ApiCmd {
     /// Create or replace one resource from a JSON file.
     Put {
         /// What to write.
-        kind: Kind,
+        #[arg(value_parser = parse_kind)]
+        kind: ResourceKind,
         /// Its name (wins over a `name` in the body, which must match; none for gateway).
         name: Option<String>,
         /// The JSON body (`-`: standard input).
@@ -334,7 +300,8 @@ pub enum ApiCmd {
     /// Delete one resource (refused while something references it).
     Delete {
         /// What to delete.
-        kind: Kind,
+        #[arg(value_parser = parse_kind)]
+        kind: ResourceKind,
         /// Its name.
         name: String,
         /// Delete only if the resource's ETag still is this one.
@@ -506,7 +473,7 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
             let body: serde_json::Value = serde_json::from_slice(&read_input(&file)?)
                 .map_err(|e| file_error(&file, format!("not JSON: {e}")))?;
             let t = api.client()?.call(|c| {
-                c.put_json(kind.resource(), name.as_deref(), &body, if_match.as_deref())
+                c.put_json(kind, name.as_deref(), &body, if_match.as_deref())
             })?;
             writeln!(
                 out,
@@ -525,7 +492,7 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
         } => {
             let etag = api
                 .client()?
-                .call(|c| c.delete_json(kind.resource(), &name, if_match.as_deref()))?;
+                .call(|c| c.delete_json(kind, &name, if_match.as_deref()))?;
             writeln!(
                 out,
                 "{} deleted: collection ETag {}",
@@ -653,8 +620,8 @@ fn show_opt<T: std::fmt::Display>(v: Option<T>) -> String {
 }
 
 /// `instances/vm1`, `gateway`.
-fn what(kind: Kind, name: Option<&str>) -> String {
-    let k = kind.resource().cli_name();
+fn what(kind: ResourceKind, name: Option<&str>) -> String {
+    let k = kind.cli_name();
     match name {
         Some(n) => format!("{k}/{n}"),
         None => k.to_string(),
@@ -695,16 +662,19 @@ fn read_topology(path: &Path) -> Result<ConfigFile, CliError> {
 }
 
 /// A client and the URL it talks to (for error messages).
-struct Api {
+pub(crate) struct Api {
     client: Client,
-    url: String,
+    pub(crate) url: String,
     /// Where its token came from (for a 401's hint).
     token: TokenSource,
 }
 
 impl Api {
     /// Runs one client call, turning its error into a [`CliError`] naming the URL.
-    fn call<T>(&self, f: impl FnOnce(&Client) -> Result<T, ClientError>) -> Result<T, CliError> {
+    pub(crate) fn call<T>(
+        &self,
+        f: impl FnOnce(&Client) -> Result<T, ClientError>,
+    ) -> Result<T, CliError> {
         f(&self.client).map_err(|e| match e {
             ClientError::Api { status, body } => CliError::Api {
                 status,
@@ -727,11 +697,10 @@ impl Api {
     fn get(
         &self,
         out: &mut dyn Write,
-        kind: Kind,
+        rk: ResourceKind,
         name: Option<&str>,
         json: bool,
     ) -> Result<(), CliError> {
-        let rk = kind.resource();
         if name.is_some() && !rk.is_named() {
             return Err(CliError::Usage(format!("{} takes no name", rk.cli_name())));
         }
@@ -739,21 +708,26 @@ impl Api {
             let t = self.call(|c| c.get_json(rk, name))?;
             return print_json(out, &t.value);
         }
-        let (text, etag, generation) = match kind {
-            Kind::Topology => {
+        let (text, etag, generation) = match rk {
+            ResourceKind::Topology => {
                 let t = self.call(Client::topology)?;
                 (api_render::topology(&t.value), t.etag, t.generation)
             }
-            Kind::Gateway => {
+            ResourceKind::Gateway => {
                 let t = self.call(Client::gateway)?;
                 (api_render::gateway(&t.value).render(), t.etag, t.generation)
             }
-            Kind::PublicIps => self.rows::<PublicIpCfg>(name)?,
-            Kind::AvailabilitySets => self.rows::<AvailabilitySetCfg>(name)?,
-            Kind::Deployments => self.rows::<DeploymentCfg>(name)?,
-            Kind::Instances => self.rows::<InstanceCfg>(name)?,
-            Kind::LoadBalancers => self.rows::<LoadBalancerCfg>(name)?,
-            Kind::Nsgs => self.rows::<NsgCfg>(name)?,
+            ResourceKind::PublicIps => self.rows::<PublicIpCfg>(name)?,
+            ResourceKind::AvailabilitySets => self.rows::<AvailabilitySetCfg>(name)?,
+            ResourceKind::Deployments => self.rows::<DeploymentCfg>(name)?,
+            ResourceKind::Instances => self.rows::<InstanceCfg>(name)?,
+            ResourceKind::LoadBalancers => self.rows::<LoadBalancerCfg>(name)?,
+            ResourceKind::Nsgs => self.rows::<NsgCfg>(name)?,
+            // A kind without a table view yet: its JSON.
+            _ => {
+                let t = self.call(|c| c.get_json(rk, name))?;
+                return print_json(out, &t.value);
+            }
         };
         out.write_all(text.as_bytes())?;
         writeln!(
@@ -918,6 +892,17 @@ impl Api {
 
 fn write_ports(out: &mut dyn Write, list: &[InstancePorts]) -> Result<(), CliError> {
     out.write_all(api_render::ports(list).render().as_bytes())?;
+    // The symptom of missing keepalives (SPEC R3.4, R7.1), under the table.
+    for p in list {
+        let n = &p.idle_ended_then_sent;
+        if n.tcp + n.udp > 0 {
+            writeln!(
+                out,
+                "{}",
+                snatgw_runtime::stats::idle_then_sent_note(&p.name, n.tcp, n.udp)
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -1093,14 +1078,13 @@ mod tests {
     }
 
     #[test]
-    fn kinds_map_to_the_clients() {
-        for k in Kind::value_variants() {
-            let name = k
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
-            assert_eq!(name, k.resource().cli_name());
+    fn every_kind_parses_from_its_cli_name_and_singular() {
+        for &k in ResourceKind::ALL {
+            assert_eq!(parse_kind(k.cli_name()), Ok(k));
         }
+        assert_eq!(parse_kind("public-ip"), Ok(ResourceKind::PublicIps));
+        assert_eq!(parse_kind("networkSecurityGroups"), Ok(ResourceKind::Nsgs));
+        assert!(parse_kind("widgets").unwrap_err().contains("public-ips"));
     }
 
     #[test]

@@ -476,6 +476,7 @@ mod tests {
             connections_ok: PerProtocol { tcp: 31, udp: 1 },
             connections_failed: PerProtocol { tcp: 2, udp: 0 },
             drops: [("exhaustion".to_string(), 2u64)].into_iter().collect(),
+            idle_ended_then_sent: PerProtocol::default(),
         }
     }
 

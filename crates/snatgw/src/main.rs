@@ -5,6 +5,8 @@
 //! - `lab`, `race`: the lab tools, a separate binary (`snatgw-lab`, crate `snatgw-lab`) that
 //!   these two exec with every argument, git-style ([`lab`]; issue #16);
 //! - `plan`: the exhaustion planner (docs/PLANNER.md, [`plan`]);
+//! - `keepalive-check`: do this host's TCP keepalives outlast the gateway's idle timeout
+//!   (SPEC R7.1, docs/OPERATIONS.md, [`keepalive`]);
 //! - `get`, `apply`, `put`, `delete`, `redeploy`, `settle`, `ports`, `flows`, `events`:
 //!   clients of a running gateway's management API (docs/API.md, [`api_cli`]).
 #![forbid(unsafe_code)]
@@ -21,6 +23,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
 mod api_cli;
 mod api_render;
+mod keepalive;
 mod lab;
 mod plan;
 mod run;
@@ -65,6 +68,9 @@ enum Cmd {
     Race(lab::ToolArgs),
     /// Predict SNAT exhaustion of a workload and compare mitigations (see docs/PLANNER.md).
     Plan(plan::PlanArgs),
+    /// Whether a connection held idle survives the gateway's idle timeout with this host's
+    /// TCP keepalive settings, and the SPEC R7.1 fix (exit 0 survives, 1 not, 2 no verdict).
+    KeepaliveCheck(keepalive::KeepaliveArgs),
     /// Clients of a running gateway's management API (see docs/API.md).
     #[command(flatten)]
     Api(api_cli::ApiCmd),
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => return lab::exec("lab", &a),
         Cmd::Race(a) => return lab::exec("race", &a),
         Cmd::Plan(a) => plan::run(&a),
+        // Exit 0 survives, 1 does not, 2 no verdict (docs/OPERATIONS.md).
+        Cmd::KeepaliveCheck(a) => return keepalive::main(&a),
         // Prints its own `error: ...` (the server's message, field and SPEC rule).
         Cmd::Api(c) => return api_cli::main(c),
     };

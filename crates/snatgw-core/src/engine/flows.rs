@@ -63,7 +63,14 @@ pub(super) struct Flow {
     pub(super) proto: u8,
     /// TCP state bits (see `tcp`).
     pub(super) state: u8,
+    /// The low 16 bits of the second the flow started (set by `Engine::insert_flow`; it
+    /// fills what was padding): whether a UDP flow ending by idle timeout carried packets in
+    /// more than one second (`idle_reuse`).
+    pub(super) born: u16,
 }
+
+// The record stays 48 bytes (`born` took the padding).
+const _: () = assert!(std::mem::size_of::<Flow>() == 48);
 
 impl Flow {
     pub(super) const FREE: Flow = Flow {
@@ -82,6 +89,7 @@ impl Flow {
         idx: 0,
         proto: 0,
         state: 0,
+        born: 0,
     };
 
     /// The instance slot owning the flow's block.

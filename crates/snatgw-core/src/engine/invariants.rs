@@ -157,6 +157,17 @@ impl Engine {
                 self.flows.live()
             ));
         }
+        // The idle-ended sets (`idle_reuse`) stay within their bound.
+        for (p, set) in ["tcp", "udp"].iter().zip(&self.idle_recent.sets) {
+            if set.len() > set.ring_len() || set.ring_len() > super::IDLE_RECENT_CAP {
+                return Err(format!(
+                    "idle-ended {p} set: {} keys, {} ring entries, cap {}",
+                    set.len(),
+                    set.ring_len(),
+                    super::IDLE_RECENT_CAP
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -32,6 +32,11 @@
 //!   entries of ILPIP instances (SPEC §4); `inbound`: inbound load-balancing flows and
 //!   health-probe state (R5.1, R5.2, R3.7, R4.5). Both are asked by `translate` only where a
 //!   packet is not already a PAT flow's;
+//! - `idle_reuse`: flows ended by idle timeout on which the instance later sent again, the
+//!   symptom of missing keepalives (R3.4, R7.1), remembered in a bounded set and looked up
+//!   only by packets that miss the flow table;
+//! - `failfast`: whether a refused new flow is answered to its instance, with the
+//!   per-instance rate limit (R9.5; the data plane writes the answer);
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
 //!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
 //!   activity a fast path saw (R3.4 with packets the engine never sees).
@@ -46,7 +51,9 @@ use std::sync::Arc;
 
 mod block;
 mod events;
+mod failfast;
 mod flows;
+mod idle_reuse;
 mod inbound;
 mod instance;
 mod invariants;
@@ -61,6 +68,8 @@ mod timers;
 mod translate;
 
 pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
+pub use failfast::{FAIL_FAST_BURST, FAIL_FAST_PER_SEC};
+pub use idle_reuse::IDLE_RECENT_CAP;
 pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};
 pub use instance::Scenario;
 pub use journal::{FlowChange, FlowKey, Offload, JOURNAL_CAP};
@@ -123,6 +132,8 @@ pub struct Engine {
     nsg: nsg::NsgRt,
     /// Inbound load balancing and probe state (SPEC §5).
     inb: inbound::InboundRt,
+    /// Flows recently ended by idle timeout (`idle_reuse`, R7.1 symptom).
+    idle_recent: idle_reuse::IdleRecent,
 }
 
 impl Engine {
@@ -162,6 +173,7 @@ impl Engine {
             offload: None,
             nsg: Default::default(),
             inb: Default::default(),
+            idle_recent: Default::default(),
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -295,8 +307,12 @@ impl Engine {
         Ok(report)
     }
 
-    /// Stores a new flow, queues its idle timer (R3.4) and counts it. Returns its slot.
-    fn insert_flow(&mut self, f: Flow) -> u32 {
+    /// Stores a new flow, queues its idle timer (R3.4) and counts it; stamps its first
+    /// second and settles an idle-ended flow of the same 5-tuple (`idle_reuse`). Returns its
+    /// slot.
+    fn insert_flow(&mut self, mut f: Flow) -> u32 {
+        f.born = self.now as u16;
+        self.idle_recent_new_flow(&f);
         if let Some(i) = self.insts[f.slot() as usize].as_mut() {
             i.live += 1;
         }
@@ -311,6 +327,9 @@ impl Engine {
     /// Removes flow `fi`, releasing its port at `release_time`.
     fn remove_flow(&mut self, fi: u32, release_time: Time, cause: EndCause) {
         let f = self.flows.remove(fi);
+        if cause == EndCause::Idle {
+            self.idle_recent_remember(&f);
+        }
         self.journal_closed(&f, release_time, cause);
         self.release_port(f.block, f.dst, f.dport, f.idx, release_time, cause);
         if let Some(i) = self.insts[f.slot() as usize].as_mut() {

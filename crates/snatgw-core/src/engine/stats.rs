@@ -1,7 +1,7 @@
 //! Counters (SPEC R6.1): per instance and protocol, and for the whole engine.
 //!
 //! Plain counter records, bumped where things happen (`translate`, `Engine::remove_flow`,
-//! `events`) and read through [`super::InstanceReport::stats`] and
+//! `events`, `idle_reuse`) and read through [`super::InstanceReport::stats`] and
 //! [`super::Engine::global_stats`]. Nothing here decides anything; the invariant check
 //! (`invariants`) verifies that they add up.
 
@@ -22,6 +22,17 @@ pub struct InstanceStats {
     pub ended: [u64; 4],
     /// Dropped packets by [`DropReason`] (index = reason as usize).
     pub drops: [u64; DropReason::COUNT],
+    /// Refused new flows answered to the instance (SPEC R9.5, `on_exhaustion = "reset"`):
+    /// TCP RSTs in the TCP counters, ICMP administratively prohibited in the UDP ones. Each
+    /// is also counted in `drops` under its refusal (`ports_exhausted`, `flow_limit`).
+    pub fail_fast_answered: u64,
+    /// Refused new flows left unanswered by the per-instance rate limit (R9.5).
+    pub fail_fast_suppressed: u64,
+    /// Flows ended by idle timeout on which the instance later sent again (a TCP segment
+    /// that is not a SYN, dropped as `tcp_not_syn`; a UDP datagram, which starts a new flow):
+    /// the symptom of missing keepalives (SPEC R3.4, R7.1), counted once per flow
+    /// (`engine::idle_reuse`).
+    pub idle_ended_then_sent: u64,
 }
 
 /// Global counters.
@@ -39,6 +50,12 @@ pub struct GlobalStats {
     pub flows_ended: [u64; 4],
     /// Events lost because the queue was full.
     pub events_lost: u64,
+    /// Refused TCP SYNs answered with a RST (SPEC R9.5).
+    pub fail_fast_rst: u64,
+    /// Refused UDP flows answered with ICMP administratively prohibited (SPEC R9.5).
+    pub fail_fast_icmp: u64,
+    /// Answers left out by the per-instance rate limit (SPEC R9.5).
+    pub fail_fast_suppressed: u64,
 }
 
 /// Index of the counters for IP protocol `p`: TCP, UDP, other.
