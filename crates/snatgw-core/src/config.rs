@@ -118,6 +118,26 @@ pub struct GatewayCfg {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86_400))]
     pub inbound_idle_timeout_secs: Option<u32>,
+    /// What a refused new flow of an instance gets (SPEC R9.5): `drop` (the default, the
+    /// seeds' behaviour: the attempt times out) or `reset` (a refused TCP SYN is answered
+    /// with a TCP RST, a refused UDP flow with ICMP destination unreachable, code 13, rate
+    /// limited per instance). Refusals are port exhaustion (R2.6) and flow limits (R9.2).
+    #[serde(default)]
+    pub on_exhaustion: OnExhaustion,
+}
+
+/// `gateway.on_exhaustion` (SPEC R9.5): how a refused new flow is treated.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhaustion {
+    /// Drop the packet; the application's attempt times out (the seeds' behaviour).
+    #[default]
+    Drop,
+    /// Drop it and answer the instance at once: a TCP RST for a SYN, ICMP destination
+    /// unreachable (code 13, administratively prohibited) for a UDP datagram; at most 100
+    /// answers per second per instance.
+    Reset,
 }
 
 /// Bytes of memory budgeted per live flow when `max_flows` is derived from
@@ -171,6 +191,7 @@ impl Default for GatewayCfg {
             flow_memory_mib: default_flow_memory_mib(),
             event_interval_secs: default_event_interval(),
             inbound_idle_timeout_secs: None,
+            on_exhaustion: OnExhaustion::Drop,
         }
     }
 }

@@ -127,6 +127,39 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// How a refused new flow is answered to its instance (SPEC R9.5, `gateway.on_exhaustion =
+/// "reset"`), decided by [`Engine::fail_fast`](crate::Engine::fail_fast); the data plane
+/// writes the answer over the refused packet. Both answers come from the destination the
+/// instance tried to reach and go to the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Answer {
+    /// A TCP RST for a refused SYN (RFC 9293 §3.10.7.1, a segment without ACK in CLOSED):
+    /// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`, so the client's `connect()` fails with
+    /// "connection refused".
+    TcpReset,
+    /// ICMP destination unreachable ([`ICMP_DEST_UNREACHABLE`] = 3), code
+    /// [`ICMP_CODE_ADMIN_PROHIBITED`] = 13 (communication administratively prohibited,
+    /// RFC 1812 §5.2.7.1), quoting the refused packet's IP header and first 8 bytes of
+    /// payload (RFC 792), for a refused UDP flow.
+    IcmpAdminProhibited,
+}
+
+impl Answer {
+    /// `tcp_rst` / `icmp_admin_prohibited`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Answer::TcpReset => "tcp_rst",
+            Answer::IcmpAdminProhibited => "icmp_admin_prohibited",
+        }
+    }
+}
+
+/// ICMP type destination unreachable (RFC 792).
+pub const ICMP_DEST_UNREACHABLE: u8 = snatgw_wire::ICMP_DEST_UNREACHABLE;
+/// ICMP destination-unreachable code 13: communication administratively prohibited
+/// (RFC 1812 §5.2.7.1).
+pub const ICMP_CODE_ADMIN_PROHIBITED: u8 = 13;
+
 /// Why a packet was dropped. `Copy`, with a stable metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]

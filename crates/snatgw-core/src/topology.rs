@@ -65,6 +65,8 @@ pub struct Params {
     pub max_flows: u32,
     /// Event aggregation interval, seconds (R9.3).
     pub event_interval: u32,
+    /// What a refused new flow gets (R9.5).
+    pub on_exhaustion: crate::config::OnExhaustion,
 }
 
 /// Most flows the engine can index (slab indices are `u32` with one value reserved).
@@ -282,6 +284,7 @@ fn gateway_params(g: &GatewayCfg) -> Result<Params, ConfigError> {
         reuse_history: g.port_reuse_history_secs,
         max_flows,
         event_interval: g.event_interval_secs,
+        on_exhaustion: g.on_exhaustion,
     })
 }
 

@@ -1035,3 +1035,487 @@ fn r1_3_designations_survive_a_restart_when_the_store_keeps_them() {
     assert_eq!(public(&restarted, "vm-as-a"), ip("192.0.2.2"));
     assert_eq!(public(&restarted, "vm-as-b"), ip("192.0.2.1"));
 }
+
+// ---------------------------------------------------------------- §9 fail fast (R9.5)
+//
+// The answers are bytes, which the data plane writes: these tests drive
+// `snatgw_dataplane::Gateway` over the engine, with real packets.
+
+mod fail_fast {
+    use super::*;
+    use snatgw_core::config::OnExhaustion;
+    use snatgw_core::engine::{FAIL_FAST_BURST, FAIL_FAST_PER_SEC};
+    use snatgw_core::packet::{Answer, ICMP_CODE_ADMIN_PROHIBITED, ICMP_DEST_UNREACHABLE};
+    use snatgw_core::{ConfigFile, Direction};
+    use snatgw_dataplane::{Gateway, Outcome};
+    use snatgw_wire::testutil::{build_tcp, build_udp, tcp_syn, udp, Ipv4Spec, TcpSpec};
+    use snatgw_wire::{parse, verify_checksums, IcmpKind, TcpFlags};
+
+    /// A batch slot's worth of room behind a packet.
+    const SLOT: usize = 1500;
+
+    /// 801 instances on one default-SNAT address: 32 ports each (R2.8), so exhaustion is
+    /// quick.
+    fn config(reset: bool) -> ConfigFile {
+        let mut c = pool_config(801);
+        if reset {
+            c.gateway.on_exhaustion = OnExhaustion::Reset;
+        }
+        c
+    }
+
+    fn gateway(c: ConfigFile) -> Gateway {
+        Gateway::new(Engine::new(Topology::from_config(c).expect("valid"), 0).expect("engine"))
+    }
+
+    /// Sends `pkt` outbound through the data plane in a slot of `room` bytes; returns the
+    /// outcome and the slot's first `len` bytes (the answer, if any).
+    fn send_in(g: &mut Gateway, now: u32, pkt: &[u8], room: usize) -> (Outcome, Vec<u8>) {
+        let mut buf = pkt.to_vec();
+        buf.resize(room.max(pkt.len()), 0);
+        let o = g.process_in(now, &mut buf, pkt.len(), Direction::Outbound);
+        let len = match o {
+            Outcome::Answer { len, .. } => len,
+            _ => pkt.len(),
+        };
+        buf.truncate(len);
+        (o, buf)
+    }
+
+    fn send(g: &mut Gateway, now: u32, pkt: &[u8]) -> (Outcome, Vec<u8>) {
+        send_in(g, now, pkt, SLOT)
+    }
+
+    /// Fills instance `i`'s 32 TCP (or UDP) ports for `dst:dport`.
+    fn exhaust(g: &mut Gateway, now: u32, i: usize, tcp: bool, dst: u32, dport: u16) {
+        let src = private_u32(i);
+        for k in 0..32u16 {
+            let p = if tcp {
+                tcp_syn(src, 2000 + k, dst, dport)
+            } else {
+                udp(src, 2000 + k, dst, dport, b"q")
+            };
+            let (o, _) = send(g, now, &p);
+            assert!(
+                matches!(o, Outcome::Forward(Verdict::Translate { .. })),
+                "{o:?}"
+            );
+        }
+    }
+
+    fn syn_with(
+        src: u32,
+        sport: u16,
+        dst: u32,
+        dport: u16,
+        seq: u32,
+        flags: u8,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let tcp = TcpSpec {
+            src_port: sport,
+            dst_port: dport,
+            seq,
+            ack: 0,
+            flags,
+            options: vec![2, 4, 0x05, 0xb4, 4, 2, 1, 1],
+            ..TcpSpec::default()
+        };
+        build_tcp(&Ipv4Spec::between(src, dst), &tcp, data)
+    }
+
+    fn be32(b: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    /// Checks a RST answer (RFC 9293 §3.10.7.1: `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`)
+    /// from `server:sport` to `inst:iport`.
+    fn assert_rst(a: &[u8], server: u32, sport: u16, inst: u32, iport: u16, ack: u32) {
+        assert_eq!(
+            a.len(),
+            40,
+            "20-byte IPv4 header + 20-byte TCP header: {a:02x?}"
+        );
+        verify_checksums(a).expect("valid checksums");
+        let s = parse(a).expect("parses");
+        assert_eq!(
+            (s.proto, s.src, s.dst),
+            (proto::TCP, server, inst),
+            "from the destination to the instance"
+        );
+        assert_eq!((s.src_port, s.dst_port), (sport, iport));
+        assert_eq!(s.tcp_flags, TcpFlags::RST | TcpFlags::ACK);
+        assert_eq!(a[0], 0x45);
+        assert_eq!(a[8], 64, "TTL");
+        assert_eq!(be32(a, 24), 0, "SEQ = 0 (the SYN had no ACK)");
+        assert_eq!(be32(a, 28), ack, "ACK = SEG.SEQ + SEG.LEN");
+        assert_eq!(a[32] >> 4, 5, "no options");
+        assert_eq!(&a[34..36], &[0, 0], "window 0");
+    }
+
+    #[test]
+    fn r9_5_reset_answers_a_refused_syn_with_a_rst_to_the_instance() {
+        let mut g = gateway(config(true));
+        let (src, dst) = (private_u32(0), ip(SERVER));
+        exhaust(&mut g, 1, 0, true, dst, 443);
+        let syn = syn_with(src, 40000, dst, 443, 0x1234_5678, TcpFlags::SYN, &[]);
+        let (o, a) = send(&mut g, 2, &syn);
+        assert_eq!(
+            o,
+            Outcome::Answer {
+                reason: DropReason::PortsExhausted,
+                answer: Answer::TcpReset,
+                len: 40
+            }
+        );
+        assert_eq!(o.verdict(), Verdict::Drop(DropReason::PortsExhausted));
+        assert_rst(&a, dst, 443, src, 40000, 0x1234_5679);
+        // SEG.LEN counts data (TCP Fast Open) and a FIN besides the SYN; the sequence wraps.
+        let tfo = syn_with(
+            src,
+            40001,
+            dst,
+            443,
+            u32::MAX - 3,
+            TcpFlags::SYN | TcpFlags::FIN,
+            b"GET / HTTP",
+        );
+        let (o, a) = send(&mut g, 2, &tfo);
+        assert!(
+            matches!(
+                o,
+                Outcome::Answer {
+                    answer: Answer::TcpReset,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert_rst(
+            &a,
+            dst,
+            443,
+            src,
+            40001,
+            (u32::MAX - 3).wrapping_add(10 + 2),
+        );
+        // The refusal is what it always was (R2.6, R6.1): dropped, counted, one event; no
+        // flow, nothing else disturbed.
+        let r = g.engine().instance("vm-0").expect("vm-0");
+        assert_eq!(r.stats[0].drops[DropReason::PortsExhausted as usize], 2);
+        assert_eq!(r.stats[0].conn_fail, 2);
+        assert_eq!(r.stats[0].fail_fast_answered, 2);
+        assert_eq!(r.stats[0].fail_fast_suppressed, 0);
+        assert_eq!(r.flows, [32, 0]);
+        let gs = g.engine().global_stats();
+        assert_eq!(
+            (gs.fail_fast_rst, gs.fail_fast_icmp, gs.fail_fast_suppressed),
+            (2, 0, 0)
+        );
+        assert_eq!(g.stats().drops[DropReason::PortsExhausted as usize], 2);
+        let ev = g.engine_mut().drain_events();
+        assert_eq!(
+            ev.iter()
+                .filter(|x| matches!(x.kind, EventKind::Exhaustion { .. }))
+                .count(),
+            1
+        );
+        // Another destination still works, and only a SYN is ever answered.
+        let (o, _) = send(&mut g, 2, &tcp_syn(src, 40002, dst, 80));
+        assert!(
+            matches!(o, Outcome::Forward(Verdict::Translate { .. })),
+            "{o:?}"
+        );
+        let ack = syn_with(src, 40003, dst, 443, 7, TcpFlags::ACK, &[]);
+        assert_eq!(
+            send(&mut g, 2, &ack).0,
+            Outcome::Drop(DropReason::TcpNotSyn)
+        );
+        // The packet-sized API has no room to answer in and never does.
+        let mut p = syn.clone();
+        assert_eq!(
+            g.process(3, &mut p, Direction::Outbound),
+            Verdict::Drop(DropReason::PortsExhausted)
+        );
+        assert_eq!(g.engine().global_stats().fail_fast_rst, 2);
+    }
+
+    #[test]
+    fn r9_5_reset_answers_a_refused_udp_flow_with_icmp_admin_prohibited() {
+        let mut g = gateway(config(true));
+        let (src, dst) = (private_u32(0), ip(SERVER));
+        exhaust(&mut g, 1, 0, false, dst, 53);
+        // A 29-byte datagram: its answer (56 bytes) is longer, and grows into the slot.
+        for ip_options in [vec![], vec![1, 1, 1, 0]] {
+            let spec = Ipv4Spec {
+                options: ip_options.clone(),
+                ..Ipv4Spec::between(src, dst)
+            };
+            let d = build_udp(&spec, 5353, 53, b"q");
+            let (o, a) = send(&mut g, 2, &d);
+            let hl = 20 + ip_options.len();
+            let quote = hl + 8;
+            assert_eq!(
+                o,
+                Outcome::Answer {
+                    reason: DropReason::PortsExhausted,
+                    answer: Answer::IcmpAdminProhibited,
+                    len: 28 + quote
+                }
+            );
+            verify_checksums(&a).expect("valid checksums, the quoted header's too");
+            let s = parse(&a).expect("parses");
+            assert_eq!(
+                (s.proto, s.src, s.dst),
+                (proto::ICMP, dst, src),
+                "from the destination to the instance"
+            );
+            assert_eq!(a[9], proto::ICMP);
+            assert_eq!(usize::from(u16::from_be_bytes([a[2], a[3]])), a.len());
+            // Type 3 code 13 (RFC 1812 §5.2.7.1), unused bytes zero, then the refused packet's
+            // IP header (options included) and first 8 bytes of payload, unchanged (RFC 792).
+            assert_eq!(
+                (a[20], a[21]),
+                (ICMP_DEST_UNREACHABLE, ICMP_CODE_ADMIN_PROHIBITED)
+            );
+            assert_eq!((a[20], a[21]), (3, 13));
+            assert_eq!(&a[24..28], &[0; 4]);
+            assert_eq!(&a[28..], &d[..quote], "quoted header + 8 bytes");
+            match s.icmp {
+                Some(IcmpKind::Error { inner, .. }) => {
+                    assert_eq!(
+                        (
+                            inner.proto,
+                            inner.src,
+                            inner.src_port,
+                            inner.dst,
+                            inner.dst_port
+                        ),
+                        (proto::UDP, src, 5353, dst, 53)
+                    );
+                }
+                k => panic!("not an ICMP error: {k:?}"),
+            }
+        }
+        // A long datagram's answer quotes 8 bytes of payload only.
+        let long = udp(src, 5354, dst, 53, &[0xab; 200]);
+        let (o, a) = send(&mut g, 2, &long);
+        assert!(matches!(o, Outcome::Answer { len: 56, .. }), "{o:?}");
+        assert_eq!(&a[28..], &long[..28]);
+        let r = g.engine().instance("vm-0").expect("vm-0");
+        assert_eq!(r.stats[1].drops[DropReason::PortsExhausted as usize], 3);
+        assert_eq!(r.stats[1].conn_fail, 3);
+        assert_eq!(r.stats[1].fail_fast_answered, 3);
+        assert_eq!(g.engine().global_stats().fail_fast_icmp, 3);
+        // Without room in the buffer for the answer, the refusal is only dropped (and
+        // neither answered nor suppressed).
+        let short = udp(src, 5355, dst, 53, b"q");
+        let (o, _) = send_in(&mut g, 2, &short, short.len());
+        assert_eq!(o, Outcome::Drop(DropReason::PortsExhausted));
+        assert_eq!(g.stats().fail_fast_no_room, 1);
+        let gs = g.engine().global_stats();
+        assert_eq!((gs.fail_fast_icmp, gs.fail_fast_suppressed), (3, 0));
+        assert_eq!(gs.drops[DropReason::PortsExhausted as usize], 4);
+    }
+
+    #[test]
+    fn r9_5_drop_is_the_default_and_answers_nothing() {
+        assert_eq!(
+            ConfigFile::default().gateway.on_exhaustion,
+            OnExhaustion::Drop
+        );
+        let parsed = |v: &str| ConfigFile::from_toml(&format!("[gateway]\non_exhaustion = {v}\n"));
+        assert_eq!(
+            parsed("\"reset\"").expect("reset").gateway.on_exhaustion,
+            OnExhaustion::Reset
+        );
+        assert_eq!(
+            parsed("\"drop\"").expect("drop").gateway.on_exhaustion,
+            OnExhaustion::Drop
+        );
+        for bad in ["\"rst\"", "\"Reset\"", "1", "true"] {
+            assert!(parsed(bad).is_err(), "{bad} refused");
+        }
+        let mut g = gateway(config(false));
+        let (src, dst) = (private_u32(0), ip(SERVER));
+        exhaust(&mut g, 1, 0, true, dst, 443);
+        exhaust(&mut g, 1, 0, false, dst, 53);
+        let syn = tcp_syn(src, 40000, dst, 443);
+        let (o, a) = send(&mut g, 2, &syn);
+        assert_eq!(o, Outcome::Drop(DropReason::PortsExhausted));
+        assert_eq!(a, syn, "nothing written");
+        let (o, _) = send(&mut g, 2, &udp(src, 5353, dst, 53, b"q"));
+        assert_eq!(o, Outcome::Drop(DropReason::PortsExhausted));
+        let e = g.engine();
+        assert_eq!(
+            e.fail_fast(
+                &Packet::tcp(src, 40000, dst, 443, SYN),
+                DropReason::PortsExhausted
+            ),
+            None
+        );
+        let r = e.instance("vm-0").expect("vm-0");
+        assert_eq!(r.stats[0].drops[DropReason::PortsExhausted as usize], 1);
+        assert_eq!(r.stats[1].drops[DropReason::PortsExhausted as usize], 1);
+        assert_eq!(
+            r.stats[0].fail_fast_answered + r.stats[1].fail_fast_answered,
+            0
+        );
+        let gs = e.global_stats();
+        assert_eq!(
+            (gs.fail_fast_rst, gs.fail_fast_icmp, gs.fail_fast_suppressed),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn r9_5_answers_are_rate_limited_per_instance_and_counted() {
+        let mut g = gateway(config(true));
+        let dst = ip(SERVER);
+        exhaust(&mut g, 1, 0, true, dst, 443);
+        exhaust(&mut g, 1, 1, true, dst, 443);
+        exhaust(&mut g, 1, 0, false, dst, 53);
+        let refuse = |g: &mut Gateway, now: u32, i: usize, n: u16| -> u64 {
+            (0..n)
+                .filter(|k| {
+                    let p = tcp_syn(private_u32(i), 10_000 + k, dst, 443);
+                    match send(g, now, &p).0 {
+                        Outcome::Answer { .. } => true,
+                        Outcome::Drop(DropReason::PortsExhausted) => false,
+                        o => panic!("{o:?}"),
+                    }
+                })
+                .count() as u64
+        };
+        let (burst, rate) = (u64::from(FAIL_FAST_BURST), u64::from(FAIL_FAST_PER_SEC));
+        assert_eq!((burst, rate), (100, 100), "the documented limit");
+        // A tight retry loop: the first 100 in a second are answered, the rest only dropped.
+        assert_eq!(refuse(&mut g, 10, 0, 150), burst);
+        // The bucket is the instance's: another instance is answered in the same second...
+        assert_eq!(refuse(&mut g, 10, 1, 20), 20);
+        // ... and it covers UDP too (one bucket per instance).
+        let d = udp(private_u32(0), 7000, dst, 53, b"q");
+        assert_eq!(
+            send(&mut g, 10, &d).0,
+            Outcome::Drop(DropReason::PortsExhausted)
+        );
+        // The next second refills 100.
+        assert_eq!(refuse(&mut g, 11, 0, 150), rate);
+        // Counted either way (R9.5): every refusal under its reason, answers and suppressions
+        // apart.
+        let r = g.engine().instance("vm-0").expect("vm-0");
+        assert_eq!(r.stats[0].drops[DropReason::PortsExhausted as usize], 300);
+        assert_eq!(r.stats[0].conn_fail, 300);
+        assert_eq!(r.stats[0].fail_fast_answered, 200);
+        assert_eq!(r.stats[0].fail_fast_suppressed, 100);
+        assert_eq!(r.stats[1].fail_fast_suppressed, 1);
+        let r1 = g.engine().instance("vm-1").expect("vm-1");
+        assert_eq!(
+            (
+                r1.stats[0].fail_fast_answered,
+                r1.stats[0].fail_fast_suppressed
+            ),
+            (20, 0)
+        );
+        let gs = g.engine().global_stats();
+        assert_eq!(
+            (gs.fail_fast_rst, gs.fail_fast_icmp, gs.fail_fast_suppressed),
+            (220, 0, 101)
+        );
+        assert_eq!(gs.drops[DropReason::PortsExhausted as usize], 321);
+    }
+
+    #[test]
+    fn r9_5_flow_limit_refusals_are_answered_too() {
+        let mut c = config(true);
+        c.instance[0].max_flows = Some(1);
+        let mut g = gateway(c);
+        let (src, dst) = (private_u32(0), ip(SERVER));
+        let (o, _) = send(&mut g, 1, &tcp_syn(src, 40000, dst, 443));
+        assert!(
+            matches!(o, Outcome::Forward(Verdict::Translate { .. })),
+            "{o:?}"
+        );
+        // Over the instance's limit (R9.2): any new flow, ports to spare.
+        let syn = syn_with(src, 40001, ip("198.51.100.8"), 80, 99, TcpFlags::SYN, &[]);
+        let (o, a) = send(&mut g, 2, &syn);
+        assert_eq!(
+            o,
+            Outcome::Answer {
+                reason: DropReason::FlowLimit,
+                answer: Answer::TcpReset,
+                len: 40
+            }
+        );
+        assert_rst(&a, ip("198.51.100.8"), 80, src, 40001, 100);
+        let d = udp(src, 5353, dst, 53, b"query");
+        let (o, a) = send(&mut g, 2, &d);
+        assert!(
+            matches!(
+                o,
+                Outcome::Answer {
+                    reason: DropReason::FlowLimit,
+                    answer: Answer::IcmpAdminProhibited,
+                    len: 56
+                }
+            ),
+            "{o:?}"
+        );
+        assert_eq!((a[20], a[21]), (3, 13));
+        assert_eq!(&a[28..], &d[..28]);
+        // Counted and recorded as the flow limit always is.
+        let r = g.engine().instance("vm-0").expect("vm-0");
+        assert_eq!(r.stats[0].drops[DropReason::FlowLimit as usize], 1);
+        assert_eq!(r.stats[1].drops[DropReason::FlowLimit as usize], 1);
+        assert_eq!(
+            (r.stats[0].fail_fast_answered, r.stats[1].fail_fast_answered),
+            (1, 1)
+        );
+        assert!(g
+            .engine_mut()
+            .drain_events()
+            .iter()
+            .any(|x| matches!(x.kind, EventKind::FlowLimit { .. })));
+        // The gateway-wide limit too.
+        let mut c = config(true);
+        c.gateway.max_flows = Some(1);
+        let mut g = gateway(c);
+        send(&mut g, 1, &tcp_syn(src, 40000, dst, 443));
+        let (o, _) = send(&mut g, 2, &tcp_syn(private_u32(5), 40000, dst, 443));
+        assert!(
+            matches!(
+                o,
+                Outcome::Answer {
+                    reason: DropReason::FlowLimit,
+                    answer: Answer::TcpReset,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        // Inbound refusals are never answered: answers go to instances only.
+        let e = g.engine();
+        let from_internet = Packet::tcp(dst, 443, ip("192.0.2.1"), 1024, SYN);
+        assert_eq!(e.fail_fast(&from_internet, DropReason::FlowLimit), None);
+        // Nor other reasons, ICMP errors, or group destinations.
+        assert_eq!(
+            e.fail_fast(&Packet::tcp(src, 1, dst, 2, SYN), DropReason::NsgDenied),
+            None
+        );
+        assert_eq!(
+            e.fail_fast(&Packet::icmp(src, dst, 3), DropReason::FlowLimit),
+            None
+        );
+        assert_eq!(
+            e.fail_fast(
+                &Packet::udp(src, 1, ip("239.1.2.3"), 2),
+                DropReason::FlowLimit
+            ),
+            None
+        );
+        assert_eq!(
+            e.fail_fast(&Packet::udp(src, 1, dst, 2), DropReason::FlowLimit),
+            Some(Answer::IcmpAdminProhibited)
+        );
+    }
+}

@@ -8,17 +8,26 @@
 //! translated packet still parses, and when the packet came in with valid checksums (IPv4
 //! header, TCP/UDP/ICMP, and an ICMP error's quoted header and segment), the translated one
 //! has valid checksums too: the incremental updates (RFC 1624) must equal a full recompute.
+//! The gateway runs with `on_exhaustion = "reset"` (SPEC R9.5) and is given each packet in a
+//! buffer with room behind it ([`Gateway::process_in`]), so refusals are answered: an answer
+//! must parse, carry valid checksums and go to the refused packet's source.
 
-use snatgw_core::{Direction, Engine, Topology, Verdict};
+use snatgw_core::config::OnExhaustion;
+use snatgw_core::{ConfigFile, Direction, Engine, Topology, Verdict};
 
-use crate::Gateway;
+use crate::{Gateway, Outcome};
+
+/// Room behind each packet, as in a batch slot (an ICMP answer needs up to 96 bytes).
+const ROOM: usize = 128;
 
 /// The configuration the harness runs.
 pub const CONFIG: &str = include_str!("../../../examples/reference.toml");
 
-/// A gateway on the reference topology.
+/// A gateway on the reference topology, answering refusals (SPEC R9.5).
 pub fn gateway() -> Gateway {
-    let topo = Topology::from_toml(CONFIG).expect("reference config is valid");
+    let mut cfg = ConfigFile::from_toml(CONFIG).expect("reference config parses");
+    cfg.gateway.on_exhaustion = OnExhaustion::Reset;
+    let topo = Topology::from_config(cfg).expect("reference config is valid");
     Gateway::new(Engine::new(topo, 0).expect("engine"))
 }
 
@@ -29,6 +38,8 @@ pub struct Checked {
     pub translated: u64,
     /// Of those, packets whose checksums were valid before and were verified after.
     pub checksums_verified: u64,
+    /// Refusals answered (SPEC R9.5), each verified.
+    pub answers: u64,
 }
 
 /// Runs one input through `g`. Panics only on a real bug.
@@ -51,7 +62,25 @@ pub fn run_one(g: &mut Gateway, now: &mut u32, data: &[u8]) -> Checked {
     };
     for d in [dir, other] {
         let mut buf = pkt.to_vec();
-        if let Verdict::Translate { .. } = g.process(*now, &mut buf, d) {
+        buf.resize(pkt.len() + ROOM, 0);
+        let out = g.process_in(*now, &mut buf, pkt.len(), d);
+        if let Outcome::Answer { len, .. } = out {
+            checked.answers += 1;
+            let a = &buf[..len];
+            // `verify_checksums` parses too. (Not `parse` here: a third caller of it in
+            // this crate changes how it is inlined into `Gateway::process`.)
+            if let Err(what) = snatgw_wire::verify_checksums(a) {
+                panic!("an answer does not parse or has a bad {what} checksum: {a:02x?}");
+            }
+            assert_eq!(
+                (&a[12..16], &a[16..20]),
+                (&pkt[16..20], &pkt[12..16]),
+                "an answer goes back"
+            );
+            continue;
+        }
+        buf.truncate(pkt.len());
+        if let Verdict::Translate { .. } = out.verdict() {
             checked.translated += 1;
             assert!(
                 snatgw_wire::parse(&buf).is_ok(),
@@ -79,6 +108,7 @@ pub fn run_input(data: &[u8]) -> Checked {
         let c = run_one(&mut g, &mut now, &rest[2..2 + n]);
         total.translated += c.translated;
         total.checksums_verified += c.checksums_verified;
+        total.answers += c.answers;
         rest = &rest[2 + n..];
     }
     total

@@ -97,6 +97,8 @@ pub(super) struct InstRt {
     pub(super) live: u32,
     /// Live flows it may hold (R9.2).
     pub(super) max_flows: u32,
+    /// Token bucket of fail-fast answers (R9.5, `failfast`).
+    pub(super) answers: super::failfast::Bucket,
 }
 
 impl InstRt {

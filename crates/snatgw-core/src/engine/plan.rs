@@ -362,6 +362,7 @@ impl Engine {
             stats: Default::default(),
             live: 0,
             max_flows: ni.max_flows,
+            answers: Default::default(),
         });
         self.by_name.insert(ni.name.clone(), slot);
         self.by_private.insert(ni.private_ip, slot);

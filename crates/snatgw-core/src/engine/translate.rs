@@ -174,6 +174,8 @@ impl Engine {
         if l4 == L4::Tcp
             && p.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) != tcp_flags::SYN
         {
+            // A flow ended by idle timeout still in use: counted (`idle_reuse`, R7.1).
+            self.idle_recent_not_syn(slot, p);
             return self.drop_inst(slot, p.proto, DropReason::TcpNotSyn);
         }
         // R4.3: the NSG decides before a port is taken.
@@ -231,6 +233,7 @@ impl Engine {
                     idx,
                     proto: p.proto,
                     state: 0,
+                    born: 0, // set by insert_flow
                 });
                 if l4 == L4::Tcp && p.flags & tcp_flags::FIN != 0 {
                     self.tcp_event(fi, p.flags, Direction::Outbound);
