@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use snatgw_control::backend::{FastPathCounters, RuntimeCounters};
 use snatgw_control::{
     serve, Client, ControlPlane, EventLog, GatewayBackend, MemoryStore, ServerHandle, Store,
 };
@@ -79,11 +80,31 @@ impl Env {
             Engine::new(topo, 0).expect("engine"),
         )));
         let now = Arc::new(AtomicU32::new(1));
-        let backend = Arc::new(GatewayBackend::new(
-            gateway.clone(),
-            Arc::new(EventLog::new()),
-            move || now.load(Ordering::SeqCst),
-        ));
+        // No runtime runs here: a fixed source stands in for `Runtime::counters_source`
+        // (with a fast path), so the runtime's metrics appear in the scrape.
+        let backend = Arc::new(
+            GatewayBackend::new(gateway.clone(), Arc::new(EventLog::new()), move || {
+                now.load(Ordering::SeqCst)
+            })
+            .with_runtime_counters(Arc::new(|| RuntimeCounters {
+                private_rx_packets: 1000,
+                private_tx_packets: 990,
+                public_rx_packets: 800,
+                public_tx_packets: 790,
+                lock_acquisitions: 500,
+                lock_contended: 20,
+                lock_wait_ns: 3_000_000,
+                lock_held_ns: 40_000_000,
+                fast_path: Some(FastPathCounters {
+                    installed: 30,
+                    removed: 10,
+                    install_failed: 2,
+                    skipped: 1,
+                    translated_out: 5000,
+                    translated_in: 4500,
+                }),
+            })),
+        );
         let plane = ControlPlane::new(backend, store, Some(TOKEN.into()), seeded.stored);
         let server = serve("127.0.0.1:0".parse().expect("addr"), plane).expect("serve");
         let client = Client::new(
@@ -795,6 +816,10 @@ fn every_metric_and_label_in_the_rules_and_the_dashboard_is_exported() {
         "snatgw_dropped_packets_total",
         "snatgw_gateway_dropped_packets_total",
         "snatgw_lb_probe_up",
+        "snatgw_packets_received_total",
+        "snatgw_lock_contended_total",
+        "snatgw_fastpath_install_failures_total",
+        "snatgw_fastpath_packets_total",
     ] {
         assert!(exported.contains_key(name), "no {name} in\n{text}");
     }
@@ -876,6 +901,15 @@ fn every_metric_and_label_in_the_rules_and_the_dashboard_is_exported() {
         "snatgw_destination_used_snat_ports_ratio",
         "snatgw_live_flows",
         "snatgw_max_flows",
+        // The runtime's (issue #21: pps, lock, fast path).
+        "snatgw_packets_received_total",
+        "snatgw_packets_sent_total",
+        "snatgw_lock_acquisitions_total",
+        "snatgw_lock_contended_total",
+        "snatgw_lock_wait_seconds_total",
+        "snatgw_fastpath_flows_installed_total",
+        "snatgw_fastpath_install_failures_total",
+        "snatgw_fastpath_packets_total",
     ] {
         assert!(c.used.contains(m), "{m} is used nowhere: {:?}", c.used);
     }

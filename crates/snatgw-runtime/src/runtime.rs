@@ -33,9 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use snatgw_control::backend::{FastPathCounters, RuntimeCounters};
 use snatgw_control::EventLog;
-use snatgw_core::{Direction, Engine, Verdict, EXPIRY_BUDGET};
-use snatgw_dataplane::Gateway;
+use snatgw_core::{Direction, Engine, EXPIRY_BUDGET};
+use snatgw_dataplane::{Gateway, Outcome};
 use snatgw_io::{IoStats, PacketIo};
 
 use crate::fastpath::FastPath;
@@ -200,6 +201,9 @@ struct Shared {
     queues: usize,
     failure: Mutex<Option<String>>,
     wakers: Vec<Wake>,
+    /// The fast path's counters as of the last harvest (about once a second), for `/metrics`:
+    /// the API thread reads this, never the kernel's maps. `None` without a fast path.
+    fast_path: Mutex<Option<FastPathCounters>>,
 }
 
 impl Shared {
@@ -329,6 +333,12 @@ impl Runtime {
             queues,
             failure: Mutex::new(None),
             wakers: parts.wakers,
+            fast_path: Mutex::new(
+                parts
+                    .fast_path
+                    .as_ref()
+                    .map(|_| FastPathCounters::default()),
+            ),
         });
         let mut rt = Runtime {
             sh: sh.clone(),
@@ -410,6 +420,40 @@ impl Runtime {
     /// The event log the housekeeping tick fills (the API reads it).
     pub fn events_log(&self) -> Arc<EventLog> {
         self.sh.events.clone()
+    }
+
+    /// A source of the runtime's counters for `/metrics`
+    /// (`GatewayBackend::with_runtime_counters`): packets per side summed over the queues (as
+    /// the workers last published them), the gateway lock's counters, and the fast path's
+    /// counters as of the housekeeping tick's last harvest. It reads shared atomics and the
+    /// workers' stats, never the gateway lock nor the kernel's maps.
+    pub fn counters_source(&self) -> impl Fn() -> RuntimeCounters + Send + Sync + 'static {
+        let sh = self.sh.clone();
+        move || {
+            let mut c = RuntimeCounters {
+                lock_acquisitions: sh.lock.acquisitions.load(Ordering::Relaxed),
+                lock_contended: sh.lock.contended.load(Ordering::Relaxed),
+                lock_wait_ns: sh.lock.wait_ns.load(Ordering::Relaxed),
+                lock_held_ns: sh.lock.held_ns.load(Ordering::Relaxed),
+                fast_path: sh
+                    .fast_path
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+                ..Default::default()
+            };
+            for (i, w) in sh.workers.iter().enumerate() {
+                let io = w.lock().unwrap_or_else(|p| p.into_inner()).io;
+                let (rx, tx) = if i < sh.queues {
+                    (&mut c.private_rx_packets, &mut c.private_tx_packets)
+                } else {
+                    (&mut c.public_rx_packets, &mut c.public_tx_packets)
+                };
+                *rx += io.rx_packets;
+                *tx += io.tx_packets;
+            }
+            c
+        }
     }
 
     /// Whether the fast path runs.
@@ -549,6 +593,18 @@ impl Runtime {
             // counters are read without the lock, then credited under it.
             let slots = sh.lock_gw().engine().instance_slots();
             let credits = fp.harvest(slots);
+            // The counters `/metrics` shows (Runtime::counters_source), refreshed here so
+            // the API thread never reads the kernel's maps.
+            let snap = fp.snap();
+            let packet = |n: &str| snap.packets.get(n).copied().unwrap_or(0);
+            *sh.fast_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(FastPathCounters {
+                installed: snap.installed,
+                removed: snap.removed,
+                install_failed: snap.install_failed,
+                skipped: snap.skipped,
+                translated_out: packet("translated_out"),
+                translated_in: packet("translated_in"),
+            });
             if !credits.is_empty() {
                 let mut g = sh.lock_gw();
                 for (slot, p, out, inb) in credits {
@@ -648,9 +704,14 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
                 let mut g = sh.lock_gw();
                 let t = Instant::now();
                 for i in 0..n {
-                    let pkt = batch.packet_mut(i);
-                    if let Verdict::Drop(_) = g.process(now, pkt, dir) {
-                        batch.drop_packet(i);
+                    // The whole slot, so a refusal can be answered in place (R9.5): the
+                    // answer goes back into the queue the packet came from, and the kernel
+                    // routes it to the instance.
+                    let len = batch.packet(i).len();
+                    match g.process_in(now, batch.slot_mut(i), len, dir) {
+                        Outcome::Forward(_) => {}
+                        Outcome::Drop(_) => batch.drop_packet(i),
+                        Outcome::Answer { len, .. } => batch.set_packet_len(i, len),
                     }
                 }
                 let held = t.elapsed().as_nanos() as u64;

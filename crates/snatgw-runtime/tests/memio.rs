@@ -429,3 +429,48 @@ fn unusable_options_are_refused() {
         Err(RuntimeError::Options { field: "queues", .. })
     ));
 }
+
+/// Issue #21: the counters `/metrics` gets from the runtime (`Runtime::counters_source`):
+/// packets per side summed over the queues, the gateway lock's counters, no fast path here.
+/// The source does not take the gateway lock (it answers while the lock is held).
+#[test]
+fn counters_source_counts_packets_per_side_without_the_gateway_lock() {
+    let mut g = Gw::start(None);
+    let source = g.rt().counters_source();
+    for i in 0..3 {
+        g.private
+            .inject(&testutil::udp(ip(VM), 7000 + i, ip(SERVER), 53, b"q"));
+    }
+    let out = g.private.wait_sent(3, WAIT);
+    assert_eq!(out.len(), 3);
+    let (_, port, _, _) = addrs(&out[0]);
+    g.public
+        .inject(&testutil::udp(ip(SERVER), 53, ip(SNAT), port, b"a"));
+    assert_eq!(g.public.wait_sent(1, WAIT).len(), 1);
+    // Workers publish their queue counters when idle (within one receive timeout).
+    let deadline = Instant::now() + WAIT;
+    let c = loop {
+        let c = source();
+        if (c.private_tx_packets >= 3 && c.public_tx_packets >= 1) || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!((c.private_rx_packets, c.private_tx_packets), (3, 3), "{c:?}");
+    assert_eq!((c.public_rx_packets, c.public_tx_packets), (1, 1), "{c:?}");
+    assert!(c.lock_acquisitions >= 2, "one per batch at least: {c:?}");
+    assert!(c.lock_contended <= c.lock_acquisitions, "{c:?}");
+    assert!(c.lock_held_ns > 0, "{c:?}");
+    assert_eq!(c.fast_path, None, "no fast path runs");
+
+    // With the gateway lock held, the source still answers.
+    let gw = g.rt().gateway().clone();
+    let held = gw.lock().expect("gw");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(source());
+    });
+    let again = rx.recv_timeout(WAIT).expect("the source waited for the gateway lock");
+    drop(held);
+    assert!(again.private_rx_packets >= 3, "{again:?}");
+}

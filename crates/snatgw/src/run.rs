@@ -227,7 +227,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let recorder = match &a.record {
         Some(p) => {
             engine.set_journal(true);
-            Some(snatgw_runtime::record::Recorder::start(p)?)
+            Some(snatgw_runtime::record::Recorder::start(p).map_err(|e| e.to_string())?)
         }
         None => None,
     };
@@ -276,7 +276,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         a.fast_path_floor,
         start_ns,
         &mut engine,
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let has_fast_path = fast_path.is_some();
     let opts = RuntimeOptions {
         batch: a.batch,
@@ -302,11 +303,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let api = match a.api.0 {
         Some(addr) => {
             let clock = clock.clone();
-            let backend = Arc::new(GatewayBackend::new(
-                rt.gateway().clone(),
-                events,
-                move || clock.now(),
-            ));
+            let backend = Arc::new(
+                GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
+                    .with_runtime_counters(Arc::new(rt.counters_source())),
+            );
             let plane = ControlPlane::new(backend, store.clone(), token, stored);
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
