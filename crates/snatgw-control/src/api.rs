@@ -76,7 +76,6 @@ pub trait Resource:
     fn list_mut(c: &mut ConfigFile) -> &mut Vec<Self>;
 }
 
-
 /// Body of `POST /api/v1/deployments/{name}/redeploy` (SPEC R2.11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -2003,7 +2002,6 @@ impl utoipa::Modify for Contract {
         }
     }
 }
-
 
 /// The OpenAPI document of every route.
 pub fn openapi() -> utoipa::openapi::OpenApi {

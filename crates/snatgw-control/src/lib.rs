@@ -48,11 +48,11 @@ pub mod server;
 pub mod store;
 
 pub use api::{openapi, ControlPlane, Resource};
-pub use server::{read_token_file, serve, serve_with, ServerHandle, ServerLimits};
 pub use backend::{
     Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend,
     InboundFlowPage, InboundFlowRecord, InstancePorts, MetricsSnapshot,
 };
 pub use client::{Client, ResourceKind, Tagged};
 pub use error::{ApiError, ClientError, ControlError, StoreError};
+pub use server::{read_token_file, serve, serve_with, ServerHandle, ServerLimits};
 pub use store::{seed, MemoryStore, RedbStore, SeedSource, Seeded, Store, Stored};

@@ -25,6 +25,6 @@ pub mod runtime;
 pub mod stats;
 
 pub use runtime::{
-    Clock, Parts, Runtime, RuntimeError, RuntimeOptions, StopHandle, Wake,
-    PACKET_EXPIRY_BUDGET, TICK,
+    Clock, Parts, Runtime, RuntimeError, RuntimeOptions, StopHandle, Wake, PACKET_EXPIRY_BUDGET,
+    TICK,
 };

@@ -136,7 +136,12 @@ impl Gw {
     }
 
     fn live_flows(&mut self) -> usize {
-        self.rt().gateway().lock().expect("gw").engine().live_flows()
+        self.rt()
+            .gateway()
+            .lock()
+            .expect("gw")
+            .engine()
+            .live_flows()
     }
 
     /// The stats file as the housekeeping tick wrote it.
@@ -177,7 +182,11 @@ fn r9_1_direction_is_the_queue_a_packet_arrives_on() {
     let out = g.private.wait_sent(1, WAIT);
     assert_eq!(out.len(), 1, "the outbound datagram was not written back");
     let (src, sport, dst, dport) = addrs(&out[0]);
-    assert_eq!(src, SNAT.parse::<Ipv4Addr>().expect("snat"), "R1.3: default SNAT address");
+    assert_eq!(
+        src,
+        SNAT.parse::<Ipv4Addr>().expect("snat"),
+        "R1.3: default SNAT address"
+    );
     assert_eq!((dst, dport), (SERVER.parse().expect("server"), 53));
     assert_ne!(sport, 0);
     assert!(g.public.take_sent().is_empty(), "nothing crosses sides");
@@ -188,7 +197,11 @@ fn r9_1_direction_is_the_queue_a_packet_arrives_on() {
     let deadline = Instant::now() + WAIT;
     loop {
         let s = g.rt().snapshot();
-        let rx: u64 = s.io.iter().filter(|q| q.side == "public").map(|q| q.io.rx_packets).sum();
+        let rx: u64 =
+            s.io.iter()
+                .filter(|q| q.side == "public")
+                .map(|q| q.io.rx_packets)
+                .sum();
         if rx >= 1 || Instant::now() > deadline {
             break;
         }
@@ -196,7 +209,12 @@ fn r9_1_direction_is_the_queue_a_packet_arrives_on() {
     }
     g.at(0);
     let s = g.rt().snapshot();
-    assert_eq!(s.dataplane.drops.get("vnet_source_from_public"), Some(&1), "{:?}", s.dataplane.drops);
+    assert_eq!(
+        s.dataplane.drops.get("vnet_source_from_public"),
+        Some(&1),
+        "{:?}",
+        s.dataplane.drops
+    );
     assert!(g.public.take_sent().is_empty() && g.private.take_sent().is_empty());
     assert_eq!(g.live_flows(), 1, "the spoofed packet created no flow");
 }
@@ -206,7 +224,8 @@ fn r9_1_direction_is_the_queue_a_packet_arrives_on() {
 #[test]
 fn a_reply_is_translated_back_to_the_instance() {
     let g = Gw::start(None);
-    g.private.inject(&testutil::udp(ip(VM), 5000, ip(SERVER), 53, b"q"));
+    g.private
+        .inject(&testutil::udp(ip(VM), 5000, ip(SERVER), 53, b"q"));
     let out = g.private.wait_sent(1, WAIT);
     let (_, port, _, _) = addrs(&out[0]);
     g.public
@@ -231,7 +250,11 @@ fn a_thousand_flows_in_batches_each_get_a_distinct_port() {
     let out = g.private.wait_sent(usize::from(N), WAIT);
     assert_eq!(out.len(), usize::from(N));
     let ports: BTreeSet<u16> = out.iter().map(|p| addrs(p).1).collect();
-    assert_eq!(ports.len(), usize::from(N), "two flows shared a public port");
+    assert_eq!(
+        ports.len(),
+        usize::from(N),
+        "two flows shared a public port"
+    );
     // Workers publish their queue counters when idle (within one receive timeout).
     let deadline = Instant::now() + WAIT;
     let s = loop {
@@ -243,8 +266,14 @@ fn a_thousand_flows_in_batches_each_get_a_distinct_port() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let private: Vec<_> = s.io.iter().filter(|q| q.side == "private").collect();
-    assert_eq!(private.iter().map(|q| q.io.rx_packets).sum::<u64>(), u64::from(N));
-    assert_eq!(private.iter().map(|q| q.io.tx_packets).sum::<u64>(), u64::from(N));
+    assert_eq!(
+        private.iter().map(|q| q.io.rx_packets).sum::<u64>(),
+        u64::from(N)
+    );
+    assert_eq!(
+        private.iter().map(|q| q.io.tx_packets).sum::<u64>(),
+        u64::from(N)
+    );
     assert!(private.iter().map(|q| q.batches).sum::<u64>() >= 1);
     assert_eq!(s.dataplane.translated, u64::from(N));
     assert_eq!(g.live_flows(), usize::from(N));
@@ -282,17 +311,32 @@ fn offload_learns_of_opens_and_releases_and_keeps_kernel_busy_flows() {
     let (_, port, _, _) = addrs(&out[0]);
     {
         let l = log.lock().expect("log");
-        assert_eq!(l.installed.len(), 1, "the SYN's flow was not offered to the offload");
+        assert_eq!(
+            l.installed.len(),
+            1,
+            "the SYN's flow was not offered to the offload"
+        );
         assert!(l.removed.is_empty());
     }
     g.at(2);
     g.public
         .inject(&testutil::tcp_rst(ip(SERVER), 443, ip(SNAT), port));
-    assert_eq!(g.public.wait_sent(1, WAIT).len(), 1, "the RST is translated back");
+    assert_eq!(
+        g.public.wait_sent(1, WAIT).len(),
+        1,
+        "the RST is translated back"
+    );
     g.at(2 + RST - 1);
-    assert!(log.lock().expect("log").removed.is_empty(), "removed before R3.3's 15 s");
+    assert!(
+        log.lock().expect("log").removed.is_empty(),
+        "removed before R3.3's 15 s"
+    );
     g.at(2 + RST);
-    assert_eq!(log.lock().expect("log").removed.len(), 1, "not removed at RST + 15 s");
+    assert_eq!(
+        log.lock().expect("log").removed.len(),
+        1,
+        "not removed at RST + 15 s"
+    );
     assert_eq!(g.live_flows(), 0);
 
     // A UDP flow the kernel keeps busy: at the idle deadline the offload says it saw a
@@ -303,11 +347,19 @@ fn offload_learns_of_opens_and_releases_and_keeps_kernel_busy_flows() {
     assert_eq!(g.private.wait_sent(1, WAIT).len(), 1);
     log.lock().expect("log").last_seen = Some(40);
     g.at(20 + IDLE);
-    assert_eq!(g.live_flows(), 1, "removed although the kernel saw it at 40");
+    assert_eq!(
+        g.live_flows(),
+        1,
+        "removed although the kernel saw it at 40"
+    );
     g.at(40 + IDLE - 1);
     assert_eq!(g.live_flows(), 1);
     g.at(40 + IDLE);
-    assert_eq!(g.live_flows(), 0, "kept past the kernel's last-seen + idle timeout");
+    assert_eq!(
+        g.live_flows(),
+        0,
+        "kept past the kernel's last-seen + idle timeout"
+    );
     assert_eq!(log.lock().expect("log").removed.len(), 2);
 }
 
@@ -325,7 +377,12 @@ fn r2_6_exhaustion_reaches_the_event_log_and_the_stats_file() {
     assert_eq!(out.len(), 1024);
     // Let the worker finish the last packet before looking.
     let deadline = Instant::now() + WAIT;
-    while !g.rt().snapshot().dataplane.drops.contains_key("ports_exhausted")
+    while !g
+        .rt()
+        .snapshot()
+        .dataplane
+        .drops
+        .contains_key("ports_exhausted")
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(5));
@@ -333,7 +390,10 @@ fn r2_6_exhaustion_reaches_the_event_log_and_the_stats_file() {
     g.at(1);
     let s = g.stats_file();
     assert_eq!(s.dataplane.drops.get("ports_exhausted"), Some(&1));
-    assert_eq!(s.instances[0].allocated, 1024, "R2.8: a pool of one gets 1024 ports");
+    assert_eq!(
+        s.instances[0].allocated, 1024,
+        "R2.8: a pool of one gets 1024 ports"
+    );
     assert_eq!(s.instances[0].conn_fail.udp, 1);
     assert!(
         s.events
@@ -391,7 +451,10 @@ fn a_failing_queue_stops_the_gateway_and_shutdown_names_it() {
         Err(RuntimeError::Queue(msg)) => {
             assert!(msg.contains("receive: device removed"), "{msg}")
         }
-        other => panic!("expected the queue's failure, got {:?}", other.map(|s| s.time)),
+        other => panic!(
+            "expected the queue's failure, got {:?}",
+            other.map(|s| s.time)
+        ),
     }
     let s = snatgw_runtime::stats::read(&stats).expect("final snapshot");
     assert!(s.final_snapshot);
@@ -426,7 +489,10 @@ fn unusable_options_are_refused() {
     };
     assert!(matches!(
         Runtime::start(parts(), vec![a], Vec::<MemIo>::new(), opts),
-        Err(RuntimeError::Options { field: "queues", .. })
+        Err(RuntimeError::Options {
+            field: "queues",
+            ..
+        })
     ));
 }
 
@@ -456,7 +522,11 @@ fn counters_source_counts_packets_per_side_without_the_gateway_lock() {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!((c.private_rx_packets, c.private_tx_packets), (3, 3), "{c:?}");
+    assert_eq!(
+        (c.private_rx_packets, c.private_tx_packets),
+        (3, 3),
+        "{c:?}"
+    );
     assert_eq!((c.public_rx_packets, c.public_tx_packets), (1, 1), "{c:?}");
     assert!(c.lock_acquisitions >= 2, "one per batch at least: {c:?}");
     assert!(c.lock_contended <= c.lock_acquisitions, "{c:?}");
@@ -470,7 +540,9 @@ fn counters_source_counts_packets_per_side_without_the_gateway_lock() {
     std::thread::spawn(move || {
         let _ = tx.send(source());
     });
-    let again = rx.recv_timeout(WAIT).expect("the source waited for the gateway lock");
+    let again = rx
+        .recv_timeout(WAIT)
+        .expect("the source waited for the gateway lock");
     drop(held);
     assert!(again.private_rx_packets >= 3, "{again:?}");
 }

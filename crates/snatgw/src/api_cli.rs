@@ -472,9 +472,9 @@ pub fn run(cmd: ApiCmd, out: &mut dyn Write) -> Result<(), CliError> {
         } => {
             let body: serde_json::Value = serde_json::from_slice(&read_input(&file)?)
                 .map_err(|e| file_error(&file, format!("not JSON: {e}")))?;
-            let t = api.client()?.call(|c| {
-                c.put_json(kind, name.as_deref(), &body, if_match.as_deref())
-            })?;
+            let t = api
+                .client()?
+                .call(|c| c.put_json(kind, name.as_deref(), &body, if_match.as_deref()))?;
             writeln!(
                 out,
                 "{} stored: generation {}, ETag {}",

@@ -208,8 +208,9 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .map_err(|e| format!("{what}: {e}"))?;
     // The engine's plan checks what validation cannot (R1.3 designation room, R2.8), as for
     // a change through the API; stored designations of groups that remain are kept.
-    let mut engine = snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
-        .map_err(|e| format!("{what}: {e}"))?;
+    let mut engine =
+        snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
+            .map_err(|e| format!("{what}: {e}"))?;
     // Keep the designations the engine made (all of them on a fresh seed) with the topology.
     let mut stored = start_state;
     stored.set_designations(&engine.designations());

@@ -119,7 +119,10 @@ fn i20_twenty_thousand_idle_api_connections_leave_api_data_path_and_stats_workin
     let mut opened = 0;
     for r in &reports {
         let (ok, failed) = flooder_report(r).expect("a flooder did not report");
-        println!("flooder {}: {ok} connections opened, {failed} failed", r.display());
+        println!(
+            "flooder {}: {ok} connections opened, {failed} failed",
+            r.display()
+        );
         opened += ok;
     }
     assert!(
@@ -155,9 +158,16 @@ fn i20_twenty_thousand_idle_api_connections_leave_api_data_path_and_stats_workin
 
     // The data path: held connections still carry data, new ones open.
     let dead = probe(&before, &Default::default());
-    assert!(dead.is_empty(), "connections broke during the flood: {dead:?}");
+    assert!(
+        dead.is_empty(),
+        "connections broke during the flood: {dead:?}"
+    );
     let (during, failed) = g.hold_conns("vm-as1", HOLD_A, 50, CONNECT);
-    assert_eq!((during.len(), failed), (50, 0), "new connections during the flood");
+    assert_eq!(
+        (during.len(), failed),
+        (50, 0),
+        "new connections during the flood"
+    );
 
     // The stats file keeps being written.
     std::thread::sleep(Duration::from_millis(1500));
