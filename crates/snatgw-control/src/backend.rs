@@ -735,6 +735,12 @@ pub struct ProtoMetrics {
     /// Flows ended by idle timeout on which the instance later sent again (R3.4, R7.1).
     #[serde(default)]
     pub idle_ended_then_sent: u64,
+    /// Refused new flows answered to the instance (RST or ICMP 3/13, R9.5 `reset`).
+    #[serde(default)]
+    pub fail_fast_answered: u64,
+    /// Refused new flows not answered because of the per-instance rate limit (R9.5).
+    #[serde(default)]
+    pub fail_fast_suppressed: u64,
 }
 
 /// Ports one instance uses for one destination endpoint (R2.3).
@@ -790,6 +796,8 @@ pub fn metrics_snapshot(
                         connections_failed: r.stats[i].conn_fail,
                         drops: drops_of(&r.stats[i].drops),
                         idle_ended_then_sent: r.stats[i].idle_ended_then_sent,
+                        fail_fast_answered: r.stats[i].fail_fast_answered,
+                        fail_fast_suppressed: r.stats[i].fail_fast_suppressed,
                     }
                 })
                 .collect(),

@@ -12,6 +12,7 @@
 //! | `snatgw_flows` (live flows) | gauge | instance, public_ip, protocol |
 //! | `snatgw_dropped_packets_total` | counter | instance, public_ip, protocol (tcp, udp, other), reason |
 //! | `snatgw_idle_ended_then_sent_total` (flows ended by idle timeout, then sent on again: keepalives missing, R7.1) | counter | instance, public_ip, protocol |
+//! | `snatgw_fail_fast_answers_total` (refused new flows answered with RST/ICMP 3/13, or suppressed by the rate limit, R9.5) | counter | instance, public_ip, protocol, result |
 //! | `snatgw_gateway_dropped_packets_total` (all drops of the gateway) | counter | reason |
 //! | `snatgw_destination_used_snat_ports`, `snatgw_destination_used_snat_ports_ratio` | gauge | instance, public_ip, protocol, destination |
 //! | `snatgw_live_flows`, `snatgw_max_flows` (R9.2) | gauge | — |
@@ -98,6 +99,11 @@ pub fn render(s: &MetricsSnapshot) -> String {
         &mut reg,
         "snatgw_idle_ended_then_sent",
         "Flows ended by idle timeout on which the instance later sent again (TCP: the segment is dropped, the connection breaks; UDP: a new flow): enable TCP keepalives below the idle timeout (SPEC R3.4, R7.1)",
+    );
+    let fail_fast = counter_family(
+        &mut reg,
+        "snatgw_fail_fast_answers",
+        "Refused new flows of the instance (exhaustion, flow limit) with gateway.on_exhaustion = reset: answered with a RST or ICMP 3/13, or suppressed by the per-instance rate limit (SPEC R9.5)",
     );
     let gw_drops = counter_family(
         &mut reg,
@@ -215,6 +221,14 @@ pub fn render(s: &MetricsSnapshot) -> String {
             set(&used, base(&p.protocol), p.used_ports.into());
             set(&flows, base(&p.protocol), p.flows);
             add(&idle_then_sent, base(&p.protocol), p.idle_ended_then_sent);
+            for (result, v) in [
+                ("answered", p.fail_fast_answered),
+                ("suppressed", p.fail_fast_suppressed),
+            ] {
+                let mut l = base(&p.protocol);
+                l.push(("result", result.to_string()));
+                add(&fail_fast, l, v);
+            }
             for (result, v) in [
                 ("successful", p.connections_ok),
                 ("failed", p.connections_failed),
@@ -378,6 +392,8 @@ mod tests {
                     connections_failed: 1,
                     drops: vec![("ports_exhausted".into(), 1)],
                     idle_ended_then_sent: 6,
+                    fail_fast_answered: 7,
+                    fail_fast_suppressed: 2,
                 }],
                 other_protocol_drops: vec![("icmp_echo_via_pat".into(), 2)],
                 busiest: vec![DestinationUse {
@@ -428,6 +444,8 @@ mod tests {
             format!("snatgw_snat_connection_count_total{{{l},result=\"failed\"}} 1"),
             format!("snatgw_dropped_packets_total{{{l},reason=\"ports_exhausted\"}} 1"),
             format!("snatgw_idle_ended_then_sent_total{{{l}}} 6"),
+            format!("snatgw_fail_fast_answers_total{{{l},result=\"answered\"}} 7"),
+            format!("snatgw_fail_fast_answers_total{{{l},result=\"suppressed\"}} 2"),
             "# TYPE snatgw_idle_ended_then_sent_total counter".into(),
             "snatgw_dropped_packets_total{instance=\"vm1\",public_ip=\"203.0.113.1\",protocol=\"other\",reason=\"icmp_echo_via_pat\"} 2".into(),
             format!("snatgw_destination_used_snat_ports{{{l},destination=\"198.51.100.1:443\"}} 256"),

@@ -188,6 +188,12 @@ pub struct InstanceSnap {
     /// missing (SPEC R3.4, R7.1).
     #[serde(default)]
     pub idle_ended_then_sent: PerProto,
+    /// Refused new flows answered to the instance with a RST or ICMP 3/13 (SPEC R9.5).
+    #[serde(default)]
+    pub fail_fast_answered: PerProto,
+    /// Refused new flows left unanswered by the per-instance rate limit (SPEC R9.5).
+    #[serde(default)]
+    pub fail_fast_suppressed: PerProto,
 }
 
 /// One event (SPEC R6.2).
@@ -462,6 +468,14 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
                 idle_ended_then_sent: PerProto {
                     tcp: r.stats[0].idle_ended_then_sent,
                     udp: r.stats[1].idle_ended_then_sent,
+                },
+                fail_fast_answered: PerProto {
+                    tcp: r.stats[0].fail_fast_answered,
+                    udp: r.stats[1].fail_fast_answered,
+                },
+                fail_fast_suppressed: PerProto {
+                    tcp: r.stats[0].fail_fast_suppressed,
+                    udp: r.stats[1].fail_fast_suppressed,
                 },
             }
         })
