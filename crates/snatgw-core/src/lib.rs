@@ -22,8 +22,8 @@ pub mod units;
 pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{
     tier_ports, ApplyReport, EndCause, Engine, Event, EventKind, FlowChange, FlowFilter, FlowKey,
-    FlowView, GlobalStats, InstanceReport, InstanceStats, Offload, Scenario, Time, AGGREGATE_KEYS,
-    EXPIRY_BUDGET, JOURNAL_CAP,
+    FlowView, GlobalStats, InstanceReport, InstanceStats, LimitScope, Offload, ReclaimReason,
+    Scenario, Time, AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
 };
 pub use error::ConfigError;
 pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};

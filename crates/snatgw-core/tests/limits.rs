@@ -110,7 +110,7 @@ fn r9_2_instance_flow_limit_refuses_only_new_flows_of_that_instance() {
     let ev = e.drain_events();
     assert!(ev.iter().any(|ev| matches!(
         &ev.kind,
-        EventKind::FlowLimit { instance, limit: 10, scope: "instance", .. } if &**instance == "vm-a"
+        EventKind::FlowLimit { instance, limit: 10, scope: snatgw_core::LimitScope::Instance, .. } if &**instance == "vm-a"
     )));
     // Existing flows keep translating, both ways (R9.2: nothing else changes).
     let (d0, dp0) = remote(0);
@@ -157,7 +157,7 @@ fn r9_2_gateway_flow_limit_is_shared_by_all_instances() {
     assert!(e.drain_events().iter().any(|ev| matches!(
         ev.kind,
         EventKind::FlowLimit {
-            scope: "gateway",
+            scope: snatgw_core::LimitScope::Gateway,
             limit: 15,
             ..
         }

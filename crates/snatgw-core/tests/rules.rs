@@ -255,7 +255,7 @@ fn r1_4_precedence_is_reevaluated_on_change() {
     assert!(ev.iter().any(|x| matches!(
         &x.kind,
         EventKind::PortsReclaimed {
-            reason: "scenario_change",
+            reason: snatgw_core::ReclaimReason::ScenarioChange,
             flows: 1,
             ..
         }

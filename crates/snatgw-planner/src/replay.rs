@@ -334,7 +334,7 @@ impl Replayer<'_> {
                 } => {
                     changed = true;
                     if let Some(i) = self.insts.iter_mut().find(|i| i.name == instance) {
-                        if reason == "tier_up" {
+                        if reason == snatgw_core::ReclaimReason::TierUp {
                             i.res.reclaimed_ports += u64::from(ports);
                         }
                         i.res.reclaimed_flows += u64::from(flows);

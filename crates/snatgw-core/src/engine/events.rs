@@ -86,8 +86,8 @@ pub enum EventKind {
         dst_port: u16,
         /// The limit reached.
         limit: u32,
-        /// `instance` (its `max_flows`) or `gateway` (`gateway.max_flows`).
-        scope: &'static str,
+        /// Whose limit: the instance's (`max_flows`) or the gateway's (`gateway.max_flows`).
+        scope: LimitScope,
     },
     /// Repeats of events whose keys did not fit the aggregator (more than
     /// [`AGGREGATE_KEYS`] at once), summarised together (R9.3); `count` says how many.
@@ -102,8 +102,8 @@ pub enum EventKind {
         ports: u32,
         /// Flows dropped.
         flows: u32,
-        /// Why: `tier_up`, `scenario_change` or `instance_removed`.
-        reason: &'static str,
+        /// Why the ports were taken.
+        reason: ReclaimReason,
     },
     /// The ports per instance on a public IP changed (R2.9, R2.10, R2.11).
     TierChanged {
@@ -202,5 +202,61 @@ impl Engine {
                 summary: true,
             });
         }
+    }
+}
+
+/// Whose flow limit refused a new flow (SPEC R9.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitScope {
+    /// The instance's `max_flows`.
+    Instance,
+    /// The gateway's `gateway.max_flows`.
+    Gateway,
+}
+
+impl LimitScope {
+    /// The label logs, the API and the stats file use: `instance` or `gateway`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitScope::Instance => "instance",
+            LimitScope::Gateway => "gateway",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Why ports were taken from an instance (R1.4, R2.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReclaimReason {
+    /// Its public IP's tier went up: the block shrinks to the new tier's size (R2.9).
+    TierUp,
+    /// Its scenario changed, so its public IP did (R1.4).
+    ScenarioChange,
+    /// It was removed from the topology.
+    InstanceRemoved,
+}
+
+impl ReclaimReason {
+    /// The label logs, the API and the stats file use: `tier_up`, `scenario_change`,
+    /// `instance_removed`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReclaimReason::TierUp => "tier_up",
+            ReclaimReason::ScenarioChange => "scenario_change",
+            ReclaimReason::InstanceRemoved => "instance_removed",
+        }
+    }
+}
+
+impl std::fmt::Display for ReclaimReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
     }
 }

@@ -67,7 +67,7 @@ mod tcp;
 mod timers;
 mod translate;
 
-pub use events::{EndCause, Event, EventKind, AGGREGATE_KEYS};
+pub use events::{EndCause, Event, EventKind, LimitScope, ReclaimReason, AGGREGATE_KEYS};
 pub use failfast::{FAIL_FAST_BURST, FAIL_FAST_PER_SEC};
 pub use idle_reuse::IDLE_RECENT_CAP;
 pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};

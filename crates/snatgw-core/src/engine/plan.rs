@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::block::PortBlock;
-use super::events::EventKind;
+use super::events::{EventKind, ReclaimReason};
 use super::instance::{InstRt, Scenario};
 use super::ports::{PipRt, CHUNK, CHUNKS, SLOTS};
 use super::report::ApplyReport;
@@ -191,7 +191,7 @@ impl Engine {
             .map(|(i, x)| (&*x.name, i))
             .collect();
         // Which PAT instances lose their whole block, and which chunk slots others lose.
-        let mut revoke: Vec<(u32, [bool; SLOTS], &'static str)> = Vec::new();
+        let mut revoke: Vec<(u32, [bool; SLOTS], ReclaimReason)> = Vec::new();
         let mut remove_slots = Vec::new();
         for slot in 0..self.insts.len() as u32 {
             let Some(inst) = self.insts[slot as usize].as_ref() else {
@@ -212,14 +212,14 @@ impl Engine {
                             || !inst.scenario.is_pat())
                     {
                         if inst.scenario.is_pat() {
-                            revoke.push((slot, [true; SLOTS], "scenario_change"));
+                            revoke.push((slot, [true; SLOTS], ReclaimReason::ScenarioChange));
                         }
                         report.rescoped += 1;
                     }
                 }
                 _ => {
                     if inst.scenario.is_pat() {
-                        revoke.push((slot, [true; SLOTS], "instance_removed"));
+                        revoke.push((slot, [true; SLOTS], ReclaimReason::InstanceRemoved));
                     }
                     remove_slots.push(slot);
                     report.removed += 1;
@@ -245,7 +245,7 @@ impl Engine {
                 for &s in &slots[want..] {
                     mask[s] = true;
                 }
-                revoke.push((slot, mask, "tier_up"));
+                revoke.push((slot, mask, ReclaimReason::TierUp));
             }
         }
         report.flows_reclaimed = self.revoke_chunks(&revoke);

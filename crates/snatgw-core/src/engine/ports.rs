@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use super::events::{EndCause, EventKind};
+use super::events::{EndCause, EventKind, ReclaimReason};
 use super::flows::dest_hash;
 use super::{Engine, NONE};
 use crate::bits::Bits;
@@ -315,14 +315,17 @@ impl Engine {
     }
 
     /// Takes chunk slots away from instances and drops the flows on their ports (R1.4, R2.9).
-    pub(super) fn revoke_chunks(&mut self, revoke: &[(u32, [bool; SLOTS], &'static str)]) -> usize {
+    pub(super) fn revoke_chunks(
+        &mut self,
+        revoke: &[(u32, [bool; SLOTS], ReclaimReason)],
+    ) -> usize {
         if revoke.is_empty() {
             return 0;
         }
         // Take the chunks away first, then drop the flows on them in one pass over the slab
         // (a tier change on a large fleet must not scan all flows once per instance).
         let mut masks: HashMap<u32, [bool; SLOTS]> = HashMap::new();
-        let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, &'static str)> = Vec::new();
+        let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, ReclaimReason)> = Vec::new();
         for (slot, mask, reason) in revoke {
             let inst = self.insts[*slot as usize].as_mut().expect("instance");
             let addr = inst.scenario.addr();
@@ -347,7 +350,7 @@ impl Engine {
                 *acc |= x;
             }
             if ports > 0 {
-                reclaimed.push((*slot, inst.name.clone(), addr, ports, reason));
+                reclaimed.push((*slot, inst.name.clone(), addr, ports, *reason));
             }
         }
         let now = self.now;

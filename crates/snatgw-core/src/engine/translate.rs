@@ -16,7 +16,7 @@
 //! `#[inline]` (the data plane instantiates them). Packet bytes are not parsed here; TCP state
 //! changes go to `tcp`.
 
-use super::events::EventKind;
+use super::events::{EventKind, LimitScope};
 use super::flows::Flow;
 use super::instance::Scenario;
 use super::stats::stats_bucket;
@@ -189,9 +189,9 @@ impl Engine {
         // can take a port; nothing else changes.
         let inst_limit = inst.max_flows;
         let over = if inst.live >= inst_limit {
-            Some(("instance", inst_limit))
+            Some((LimitScope::Instance, inst_limit))
         } else if self.flows.live() >= self.topo.params.max_flows {
-            Some(("gateway", self.topo.params.max_flows))
+            Some((LimitScope::Gateway, self.topo.params.max_flows))
         } else {
             None
         };
