@@ -9,7 +9,7 @@
 //! and the SPEC rule the error carries. This module does no I/O.
 
 use serde::{Deserialize, Serialize};
-use snatgw_core::ConfigError;
+use snatgw_core::{ConfigError, Rule};
 
 /// Why the store could not load or save the desired state.
 #[derive(Debug, thiserror::Error)]
@@ -135,52 +135,12 @@ impl ClientError {
     }
 }
 
-/// The SPEC rule id (`R2.8`) a message cites, if any: the first `R<digits>.<digits>`
-/// preceded by `SPEC `, else the first standing alone.
-pub fn rule_in(message: &str) -> Option<String> {
-    fn at(s: &str, i: usize) -> Option<String> {
-        let b = s.as_bytes();
-        if b.get(i) != Some(&b'R') {
-            return None;
-        }
-        let mut j = i + 1;
-        let d1 = j;
-        while b.get(j).is_some_and(u8::is_ascii_digit) {
-            j += 1;
-        }
-        if j == d1 || b.get(j) != Some(&b'.') {
-            return None;
-        }
-        j += 1;
-        let d2 = j;
-        while b.get(j).is_some_and(u8::is_ascii_digit) {
-            j += 1;
-        }
-        if j == d2 || b.get(j).is_some_and(|c| c.is_ascii_alphanumeric()) {
-            return None;
-        }
-        Some(s[i..j].to_string())
-    }
-    if let Some(r) = message
-        .match_indices("SPEC ")
-        .find_map(|(i, _)| at(message, i + 5))
-    {
-        return Some(r);
-    }
-    let b = message.as_bytes();
-    (0..b.len())
-        .filter(|&i| i == 0 || !b[i - 1].is_ascii_alphanumeric())
-        .find_map(|i| at(message, i))
-}
-
 /// Whether a refused configuration is the request's own fault (400) or a conflict with the
 /// rest of the topology (409). A redeploy's reported size (R2.11) is a conflict: whether it
 /// is allowed depends on how many instances the deployment has (between that and twice it).
 pub fn config_error_status(e: &ConfigError) -> u16 {
     match e {
-        ConfigError::Invalid { field, .. } if field.ends_with(".redeploy_reported_instances") => {
-            409
-        }
+        _ if e.rule() == Some(Rule::new(2, 11)) => 409,
         ConfigError::Parse(_)
         | ConfigError::Invalid { .. }
         | ConfigError::WebWorkerRoleIlpip { .. }
@@ -190,6 +150,7 @@ pub fn config_error_status(e: &ConfigError) -> u16 {
         | ConfigError::UnknownReference { .. }
         | ConfigError::PoolTooLarge { .. }
         | ConfigError::EmptyDefaultPool { .. } => 409,
+        _ => 400,
     }
 }
 
@@ -205,18 +166,14 @@ pub fn config_error_field(e: &ConfigError) -> Option<String> {
         | ConfigError::PoolTooLarge { field, .. }
         | ConfigError::Model { field, .. } => Some(field.clone()),
         ConfigError::EmptyDefaultPool { .. } => Some("gateway.default_snat_pool".into()),
+        _ => None,
     }
 }
 
-/// The SPEC rule behind a [`ConfigError`], if any: fixed for the variants that are one rule,
-/// else the rule its message cites.
+/// The SPEC rule behind a [`ConfigError`], if any ([`ConfigError::rule`]: the error carries
+/// it as a value, set where it was refused).
 pub fn config_error_rule(e: &ConfigError) -> Option<String> {
-    match e {
-        ConfigError::WebWorkerRoleIlpip { .. } => Some("R1.5".into()),
-        ConfigError::PoolTooLarge { .. } => Some("R2.8".into()),
-        ConfigError::EmptyDefaultPool { .. } => Some("R1.3".into()),
-        _ => rule_in(&e.to_string()),
-    }
+    e.rule().map(|r| r.to_string())
 }
 
 /// The API's status and error body for a refused configuration.
@@ -236,15 +193,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rule_is_found_in_messages() {
-        assert_eq!(rule_in("x (SPEC R2.11)").as_deref(), Some("R2.11"));
-        assert_eq!(rule_in("see R9.2 and SPEC R1.7").as_deref(), Some("R1.7"));
-        assert_eq!(rule_in("see R9.2, then").as_deref(), Some("R9.2"));
-        assert_eq!(rule_in("FR1.2 R1 R. R1.x R1.2x"), None);
-        assert_eq!(rule_in("SPEC §0"), None);
-    }
-
-    #[test]
     fn config_errors_map_to_status_field_and_rule() {
         let e = ConfigError::WebWorkerRoleIlpip {
             field: "instance[r].public_ip".into(),
@@ -257,6 +205,7 @@ mod tests {
             field: "deployment[cs].redeploy_reported_instances".into(),
             value: "9".into(),
             reason: "while redeploying, the reported pool is between the actual size (1) and twice it (SPEC R2.11)".into(),
+            rule: Some(Rule::new(2, 11)),
         };
         let (s, b) = config_error_body(&e);
         assert_eq!((s, b.rule.as_deref()), (409, Some("R2.11")));
@@ -264,6 +213,7 @@ mod tests {
             field: "gateway.vnet_prefixes[0]".into(),
             value: "10.0.0.1/16".into(),
             reason: "host bits are set".into(),
+            rule: None,
         };
         assert_eq!(config_error_status(&e), 400);
         let e = ConfigError::UnknownReference {

@@ -4,8 +4,31 @@
 //! where a SPEC rule is the reason, the rule. Refusing a configuration never changes the
 //! running state (see [`crate::Engine::apply`]).
 
+/// A SPEC rule, such as `R2.8` (section 2, rule 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rule {
+    /// The section (`2` in R2.8).
+    pub section: u8,
+    /// The rule within it (`8` in R2.8).
+    pub number: u8,
+}
+
+impl Rule {
+    /// Rule R`section`.`number`.
+    pub const fn new(section: u8, number: u8) -> Rule {
+        Rule { section, number }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "R{}.{}", self.section, self.number)
+    }
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The TOML text could not be parsed.
     #[error("config file: {0}")]
@@ -19,6 +42,8 @@ pub enum ConfigError {
         value: String,
         /// What is wrong with it.
         reason: String,
+        /// The SPEC rule that refuses it, if one does.
+        rule: Option<Rule>,
     },
     /// Two objects of one kind share a name.
     #[error("{field}: duplicate name `{name}`")]
@@ -37,6 +62,8 @@ pub enum ConfigError {
         address: String,
         /// Who already uses it.
         other: String,
+        /// The SPEC rule that makes it unique, if one does.
+        rule: Option<Rule>,
     },
     /// A reference names nothing that exists.
     #[error("{field}: unknown {what} `{name}`")]
@@ -83,5 +110,25 @@ pub enum ConfigError {
         field: String,
         /// The rule that is broken.
         reason: String,
+        /// The SPEC rule, if the model's rule is one.
+        rule: Option<Rule>,
     },
+}
+
+impl ConfigError {
+    /// The SPEC rule that refused the configuration, if any: fixed for the variants that are
+    /// one rule, else the one the construction site named.
+    pub fn rule(&self) -> Option<Rule> {
+        match self {
+            ConfigError::WebWorkerRoleIlpip { .. } => Some(Rule::new(1, 5)),
+            ConfigError::PoolTooLarge { .. } => Some(Rule::new(2, 8)),
+            ConfigError::EmptyDefaultPool { .. } => Some(Rule::new(1, 3)),
+            ConfigError::Invalid { rule, .. }
+            | ConfigError::Model { rule, .. }
+            | ConfigError::DuplicateAddress { rule, .. } => *rule,
+            ConfigError::Parse(_)
+            | ConfigError::DuplicateName { .. }
+            | ConfigError::UnknownReference { .. } => None,
+        }
+    }
 }

@@ -27,7 +27,7 @@ use crate::config::{
     ConfigFile, LbRuleCfg, LoadBalancerCfg, NsgAccess, NsgCfg, NsgDirection, NsgProtocol,
     NsgRuleCfg, ProbeCfg, ProbeProtocol, RuleProtocol,
 };
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Rule};
 use crate::packet::proto;
 use crate::topology::{check_unique, parse_ipv4, parse_prefix, Instance, Prefix};
 use crate::units::PORT_BASE;
@@ -278,11 +278,17 @@ pub struct Policy {
     pub probes: Vec<Probe>,
 }
 
-fn invalid(field: String, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+fn invalid(
+    field: String,
+    value: impl ToString,
+    reason: impl Into<String>,
+    rule: Option<Rule>,
+) -> ConfigError {
     ConfigError::Invalid {
         field,
         value: value.to_string(),
         reason: reason.into(),
+        rule,
     }
 }
 
@@ -303,7 +309,7 @@ fn parse_addr_match(field: &str, s: &str) -> Result<AddrMatch, ConfigError> {
                 return Err(invalid(
                     field.into(),
                     s,
-                    "expected `*`, a prefix a.b.c.d/len, an address or a service tag (VirtualNetwork, Internet, AzureLoadBalancer) (SPEC R4.1)",
+                    "expected `*`, a prefix a.b.c.d/len, an address or a service tag (VirtualNetwork, Internet, AzureLoadBalancer) (SPEC R4.1)", Some(Rule::new(4, 1)),
                 ))
             }
         },
@@ -317,6 +323,7 @@ fn parse_ports(field: &str, list: &[String]) -> Result<Vec<PortRange>, ConfigErr
             field.into(),
             "[]",
             "at least one port range (or `*`) (SPEC R4.1)",
+            Some(Rule::new(4, 1)),
         ));
     }
     for (i, s) in list.iter().enumerate() {
@@ -330,6 +337,7 @@ fn parse_ports(field: &str, list: &[String]) -> Result<Vec<PortRange>, ConfigErr
                 f.clone(),
                 s,
                 "expected `*`, a port 1-65535 or a range lo-hi (SPEC R4.1)",
+                Some(Rule::new(4, 1)),
             )
         };
         let (lo, hi) = match t.split_once('-') {
@@ -352,6 +360,7 @@ fn parse_addrs(field: &str, list: &[String]) -> Result<Vec<AddrMatch>, ConfigErr
             field.into(),
             "[]",
             "at least one address, prefix, tag or `*` (SPEC R4.1)",
+            Some(Rule::new(4, 1)),
         ));
     }
     list.iter()
@@ -366,6 +375,7 @@ fn rule_of(f: &dyn Fn(&str) -> String, r: &NsgRuleCfg) -> Result<NsgRule, Config
             f("priority"),
             r.priority,
             format!("outside {PRIORITY_MIN}-{PRIORITY_MAX} (SPEC R4.1)"),
+            Some(Rule::new(4, 1)),
         ));
     }
     let proto = match r.protocol {
@@ -409,6 +419,7 @@ fn nsg_rules(n: &NsgCfg) -> Result<Vec<NsgRule>, ConfigError> {
                 f("name"),
                 &r.name,
                 "the name of a default rule, which every NSG has (SPEC R4.2)",
+                Some(Rule::new(4, 2)),
             ));
         }
         let rule = rule_of(&f, r)?;
@@ -418,7 +429,7 @@ fn nsg_rules(n: &NsgCfg) -> Result<Vec<NsgRule>, ConfigError> {
                 r.priority,
                 format!(
                     "rule `{other}` has the same priority and direction; priorities are unique per direction (SPEC R4.1)"
-                ),
+                ), Some(Rule::new(4, 1)),
             ));
         }
         rules.push(rule);
@@ -432,13 +443,19 @@ fn nsg_rules(n: &NsgCfg) -> Result<Vec<NsgRule>, ConfigError> {
 fn probe_of(lb: &LoadBalancerCfg, p: &ProbeCfg) -> Result<Probe, ConfigError> {
     let f = |x: &str| format!("load_balancer[{}].probes[{}].{x}", lb.name, p.name);
     if p.port == 0 {
-        return Err(invalid(f("port"), 0, "a port must be 1-65535 (SPEC R5.2)"));
+        return Err(invalid(
+            f("port"),
+            0,
+            "a port must be 1-65535 (SPEC R5.2)",
+            Some(Rule::new(5, 2)),
+        ));
     }
     if !(1..=3600).contains(&p.interval_secs) {
         return Err(invalid(
             f("interval_secs"),
             p.interval_secs,
             "a probe interval is 1-3600 seconds (SPEC R5.2)",
+            Some(Rule::new(5, 2)),
         ));
     }
     if !(1..=100).contains(&p.unhealthy_threshold) {
@@ -446,6 +463,7 @@ fn probe_of(lb: &LoadBalancerCfg, p: &ProbeCfg) -> Result<Probe, ConfigError> {
             f("unhealthy_threshold"),
             p.unhealthy_threshold,
             "an unhealthy threshold is 1-100 probes (SPEC R5.2)",
+            Some(Rule::new(5, 2)),
         ));
     }
     let path = match (p.protocol, &p.path) {
@@ -454,6 +472,7 @@ fn probe_of(lb: &LoadBalancerCfg, p: &ProbeCfg) -> Result<Probe, ConfigError> {
                 f("path"),
                 x,
                 "a TCP probe has no path; use protocol = \"http\" (SPEC R5.2)",
+                Some(Rule::new(5, 2)),
             ))
         }
         (ProbeProtocol::Tcp, None) => String::new(),
@@ -464,6 +483,7 @@ fn probe_of(lb: &LoadBalancerCfg, p: &ProbeCfg) -> Result<Probe, ConfigError> {
                     f("path"),
                     x,
                     "an HTTP path starts with `/` and has no spaces (SPEC R5.2)",
+                    Some(Rule::new(5, 2)),
                 ));
             }
             x.clone()
@@ -516,6 +536,7 @@ impl Inbound<'_> {
                     other: format!(
                         "{other} (one rule per frontend IP, protocol and port, SPEC R5.1)"
                     ),
+                    rule: Some(Rule::new(5, 1)),
                 });
             }
         }
@@ -570,7 +591,7 @@ impl Inbound<'_> {
                     "public IP {} is used for outbound PAT, whose SNAT ports are {PORT_BASE}-65535 (SPEC R2.4); an inbound rule on it uses a frontend port 1-{} so the two never share a public 5-tuple (R2.2)",
                     Ipv4Addr::from(addr),
                     PORT_BASE - 1
-                ),
+                ), Some(Rule::new(2, 4)),
             ));
         }
         let (tcp, udp) = match r.protocol {
@@ -616,6 +637,7 @@ impl Policy {
                     "gateway.inbound_idle_timeout_secs".into(),
                     v,
                     "must be between 1 and 86400 seconds (operator override of SPEC R3.7)",
+                    Some(Rule::new(3, 7)),
                 ));
             }
         }
@@ -673,6 +695,7 @@ impl Policy {
                         reason: format!(
                             "instance `{m}` is already associated with NSG `{other}`; a NIC has at most one NSG (SPEC R4.1)"
                         ),
+                        rule: Some(Rule::new(4, 1)),
                     });
                 }
                 self.nic.insert(Arc::from(m.as_str()), k);
@@ -704,6 +727,7 @@ impl Policy {
                     field,
                     s,
                     "a subnet lies inside gateway.vnet_prefixes (SPEC R4.1)",
+                    Some(Rule::new(4, 1)),
                 ));
             }
             for (q, o) in &self.subnets {
@@ -715,6 +739,7 @@ impl Policy {
                             "subnet {q} of NSG `{}` (a subnet has at most one NSG)",
                             cfg.nsg[*o].name
                         ),
+                        rule: None,
                     });
                 }
             }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::config::{
     BackendPoolCfg, ConfigFile, GatewayCfg, InstanceCfg, InstanceKind, LoadBalancerCfg, Model,
 };
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Rule};
 
 /// Largest pool of instances that may share one public IP (SPEC R2.8).
 pub const MAX_POOL: usize = 1000;
@@ -177,6 +177,7 @@ pub fn parse_ipv4(field: &str, s: &str) -> Result<u32, ConfigError> {
             field: field.into(),
             value: s.into(),
             reason: "not an IPv4 address".into(),
+            rule: None,
         })
 }
 
@@ -186,6 +187,7 @@ pub fn parse_prefix(field: &str, s: &str) -> Result<Prefix, ConfigError> {
         field: field.into(),
         value: s.into(),
         reason: reason.into(),
+        rule: None,
     };
     let (a, l) = s
         .split_once('/')
@@ -214,6 +216,7 @@ pub(crate) fn check_unique<'a>(
                 field: field.into(),
                 value: String::new(),
                 reason: "a name must not be empty".into(),
+                rule: None,
             });
         }
         if !seen.insert(n) {
@@ -232,6 +235,7 @@ fn check_secs(field: &str, v: u32, min: u32) -> Result<(), ConfigError> {
             field: field.into(),
             value: v.to_string(),
             reason: format!("must be between {min} and 86400 seconds"),
+            rule: None,
         });
     }
     Ok(())
@@ -244,6 +248,7 @@ fn check_flows(field: &str, v: u64) -> Result<u32, ConfigError> {
             field: field.into(),
             value: v.to_string(),
             reason: format!("a flow limit is between 1 and {MAX_FLOWS_LIMIT} (SPEC R9.2)"),
+            rule: Some(Rule::new(9, 2)),
         });
     }
     Ok(v as u32)
@@ -265,6 +270,7 @@ fn gateway_params(g: &GatewayCfg) -> Result<Params, ConfigError> {
             field: "gateway.flow_memory_mib".into(),
             value: "0".into(),
             reason: "the flow table needs a memory budget of at least 1 MiB (SPEC R9.2)".into(),
+            rule: Some(Rule::new(9, 2)),
         });
     }
     let max_flows = match g.max_flows {
@@ -299,6 +305,7 @@ fn vnet_prefixes(g: &GatewayCfg) -> Result<Vec<Prefix>, ConfigError> {
             field: "gateway.vnet_prefixes".into(),
             value: "[]".into(),
             reason: "the virtual network needs at least one prefix (SPEC R1.7)".into(),
+            rule: Some(Rule::new(1, 7)),
         });
     }
     Ok(vnet)
@@ -356,6 +363,7 @@ impl<'a> Validation<'a> {
                 field: field.into(),
                 address: Ipv4Addr::from(addr).to_string(),
                 other: format!("the virtual network {p} (gateway.vnet_prefixes)"),
+                rule: None,
             });
         }
         if let Some(other) = self.public_owner.get(&addr) {
@@ -363,6 +371,7 @@ impl<'a> Validation<'a> {
                 field: field.into(),
                 address: Ipv4Addr::from(addr).to_string(),
                 other: other.clone(),
+                rule: None,
             });
         }
         self.public_owner.insert(addr, who);
@@ -437,6 +446,7 @@ impl<'a> Validation<'a> {
                     field: inst_field(ic, "private_ip"),
                     value: ic.private_ip.clone(),
                     reason: "not inside gateway.vnet_prefixes".into(),
+                    rule: None,
                 });
             }
             if let Some(other) = private_owner.insert(private_ip, &ic.name) {
@@ -444,12 +454,14 @@ impl<'a> Validation<'a> {
                     field: inst_field(ic, "private_ip"),
                     address: ic.private_ip.clone(),
                     other: format!("instance[{other}]"),
+                    rule: None,
                 });
             }
             if ic.kind == InstanceKind::WebWorkerRole && ic.model != Model::Classic {
                 return Err(ConfigError::Model {
                     field: inst_field(ic, "kind"),
                     reason: "web_worker_role exists only in the Classic model (SPEC §0): set model = \"classic\"".into(),
+                    rule: None,
                 });
             }
             let ilpip = self.ilpip(ic)?;
@@ -500,6 +512,7 @@ impl<'a> Validation<'a> {
                 field: inst_field(ic, "public_ip"),
                 address: Ipv4Addr::from(addr).to_string(),
                 other: format!("instance[{other}].public_ip (an ILPIP is 1:1, SPEC R1.1)"),
+                rule: Some(Rule::new(1, 1)),
             });
         }
         Ok(Some(addr))
@@ -511,6 +524,7 @@ impl<'a> Validation<'a> {
             return Err(ConfigError::Model {
                 field: inst_field(ic, "deployment"),
                 reason: "deployments are Classic; an ARM instance uses availability_set".into(),
+                rule: None,
             });
         }
         match &ic.availability_set {
@@ -533,6 +547,7 @@ impl<'a> Validation<'a> {
                 field: inst_field(ic, "availability_set"),
                 reason: "availability sets are ARM; a Classic instance belongs to a deployment"
                     .into(),
+                rule: None,
             });
         }
         match &ic.deployment {
@@ -550,6 +565,7 @@ impl<'a> Validation<'a> {
             None => Err(ConfigError::Model {
                 field: inst_field(ic, "deployment"),
                 reason: "a Classic instance must name its deployment (SPEC R1.3)".into(),
+                rule: Some(Rule::new(1, 3)),
             }),
         }
     }
@@ -630,6 +646,7 @@ impl<'a> Validation<'a> {
                     field,
                     address: Ipv4Addr::from(addr).to_string(),
                     other: format!("instance[{owner}].public_ip"),
+                    rule: None,
                 });
             }
             if let Some(other) = self.frontend_owner.insert(addr, field.clone()) {
@@ -637,6 +654,7 @@ impl<'a> Validation<'a> {
                     field,
                     address: Ipv4Addr::from(addr).to_string(),
                     other,
+                    rule: None,
                 });
             }
             fe_addr.insert(fe.name.as_str(), addr);
@@ -687,6 +705,7 @@ impl<'a> Validation<'a> {
                         "instance `{m}` is {:?} but the load balancer is {:?}",
                         inst.model, lb.model
                     ),
+                    rule: None,
                 });
             }
             if let Some(other) = &inst.lb {
@@ -697,6 +716,7 @@ impl<'a> Validation<'a> {
                             "instance `{m}` is already in a pool of public load balancer `{}`; an instance belongs to one public load balancer",
                             other.lb
                         ),
+                        rule: None,
                     });
                 }
             }
@@ -750,6 +770,7 @@ impl<'a> Validation<'a> {
                         reason: format!(
                             "while redeploying, the reported pool is between the actual size ({actual}) and twice it (SPEC R2.11)"
                         ),
+                        rule: Some(Rule::new(2, 11)),
                     });
                 }
             }
@@ -827,6 +848,7 @@ fn lb_rules<'a>(
                     field: rf(name),
                     value: "0".into(),
                     reason: "a port must be 1-65535".into(),
+                    rule: None,
                 });
             }
         }
@@ -836,6 +858,7 @@ fn lb_rules<'a>(
                 value: r.idle_timeout_minutes.to_string(),
                 reason: "an inbound idle timeout is settable from 4 to 30 minutes (SPEC R3.7)"
                     .into(),
+                rule: Some(Rule::new(3, 7)),
             });
         }
         rules_for_pool
