@@ -72,13 +72,6 @@ pub enum Clock {
 }
 
 impl Clock {
-    /// A monotonic clock whose time 0 is now.
-    pub fn monotonic_from_now() -> Clock {
-        Clock::Monotonic {
-            start_ns: snatgw_io::fastpath::monotonic_ns(),
-        }
-    }
-
     /// The current gateway time, in whole seconds.
     pub fn now(&self) -> u32 {
         match self {

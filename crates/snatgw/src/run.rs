@@ -279,7 +279,6 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         &mut engine,
     )
     .map_err(|e| e.to_string())?;
-    let has_fast_path = fast_path.is_some();
     let opts = RuntimeOptions {
         batch: a.batch,
         stats_file: a.stats_file.clone(),
@@ -352,7 +351,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             a.tun_private,
             a.tun_public,
             a.queues,
-            has_fast_path,
+            rt.has_fast_path(),
             api.as_ref()
                 .map_or("null".to_string(), |h| format!("\"{}\"", h.local_addr())),
             std::process::id()
