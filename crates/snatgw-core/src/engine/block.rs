@@ -127,6 +127,15 @@ impl PortBlock {
         }
     }
 
+    /// Moves an owned, unused port to the most recently released end of the free order
+    /// (restoring the order of releases, `persist`).
+    pub fn requeue_released(&mut self, i: u16) {
+        if self.owned.get(i) && !self.used.get(i) {
+            self.unlink(i);
+            self.push_back(i);
+        }
+    }
+
     /// Flows holding port `i`.
     pub fn holders(&self, i: u16) -> u32 {
         self.refcnt[i as usize]

@@ -59,6 +59,7 @@ mod instance;
 mod invariants;
 mod journal;
 mod nsg;
+pub mod persist;
 mod plan;
 mod ports;
 mod report;

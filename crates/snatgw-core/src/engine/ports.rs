@@ -160,7 +160,15 @@ impl ReleaseHistory {
 
     /// Records that local port `idx` of `block` was released for (`dst`, `dport`) at `at`.
     #[inline]
-    fn record(&mut self, block: u32, dst: u32, dport: u16, idx: u16, at: Time, horizon: u32) {
+    pub(super) fn record(
+        &mut self,
+        block: u32,
+        dst: u32,
+        dport: u16,
+        idx: u16,
+        at: Time,
+        horizon: u32,
+    ) {
         if self.expiry.len() >= self.cap {
             self.forget_oldest();
         }
@@ -214,6 +222,22 @@ impl ReleaseHistory {
             }
         }
         budget
+    }
+
+    /// Number of shards (export works shard by shard, `persist`).
+    pub(super) fn shards(&self) -> usize {
+        self.hists.len()
+    }
+
+    /// The releases of shard `sh`: (block, destination, port, local port, when).
+    pub(super) fn shard_entries(
+        &self,
+        sh: usize,
+    ) -> impl Iterator<Item = (u32, u32, u16, u16, Time)> + '_ {
+        self.hists[sh].iter().flat_map(|h| {
+            h.q.iter()
+                .map(move |&(i, at)| (h.block, h.dst, h.dport, i, at))
+        })
     }
 
     /// Whether releases due to be forgotten by `now` are still queued.

@@ -33,6 +33,9 @@ pub struct InstanceStats {
     /// the symptom of missing keepalives (SPEC R3.4, R7.1), counted once per flow
     /// (`engine::idle_reuse`).
     pub idle_ended_then_sent: u64,
+    /// Flows restored from an exported flow state (a restart, SPEC R11.1; a takeover,
+    /// R10.4): they hold ports as `conn_ok` flows do, without having been opened here.
+    pub restored: u64,
 }
 
 /// Global counters.
@@ -46,6 +49,8 @@ pub struct GlobalStats {
     pub ilpip_packets: u64,
     /// Flows created.
     pub flows_created: u64,
+    /// Flows restored from an exported flow state (SPEC R11.1, R10.4).
+    pub flows_restored: u64,
     /// Flows ended, by cause: idle, fin, rst, reclaimed.
     pub flows_ended: [u64; 4],
     /// Events lost because the queue was full.
