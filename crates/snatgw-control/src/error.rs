@@ -13,6 +13,7 @@ use snatgw_core::{ConfigError, Rule};
 
 /// Why the store could not load or save the desired state.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The store's directory or file could not be created or opened.
     #[error("store {path}: {message}")]
@@ -32,6 +33,7 @@ pub enum StoreError {
 
 /// Why the control plane could not start or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ControlError {
     /// Binding a non-loopback address without a token would expose the API to anyone.
     #[error("refusing to serve the API on {0} without a token: pass --token-file, or bind a loopback address such as 127.0.0.1")]

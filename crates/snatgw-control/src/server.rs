@@ -165,7 +165,7 @@ pub struct ServerHandle {
     stop: watch::Sender<bool>,
     conns: Arc<Conns>,
     cap: usize,
-    thread: Option<std::thread::JoinHandle<std::result::Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServerHandle {
@@ -195,8 +195,7 @@ impl ServerHandle {
         match self.thread.take() {
             None => Ok(()),
             Some(t) => match t.join() {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(ControlError::Runtime(e)),
+                Ok(()) => Ok(()),
                 Err(_) => Err(ControlError::Runtime("the server thread panicked".into())),
             },
         }
@@ -290,7 +289,6 @@ pub fn serve_with(
             // Whatever still runs after the grace period (long-polls, half-sent heads) is
             // cut here: shutting the runtime down drops every task and its socket.
             rt.shutdown_timeout(Duration::from_millis(200));
-            Ok(())
         })
         .map_err(|e| ControlError::Runtime(e.to_string()))?;
     Ok(ServerHandle {

@@ -238,6 +238,7 @@ impl Store for MemoryStore {
 
 /// Where the state the gateway starts with came from (see [`seed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SeedSource {
     /// The store held a state: it wins and the config file is ignored.
     Store,

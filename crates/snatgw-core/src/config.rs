@@ -130,6 +130,7 @@ pub struct GatewayCfg {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OnExhaustion {
     /// Drop the packet; the application's attempt times out (the seeds' behaviour).
     #[default]
@@ -496,6 +497,7 @@ pub enum NsgAccess {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum NsgProtocol {
     /// TCP.
     Tcp,

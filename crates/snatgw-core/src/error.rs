@@ -132,3 +132,32 @@ impl ConfigError {
         }
     }
 }
+
+/// An internal invariant of the engine that does not hold ([`crate::Engine::check_invariants`],
+/// [`crate::Engine::check_inbound_invariants`]; for tests and the soak): which family of
+/// invariants, and the figures that disagree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvariantError {
+    /// Two live flows hold the same public 5-tuple (SPEC R2.2).
+    #[error("public 5-tuple held twice: {0}")]
+    DuplicateTuple(String),
+    /// A flow's instance, public address or port disagrees with its owner's blocks (R2.4).
+    #[error("{0}")]
+    FlowPort(String),
+    /// A port block's used set, reference counts or free list disagree with the flows (R2.3).
+    #[error("{0}")]
+    Block(String),
+    /// Port blocks exceed the tier, overlap, or disagree with the owner map (R2.4, R2.8).
+    #[error("{0}")]
+    Tier(String),
+    /// Counters do not add up (R6.1).
+    #[error("{0}")]
+    Counter(String),
+    /// A cache disagrees with what it caches (hot destinations, idle-ended sets).
+    #[error("{0}")]
+    Cache(String),
+    /// The inbound LB state's indexes, counts or members disagree with its entries.
+    #[error("{0}")]
+    Inbound(String),
+}

@@ -25,6 +25,6 @@ pub use engine::{
     FlowView, GlobalStats, InstanceReport, InstanceStats, LimitScope, Offload, ReclaimReason,
     Scenario, Time, AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
 };
-pub use error::{ConfigError, Rule};
+pub use error::{ConfigError, InvariantError, Rule};
 pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};
 pub use topology::Topology;

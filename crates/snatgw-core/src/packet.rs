@@ -163,6 +163,7 @@ pub const ICMP_CODE_ADMIN_PROHIBITED: u8 = 13;
 /// Why a packet was dropped. `Copy`, with a stable metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum DropReason {
     /// Arrived on the private side from an address that is no configured instance (SPEC R9.1).
     UnknownSource = 0,

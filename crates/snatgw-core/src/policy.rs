@@ -44,6 +44,7 @@ pub const PRIORITY_MAX: u32 = 4096;
 
 /// An address match of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AddrMatch {
     /// `*`.
     Any,

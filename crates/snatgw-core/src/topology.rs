@@ -86,6 +86,7 @@ pub struct PublicIp {
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum SnatGroup {
     /// An ARM availability set.
     AvailabilitySet(String),

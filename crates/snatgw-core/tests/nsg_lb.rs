@@ -1022,8 +1022,8 @@ mod model {
                         e.advance(now);
                     }
                 }
-                e.check_inbound_invariants().map_err(TestCaseError::fail)?;
-                e.check_invariants().map_err(TestCaseError::fail)?;
+                e.check_inbound_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                e.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
         }
     }

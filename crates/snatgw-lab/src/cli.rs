@@ -113,13 +113,13 @@ enum QType {
     Any,
 }
 
-fn target(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+/// `ip:port`, or `ip` with `default_port`.
+fn target(s: &str, default_port: u16) -> Result<SocketAddr, std::net::AddrParseError> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
     s.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| format!("bad target {s:?}: want ip or ip:port"))
 }
 
 fn secs(s: f64) -> Duration {
@@ -190,8 +190,11 @@ where
             };
             let addr = match target(&common.target, default_port) {
                 Ok(a) => a,
-                Err(e) => {
-                    eprintln!("snatgw-lab-server: {e}");
+                Err(_) => {
+                    eprintln!(
+                        "snatgw-lab-server: bad target {:?}: want ip or ip:port",
+                        common.target
+                    );
                     return ExitCode::from(2);
                 }
             };

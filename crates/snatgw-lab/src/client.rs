@@ -216,19 +216,20 @@ pub fn dns_myip(
     let mut buf = [0u8; 1500];
     for i in 0..count {
         let id = (start.elapsed().as_nanos() as u16) ^ (i as u16).wrapping_mul(7919);
-        let res = (|| -> Result<dns::Response, String> {
-            dns::build_query(id, name, qtype, &mut q).map_err(|e| e.to_string())?;
-            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-            s.connect(server).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(timeout))
-                .map_err(|e| e.to_string())?;
-            s.send(&q).map_err(|e| e.to_string())?;
+        let res = (|| -> std::io::Result<dns::Response> {
+            dns::build_query(id, name, qtype, &mut q).map_err(std::io::Error::other)?;
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(server)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send(&q)?;
             let deadline = Instant::now() + timeout;
             loop {
-                let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
+                let n = s.recv(&mut buf)?;
                 match dns::parse_response(&buf[..n]) {
                     Ok(resp) if resp.id == id => return Ok(resp),
-                    _ if Instant::now() >= deadline => return Err("no matching answer".into()),
+                    _ if Instant::now() >= deadline => {
+                        return Err(std::io::Error::other("no matching answer"))
+                    }
                     _ => {}
                 }
             }
@@ -272,7 +273,7 @@ pub fn hold(
 ) -> ClientReport {
     let start = Instant::now();
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Result<Held, String>>> = Mutex::new(Vec::with_capacity(count as usize));
+    let results: Mutex<Vec<std::io::Result<Held>>> = Mutex::new(Vec::with_capacity(count as usize));
     let workers = (count as usize).clamp(1, 64);
     std::thread::scope(|sc| {
         for _ in 0..workers {
@@ -295,10 +296,7 @@ pub fn hold(
                     }
                     Ok((s, local, String::from_utf8_lossy(&line).into_owned()))
                 })();
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(res.map_err(|e| e.to_string()));
+                results.lock().unwrap_or_else(|e| e.into_inner()).push(res);
             });
         }
     });

@@ -96,7 +96,8 @@ fn engine_alone(cfg: &ConfigFile, w: &Workload) -> u64 {
                     );
                 }
             }
-            EvKind::Scale(_) => {}
+            // Scale events, and kinds this bench does not drive.
+            _ => {}
         }
     }
     ok

@@ -26,6 +26,7 @@ use crate::trace::{Dest, End, EvKind, FlowSpec, Retry, Workload};
 
 /// A workload generator (see the module documentation).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Generator {
     /// HTTP without connection reuse.
     Http {

@@ -24,7 +24,7 @@ pub mod report;
 pub mod topo;
 pub mod trace;
 
-pub use error::PlanError;
+pub use error::{NotApplicable, PlanError, TopoError};
 pub use generate::Generator;
 pub use mitigate::{what_if, what_if_table, Mitigation, WhatIf};
 pub use record::TraceRecorder;

@@ -28,7 +28,7 @@ use std::fmt;
 use snatgw_core::config::ConfigFile;
 use snatgw_core::{Engine, Topology, L4};
 
-use crate::error::PlanError;
+use crate::error::{NotApplicable, PlanError, TopoError};
 use crate::replay::{replay, Options};
 use crate::report::{fmt_time, render, Report};
 use crate::topo;
@@ -39,6 +39,7 @@ pub const CLIENT_IDLE_CLOSE_S: u64 = 60;
 
 /// A mitigation (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Mitigation {
     /// Connection reuse.
     Reuse,
@@ -131,20 +132,24 @@ impl Mitigation {
     }
 
     /// The topology and workload with this mitigation, or why it does not apply.
-    pub fn apply(&self, cfg: &ConfigFile, w: &Workload) -> Result<(ConfigFile, Workload), String> {
+    pub fn apply(
+        &self,
+        cfg: &ConfigFile,
+        w: &Workload,
+    ) -> Result<(ConfigFile, Workload), NotApplicable> {
         let avoid: Vec<u32> = w.dests.iter().map(|d| d.ip).collect();
         match *self {
             Mitigation::Reuse => {
                 let (out, n) = reuse(w, None);
                 if n == 0 {
-                    return Err("no request flows (TCP flows ending with FIN or RST)".into());
+                    return Err(NotApplicable::NoRequestFlows);
                 }
                 Ok((cfg.clone(), out))
             }
             Mitigation::Pool(cap) => {
                 let (out, n) = reuse(w, Some(cap));
                 if n == 0 {
-                    return Err("no request flows (TCP flows ending with FIN or RST)".into());
+                    return Err(NotApplicable::NoRequestFlows);
                 }
                 Ok((cfg.clone(), out))
             }
@@ -158,17 +163,14 @@ impl Mitigation {
                     }
                 }
                 if n == 0 {
-                    return Err("the workload has no client retries".into());
+                    return Err(NotApplicable::NoRetries);
                 }
                 Ok((cfg.clone(), out))
             }
             Mitigation::Ilpip => {
                 let (out, done) = topo::add_ilpips(cfg, &w.instances, &avoid);
                 if done.is_empty() {
-                    return Err(
-                        "no workload instance can get one (already ILPIP, or web/worker role: R1.5)"
-                            .into(),
-                    );
+                    return Err(NotApplicable::NoIlpipCandidate);
                 }
                 Ok((out, w.clone()))
             }
@@ -176,7 +178,7 @@ impl Mitigation {
                 let engine = engine_of(cfg)?;
                 let (out, split) = topo::split_frontends(cfg, &engine, &w.instances, k, &avoid);
                 if split.is_empty() {
-                    return Err("no load-balanced workload instance (default SNAT has one provider address per group, R1.3)".into());
+                    return Err(NotApplicable::NoLoadBalanced);
                 }
                 Ok((out, w.clone()))
             }
@@ -190,12 +192,12 @@ impl Mitigation {
                             out = c;
                             any = true;
                         }
-                        Err(e) if e.contains("ILPIP") || e.contains("own pool") => {}
-                        Err(e) => return Err(e),
+                        Err(TopoError::Ilpip(_) | TopoError::OwnPool(_)) => {}
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 if !any {
-                    return Err("no workload instance shares a pool".into());
+                    return Err(NotApplicable::NoSharedPool);
                 }
                 Ok((out, w.clone()))
             }
@@ -204,9 +206,9 @@ impl Mitigation {
     }
 }
 
-fn engine_of(cfg: &ConfigFile) -> Result<Engine, String> {
-    let t = Topology::from_config(cfg.clone()).map_err(|e| e.to_string())?;
-    Engine::new(t, 0).map_err(|e| e.to_string())
+fn engine_of(cfg: &ConfigFile) -> Result<Engine, NotApplicable> {
+    let t = Topology::from_config(cfg.clone())?;
+    Ok(Engine::new(t, 0)?)
 }
 
 /// Per flow, its events in order.
@@ -378,8 +380,9 @@ fn reuse(w: &Workload, cap: Option<u32>) -> (Workload, usize) {
 pub struct WhatIf {
     /// `baseline` or the mitigation.
     pub label: String,
-    /// The replay's report, or why the mitigation does not apply.
-    pub outcome: Result<Report, String>,
+    /// The replay's report, or why the mitigation does not apply
+    /// ([`PlanError::NotApplicable`]) or its replay failed.
+    pub outcome: Result<Report, PlanError>,
 }
 
 /// Replays `w` on `cfg` as it is and under each of `ms`.
@@ -397,8 +400,8 @@ pub fn what_if(
         let outcome = match m.apply(cfg, w) {
             // The same horizon for every variant when one is given; otherwise each runs to its
             // own end (a reusing client closes its connections later).
-            Ok((c, w2)) => replay(&c, &w2, opts).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Ok((c, w2)) => replay(&c, &w2, opts),
+            Err(e) => Err(e.into()),
         };
         rows.push(WhatIf {
             label: m.to_string(),

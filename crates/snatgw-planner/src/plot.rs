@@ -8,6 +8,7 @@
 
 use plotters::prelude::*;
 
+use crate::error::PlanError;
 use crate::mitigate::WhatIf;
 use crate::report::{Report, Timeline};
 
@@ -49,7 +50,12 @@ fn alloc_line(tl: &Timeline) -> Vec<(u32, u32)> {
     tl.points.iter().map(|p| (p.0, p.2)).collect()
 }
 
-fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
+/// The plotting library's error, as text (its type is generic over the backend).
+fn plot_err(e: impl std::fmt::Display) -> PlanError {
+    PlanError::Plot(e.to_string())
+}
+
+fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, PlanError> {
     let y_max = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))
@@ -58,14 +64,14 @@ fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 450)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE).map_err(plot_err)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..x_max.max(1.0), 0f64..y_max)
-            .map_err(|e| e.to_string())?;
+            .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("time (s)")
@@ -73,7 +79,7 @@ fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
             .x_label_formatter(&|v| format!("{v:.0}"))
             .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
-            .map_err(|e| e.to_string())?;
+            .map_err(plot_err)?;
         for l in lines {
             let c = l.colour;
             let style = if l.thin {
@@ -83,7 +89,7 @@ fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
             };
             chart
                 .draw_series(LineSeries::new(l.points.iter().copied(), style))
-                .map_err(|e| e.to_string())?
+                .map_err(plot_err)?
                 .label(l.label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
         }
@@ -93,14 +99,14 @@ fn draw(title: &str, x_max: f64, lines: &[Line]) -> Result<String, String> {
             .border_style(BLACK)
             .position(SeriesLabelPosition::UpperRight)
             .draw()
-            .map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
     }
     Ok(svg)
 }
 
 /// Used ports over time of every instance of `r` (needs a replay with `Options::timeline`).
-pub fn plot_report(r: &Report, title: &str) -> Result<String, String> {
+pub fn plot_report(r: &Report, title: &str) -> Result<String, PlanError> {
     let mut lines = Vec::new();
     for (k, tl) in r.timeline.iter().enumerate() {
         let colour = COLOURS[k % COLOURS.len()];
@@ -131,7 +137,7 @@ pub fn plot_report(r: &Report, title: &str) -> Result<String, String> {
 }
 
 /// The busiest instance of each what-if variant, and the baseline's preallocation.
-pub fn plot_what_if(rows: &[WhatIf], title: &str) -> Result<String, String> {
+pub fn plot_what_if(rows: &[WhatIf], title: &str) -> Result<String, PlanError> {
     let mut lines = Vec::new();
     let mut x_max = 1.0f64;
     let mut base_alloc = None;

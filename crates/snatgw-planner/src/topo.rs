@@ -1,8 +1,8 @@
 //! Topology changes the planner makes: resizing a pool, adding ILPIPs, splitting a backend
 //! pool over more frontends (SPEC §8's mitigations, R2.8's tiers).
 //!
-//! Each function takes a configuration and returns a changed copy, or says in words why it
-//! does not apply; the engine validates the result as it would any configuration. Added
+//! Each function takes a configuration and returns a changed copy, or says why it does not
+//! apply ([`TopoError`]); the engine validates the result as it would any configuration. Added
 //! instances are placeholders named `plan-fill-N` (they send nothing; they only count in the
 //! pool, R2.8); added public IPs are `plan-pip-N` with free addresses of the documentation
 //! ranges. Nothing here runs the engine beyond reading a report.
@@ -16,8 +16,11 @@ use snatgw_core::config::{
 use snatgw_core::topology::parse_prefix;
 use snatgw_core::{Engine, Scenario};
 
+use crate::error::TopoError;
+
 /// Which pool an instance's public IP is shared by.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum PoolRef {
     /// Backend pool `pool` of load balancer `lb` (R1.2).
     Lb {
@@ -33,23 +36,23 @@ pub enum PoolRef {
 }
 
 /// The pool of instance `name` as the engine resolved it, or why it has none.
-pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef, String> {
+pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef, TopoError> {
     let rep = engine
         .instance(name)
-        .ok_or_else(|| format!("instance `{name}` is not in the topology"))?;
+        .ok_or_else(|| TopoError::UnknownInstance(name.into()))?;
     let ic = cfg
         .instance
         .iter()
         .find(|i| i.name == name)
-        .ok_or_else(|| format!("instance `{name}` is not in the configuration"))?;
+        .ok_or_else(|| TopoError::NotConfigured(name.into()))?;
     match rep.scenario {
-        Scenario::Ilpip { .. } => Err(format!("`{name}` has an ILPIP: no PAT, no pool (R1.1)")),
+        Scenario::Ilpip { .. } => Err(TopoError::Ilpip(name.into())),
         Scenario::LoadBalanced { ref lb, .. } => {
             let l = cfg
                 .load_balancer
                 .iter()
                 .find(|l| &l.name == lb)
-                .ok_or_else(|| format!("load balancer `{lb}` missing"))?;
+                .ok_or_else(|| TopoError::MissingLoadBalancer(lb.clone()))?;
             let pool = l
                 .backend_pools
                 .iter()
@@ -57,7 +60,10 @@ pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef,
                     p.members.iter().any(|m| m == name)
                         && l.rules.iter().any(|r| r.backend_pool == p.name)
                 })
-                .ok_or_else(|| format!("no backend pool of `{lb}` with a rule holds `{name}`"))?;
+                .ok_or_else(|| TopoError::NoRuledPool {
+                    lb: lb.clone(),
+                    instance: name.into(),
+                })?;
             Ok(PoolRef::Lb {
                 lb: lb.clone(),
                 pool: pool.name.clone(),
@@ -69,9 +75,7 @@ pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef,
             } else if let Some(d) = &ic.deployment {
                 Ok(PoolRef::Deployment(d.clone()))
             } else {
-                Err(format!(
-                    "`{name}` is in no availability set: it is its own pool of 1 (R1.3)"
-                ))
+                Err(TopoError::OwnPool(name.into()))
             }
         }
     }
@@ -91,14 +95,14 @@ fn in_pool(cfg: &ConfigFile, p: &PoolRef, i: &InstanceCfg) -> bool {
 }
 
 /// Free private addresses of the VNet's first prefix (not used by any instance).
-fn free_private(cfg: &ConfigFile) -> Result<impl Iterator<Item = Ipv4Addr>, String> {
+fn free_private(cfg: &ConfigFile) -> Result<impl Iterator<Item = Ipv4Addr>, TopoError> {
     let used: BTreeSet<String> = cfg.instance.iter().map(|i| i.private_ip.clone()).collect();
     let first = cfg
         .gateway
         .vnet_prefixes
         .first()
-        .ok_or("gateway.vnet_prefixes is empty: no room for placeholder instances")?;
-    let p = parse_prefix("gateway.vnet_prefixes", first).map_err(|e| e.to_string())?;
+        .ok_or(TopoError::NoVnetPrefix)?;
+    let p = parse_prefix("gateway.vnet_prefixes", first)?;
     let size = if p.len >= 32 {
         1u64
     } else {
@@ -158,7 +162,7 @@ pub fn resize_pool(
     name: &str,
     size: u32,
     keep: &[String],
-) -> Result<ConfigFile, String> {
+) -> Result<ConfigFile, TopoError> {
     let pool = pool_of(cfg, engine, name)?;
     let current = engine.instance(name).map_or(0, |r| r.pool_size);
     let mut out = cfg.clone();
@@ -167,15 +171,15 @@ pub fn resize_pool(
         .iter()
         .find(|i| i.name == name)
         .cloned()
-        .ok_or_else(|| format!("instance `{name}` is not in the configuration"))?;
+        .ok_or_else(|| TopoError::NotConfigured(name.into()))?;
     if size > current {
         let add = (size - current) as usize;
         let addrs: Vec<Ipv4Addr> = free_private(cfg)?.take(add).collect();
         if addrs.len() < add {
-            return Err(format!(
-                "no room in {} for {add} placeholder instances",
-                cfg.gateway.vnet_prefixes[0]
-            ));
+            return Err(TopoError::NoRoom {
+                prefix: cfg.gateway.vnet_prefixes[0].clone(),
+                count: add,
+            });
         }
         let mut k = 0;
         for a in addrs {
@@ -210,10 +214,12 @@ pub fn resize_pool(
         // Placeholders first, then the last configured.
         cands.sort_by_key(|n| !n.starts_with("plan-fill-"));
         if cands.len() < remove {
-            return Err(format!(
-                "the pool of `{name}` cannot shrink to {size}: only {} of its {current} instances are outside the workload",
-                cands.len()
-            ));
+            return Err(TopoError::CannotShrink {
+                instance: name.into(),
+                size,
+                outside: cands.len(),
+                current,
+            });
         }
         let gone: BTreeSet<String> = cands.into_iter().take(remove).collect();
         out.instance.retain(|i| !gone.contains(&i.name));

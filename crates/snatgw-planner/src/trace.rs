@@ -105,6 +105,7 @@ impl Retry {
 /// How a flow ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum End {
     /// FIN seen in both directions (R3.2).
     Fin,
@@ -145,6 +146,7 @@ pub struct FlowSpec {
 
 /// What happens at an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EvKind {
     /// The flow's first packet (an attempt).
     Open,
@@ -287,8 +289,7 @@ impl Workload {
                 line: line_no,
                 msg: e.to_string(),
             })?;
-            w.add_record(&rec, &mut ids)
-                .map_err(|msg| PlanError::Trace { line: line_no, msg })?;
+            w.add_record(line_no, &rec, &mut ids)?;
         }
         w.sort();
         Ok(w)
@@ -299,40 +300,49 @@ impl Workload {
         Workload::from_reader(s.as_bytes())
     }
 
-    fn add_record(&mut self, r: &Record, ids: &mut HashMap<u64, u32>) -> Result<(), String> {
+    fn add_record(
+        &mut self,
+        line: usize,
+        r: &Record,
+        ids: &mut HashMap<u64, u32>,
+    ) -> Result<(), PlanError> {
+        let bad = |msg: String| PlanError::Trace { line, msg };
         if !r.t.is_finite() || r.t < 0.0 {
-            return Err(format!("t: {} is not a time in seconds >= 0", r.t));
+            return Err(bad(format!("t: {} is not a time in seconds >= 0", r.t)));
         }
         let t_ms = (r.t * 1000.0).round() as u64;
         let need = |v: &Option<String>, field: &str| {
             v.clone()
-                .ok_or_else(|| format!("{field}: required for `{}` records", r.ev.label()))
+                .ok_or_else(|| bad(format!("{field}: required for `{}` records", r.ev.label())))
         };
         match r.ev {
             EvName::Open => {
-                let id = r.id.ok_or("id: required for `open` records")?;
+                let id =
+                    r.id.ok_or_else(|| bad("id: required for `open` records".into()))?;
                 let inst = need(&r.inst, "inst")?;
                 let proto = need(&r.proto, "proto")?;
                 let l4 = match proto.as_str() {
                     "tcp" => L4::Tcp,
                     "udp" => L4::Udp,
                     p => {
-                        return Err(format!(
+                        return Err(bad(format!(
                         "proto: `{p}` is not `tcp` or `udp` (PAT carries TCP and UDP, R1.2/R1.3)"
-                    ))
+                    )))
                     }
                 };
                 let dst = need(&r.dst, "dst")?;
                 let sa: SocketAddrV4 = dst
                     .parse()
-                    .map_err(|_| format!("dst: `{dst}` is not an IPv4 ip:port"))?;
+                    .map_err(|_| bad(format!("dst: `{dst}` is not an IPv4 ip:port")))?;
                 if let Some(rt) = &r.retry {
                     let ok = rt.delay.is_finite()
                         && rt.delay >= 0.0
                         && rt.factor.is_finite()
                         && rt.factor >= 1.0;
                     if !ok {
-                        return Err("retry: delay must be >= 0 seconds and factor >= 1".to_string());
+                        return Err(bad(
+                            "retry: delay must be >= 0 seconds and factor >= 1".into()
+                        ));
                     }
                 }
                 let inst = self.instance(&inst);
@@ -342,9 +352,9 @@ impl Workload {
                     port: sa.port(),
                 });
                 if ids.contains_key(&id) {
-                    return Err(format!(
+                    return Err(bad(format!(
                         "id: {id} is opened twice (ids name one attempt each)"
-                    ));
+                    )));
                 }
                 let f = self.flow(FlowSpec {
                     inst,
@@ -357,26 +367,30 @@ impl Workload {
                 self.push(t_ms, f, EvKind::Open);
             }
             EvName::Data | EvName::Close => {
-                let id =
-                    r.id.ok_or_else(|| format!("id: required for `{}` records", r.ev.label()))?;
+                let id = r
+                    .id
+                    .ok_or_else(|| bad(format!("id: required for `{}` records", r.ev.label())))?;
                 let &f = ids
                     .get(&id)
-                    .ok_or_else(|| format!("id: {id} was not opened before"))?;
-                let kind =
-                    if r.ev == EvName::Data {
-                        EvKind::Data
-                    } else {
-                        EvKind::Close(r.end.ok_or(
-                            "end: required for `close` records (fin, rst, idle, reclaimed)",
-                        )?)
-                    };
+                    .ok_or_else(|| bad(format!("id: {id} was not opened before")))?;
+                let kind = if r.ev == EvName::Data {
+                    EvKind::Data
+                } else {
+                    EvKind::Close(r.end.ok_or_else(|| {
+                        bad("end: required for `close` records (fin, rst, idle, reclaimed)".into())
+                    })?)
+                };
                 self.push(t_ms, f, kind);
             }
             EvName::Scale => {
                 let inst = need(&r.inst, "inst")?;
-                let size = r.size.ok_or("size: required for `scale` records")?;
+                let size = r
+                    .size
+                    .ok_or_else(|| bad("size: required for `scale` records".into()))?;
                 if size == 0 || size > 1000 {
-                    return Err(format!("size: {size} is not a pool size 1..=1000 (R2.8)"));
+                    return Err(bad(format!(
+                        "size: {size} is not a pool size 1..=1000 (R2.8)"
+                    )));
                 }
                 let i = self.instance(&inst);
                 self.push(t_ms, i, EvKind::Scale(size));

@@ -5,6 +5,7 @@
 
 /// Why a packet (or a rewrite request) was rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// The buffer is shorter than the 20-byte minimum IPv4 header.
     #[error("buffer too short for an IPv4 header ({len} < 20 bytes)")]

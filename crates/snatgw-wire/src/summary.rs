@@ -48,6 +48,7 @@ pub enum Frag {
 
 /// What an ICMP message means to the NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IcmpKind {
     /// Echo request (type 8) or reply (type 0).
     Echo {

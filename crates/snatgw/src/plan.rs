@@ -124,7 +124,7 @@ pub fn run(a: &PlanArgs) -> Result<(), String> {
                 print!("{}", r.table());
             }
             if let Some(p) = &a.plot {
-                let svg = plot::plot_report(&r, &title("replay"))?;
+                let svg = plot::plot_report(&r, &title("replay")).map_err(|e| e.to_string())?;
                 std::fs::write(p, svg).map_err(|e| format!("{}: {e}", p.display()))?;
             }
         }
@@ -136,7 +136,9 @@ pub fn run(a: &PlanArgs) -> Result<(), String> {
                     .iter()
                     .map(|r| match &r.outcome {
                         Ok(rep) => serde_json::json!({"scenario": r.label, "report": rep}),
-                        Err(e) => serde_json::json!({"scenario": r.label, "not_applicable": e}),
+                        Err(e) => {
+                            serde_json::json!({"scenario": r.label, "not_applicable": e.to_string()})
+                        }
                     })
                     .collect();
                 println!(
@@ -151,7 +153,8 @@ pub fn run(a: &PlanArgs) -> Result<(), String> {
                 print!("{}", what_if_table(&rows));
             }
             if let Some(p) = &a.plot {
-                let svg = plot::plot_what_if(&rows, &title("what-if"))?;
+                let svg =
+                    plot::plot_what_if(&rows, &title("what-if")).map_err(|e| e.to_string())?;
                 std::fs::write(p, svg).map_err(|e| format!("{}: {e}", p.display()))?;
             }
         }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use super::Engine;
 use crate::config::{NsgDirection, ProbeProtocol};
+use crate::error::InvariantError;
 use crate::hash::KeyedHash;
 use crate::packet::{proto, tcp_flags, DropReason, Packet, Verdict};
 use crate::policy::Query;
@@ -625,7 +626,7 @@ impl Engine {
     /// entries with their own keys, the live count and the per-member counts match, every
     /// entry's rule exists and its member is one of the rule's members, and free slots are not
     /// live. Changes nothing.
-    pub fn check_inbound_invariants(&self) -> Result<(), String> {
+    pub fn check_inbound_invariants(&self) -> Result<(), InvariantError> {
         let ib = &self.inb;
         let live: Vec<(u32, &LbFlow)> = ib
             .slab
@@ -638,38 +639,43 @@ impl Engine {
             || ib.by_front.len() != live.len()
             || ib.by_back.len() != live.len()
         {
-            return Err(format!(
+            return Err(InvariantError::Inbound(format!(
                 "inbound: {} live entries, count {}, indexes {}/{}",
                 live.len(),
                 ib.live,
                 ib.by_front.len(),
                 ib.by_back.len()
-            ));
+            )));
         }
         for (fi, f) in &live {
             if ib.by_front.get(&f.front()) != Some(fi) || ib.by_back.get(&f.back()) != Some(fi) {
-                return Err(format!("inbound entry {fi} not indexed by its keys: {f:?}"));
+                return Err(InvariantError::Inbound(format!(
+                    "inbound entry {fi} not indexed by its keys: {f:?}"
+                )));
             }
-            let members = ib
-                .members
-                .get(f.rule as usize)
-                .ok_or(format!("inbound entry {fi} of a missing rule {}", f.rule))?;
+            let members = ib.members.get(f.rule as usize).ok_or_else(|| {
+                InvariantError::Inbound(format!("inbound entry {fi} of a missing rule {}", f.rule))
+            })?;
             if !members.iter().any(|(_, a, _)| *a == f.member) {
-                return Err(format!("inbound entry {fi} on a non-member: {f:?}"));
+                return Err(InvariantError::Inbound(format!(
+                    "inbound entry {fi} on a non-member: {f:?}"
+                )));
             }
         }
         if let Some(fi) = ib.free.iter().find(|&&fi| ib.slab[fi as usize].live) {
-            return Err(format!("free inbound slot {fi} is live"));
+            return Err(InvariantError::Inbound(format!(
+                "free inbound slot {fi} is live"
+            )));
         }
         let mut per: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
         for (_, f) in &live {
             *per.entry(f.member).or_insert(0) += 1;
         }
         if per != ib.per_member {
-            return Err(format!(
+            return Err(InvariantError::Inbound(format!(
                 "inbound entries per member {:?}, counted {:?}",
                 per, ib.per_member
-            ));
+            )));
         }
         Ok(())
     }
