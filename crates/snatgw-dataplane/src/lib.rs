@@ -46,6 +46,8 @@ use snatgw_wire::{
 };
 
 mod answer;
+// The fuzz harness: feature `fuzzing`, off by default (the fuzz target, tests, benches).
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
 /// How long a first fragment's translation is remembered (as Linux's `ipfrag_time`).
