@@ -16,17 +16,18 @@
 //! What it does not do: run the gateway (the caller starts it, e.g. with [`Lab::spawn`] in
 //! [`Lab::gw_ns`]), or choose the gateway's public IPs (the snatgw configuration does).
 //!
-//! Routing in [`GatewayMode::Snatgw`] (gateway namespace):
+//! Routing in [`GatewayMode::Snatgw`] (gateway namespace) is the operator's, applied by
+//! running `scripts/gateway-routing.sh up --netns <gw>` (built in, [`GATEWAY_ROUTING_SH`])
+//! from [`Lab::configure_tun`] once the gateway's TUNs exist; until then forwarding is off:
 //! - `ip rule pref 1000 iif br-priv to 10.0.0.0/16 lookup main` (R1.7: no NAT inside the VNet)
 //! - `ip rule pref 1001 iif br-priv lookup 100` and `pref 1002 iif gw-inet lookup 101`
-//! - table 100: `default dev <private tun>`, table 101: `default dev <public tun>` (added by
-//!   [`Lab::configure_tun`]) and, in both from the start, `blackhole default metric
-//!   4294967295`, so without the gateway nothing leaks untranslated. The gateway tells
-//!   outbound from inbound by the TUN a packet came from (SPEC R9.1), never by its addresses.
+//! - table 100: `default dev <private tun>`, table 101: `default dev <public tun>` and, in
+//!   both, `blackhole default metric 4294967295`, so once the gateway is gone nothing leaks
+//!   untranslated. The gateway tells outbound from inbound by the TUN a packet came from
+//!   (SPEC R9.1), never by its addresses.
 //! - packets the gateway writes into a TUN arrive with `iif <tun>`, match no rule and use
 //!   the main table: public destinations via `198.51.100.2` on `gw-inet`, `10.0.0.0/16` on
 //!   `br-priv`. `rp_filter` is 0 everywhere (the TUN's sources are not routed back to it).
-//!   The same routing, for a real host, is `scripts/gateway-routing.sh` (docs/RUNNING.md).
 //!   The public IPs are assigned to no interface, so the kernel never answers for them.
 //!
 //! Routing in [`GatewayMode::Kernel`]: no policy routing; an nftables `snat`/`masquerade`
@@ -328,9 +329,10 @@ impl Lab {
         }
     }
 
-    /// [`GatewayMode::Snatgw`] only: once the gateway has created its TUNs, brings them up,
-    /// sets their `rp_filter` to 0 and points table 100 at the private TUN, table 101 at the
-    /// public one. Idempotent.
+    /// [`GatewayMode::Snatgw`] only: once the gateway has created its TUNs, applies
+    /// `scripts/gateway-routing.sh up` in the gateway namespace ([`gateway_routing_up`]):
+    /// the rules and blackhole fallbacks, forwarding on, the TUNs up with `rp_filter` 0,
+    /// table 100 pointed at the private TUN and table 101 at the public one. Idempotent.
     pub fn configure_tun(&self) -> Result<(), LabError> {
         let GatewayMode::Snatgw {
             tun_private,
@@ -341,8 +343,7 @@ impl Lab {
                 "configure_tun needs GatewayMode::Snatgw",
             ));
         };
-        configure_tun_routing(&self.gw_ns(), tun_private, TUN_TABLE_PRIVATE)?;
-        configure_tun_routing(&self.gw_ns(), tun_public, TUN_TABLE_PUBLIC)
+        gateway_routing_up(&self.gw_ns(), tun_private, tun_public).map(|_| ())
     }
 
     /// Tears the lab down (see the module docs). Idempotent; also called by `Drop`.
@@ -372,8 +373,11 @@ impl Lab {
                 "net.ipv4.conf.default.rp_filter=0",
             ];
             if ns == gw {
+                // Snatgw mode: forwarding comes with the routing (`configure_tun`).
+                if matches!(s.mode, GatewayMode::Kernel(_)) {
+                    keys.push("net.ipv4.ip_forward=1");
+                }
                 keys.extend([
-                    "net.ipv4.ip_forward=1",
                     "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.default.send_redirects=0",
                 ]);
@@ -479,40 +483,10 @@ impl Lab {
 
         match &s.mode {
             GatewayMode::Snatgw { .. } => {
-                let priv_net = format!("{}/{}", PRIVATE_NET.0, PRIVATE_NET.1);
-                let (tp, tu) = (TUN_TABLE_PRIVATE.to_string(), TUN_TABLE_PUBLIC.to_string());
-                ipn(
-                    &gw,
-                    &[
-                        "rule", "add", "pref", "1000", "iif", BRIDGE, "to", &priv_net, "lookup",
-                        "main",
-                    ],
-                )?;
-                ipn(
-                    &gw,
-                    &["rule", "add", "pref", "1001", "iif", BRIDGE, "lookup", &tp],
-                )?;
-                ipn(
-                    &gw,
-                    &[
-                        "rule", "add", "pref", "1002", "iif", GW_INET_IF, "lookup", &tu,
-                    ],
-                )?;
-                for table in [&tp, &tu] {
-                    ipn(
-                        &gw,
-                        &[
-                            "route",
-                            "add",
-                            "blackhole",
-                            "default",
-                            "table",
-                            table,
-                            "metric",
-                            "4294967295",
-                        ],
-                    )?;
-                }
+                // The policy routing is `scripts/gateway-routing.sh`'s, applied by
+                // `configure_tun` once the gateway's TUNs exist; until then forwarding is
+                // off (the script turns it on after the rules and fallbacks), so nothing
+                // leaves untranslated.
             }
             GatewayMode::Kernel(nat) => {
                 let mut publics: Vec<Ipv4Addr> = s.public_ips.clone();
@@ -594,24 +568,49 @@ pub fn nft_ruleset(nat: &KernelNat) -> String {
     r
 }
 
-/// Points routing table `table` of namespace `gw_ns` at TUN `tun`: link up, `rp_filter` 0,
-/// `default dev tun table <table>`. For use by [`Lab::configure_tun`] or by a gateway started
-/// in that namespace by other means. Idempotent.
-pub fn configure_tun_routing(gw_ns: &str, tun: &str, table: u32) -> Result<(), LabError> {
-    ipn(gw_ns, &["link", "set", tun, "up"])?;
-    sysctl(gw_ns, &[&format!("net.ipv4.conf.{tun}.rp_filter=0")])?;
-    ipn(
+/// `scripts/gateway-routing.sh`, the operator's policy routing for `snatgw run`
+/// (docs/RUNNING.md), built into the lab so it applies exactly that routing wherever its
+/// binary runs: the script is the one source of the gateway's routing.
+pub const GATEWAY_ROUTING_SH: &str = include_str!("../../../scripts/gateway-routing.sh");
+
+/// Runs [`GATEWAY_ROUTING_SH`] `up` in lab gateway namespace `gw_ns` (`--netns`: every
+/// command is `ip -n NS` or `ip netns exec NS`) for the lab's sides (`br-priv`, `gw-inet`),
+/// VNet `10.0.0.0/16`, tables 100 and 101 and TUNs `tun_private`, `tun_public`: blackhole
+/// fallbacks, rules 1000–1002, `rp_filter` 0, forwarding on, then (once both TUNs exist,
+/// waiting at most 5 s) the TUNs up with `rp_filter` 0 and each table's `default dev <tun>`.
+/// Idempotent. For [`Lab::configure_tun`], or a gateway started in that namespace by other
+/// means. Returns the script's output (the commands it ran and the resulting rules/tables).
+pub fn gateway_routing_up(
+    gw_ns: &str,
+    tun_private: &str,
+    tun_public: &str,
+) -> Result<Output, LabError> {
+    assert!(!gw_ns.is_empty());
+    let vnet = format!("{}/{}", PRIVATE_NET.0, PRIVATE_NET.1);
+    let (tp, tu) = (TUN_TABLE_PRIVATE.to_string(), TUN_TABLE_PUBLIC.to_string());
+    // `bash -c '. /dev/stdin' NAME ARGS...`: the script, fed on stdin and read whole by `.`,
+    // runs with $0 = its own name and the arguments as given; the command line stays short.
+    let mut cmd = Command::new("bash");
+    cmd.args([
+        "-c",
+        ". /dev/stdin",
+        "gateway-routing.sh",
+        "up",
+        "--netns",
         gw_ns,
-        &[
-            "route",
-            "replace",
-            "default",
-            "dev",
-            tun,
-            "table",
-            &table.to_string(),
-        ],
-    )
+    ])
+    .args(["--private-if", BRIDGE, "--public-if", GW_INET_IF])
+    .args(["--tun-private", tun_private, "--tun-public", tun_public])
+    .args([
+        "--vnet",
+        &vnet,
+        "--table-private",
+        &tp,
+        "--table-public",
+        &tu,
+    ])
+    .args(["--wait", "5"]);
+    run_ok(&mut cmd, Some(GATEWAY_ROUTING_SH.as_bytes()), SETUP_TIMEOUT)
 }
 
 /// Namespaces of the lab with prefix `prefix` (`ip netns list`; see [`ns_has_prefix`]).

@@ -49,12 +49,14 @@ use std::time::Duration;
 
 pub use client::ClientReport;
 pub use lab::{
-    configure_tun_routing, down_prefix, list_namespaces, nft_ruleset, Lab, LabChild, EXEC_TIMEOUT,
+    down_prefix, gateway_routing_up, list_namespaces, nft_ruleset, Lab, LabChild, EXEC_TIMEOUT,
+    GATEWAY_ROUTING_SH,
 };
 pub use spec::*;
 
 /// Errors of the lab.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LabError {
     /// The spec (or a command given to the lab) is invalid.
     #[error("invalid lab spec: {0}")]
