@@ -123,7 +123,10 @@ fn r11_1_restored_flow_keeps_its_port_and_new_flows_avoid_it() {
     for sp in 3000..3020 {
         let p = syn(&mut r, 22, src, sp, d, 443);
         assert_ne!(p, held);
-        assert_ne!(p, gone, "port released to this destination reused within the history");
+        assert_ne!(
+            p, gone,
+            "port released to this destination reused within the history"
+        );
     }
     r.check_invariants().expect("invariants");
 }
@@ -221,7 +224,11 @@ fn r11_1_torn_or_corrupt_state_is_refused_never_half_read() {
     for pos in [40, b.len() / 2, b.len() - 9] {
         let mut flipped = b.clone();
         flipped[pos] ^= 0x10;
-        assert_eq!(FlowState::decode(&flipped), Err(StateError::Checksum), "flip at {pos}");
+        assert_eq!(
+            FlowState::decode(&flipped),
+            Err(StateError::Checksum),
+            "flip at {pos}"
+        );
     }
     let mut v2 = b.clone();
     v2[8..10].copy_from_slice(&(FLOW_STATE_VERSION + 1).to_le_bytes());

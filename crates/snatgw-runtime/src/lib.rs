@@ -10,6 +10,7 @@
 //! - [`record`]: the flow recorder (`snatgw run --record`, the planner's trace format);
 //! - [`stats`]: the stats snapshot (`--stats-file`) and its rendering (`snatgw stats`);
 //! - [`logcap`]: the event log's rate cap (R9.3);
+//! - [`persist`]: the state file a restart restores flows from (SPEC R11.1);
 //! - [`config`]: loading a configuration file, and the engine a running gateway uses.
 //!
 //! What it does not do: parse arguments, open devices, seed the store, serve the API or
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod fastpath;
 pub mod logcap;
+pub mod persist;
 pub mod probe;
 pub mod record;
 pub mod runtime;
