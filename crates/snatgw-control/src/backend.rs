@@ -1,6 +1,7 @@
-//! The running gateway as the API sees it: the [`Backend`] trait, the JSON types it returns,
-//! the shared [`EventLog`], and [`GatewayBackend`], the real implementation over a
-//! `Mutex<snatgw_dataplane::Gateway>`.
+//! The running gateway as the API sees it: the [`Backend`] trait, the shared [`EventLog`],
+//! and [`GatewayBackend`], the real implementation over a `Mutex<snatgw_dataplane::Gateway>`.
+//! The JSON types it returns are [`crate::view`]'s (re-exported here), shared with `/metrics`,
+//! the stats file and the CLI.
 //!
 //! What the API needs from a running gateway: whether a topology would apply (`check`: the
 //! engine's plan without commit, SPEC R1.3 designation room and R2.8 pool sizes), applying it
@@ -27,13 +28,19 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use snatgw_core::engine::FlowFilter;
 use snatgw_core::topology::SnatGroup;
-use snatgw_core::{
-    ApplyReport, ConfigError, DropReason, Event, EventKind, InstanceReport, Topology, L4,
-};
+use snatgw_core::{ApplyReport, ConfigError, DropReason, Event, InstanceReport, Topology, L4};
 use snatgw_dataplane::Gateway;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
+use crate::view;
+// The JSON types the API returns live in `view` (one view for the API, /metrics, the stats
+// file and the CLI); their names stay reachable here.
+pub use crate::view::{
+    inbound_rule_metrics, nsg_rule_metrics, probe_metrics, DestinationUse, EventRecord, FlowPage,
+    FlowRecord, InboundFlowPage, InboundFlowRecord, InboundRuleMetrics, InstanceMetrics,
+    InstancePorts, NsgRuleMetrics, PerProtocol, PortRange, ProbeMetrics, ProtoMetrics,
+};
 
 /// Most records the [`EventLog`] keeps; older ones are forgotten first.
 pub const EVENT_LOG_CAP: usize = 10_000;
@@ -190,335 +197,6 @@ impl FlowQuery {
     }
 }
 
-/// One live translation (R6.3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct FlowRecord {
-    /// Instance name.
-    pub instance: String,
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// Private source `ip:port`.
-    pub private: String,
-    /// Public `ip:port` (SNAT port).
-    pub public: String,
-    /// Destination `ip:port`.
-    pub remote: String,
-    /// Engine time of the last packet, either direction.
-    pub last_seen: u32,
-    /// Engine time the port is released if nothing else happens.
-    pub expires_at: u32,
-    /// `open`, `fin_out`, `fin_in`, `closing` or `reset`.
-    pub state: String,
-}
-
-/// A page of live translations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct FlowPage {
-    /// The flows, in table order.
-    pub flows: Vec<FlowRecord>,
-    /// Cursor of the next page; `null` when the table has been listed to its end.
-    pub next_cursor: Option<u64>,
-}
-
-/// One live inbound load-balancing flow (R5.1, R6.3): client → frontend, sent to a member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InboundFlowRecord {
-    /// Load balancer.
-    pub lb: String,
-    /// Inbound rule.
-    pub rule: String,
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// Client `ip:port` on the internet.
-    pub client: String,
-    /// Frontend `ip:port` the client connected to.
-    pub frontend: String,
-    /// Member private `ip:port` the flow sticks to.
-    pub member: String,
-    /// Seconds since the flow's last packet (its rule's idle timeout ends it, R3.7).
-    pub idle_secs: u32,
-}
-
-/// A page of live inbound load-balancing flows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InboundFlowPage {
-    /// The flows, in table order.
-    pub flows: Vec<InboundFlowRecord>,
-    /// Cursor of the next page; `null` when the table has been listed to its end.
-    pub next_cursor: Option<u64>,
-}
-
-/// One event for operators (R2.6, R6.2), with its sequence number in the [`EventLog`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EventRecord {
-    /// Sequence number, growing by one per event. `snatgw run` starts a run's numbers above
-    /// the wall clock in microseconds and above every number an earlier run on the same
-    /// state directory issued, so they never repeat across restarts (a bare [`EventLog`]
-    /// starts from 1).
-    pub seq: u64,
-    /// Engine time (for a summary: when its interval closed).
-    pub time: u32,
-    /// `exhaustion`, `flow_limit`, `overflow`, `ports_reclaimed`, `tier_changed`, `scenario_changed`.
-    pub kind: String,
-    /// Instance, if any.
-    pub instance: Option<String>,
-    /// Public IP, if any.
-    pub public_ip: Option<String>,
-    /// Protocol, if any.
-    pub protocol: Option<String>,
-    /// Destination `ip:port`, if any.
-    pub destination: Option<String>,
-    /// Occurrences it stands for: 1, or for a summary the repeats counted (R9.3).
-    pub count: u64,
-    /// Whether this is an aggregated summary of repeats (R9.3).
-    pub summary: bool,
-    /// Everything else, as text.
-    pub detail: String,
-}
-
-fn ip(a: u32) -> String {
-    Ipv4Addr::from(a).to_string()
-}
-
-fn endpoint(a: u32, port: u16) -> String {
-    format!("{}:{port}", Ipv4Addr::from(a))
-}
-
-impl EventRecord {
-    /// Converts an engine event (as `snatgw stats` shows it), with sequence number `seq`.
-    pub fn from_event(seq: u64, e: &Event) -> EventRecord {
-        let mut r = EventRecord {
-            seq,
-            time: e.time,
-            kind: String::new(),
-            instance: None,
-            public_ip: None,
-            protocol: None,
-            destination: None,
-            count: e.count,
-            summary: e.summary,
-            detail: String::new(),
-        };
-        match &e.kind {
-            EventKind::Exhaustion {
-                instance,
-                public_ip,
-                l4,
-                dst,
-                dst_port,
-                allocated,
-            } => {
-                r.kind = "exhaustion".into();
-                r.instance = Some(instance.to_string());
-                r.public_ip = Some(ip(*public_ip));
-                r.protocol = Some(l4.label().into());
-                r.destination = Some(endpoint(*dst, *dst_port));
-                r.detail =
-                    format!("all {allocated} preallocated ports in use for this destination");
-            }
-            EventKind::FlowLimit {
-                instance,
-                public_ip,
-                l4,
-                dst,
-                dst_port,
-                limit,
-                scope,
-            } => {
-                r.kind = "flow_limit".into();
-                r.instance = Some(instance.to_string());
-                r.public_ip = Some(ip(*public_ip));
-                r.protocol = Some(l4.label().into());
-                r.destination = Some(endpoint(*dst, *dst_port));
-                r.detail = format!("{scope} flow limit of {limit} live flows reached (R9.2)");
-            }
-            EventKind::Overflow => {
-                r.kind = "overflow".into();
-                r.detail =
-                    "events of further (instance, destination) keys, aggregated together".into();
-            }
-            EventKind::PortsReclaimed {
-                instance,
-                public_ip,
-                ports,
-                flows,
-                reason,
-            } => {
-                r.kind = "ports_reclaimed".into();
-                r.instance = Some(instance.to_string());
-                r.public_ip = Some(ip(*public_ip));
-                r.detail = format!("{ports} ports, {flows} flows dropped ({reason})");
-            }
-            EventKind::TierChanged {
-                public_ip,
-                pool_size,
-                from,
-                to,
-            } => {
-                r.kind = "tier_changed".into();
-                r.public_ip = Some(ip(*public_ip));
-                r.detail = format!("pool {pool_size}: {from} -> {to} ports per instance");
-            }
-            EventKind::ProbeChanged {
-                lb,
-                probe,
-                member,
-                up,
-                failures,
-            } => {
-                r.kind = if *up { "probe_up" } else { "probe_down" }.into();
-                r.instance = Some(member.to_string());
-                r.detail = if *up {
-                    format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
-                } else {
-                    format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
-                };
-            }
-            EventKind::ScenarioChanged { instance, from, to } => {
-                r.kind = "scenario_changed".into();
-                r.instance = Some(instance.to_string());
-                r.detail = format!("{from} -> {to}");
-            }
-        }
-        if e.summary {
-            r.detail = format!(
-                "{} more in {} s (summary, R9.3): {}",
-                e.count,
-                e.time.saturating_sub(e.since),
-                r.detail
-            );
-        }
-        r
-    }
-}
-
-/// Per-protocol pair.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PerProtocol {
-    /// TCP.
-    pub tcp: u64,
-    /// UDP.
-    pub udp: u64,
-}
-
-/// An inclusive range of SNAT ports of a block (R2.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PortRange {
-    /// First port.
-    pub first: u16,
-    /// Last port (inclusive).
-    pub last: u16,
-}
-
-/// An instance's live report (`GET /api/v1/instances/{name}/ports`, R6.1).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InstancePorts {
-    /// Name.
-    pub name: String,
-    /// `vm` or `web_worker_role`.
-    pub kind: String,
-    /// `arm` or `classic`.
-    pub model: String,
-    /// Private address.
-    pub private_ip: String,
-    /// `ilpip`, `load_balanced` or `default_snat`.
-    pub scenario: String,
-    /// The SPEC rule that decided the scenario (R1.1, R1.2, R1.3).
-    pub rule: String,
-    /// The public address its flows leave with.
-    pub public_ip: String,
-    /// Preallocated SNAT ports per protocol (R2.4, R2.8; 65535 for an ILPIP, R1.1).
-    pub allocated: u32,
-    /// The block as inclusive port ranges (empty for an ILPIP).
-    pub block: Vec<PortRange>,
-    /// Pool size that decides the tier (R2.8; as reported during a redeploy, R2.11).
-    pub pool_size: u32,
-    /// Used SNAT ports (R2.3).
-    pub used: PerProtocol,
-    /// Live flows.
-    pub flows: PerProtocol,
-    /// SNAT connections that got a port.
-    pub connections_ok: PerProtocol,
-    /// SNAT connections that failed for want of a port (R2.6).
-    pub connections_failed: PerProtocol,
-    /// Dropped packets by reason (all protocols), only non-zero ones.
-    pub drops: BTreeMap<String, u64>,
-    /// Flows ended by idle timeout on which the instance later sent again: the symptom of
-    /// missing keepalives (SPEC R3.4, R7.1; `snatgw keepalive-check`).
-    #[serde(default)]
-    pub idle_ended_then_sent: PerProtocol,
-}
-
-fn kind_label(k: snatgw_core::InstanceKind) -> &'static str {
-    match k {
-        snatgw_core::InstanceKind::Vm => "vm",
-        snatgw_core::InstanceKind::WebWorkerRole => "web_worker_role",
-    }
-}
-
-fn model_label(m: snatgw_core::Model) -> &'static str {
-    match m {
-        snatgw_core::Model::Arm => "arm",
-        snatgw_core::Model::Classic => "classic",
-    }
-}
-
-fn drops_of(drops: &[u64; DropReason::COUNT]) -> Vec<(String, u64)> {
-    DropReason::ALL
-        .iter()
-        .filter(|r| drops[**r as usize] > 0)
-        .map(|r| (r.label().to_string(), drops[*r as usize]))
-        .collect()
-}
-
-impl From<&InstanceReport> for InstancePorts {
-    fn from(r: &InstanceReport) -> Self {
-        let mut drops = BTreeMap::new();
-        for st in &r.stats {
-            for (k, v) in drops_of(&st.drops) {
-                *drops.entry(k).or_insert(0) += v;
-            }
-        }
-        InstancePorts {
-            name: r.name.to_string(),
-            kind: kind_label(r.kind).into(),
-            model: model_label(r.model).into(),
-            private_ip: ip(r.private_ip),
-            scenario: r.scenario.name().into(),
-            rule: r.scenario.rule().into(),
-            public_ip: ip(r.scenario.addr()),
-            allocated: r.allocated,
-            block: r
-                .block
-                .iter()
-                .map(|&(first, last)| PortRange { first, last })
-                .collect(),
-            pool_size: r.pool_size,
-            used: PerProtocol {
-                tcp: r.used[0].into(),
-                udp: r.used[1].into(),
-            },
-            flows: PerProtocol {
-                tcp: r.flows[0].into(),
-                udp: r.flows[1].into(),
-            },
-            connections_ok: PerProtocol {
-                tcp: r.stats[0].conn_ok,
-                udp: r.stats[1].conn_ok,
-            },
-            connections_failed: PerProtocol {
-                tcp: r.stats[0].conn_fail,
-                udp: r.stats[1].conn_fail,
-            },
-            drops,
-            idle_ended_then_sent: PerProtocol {
-                tcp: r.stats[0].idle_ended_then_sent,
-                udp: r.stats[1].idle_ended_then_sent,
-            },
-        }
-    }
-}
-
 /// Everything `/metrics` shows, copied out of the engine.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricsSnapshot {
@@ -594,166 +272,12 @@ pub struct FastPathCounters {
 /// Where a [`GatewayBackend`] gets the runtime's counters from.
 pub type RuntimeCountersSource = Arc<dyn Fn() -> RuntimeCounters + Send + Sync>;
 
-/// One member's state for one health probe (R5.2, R4.5).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ProbeMetrics {
-    /// Load balancer.
-    pub lb: String,
-    /// Probe.
-    pub probe: String,
-    /// Member instance.
-    pub member: String,
-    /// Whether it gets new inbound flows.
-    pub up: bool,
-    /// Failed probes in a row.
-    pub consecutive_failures: u32,
-    /// Probe results so far.
-    pub probes: u64,
-    /// Failed ones (blocked by the NSG included).
-    pub failures: u64,
-}
-
-/// One NSG rule's hits (what flow logs give, R4.1).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct NsgRuleMetrics {
-    /// NSG.
-    pub nsg: String,
-    /// Rule.
-    pub rule: String,
-    /// Priority.
-    pub priority: u32,
-    /// `inbound` / `outbound`.
-    pub direction: String,
-    /// `allow` / `deny`.
-    pub access: String,
-    /// Whether it is a default rule (R4.2).
-    pub default: bool,
-    /// Packets it decided.
-    pub hits: u64,
-}
-
-/// One inbound rule's counters (R5.1).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InboundRuleMetrics {
-    /// Load balancer.
-    pub lb: String,
-    /// Rule.
-    pub rule: String,
-    /// Inbound flows created.
-    pub flows: u64,
-    /// New flows dropped: no healthy member.
-    pub no_healthy_backend: u64,
-    /// New flows dropped by the chosen member's NSG.
-    pub nsg_denied: u64,
-}
-
-/// Every member's health-probe state (R5.2), as `/metrics` and the stats file show it.
-pub fn probe_metrics(e: &snatgw_core::Engine) -> Vec<ProbeMetrics> {
-    e.probe_states()
-        .into_iter()
-        .map(|p| ProbeMetrics {
-            lb: p.lb,
-            probe: p.probe,
-            member: p.member.to_string(),
-            up: p.up,
-            consecutive_failures: p.consecutive_failures,
-            probes: p.probes,
-            failures: p.failures,
-        })
-        .collect()
-}
-
-/// Every NSG rule's hits, default rules included (R4.1, R4.2).
-pub fn nsg_rule_metrics(e: &snatgw_core::Engine) -> Vec<NsgRuleMetrics> {
-    e.nsg_hits()
-        .into_iter()
-        .map(|h| NsgRuleMetrics {
-            nsg: h.nsg,
-            rule: h.rule,
-            priority: h.priority,
-            direction: format!("{:?}", h.direction).to_lowercase(),
-            access: format!("{:?}", h.access).to_lowercase(),
-            default: h.default,
-            hits: h.hits,
-        })
-        .collect()
-}
-
 /// Copies the NSG, probe and inbound-LB state out of the engine into `m`.
 pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
     m.inbound_flows = e.inbound_flow_count() as u64;
     m.probes = probe_metrics(e);
     m.nsg_rules = nsg_rule_metrics(e);
-    m.inbound_rules = e
-        .inbound_rule_stats()
-        .into_iter()
-        .map(|(lb, rule, s)| InboundRuleMetrics {
-            lb,
-            rule,
-            flows: s.flows,
-            no_healthy_backend: s.no_healthy,
-            nsg_denied: s.nsg_denied,
-        })
-        .collect();
-}
-
-/// One instance's metrics (R6.1).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InstanceMetrics {
-    /// Instance name.
-    pub instance: String,
-    /// Its public IP.
-    pub public_ip: String,
-    /// Its scenario (`ilpip`, `load_balanced`, `default_snat`).
-    pub scenario: String,
-    /// TCP and UDP.
-    pub per_protocol: Vec<ProtoMetrics>,
-    /// Drops of packets that are neither TCP nor UDP (ICMP, ESP...), by reason.
-    #[serde(default)]
-    pub other_protocol_drops: Vec<(String, u64)>,
-    /// The busiest destinations by ports used, at most 5, busiest first.
-    pub busiest: Vec<DestinationUse>,
-}
-
-/// One instance's metrics for one protocol.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ProtoMetrics {
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// Preallocated SNAT ports (R2.4).
-    pub allocated_ports: u32,
-    /// Used SNAT ports (R2.3).
-    pub used_ports: u32,
-    /// Live flows.
-    pub flows: u64,
-    /// SNAT connections that got a port.
-    pub connections_ok: u64,
-    /// SNAT connections that failed for want of a port (R2.6).
-    pub connections_failed: u64,
-    /// Dropped packets by reason.
-    pub drops: Vec<(String, u64)>,
-    /// Flows ended by idle timeout on which the instance later sent again (R3.4, R7.1).
-    #[serde(default)]
-    pub idle_ended_then_sent: u64,
-    /// Refused new flows answered to the instance (RST or ICMP 3/13, R9.5 `reset`).
-    #[serde(default)]
-    pub fail_fast_answered: u64,
-    /// Refused new flows not answered because of the per-instance rate limit (R9.5).
-    #[serde(default)]
-    pub fail_fast_suppressed: u64,
-}
-
-/// Ports one instance uses for one destination endpoint (R2.3).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct DestinationUse {
-    /// `tcp` or `udp`.
-    pub protocol: String,
-    /// Destination `ip:port`.
-    pub destination: String,
-    /// Ports of the block held by flows to it.
-    pub ports_used: u32,
-    /// The block's size (the most it can use).
-    pub allocated: u32,
+    m.inbound_rules = inbound_rule_metrics(e);
 }
 
 /// Builds the metrics snapshot from what was copied out under the lock.
@@ -764,50 +288,19 @@ pub fn metrics_snapshot(
     live_flows: u64,
     max_flows: u64,
 ) -> MetricsSnapshot {
-    let mut by_name: BTreeMap<&str, Vec<DestinationUse>> = BTreeMap::new();
     let allocated: BTreeMap<&str, u32> = reports.iter().map(|r| (&*r.name, r.allocated)).collect();
-    for (inst, l4, dst, dport, n) in busiest {
-        let v = by_name.entry(inst).or_default();
-        if v.len() < BUSIEST_PER_INSTANCE {
-            v.push(DestinationUse {
-                protocol: l4.label().into(),
-                destination: endpoint(*dst, *dport),
-                ports_used: *n,
-                allocated: allocated.get(&**inst).copied().unwrap_or(0),
-            });
-        }
-    }
+    let mut by_name = view::destination_uses(
+        busiest,
+        |i| allocated.get(i).copied().unwrap_or(0),
+        BUSIEST_PER_INSTANCE,
+    );
     let instances = reports
         .iter()
-        .map(|r| InstanceMetrics {
-            instance: r.name.to_string(),
-            public_ip: ip(r.scenario.addr()),
-            scenario: r.scenario.name().into(),
-            per_protocol: [L4::Tcp, L4::Udp]
-                .iter()
-                .map(|&l| {
-                    let i = l as usize;
-                    ProtoMetrics {
-                        protocol: l.label().into(),
-                        allocated_ports: r.allocated,
-                        used_ports: r.used[i],
-                        flows: r.flows[i].into(),
-                        connections_ok: r.stats[i].conn_ok,
-                        connections_failed: r.stats[i].conn_fail,
-                        drops: drops_of(&r.stats[i].drops),
-                        idle_ended_then_sent: r.stats[i].idle_ended_then_sent,
-                        fail_fast_answered: r.stats[i].fail_fast_answered,
-                        fail_fast_suppressed: r.stats[i].fail_fast_suppressed,
-                    }
-                })
-                .collect(),
-            other_protocol_drops: drops_of(&r.stats[2].drops),
-            busiest: by_name.remove(&*r.name).unwrap_or_default(),
-        })
+        .map(|r| InstanceMetrics::from_report(r, by_name.remove(&*r.name).unwrap_or_default()))
         .collect();
     MetricsSnapshot {
         instances,
-        drops: drops_of(gateway_drops),
+        drops: view::drop_list(gateway_drops),
         live_flows,
         max_flows,
         ..Default::default()
@@ -870,13 +363,20 @@ impl EventLog {
 
     /// Appends an engine event; returns its sequence number.
     pub fn push(&self, e: &Event) -> u64 {
+        self.append(e, |_| ())
+    }
+
+    /// Numbers `e`, appends its record, hands the record to `keep`; returns the number.
+    fn append(&self, e: &Event, keep: impl FnOnce(&EventRecord)) -> u64 {
         let mut g = self.lock();
         let seq = g.next;
         g.next += 1;
         if g.records.len() >= self.cap {
             g.records.pop_front();
         }
-        g.records.push_back(EventRecord::from_event(seq, e));
+        let r = EventRecord::from_event(seq, e);
+        keep(&r);
+        g.records.push_back(r);
         drop(g);
         self.newest.send_replace(seq);
         seq
@@ -887,6 +387,19 @@ impl EventLog {
         for e in events {
             self.push(e);
         }
+    }
+
+    /// Appends several engine events and returns their records, sequence numbers included
+    /// (for a consumer that keeps them too: the runtime's stats file).
+    pub fn push_records<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Vec<EventRecord> {
+        let mut out = Vec::new();
+        for e in events {
+            self.append(e, |r| out.push(r.clone()));
+        }
+        out
     }
 
     /// Records with sequence number > `after`, oldest first, at most `limit`.
@@ -1031,19 +544,7 @@ impl Backend for GatewayBackend {
             }
         };
         FlowPage {
-            flows: views
-                .into_iter()
-                .map(|v| FlowRecord {
-                    instance: v.instance.to_string(),
-                    protocol: v.l4.label().into(),
-                    private: endpoint(v.private.0, v.private.1),
-                    public: endpoint(v.public.0, v.public.1),
-                    remote: endpoint(v.remote.0, v.remote.1),
-                    last_seen: v.last_seen,
-                    expires_at: v.expires_at,
-                    state: v.state.into(),
-                })
-                .collect(),
+            flows: views.iter().map(FlowRecord::from).collect(),
             next_cursor: next.map(u64::from),
         }
     }
@@ -1069,18 +570,7 @@ impl Backend for GatewayBackend {
             }
         };
         InboundFlowPage {
-            flows: views
-                .into_iter()
-                .map(|v| InboundFlowRecord {
-                    lb: v.lb,
-                    rule: v.rule,
-                    protocol: if v.proto == 6 { "tcp" } else { "udp" }.into(),
-                    client: endpoint(v.client.0, v.client.1),
-                    frontend: endpoint(v.frontend.0, v.frontend.1),
-                    member: endpoint(v.member.0, v.member.1),
-                    idle_secs: v.idle,
-                })
-                .collect(),
+            flows: views.into_iter().map(InboundFlowRecord::from).collect(),
             next_cursor: next.map(u64::from),
         }
     }
@@ -1121,6 +611,7 @@ impl Backend for GatewayBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use snatgw_core::EventKind;
 
     fn ev(t: u32) -> Event {
         Event {

@@ -19,11 +19,12 @@ use snatgw_core::ConfigFile;
 use ureq::Agent;
 
 use crate::api::{RedeployRequest, Resource, GENERATION_HEADER, MAX_WAIT_SECS};
-use crate::backend::{
-    EventRecord, FlowPage, FlowQuery, InboundFlowRecord, InstancePorts, NsgRuleMetrics,
-    ProbeMetrics,
-};
+use crate::backend::FlowQuery;
 use crate::error::{ApiError, ClientError};
+use crate::view::{
+    EventRecord, FlowPage, FlowRecord, InboundFlowPage, InboundFlowRecord, InstancePorts,
+    NsgRuleMetrics, ProbeMetrics,
+};
 
 /// The API address the CLI uses by default.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
@@ -390,7 +391,7 @@ impl Client {
         loop {
             let path = format!("{base}?cursor={cursor}&limit=1000");
             let (_, _, b) = self.send("GET", &path, &[], None, Body::None, None)?;
-            let page: crate::backend::InboundFlowPage = Self::decode(&b, &path)?;
+            let page: InboundFlowPage = Self::decode(&b, &path)?;
             out.extend(page.flows);
             match page.next_cursor {
                 Some(n) => cursor = n,
@@ -443,7 +444,7 @@ impl Client {
     }
 
     /// Every live translation matching `q` (`snatgw flows --all`), page after page.
-    pub fn all_flows(&self, q: &FlowQuery) -> Result<Vec<crate::backend::FlowRecord>, ClientError> {
+    pub fn all_flows(&self, q: &FlowQuery) -> Result<Vec<FlowRecord>, ClientError> {
         let mut q = q.clone();
         let mut out = Vec::new();
         loop {

@@ -8,6 +8,9 @@
 //! - [`backend`]: the running gateway as the API sees it ([`Backend`], [`GatewayBackend`]
 //!   over `Mutex<Gateway>`, the [`EventLog`]), with bounded work under the data-path lock
 //!   (SPEC R9.4);
+//! - [`view`]: the one JSON view of the engine's instance reports, events, flows and ports
+//!   ([`InstancePorts`], [`EventRecord`], [`FlowRecord`], ...), converted from the engine's
+//!   types in one place and shared by the API, `/metrics`, the stats file and the CLI;
 //! - [`metrics`]: Prometheus text (SPEC R6.1) from a [`MetricsSnapshot`];
 //! - [`client`]: the blocking client the `snatgw` CLI uses;
 //! - [`error`]: the error enums and the `{error, field, rule}` body.
@@ -46,13 +49,15 @@ pub mod error;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod view;
 
 pub use api::{openapi, ControlPlane, Resource};
-pub use backend::{
-    Backend, EventLog, EventRecord, FlowPage, FlowQuery, FlowRecord, GatewayBackend,
-    InboundFlowPage, InboundFlowRecord, InstancePorts, MetricsSnapshot,
-};
+pub use backend::{Backend, EventLog, FlowQuery, GatewayBackend, MetricsSnapshot};
 pub use client::{Client, ResourceKind, Tagged};
 pub use error::{ApiError, ClientError, ControlError, StoreError};
 pub use server::{read_token_file, serve, serve_with, ServerHandle, ServerLimits};
 pub use store::{seed, MemoryStore, RedbStore, SeedSource, Seeded, Store, Stored};
+pub use view::{
+    EventRecord, FlowPage, FlowRecord, InboundFlowPage, InboundFlowRecord, InstancePorts,
+    PerProtocol, PortRange,
+};

@@ -374,7 +374,7 @@ fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{DestinationUse, InstanceMetrics, ProtoMetrics};
+    use crate::view::{DestinationUse, InstanceMetrics, ProtoMetrics};
 
     #[test]
     fn renders_names_labels_and_values() {
@@ -407,7 +407,7 @@ mod tests {
             live_flows: 4,
             max_flows: 100,
             inbound_flows: 2,
-            probes: vec![crate::backend::ProbeMetrics {
+            probes: vec![crate::view::ProbeMetrics {
                 lb: "lb".into(),
                 probe: "hp".into(),
                 member: "vm1".into(),
@@ -416,7 +416,7 @@ mod tests {
                 probes: 5,
                 failures: 4,
             }],
-            nsg_rules: vec![crate::backend::NsgRuleMetrics {
+            nsg_rules: vec![crate::view::NsgRuleMetrics {
                 nsg: "n".into(),
                 rule: "DenyAllInBound".into(),
                 priority: 65500,
@@ -425,7 +425,7 @@ mod tests {
                 default: true,
                 hits: 7,
             }],
-            inbound_rules: vec![crate::backend::InboundRuleMetrics {
+            inbound_rules: vec![crate::view::InboundRuleMetrics {
                 lb: "lb".into(),
                 rule: "http".into(),
                 flows: 10,

@@ -279,7 +279,7 @@ pub struct Runtime {
     prober: Option<JoinHandle<()>>,
     fast_path: Option<FastPath>,
     recorder: Option<Recorder>,
-    ring: VecDeque<stats::EventSnap>,
+    ring: VecDeque<snatgw_control::EventRecord>,
     cap: LogCap,
     last_stats: Option<Instant>,
     last_harvest: Instant,
@@ -628,8 +628,8 @@ impl Runtime {
             }
             std::thread::yield_now();
         }
-        sh.events.extend(&events);
-        let snaps: Vec<_> = events.iter().map(stats::event_snap).collect();
+        // One record per event, numbered by the API's log: the stats file keeps the same.
+        let snaps = sh.events.push_records(&events);
         let ms = sh.start.elapsed().as_millis() as u64;
         for e in &snaps {
             if self.cap.admit(ms) == Admit::Write {

@@ -6,18 +6,48 @@
 //! public IP, allocated and used SNAT ports, flows, SNAT connections (ok/failed) and drops by
 //! reason, and the last events (exhaustion, tier changes...).
 //!
+//! Instances and events are [`snatgw_control::view`]'s records, the same the REST API returns
+//! (`connections_ok`, `connections_failed`, `protocol`, `destination`...); this module adds only
+//! the stats file's own counters (engine, data plane, I/O, lock). Files written before the view
+//! was shared (`conn_ok`, `conn_fail`, `proto`, `dst`) still read.
+//!
 //! What it does not do: list individual translations (R6.3 is `snatgw show`'s and the
 //! engine's `flows()`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use snatgw_core::{DropReason, Engine, Event, EventKind};
+use snatgw_control::view::{drop_map, EventRecord, InstancePorts};
+use snatgw_core::Engine;
 use snatgw_dataplane::DataplaneStats;
 use snatgw_io::IoStats;
+
+/// What can go wrong reading or printing a stats file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatsError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a stats snapshot (not JSON, or not this shape).
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The snapshot could not be printed as JSON.
+    #[error("printing the snapshot as JSON: {0}")]
+    Print(#[source] serde_json::Error),
+}
 
 /// How many recent events a snapshot keeps.
 pub const EVENTS_KEPT: usize = 64;
@@ -49,10 +79,11 @@ pub struct Snapshot {
     pub io: Vec<IoSnap>,
     /// Contention on the shared gateway lock.
     pub lock: LockSnap,
-    /// Per instance.
-    pub instances: Vec<InstanceSnap>,
-    /// Most recent events, oldest first (at most [`EVENTS_KEPT`]).
-    pub events: Vec<EventSnap>,
+    /// Per instance: the API's report (`GET /api/v1/instances/{name}/ports`).
+    pub instances: Vec<InstancePorts>,
+    /// Most recent events, oldest first (at most [`EVENTS_KEPT`]), as the API lists them
+    /// (with their sequence numbers in its event log).
+    pub events: Vec<EventRecord>,
     /// Event log lines not written because of the log rate cap (R9.3).
     #[serde(default)]
     pub log_lines_suppressed: u64,
@@ -71,10 +102,10 @@ pub struct Snapshot {
 }
 
 /// The probe state of one member (R5.2): the same record `/metrics` is built from.
-pub type ProbeSnap = snatgw_control::backend::ProbeMetrics;
+pub type ProbeSnap = snatgw_control::view::ProbeMetrics;
 
 /// One NSG rule's hit counter (R4.1): the same record `/metrics` is built from.
-pub type NsgHitSnap = snatgw_control::backend::NsgRuleMetrics;
+pub type NsgHitSnap = snatgw_control::view::NsgRuleMetrics;
 
 /// Engine-wide counters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -146,222 +177,8 @@ pub struct LockSnap {
     pub batch_max_ns: u64,
 }
 
-/// Per-protocol pair.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PerProto {
-    /// TCP.
-    pub tcp: u64,
-    /// UDP.
-    pub udp: u64,
-}
-
-/// One instance (SPEC R6.1).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct InstanceSnap {
-    /// Name.
-    pub name: String,
-    /// Private IP.
-    pub private_ip: String,
-    /// Scenario (`ilpip`, `load_balanced`, `default_snat`).
-    pub scenario: String,
-    /// The SPEC rule that decided it.
-    pub rule: String,
-    /// Public IP.
-    pub public_ip: String,
-    /// Preallocated SNAT ports (per protocol; 65535 for an ILPIP).
-    pub allocated: u32,
-    /// Used SNAT ports (distinct ports held by a flow).
-    pub used: PerProto,
-    /// Flows.
-    pub flows: PerProto,
-    /// SNAT connections that got a port.
-    pub conn_ok: PerProto,
-    /// SNAT connections that failed for want of a port (R2.6).
-    pub conn_fail: PerProto,
-    /// Packets translated out / in (all protocols).
-    pub packets_out: u64,
-    /// Packets translated in.
-    pub packets_in: u64,
-    /// Drops by reason label (all protocols), only non-zero ones.
-    pub drops: BTreeMap<String, u64>,
-    /// Flows ended by idle timeout on which the instance later sent again: keepalives
-    /// missing (SPEC R3.4, R7.1).
-    #[serde(default)]
-    pub idle_ended_then_sent: PerProto,
-    /// Refused new flows answered to the instance with a RST or ICMP 3/13 (SPEC R9.5).
-    #[serde(default)]
-    pub fail_fast_answered: PerProto,
-    /// Refused new flows left unanswered by the per-instance rate limit (SPEC R9.5).
-    #[serde(default)]
-    pub fail_fast_suppressed: PerProto,
-}
-
-/// One event (SPEC R6.2).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EventSnap {
-    /// Gateway time (for a summary: when its interval closed).
-    pub time: u32,
-    /// `exhaustion`, `flow_limit`, `overflow`, `ports_reclaimed`, `tier_changed`,
-    /// `scenario_changed`.
-    pub kind: String,
-    /// Occurrences this record stands for: 1, or for a summary the repeats counted (R9.3).
-    #[serde(default = "one")]
-    pub count: u64,
-    /// For a summary, when its interval opened.
-    #[serde(default)]
-    pub since: u32,
-    /// Whether this is an aggregated summary of repeats (R9.3).
-    #[serde(default)]
-    pub summary: bool,
-    /// Instance, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-    /// Public IP, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public_ip: Option<String>,
-    /// Protocol, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proto: Option<String>,
-    /// Destination `ip:port`, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<String>,
-    /// Everything else, as text.
-    pub detail: String,
-}
-
-fn one() -> u64 {
-    1
-}
-
-fn drop_map(drops: &[u64; DropReason::COUNT]) -> BTreeMap<String, u64> {
-    DropReason::ALL
-        .iter()
-        .filter(|r| drops[**r as usize] > 0)
-        .map(|r| (r.label().to_string(), drops[*r as usize]))
-        .collect()
-}
-
-/// Converts an engine event.
-pub fn event_snap(e: &Event) -> EventSnap {
-    let mut snap = event_snap_kind(e);
-    snap.count = e.count;
-    snap.since = e.since;
-    snap.summary = e.summary;
-    if e.summary {
-        snap.detail = format!(
-            "{} more in {} s (summary, R9.3): {}",
-            e.count,
-            e.time.saturating_sub(e.since),
-            snap.detail
-        );
-    }
-    snap
-}
-
-fn event_snap_kind(e: &Event) -> EventSnap {
-    let ip = |a: u32| Some(Ipv4Addr::from(a).to_string());
-    match &e.kind {
-        EventKind::Exhaustion {
-            instance,
-            public_ip,
-            l4,
-            dst,
-            dst_port,
-            allocated,
-        } => EventSnap {
-            time: e.time,
-            kind: "exhaustion".into(),
-            instance: Some(instance.to_string()),
-            public_ip: ip(*public_ip),
-            proto: Some(l4.label().into()),
-            dst: Some(format!("{}:{dst_port}", Ipv4Addr::from(*dst))),
-            detail: format!("all {allocated} preallocated ports in use for this destination"),
-            ..Default::default()
-        },
-        EventKind::FlowLimit {
-            instance,
-            public_ip,
-            l4,
-            dst,
-            dst_port,
-            limit,
-            scope,
-        } => EventSnap {
-            time: e.time,
-            kind: "flow_limit".into(),
-            instance: Some(instance.to_string()),
-            public_ip: ip(*public_ip),
-            proto: Some(l4.label().into()),
-            dst: Some(format!("{}:{dst_port}", Ipv4Addr::from(*dst))),
-            detail: format!("{scope} flow limit of {limit} live flows reached (R9.2)"),
-            ..Default::default()
-        },
-        EventKind::Overflow => EventSnap {
-            time: e.time,
-            kind: "overflow".into(),
-            detail: "events of further (instance, destination) keys, aggregated together".into(),
-            ..Default::default()
-        },
-        EventKind::PortsReclaimed {
-            instance,
-            public_ip,
-            ports,
-            flows,
-            reason,
-        } => EventSnap {
-            time: e.time,
-            kind: "ports_reclaimed".into(),
-            instance: Some(instance.to_string()),
-            public_ip: ip(*public_ip),
-            detail: format!("{ports} ports, {flows} flows dropped ({reason})"),
-            ..Default::default()
-        },
-        EventKind::TierChanged {
-            public_ip,
-            pool_size,
-            from,
-            to,
-        } => EventSnap {
-            time: e.time,
-            kind: "tier_changed".into(),
-            public_ip: ip(*public_ip),
-            detail: format!("pool {pool_size}: {from} -> {to} ports per instance"),
-            ..Default::default()
-        },
-        EventKind::ProbeChanged {
-            lb,
-            probe,
-            member,
-            up,
-            failures,
-        } => EventSnap {
-            time: e.time,
-            kind: if *up { "probe_up" } else { "probe_down" }.into(),
-            instance: Some(member.to_string()),
-            detail: probe_detail(lb, probe, *up, *failures),
-            ..Default::default()
-        },
-        EventKind::ScenarioChanged { instance, from, to } => EventSnap {
-            time: e.time,
-            kind: "scenario_changed".into(),
-            instance: Some(instance.to_string()),
-            detail: format!("{from} -> {to}"),
-            ..Default::default()
-        },
-    }
-}
-
-/// The text of a probe state change (R5.2).
-pub fn probe_detail(lb: &str, probe: &str, up: bool, failures: u32) -> String {
-    if up {
-        format!("load balancer {lb}, probe {probe}: up, gets new inbound flows")
-    } else {
-        format!("load balancer {lb}, probe {probe}: down after {failures} failed probes in a row; no new inbound flows (outbound unaffected)")
-    }
-}
-
 /// Logs an event as a structured `tracing` line (exhaustion as a warning).
-pub fn log_event(e: &EventSnap) {
+pub fn log_event(e: &EventRecord) {
     let instance = e.instance.as_deref().unwrap_or("");
     let public_ip = e.public_ip.as_deref().unwrap_or("");
     let message = match e.kind.as_str() {
@@ -379,8 +196,8 @@ pub fn log_event(e: &EventSnap) {
             summary = e.summary,
             instance,
             public_ip,
-            proto = e.proto.as_deref().unwrap_or(""),
-            dst = e.dst.as_deref().unwrap_or(""),
+            protocol = e.protocol.as_deref().unwrap_or(""),
+            destination = e.destination.as_deref().unwrap_or(""),
             detail = %e.detail,
             "{message}"
         );
@@ -403,8 +220,8 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
     s.time = engine.now();
     s.live_flows = engine.live_flows();
     s.inbound_flows = engine.inbound_flow_count();
-    s.probes = snatgw_control::backend::probe_metrics(engine);
-    s.nsg_hits = snatgw_control::backend::nsg_rule_metrics(engine);
+    s.probes = snatgw_control::view::probe_metrics(engine);
+    s.nsg_hits = snatgw_control::view::nsg_rule_metrics(engine);
     s.engine = EngineSnap {
         passed: g.passed,
         ilpip_packets: g.ilpip_packets,
@@ -429,57 +246,7 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
         icmp_errors: dp.icmp_errors,
         fragments: dp.fragments,
     };
-    s.instances = engine
-        .instances()
-        .iter()
-        .map(|r| {
-            let mut drops = [0u64; DropReason::COUNT];
-            for st in &r.stats {
-                for (d, x) in drops.iter_mut().zip(st.drops) {
-                    *d += x;
-                }
-            }
-            InstanceSnap {
-                name: r.name.to_string(),
-                private_ip: Ipv4Addr::from(r.private_ip).to_string(),
-                scenario: r.scenario.name().into(),
-                rule: r.scenario.rule().into(),
-                public_ip: Ipv4Addr::from(r.scenario.addr()).to_string(),
-                allocated: r.allocated,
-                used: PerProto {
-                    tcp: r.used[0].into(),
-                    udp: r.used[1].into(),
-                },
-                flows: PerProto {
-                    tcp: r.flows[0].into(),
-                    udp: r.flows[1].into(),
-                },
-                conn_ok: PerProto {
-                    tcp: r.stats[0].conn_ok,
-                    udp: r.stats[1].conn_ok,
-                },
-                conn_fail: PerProto {
-                    tcp: r.stats[0].conn_fail,
-                    udp: r.stats[1].conn_fail,
-                },
-                packets_out: r.stats.iter().map(|s| s.packets_out).sum(),
-                packets_in: r.stats.iter().map(|s| s.packets_in).sum(),
-                drops: drop_map(&drops),
-                idle_ended_then_sent: PerProto {
-                    tcp: r.stats[0].idle_ended_then_sent,
-                    udp: r.stats[1].idle_ended_then_sent,
-                },
-                fail_fast_answered: PerProto {
-                    tcp: r.stats[0].fail_fast_answered,
-                    udp: r.stats[1].fail_fast_answered,
-                },
-                fail_fast_suppressed: PerProto {
-                    tcp: r.stats[0].fail_fast_suppressed,
-                    udp: r.stats[1].fail_fast_suppressed,
-                },
-            }
-        })
-        .collect();
+    s.instances = engine.instances().iter().map(InstancePorts::from).collect();
 }
 
 /// The line saying that an instance used flows the gateway had ended by idle timeout (SPEC
@@ -502,7 +269,7 @@ pub fn io_snap(side: &str, queue: usize, st: &IoStats, batches: u64) -> IoSnap {
 }
 
 /// Keeps the last [`EVENTS_KEPT`] events.
-pub fn push_events(ring: &mut VecDeque<EventSnap>, new: impl IntoIterator<Item = EventSnap>) {
+pub fn push_events(ring: &mut VecDeque<EventRecord>, new: impl IntoIterator<Item = EventRecord>) {
     for e in new {
         if ring.len() == EVENTS_KEPT {
             ring.pop_front();
@@ -520,10 +287,17 @@ pub fn write_atomic(path: &Path, s: &Snapshot) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Reads a snapshot file.
-pub fn read(path: &Path) -> Result<Snapshot, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+/// Reads a snapshot file (also one written before the view was shared: see the module
+/// documentation).
+pub fn read(path: &Path) -> Result<Snapshot, StatsError> {
+    let text = std::fs::read(path).map_err(|source| StatsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| StatsError::Parse {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn fmt_map(m: &BTreeMap<String, u64>) -> String {
@@ -639,8 +413,8 @@ pub fn render(s: &Snapshot) -> String {
                 i.allocated.to_string(),
                 format!("{}/{}", i.used.tcp, i.used.udp),
                 format!("{}/{}", i.flows.tcp, i.flows.udp),
-                format!("{}/{}", i.conn_ok.tcp, i.conn_ok.udp),
-                format!("{}/{}", i.conn_fail.tcp, i.conn_fail.udp),
+                format!("{}/{}", i.connections_ok.tcp, i.connections_ok.udp),
+                format!("{}/{}", i.connections_failed.tcp, i.connections_failed.udp),
                 fmt_map(&i.drops),
             ]
         })
@@ -678,8 +452,8 @@ pub fn render(s: &Snapshot) -> String {
                 e.kind,
                 e.instance.as_deref().unwrap_or("-"),
                 e.public_ip.as_deref().unwrap_or("-"),
-                e.proto.as_deref().unwrap_or("-"),
-                e.dst.as_deref().unwrap_or("-"),
+                e.protocol.as_deref().unwrap_or("-"),
+                e.destination.as_deref().unwrap_or("-"),
                 e.detail
             );
         }
@@ -688,15 +462,65 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 /// `snatgw stats --file PATH [--json]`.
-pub fn run(path: &Path, json: bool) -> Result<(), String> {
+pub fn run(path: &Path, json: bool) -> Result<(), StatsError> {
     let s = read(path)?;
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&s).map_err(StatsError::Print)?
         );
     } else {
         print!("{}", render(&s));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file as `snatgw run` wrote it before the view was shared (`conn_ok`, `proto`...).
+    const OLD: &str = r#"{"time":3,"uptime_ms":3000,"tun_private":"p","tun_public":"q",
+        "queues":1,"offload":false,"final_snapshot":false,"live_flows":0,
+        "engine":{"passed":0,"ilpip_packets":0,"flows_created":1,"flows_ended":{},"drops":{},
+                  "events_lost":0},
+        "dataplane":{"translated":0,"passed":0,"drops":{},"malformed":{},"icmp_errors":0,
+                     "fragments":0},
+        "io":[],"lock":{"acquisitions":0,"contended":0,"wait_ns":0,"held_ns":0},
+        "instances":[{"name":"vm1","private_ip":"10.0.3.10","scenario":"default_snat",
+            "rule":"R1.3","public_ip":"192.0.2.100","allocated":1024,
+            "used":{"tcp":1,"udp":0},"flows":{"tcp":1,"udp":0},
+            "conn_ok":{"tcp":1,"udp":0},"conn_fail":{"tcp":4,"udp":0},
+            "packets_out":2,"packets_in":1,"drops":{"ports_exhausted":4}}],
+        "events":[{"time":3,"kind":"exhaustion","count":1,"since":3,"summary":false,
+            "instance":"vm1","public_ip":"192.0.2.100","proto":"tcp",
+            "dst":"198.51.100.7:443","detail":"all 1024 preallocated ports in use"}]}"#;
+
+    #[test]
+    fn an_old_stats_file_still_reads_and_prints_with_the_new_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stats.json");
+        std::fs::write(&path, OLD).expect("write");
+        let s = read(&path).expect("old file");
+        assert_eq!(s.instances[0].connections_failed.tcp, 4);
+        assert_eq!(s.events[0].destination.as_deref(), Some("198.51.100.7:443"));
+        let text = render(&s);
+        assert!(text.contains("1/0") && text.contains("4/0"), "{text}");
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["instances"][0]["connections_failed"]["tcp"], 4);
+        assert_eq!(json["events"][0]["protocol"], "tcp");
+        assert!(json["instances"][0].get("conn_fail").is_none());
+    }
+
+    #[test]
+    fn read_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("none.json");
+        let e = read(&missing).expect_err("missing");
+        assert!(matches!(e, StatsError::Read { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(&missing.display().to_string()));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{").expect("write");
+        assert!(matches!(read(&bad), Err(StatsError::Parse { .. })));
+    }
 }

@@ -394,7 +394,7 @@ fn r2_6_exhaustion_reaches_the_event_log_and_the_stats_file() {
         s.instances[0].allocated, 1024,
         "R2.8: a pool of one gets 1024 ports"
     );
-    assert_eq!(s.instances[0].conn_fail.udp, 1);
+    assert_eq!(s.instances[0].connections_failed.udp, 1);
     assert!(
         s.events
             .iter()
@@ -408,6 +408,10 @@ fn r2_6_exhaustion_reaches_the_event_log_and_the_stats_file() {
             .any(|e| e.kind == "exhaustion" && e.instance.as_deref() == Some("vm1")),
         "{api:?}"
     );
+    // One view: the stats file's events are the API's records, sequence numbers included.
+    for e in &s.events {
+        assert!(api.contains(e), "{e:?} not in {api:?}");
+    }
 }
 
 /// A queue whose device fails stops the gateway; shutdown says which queue and why, and the

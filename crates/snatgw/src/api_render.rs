@@ -1,7 +1,7 @@
 //! Tables for the API client subcommands (`snatgw get|ports|flows|events`, see [`crate::api_cli`]).
 //!
-//! Pure functions from the control plane's JSON types (`snatgw_core::config::*Cfg`,
-//! `snatgw_control::{InstancePorts, FlowRecord, EventRecord}`) to text: one row per
+//! Pure functions from the control plane's JSON types (`snatgw_core::config::*Cfg`, and
+//! `snatgw_control::view`'s `InstancePorts`, `FlowRecord`, `EventRecord`) to text: one row per
 //! resource, columns left-aligned and separated by two spaces, `-` for an empty cell.
 //! Nothing here talks to the server or prints: the caller writes the strings.
 
@@ -443,7 +443,7 @@ pub fn event_line(e: &EventRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use snatgw_control::backend::{PerProtocol, PortRange};
+    use snatgw_control::{PerProtocol, PortRange};
 
     #[test]
     fn table_aligns_columns_and_marks_empty_cells() {
@@ -476,7 +476,7 @@ mod tests {
             connections_ok: PerProtocol { tcp: 31, udp: 1 },
             connections_failed: PerProtocol { tcp: 2, udp: 0 },
             drops: [("exhaustion".to_string(), 2u64)].into_iter().collect(),
-            idle_ended_then_sent: PerProtocol::default(),
+            ..Default::default()
         }
     }
 
@@ -539,6 +539,7 @@ mod tests {
             protocol: Some("tcp".into()),
             destination: Some("198.51.100.7:443".into()),
             count: 1,
+            since: 70,
             summary: false,
             detail: "all 1024 preallocated ports in use for this destination".into(),
         };

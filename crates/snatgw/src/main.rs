@@ -90,7 +90,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Show { config, json } => show::run(&config, json),
         Cmd::Run(a) => run::run(&a),
-        Cmd::Stats { file, json } => snatgw_runtime::stats::run(&file, json),
+        Cmd::Stats { file, json } => {
+            snatgw_runtime::stats::run(&file, json).map_err(|e| e.to_string())
+        }
         // Replace this process with the lab tool; returns only if that fails.
         Cmd::Lab(a) => return lab::exec("lab", &a),
         Cmd::Race(a) => return lab::exec("race", &a),

@@ -82,8 +82,8 @@ fn r2_4_r2_6_r2_7_exhaustion_exactly_at_preallocation_and_recovery() {
             e["kind"] == "exhaustion"
                 && e["instance"] == "b0"
                 && e["public_ip"] == POOL_IP
-                && e["proto"] == "tcp"
-                && e["dst"] == a9000.as_str()
+                && e["protocol"] == "tcp"
+                && e["destination"] == a9000.as_str()
         })
     }));
     // 32 + the connection to the other destination (stats are written every 200 ms).
@@ -92,12 +92,14 @@ fn r2_4_r2_6_r2_7_exhaustion_exactly_at_preallocation_and_recovery() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|i| i["name"] == "b0" && u(&i["conn_ok"]["tcp"]) == 33)),
+            .any(
+                |i| i["name"] == "b0" && u(&i["connections_ok"]["tcp"]) == 33
+            )),
         "{}",
         g.inst("b0")
     );
     let b0 = g.inst("b0");
-    assert!(u(&b0["conn_fail"]["tcp"]) >= 1);
+    assert!(u(&b0["connections_failed"]["tcp"]) >= 1);
     assert!(u(&b0["drops"]["ports_exhausted"]) >= 1);
     // The gateway logged it as a structured warning.
     let log = std::fs::read_to_string(g.dir.join("gateway.log")).unwrap();

@@ -124,8 +124,8 @@ fn r9_5_connect_fails_fast_with_reset_and_times_out_with_drop() {
     assert!(
         g.wait(Duration::from_secs(3), |s| {
             let i = inst_of(s, "b0");
-            u(&i["conn_fail"]["tcp"]) >= 5
-                && u(&i["conn_fail"]["udp"]) >= 1
+            u(&i["connections_failed"]["tcp"]) >= 5
+                && u(&i["connections_failed"]["udp"]) >= 1
                 && u(&i["drops"]["ports_exhausted"]) >= 6
         }),
         "{}",
@@ -136,7 +136,7 @@ fn r9_5_connect_fails_fast_with_reset_and_times_out_with_drop() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["kind"] == "exhaustion" && e["instance"] == "b0" && e["proto"] == "tcp")
+            .any(|e| e["kind"] == "exhaustion" && e["instance"] == "b0" && e["protocol"] == "tcp")
     }));
 
     // drop (the default), switched live through the API: the same attempt gets no answer
@@ -155,7 +155,7 @@ fn r9_5_connect_fails_fast_with_reset_and_times_out_with_drop() {
     );
     assert!(
         g.wait(Duration::from_secs(3), |s| u(
-            &inst_of(s, "b0")["conn_fail"]["tcp"]
+            &inst_of(s, "b0")["connections_failed"]["tcp"]
         ) >= 6),
         "{}",
         g.inst("b0")

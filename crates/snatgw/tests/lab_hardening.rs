@@ -88,7 +88,11 @@ fn r9_1_spoofed_vnet_sources_from_the_internet_create_no_flow() {
     assert_eq!(u(&s["engine"]["flows_created"]), 0);
     for name in ["vm-as1", "vm-as2"] {
         let i = g.inst(name);
-        assert_eq!(u(&i["conn_ok"]["tcp"]) + u(&i["conn_ok"]["udp"]), 0, "{i}");
+        assert_eq!(
+            u(&i["connections_ok"]["tcp"]) + u(&i["connections_ok"]["udp"]),
+            0,
+            "{i}"
+        );
         assert_eq!(u(&i["used"]["tcp"]) + u(&i["used"]["udp"]), 0, "{i}");
     }
 
@@ -225,7 +229,7 @@ fn r9_2_udp_spray_to_random_destinations_stays_at_the_instance_limit() {
         LIMIT,
         "at the limit, not over it: {a}"
     );
-    assert_eq!(u(&a["conn_ok"]["udp"]), LIMIT, "{a}");
+    assert_eq!(u(&a["connections_ok"]["udp"]), LIMIT, "{a}");
     let limited = u(&a["drops"]["flow_limit"]);
     assert_eq!(
         u(&s["dataplane"]["drops"]["flow_limit"]),
@@ -312,7 +316,7 @@ fn r9_3_exhaustion_storm_keeps_the_log_readable_and_counters_exact() {
     // Let the last aggregation interval close and be drained.
     assert!(
         g.wait(Duration::from_secs(10), |s| {
-            let fails = u(&inst_of(s, "b0")["conn_fail"]["tcp"]);
+            let fails = u(&inst_of(s, "b0")["connections_failed"]["tcp"]);
             let in_events: u64 = s["events"]
                 .as_array()
                 .unwrap()
@@ -329,7 +333,7 @@ fn r9_3_exhaustion_storm_keeps_the_log_readable_and_counters_exact() {
     let lines = log_lines(&g) - before;
     let s = g.snapshot();
     let b0 = g.inst("b0");
-    let fails = u(&b0["conn_fail"]["tcp"]);
+    let fails = u(&b0["connections_failed"]["tcp"]);
     let storm_events: Vec<_> = s["events"]
         .as_array()
         .unwrap()
@@ -356,7 +360,7 @@ fn r9_3_exhaustion_storm_keeps_the_log_readable_and_counters_exact() {
     assert_eq!(u(&b0["drops"]["ports_exhausted"]), fails, "{b0}");
     assert_eq!(u(&s["dataplane"]["drops"]["ports_exhausted"]), fails);
     assert_eq!(u(&s["engine"]["drops"]["ports_exhausted"]), fails);
-    assert_eq!(u(&b0["conn_ok"]["tcp"]), 32);
+    assert_eq!(u(&b0["connections_ok"]["tcp"]), 32);
     // The neighbour on the same public IP still connects (R2.4).
     let r = g.client("b1", &["myip-http", &SERVER_A.to_string()]);
     assert!(r.all_ok(), "{r:?}");

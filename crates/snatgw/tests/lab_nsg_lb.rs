@@ -294,7 +294,7 @@ rules = [ { name = "no-server-b", priority = 100, direction = "outbound", access
     let i = g.inst("pat");
     assert_eq!(u(&i["used"]["tcp"]), 0, "no SNAT port used: {i}");
     assert_eq!(u(&i["flows"]["tcp"]), 0, "{i}");
-    assert_eq!(u(&i["conn_ok"]["tcp"]), 0, "{i}");
+    assert_eq!(u(&i["connections_ok"]["tcp"]), 0, "{i}");
     // Other destinations are allowed (AllowInternetOutBound) and do take a port.
     let ok = g.client(
         "pat",

@@ -118,7 +118,7 @@ fn r2_6_planner_predicts_the_real_gateways_failures_within_5_percent() {
     let real = g.snapshot();
     assert_eq!(real["final_snapshot"], true);
     let b0 = inst_of(&real, "b0");
-    let real_failed = u(&b0["conn_fail"]["tcp"]);
+    let real_failed = u(&b0["connections_failed"]["tcp"]);
     let real_first = first_exhaustion(&real).expect("the gateway recorded an exhaustion event");
     assert!(real_failed >= 12, "{b0}");
 
@@ -139,7 +139,7 @@ fn r2_6_planner_predicts_the_real_gateways_failures_within_5_percent() {
         "first exhaustion: predicted {pred_first} s, real {real_first} s"
     );
     assert_eq!(u(&pred["peak_used"][0]), 32);
-    assert_eq!(u(&pred["ok"]), u(&b0["conn_ok"]["tcp"]));
+    assert_eq!(u(&pred["ok"]), u(&b0["connections_ok"]["tcp"]));
 
     // Run 2, not exhausting: a fresh gateway (same lab) recording to another file; 20
     // connections held, then 20 more after they closed: never more than 20 of 32 ports.
@@ -161,7 +161,7 @@ fn r2_6_planner_predicts_the_real_gateways_failures_within_5_percent() {
     ));
     let real = g.snapshot();
     let b0 = inst_of(&real, "b0");
-    assert_eq!(u(&b0["conn_fail"]["tcp"]), 0);
+    assert_eq!(u(&b0["connections_failed"]["tcp"]), 0);
     let pred = predict(&g.config, &g.dir.join("run2.jsonl"));
     println!(
         "non-exhausting run: failed real 0 predicted {}; peak used predicted {}",
@@ -169,7 +169,7 @@ fn r2_6_planner_predicts_the_real_gateways_failures_within_5_percent() {
     );
     assert_eq!(u(&pred["failed"]), 0);
     assert!(pred["first_exhaustion_s"].is_null());
-    assert_eq!(u(&pred["ok"]), u(&b0["conn_ok"]["tcp"]));
+    assert_eq!(u(&pred["ok"]), u(&b0["connections_ok"]["tcp"]));
     assert!(u(&pred["peak_used"][0]) <= 20);
     g.finish();
 }

@@ -56,6 +56,7 @@ pub struct Event {
 
 /// Kinds of [`Event`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EventKind {
     /// A new flow found no free port for its destination (R2.6).
     Exhaustion {

@@ -123,7 +123,7 @@ impl Running {
 
     /// Reads the gateway's latest stats snapshot.
     pub fn snapshot(&self) -> Result<stats::Snapshot, String> {
-        stats::read(&self.stats)
+        stats::read(&self.stats).map_err(|e| e.to_string())
     }
 
     /// Runs `f` with a client of the gateway's management API on a thread inside the
@@ -302,7 +302,7 @@ fn live_change(r: &Running, victim: &str) -> Result<(), String> {
     println!("\n4. A live change through the management API (R1.4): {victim} gets an ILPIP");
     let name = victim.to_string();
     let before = r.api(move |c| c.instance_ports(&name))?;
-    let block = |b: &[snatgw_control::backend::PortRange]| {
+    let block = |b: &[snatgw_control::PortRange]| {
         b.iter()
             .map(|p| format!("{}-{}", p.first, p.last))
             .collect::<Vec<_>>()
@@ -572,19 +572,19 @@ fn demo_steps(r: &Running, t0: Instant) -> Result<(), String> {
     }) {
         for e in s.events.iter().filter(|e| e.kind == "exhaustion").take(1) {
             println!(
-                "  gateway event: t={} exhaustion instance={} public_ip={} proto={} dst={} ({})",
+                "  gateway event: t={} exhaustion instance={} public_ip={} protocol={} destination={} ({})",
                 e.time,
                 e.instance.as_deref().unwrap_or("-"),
                 e.public_ip.as_deref().unwrap_or("-"),
-                e.proto.as_deref().unwrap_or("-"),
-                e.dst.as_deref().unwrap_or("-"),
+                e.protocol.as_deref().unwrap_or("-"),
+                e.destination.as_deref().unwrap_or("-"),
                 e.detail
             );
         }
         if let Some(i) = s.instances.iter().find(|i| i.name == victim) {
             println!(
                 "  counters: used tcp ports {}/{}, connections ok {} failed {}",
-                i.used.tcp, i.allocated, i.conn_ok.tcp, i.conn_fail.tcp
+                i.used.tcp, i.allocated, i.connections_ok.tcp, i.connections_failed.tcp
             );
         }
     }
