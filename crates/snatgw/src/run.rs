@@ -54,6 +54,7 @@ use snatgw_control::{
     ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store, Stored,
 };
 use snatgw_runtime::fastpath::{FastPath, FastPathMode};
+use snatgw_runtime::persist::{restore_engine, SavedState, Snapshotter, StateFile};
 use snatgw_runtime::{Clock, Parts, Runtime, RuntimeOptions, Wake};
 
 /// Options of `snatgw run` (also its command line).
@@ -131,6 +132,14 @@ pub struct RunArgs {
     /// format, for `snatgw plan --trace` (docs/PLANNER.md).
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Period of the flow-state snapshot `<state-dir>/flow-state`, milliseconds (0: none).
+    /// A restart on the same boot restores flows, ports and timers from it (SPEC R11.1); a
+    /// crash loses at most what changed in the last period, a clean stop nothing.
+    #[arg(long, default_value_t = 1000)]
+    pub flow_state_interval_ms: u64,
+    /// Start with no flows even when a flow state is saved (it is overwritten).
+    #[arg(long)]
+    pub fresh_flows: bool,
 }
 
 impl RunArgs {
@@ -208,9 +217,38 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .map_err(|e| format!("{what}: {e}"))?;
     // The engine's plan checks what validation cannot (R1.3 designation room, R2.8), as for
     // a change through the API; stored designations of groups that remain are kept.
-    let mut engine =
-        snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
-            .map_err(|e| format!("{what}: {e}"))?;
+    // A flow state saved by an earlier run on this boot (SPEC R11.1): engine time keeps its
+    // origin, so saved timers and fast-path timestamps stay valid; the flows are imported
+    // under the topology they ran with, then this run's topology is applied as a live change.
+    let state_file = StateFile::in_dir(&a.state_dir);
+    let saved = restorable_state(a, &state_file);
+    let start_ns = saved
+        .as_ref()
+        .map_or_else(snatgw_io::fastpath::monotonic_ns, |s| s.origin_ns);
+    let clock = Clock::Monotonic { start_ns };
+    let mut engine = match &saved {
+        Some(s) => {
+            use std::hash::BuildHasher;
+            let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
+            let t = std::time::Instant::now();
+            let now = clock.now();
+            let (e, rep) = restore_engine(s, topo, now, key).map_err(|e| format!("{what}: {e}"))?;
+            tracing::info!(
+                flows = rep.flows,
+                skipped = rep.skipped_instance + rep.skipped_port + rep.skipped_conflict,
+                releases = rep.releases,
+                saved_at = s.flows.time,
+                now,
+                ms = t.elapsed().as_millis() as u64,
+                "restored the flow state of the previous run (R11.1)"
+            );
+            e
+        }
+        None => {
+            snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
+                .map_err(|e| format!("{what}: {e}"))?
+        }
+    };
     // Keep the designations the engine made (all of them on a fresh seed) with the topology.
     let mut stored = start_state;
     stored.set_designations(&engine.designations());
@@ -233,9 +271,6 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         None => None,
     };
     let n_inst = engine.instances().len();
-    // Engine time 0 is now: the fast path's timestamps are converted against the same reading.
-    let start_ns = snatgw_io::fastpath::monotonic_ns();
-    let clock = Clock::Monotonic { start_ns };
     if a.tun_private == a.tun_public {
         return Err(format!(
             "--tun-private and --tun-public must name different devices (both are {:?}): the side a packet arrives on decides its direction (SPEC R9.1)",
@@ -299,6 +334,14 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         wakers,
     };
     let mut rt = Runtime::start(parts, private, public, opts).map_err(|e| e.to_string())?;
+    let snapshotter = (a.flow_state_interval_ms > 0).then(|| {
+        Snapshotter::start(
+            rt.gateway().clone(),
+            state_file.clone(),
+            start_ns,
+            Duration::from_millis(a.flow_state_interval_ms.max(100)),
+        )
+    });
 
     let api = match a.api.0 {
         Some(addr) => {
@@ -362,6 +405,16 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let log = rt.events_log();
     rt.run_until_stopped(|_| seq_floor.renew(log.last_seq()));
     let finished = rt.shutdown();
+    // The workers have stopped: a last snapshot holds every flow, so a restart after a clean
+    // stop (an upgrade) loses none.
+    if let Some(snap) = snapshotter {
+        match snap.finish() {
+            Ok(()) => {
+                tracing::info!(path = %state_file.path().display(), "flow state saved for the next start")
+            }
+            Err(e) => tracing::error!(error = %e, "saving the flow state at shutdown failed"),
+        }
+    }
     // Every event is in the log now (the API pushes none): the floor is the last one issued.
     seq_floor.finish(log.last_seq());
     sig_handle.close();
@@ -542,6 +595,37 @@ fn readable_by_others(path: &Path) -> Option<u32> {
 
 /// The token at `path` if it holds one (trimmed, non-empty), else a new one written there;
 /// returns it and whether it was generated.
+/// The flow state to restore, if there is one this run may use: written on this boot (engine
+/// times are `CLOCK_MONOTONIC` seconds, which a reboot resets), readable, and not refused by
+/// `--fresh-flows` or `--flow-state-interval-ms 0`. Every reason not to restore is logged.
+fn restorable_state(a: &RunArgs, file: &StateFile) -> Option<SavedState> {
+    if a.fresh_flows || a.flow_state_interval_ms == 0 {
+        return None;
+    }
+    let s = match file.read() {
+        Ok(Some(s)) => s,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "not restoring flows: the saved flow state is unreadable");
+            return None;
+        }
+    };
+    let boot = snatgw_runtime::persist::boot_id();
+    if boot.is_empty() || s.boot_id != boot {
+        tracing::warn!(
+            saved_boot = %s.boot_id,
+            boot = %boot,
+            "not restoring flows: the flow state is from another boot (its clock and the kernel's maps are gone)"
+        );
+        return None;
+    }
+    if snatgw_io::fastpath::monotonic_ns() < s.origin_ns {
+        tracing::warn!("not restoring flows: the saved clock origin is in the future");
+        return None;
+    }
+    Some(s)
+}
+
 fn token_in_state_dir(path: &Path) -> Result<(String, bool), String> {
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
