@@ -39,6 +39,9 @@ enum Op {
     },
     Advance(u32),
     Resize(usize),
+    /// Export the engine's flow state, encode and decode it, and carry on with a new engine
+    /// (another hash key) that imported it (SPEC R11.1).
+    Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +52,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..20u32).prop_map(Op::Advance),
         1 => prop::sample::select(vec![801usize, 700, 300]).prop_map(Op::Resize),
     ]
+}
+
+fn op_with_restarts() -> impl Strategy<Value = Op> {
+    prop_oneof![19 => op(), 1 => Just(Op::Restart)]
 }
 
 /// Model of one live flow: what its deadline must be.
@@ -113,21 +120,76 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn engine_invariants_hold_under_random_operations(ops in prop::collection::vec(op(), 1..500)) {
+        run(ops)?;
+    }
+
+    /// The same reference model, with the engine replaced at random points by one restored
+    /// from its exported state: deadlines to the second, public 5-tuples, R2.3 and R2.6 hold
+    /// across every restart as if there had been none.
+    #[test]
+    fn r11_1_restored_engine_keeps_every_invariant(ops in prop::collection::vec(op_with_restarts(), 1..500)) {
+        run(ops)?;
+    }
+}
+
+/// A new engine with the topology of `n` instances at `now`, restored from `e`'s exported
+/// state (through its binary encoding), with another hash key.
+fn restart(e: &Engine, n: usize, now: u32, round: u64) -> Engine {
+    use snatgw_core::engine::persist::FlowState;
+    let st = e.export_state();
+    let mut bytes = Vec::new();
+    st.encode(&mut bytes);
+    let back = FlowState::decode(&bytes).expect("decode");
+    assert_eq!(back, st);
+    let mut e2 = Engine::with_hash_key(cfg(n), now, 0x9e37_79b9_7f4a_7c15 ^ round).expect("engine");
+    let rep = e2.import_state(&back);
+    assert_eq!(rep.flows as usize, st.flows.len(), "{rep:?}");
+    assert_eq!(
+        rep.skipped_conflict + rep.skipped_port + rep.skipped_instance,
+        0,
+        "{rep:?}"
+    );
+    e2
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    {
         let mut e = Engine::new(cfg(801), 0).expect("engine");
+        let mut n = 801usize;
+        let mut restarts = 0u64;
         let mut model: HashMap<Key, M> = HashMap::new();
         let mut now = 0u32;
         let dsts = [ip("198.51.100.1"), ip("198.51.100.2"), ip("203.0.113.9")];
         for op in ops {
             match op {
-                Op::Syn { inst, sport, dst, dport } | Op::Udp { inst, sport, dst, dport } => {
+                Op::Syn {
+                    inst,
+                    sport,
+                    dst,
+                    dport,
+                }
+                | Op::Udp {
+                    inst,
+                    sport,
+                    dst,
+                    dport,
+                } => {
                     let is_tcp = matches!(op, Op::Syn { .. });
                     let (src, d) = (private_u32(inst), dsts[dst as usize]);
-                    let p = if is_tcp { Packet::tcp(src, sport, d, dport, SYN) } else { Packet::udp(src, sport, d, dport) };
+                    let p = if is_tcp {
+                        Packet::tcp(src, sport, d, dport, SYN)
+                    } else {
+                        Packet::udp(src, sport, d, dport)
+                    };
                     let key: Key = (if is_tcp { 0 } else { 1 }, src, sport, d, dport);
                     let name = format!("vm-{inst}");
                     let before = e.instance(&name).expect("vm");
                     let l = if is_tcp { 0 } else { 1 };
-                    let to_d = e.flows(Some(&name)).iter().filter(|f| f.l4 as usize == l && f.remote == (d, dport)).count() as u32;
+                    let to_d = e
+                        .flows(Some(&name))
+                        .iter()
+                        .filter(|f| f.l4 as usize == l && f.remote == (d, dport))
+                        .count() as u32;
                     let existed = model.contains_key(&key);
                     let v = out(&mut e, now, p);
                     let after = e.instance(&name).expect("vm");
@@ -136,17 +198,41 @@ proptest! {
                             if !existed {
                                 // R2.3: a port new to the instance only when no used port is free for d.
                                 if after.used[l] > before.used[l] {
-                                    prop_assert_eq!(to_d, before.used[l], "took a new port while a used one was free");
+                                    prop_assert_eq!(
+                                        to_d,
+                                        before.used[l],
+                                        "took a new port while a used one was free"
+                                    );
                                 }
-                                prop_assert!(after.block.iter().any(|&(lo, hi)| (lo..=hi).contains(&port)));
-                                model.insert(key, M { last: now, fin_out: false, fin_in: false, close: None, rst: false, public: (addr, port) });
+                                prop_assert!(after
+                                    .block
+                                    .iter()
+                                    .any(|&(lo, hi)| (lo..=hi).contains(&port)));
+                                model.insert(
+                                    key,
+                                    M {
+                                        last: now,
+                                        fin_out: false,
+                                        fin_in: false,
+                                        close: None,
+                                        rst: false,
+                                        public: (addr, port),
+                                    },
+                                );
                             } else {
                                 let m = model.get_mut(&key).expect("model");
                                 prop_assert_eq!((addr, port), m.public);
                                 m.last = now;
                                 if is_tcp && (m.close.is_some() || m.fin_out || m.fin_in || m.rst) {
                                     // SYN on a closing flow starts it over.
-                                    *m = M { last: now, fin_out: false, fin_in: false, close: None, rst: false, public: m.public };
+                                    *m = M {
+                                        last: now,
+                                        fin_out: false,
+                                        fin_in: false,
+                                        close: None,
+                                        rst: false,
+                                        public: m.public,
+                                    };
                                 }
                             }
                         }
@@ -157,18 +243,32 @@ proptest! {
                         v => prop_assert!(false, "unexpected {:?}", v),
                     }
                 }
-                Op::Pkt { pick, inbound, flags } => {
-                    if model.is_empty() { continue; }
+                Op::Pkt {
+                    pick,
+                    inbound,
+                    flags,
+                } => {
+                    if model.is_empty() {
+                        continue;
+                    }
                     let mut keys: Vec<Key> = model.keys().copied().collect();
                     keys.sort_unstable();
                     let k = keys[pick % keys.len()];
                     let m = model[&k];
                     let is_tcp = k.0 == 0;
                     let v = if inbound {
-                        let p = if is_tcp { Packet::tcp(k.3, k.4, m.public.0, m.public.1, flags) } else { Packet::udp(k.3, k.4, m.public.0, m.public.1) };
+                        let p = if is_tcp {
+                            Packet::tcp(k.3, k.4, m.public.0, m.public.1, flags)
+                        } else {
+                            Packet::udp(k.3, k.4, m.public.0, m.public.1)
+                        };
                         inb(&mut e, now, p)
                     } else {
-                        let p = if is_tcp { Packet::tcp(k.1, k.2, k.3, k.4, flags) } else { Packet::udp(k.1, k.2, k.3, k.4) };
+                        let p = if is_tcp {
+                            Packet::tcp(k.1, k.2, k.3, k.4, flags)
+                        } else {
+                            Packet::udp(k.1, k.2, k.3, k.4)
+                        };
                         out(&mut e, now, p)
                     };
                     let expect_addr = if inbound { (k.1, k.2) } else { m.public };
@@ -178,7 +278,14 @@ proptest! {
                     if is_tcp {
                         if !inbound && flags == SYN {
                             if m.close.is_some() || m.fin_out || m.fin_in || m.rst {
-                                *m = M { last: now, fin_out: false, fin_in: false, close: None, rst: false, public: m.public };
+                                *m = M {
+                                    last: now,
+                                    fin_out: false,
+                                    fin_in: false,
+                                    close: None,
+                                    rst: false,
+                                    public: m.public,
+                                };
                             }
                         } else {
                             if flags & RST != 0 && !m.rst {
@@ -188,7 +295,11 @@ proptest! {
                             }
                             if flags & snatgw_core::tcp_flags::FIN != 0 {
                                 let had = m.fin_out && m.fin_in;
-                                if inbound { m.fin_in = true } else { m.fin_out = true }
+                                if inbound {
+                                    m.fin_in = true
+                                } else {
+                                    m.fin_out = true
+                                }
                                 if m.fin_out && m.fin_in && !had {
                                     let t = now + FIN;
                                     m.close = Some(m.close.map_or(t, |c| c.min(t)));
@@ -201,11 +312,19 @@ proptest! {
                     now += dt;
                     e.advance(now);
                 }
-                Op::Resize(n) => {
+                Op::Restart => {
+                    restarts += 1;
+                    e = restart(&e, n, now, restarts);
+                }
+                Op::Resize(to) => {
+                    n = to;
                     let rep = e.apply(now, cfg(n)).expect("apply");
                     // Flows on reclaimed ports are gone (R2.9): drop them from the model too.
-                    let live: std::collections::HashSet<Key> = e.flows(None).into_iter()
-                        .map(|f| (f.l4 as u8, f.private.0, f.private.1, f.remote.0, f.remote.1)).collect();
+                    let live: std::collections::HashSet<Key> = e
+                        .flows(None)
+                        .into_iter()
+                        .map(|f| (f.l4 as u8, f.private.0, f.private.1, f.remote.0, f.remote.1))
+                        .collect();
                     let before = model.len();
                     model.retain(|k, m| m.deadline() <= now || live.contains(k));
                     let due = model.values().filter(|m| m.deadline() <= now).count();
@@ -219,4 +338,5 @@ proptest! {
             }
         }
     }
+    Ok(())
 }
