@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use snatgw_core::{DropReason, EndCause, Engine, FlowChange, FlowKey, Offload, Packet, Verdict};
+use snatgw_core::{
+    ActivitySource, DropReason, EndCause, Engine, FlowChange, FlowKey, Packet, Verdict,
+};
 
 const SERVER: &str = "198.51.100.7";
 
@@ -15,9 +17,7 @@ const SERVER: &str = "198.51.100.7";
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<HashMap<FlowKey, u32>>>);
 
-impl Offload for Seen {
-    fn install(&mut self, _slot: u32, _key: &FlowKey) {}
-    fn remove(&mut self, _key: &FlowKey) {}
+impl ActivitySource for Seen {
     fn last_seen(&mut self, key: &FlowKey) -> Option<u32> {
         self.0.lock().unwrap().get(key).copied()
     }
@@ -199,45 +199,88 @@ fn r6_1_packets_credited_from_outside_count_for_the_instance() {
     assert_eq!(after.stats[0].packets_out, before.stats[0].packets_out);
 }
 
-/// An offload that records what it is told.
-#[derive(Clone, Default)]
-struct Told(Arc<Mutex<Vec<(bool, FlowKey)>>>);
+/// An activity source that has seen nothing (a fast path that carried no packet yet).
+struct Quiet;
 
-impl Offload for Told {
-    fn install(&mut self, _slot: u32, key: &FlowKey) {
-        self.0.lock().unwrap().push((true, *key));
-    }
-    fn remove(&mut self, key: &FlowKey) {
-        self.0.lock().unwrap().push((false, *key));
-    }
+impl ActivitySource for Quiet {
     fn last_seen(&mut self, _key: &FlowKey) -> Option<u32> {
         None
     }
 }
 
+/// `(opened?, key)` of each Opened and Closed entry, in queue order.
+fn opens_and_closes(j: &[FlowChange]) -> Vec<(bool, FlowKey)> {
+    j.iter()
+        .filter_map(|c| match c {
+            FlowChange::Opened { key, .. } => Some((true, *key)),
+            FlowChange::Closed { key, .. } => Some((false, *key)),
+            FlowChange::Refused { .. } => None,
+        })
+        .collect()
+}
+
 #[test]
-fn r2_2_offload_is_told_of_every_open_and_close_in_order() {
+fn r2_2_an_offload_learns_of_every_open_and_close_in_order_from_the_journal() {
     let mut e = reference();
     let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
     out(&mut e, 0, Packet::udp(src, 5000, dst, 53));
-    let told = Told::default();
-    e.set_offload(Some(Box::new(told.clone())));
-    // Attached to a running engine: the live flow is installed at once.
-    let first = {
-        let t = told.0.lock().unwrap();
-        assert_eq!(t.len(), 1);
-        assert!(t[0].0);
-        t[0].1
-    };
+    assert_eq!(
+        e.journal_pending(),
+        0,
+        "journal off, no offload: nothing kept"
+    );
+    e.set_offload(Some(Box::new(Quiet)));
+    assert!(e.has_offload());
+    // Attached to a running engine: the live flows are what it installs first.
+    let live: Vec<_> = e.live_flow_keys().collect();
+    assert_eq!(live.len(), 1);
+    let (slot, first) = live[0];
+    assert_eq!(e.instance_slot("vm-alone"), Some(slot));
     assert_eq!((first.src, first.sport, first.dst), (src, 5000, dst));
+    // An offload keeps the journal on even when the recorder's switch is off.
+    e.set_journal(false);
     out(&mut e, 10, Packet::udp(src, 5001, dst, 53));
+    assert_eq!(e.journal_pending(), 1);
     // 240 s idle (R3.4): the first flow goes at 240, the second at 250, in that order.
     e.advance(240);
     e.advance(250);
-    let t = told.0.lock().unwrap().clone();
-    assert_eq!(t.len(), 4, "{t:?}");
-    assert!(t[1].0 && t[1].1.sport == 5001);
-    assert_eq!(t[2], (false, first));
-    assert!(!t[3].0 && t[3].1.sport == 5001);
+    let t = opens_and_closes(&journal(&mut e));
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t[0].0 && t[0].1.sport == 5001);
+    assert_eq!(t[1], (false, first));
+    assert!(!t[2].0 && t[2].1.sport == 5001);
     assert_eq!(e.live_flows(), 0);
+    assert_eq!(e.live_flow_keys().count(), 0);
+    // Removing the offload (journal off) stops the queue.
+    e.set_offload(None);
+    out(&mut e, 300, Packet::udp(src, 5002, dst, 53));
+    assert_eq!(e.journal_pending(), 0);
+}
+
+#[test]
+fn r2_2_a_released_port_is_closed_in_the_journal_before_its_new_owner_opens() {
+    // vm-alone's 1024 ports (R2.8) all held for one destination at t=0; at 240 (R3.4 idle)
+    // one new flow to that destination gets a released port in the same call that reaps them
+    // (R9.4: the allocator reaps the destination's due flows first). The queue must hold the
+    // old owner's Closed before the new owner's Opened, so a consumer applying it in order
+    // ends with the new owner's translation and none of the old one's.
+    let mut e = reference();
+    e.set_offload(Some(Box::new(Quiet)));
+    let (src, dst) = (ip("10.0.3.20"), ip(SERVER));
+    let allocated = e.instance("vm-alone").unwrap().allocated;
+    for i in 0..allocated {
+        out(&mut e, 0, Packet::udp(src, 10000 + i as u16, dst, 443));
+    }
+    journal(&mut e);
+    let (_, port) = translated(out(&mut e, 240, Packet::udp(src, 9999, dst, 443)));
+    let t = opens_and_closes(&journal(&mut e));
+    let opened = t.iter().position(|(o, _)| *o).expect("the new flow opened");
+    assert_eq!(opened, t.len() - 1, "the Opened comes last: {}", t.len());
+    let old = t[..opened]
+        .iter()
+        .position(|(o, k)| !o && k.pport == port && k.dst == dst)
+        .expect("the port's old owner closed");
+    assert!(old < opened);
+    assert_eq!(t[opened].1.pport, port);
+    assert_eq!(t[opened].1.sport, 9999);
 }

@@ -11,7 +11,9 @@
 //! never leaves translations behind.
 //!
 //! What it does not do: decide anything. Which flows exist, their ports and their ends are
-//! the engine's (`snatgw-core`'s `Offload`); the binary maps engine flows to entries.
+//! the engine's: its journal says which flows to install and remove (`snatgw-runtime` applies it
+//! with [`FlowMap::insert_batch`] and [`FlowMap::remove_batch`]), and its `ActivitySource` reads
+//! last-seen times through a [`FlowMapReader`].
 //!
 //! Keys and values are `#[repr(C)]` copies of the C structs, addresses and ports in network
 //! byte order as the program reads them off the wire.
@@ -36,6 +38,7 @@
 //! (`abi::ABI_CHECKED` is then false; a unit test insists on it whenever the program is built).
 
 use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -228,8 +231,67 @@ pub struct TcFastPath {
 }
 
 /// The flow map.
+///
+/// Single entries go through aya; runs of entries through [`FlowMap::insert_batch`] and
+/// [`FlowMap::remove_batch`], one `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` system call
+/// per run (aya 0.14 has no wrapper for them), falling back to one call per entry on a kernel
+/// that refuses batches on hash maps (before 5.6). Both apply entries in slice order and stop
+/// at nothing: an entry the kernel refuses is reported and the rest still go in.
 pub struct FlowMap {
     map: HashMap<MapData, BpfFlowKey, BpfFlowVal>,
+    /// A second descriptor of the same map, for the batch system calls (aya keeps its own
+    /// private).
+    fd: OwnedFd,
+    /// Whether batch calls are (still) tried: cleared once the kernel refused one as an
+    /// unsupported operation.
+    batch: bool,
+    /// System calls made on the map by the batch methods (for measurements and tests).
+    syscalls: u64,
+}
+
+/// A read-only handle on the flow map (its own descriptor): what the engine's activity
+/// question (`snatgw_core::ActivitySource`) reads while the [`FlowMap`] is owned elsewhere.
+pub struct FlowMapReader {
+    map: HashMap<MapData, BpfFlowKey, BpfFlowVal>,
+}
+
+impl FlowMapReader {
+    /// The entry for `k`, if present.
+    pub fn get(&self, k: &BpfFlowKey) -> Option<BpfFlowVal> {
+        self.map.get(k, 0).ok()
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (`enum bpf_cmd`, include/uapi/linux/bpf.h).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `BPF_MAP_DELETE_BATCH`.
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's internal "operation not supported" (`ENOTSUPP`), which leaks to user space from
+/// some BPF paths.
+const ENOTSUPP: i32 = 524;
+
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h, stable since 5.6): the
+/// kernel reads this many bytes and zero-fills the rest of the union.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Whether `e`, from a batch call that processed nothing, says the kernel has no batch
+/// operation for this map (rather than refusing the first entry).
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP)
+    )
 }
 
 /// The program's counters.
@@ -282,6 +344,17 @@ fn missing(name: &'static str) -> FastPathError {
 /// Wraps a map error of map `name`.
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> FastPathError {
     move |source| FastPathError::Map { name, source }
+}
+
+/// The error of duplicating the flow map's descriptor.
+fn dup_error(io_error: std::io::Error) -> FastPathError {
+    FastPathError::Map {
+        name: "FLOWS",
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        }),
+    }
 }
 
 /// Takes map `name` out of `ebpf` as the typed map `f` makes of it.
@@ -351,7 +424,25 @@ impl TcFastPath {
                     .map_err(err(format!("attaching {prog} to {ifname} ingress")))?;
             }
         }
-        let map = take(&mut ebpf, "FLOWS", HashMap::try_from)?;
+        let map = ebpf.take_map("FLOWS").ok_or_else(|| missing("FLOWS"))?;
+        let fd = match &map {
+            Map::HashMap(data) => data
+                .info()
+                .and_then(|i| i.fd())
+                .map_err(map_error("FLOWS"))?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(dup_error)?,
+            _ => {
+                return Err(FastPathError::Map {
+                    name: "FLOWS",
+                    source: aya::maps::MapError::InvalidName {
+                        name: "FLOWS".into(),
+                    },
+                })
+            }
+        };
+        let map = HashMap::try_from(map).map_err(map_error("FLOWS"))?;
         let counters = take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let stats = take(&mut ebpf, "STATS", PerCpuArray::try_from)?;
         Ok((
@@ -360,7 +451,12 @@ impl TcFastPath {
                 private_ifindex,
                 public_ifindex,
             },
-            FlowMap { map },
+            FlowMap {
+                map,
+                fd,
+                batch: true,
+                syscalls: 0,
+            },
             FastPathCounters {
                 counters,
                 stats,
@@ -402,6 +498,166 @@ impl FlowMap {
     /// Whether the map is empty (walks the map).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every key in the map (walks it).
+    pub fn keys(&self) -> Vec<BpfFlowKey> {
+        self.map.keys().filter_map(Result::ok).collect()
+    }
+
+    /// A read-only handle on the same map with its own descriptor.
+    pub fn reader(&self) -> Result<FlowMapReader, FastPathError> {
+        let fd = self.fd.try_clone().map_err(dup_error)?;
+        let data = MapData::from_fd(fd).map_err(map_error("FLOWS"))?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(map_error("FLOWS"))?;
+        Ok(FlowMapReader { map })
+    }
+
+    /// Whether runs go to the kernel as batches (false once it refused one).
+    pub fn batches(&self) -> bool {
+        self.batch
+    }
+
+    /// Turns batch calls off (the per-entry fallback a kernel without batches on hash maps
+    /// gets) or back on: for tests and measurements.
+    pub fn set_batches(&mut self, on: bool) {
+        self.batch = on;
+    }
+
+    /// System calls the batch methods made so far (one per batch, one per entry in the
+    /// fallback, one per refused entry).
+    pub fn batch_syscalls(&self) -> u64 {
+        self.syscalls
+    }
+
+    /// Inserts or replaces `keys[i]` → `vals[i]`, in order, with one system call when nothing is
+    /// refused. The indices of entries the kernel refused (the map full, `E2BIG`) are appended
+    /// to `failed`; the others are in the map afterwards.
+    ///
+    /// # Panics
+    /// If `keys` and `vals` differ in length.
+    pub fn insert_batch(
+        &mut self,
+        keys: &[BpfFlowKey],
+        vals: &[BpfFlowVal],
+        failed: &mut Vec<usize>,
+    ) {
+        assert_eq!(keys.len(), vals.len(), "one value per key");
+        let mut at = 0;
+        while at < keys.len() {
+            if !self.batch {
+                for i in at..keys.len() {
+                    self.syscalls += 1;
+                    if self.map.insert(keys[i], vals[i], 0).is_err() {
+                        failed.push(i);
+                    }
+                }
+                return;
+            }
+            match self.batch_call(BPF_MAP_UPDATE_BATCH, &keys[at..], Some(&vals[at..])) {
+                Ok(()) => return,
+                Err((done, e)) => {
+                    if done == 0 && batch_unsupported(&e) {
+                        // Unsupported, or the first entry refused: one entry alone tells.
+                        self.syscalls += 1;
+                        match self.map.insert(keys[at], vals[at], 0) {
+                            Ok(()) => self.batch = false,
+                            Err(_) => failed.push(at),
+                        }
+                        at += 1;
+                    } else {
+                        // Entries before `at + done` are in; that one was refused.
+                        failed.push(at + done);
+                        at += done + 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes `keys`, in order, with one system call when all are present; a missing key is
+    /// not an error. Returns how many removals failed otherwise.
+    pub fn remove_batch(&mut self, keys: &[BpfFlowKey]) -> usize {
+        let mut errors = 0;
+        let mut at = 0;
+        while at < keys.len() {
+            if !self.batch {
+                for k in &keys[at..] {
+                    self.syscalls += 1;
+                    if self.remove(k).is_err() {
+                        errors += 1;
+                    }
+                }
+                return errors;
+            }
+            match self.batch_call(BPF_MAP_DELETE_BATCH, &keys[at..], None) {
+                Ok(()) => return errors,
+                Err((done, e)) => {
+                    if e.raw_os_error() == Some(libc::ENOENT) {
+                        // `keys[at + done]` is not in the map: nothing to remove there.
+                        at += done + 1;
+                    } else if done == 0 && batch_unsupported(&e) {
+                        self.syscalls += 1;
+                        match self.remove(&keys[at]) {
+                            Ok(()) => self.batch = false,
+                            Err(_) => errors += 1,
+                        }
+                        at += 1;
+                    } else {
+                        errors += 1;
+                        at += done + 1;
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    /// Removes every entry (resynchronisation). Returns how many removals failed.
+    pub fn clear(&mut self) -> usize {
+        let keys = self.keys();
+        self.remove_batch(&keys)
+    }
+
+    /// One batch system call over `keys` (and `vals` for an update): `Err((entries done,
+    /// error))` when the kernel stopped early or refused the call.
+    fn batch_call(
+        &mut self,
+        cmd: libc::c_long,
+        keys: &[BpfFlowKey],
+        vals: Option<&[BpfFlowVal]>,
+    ) -> Result<(), (usize, std::io::Error)> {
+        let count = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: vals.map_or(0, |v| v.as_ptr() as u64),
+            count,
+            map_fd: self.fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        self.syscalls += 1;
+        // SAFETY: `attr` is the `batch` member of `union bpf_attr`, fully initialised, and
+        // outlives the call; `size_of::<BatchAttr>()` tells the kernel how much of it to read
+        // (it zero-fills the rest of the union). `keys` points to `count` keys (and `values`,
+        // for an update, to `count` values: `insert_batch` checked the lengths match) of the
+        // map's key and value sizes (`#[repr(C)]` mirrors of the program's structs, checked
+        // against its header by the build), which the kernel only reads. The kernel writes
+        // back only `attr.count`, a field of our `attr`. `map_fd` is our open descriptor.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::addr_of_mut!(attr),
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            let e = std::io::Error::last_os_error();
+            Err(((attr.count as usize).min(keys.len()), e))
+        }
     }
 }
 

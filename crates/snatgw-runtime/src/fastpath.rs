@@ -2,14 +2,40 @@
 //!
 //! What it does: sets up `snatgw-io`'s tc program on the interfaces the operator names
 //! (`--private-if`, `--public-if`: where the instances' and the internet's packets arrive,
-//! SPEC R9.1), and gives the engine a [`TcOffload`] (`snatgw_core::Offload`): every flow the
-//! engine opens is installed as two map entries (outbound by private 5-tuple, inbound by
-//! public 5-tuple), every flow it ends is removed before the call that ended it returns, so
-//! the kernel never translates with a released port (R2.2). Before the engine removes a flow
-//! as idle it asks the map when the flow's last packet went through the kernel, so keepalives
-//! that never leave the fast path keep it alive to the second (R3.4, R3.5). FIN, RST and SYN
-//! always go up to the engine, so R3.1–R3.3 stay its own. Packet counts the kernel made are
-//! credited per instance and protocol every second ([`FastPath::harvest`], R6.1).
+//! SPEC R9.1), and carries the engine's flow changes to the kernel: every flow the engine
+//! opens is installed as two map entries (outbound by private 5-tuple, inbound by public
+//! 5-tuple), every flow it ends is removed. Before the engine removes a flow as idle it asks the
+//! map ([`TcActivity`], the engine's `ActivitySource`) when the flow's last packet went through
+//! the kernel, so keepalives that never leave the fast path keep it alive to the second (R3.4,
+//! R3.5). FIN, RST and SYN always go up to the engine, so R3.1–R3.3 stay its own. Packet counts
+//! the kernel made are credited per instance and protocol every second ([`FastPath::harvest`],
+//! R6.1).
+//!
+//! # One channel, applied before the lock is released (issue #16)
+//!
+//! The engine does not call the kernel. It records opens and closes, in its order, in its
+//! journal (`Engine::drain_journal`, the same queue the flow recorder reads); the runtime
+//! drains it with a `Feed` after each batch of packets and each timer step, *before it
+//! releases the gateway lock*, and hands it to an [`OffloadSink`] (here [`TcOffload`]): each
+//! run of consecutive opens is one `BPF_MAP_UPDATE_BATCH`, each run of consecutive closes one
+//! `BPF_MAP_DELETE_BATCH` (per-entry calls on kernels that refuse batches on hash maps). Runs
+//! are never reordered, so a close is in the kernel before any later open, in particular the
+//! open of the flow that got the released port. What that guarantees (R2.2):
+//! - **No kernel entry outlives its port for a new owner.** A released port can get a new
+//!   owner only in `Engine::process`, which only workers call; the worker applies the queue
+//!   (the old owner's removal first) before it releases the lock, so before the new owner's
+//!   first packet is even sent, and the kernel never holds both owners' translations.
+//! - **Closes made under the lock by other holders** (the API's configuration change and its
+//!   expiry steps, R2.9 reclaims) are queued like any other and applied by the next batch or
+//!   timer step of the runtime, at most one housekeeping tick (100 ms) later; until then the
+//!   kernel may still carry the ended flow's own packets (nobody else can have its port: the
+//!   new owner's open is queued after the close).
+//! - **Loss.** The queue holds `JOURNAL_CAP` changes; the runtime drains it after every batch,
+//!   so only one enormous change (an instance with over a million flows reclaimed at once) can
+//!   overflow it. The `Feed` sees `Engine::journal_lost` grow and resynchronises under the same
+//!   lock: it empties the map and installs `Engine::live_flow_keys`, discarding the queued
+//!   changes (older than that set) for the kernel; the recorder still gets them and counts the
+//!   loss.
 //!
 //! Modes: `off` (TUN only), `tc` (fast path or fail to start), `auto` (fast path when
 //! possible, else the TUN path with one warning saying why). Flows that do not fit the map
@@ -23,11 +49,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use snatgw_core::{proto, Engine, FlowKey, Offload, Time};
+use snatgw_core::{proto, ActivitySource, Engine, FlowChange, FlowKey, Time, JOURNAL_CAP};
 
 use snatgw_io::fastpath::{
-    counter_index, BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap, TcFastPath,
-    DIR_IN, DIR_OUT, STAT_NAMES,
+    counter_index, BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap,
+    FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
 };
 
 /// `--fast-path`.
@@ -98,17 +124,193 @@ pub struct OffloadCounters {
     removed: AtomicU64,
     install_failed: AtomicU64,
     skipped: AtomicU64,
+    syscalls: AtomicU64,
 }
 
-/// The engine's view of the kernel's flow map.
+/// Where the engine's flow changes are carried out (a kernel flow map; a fake in tests). Called
+/// by the runtime's `Feed` under the gateway lock, in the engine's order, one call per run of
+/// consecutive changes of one kind: the calls are never reordered, so everything removed by a
+/// call is gone before anything a later call installs.
+pub trait OffloadSink: Send {
+    /// These flows opened (instance slot, translation), in order: their packets may be
+    /// translated outside the engine from now on.
+    fn install(&mut self, flows: &[(u32, FlowKey)]);
+    /// These flows ended and their ports are released, in order: translate none of their
+    /// packets any more. A flow never installed (refused, skipped) may be among them.
+    fn remove(&mut self, flows: &[FlowKey]);
+    /// Forget every flow (resynchronisation after the journal lost changes; the live flows are
+    /// installed right after, under the same lock).
+    fn clear(&mut self);
+}
+
+/// Flows per call when the live flows are installed at once (attach, resynchronisation).
+const INSTALL_CHUNK: usize = 4096;
+
+/// The journal's consumer in the runtime (module doc): drains the engine's one queue of flow
+/// changes under the gateway lock, applies opens and closes to the offload in runs, and keeps
+/// every change for the recorder (if any) until the housekeeping tick takes them.
+pub(crate) struct Feed {
+    offload: Option<Box<dyn OffloadSink>>,
+    record: bool,
+    /// Changes for the recorder, oldest first.
+    recorded: Vec<FlowChange>,
+    /// Changes the recorder will not see (its buffer was full).
+    record_lost: u64,
+    /// `Engine::journal_lost` when last drained.
+    lost_seen: u64,
+    scratch: Vec<FlowChange>,
+    installs: Vec<(u32, FlowKey)>,
+    removes: Vec<FlowKey>,
+}
+
+impl Feed {
+    /// A feed for `offload` and/or a recorder; `engine` is the one it will drain: its journal is
+    /// turned on if anything consumes it, and an offload is given every live flow first.
+    pub(crate) fn new(
+        offload: Option<Box<dyn OffloadSink>>,
+        record: bool,
+        engine: &mut Engine,
+    ) -> Feed {
+        let mut f = Feed {
+            offload,
+            record,
+            recorded: Vec::new(),
+            record_lost: 0,
+            lost_seen: engine.journal_lost(),
+            scratch: Vec::new(),
+            installs: Vec::new(),
+            removes: Vec::new(),
+        };
+        if f.offload.is_some() || record {
+            engine.set_journal(true);
+        }
+        if let Some(o) = f.offload.as_mut() {
+            install_live(o.as_mut(), &mut f.installs, engine);
+        }
+        f
+    }
+
+    /// Drains `engine`'s journal and applies it (call under the gateway lock, after every
+    /// engine call that may open or close flows, before the lock is released). Nothing to do
+    /// costs two loads.
+    pub(crate) fn flush(&mut self, engine: &mut Engine) {
+        let lost = engine.journal_lost();
+        if engine.journal_pending() == 0 && lost == self.lost_seen {
+            return;
+        }
+        engine.drain_journal(&mut self.scratch);
+        if let Some(o) = self.offload.as_mut() {
+            if lost != self.lost_seen {
+                // Changes were lost: the map cannot be patched, rebuild it from the engine's
+                // flows (the queued changes are older than them and are not applied).
+                tracing::warn!(
+                    lost = lost - self.lost_seen,
+                    "flow journal overflowed: fast path map resynchronised from the flow table"
+                );
+                o.clear();
+                install_live(o.as_mut(), &mut self.installs, engine);
+            } else {
+                apply_in_runs(
+                    o.as_mut(),
+                    &self.scratch,
+                    &mut self.installs,
+                    &mut self.removes,
+                );
+            }
+        }
+        self.lost_seen = lost;
+        if self.record {
+            let room = JOURNAL_CAP.saturating_sub(self.recorded.len());
+            let n = self.scratch.len();
+            self.record_lost += n.saturating_sub(room) as u64;
+            self.recorded.extend(self.scratch.drain(..n.min(room)));
+        }
+        self.scratch.clear();
+    }
+
+    /// Takes the changes kept for the recorder (oldest first).
+    pub(crate) fn take_recorded(&mut self) -> Vec<FlowChange> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// Changes the recorder did not get because they were not taken in time.
+    pub(crate) fn record_lost(&self) -> u64 {
+        self.record_lost
+    }
+}
+
+/// Gives `o` every live flow of `engine`, in chunks.
+fn install_live(o: &mut dyn OffloadSink, buf: &mut Vec<(u32, FlowKey)>, engine: &Engine) {
+    buf.clear();
+    for f in engine.live_flow_keys() {
+        buf.push(f);
+        if buf.len() == INSTALL_CHUNK {
+            o.install(buf);
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        o.install(buf);
+        buf.clear();
+    }
+}
+
+/// Applies `changes` to `o` in order, one call per run of opens or closes (refusals touch no
+/// translation and are skipped, so they do not split a run).
+fn apply_in_runs(
+    o: &mut dyn OffloadSink,
+    changes: &[FlowChange],
+    installs: &mut Vec<(u32, FlowKey)>,
+    removes: &mut Vec<FlowKey>,
+) {
+    installs.clear();
+    removes.clear();
+    for c in changes {
+        match c {
+            FlowChange::Opened { slot, key, .. } => {
+                if !removes.is_empty() {
+                    o.remove(removes);
+                    removes.clear();
+                }
+                installs.push((*slot, *key));
+            }
+            FlowChange::Closed { key, .. } => {
+                if !installs.is_empty() {
+                    o.install(installs);
+                    installs.clear();
+                }
+                removes.push(*key);
+            }
+            FlowChange::Refused { .. } => {}
+        }
+    }
+    if !removes.is_empty() {
+        o.remove(removes);
+        removes.clear();
+    }
+    if !installs.is_empty() {
+        o.install(installs);
+        installs.clear();
+    }
+}
+
+/// The kernel's flow map as the runtime writes it ([`OffloadSink`]).
 pub struct TcOffload {
     map: FlowMap,
     private_ifindex: u32,
     public_ifindex: u32,
-    /// `CLOCK_MONOTONIC` nanoseconds at engine time 0.
-    start_ns: u64,
     counter_slots: u32,
     counters: Arc<OffloadCounters>,
+    keys: Vec<BpfFlowKey>,
+    vals: Vec<BpfFlowVal>,
+    failed: Vec<usize>,
+}
+
+/// The kernel's flow map as the engine asks it for flows' last packets ([`ActivitySource`]).
+pub struct TcActivity {
+    map: FlowMapReader,
+    /// `CLOCK_MONOTONIC` nanoseconds at engine time 0.
+    start_ns: u64,
 }
 
 /// The two keys of a flow, as the program reads them off the wire: outbound (private
@@ -169,36 +371,80 @@ fn entries(
     ]
 }
 
-impl Offload for TcOffload {
-    fn install(&mut self, slot: u32, key: &FlowKey) {
-        if slot >= self.counter_slots {
-            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
-            return;
+impl TcOffload {
+    fn note_syscalls(&self) {
+        self.counters
+            .syscalls
+            .store(self.map.batch_syscalls(), Ordering::Relaxed);
+    }
+}
+
+impl OffloadSink for TcOffload {
+    fn install(&mut self, flows: &[(u32, FlowKey)]) {
+        self.keys.clear();
+        self.vals.clear();
+        for (slot, key) in flows {
+            if *slot >= self.counter_slots {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            for (k, v) in entries(*slot, key, self.public_ifindex, self.private_ifindex) {
+                self.keys.push(k);
+                self.vals.push(v);
+            }
         }
-        let [(ko, vo), (ki, vi)] = entries(slot, key, self.public_ifindex, self.private_ifindex);
-        if self.map.insert(&ko, &vo).is_err() {
-            self.counters.install_failed.fetch_add(1, Ordering::Relaxed);
-            return;
+        self.failed.clear();
+        self.map
+            .insert_batch(&self.keys, &self.vals, &mut self.failed);
+        // A flow with a refused entry (the map full) stays on the TUN path: take out the
+        // entry that went in. Keys of one run are distinct (no two live flows share one), so
+        // this touches no other flow of the run.
+        let mut failed_flows = 0u64;
+        let mut last = usize::MAX;
+        for &i in &self.failed {
+            let flow = i / 2;
+            if flow == last {
+                continue;
+            }
+            last = flow;
+            failed_flows += 1;
+            let pair = [self.keys[2 * flow], self.keys[2 * flow + 1]];
+            self.map.remove_batch(&pair);
         }
-        if self.map.insert(&ki, &vi).is_err() {
-            let _ = self.map.remove(&ko);
-            self.counters.install_failed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.counters.installed.fetch_add(1, Ordering::Relaxed);
+        let ok = (self.keys.len() / 2) as u64 - failed_flows;
+        self.counters
+            .install_failed
+            .fetch_add(failed_flows, Ordering::Relaxed);
+        self.counters.installed.fetch_add(ok, Ordering::Relaxed);
+        self.note_syscalls();
     }
 
-    fn remove(&mut self, key: &FlowKey) {
-        let [ko, ki] = keys(key);
-        // Both, whatever happened at install: a missing entry is not an error.
-        let a = self.map.remove(&ko);
-        let b = self.map.remove(&ki);
-        if a.is_err() || b.is_err() {
-            tracing::error!(?key, "fast path: removing a flow's entries failed");
+    fn remove(&mut self, flows: &[FlowKey]) {
+        self.keys.clear();
+        for key in flows {
+            self.keys.extend(keys(key));
         }
-        self.counters.removed.fetch_add(1, Ordering::Relaxed);
+        // Both entries of each, whatever happened at install: a missing entry is not an error.
+        let errors = self.map.remove_batch(&self.keys);
+        if errors > 0 {
+            tracing::error!(errors, "fast path: removing flows' entries failed");
+        }
+        self.counters
+            .removed
+            .fetch_add(flows.len() as u64, Ordering::Relaxed);
+        self.note_syscalls();
     }
 
+    fn clear(&mut self) {
+        let errors = self.map.clear();
+        if errors > 0 {
+            tracing::error!(errors, "fast path: emptying the flow map failed");
+        }
+        self.note_syscalls();
+    }
+}
+
+impl ActivitySource for TcActivity {
     fn last_seen(&mut self, key: &FlowKey) -> Option<Time> {
         let ns = keys(key)
             .iter()
@@ -217,6 +463,8 @@ pub struct FastPath {
     _fp: TcFastPath,
     counters: FastPathCounters,
     offload: Arc<OffloadCounters>,
+    /// The map writer, until the runtime takes it ([`FastPath::take_offload`]).
+    sink: Option<TcOffload>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
     floor: bool,
@@ -241,12 +489,18 @@ pub struct FastPathSnap {
     pub install_failed: u64,
     /// Flows of instance slots without counters (they stay on the TUN path).
     pub skipped: u64,
+    /// System calls made on the flow map to install and remove flows (one per run of opens or
+    /// closes when the kernel takes batches).
+    #[serde(default)]
+    pub map_syscalls: u64,
     /// The program's counters: translated_out, translated_in, and why packets went up.
     pub packets: std::collections::BTreeMap<String, u64>,
 }
 
 impl FastPath {
-    /// Sets the fast path up per `mode` and, when it runs, gives `engine` its offload.
+    /// Sets the fast path up per `mode` and, when it runs, gives `engine` its offload's activity
+    /// source (which turns the engine's journal on; the runtime applies the journal to the map,
+    /// [`FastPath::take_offload`]).
     /// `start_ns` is the `CLOCK_MONOTONIC` time of engine time 0. Returns `None` for the TUN
     /// path (mode `off`, or `auto` when it cannot run, logged); `Err` only in mode `tc`.
     pub fn setup(
@@ -286,16 +540,32 @@ impl FastPath {
             }
         };
         let offload = Arc::new(OffloadCounters::default());
-        if !floor {
-            engine.set_offload(Some(Box::new(TcOffload {
+        let sink = if floor {
+            None
+        } else {
+            let reader = match map.reader() {
+                Ok(r) => r,
+                Err(e) if mode == FastPathMode::Tc => return Err(SetupError::Load(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fast path unavailable, falling back to the TUN path for every packet");
+                    return Ok(None);
+                }
+            };
+            engine.set_offload(Some(Box::new(TcActivity {
+                map: reader,
+                start_ns,
+            })));
+            Some(TcOffload {
                 map,
                 private_ifindex: fp.private_ifindex,
                 public_ifindex: fp.public_ifindex,
-                start_ns,
                 counter_slots: COUNTER_SLOTS,
                 counters: offload.clone(),
-            })));
-        }
+                keys: Vec::new(),
+                vals: Vec::new(),
+                failed: Vec::new(),
+            })
+        };
         tracing::info!(
             private_if,
             public_if,
@@ -307,11 +577,20 @@ impl FastPath {
             _fp: fp,
             counters,
             offload,
+            sink,
             credited: Vec::new(),
             floor,
             private_if: private_if.into(),
             public_if: public_if.into(),
         }))
+    }
+
+    /// The writer of the kernel's flow map, for the runtime's `Feed` (once; `None` in floor
+    /// mode, where nothing is translated).
+    pub(crate) fn take_offload(&mut self) -> Option<Box<dyn OffloadSink>> {
+        self.sink
+            .take()
+            .map(|s| Box::new(s) as Box<dyn OffloadSink>)
     }
 
     /// The packets the kernel translated since the last call, per instance slot and protocol,
@@ -353,6 +632,7 @@ impl FastPath {
             removed: o.removed.load(Ordering::Relaxed),
             install_failed: o.install_failed.load(Ordering::Relaxed),
             skipped: o.skipped.load(Ordering::Relaxed),
+            map_syscalls: o.syscalls.load(Ordering::Relaxed),
             packets: STAT_NAMES
                 .iter()
                 .zip(self.counters.stats())
@@ -365,6 +645,79 @@ impl FastPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each call: (install?, source ports of its flows).
+    #[derive(Default)]
+    struct Calls(Vec<(bool, Vec<u16>)>);
+
+    impl OffloadSink for Calls {
+        fn install(&mut self, flows: &[(u32, FlowKey)]) {
+            self.0
+                .push((true, flows.iter().map(|(_, k)| k.sport).collect()));
+        }
+        fn remove(&mut self, flows: &[FlowKey]) {
+            self.0
+                .push((false, flows.iter().map(|k| k.sport).collect()));
+        }
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+    }
+
+    #[test]
+    fn runs_of_one_kind_are_batched_and_never_reordered() {
+        let key = |sport: u16, pport: u16| FlowKey {
+            proto: proto::UDP,
+            src: 1,
+            sport,
+            dst: 2,
+            dport: 53,
+            public: 3,
+            pport,
+        };
+        let opened = |k| FlowChange::Opened {
+            at: 0,
+            instance: "vm".into(),
+            slot: 0,
+            key: k,
+        };
+        let closed = |k| FlowChange::Closed {
+            at: 0,
+            instance: "vm".into(),
+            slot: 0,
+            key: k,
+            cause: snatgw_core::EndCause::Idle,
+        };
+        let refused = FlowChange::Refused {
+            at: 0,
+            instance: "vm".into(),
+            slot: 0,
+            key: key(9, 0),
+            reason: snatgw_core::DropReason::PortsExhausted,
+        };
+        // Port 1024 goes from flow 1 to flow 3 between the close and the open.
+        let changes = [
+            opened(key(1, 1024)),
+            opened(key(2, 1025)),
+            refused.clone(),
+            closed(key(1, 1024)),
+            opened(key(3, 1024)),
+            refused,
+            opened(key(4, 1026)),
+            closed(key(2, 1025)),
+        ];
+        let mut o = Calls::default();
+        apply_in_runs(&mut o, &changes, &mut Vec::new(), &mut Vec::new());
+        assert_eq!(
+            o.0,
+            vec![
+                (true, vec![1, 2]),
+                (false, vec![1]),
+                (true, vec![3, 4]),
+                (false, vec![2]),
+            ]
+        );
+    }
 
     #[test]
     fn entries_are_the_wire_view_of_both_directions() {

@@ -21,6 +21,14 @@
 //! the flow recorder, credits the kernel fast path's packet counts (R6.1), and writes the
 //! stats snapshot when due.
 //!
+//! **Flow changes reach the fast path and the recorder through one channel**, the engine's
+//! journal: whoever of the runtime holds the gateway lock (a worker after its batch, the tick
+//! after each timer step) drains it before releasing the lock and applies it to the kernel's
+//! flow map in the engine's order, in batches (`crate::fastpath::Feed`; what that guarantees
+//! for R2.2 is in the [`crate::fastpath`] module doc); the same entries are kept for the
+//! recorder, which the tick feeds outside the lock. Lock order: the gateway, then the feed
+//! (the feed's mutex is only ever taken under the gateway lock, so it is never contended).
+//!
 //! What it does not do: open devices, parse arguments, serve the API, handle signals or
 //! decide the topology (the `snatgw` binary does); it runs whatever [`PacketIo`] queues and
 //! engine it is given, so the same code runs on TUN queues in production and on
@@ -39,7 +47,7 @@ use snatgw_core::{Direction, Engine, EXPIRY_BUDGET};
 use snatgw_dataplane::{Gateway, Outcome};
 use snatgw_io::{IoStats, PacketIo};
 
-use crate::fastpath::FastPath;
+use crate::fastpath::{FastPath, Feed, OffloadSink};
 use crate::logcap::{Admit, LogCap};
 use crate::record::Recorder;
 use crate::stats::{self, Snapshot};
@@ -197,6 +205,8 @@ struct Shared {
     /// The fast path's counters as of the last harvest (about once a second), for `/metrics`:
     /// the API thread reads this, never the kernel's maps. `None` without a fast path.
     fast_path: Mutex<Option<FastPathCounters>>,
+    /// The journal's consumer: taken only under the gateway lock ([`Shared::flush`]).
+    feed: Mutex<Feed>,
 }
 
 impl Shared {
@@ -220,6 +230,15 @@ impl Shared {
                 g
             }
         }
+    }
+
+    /// Applies the engine's queued flow changes (to the fast path's map, and keeps them for
+    /// the recorder). Call with the gateway lock held, before releasing it.
+    fn flush(&self, g: &mut Gateway) {
+        self.feed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(g.engine_mut());
     }
 
     fn request_stop(&self) {
@@ -289,8 +308,32 @@ pub struct Runtime {
 impl Runtime {
     /// Starts one worker per queue: `private` queues carry outbound packets, `public` queues
     /// inbound ones (R9.1). Both sides must have the same number of queues (at least one).
+    /// The fast path in `parts` (if any) is told of flows through the engine's journal.
     pub fn start<P: PacketIo + 'static>(
+        parts: Parts,
+        private: Vec<P>,
+        public: Vec<P>,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_inner(parts, None, private, public, opts)
+    }
+
+    /// Like [`Runtime::start`], with `offload` carrying out the engine's flow changes instead of
+    /// a kernel fast path's map (tests: a fake map; give the engine its activity source with
+    /// `Engine::set_offload`). Its calls come in the engine's order, under the gateway lock.
+    pub fn start_with_offload<P: PacketIo + 'static>(
+        parts: Parts,
+        offload: Box<dyn OffloadSink>,
+        private: Vec<P>,
+        public: Vec<P>,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_inner(parts, Some(offload), private, public, opts)
+    }
+
+    fn start_inner<P: PacketIo + 'static>(
         mut parts: Parts,
+        offload: Option<Box<dyn OffloadSink>>,
         private: Vec<P>,
         public: Vec<P>,
         opts: RuntimeOptions,
@@ -313,6 +356,8 @@ impl Runtime {
         }
         let queues = private.len();
         parts.engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
+        let offload = offload.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_offload));
+        let feed = Feed::new(offload, parts.recorder.is_some(), &mut parts.engine);
         let sh = Arc::new(Shared {
             gw: Arc::new(Mutex::new(Gateway::new(parts.engine))),
             events: parts.events,
@@ -332,6 +377,7 @@ impl Runtime {
                     .as_ref()
                     .map(|_| FastPathCounters::default()),
             ),
+            feed: Mutex::new(feed),
         });
         let mut rt = Runtime {
             sh: sh.clone(),
@@ -533,7 +579,13 @@ impl Runtime {
         self.tick(true);
         self.feed_journal();
         if let Some(r) = self.recorder.take() {
-            let journal_lost = self.sh.lock_gw().engine().journal_lost();
+            let journal_lost = self.sh.lock_gw().engine().journal_lost()
+                + self
+                    .sh
+                    .feed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record_lost();
             match r.finish() {
                 Ok(s) => tracing::info!(
                     records = s.records,
@@ -612,12 +664,17 @@ impl Runtime {
         for _ in 0..MAX_TIMER_STEPS_PER_TICK {
             let mut g = sh.lock_gw();
             if g.engine().next_deadline().is_none_or(|d| d > now) {
-                // Nothing due (the common case): no timer work under the lock.
+                // Nothing due (the common case): no timer work under the lock. Changes other
+                // lock holders made (the API's configuration changes) go to the kernel here at
+                // the latest.
+                sh.flush(&mut g);
                 events.extend(g.engine_mut().drain_events());
                 break;
             }
             let t = Instant::now();
             let done = g.engine_mut().advance_bounded(now, EXPIRY_BUDGET);
+            // The flows this step ended leave the kernel before the lock is released (R2.2).
+            sh.flush(&mut g);
             events.extend(g.engine_mut().drain_events());
             drop(g);
             sh.lock.timer_steps.fetch_add(1, Ordering::Relaxed);
@@ -646,17 +703,17 @@ impl Runtime {
         stats::push_events(&mut self.ring, snaps);
     }
 
-    /// Takes the engine's flow journal (the changes since the last call) under the lock and
-    /// hands it to the recorder outside it. The journal is on only when a consumer needs it.
+    /// Hands the flow changes kept since the last call to the recorder, outside the lock (the
+    /// workers and timer steps drain the engine's journal; this drains what is left first).
     fn feed_journal(&mut self) {
         let Some(r) = self.recorder.as_mut() else {
             return;
         };
-        let mut changes = Vec::new();
-        let params = {
+        let (changes, params) = {
             let mut g = self.sh.lock_gw();
-            g.engine_mut().drain_journal(&mut changes);
-            g.engine().topology().params
+            let mut feed = self.sh.feed.lock().unwrap_or_else(|p| p.into_inner());
+            feed.flush(g.engine_mut());
+            (feed.take_recorded(), g.engine().topology().params)
         };
         if !changes.is_empty() {
             r.offer(&changes, params);
@@ -707,6 +764,9 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
                         Outcome::Answer { len, .. } => batch.set_packet_len(i, len),
                     }
                 }
+                // The batch's flow changes reach the kernel before the lock is released, so
+                // before any of its packets is sent (R2.2, crate::fastpath).
+                sh.flush(&mut g);
                 let held = t.elapsed().as_nanos() as u64;
                 sh.lock.held_ns.fetch_add(held, Ordering::Relaxed);
                 sh.lock.batch_max_ns.fetch_max(held, Ordering::Relaxed);

@@ -1,20 +1,23 @@
 //! Whole-gateway scenarios on in-memory queues (`MemIo`), without root (issue #16): the
-//! runtime's real workers, housekeeping tick, stats snapshot, event log and offload calls,
-//! with packets built by `snatgw-wire`'s test utilities and a clock the test sets.
+//! runtime's real workers, housekeeping tick, stats snapshot, event log and offload calls (a
+//! fake kernel map fed from the engine's journal, as the real one is), with packets built by
+//! `snatgw-wire`'s test utilities and a clock the test sets.
 //!
 //! Expected values come from the SPEC (direction by queue R9.1, idle timeout R3.4, RST
 //! R3.3, the 1024-port preallocation of a small pool R2.8, exhaustion R2.6), not from the
 //! code under test.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use snatgw_control::EventLog;
-use snatgw_core::{Engine, FlowKey, Offload, Time, Topology};
+use snatgw_core::{ActivitySource, Engine, FlowKey, Time, Topology};
 use snatgw_io::{IoStats, MemIo, MemIoHandle, PacketBatch, PacketIo};
+use snatgw_runtime::fastpath::OffloadSink;
+use snatgw_runtime::record::Recorder;
 use snatgw_runtime::stats::Snapshot;
 use snatgw_runtime::{Clock, Parts, Runtime, RuntimeError, RuntimeOptions, Wake};
 use snatgw_wire::testutil;
@@ -53,23 +56,71 @@ availability_set = "as1"
     .expect("test topology")
 }
 
+/// A key of the fake kernel map, as the real program's: `(proto, source, source port,
+/// destination, destination port, outbound?)`.
+type MapKey = (u8, u32, u16, u32, u16, bool);
+
 /// What a fake offload was told, and what it answers for last-seen.
 #[derive(Default)]
 struct OffloadLog {
     installed: Vec<(u32, FlowKey)>,
     removed: Vec<FlowKey>,
+    /// Each call in order: (install?, flows in the call).
+    calls: Vec<(bool, usize)>,
+    /// The map a kernel would hold after those calls, entry by entry as the real one (two
+    /// keys per flow; installing replaces, removing deletes whatever is under the key): a
+    /// remove applied after the install of a flow that reuses its public port would delete
+    /// the new flow's inbound entry here too.
+    map: BTreeMap<MapKey, (u32, u16)>,
     last_seen: Option<Time>,
+}
+
+/// The two map entries of a flow: outbound by private 5-tuple (→ public endpoint), inbound by
+/// the remote's packet to the public endpoint (→ private endpoint).
+fn map_entries(k: &FlowKey) -> [(MapKey, (u32, u16)); 2] {
+    [
+        (
+            (k.proto, k.src, k.sport, k.dst, k.dport, true),
+            (k.public, k.pport),
+        ),
+        (
+            (k.proto, k.dst, k.dport, k.public, k.pport, false),
+            (k.src, k.sport),
+        ),
+    ]
 }
 
 struct FakeOffload(Arc<Mutex<OffloadLog>>);
 
-impl Offload for FakeOffload {
-    fn install(&mut self, slot: u32, key: &FlowKey) {
-        self.0.lock().expect("log").installed.push((slot, *key));
+impl OffloadSink for FakeOffload {
+    fn install(&mut self, flows: &[(u32, FlowKey)]) {
+        let mut l = self.0.lock().expect("log");
+        l.calls.push((true, flows.len()));
+        for (slot, key) in flows {
+            l.installed.push((*slot, *key));
+            for (k, v) in map_entries(key) {
+                l.map.insert(k, v);
+            }
+        }
     }
-    fn remove(&mut self, key: &FlowKey) {
-        self.0.lock().expect("log").removed.push(*key);
+    fn remove(&mut self, flows: &[FlowKey]) {
+        let mut l = self.0.lock().expect("log");
+        l.calls.push((false, flows.len()));
+        for key in flows {
+            l.removed.push(*key);
+            for (k, _) in map_entries(key) {
+                l.map.remove(&k);
+            }
+        }
     }
+    fn clear(&mut self) {
+        self.0.lock().expect("log").map.clear();
+    }
+}
+
+struct FakeActivity(Arc<Mutex<OffloadLog>>);
+
+impl ActivitySource for FakeActivity {
     fn last_seen(&mut self, _key: &FlowKey) -> Option<Time> {
         self.0.lock().expect("log").last_seen
     }
@@ -86,15 +137,23 @@ struct Gw {
 
 impl Gw {
     fn start(offload: Option<Arc<Mutex<OffloadLog>>>) -> Gw {
+        Self::start_with(offload, None)
+    }
+
+    /// With a fake offload (its activity source given to the engine, its map writer to the
+    /// runtime) and/or a flow recorder writing to `record`.
+    fn start_with(offload: Option<Arc<Mutex<OffloadLog>>>, record: Option<&str>) -> Gw {
         let mut engine = Engine::new(topology(), 0).expect("engine");
-        if let Some(log) = offload {
-            engine.set_offload(Some(Box::new(FakeOffload(log))));
+        if let Some(log) = &offload {
+            engine.set_offload(Some(Box::new(FakeActivity(log.clone()))));
         }
         let (priv_io, private) = MemIo::new();
         let (pub_io, public) = MemIo::new();
         let time = Arc::new(AtomicU32::new(0));
         let events = Arc::new(EventLog::new());
         let dir = tempfile::tempdir().expect("tempdir");
+        let recorder =
+            record.map(|name| Recorder::start(&dir.path().join(name)).expect("recorder"));
         let wakers: Vec<Wake> = [private.clone(), public.clone()]
             .into_iter()
             .map(|h| Box::new(move || h.wake()) as Wake)
@@ -104,7 +163,7 @@ impl Gw {
             clock: Clock::Manual(time.clone()),
             events: events.clone(),
             fast_path: None,
-            recorder: None,
+            recorder,
             wakers,
         };
         let opts = RuntimeOptions {
@@ -114,7 +173,17 @@ impl Gw {
             probes: false,
             ..RuntimeOptions::default()
         };
-        let rt = Runtime::start(parts, vec![priv_io], vec![pub_io], opts).expect("runtime");
+        let rt = match offload {
+            Some(log) => Runtime::start_with_offload(
+                parts,
+                Box::new(FakeOffload(log)),
+                vec![priv_io],
+                vec![pub_io],
+                opts,
+            ),
+            None => Runtime::start(parts, vec![priv_io], vec![pub_io], opts),
+        }
+        .expect("runtime");
         Gw {
             rt: Some(rt),
             private,
@@ -142,6 +211,26 @@ impl Gw {
             .expect("gw")
             .engine()
             .live_flows()
+    }
+
+    /// R2.2: the fake kernel map holds exactly the entries of the engine's live flows: none of
+    /// a released port's old owner, all of every live flow's.
+    fn assert_map_is_the_engines(&mut self, log: &Mutex<OffloadLog>) {
+        let want: BTreeMap<MapKey, (u32, u16)> = {
+            let gw = self.rt().gateway().clone();
+            let g = gw.lock().expect("gw");
+            g.engine()
+                .live_flow_keys()
+                .flat_map(|(_, k)| map_entries(&k))
+                .collect()
+        };
+        let l = log.lock().expect("log");
+        assert_eq!(
+            l.map.len(),
+            want.len(),
+            "entries in the map vs the engine's"
+        );
+        assert!(l.map == want, "the map differs from the engine's flows");
     }
 
     /// The stats file as the housekeeping tick wrote it.
@@ -361,6 +450,110 @@ fn offload_learns_of_opens_and_releases_and_keeps_kernel_busy_flows() {
         "kept past the kernel's last-seen + idle timeout"
     );
     assert_eq!(log.lock().expect("log").removed.len(), 2);
+    g.assert_map_is_the_engines(&log);
+}
+
+/// R2.2 through the one channel, in one batch: the instance's 1024 ports (R2.8) are all held
+/// for one destination from t=0; at the idle timeout (R3.4) one packet of a new flow to that
+/// destination makes the engine reap all 1024 (R9.4) and give the new flow one of their ports,
+/// inside one worker batch. The offload gets the removals first, as one call, then the install,
+/// so the map ends with the new flow's entries (its inbound key is the same bytes as the old
+/// owner's, to the same destination and public port) and none of the old flows'; a reply to
+/// that port reaches the new flow.
+#[test]
+fn r2_2_a_reused_port_ends_with_the_new_owner_in_the_map_and_no_entry_outlives_its_port() {
+    let log = Arc::new(Mutex::new(OffloadLog::default()));
+    let mut g = Gw::start(Some(log.clone()));
+    for i in 0..1024u16 {
+        g.private
+            .inject(&testutil::udp(ip(VM), 20_000 + i, ip(SERVER), 443, b"x"));
+    }
+    assert_eq!(g.private.wait_sent(1024, WAIT).len(), 1024);
+    g.assert_map_is_the_engines(&log);
+    let installs_before = {
+        let l = log.lock().expect("log");
+        assert_eq!(l.map.len(), 2 * 1024);
+        assert_eq!(l.installed.len(), 1024);
+        assert!(l.calls.iter().all(|&(install, _)| install), "{:?}", l.calls);
+        // Flows opened in one batch are installed with one call (64-packet batches).
+        assert!(l.calls.len() < 1024, "one call per flow: {}", l.calls.len());
+        l.calls.len()
+    };
+    // The clock moves without a housekeeping tick: the packet's own batch does the work.
+    g.time.store(IDLE, Ordering::SeqCst);
+    g.private
+        .inject(&testutil::udp(ip(VM), 9999, ip(SERVER), 443, b"y"));
+    let out = g.private.wait_sent(1, WAIT);
+    assert_eq!(out.len(), 1);
+    let (_, port, _, _) = addrs(&out[0]);
+    assert_eq!(g.live_flows(), 1);
+    {
+        let l = log.lock().expect("log");
+        assert_eq!(
+            &l.calls[installs_before..],
+            &[(false, 1024), (true, 1)],
+            "the batch's removals, then its install, each as one call"
+        );
+        let old_owner = l
+            .removed
+            .iter()
+            .find(|k| k.pport == port)
+            .expect("the port had an owner for this destination");
+        assert_eq!((old_owner.dst, old_owner.dport), (ip(SERVER), 443));
+        let inbound = (17, ip(SERVER), 443, ip(SNAT), port, false);
+        assert_eq!(
+            l.map.get(&inbound),
+            Some(&(ip(VM), 9999)),
+            "the reused port's inbound entry is the new owner's"
+        );
+        assert_eq!(l.map.len(), 2);
+    }
+    g.assert_map_is_the_engines(&log);
+    // The engine agrees: the reply goes to the new flow.
+    g.public
+        .inject(&testutil::udp(ip(SERVER), 443, ip(SNAT), port, b"z"));
+    let back = g.public.wait_sent(1, WAIT);
+    assert_eq!(addrs(&back[0]).2, VM.parse::<Ipv4Addr>().expect("vm"));
+    assert_eq!(addrs(&back[0]).3, 9999);
+    // And the housekeeping tick's releases leave the map with the ports.
+    g.at(2 * IDLE);
+    assert_eq!(g.live_flows(), 0);
+    g.assert_map_is_the_engines(&log);
+    assert!(log.lock().expect("log").map.is_empty());
+}
+
+/// Both consumers of the one channel see every change: with a fake offload and the flow
+/// recorder (`--record`), each flow is installed and removed once, and the recording holds its
+/// open and its close.
+#[test]
+fn the_offload_and_the_recorder_both_see_every_change() {
+    let log = Arc::new(Mutex::new(OffloadLog::default()));
+    let mut g = Gw::start_with(Some(log.clone()), Some("trace.jsonl"));
+    for i in 0..3u16 {
+        g.private
+            .inject(&testutil::udp(ip(VM), 5000 + i, ip(SERVER), 53, b"q"));
+    }
+    assert_eq!(g.private.wait_sent(3, WAIT).len(), 3);
+    g.at(1);
+    g.at(IDLE);
+    assert_eq!(g.live_flows(), 0);
+    {
+        let l = log.lock().expect("log");
+        assert_eq!((l.installed.len(), l.removed.len()), (3, 3));
+        assert!(l.map.is_empty());
+    }
+    let path = g.dir.path().join("trace.jsonl");
+    let rt = g.rt.take().expect("running");
+    rt.shutdown().expect("clean shutdown");
+    let text = std::fs::read_to_string(&path).expect("trace");
+    let w = snatgw_planner::Workload::from_trace_str(&text).expect("a trace the planner reads");
+    assert_eq!(w.flows.len(), 3, "{text}");
+    let closes = w
+        .events
+        .iter()
+        .filter(|e| e.kind != snatgw_planner::EvKind::Open)
+        .count();
+    assert_eq!(closes, 3, "{text}");
 }
 
 /// R2.8 and R2.6: a single instance behind a small default pool gets 1024 ports; the 1025th

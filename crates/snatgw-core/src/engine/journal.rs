@@ -1,19 +1,31 @@
 //! The flow journal and activity seen outside the engine: what a fast path or a recorder needs.
 //!
-//! **Journal.** With [`Engine::set_journal`] on, every flow that starts, ends or is refused
-//! leaves a [`FlowChange`] in a queue the caller drains after each call
-//! ([`Engine::drain_journal`]). A kernel fast path (issue #9) installs a translation when a
-//! flow opens and removes it when it closes, so it never translates with a port the engine has
-//! released (R2.2); the planner's recorder (SPEC §8) writes the same records as a trace. The
-//! journal is bounded ([`JOURNAL_CAP`]); changes past the cap are counted in
-//! [`Engine::journal_lost`], and a consumer that sees the count grow must resynchronise from
-//! [`Engine::flows_page`] (a fast path flushes its map).
+//! **Journal: the one channel of flow changes.** With [`Engine::set_journal`] on (or an offload
+//! set, [`Engine::set_offload`]), every flow that starts, ends or is refused leaves a
+//! [`FlowChange`] in one queue, in the order the engine decided them; the caller drains it
+//! ([`Engine::drain_journal`]). Every consumer reads the same entries in the same order: a
+//! kernel fast path (issue #9) installs a translation for each `Opened` and removes it for each
+//! `Closed`; the planner's recorder (SPEC §8) writes the same records as a trace. A runtime
+//! with both drains the queue once and hands each consumer every entry (`snatgw-runtime`
+//! applies them to the kernel under the gateway lock and forwards them to the recorder).
 //!
-//! **Offload: a fast path outside the engine.** An [`Offload`] ([`Engine::set_offload`]) is
-//! told synchronously of every flow that opens and closes (in the engine's order, inside the
-//! call that decided it), so a kernel fast path installs and removes translations exactly when
-//! the engine does. Packets it translates never reach [`Engine::process`], so the engine's
-//! `last_seen` lags: the offload is asked, for a flow the engine finds idle-due, when its
+//! **R2.2 through the journal.** The engine never calls out while it decides: a fast path
+//! learns of a flow's end from the `Closed` entry, queued *before* any `Opened` of a flow that
+//! gets the released port, in the same queue. A consumer that applies entries in queue order
+//! (batching consecutive entries of the same kind at most, never moving an entry past one of
+//! the other kind) therefore never holds a released port's translation next to its new owner's;
+//! one that applies them before the lock it decided them under is released (before any packet
+//! of the new owner leaves) never translates with a port the engine has given to another flow.
+//!
+//! **Loss and resynchronisation.** The journal is bounded ([`JOURNAL_CAP`]); changes past the
+//! cap are counted in [`Engine::journal_lost`] and not queued. A consumer that sees the count
+//! grow has missed changes and must resynchronise: a fast path flushes its map and reinstalls
+//! [`Engine::live_flow_keys`] (what is still queued then is older than that set and must not be
+//! applied on top of it); a recorder counts the loss.
+//!
+//! **Activity outside the engine.** Packets a fast path translates never reach
+//! [`Engine::process`], so the engine's `last_seen` lags: the offload's [`ActivitySource`] is
+//! asked, synchronously (a read-only question), for a flow the engine finds idle-due, when its
 //! last packet outside the engine was; a later time moves the flow's `last_seen` and re-queues
 //! it, so keepalives that stay in the fast path keep the flow alive and the port is released
 //! exactly `idle_timeout` seconds after the last packet in either path (R3.4, R3.5). Only
@@ -24,8 +36,8 @@
 //! re-checked — at most the backlog's duration. Packet counts from outside are credited per
 //! instance with [`Engine::credit_packets`] (R6.1).
 //!
-//! This module does not talk to a kernel or a file: the engine stays sans-IO, the caller's
-//! source does the reading.
+//! This module does not talk to a kernel or a file: the engine stays sans-IO, the caller
+//! applies the journal and the caller's source does the reading.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -128,17 +140,12 @@ impl FlowChange {
     }
 }
 
-/// A place outside the engine that translates packets of the engine's flows (a kernel fast
-/// path): told synchronously, in order, when a flow opens and when it closes, so it never holds
-/// a translation the engine has released (R2.2), and asked for a flow's last activity before
-/// the engine removes it as idle (R3.4). The engine stays the only authority: it decides every
-/// flow's start, port and end; an offload only carries packets of flows it was given.
-pub trait Offload: Send {
-    /// Flow `key` of the instance at `slot` started: its packets may be translated outside the
-    /// engine from now on.
-    fn install(&mut self, slot: u32, key: &FlowKey);
-    /// Flow `key` ended and its port is released: translate none of its packets any more.
-    fn remove(&mut self, key: &FlowKey);
+/// Where a fast path (a place outside the engine that translates packets of the engine's
+/// flows) says when it last saw a flow: asked before the engine removes a flow as idle (R3.4).
+/// A read-only question, answered synchronously. The fast path learns of flows from the
+/// journal, not from here; the engine stays the only authority on every flow's start, port and
+/// end.
+pub trait ActivitySource: Send {
     /// The last time (engine seconds) a packet of `key`'s flow was seen outside the engine, in
     /// either direction, if any. Asked only for flows the engine finds idle-due.
     fn last_seen(&mut self, key: &FlowKey) -> Option<Time>;
@@ -164,12 +171,18 @@ impl Journal {
 
 impl Engine {
     /// Turns the flow journal on or off (off by default; see the module documentation).
-    /// Turning it off drops what is queued.
+    /// Turning it off drops what is queued, unless an offload is set (an offload consumes the
+    /// journal, so it stays on while one is set).
     pub fn set_journal(&mut self, on: bool) {
         self.journal.on = on;
-        if !on {
+        if !self.journaling() {
             self.journal.queue.clear();
         }
+    }
+
+    /// Whether flow changes are queued: the journal is on or an offload is set.
+    fn journaling(&self) -> bool {
+        self.journal.on || self.offload.is_some()
     }
 
     /// Moves the queued flow changes, oldest first, to the end of `out`.
@@ -177,27 +190,40 @@ impl Engine {
         out.extend(self.journal.queue.drain(..));
     }
 
+    /// Flow changes queued and not drained yet (a cheap check before draining).
+    pub fn journal_pending(&self) -> usize {
+        self.journal.queue.len()
+    }
+
     /// Flow changes not journaled because the queue was full ([`JOURNAL_CAP`]).
     pub fn journal_lost(&self) -> u64 {
         self.journal.lost
     }
 
-    /// Sets (or with `None` removes) the [`Offload`] told of flows and asked for activity
-    /// outside the engine before an idle flow is removed. A new offload is given every live
-    /// flow first (so it can be attached to a running engine); the one replaced is told of
-    /// nothing more (its owner clears it).
-    pub fn set_offload(&mut self, offload: Option<Box<dyn Offload>>) {
-        self.offload = offload;
-        if let Some(o) = self.offload.as_mut() {
-            for (_, f) in self.flows.iter_live() {
-                o.install(f.slot(), &FlowKey::of(f));
-            }
+    /// Sets (or with `None` removes) an offload: a fast path outside the engine, which learns
+    /// of flows from the journal (turned on while an offload is set) and is asked, through
+    /// `activity`, for flows' last packets outside the engine before an idle flow is removed.
+    /// Attaching to a running engine: the caller installs [`Engine::live_flow_keys`] first,
+    /// then applies the journal from there (both under the same lock).
+    pub fn set_offload(&mut self, activity: Option<Box<dyn ActivitySource>>) {
+        self.offload = activity;
+        if !self.journaling() {
+            self.journal.queue.clear();
         }
     }
 
-    /// Whether an [`Offload`] is set.
+    /// Whether an offload is set.
     pub fn has_offload(&self) -> bool {
         self.offload.is_some()
+    }
+
+    /// Every live flow as the journal's `Opened` would carry it, `(instance slot, key)`: what a
+    /// fast path installs when it attaches to a running engine or resynchronises after a loss
+    /// ([`Engine::journal_lost`]). Walks the flow table.
+    pub fn live_flow_keys(&self) -> impl Iterator<Item = (u32, FlowKey)> + '_ {
+        self.flows
+            .iter_live()
+            .map(|(_, f)| (f.slot(), FlowKey::of(f)))
     }
 
     /// Credits packets translated outside the engine (a fast path) to the instance at `slot`,
@@ -222,11 +248,7 @@ impl Engine {
     }
 
     pub(super) fn journal_opened(&mut self, fi: u32) {
-        if let Some(o) = self.offload.as_mut() {
-            let f = self.flows.get(fi);
-            o.install(f.slot(), &FlowKey::of(f));
-        }
-        if !self.journal.on {
+        if !self.journaling() {
             return;
         }
         let f = *self.flows.get(fi);
@@ -244,10 +266,7 @@ impl Engine {
     }
 
     pub(super) fn journal_closed(&mut self, f: &Flow, at: Time, cause: EndCause) {
-        if let Some(o) = self.offload.as_mut() {
-            o.remove(&FlowKey::of(f));
-        }
-        if !self.journal.on {
+        if !self.journaling() {
             return;
         }
         let slot = f.slot();
@@ -265,7 +284,7 @@ impl Engine {
     }
 
     pub(super) fn journal_refused(&mut self, slot: u32, key: FlowKey, reason: DropReason) {
-        if !self.journal.on {
+        if !self.journaling() {
             return;
         }
         let Some(inst) = self.insts[slot as usize].as_ref() else {

@@ -73,7 +73,7 @@ pub use failfast::{FAIL_FAST_BURST, FAIL_FAST_PER_SEC};
 pub use idle_reuse::IDLE_RECENT_CAP;
 pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};
 pub use instance::Scenario;
-pub use journal::{FlowChange, FlowKey, Offload, JOURNAL_CAP};
+pub use journal::{ActivitySource, FlowChange, FlowKey, JOURNAL_CAP};
 pub use nsg::NsgHit;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS};
@@ -127,8 +127,9 @@ pub struct Engine {
     global: GlobalStats,
     /// Flow changes for a fast path or recorder (`journal`).
     journal: journal::Journal,
-    /// A fast path told of flows and asked for their activity (`journal`).
-    offload: Option<Box<dyn Offload>>,
+    /// The activity source of a fast path that learns of flows from the journal (`journal`):
+    /// set means an offload runs (the journal is then kept).
+    offload: Option<Box<dyn ActivitySource>>,
     /// NSG state (SPEC §4).
     nsg: nsg::NsgRt,
     /// Inbound load balancing and probe state (SPEC §5).
