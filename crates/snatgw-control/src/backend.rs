@@ -437,7 +437,13 @@ pub struct GatewayBackend {
     events: Arc<EventLog>,
     clock: Box<dyn Fn() -> u32 + Send + Sync>,
     runtime: Option<RuntimeCountersSource>,
+    after_change: Option<AfterChange>,
 }
+
+/// Called under the gateway lock after the backend changed the engine (a configuration
+/// applied, timers worked off before it): the runtime applies the flow changes to its fast
+/// path there, so no kernel entry outlives its flow past the lock (R2.2, R2.9).
+pub type AfterChange = Box<dyn Fn(&mut Gateway) + Send + Sync>;
 
 impl GatewayBackend {
     /// A backend over `gateway`; `clock` returns the engine time to apply changes at.
@@ -451,7 +457,15 @@ impl GatewayBackend {
             events,
             clock: Box::new(clock),
             runtime: None,
+            after_change: None,
         }
+    }
+
+    /// The same backend, calling `hook` under the gateway lock after every change it makes
+    /// to the engine ([`AfterChange`]).
+    pub fn with_after_change(mut self, hook: AfterChange) -> GatewayBackend {
+        self.after_change = Some(hook);
+        self
     }
 
     /// The same backend, with `source` giving the runtime's counters for `/metrics`
@@ -497,16 +511,27 @@ impl Backend for GatewayBackend {
         // in bounded steps with the lock released between them (R9.4), so the apply itself
         // finds nothing left to expire.
         for _ in 0..100_000 {
-            let done = self
-                .lock()
-                .engine_mut()
-                .advance_bounded(now, snatgw_core::EXPIRY_BUDGET);
+            let done = {
+                let mut g = self.lock();
+                let done = g
+                    .engine_mut()
+                    .advance_bounded(now, snatgw_core::EXPIRY_BUDGET);
+                if let Some(h) = &self.after_change {
+                    h(&mut g);
+                }
+                done
+            };
             if done {
                 break;
             }
             std::thread::yield_now();
         }
-        self.lock().apply(now, topo)
+        let mut g = self.lock();
+        let r = g.apply(now, topo);
+        if let Some(h) = &self.after_change {
+            h(&mut g);
+        }
+        r
     }
 
     fn instances(&self) -> Vec<InstanceReport> {

@@ -531,6 +531,18 @@ impl Runtime {
         }
     }
 
+    /// A hook for code that changes the engine outside the workers (the API applying a
+    /// configuration, R2.9 reclaims): called under the gateway lock after the change, it
+    /// applies the flow changes to the fast path before the lock is released, as the workers
+    /// do after each batch, so no kernel entry outlives its flow (R2.2).
+    pub fn after_change_hook(&self) -> impl Fn(&mut Gateway) + Send + Sync + 'static {
+        let sh = self.sh.clone();
+        move |g: &mut Gateway| {
+            let mut feed = sh.feed.lock().unwrap_or_else(|p| p.into_inner());
+            feed.flush(g.engine_mut());
+        }
+    }
+
     /// The counters now (what the stats file holds).
     pub fn snapshot(&self) -> Snapshot {
         let sh = &self.sh;

@@ -743,3 +743,38 @@ fn counters_source_counts_packets_per_side_without_the_gateway_lock() {
     drop(held);
     assert!(again.private_rx_packets >= 3, "{again:?}");
 }
+
+/// R2.2 with R1.4/R2.9: a change the API applies (here the instance removed, R1.4) ends its
+/// flows under the gateway lock, outside any worker batch; the backend's after-change hook
+/// applies those ends to the fast path before the lock is released, not at the next
+/// housekeeping tick.
+#[test]
+fn r2_2_an_api_change_reaches_the_fast_path_before_the_lock_is_released() {
+    use snatgw_control::backend::{Backend, GatewayBackend};
+    let log = Arc::new(Mutex::new(OffloadLog::default()));
+    let mut g = Gw::start(Some(log.clone()));
+    g.private
+        .inject(&testutil::tcp_syn(ip(VM), 40_001, ip(SERVER), 443));
+    assert_eq!(g.private.wait_sent(1, WAIT).len(), 1);
+    assert_eq!(log.lock().expect("log").installed.len(), 1);
+    let events = g.events.clone();
+    let backend = {
+        let rt = g.rt();
+        GatewayBackend::new(rt.gateway().clone(), events, || 1)
+            .with_after_change(Box::new(rt.after_change_hook()))
+    };
+    let mut cfg = topology().source;
+    cfg.instance.clear();
+    let rep = backend
+        .apply(Topology::from_config(cfg).expect("topology"))
+        .expect("apply");
+    assert_eq!(rep.flows_reclaimed, 1);
+    // No housekeeping tick ran since: the removal came through the hook.
+    let l = log.lock().expect("log");
+    assert_eq!(
+        l.removed.len(),
+        1,
+        "the ended flow is still in the kernel map"
+    );
+    assert!(l.map.is_empty());
+}

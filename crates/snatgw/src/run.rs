@@ -348,7 +348,8 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             let clock = clock.clone();
             let backend = Arc::new(
                 GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
-                    .with_runtime_counters(Arc::new(rt.counters_source())),
+                    .with_runtime_counters(Arc::new(rt.counters_source()))
+                    .with_after_change(Box::new(rt.after_change_hook())),
             );
             let plane = ControlPlane::new(backend, store.clone(), token, stored);
             let h = snatgw_control::serve(addr, plane)
