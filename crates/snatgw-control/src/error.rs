@@ -107,6 +107,7 @@ impl std::fmt::Display for ApiError {
 
 /// Why a request of the blocking client failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The server answered with an error status and its JSON error body.
     #[error("HTTP {status}: {body}")]

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use snatgw_core::engine::InboundFlowView;
 use snatgw_core::{
-    DropReason, Event, EventKind, FlowView, InstanceKind, InstanceReport, InstanceStats, Model, L4,
+    DropReason, Event, EventKind, FlowView, InstanceReport, InstanceStats, L4,
 };
 
 /// An IPv4 address (engine `u32`) as text.
@@ -156,22 +156,6 @@ pub struct InstancePorts {
     pub fail_fast_suppressed: PerProtocol,
 }
 
-/// The API's label of an instance kind.
-pub fn kind_label(k: InstanceKind) -> &'static str {
-    match k {
-        InstanceKind::Vm => "vm",
-        InstanceKind::WebWorkerRole => "web_worker_role",
-    }
-}
-
-/// The API's label of a deployment model.
-pub fn model_label(m: Model) -> &'static str {
-    match m {
-        Model::Arm => "arm",
-        Model::Classic => "classic",
-    }
-}
-
 impl From<&InstanceReport> for InstancePorts {
     fn from(r: &InstanceReport) -> Self {
         let mut drops = [0u64; DropReason::COUNT];
@@ -182,8 +166,8 @@ impl From<&InstanceReport> for InstancePorts {
         }
         InstancePorts {
             name: r.name.to_string(),
-            kind: kind_label(r.kind).into(),
-            model: model_label(r.model).into(),
+            kind: r.kind.label().into(),
+            model: r.model.label().into(),
             private_ip: ip(r.private_ip),
             scenario: r.scenario.name().into(),
             rule: r.scenario.rule().into(),

@@ -240,6 +240,7 @@ pub struct DeploymentCfg {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Model {
     /// Azure Resource Manager.
     #[default]
@@ -248,16 +249,37 @@ pub enum Model {
     Classic,
 }
 
+impl Model {
+    /// The label of the configuration, the API and the CLI: `arm` or `classic`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Model::Arm => "arm",
+            Model::Classic => "classic",
+        }
+    }
+}
+
 /// Kind of instance (SPEC §0).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum InstanceKind {
     /// A virtual machine (ARM NIC IP configuration or Classic VM).
     #[default]
     Vm,
     /// A Classic web or worker role instance.
     WebWorkerRole,
+}
+
+impl InstanceKind {
+    /// The label of the configuration, the API and the CLI: `vm` or `web_worker_role`.
+    pub fn label(self) -> &'static str {
+        match self {
+            InstanceKind::Vm => "vm",
+            InstanceKind::WebWorkerRole => "web_worker_role",
+        }
+    }
 }
 
 /// `[[instance]]`.
@@ -356,6 +378,7 @@ pub struct BackendPoolCfg {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum RuleProtocol {
     /// TCP.
     Tcp,
@@ -363,6 +386,17 @@ pub enum RuleProtocol {
     Udp,
     /// Both.
     All,
+}
+
+impl RuleProtocol {
+    /// The label of the configuration, the API and the CLI: `tcp`, `udp` or `all`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RuleProtocol::Tcp => "tcp",
+            RuleProtocol::Udp => "udp",
+            RuleProtocol::All => "all",
+        }
+    }
 }
 
 /// A load-balancing rule.
@@ -408,6 +442,7 @@ fn default_lb_idle() -> u32 {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ProbeProtocol {
     /// Healthy when a TCP connection to the port is accepted.
     Tcp,

@@ -176,6 +176,7 @@ mod abi {
 
 /// Why the fast path could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FastPathError {
     /// This build has no BPF object (clang was missing when it was compiled).
     #[error("this build has no fast-path program: clang was not found when snatgw-io was compiled (install clang and libbpf-dev, then rebuild)")]

@@ -43,6 +43,7 @@ const MAX_SUPER_PACKET: usize = 65_535;
 
 /// Errors opening or configuring a TUN device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TunError {
     /// The configuration is unusable (empty or too long name, zero queues, MTU too small).
     #[error("invalid TUN configuration: {0}")]

@@ -30,6 +30,7 @@ pub const RCODE_REFUSED: u8 = 5;
 
 /// Errors parsing a DNS message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DnsError {
     /// The message ended before a field it announced.
     #[error("DNS message truncated")]
@@ -61,6 +62,7 @@ pub struct Question {
 
 /// Record data the responder produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RData {
     /// An IPv4 address.
     A(Ipv4Addr),

@@ -92,6 +92,7 @@ pub struct SnatRule {
 
 /// The kernel's NAT configuration in [`GatewayMode::Kernel`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KernelNat {
     /// One `snat` rule per instance, as the snatgw configuration would assign.
     Snat(Vec<SnatRule>),
@@ -101,6 +102,7 @@ pub enum KernelNat {
 
 /// Which NAT the gateway namespace runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GatewayMode {
     /// The userspace gateway creates two TUNs inside the gateway namespace, one per side
     /// (SPEC R9.1: direction by interface); policy routing sends the private TUN everything

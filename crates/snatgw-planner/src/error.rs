@@ -93,6 +93,9 @@ pub enum TopoError {
         /// The instance.
         instance: String,
     },
+    /// The engine resolved the instance by a scenario this planner does not know.
+    #[error("`{0}` has an outbound scenario the planner does not know")]
+    UnknownScenario(String),
     /// The instance is in no availability set or deployment: its own pool of 1 (R1.3).
     #[error("`{0}` is in no availability set: it is its own pool of 1 (R1.3)")]
     OwnPool(String),

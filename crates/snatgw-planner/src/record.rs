@@ -74,12 +74,15 @@ impl TraceRecorder {
                         self.unmatched += 1;
                         continue;
                     };
-                    let (t, end) = match cause {
-                        EndCause::Fin => (at.saturating_sub(params.fin_timeout), "fin"),
-                        EndCause::Rst => (at.saturating_sub(params.rst_timeout), "rst"),
-                        EndCause::Idle => (at.saturating_sub(params.idle_timeout), "idle"),
-                        EndCause::Reclaimed => (*at, "reclaimed"),
+                    // The trace's end is the flow's last packet: the release time less the
+                    // cause's delay (a reclaim, or a cause this version does not know, has none).
+                    let t = match cause {
+                        EndCause::Fin => at.saturating_sub(params.fin_timeout),
+                        EndCause::Rst => at.saturating_sub(params.rst_timeout),
+                        EndCause::Idle => at.saturating_sub(params.idle_timeout),
+                        _ => *at,
                     };
+                    let end = cause.label();
                     let _ = writeln!(
                         out,
                         "{{\"t\":{t},\"ev\":\"close\",\"id\":{id},\"end\":\"{end}\"}}"

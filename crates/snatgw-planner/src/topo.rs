@@ -78,6 +78,7 @@ pub fn pool_of(cfg: &ConfigFile, engine: &Engine, name: &str) -> Result<PoolRef,
                 Err(TopoError::OwnPool(name.into()))
             }
         }
+        _ => Err(TopoError::UnknownScenario(name.into())),
     }
 }
 

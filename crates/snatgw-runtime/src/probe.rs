@@ -129,6 +129,8 @@ pub fn probe_once(t: &ProbeTarget) -> bool {
             }
             read_response(&mut s, Instant::now() + timeout)
         }
+        // A protocol this prober cannot speak never answers healthy.
+        _ => false,
     }
 }
 

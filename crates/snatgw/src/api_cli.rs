@@ -690,6 +690,12 @@ impl Api {
                 detail,
             },
             ClientError::Request(m) => CliError::Usage(m),
+            // A failure the client learned to report after this CLI was written: the
+            // request went out, so say so with the client's own words.
+            other => CliError::Unreachable {
+                url: self.url.clone(),
+                detail: other.to_string(),
+            },
         })
     }
 

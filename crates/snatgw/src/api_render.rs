@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 use snatgw_control::{EventRecord, FlowRecord, InstancePorts};
 use snatgw_core::config::{
     AvailabilitySetCfg, DeploymentCfg, GatewayCfg, InstanceCfg, LoadBalancerCfg, NsgCfg,
-    PublicIpCfg, RuleProtocol,
+    PublicIpCfg,
 };
-use snatgw_core::{ConfigFile, InstanceKind, Model};
+use snatgw_core::ConfigFile;
 
 /// A text table: a header and rows of cells, rendered with aligned columns.
 #[derive(Debug, Clone, Default)]
@@ -95,28 +95,6 @@ fn opt(v: &Option<String>) -> String {
     v.clone().unwrap_or_default()
 }
 
-fn kind_label(k: InstanceKind) -> &'static str {
-    match k {
-        InstanceKind::Vm => "vm",
-        InstanceKind::WebWorkerRole => "web_worker_role",
-    }
-}
-
-fn model_label(m: Model) -> &'static str {
-    match m {
-        Model::Arm => "arm",
-        Model::Classic => "classic",
-    }
-}
-
-fn protocol_label(p: RuleProtocol) -> &'static str {
-    match p {
-        RuleProtocol::Tcp => "tcp",
-        RuleProtocol::Udp => "udp",
-        RuleProtocol::All => "all",
-    }
-}
-
 impl Rows for PublicIpCfg {
     const HEAD: &'static [&'static str] = &["NAME", "ADDRESS"];
     fn row(&self) -> Vec<String> {
@@ -155,8 +133,8 @@ impl Rows for InstanceCfg {
     fn row(&self) -> Vec<String> {
         vec![
             self.name.clone(),
-            kind_label(self.kind).into(),
-            model_label(self.model).into(),
+            self.kind.label().into(),
+            self.model.label().into(),
             self.private_ip.clone(),
             opt(&self.public_ip),
             opt(&self.availability_set),
@@ -193,7 +171,7 @@ impl Rows for LoadBalancerCfg {
                 format!(
                     "{} {} {}:{}->{}:{}{probe}",
                     r.name,
-                    protocol_label(r.protocol),
+                    r.protocol.label(),
                     r.frontend,
                     r.frontend_port,
                     r.backend_pool,
@@ -204,7 +182,7 @@ impl Rows for LoadBalancerCfg {
             .join(", ");
         vec![
             self.name.clone(),
-            model_label(self.model).into(),
+            self.model.label().into(),
             frontends,
             pools,
             rules,

@@ -22,6 +22,7 @@ fn detail(r: &InstanceReport) -> String {
             format!("load balancer {lb}, frontend chosen from {candidates}")
         }
         Scenario::DefaultSnat { group, .. } => format!("default SNAT for {group}"),
+        other => format!("{other:?}"),
     }
 }
 

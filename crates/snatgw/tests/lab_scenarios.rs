@@ -74,6 +74,7 @@ fn r1_1_r1_2_r1_3_r1_6_r2_3_r3_8_source_address_per_scenario_sharing_and_unsolic
                     assert!(pool.contains(&want), "{name}: {want}");
                     assert!(block.iter().any(|(a, b)| (*a..=*b).contains(&seen.port())));
                 }
+                other => panic!("{name}: scenario {other:?} not expected here"),
             }
         }
     }

@@ -27,6 +27,7 @@ pub const AGGREGATE_KEYS: usize = 1024;
 
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum EndCause {
     /// No packet for the idle timeout (R3.4, R3.5).
     Idle,
@@ -36,6 +37,19 @@ pub enum EndCause {
     Rst,
     /// Its port was reclaimed: tier change (R2.9), scenario change (R1.4) or instance removed.
     Reclaimed,
+}
+
+impl EndCause {
+    /// The label of logs, the API, the stats file and traces: `idle`, `fin`, `rst` or
+    /// `reclaimed`.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Idle => "idle",
+            EndCause::Fin => "fin",
+            EndCause::Rst => "rst",
+            EndCause::Reclaimed => "reclaimed",
+        }
+    }
 }
 
 /// An event for operators (SPEC R2.6, R6.2).

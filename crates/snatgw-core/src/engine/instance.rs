@@ -15,6 +15,7 @@ use crate::topology::SnatGroup;
 
 /// Which rule decided an instance's outbound address.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Scenario {
     /// R1.1: instance-level public IP, stateless 1:1.
     Ilpip {
