@@ -24,9 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use snatgw_core::engine::InboundFlowView;
-use snatgw_core::{
-    DropReason, Event, EventKind, FlowView, InstanceReport, InstanceStats, L4,
-};
+use snatgw_core::{DropReason, Event, EventKind, FlowView, InstanceReport, InstanceStats, L4};
 
 /// An IPv4 address (engine `u32`) as text.
 pub fn ip(a: u32) -> String {

@@ -11,15 +11,18 @@ use std::time::{Duration, Instant};
 
 use snatgw_control::api::etag_of;
 use snatgw_control::{
-    serve, Client, ClientError, ControlError, ControlPlane, EventLog, FlowQuery, GatewayBackend,
-    MemoryStore, RedbStore, ResourceKind, SeedSource, ServerHandle, Store, Stored,
+    serve, Client, ClientError, ControlError, EventLog, FlowQuery, GatewayBackend, MemoryStore,
+    RedbStore, ResourceKind, SeedSource, ServerHandle, Store, Stored,
 };
 use snatgw_core::config::{
     AvailabilitySetCfg, DeploymentCfg, GatewayCfg, InstanceCfg, LoadBalancerCfg, PublicIpCfg,
 };
-use snatgw_core::{ConfigFile, Direction, Engine, Event, EventKind, InstanceKind, Model, Topology};
+use snatgw_core::{ConfigFile, Direction, Event, EventKind, InstanceKind, Model};
 use snatgw_dataplane::Gateway;
 use snatgw_wire::testutil;
+
+mod common;
+use common::{api_err, ip, Plane};
 
 const TOKEN: &str = "s3cret-token";
 const ROLES: u32 = 26;
@@ -96,27 +99,9 @@ struct Env {
 
 impl Env {
     fn start(token: Option<&str>, store: Arc<dyn Store>) -> Env {
-        let file = ConfigFile::from_toml(&topology_toml()).expect("test topology parses");
-        let seeded = snatgw_control::seed(&*store, &file).expect("seed");
-        let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
-        let gateway = Arc::new(Mutex::new(Gateway::new(
-            Engine::new(topo, 0).expect("engine"),
-        )));
-        let log = Arc::new(EventLog::new());
-        let now = Arc::new(AtomicU32::new(0));
-        let clock = now.clone();
-        let backend = Arc::new(GatewayBackend::new(
-            gateway.clone(),
-            log.clone(),
-            move || clock.load(Ordering::SeqCst),
-        ));
-        let plane = ControlPlane::new(
-            backend.clone(),
-            store.clone(),
-            token.map(str::to_string),
-            seeded.stored,
-        );
-        let server = serve("127.0.0.1:0".parse().expect("addr"), plane).expect("serve");
+        let plane = Plane::seed(&topology_toml(), store);
+        let backend = Arc::new(plane.backend());
+        let server = plane.serve(backend.clone(), token);
         let client = Client::new(
             &format!("http://{}", server.local_addr()),
             token.map(str::to_string),
@@ -124,11 +109,11 @@ impl Env {
         Env {
             server: Some(server),
             client,
-            gateway,
-            log,
+            gateway: plane.gateway,
+            log: plane.log,
             backend,
-            store,
-            now,
+            store: plane.store,
+            now: plane.now,
         }
     }
 
@@ -155,17 +140,6 @@ impl Drop for Env {
         if let Some(s) = self.server.take() {
             s.shutdown().expect("clean shutdown");
         }
-    }
-}
-
-fn ip(s: &str) -> u32 {
-    u32::from(s.parse::<Ipv4Addr>().expect("ip"))
-}
-
-fn api_err(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, snatgw_control::ApiError) {
-    match r {
-        Err(ClientError::Api { status, body }) => (status, body),
-        other => panic!("expected an API error, got {other:?}"),
     }
 }
 
@@ -615,16 +589,9 @@ fn auth_is_required_except_for_healthz() {
 
 #[test]
 fn non_loopback_without_token_is_refused() {
-    let store = Arc::new(MemoryStore::new());
-    let file = ConfigFile::from_toml(&topology_toml()).expect("parse");
-    let seeded = snatgw_control::seed(&*store, &file).expect("seed");
+    let seeded = Plane::seed(&topology_toml(), Arc::new(MemoryStore::new()));
     assert_eq!(seeded.source, SeedSource::ConfigFile);
-    let topo = Topology::from_config(file).expect("valid");
-    let gw = Arc::new(Mutex::new(Gateway::new(
-        Engine::new(topo, 0).expect("engine"),
-    )));
-    let backend = Arc::new(GatewayBackend::new(gw, Arc::new(EventLog::new()), || 0));
-    let plane = ControlPlane::new(backend, store, None, seeded.stored);
+    let plane = seeded.control(Arc::new(seeded.backend()), None);
     match serve("0.0.0.0:0".parse().expect("addr"), plane.clone()) {
         Err(e @ ControlError::InsecureBind(_)) => {
             assert!(e.to_string().contains("token"), "{e}");

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use snatgw_control::api::MAX_BODY;
 use snatgw_control::server::{open_file_limit, serve_with, ServerLimits, MAX_CONNECTIONS};
-use snatgw_control::{
-    serve, ApiError, ControlPlane, EventLog, GatewayBackend, MemoryStore, ServerHandle,
-};
-use snatgw_core::{ConfigFile, Engine, Topology};
-use snatgw_dataplane::Gateway;
+use snatgw_control::{MemoryStore, ServerHandle};
+use snatgw_core::{ConfigFile, Topology};
+
+mod common;
+use common::{localhost, read_answer, Answer, Plane};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -50,20 +50,11 @@ private_ip = "10.0.3.10"
 
 /// Starts the control plane as `tests/api.rs` does; `None` limits: [`serve`] (the defaults).
 fn start(limits: Option<ServerLimits>) -> ServerHandle {
-    let store = Arc::new(MemoryStore::new());
-    let file = ConfigFile::from_toml(TOPOLOGY).expect("test topology parses");
-    let seeded = snatgw_control::seed(&*store, &file).expect("seed");
-    let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
-    let gateway = Arc::new(Mutex::new(Gateway::new(
-        Engine::new(topo, 0).expect("engine"),
-    )));
-    let log = Arc::new(EventLog::new());
-    let backend = Arc::new(GatewayBackend::new(gateway, log, || 0));
-    let plane = ControlPlane::new(backend, store, Some(TOKEN.into()), seeded.stored);
-    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let plane = Plane::seed(TOPOLOGY, Arc::new(MemoryStore::new()));
+    let backend = Arc::new(plane.backend());
     match limits {
-        Some(l) => serve_with(addr, plane, l).expect("serve"),
-        None => serve(addr, plane).expect("serve"),
+        Some(l) => serve_with(localhost(), plane.control(backend, Some(TOKEN)), l).expect("serve"),
+        None => plane.serve(backend, Some(TOKEN)),
     }
 }
 
@@ -82,73 +73,6 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s.set_write_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
     s
-}
-
-/// One parsed answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    }
-
-    fn api_error(&self) -> ApiError {
-        assert_eq!(
-            self.header("content-type").as_deref(),
-            Some("application/json"),
-            "{self:?}"
-        );
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not a JSON error body ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// Reads one answer (head and a `Content-Length` body) from `s`; 1xx answers are returned
-/// like the others.
-fn read_answer(s: &mut TcpStream) -> std::io::Result<Answer> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("closed after {} bytes of head", buf.len()),
-            ));
-        }
-        buf.push(byte[0]);
-        assert!(buf.len() < 64 << 10, "head too long");
-    }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let mut a = Answer {
-        status,
-        head,
-        body: Vec::new(),
-    };
-    let len: usize = a
-        .header("content-length")
-        .map_or(0, |v| v.parse().expect("content-length"));
-    a.body.resize(len, 0);
-    s.read_exact(&mut a.body)?;
-    Ok(a)
 }
 
 /// Sends a request on a fresh connection and reads the answer. A body goes with
@@ -269,7 +193,7 @@ fn fresh_client_is_served(addr: SocketAddr) -> (Duration, Duration) {
     let a = request(addr, "GET", "/api/v1/topology", true, None).expect("topology answers");
     let topo = t.elapsed();
     assert_eq!(a.status, 200, "{a:?}");
-    let v: serde_json::Value = serde_json::from_slice(&a.body).expect("topology JSON");
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("topology JSON");
     assert!(v.get("instance").is_some(), "{v}");
     (health, topo)
 }
@@ -286,11 +210,7 @@ fn idle_and_keep_alive_connections_are_closed_after_the_idle_timeout() {
     let mut kept = connect(addr);
     let a = send(&mut kept, "GET", "/healthz", false, None).expect("healthz");
     assert_eq!(a.status, 200);
-    assert_ne!(
-        a.header("connection").as_deref(),
-        Some("close"),
-        "kept alive"
-    );
+    assert_ne!(a.header("connection"), Some("close"), "kept alive");
 
     let t = wait_closed(&mut kept, Duration::from_secs(5)).expect("idle keep-alive closed");
     println!("keep-alive connection closed after {t:?} idle");
@@ -392,7 +312,7 @@ fn a_long_poll_in_flight_is_not_evicted_at_the_cap() {
     let (a, took) = poll.join().expect("long-poll thread");
     let a = a.expect("the long-poll was answered, not cut");
     assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!(a.body, b"[]");
+    assert_eq!(a.body, "[]");
     assert!(took >= Duration::from_millis(2500), "{took:?}");
     drop(idle);
     server.shutdown().expect("clean shutdown");
@@ -414,9 +334,9 @@ fn when_every_connection_is_busy_a_new_one_gets_a_json_503() {
     std::thread::sleep(Duration::from_millis(400));
     let a = request(addr, "GET", "/healthz", false, None).expect("an answer");
     assert_eq!(a.status, 503, "{a:?}");
-    assert_eq!(a.header("connection").as_deref(), Some("close"));
-    assert_eq!(a.header("retry-after").as_deref(), Some("1"));
-    let e = a.api_error();
+    assert_eq!(a.header("connection"), Some("close"));
+    assert_eq!(a.header("retry-after"), Some("1"));
+    let e = a.error();
     assert!(e.error.contains("connection limit"), "{e:?}");
     assert_eq!((e.field, e.rule), (None, None));
     for p in polls {
@@ -512,11 +432,11 @@ fn concurrent_large_bodies_get_json_answers_within_the_budget() {
             matches!(a.status, 400 | 409 | 413 | 503),
             "status {}: {}",
             a.status,
-            String::from_utf8_lossy(&a.body)
+            a.body
         );
-        a.api_error();
+        a.error();
         if a.status == 503 {
-            assert_eq!(a.header("retry-after").as_deref(), Some("1"));
+            assert_eq!(a.header("retry-after"), Some("1"));
         }
         statuses.push(a.status);
     }
@@ -536,7 +456,7 @@ fn concurrent_large_bodies_get_json_answers_within_the_budget() {
     let over = vec![b' '; MAX_BODY + 1];
     let a = request(addr, "PUT", "/api/v1/topology", true, Some(&over)).expect("answer");
     assert_eq!(a.status, 413, "{a:?}");
-    let e = a.api_error();
+    let e = a.error();
     assert!(e.error.contains("larger than"), "{e:?}");
     assert_eq!((e.field, e.rule), (None, None));
     // And the API still works.

@@ -6,20 +6,21 @@
 //! The server is the real one on 127.0.0.1:0 over a real `Gateway`; requests that a
 //! well-behaved client would not send go over a raw TCP socket.
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use snatgw_control::backend::{FlowPage, FlowQuery, InboundFlowPage, MetricsSnapshot};
 use snatgw_control::{
-    serve, ApiError, Backend, Client, ControlPlane, EventLog, EventRecord, GatewayBackend,
-    MemoryStore, ServerHandle, Store,
+    Backend, Client, EventRecord, GatewayBackend, MemoryStore, ServerHandle, Store,
 };
 use snatgw_core::topology::SnatGroup;
-use snatgw_core::{ApplyReport, ConfigError, ConfigFile, Engine, InstanceReport, Topology};
-use snatgw_dataplane::Gateway;
+use snatgw_core::{ApplyReport, ConfigError, ConfigFile, InstanceReport, Topology};
 use tokio::sync::watch;
+
+mod common;
+use common::{read_to_close, Answer, Plane};
 
 const TOKEN: &str = "hostile-test-token";
 
@@ -83,7 +84,7 @@ struct Env {
     addr: SocketAddr,
     client: Client,
     backend: Arc<SlowBackend>,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn Store>,
 }
 
 impl Env {
@@ -92,31 +93,19 @@ impl Env {
     }
 
     fn with(topology: &str, pause: Duration) -> Env {
-        let store = Arc::new(MemoryStore::new());
-        let file = ConfigFile::from_toml(topology).expect("test topology parses");
-        let seeded = snatgw_control::seed(&*store, &file).expect("seed");
-        let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
-        let gateway = Arc::new(Mutex::new(Gateway::new(
-            Engine::new(topo, 0).expect("engine"),
-        )));
+        let plane = Plane::seed(topology, Arc::new(MemoryStore::new()));
         let backend = Arc::new(SlowBackend {
-            inner: GatewayBackend::new(gateway, Arc::new(EventLog::new()), || 0),
+            inner: plane.backend(),
             pause,
         });
-        let plane = ControlPlane::new(
-            backend.clone(),
-            store.clone(),
-            Some(TOKEN.into()),
-            seeded.stored,
-        );
-        let server = serve("127.0.0.1:0".parse().expect("addr"), plane).expect("serve");
+        let server = plane.serve(backend.clone(), Some(TOKEN));
         let addr = server.local_addr();
         Env {
             server: Some(server),
             addr,
             client: Client::new(&format!("http://{addr}"), Some(TOKEN.into())),
             backend,
-            store,
+            store: plane.store,
         }
     }
 
@@ -151,40 +140,6 @@ impl Drop for Env {
     }
 }
 
-/// One HTTP answer.
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    /// The JSON error body every error status must carry.
-    fn error(&self) -> ApiError {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "status {} head:\n{}\nbody: {}",
-            self.status,
-            self.head,
-            self.body
-        );
-        serde_json::from_str(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: not the error body ({e}): {}",
-                self.status, self.body
-            )
-        })
-    }
-}
-
 /// Sends one request (with the token unless `headers` has an Authorization) on a fresh
 /// connection and reads the whole answer.
 fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[&str], body: &[u8]) -> Answer {
@@ -206,22 +161,7 @@ fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[&str], body: &[u
     s.write_all(req.as_bytes()).expect("send head");
     // The server may answer (413, 415) before it has read a large body.
     let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no answer to {method} {target}: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    Answer {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
+    read_to_close(&mut s)
 }
 
 /// Issue #20 item 1: a client that hangs up 1 ms into a write. Whatever point the write had

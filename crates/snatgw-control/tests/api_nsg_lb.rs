@@ -3,16 +3,15 @@
 //! blocking `Client`. The same write path as every resource: validate → engine check → save
 //! → apply; refused writes change nothing.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use snatgw_control::{
-    serve, Client, ClientError, ControlPlane, EventLog, GatewayBackend, MemoryStore, ServerHandle,
-    Store,
-};
+use snatgw_control::{Client, MemoryStore, ServerHandle, Store};
 use snatgw_core::config::{InstanceCfg, LoadBalancerCfg, NsgCfg};
-use snatgw_core::{ConfigFile, Direction, DropReason, Engine, Packet, Topology, Verdict};
+use snatgw_core::{Direction, DropReason, Packet, Verdict};
 use snatgw_dataplane::Gateway;
+
+mod common;
+use common::{api_err, ip, Plane};
 
 const TOPOLOGY: &str = r#"
 [gateway]
@@ -51,27 +50,14 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        let file = ConfigFile::from_toml(TOPOLOGY).expect("parses");
-        let seeded = snatgw_control::seed(&*store, &file).expect("seed");
-        let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
-        let gateway = Arc::new(Mutex::new(Gateway::new(
-            Engine::new(topo, 0).expect("engine"),
-        )));
-        let now = Arc::new(AtomicU32::new(0));
-        let backend = Arc::new(GatewayBackend::new(
-            gateway.clone(),
-            Arc::new(EventLog::new()),
-            move || now.load(Ordering::SeqCst),
-        ));
-        let plane = ControlPlane::new(backend, store.clone(), None, seeded.stored);
-        let server = serve("127.0.0.1:0".parse().unwrap(), plane).expect("serve");
+        let plane = Plane::seed(TOPOLOGY, Arc::new(MemoryStore::default()));
+        let server = plane.serve(Arc::new(plane.backend()), None);
         let client = Client::new(&format!("http://{}", server.local_addr()), None);
         Env {
             server: Some(server),
             client,
-            gateway,
-            store,
+            gateway: plane.gateway,
+            store: plane.store,
         }
     }
     fn generation(&self) -> u64 {
@@ -91,17 +77,6 @@ impl Drop for Env {
         if let Some(s) = self.server.take() {
             s.shutdown().expect("clean shutdown");
         }
-    }
-}
-
-fn ip(s: &str) -> u32 {
-    u32::from(s.parse::<std::net::Ipv4Addr>().unwrap())
-}
-
-fn api_err(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, snatgw_control::ApiError) {
-    match r {
-        Err(ClientError::Api { status, body }) => (status, body),
-        other => panic!("expected an API error, got {other:?}"),
     }
 }
 

@@ -18,16 +18,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use snatgw_control::backend::{FastPathCounters, RuntimeCounters};
-use snatgw_control::{
-    serve, Client, ControlPlane, EventLog, GatewayBackend, MemoryStore, ServerHandle, Store,
-};
-use snatgw_core::{ConfigFile, Direction, DropReason, Engine, Topology, Verdict};
+use snatgw_control::{Client, MemoryStore, ServerHandle};
+use snatgw_core::{Direction, DropReason, Verdict};
 use snatgw_dataplane::Gateway;
 use snatgw_wire::testutil;
+
+mod common;
+use common::Plane;
 
 const TOKEN: &str = "ops-token";
 
@@ -72,41 +73,34 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let file = ConfigFile::from_toml(TOPOLOGY).expect("topology parses");
-        let seeded = snatgw_control::seed(&*store, &file).expect("seed");
-        let topo = Topology::from_config(seeded.stored.config.clone()).expect("valid");
-        let gateway = Arc::new(Mutex::new(Gateway::new(
-            Engine::new(topo, 0).expect("engine"),
-        )));
-        let now = Arc::new(AtomicU32::new(1));
+        let plane = Plane::seed(TOPOLOGY, Arc::new(MemoryStore::new()));
+        plane.now.store(1, Ordering::SeqCst);
         // No runtime runs here: a fixed source stands in for `Runtime::counters_source`
         // (with a fast path), so the runtime's metrics appear in the scrape.
-        let backend = Arc::new(
-            GatewayBackend::new(gateway.clone(), Arc::new(EventLog::new()), move || {
-                now.load(Ordering::SeqCst)
-            })
-            .with_runtime_counters(Arc::new(|| RuntimeCounters {
-                private_rx_packets: 1000,
-                private_tx_packets: 990,
-                public_rx_packets: 800,
-                public_tx_packets: 790,
-                lock_acquisitions: 500,
-                lock_contended: 20,
-                lock_wait_ns: 3_000_000,
-                lock_held_ns: 40_000_000,
-                fast_path: Some(FastPathCounters {
-                    installed: 30,
-                    removed: 10,
-                    install_failed: 2,
-                    skipped: 1,
-                    translated_out: 5000,
-                    translated_in: 4500,
-                }),
-            })),
-        );
-        let plane = ControlPlane::new(backend, store, Some(TOKEN.into()), seeded.stored);
-        let server = serve("127.0.0.1:0".parse().expect("addr"), plane).expect("serve");
+        let backend =
+            Arc::new(
+                plane
+                    .backend()
+                    .with_runtime_counters(Arc::new(|| RuntimeCounters {
+                        private_rx_packets: 1000,
+                        private_tx_packets: 990,
+                        public_rx_packets: 800,
+                        public_tx_packets: 790,
+                        lock_acquisitions: 500,
+                        lock_contended: 20,
+                        lock_wait_ns: 3_000_000,
+                        lock_held_ns: 40_000_000,
+                        fast_path: Some(FastPathCounters {
+                            installed: 30,
+                            removed: 10,
+                            install_failed: 2,
+                            skipped: 1,
+                            translated_out: 5000,
+                            translated_in: 4500,
+                        }),
+                    })),
+            );
+        let server = plane.serve(backend, Some(TOKEN));
         let client = Client::new(
             &format!("http://{}", server.local_addr()),
             Some(TOKEN.into()),
@@ -114,7 +108,7 @@ impl Env {
         Env {
             server: Some(server),
             client,
-            gateway,
+            gateway: plane.gateway,
         }
     }
 
