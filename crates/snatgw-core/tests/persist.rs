@@ -260,7 +260,7 @@ fn r11_1_map_activity_moves_last_seen_and_adds_flows_opened_after_the_state() {
         pport: p.1 + 1,
         ..k1
     };
-    st.merge_seen([(k1, 50), (k2, 40)]);
+    st.merge_seen([(k1, Some(50)), (k2, Some(40))], 60);
     let mut r = Engine::with_hash_key(topo(pool_config(1)), 60, 7).expect("engine");
     let rep = r.import_state(&st);
     assert_eq!(rep.flows, 2);

@@ -195,6 +195,15 @@ pub enum FastPathError {
         /// The error.
         source: aya::programs::ProgramError,
     },
+    /// The pin directory is not usable (not on a bpffs, or the kernel attaches through a
+    /// clsact qdisc, whose filters cannot be pinned: tcx, Linux 6.6, is needed).
+    #[error("pinning in {dir}: {why}")]
+    Pin {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// A map is missing or of the wrong shape.
     #[error("map {name}: {source}")]
     Map {
@@ -220,6 +229,11 @@ pub struct FastPathConfig {
     /// Benchmark floor: redirect every IPv4 packet to the other interface without lookup or
     /// rewrite (no NAT at all; only for `snatgw race`).
     pub floor: bool,
+    /// Pin the maps and the program links in this directory (on a bpffs), so the programs
+    /// stay attached and keep translating installed flows while no process runs (SPEC R11.1);
+    /// a later load with the same directory takes the maps over and replaces the links
+    /// without a gap. `None`: the programs detach when the [`TcFastPath`] is dropped.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The attached fast path. Dropping it detaches the programs.
@@ -229,6 +243,13 @@ pub struct TcFastPath {
     pub private_ifindex: u32,
     /// Index of the public interface.
     pub public_ifindex: u32,
+    /// The pinned links (with [`FastPathConfig::pin_dir`]); dropping them closes this
+    /// process's descriptors, the pins keep the programs attached.
+    pinned: Vec<aya::programs::links::PinnedLink>,
+    /// The pin directory, if any.
+    pin_dir: Option<std::path::PathBuf>,
+    /// Whether the maps were taken over from pins an earlier load left (a restart).
+    pub reused: bool,
 }
 
 /// The flow map.
@@ -380,10 +401,26 @@ impl TcFastPath {
         let private_ifindex = ifindex(&cfg.private_if)?;
         let public_ifindex = ifindex(&cfg.public_if)?;
         let slots = cfg.counter_slots.max(1);
-        let mut ebpf = EbpfLoader::new()
+        let pins = match &cfg.pin_dir {
+            Some(dir) => Some(crate::pin::PinDir::open(dir)?),
+            None => None,
+        };
+        let reused = pins.as_ref().is_some_and(|p| p.has_maps());
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("FLOWS", cfg.max_flows.max(1).saturating_mul(2))
-            .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT))
-            .load(PROGRAM)?;
+            .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT));
+        let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
+            Some(p) => crate::pin::MAPS
+                .iter()
+                .map(|&m| (m, p.map_path(m)))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (m, path) in &map_paths {
+            loader.map_pin_path(m, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM)?;
         {
             // Set before the programs load (they hold the map from then on), so it stays in
             // `ebpf` rather than being taken out.
@@ -406,6 +443,7 @@ impl TcFastPath {
                 config.set(i, v, 0).map_err(map_error("CONFIG"))?;
             }
         }
+        let mut pinned = Vec::new();
         for (prog, ifname) in [("snat_out", &cfg.private_if), ("snat_in", &cfg.public_if)] {
             let err = |what: String| move |source| FastPathError::Program { what, source };
             let p: &mut SchedClassifier = ebpf
@@ -419,10 +457,33 @@ impl TcFastPath {
             p.load()
                 .map_err(err(format!("loading {prog} (verifier)")))?;
             // tcx on kernels >= 6.6; older ones attach through a clsact qdisc, added on demand.
-            if p.attach(ifname, TcAttachType::Ingress).is_err() {
-                let _ = aya::programs::tc::qdisc_add_clsact(ifname);
-                p.attach(ifname, TcAttachType::Ingress)
-                    .map_err(err(format!("attaching {prog} to {ifname} ingress")))?;
+            let id = match p.attach(ifname, TcAttachType::Ingress) {
+                Ok(id) => id,
+                Err(_) if pins.is_none() => {
+                    let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+                    p.attach(ifname, TcAttachType::Ingress)
+                        .map_err(err(format!("attaching {prog} to {ifname} ingress")))?
+                }
+                Err(e) => {
+                    return Err(err(format!("attaching {prog} to {ifname} ingress (tcx)"))(
+                        e,
+                    ))
+                }
+            };
+            if let Some(pd) = &pins {
+                // The new link runs beside the old one (same maps, same verdicts); the old
+                // one is detached only once the new one is pinned: no packet meets neither.
+                let link = p
+                    .take_link(id)
+                    .map_err(err(format!("taking the link of {prog}")))?;
+                let fd: aya::programs::links::FdLink =
+                    link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        FastPathError::Pin {
+                            dir: pd.dir().to_path_buf(),
+                            why: format!("{prog} is not attached through tcx ({e}): pinning needs Linux 6.6 or later"),
+                        }
+                    })?;
+                pinned.push(pd.replace_link(prog, fd)?);
             }
         }
         let map = ebpf.take_map("FLOWS").ok_or_else(|| missing("FLOWS"))?;
@@ -451,6 +512,9 @@ impl TcFastPath {
                 _ebpf: ebpf,
                 private_ifindex,
                 public_ifindex,
+                pinned,
+                pin_dir: pins.and(cfg.pin_dir.clone()),
+                reused,
             },
             FlowMap {
                 map,
@@ -467,7 +531,29 @@ impl TcFastPath {
     }
 }
 
+impl TcFastPath {
+    /// Detaches the programs and removes the pins (`snatgw run --detach-on-exit`): the
+    /// kernel stops translating when this returns, and a later start begins with empty maps.
+    /// Without pins this is what dropping does.
+    pub fn detach(mut self) -> Result<(), FastPathError> {
+        let links = std::mem::take(&mut self.pinned);
+        for l in links {
+            // Unpinned and dropped: the last descriptor closes and the link detaches.
+            let _ = l.unpin();
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            crate::pin::remove_all(&dir)?;
+        }
+        Ok(())
+    }
+}
+
 impl FlowMap {
+    /// Every entry of the map (a restart reads what the kernel kept translating, R11.1).
+    pub fn entries(&self) -> Vec<(BpfFlowKey, BpfFlowVal)> {
+        self.map.iter().filter_map(Result::ok).collect()
+    }
+
     /// Inserts or replaces an entry.
     pub fn insert(&mut self, k: &BpfFlowKey, v: &BpfFlowVal) -> Result<(), aya::maps::MapError> {
         self.map.insert(k, v, 0)

@@ -8,6 +8,8 @@
 //! - [`MemIo`]: an in-memory backend for tests (no privileges needed).
 //! - [`fastpath`]: the kernel fast path (a tc/tcx eBPF program built from `bpf/snat_tc.c`),
 //!   its loader and its maps (issue #9).
+//! - [`pin`]: the fast path's pins on a bpffs, which keep it translating installed flows
+//!   while no gateway process runs (SPEC R11.1, issue #18).
 //!
 //! What it does not do: parse or translate packets (`snatgw-wire`, `snatgw-dataplane`),
 //! configure addresses, routes or namespaces (`snatgw-lab` or the operator).
@@ -43,6 +45,7 @@
 
 mod batch;
 pub mod fastpath;
+pub mod pin;
 mod hugepage;
 mod mem;
 mod tun;

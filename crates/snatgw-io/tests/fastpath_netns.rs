@@ -25,6 +25,7 @@ fn loads_attaches_and_holds_entries() {
             max_flows: 8,
             counter_slots: 4,
             floor: false,
+            pin_dir: None,
         };
         let (fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
         assert_ne!(fp.private_ifindex, fp.public_ifindex);
@@ -105,6 +106,7 @@ fn exercise_runs(batches: bool) {
         max_flows: 8, // 16 entries
         counter_slots: 4,
         floor: false,
+        pin_dir: None,
     };
     let (_fp, mut map, _counters) = TcFastPath::load(&cfg).expect("load and attach");
     map.set_batches(batches);

@@ -338,6 +338,49 @@ fn keys(k: &FlowKey) -> [BpfFlowKey; 2] {
     ]
 }
 
+/// A flow the kernel's map holds, with its last packet there (engine seconds), if any.
+pub type SeenFlow = (FlowKey, Option<Time>);
+
+/// What the kernel's pinned flow map under `pin_dir` kept translating while no gateway ran:
+/// each flow's translation and its last packet in engine seconds (either direction; `None` if
+/// the kernel saw no packet of it; never later than `now`), for
+/// [`snatgw_core::engine::persist::FlowState::merge_seen`] before a restore (R11.1).
+/// `origin_ns` is the `CLOCK_MONOTONIC` time of engine time 0. `None`: nothing pinned there.
+pub fn pinned_flows_seen(
+    pin_dir: &std::path::Path,
+    origin_ns: u64,
+    now: Time,
+) -> Result<Option<Vec<SeenFlow>>, snatgw_io::fastpath::FastPathError> {
+    let Some(entries) = snatgw_io::pin::read_pinned_flows(pin_dir)? else {
+        return Ok(None);
+    };
+    let secs = |ns: u64| -> Option<Time> {
+        (ns != 0 && ns >= origin_ns)
+            .then(|| u32::try_from((ns - origin_ns) / 1_000_000_000).unwrap_or(u32::MAX))
+    };
+    let inbound: std::collections::HashMap<BpfFlowKey, u64> = entries
+        .iter()
+        .filter(|(k, _)| k.dir == DIR_IN)
+        .map(|(k, v)| (*k, v.last_seen))
+        .collect();
+    let mut out = Vec::new();
+    for (k, v) in entries.iter().filter(|(k, _)| k.dir == DIR_OUT) {
+        let key = FlowKey {
+            proto: k.proto,
+            src: u32::from_be(k.src),
+            sport: u16::from_be(k.sport),
+            dst: u32::from_be(k.dst),
+            dport: u16::from_be(k.dport),
+            public: u32::from_be(v.addr),
+            pport: u16::from_be(v.port),
+        };
+        let inb = keys(&key)[1];
+        let ns = v.last_seen.max(inbound.get(&inb).copied().unwrap_or(0));
+        out.push((key, secs(ns).map(|t| t.min(now))));
+    }
+    Ok(Some(out))
+}
+
 /// The two entries of a flow: (outbound key, value), (inbound key, value).
 fn entries(
     slot: u32,
@@ -512,6 +555,27 @@ impl FastPath {
         start_ns: u64,
         engine: &mut Engine,
     ) -> Result<Option<FastPath>, SetupError> {
+        Self::setup_pinned(
+            mode, private_if, public_if, max_flows, floor, start_ns, None, engine,
+        )
+    }
+
+    /// [`FastPath::setup`] with the maps and links pinned in `pin_dir` (a bpffs directory,
+    /// SPEC R11.1): the programs stay attached while no gateway runs, and a start that finds
+    /// the pins takes the maps over. The map is then made the engine's: entries of flows the
+    /// engine does not have (ended, or not restored) are removed, the engine's flows are
+    /// (re)installed by the runtime, and the kernel's packet counters count from now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup_pinned(
+        mode: FastPathMode,
+        private_if: Option<&str>,
+        public_if: Option<&str>,
+        max_flows: u32,
+        floor: bool,
+        start_ns: u64,
+        pin_dir: Option<&std::path::Path>,
+        engine: &mut Engine,
+    ) -> Result<Option<FastPath>, SetupError> {
         if mode == FastPathMode::Off {
             tracing::info!("fast path off (--fast-path off): every packet goes through the TUN");
             return Ok(None);
@@ -530,8 +594,9 @@ impl FastPath {
             max_flows,
             counter_slots: COUNTER_SLOTS,
             floor,
+            pin_dir: pin_dir.map(|p| p.to_path_buf()),
         };
-        let (fp, map, counters) = match TcFastPath::load(&cfg) {
+        let (fp, mut map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,
             Err(e) if mode == FastPathMode::Tc => return Err(SetupError::Load(e)),
             Err(e) => {
@@ -539,6 +604,26 @@ impl FastPath {
                 return Ok(None);
             }
         };
+        let mut credited = Vec::new();
+        if fp.reused {
+            // Taken over from an earlier run (R11.1): keep exactly the engine's flows.
+            let live: std::collections::HashSet<BpfFlowKey> = engine
+                .live_flow_keys()
+                .flat_map(|(_, k)| keys(&k))
+                .collect();
+            let stale: Vec<BpfFlowKey> = map
+                .keys()
+                .into_iter()
+                .filter(|k| floor || !live.contains(k))
+                .collect();
+            let failed = map.remove_batch(&stale);
+            credited = counters.instance_counters(COUNTER_SLOTS);
+            tracing::info!(
+                entries_kept = live.len(),
+                stale_removed = stale.len() - failed,
+                "fast path taken over from the previous run's pins: installed flows kept translating in the kernel meanwhile (R11.1)"
+            );
+        }
         let offload = Arc::new(OffloadCounters::default());
         let sink = if floor {
             None
@@ -578,11 +663,17 @@ impl FastPath {
             counters,
             offload,
             sink,
-            credited: Vec::new(),
+            credited,
             floor,
             private_if: private_if.into(),
             public_if: public_if.into(),
         }))
+    }
+
+    /// Detaches the programs and removes the pins, if any (`--detach-on-exit`): the kernel
+    /// stops translating when this returns.
+    pub fn detach(self) -> Result<(), snatgw_io::fastpath::FastPathError> {
+        self._fp.detach()
     }
 
     /// The writer of the kernel's flow map, for the runtime's `Feed` (once; `None` in floor

@@ -140,6 +140,18 @@ pub struct RunArgs {
     /// Start with no flows even when a flow state is saved (it is overwritten).
     #[arg(long)]
     pub fresh_flows: bool,
+    /// Directory on a bpffs where the fast path's maps and program links are pinned, so
+    /// installed flows keep being translated in the kernel while `snatgw run` is down (a
+    /// crash, an upgrade) and the next start takes them over (SPEC R11.1). Default: `auto`,
+    /// `/sys/fs/bpf/snatgw/<id of the state dir>` when /sys/fs/bpf is a bpffs, else no pins
+    /// (said in a warning); `off`: never pin.
+    #[arg(long, default_value = "auto")]
+    pub bpf_pin_dir: String,
+    /// On a clean stop (SIGINT/SIGTERM), detach the fast path and remove its pins: the gateway
+    /// is meant to stay down, so the kernel must stop translating. Without it a clean stop
+    /// leaves installed flows translated in the kernel for the next start (an upgrade).
+    #[arg(long)]
+    pub detach_on_exit: bool,
 }
 
 impl RunArgs {
@@ -221,7 +233,25 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     // origin, so saved timers and fast-path timestamps stay valid; the flows are imported
     // under the topology they ran with, then this run's topology is applied as a live change.
     let state_file = StateFile::in_dir(&a.state_dir);
-    let saved = restorable_state(a, &state_file);
+    let mut saved = restorable_state(a, &state_file);
+    let pin_dir = bpf_pin_dir(a);
+    if let (Some(s), Some(dir)) = (saved.as_mut(), pin_dir.as_deref()) {
+        // What the kernel kept translating since the last snapshot: later last-seen times,
+        // and flows opened after it (R11.1).
+        let now = Clock::Monotonic {
+            start_ns: s.origin_ns,
+        }
+        .now();
+        match snatgw_runtime::fastpath::pinned_flows_seen(dir, s.origin_ns, now) {
+            Ok(Some(seen)) => {
+                let n = seen.len();
+                s.flows.merge_seen(seen, now);
+                tracing::info!(flows = n, dir = %dir.display(), "read the pinned fast-path map");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "not reading the pinned fast-path map"),
+        }
+    }
     let start_ns = saved
         .as_ref()
         .map_or_else(snatgw_io::fastpath::monotonic_ns, |s| s.origin_ns);
@@ -304,13 +334,14 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         seq_floor.start_after,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
-    let fast_path = FastPath::setup(
+    let fast_path = FastPath::setup_pinned(
         a.fast_path,
         a.private_if.as_deref(),
         a.public_if.as_deref(),
         a.fast_path_flows,
         a.fast_path_floor,
         start_ns,
+        pin_dir.as_deref(),
         &mut engine,
     )
     .map_err(|e| e.to_string())?;
@@ -406,6 +437,16 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let log = rt.events_log();
     rt.run_until_stopped(|_| seq_floor.renew(log.last_seq()));
     let finished = rt.shutdown();
+    if a.detach_on_exit {
+        if let Some(dir) = &pin_dir {
+            match snatgw_io::pin::remove_all(dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "fast path detached and its pins removed (--detach-on-exit)")
+                }
+                Err(e) => tracing::error!(error = %e, "removing the fast path's pins"),
+            }
+        }
+    }
     // The workers have stopped: a last snapshot holds every flow, so a restart after a clean
     // stop (an upgrade) loses none.
     if let Some(snap) = snapshotter {
@@ -596,6 +637,30 @@ fn readable_by_others(path: &Path) -> Option<u32> {
 
 /// The token at `path` if it holds one (trimmed, non-empty), else a new one written there;
 /// returns it and whether it was generated.
+/// Where the fast path pins its maps and links (`--bpf-pin-dir`), if anywhere.
+fn bpf_pin_dir(a: &RunArgs) -> Option<PathBuf> {
+    match a.bpf_pin_dir.as_str() {
+        "off" => None,
+        "auto" => {
+            if a.fast_path == FastPathMode::Off || a.private_if.is_none() {
+                return None;
+            }
+            let root = Path::new("/sys/fs/bpf");
+            if !snatgw_io::pin::is_bpffs(root) {
+                tracing::warn!("/sys/fs/bpf is not a bpffs: the fast path is not pinned, and a restart interrupts translation in the kernel (mount one, or pass --bpf-pin-dir)");
+                return None;
+            }
+            let id = std::fs::canonicalize(&a.state_dir).unwrap_or_else(|_| a.state_dir.clone());
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in id.to_string_lossy().bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+            Some(root.join("snatgw").join(format!("{h:016x}")))
+        }
+        dir => Some(PathBuf::from(dir)),
+    }
+}
+
 /// The flow state to restore, if there is one this run may use: written on this boot (engine
 /// times are `CLOCK_MONOTONIC` seconds, which a reboot resets), readable, and not refused by
 /// `--fresh-flows` or `--flow-state-interval-ms 0`. Every reason not to restore is logged.

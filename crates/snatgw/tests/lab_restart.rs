@@ -1,25 +1,33 @@
-//! Restart without losing flows (SPEC R11.1, issue #18), with real sockets: TCP connections
-//! held by this process cross `snatgw run`, which is killed with SIGKILL (a crash) or stopped
-//! with SIGTERM (an upgrade) and started again on the same state directory. Every held
-//! connection must exchange data afterwards and close cleanly both ways: a connection whose
-//! public port changed would be answered with a reset by the server, or not at all, so
-//! [`probe`] and [`close_confirmed`] passing is the proof that the same public IP:port
-//! carries it. New connections work too, and never take a port a restored flow holds to the
-//! same destination (the server sees distinct public ports).
+//! Restart without losing flows (SPEC R11.1, issue #18), with real sockets: 500 TCP
+//! connections and 200 UDP flows held by this process cross `snatgw run`, which is killed with
+//! SIGKILL (a crash), stopped with SIGTERM, or replaced by a copy of its binary at another
+//! path (an upgrade), and started again on the same state directory.
 //!
-//! What this does not show: traffic carried while the gateway is down (the kernel fast path
-//! is not yet pinned across the process's death; the TCP stacks retransmit through the gap).
+//! - Every held TCP connection must exchange data afterwards and close cleanly both ways: a
+//!   connection whose public port changed would be answered with a reset by the server, or
+//!   not at all, so [`probe`] and [`close_confirmed`] passing is the proof that the same public
+//!   IP:port carries it.
+//! - Every held UDP socket asks the lab's DNS responder which `ip:port` it sees (the R6.4
+//!   TXT answer) before and after: the answer must not change. New flows are opened first
+//!   after the restart, so a flow that was not restored would lose its port to them.
+//! - With the kernel fast path pinned on a bpffs (`--bpf-pin-dir`), established TCP data and
+//!   UDP answers keep flowing through the kernel while no gateway process runs (5 s).
+//!
 //! Root only (fails instead of skipping when `SNATGW_REQUIRE_ROOT=1`).
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use snatgw_lab::dns;
 
 const HOLD_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVER_A), 9000);
+const DNS_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVER_A), 53);
 const CONNECT: Duration = Duration::from_secs(3);
 
 const CONFIG: &str = r#"
@@ -43,16 +51,107 @@ private_ip = "10.0.7.11"
 availability_set = "as1"
 "#;
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    /// SIGKILL, then the same binary.
+    Kill,
+    /// SIGTERM, then the same binary.
+    Term,
+    /// SIGTERM, then a copy of the binary at another path (an upgrade).
+    Upgrade,
+}
+
+/// A bpffs mounted on a directory of the test, unmounted (pins removed first) on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(dir: &Path) -> Bpffs {
+        std::fs::create_dir_all(dir).expect("dir");
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "mounting a bpffs on {}", dir.display());
+        Bpffs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = snatgw_io::pin::remove_all(&self.0.join("pins"));
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 fn ports(conns: &[Held]) -> BTreeSet<(std::net::Ipv4Addr, u16)> {
     conns.iter().map(|h| (*h.seen.ip(), h.port())).collect()
 }
 
-fn restart_keeps_connections(tag: &str, kill: bool) {
+/// `n` UDP sockets in `instance`, each connected to the DNS responder (a flow each).
+fn udp_flows(g: &GwLab, instance: &str, n: usize) -> Vec<UdpSocket> {
+    g.in_instance(instance, move || {
+        (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                s.connect(DNS_A).expect("connect");
+                s.set_read_timeout(Some(Duration::from_millis(700)))
+                    .expect("timeout");
+                s
+            })
+            .collect()
+    })
+}
+
+/// The `ip:port` the responder sees from each socket (3 tries each), `None` where no answer.
+fn seen(socks: &[UdpSocket], round: u16) -> Vec<Option<String>> {
+    let mut q = Vec::new();
+    let mut buf = [0u8; 1500];
+    socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            for t in 0..3u16 {
+                let id = round.wrapping_mul(1000).wrapping_add(i as u16 * 3 + t);
+                dns::build_query(id, "myip.snatgw.test", dns::TYPE_TXT, &mut q).expect("query");
+                if s.send(&q).is_err() {
+                    continue;
+                }
+                while let Ok(n) = s.recv(&mut buf) {
+                    if let Ok(r) = dns::parse_response(&buf[..n]) {
+                        if r.id == id {
+                            for rec in r.records {
+                                if let dns::RData::Txt(t) = rec {
+                                    return Some(t);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+fn restart_keeps_flows(tag: &str, stop: Stop, fast: bool) {
     if !root_or_skip() {
         return;
     }
     snatgw_lab::raise_nofile_limit();
-    let mut g = GwLab::start(tag, CONFIG, None);
+    let mut bpffs = None;
+    let mut g = GwLab::start_with(tag, CONFIG, None, |o, dir| {
+        if fast {
+            let fs = Bpffs::mount(&dir.join("bpf"));
+            o.fast_path = "tc".into();
+            o.extra.extend([
+                "--bpf-pin-dir".into(),
+                fs.0.join("pins").display().to_string(),
+            ]);
+            bpffs = Some(fs);
+        }
+    });
     let mut held = Vec::new();
     for inst in ["r0", "r1"] {
         let (c, failed) = g.hold_conns(inst, HOLD_A, 250, CONNECT);
@@ -63,35 +162,72 @@ fn restart_keeps_connections(tag: &str, kill: bool) {
         );
         held.extend(c);
     }
-    let before = ports(&held);
     assert_eq!(
-        before.len(),
+        ports(&held).len(),
         500,
-        "R2.3: one public port per connection to one server"
+        "R2.3: one public port per connection"
     );
-    if kill {
-        // Let a periodic snapshot (every second by default) include every connection.
-        std::thread::sleep(Duration::from_millis(2500));
-        g.gw.kill().expect("SIGKILL");
-    } else {
-        // A clean stop writes a last snapshot: connections opened just before it are kept
-        // too, whatever the period.
-        let (c, failed) = g.hold_conns("r0", HOLD_A, 20, CONNECT);
-        assert_eq!((c.len(), failed), (20, 0));
-        held.extend(c);
-        assert!(
-            snatgw_lab::gateway::stop_gateway(&g.gw, Duration::from_secs(10)),
-            "gateway did not exit cleanly on SIGTERM"
-        );
+    let mut udp = udp_flows(&g, "r0", 100);
+    udp.extend(udp_flows(&g, "r1", 100));
+    let before = seen(&udp, 1);
+    assert!(
+        before.iter().all(Option::is_some),
+        "UDP flows before the restart"
+    );
+    let distinct: BTreeSet<_> = before.iter().flatten().collect();
+    assert_eq!(distinct.len(), 200);
+    match stop {
+        Stop::Kill => {
+            // Let a periodic snapshot (every second by default) include every flow.
+            std::thread::sleep(Duration::from_millis(2500));
+            g.gw.kill().expect("SIGKILL");
+        }
+        Stop::Term | Stop::Upgrade => {
+            // A clean stop writes a last snapshot: connections opened just before it are kept
+            // too, whatever the period.
+            let (c, failed) = g.hold_conns("r0", HOLD_A, 20, CONNECT);
+            assert_eq!((c.len(), failed), (20, 0));
+            held.extend(c);
+            assert!(
+                snatgw_lab::gateway::stop_gateway(&g.gw, Duration::from_secs(10)),
+                "gateway did not exit cleanly on SIGTERM"
+            );
+        }
     }
     let _ = g.gw.wait_timeout(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(1));
+    if fast {
+        // No gateway process runs: the pinned programs carry established flows (R11.1).
+        let dead = probe(&held, &BTreeSet::new());
+        assert!(
+            dead.is_empty(),
+            "{} of {} held connections got no answer while the gateway was down",
+            dead.len(),
+            held.len()
+        );
+        let down = seen(&udp, 2);
+        assert_eq!(down, before, "UDP answers while the gateway was down");
+    } else {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    if stop == Stop::Upgrade {
+        // The "new version": the same build copied to another path.
+        let new_bin = g.dir.join("snatgw-new");
+        std::fs::copy(&g.opts.bin, &new_bin).expect("copy the binary");
+        g.opts.bin = new_bin;
+    }
     g.restart();
     let log = g.log();
     assert!(
         log.contains("restored the flow state"),
         "the restart did not restore flows:\n{log}"
     );
+    // New flows first: a held flow that was not restored would lose its port to them.
+    let (more, failed) = g.hold_conns("r1", HOLD_A, 50, CONNECT);
+    assert_eq!((more.len(), failed), (50, 0));
+    let mut fresh = udp_flows(&g, "r0", 20);
+    fresh.extend(udp_flows(&g, "r1", 20));
+    let fresh_seen = seen(&fresh, 3);
+    assert!(fresh_seen.iter().all(Option::is_some));
     let dead = probe(&held, &BTreeSet::new());
     assert!(
         dead.is_empty(),
@@ -100,14 +236,24 @@ fn restart_keeps_connections(tag: &str, kill: bool) {
         held.len(),
         dead.iter().take(10).collect::<Vec<_>>()
     );
-    // New connections after the restart work and avoid the restored flows' ports (R2.2).
-    let (more, failed) = g.hold_conns("r1", HOLD_A, 50, CONNECT);
-    assert_eq!((more.len(), failed), (50, 0));
+    let after = seen(&udp, 4);
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        moved, 0,
+        "UDP flows answered from another ip:port after the restart"
+    );
+    // R2.2: new flows never share a public port with a restored one to the same server.
     let all: BTreeSet<_> = ports(&held).union(&ports(&more)).copied().collect();
     assert_eq!(
         all.len(),
         held.len() + 50,
-        "a new connection reused a held one's public port"
+        "a new connection reused a held one's port"
+    );
+    let udp_all: BTreeSet<_> = after.iter().chain(&fresh_seen).flatten().collect();
+    assert_eq!(
+        udp_all.len(),
+        240,
+        "a new UDP flow reused a restored one's port"
     );
     let n = held.len();
     assert_eq!(
@@ -116,15 +262,33 @@ fn restart_keeps_connections(tag: &str, kill: bool) {
         "held connections closing both ways"
     );
     assert_eq!(close_confirmed(more), 50);
+    if fast {
+        // The restart took the pinned maps over.
+        assert!(
+            log.contains("taken over from the previous run's pins"),
+            "{log}"
+        );
+    }
     g.finish();
+    drop(bpffs);
 }
 
 #[test]
-fn r11_1_sigkill_and_restart_keeps_500_tcp_connections_on_their_ports() {
-    restart_keeps_connections("rk", true);
+fn r11_1_sigkill_and_restart_keeps_500_tcp_and_200_udp_flows_on_their_ports() {
+    restart_keeps_flows("rk", Stop::Kill, false);
 }
 
 #[test]
-fn r11_1_clean_stop_and_restart_keeps_every_connection() {
-    restart_keeps_connections("rs", false);
+fn r11_1_clean_stop_and_restart_keeps_every_flow() {
+    restart_keeps_flows("rs", Stop::Term, false);
+}
+
+#[test]
+fn r11_1_fast_path_carries_flows_while_the_gateway_is_killed_and_the_restart_takes_over() {
+    restart_keeps_flows("rf", Stop::Kill, true);
+}
+
+#[test]
+fn r11_1_upgrade_to_a_binary_at_another_path_keeps_every_flow_through_the_kernel() {
+    restart_keeps_flows("ru", Stop::Upgrade, true);
 }

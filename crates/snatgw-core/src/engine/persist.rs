@@ -336,13 +336,20 @@ impl FlowState {
     }
 
     /// Merges what a fast path's map saw since the state was written: `(translation, last
-    /// packet)` per flow installed there (engine seconds; the map knows no TCP state). A flow
+    /// packet)` per flow installed there (engine seconds, `None` if the kernel saw no packet
+    /// of it; the map knows no TCP state). A flow the state lacks and the kernel saw no packet
+    /// of counts as seen at `unseen_at` (the restart's time: later than the truth, so its port
+    /// is never released early). A flow
     /// the state has with the same translation gets the later `last_seen`; a flow the state
     /// has with another public side is replaced (the map is newer: the port was reused after
     /// the state was written); a flow the state lacks (opened since) is added as open. Map
     /// flows are put first, so on import they win any public 5-tuple conflict with a stale
     /// record of the state.
-    pub fn merge_seen(&mut self, seen: impl IntoIterator<Item = (FlowKey, Time)>) {
+    pub fn merge_seen(
+        &mut self,
+        seen: impl IntoIterator<Item = (FlowKey, Option<Time>)>,
+        unseen_at: Time,
+    ) {
         type Fwd = (u8, u32, u16, u32, u16);
         let fwd = |k: &FlowKey| -> Fwd { (k.proto, k.src, k.sport, k.dst, k.dport) };
         let mut old: HashMap<Fwd, FlowRecord> =
@@ -351,16 +358,21 @@ impl FlowState {
         for (key, t) in seen {
             let rec = match old.remove(&fwd(&key)) {
                 Some(mut f) if f.key == key => {
-                    f.last_seen = f.last_seen.max(t);
+                    if let Some(t) = t {
+                        f.last_seen = f.last_seen.max(t);
+                    }
                     f
                 }
-                _ => FlowRecord {
-                    key,
-                    last_seen: t,
-                    close_at: 0,
-                    tcp_state: 0,
-                    born: t as u16,
-                },
+                _ => {
+                    let t = t.unwrap_or(unseen_at);
+                    FlowRecord {
+                        key,
+                        last_seen: t,
+                        close_at: 0,
+                        tcp_state: 0,
+                        born: t as u16,
+                    }
+                }
             };
             merged.push(rec);
         }
