@@ -292,3 +292,104 @@ fn r11_1_fast_path_carries_flows_while_the_gateway_is_killed_and_the_restart_tak
 fn r11_1_upgrade_to_a_binary_at_another_path_keeps_every_flow_through_the_kernel() {
     restart_keeps_flows("ru", Stop::Upgrade, true);
 }
+
+/// Timers across a restart (R3.2, R3.4 with R11.1), with short test timers: a TCP flow closed
+/// both ways (FIN) before a SIGKILL releases its port FIN + 6 s after the FIN, and a UDP flow
+/// idle since before it releases its port at its last packet + 10 s, to the second, measured
+/// from the test's own clock (the gateway's used ports, read from its stats file every
+/// 200 ms). Engine seconds are whole: a deadline is met between 1 s early and on time, plus
+/// the polling.
+#[test]
+fn r11_1_fin_and_idle_timers_run_on_across_a_sigkill_to_the_second() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+    if !root_or_skip() {
+        return;
+    }
+    const TIMERS: &str = r#"
+[gateway]
+seed = 6
+vnet_prefixes = ["10.0.0.0/16"]
+default_snat_pool = ["192.0.2.41"]
+idle_timeout_secs = 10
+fin_timeout_secs = 6
+rst_timeout_secs = 2
+
+[[instance]]
+name = "t-fin"
+private_ip = "10.0.8.10"
+
+[[instance]]
+name = "t-udp"
+private_ip = "10.0.8.11"
+"#;
+    let mut g = GwLab::start("rt", TIMERS, None);
+    let echo: SocketAddr = format!("{SERVER_A}:7").parse().unwrap();
+    let used = |g: &GwLab, name: &str, proto: &str| u(&g.inst(name)["used"][proto]);
+    // UDP: one datagram and its echo, then nothing.
+    g.in_instance("t-udp", move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(echo).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send(b"ping").unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(s.recv(&mut b).unwrap(), 4);
+    });
+    let t_udp = Instant::now();
+    // TCP: data, then FIN both ways (the echo server closes when the client does).
+    g.in_instance("t-fin", move || {
+        let mut s = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"0123456789").unwrap();
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+    });
+    let t_fin = Instant::now();
+    assert!(g.wait(Duration::from_secs(3), |s| u(
+        &inst_of(s, "t-fin")["used"]["tcp"]
+    ) == 1));
+    // A snapshot after the FIN (every second), then a crash and a start.
+    std::thread::sleep(Duration::from_millis(2000));
+    g.gw.kill().expect("SIGKILL");
+    let _ = g.gw.wait_timeout(Duration::from_secs(10));
+    g.restart();
+    assert!(g.log().contains("restored the flow state"), "{}", g.log());
+    assert_eq!(
+        used(&g, "t-fin", "tcp"),
+        1,
+        "the closing flow was not restored"
+    );
+    assert_eq!(
+        used(&g, "t-udp", "udp"),
+        1,
+        "the idle flow was not restored"
+    );
+    // FIN + 6 s (R3.2).
+    assert!(g.wait(Duration::from_secs(10), |s| u(
+        &inst_of(s, "t-fin")["used"]["tcp"]
+    ) == 0));
+    let dt = t_fin.elapsed().as_secs_f64();
+    assert!(
+        (4.9..=7.6).contains(&dt),
+        "FIN port released {dt:.2} s after the FIN (6 s)"
+    );
+    // Last packet + 10 s (R3.4/R3.5): still held a little before, gone on time.
+    let before = Duration::from_millis(8_700);
+    if let Some(wait) = before.checked_sub(t_udp.elapsed()) {
+        std::thread::sleep(wait);
+        assert_eq!(used(&g, "t-udp", "udp"), 1, "idle UDP port released early");
+    }
+    assert!(g.wait(Duration::from_secs(10), |s| u(
+        &inst_of(s, "t-udp")["used"]["udp"]
+    ) == 0));
+    let dt = t_udp.elapsed().as_secs_f64();
+    assert!(
+        (8.9..=11.6).contains(&dt),
+        "idle UDP port released {dt:.2} s after its packet (10 s)"
+    );
+    g.finish();
+}
