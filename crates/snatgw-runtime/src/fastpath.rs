@@ -82,14 +82,19 @@ impl FastPathMode {
     }
 }
 
+/// A `--fast-path` value that is not a mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: expected one of auto, tc, off")]
+pub struct UnknownMode(pub String);
+
 impl std::str::FromStr for FastPathMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         match s {
             "auto" => Ok(FastPathMode::Auto),
             "tc" => Ok(FastPathMode::Tc),
             "off" => Ok(FastPathMode::Off),
-            _ => Err(format!("`{s}`: expected one of auto, tc, off")),
+            _ => Err(UnknownMode(s.into())),
         }
     }
 }

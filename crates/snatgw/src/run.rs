@@ -177,7 +177,7 @@ fn parse_api(s: &str) -> Result<ApiAddr, String> {
 
 /// `--fast-path`: `auto`, `tc` or `off`.
 pub fn parse_fast_path(s: &str) -> Result<FastPathMode, String> {
-    s.parse()
+    s.parse().map_err(|e: snatgw_runtime::fastpath::UnknownMode| e.to_string())
 }
 
 /// Initialises `tracing` (stderr; `RUST_LOG` filters, default `info`).
