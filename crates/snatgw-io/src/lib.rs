@@ -18,8 +18,9 @@
 //! allocator ([`HugePageAlloc`]) and in [`fastpath`]: the map types' `Pod` marker, two libc
 //! calls (`clock_gettime`, `if_nametoindex`) and the raw `bpf()` system call behind
 //! `FlowMap::insert_batch`/`remove_batch` (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`: aya
-//! has no batch call; one call per run of same-kind flow changes, per-entry fallback), each
-//! block with a `// SAFETY:` comment.
+//! has no batch call; one call per run of same-kind flow changes, per-entry fallback), and in
+//! [`pin`] (one `statfs` that checks the pin directory is a bpffs); each block with a
+//! `// SAFETY:` comment.
 //!
 //! # Worker loop
 //! ```no_run
