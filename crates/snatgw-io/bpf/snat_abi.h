@@ -30,7 +30,12 @@
 	K(DIR_IN, 1)            /* key direction: arrived on the public side (snat_in) */   \
 	K(COUNTERS_PER_SLOT, 4) /* COUNTERS entries per instance slot: {TCP,UDP} x {out,in} */ \
 	K(MODE_TRANSLATE, 0)    /* CONFIG[CFG_MODE]: look flows up and translate them */    \
-	K(MODE_FLOOR, 1)        /* CONFIG[CFG_MODE]: benchmark floor, redirect without NAT */
+	K(MODE_FLOOR, 1)        /* CONFIG[CFG_MODE]: benchmark floor, redirect without NAT */ \
+	K(TCPF_FIN, 0x01)       /* tcp_event.flags: the TCP flags byte as on the wire */ \
+	K(TCPF_SYN, 0x02)                                                                   \
+	K(TCPF_RST, 0x04)                                                                   \
+	K(TCPF_ACK, 0x10)                                                                   \
+	K(EVENTS_BYTES, 1 << 20) /* default size of the EVENTS ring (the loader may set another) */
 
 /* Slots of the CONFIG array, in order: C(name). */
 #define SNAT_CONFIG_SLOTS(C)                                                       \
@@ -43,12 +48,14 @@
 	S(ST_TRANSLATED_OUT, translated_out)                                             \
 	S(ST_TRANSLATED_IN, translated_in)                                               \
 	S(ST_MISS, miss)         /* no entry: passed up */                               \
-	S(ST_CONTROL, control)   /* TCP SYN/FIN/RST: passed up */                        \
+	S(ST_CONTROL, control)   /* TCP SYN without ACK: passed up (R3.1: the engine decides) */ \
 	S(ST_NOT_FAST, not_fast) /* not IPv4 TCP/UDP, options, fragment: passed up */    \
 	S(ST_TTL, ttl)           /* TTL <= 1: passed up (the kernel answers time exceeded) */ \
 	S(ST_MTU, mtu)           /* too big for the egress interface: passed up */       \
 	S(ST_FLOOR, floor)       /* floor mode redirects */                              \
-	S(ST_NOT_IPV4, not_ipv4) /* not IPv4 (ARP and others): passed up */
+	S(ST_NOT_IPV4, not_ipv4) /* not IPv4 (ARP and others): passed up */              \
+	S(ST_EVENTS, events)     /* FIN/RST translated here, reported in EVENTS */       \
+	S(ST_EVENT_FULL, event_full) /* FIN/RST of a flow passed up: no room in EVENTS */
 
 /* Key of FLOWS: F(type, name). Addresses and ports as on the wire (network order). */
 #define SNAT_FLOW_KEY_FIELDS(F)                          \
@@ -69,10 +76,27 @@
 	F(__u32, counter)   /* COUNTERS index of this flow's instance, protocol, direction */ \
 	F(__u64, last_seen) /* bpf_ktime_get_ns() of the last packet translated here */
 
+/* Record of the EVENTS ring (issue #17): a FIN or RST the program translated, so the engine
+ * applies it at the kernel's time (R3.2, R3.3). The flow as the engine knows it: the
+ * outbound 5-tuple and the public side, whichever direction the packet travelled. Network
+ * order, as in the map. */
+#define SNAT_TCP_EVENT_FIELDS(F)                                                             \
+	F(__u64, ts)     /* bpf_ktime_get_ns() of the packet (also the entry's last_seen) */ \
+	F(__u32, src)    /* private address */                                           \
+	F(__u32, dst)    /* remote address */                                            \
+	F(__u32, public) /* public address */                                            \
+	F(__u16, sport)  /* private port */                                              \
+	F(__u16, dport)  /* remote port */                                               \
+	F(__u16, pport)  /* public (SNAT) port */                                        \
+	F(__u8, flags)   /* TCP flags byte (TCPF_*) */                                   \
+	F(__u8, dir)     /* DIR_OUT or DIR_IN: which way the packet travelled */         \
+	F(__u32, pad)    /* zero */
+
 /* The struct of each list; abi_check.c walks this one too: T(struct name, fields macro). */
 #define SNAT_STRUCTS(T)                          \
 	T(flow_key, SNAT_FLOW_KEY_FIELDS)        \
-	T(flow_val, SNAT_FLOW_VAL_FIELDS)
+	T(flow_val, SNAT_FLOW_VAL_FIELDS)        \
+	T(tcp_event, SNAT_TCP_EVENT_FIELDS)
 
 /* ---- Declarations made from the lists. ---- */
 

@@ -13,22 +13,35 @@
 // of flows the userspace engine has installed in FLOWS, and passes everything else up.
 //
 // What it does, per packet arriving on the interface it is attached to:
-//   - IPv4 without options, not a fragment, TCP without SYN/FIN/RST or UDP, TTL > 1, whose
-//     key (addresses, ports, protocol, direction) is in FLOWS: rewrite the source (outbound,
-//     attached to the private side) or the destination (inbound, public side) address and
-//     port with the kernel's checksum helpers (RFC 1624 incremental updates; a GSO or
-//     CHECKSUM_PARTIAL skb stays whole and correct, a zero UDP checksum stays zero), decrement
-//     the TTL as a router does, record last-seen time and per-instance packet counters, and
-//     redirect to the egress interface with bpf_redirect_neigh (FIB and neighbour lookup).
-//   - anything else (first packets of flows, SYN/FIN/RST, ICMP, fragments, options, a packet
-//     too big for the egress MTU, unknown flows): TC_ACT_OK, i.e. on to the kernel's stack
-//     and, by the operator's policy routing, to the userspace engine (the TUN). The engine
-//     stays the only authority: it installs and removes every entry (SPEC R2.2, R3.1-R3.5).
+//   - IPv4 without options, not a fragment, TCP or UDP, TTL > 1, whose key (addresses, ports,
+//     protocol, direction) is in FLOWS: rewrite the source (outbound, attached to the private
+//     side) or the destination (inbound, public side) address and port with the kernel's
+//     checksum helpers (RFC 1624 incremental updates; a GSO or CHECKSUM_PARTIAL skb stays
+//     whole and correct, a zero UDP checksum stays zero), decrement the TTL as a router does,
+//     record last-seen time and per-instance packet counters, and redirect to the egress
+//     interface with bpf_redirect_neigh (FIB and neighbour lookup). TCP flags do not matter
+//     here (issue #17): a SYN-ACK, FIN or RST of an installed flow is translated like any
+//     segment, except a SYN without ACK, which always goes up (R3.1: an outbound one may be a
+//     client reusing the 5-tuple, which the engine must see).
+//   - a FIN or RST translated here is also reported to userspace in the EVENTS ring buffer
+//     (struct tcp_event: the flow as the engine knows it, the flags, which way, and the same
+//     bpf_ktime_get_ns() the entry's last_seen gets), so the engine starts the FIN/RST timer
+//     at the second the kernel saw the packet (R3.2, R3.3). The record is reserved before the
+//     packet is touched: when the ring has no room, the packet is not translated but passed
+//     up (ST_EVENT_FULL), and the engine sees the FIN/RST itself, as before issue #17. So a
+//     FIN or RST is never lost: either its event is in the ring or its packet reached the
+//     engine (a packet the helpers fail to rewrite is dropped, its record discarded, and the
+//     peer retransmits it). Submitted without a wakeup: userspace polls the ring.
+//   - anything else (first packets of flows, SYN without ACK, ICMP, fragments, options, a
+//     packet too big for the egress MTU, unknown flows, FIN/RST without room in EVENTS):
+//     TC_ACT_OK, i.e. on to the kernel's stack and, by the operator's policy routing, to the
+//     userspace engine (the TUN). The engine stays the only authority: it installs and
+//     removes every entry (SPEC R2.2, R3.1-R3.5).
 //   - in "floor" mode (CONFIG[CFG_MODE] = MODE_FLOOR, for benchmarks only): parse, decrement
 //     the TTL and redirect to CONFIG[CFG_FLOOR_EGRESS_OUT + dir] without any lookup or
 //     rewrite: the cost of the mechanism.
-// What it does not do: create flows, decide ports, end flows, look at ICMP errors.
-//
+// What it does not do: create flows, decide ports, end flows or time them, look at ICMP errors.
+
 // Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
 // side's ingress, snat_in to the public side's, and the direction is part of the key.
 
@@ -65,6 +78,12 @@ struct {
 	__type(value, __u64);
 	__uint(max_entries, ST_COUNT);
 } STATS SEC(".maps");
+
+// FIN/RST translated here, for the engine (struct tcp_event); the loader sets the size.
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_BYTES);
+} EVENTS SEC(".maps");
 
 // Indexed by the CFG_* slots of snat_abi.h; written by the loader before the programs load.
 struct {
@@ -158,11 +177,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	};
 	__u32 csum_off;
 	__u64 mangled = 0;
+	__u8 tflags = 0;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *t = (void *)(ip + 1);
 		if ((void *)(t + 1) > data_end)
 			return pass(ST_NOT_FAST);
-		if (t->syn || t->fin || t->rst)
+		// The flags byte (after the data offset byte).
+		tflags = ((__u8 *)t)[13];
+		if ((tflags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
 			return pass(ST_CONTROL);
 		k.sport = t->source;
 		k.dport = t->dest;
@@ -190,26 +212,55 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	__u32 new_addr = v->addr;
 	__u16 new_port = v->port;
+	__u64 now = bpf_ktime_get_ns();
+
+	// A FIN or RST is translated only with its event reserved (see the top of the file).
+	struct tcp_event *ev = NULL;
+	if (tflags & (TCPF_FIN | TCPF_RST)) {
+		ev = bpf_ringbuf_reserve(&EVENTS, sizeof(*ev), 0);
+		if (!ev)
+			return pass(ST_EVENT_FULL);
+		ev->ts = now;
+		ev->flags = tflags;
+		ev->dir = dir;
+		ev->pad = 0;
+		if (dir == DIR_OUT) {
+			ev->src = k.src;
+			ev->sport = k.sport;
+			ev->dst = k.dst;
+			ev->dport = k.dport;
+			ev->public = new_addr;
+			ev->pport = new_port;
+		} else {
+			ev->src = new_addr;
+			ev->sport = new_port;
+			ev->dst = k.src;
+			ev->dport = k.sport;
+			ev->public = k.dst;
+			ev->pport = k.dport;
+		}
+	}
 	__u32 old_addr = dir == DIR_OUT ? k.src : k.dst;
 	__u16 old_port = dir == DIR_OUT ? k.sport : k.dport;
 	__u32 addr_off = dir == DIR_OUT ? IP_SRC_OFF : IP_DST_OFF;
 	__u32 port_off = dir == DIR_OUT ? L4_OFF + 0 : L4_OFF + 2; // source / dest port
 
 	// Packet pointers are invalid after the first helper that may change the data.
-	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4))
+	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4) ||
+	    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2) ||
+	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
+	    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) ||
+	    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) || dec_ttl(skb, ttl, proto)) {
+		if (ev)
+			bpf_ringbuf_discard(ev, 0);
 		return TC_ACT_SHOT;
-	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2))
-		return TC_ACT_SHOT;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
-		return TC_ACT_SHOT;
-	if (dec_ttl(skb, ttl, proto))
-		return TC_ACT_SHOT;
+	}
+	if (ev) {
+		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+		count(ST_EVENTS);
+	}
 
-	v->last_seen = bpf_ktime_get_ns();
+	v->last_seen = now;
 	__u32 ci = v->counter;
 	__u64 *c = bpf_map_lookup_elem(&COUNTERS, &ci);
 	if (c)

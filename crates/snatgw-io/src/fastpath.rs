@@ -15,6 +15,13 @@
 //! with [`FlowMap::insert_batch`] and [`FlowMap::remove_batch`]), and its `ActivitySource` reads
 //! last-seen times through a [`FlowMapReader`].
 //!
+//! FIN and RST of installed flows are translated in the kernel too (issue #17; a SYN without
+//! ACK still goes up, R3.1): each leaves a record in the program's EVENTS ring buffer, which
+//! [`TcFastPath::take_events`] hands out as [`FastPathEvents`] ([`BpfTcpEvent`]: the flow's
+//! outbound 5-tuple and public side, flags, direction, kernel time), for the engine to apply
+//! at the kernel's time. A FIN/RST that finds the ring full is passed up untranslated
+//! (`event_full`), so the engine sees it itself: none is ever lost.
+//!
 //! Keys and values are `#[repr(C)]` copies of the C structs, addresses and ports in network
 //! byte order as the program reads them off the wire.
 //!
@@ -70,7 +77,18 @@ const CFG_FLOOR_EGRESS_IN: u32 = 2;
 /// CONFIG slots.
 const CFG_COUNT: u32 = 3;
 /// STATS entries.
-const ST_COUNT: usize = 9;
+const ST_COUNT: usize = 11;
+/// TCP flags in [`BpfTcpEvent::flags`] (the flags byte as on the wire): FIN.
+pub const TCPF_FIN: u8 = 0x01;
+/// SYN.
+pub const TCPF_SYN: u8 = 0x02;
+/// RST.
+pub const TCPF_RST: u8 = 0x04;
+/// ACK.
+pub const TCPF_ACK: u8 = 0x10;
+/// Default size of the EVENTS ring in bytes (32 bytes a record with its header: 32 768
+/// records).
+pub const EVENTS_BYTES: u32 = 1 << 20;
 
 /// Index into the per-instance packet counters of instance slot `slot`, protocol UDP or TCP,
 /// direction [`DIR_OUT`] or [`DIR_IN`]: [`COUNTERS_PER_SLOT`] counters per slot. The one
@@ -92,6 +110,8 @@ pub const STAT_NAMES: [&str; ST_COUNT] = [
     "mtu",
     "floor",
     "not_ipv4",
+    "events",
+    "event_full",
 ];
 
 /// Key of the flow map: the packet's addresses and ports as on the wire, and its direction.
@@ -132,6 +152,34 @@ pub struct BpfFlowVal {
     pub last_seen: u64,
 }
 
+/// A record of the EVENTS ring (issue #17): a FIN or RST the program translated, with the
+/// flow as the engine knows it (outbound 5-tuple and public side, whichever way the packet
+/// went), network order as in the map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BpfTcpEvent {
+    /// `CLOCK_MONOTONIC` nanoseconds when the program saw the packet (`bpf_ktime_get_ns`).
+    pub ts: u64,
+    /// Private address.
+    pub src: u32,
+    /// Remote address.
+    pub dst: u32,
+    /// Public address.
+    pub public: u32,
+    /// Private port.
+    pub sport: u16,
+    /// Remote port.
+    pub dport: u16,
+    /// Public (SNAT) port.
+    pub pport: u16,
+    /// The TCP flags byte ([`TCPF_FIN`], [`TCPF_RST`], ...).
+    pub flags: u8,
+    /// [`DIR_OUT`] or [`DIR_IN`]: which way the packet travelled.
+    pub dir: u8,
+    /// Zero.
+    pub pad: u32,
+}
+
 // SAFETY: both are `#[repr(C)]` structs of plain integers with explicit padding fields, so
 // every bit pattern is valid and there are no uninitialised padding bytes: the header asserts
 // that `struct flow_key`/`flow_val` have no implicit padding, and the `abi` checks below prove
@@ -154,6 +202,8 @@ mod abi {
     type flow_key = BpfFlowKey;
     /// `struct flow_val`.
     type flow_val = BpfFlowVal;
+    /// `struct tcp_event`.
+    type tcp_event = BpfTcpEvent;
 
     /// `a == b`, in const context.
     const fn str_eq(a: &str, b: &str) -> bool {
@@ -234,6 +284,9 @@ pub struct FastPathConfig {
     /// a later load with the same directory takes the maps over and replaces the links
     /// without a gap. `None`: the programs detach when the [`TcFastPath`] is dropped.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Size of the EVENTS ring in bytes (a power of two, at least a page; 0: [`EVENTS_BYTES`]).
+    /// Records take 32 bytes each; a FIN/RST that finds the ring full goes up to the engine.
+    pub event_ring_bytes: u32,
 }
 
 /// The attached fast path. Dropping it detaches the programs.
@@ -409,7 +462,8 @@ impl TcFastPath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("FLOWS", cfg.max_flows.max(1).saturating_mul(2))
-            .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT));
+            .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT))
+            .map_max_entries("EVENTS", event_ring_bytes(cfg.event_ring_bytes));
         let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
             Some(p) => crate::pin::MAPS
                 .iter()
@@ -531,7 +585,53 @@ impl TcFastPath {
     }
 }
 
+/// The ring size the loader asks for: `want` rounded up to a power of two of at least one page.
+fn event_ring_bytes(want: u32) -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = u32::try_from(page).unwrap_or(4096).max(4096);
+    let want = if want == 0 { EVENTS_BYTES } else { want };
+    want.max(page)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// The program's EVENTS ring (issue #17): the FINs and RSTs it translated, oldest first, for
+/// the engine to apply at the kernel's times. One consumer: whoever holds this.
+pub struct FastPathEvents {
+    ring: aya::maps::RingBuf<MapData>,
+}
+
+impl FastPathEvents {
+    /// Moves every record in the ring to the end of `out`, oldest first; returns how many.
+    /// Reads shared memory only (no system call): cheap enough to call before every batch.
+    pub fn drain(&mut self, out: &mut Vec<BpfTcpEvent>) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<BpfTcpEvent>() {
+                // SAFETY: the record holds at least a `BpfTcpEvent`'s bytes, which the
+                // program wrote as its `struct tcp_event` (same layout, checked by the build);
+                // every bit pattern is a valid value of these plain integer fields, and
+                // `read_unaligned` needs no alignment.
+                #[allow(unsafe_code)]
+                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<BpfTcpEvent>()) };
+                out.push(ev);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
 impl TcFastPath {
+    /// The EVENTS ring's reader (once; `None` afterwards, or if the map is missing).
+    pub fn take_events(&mut self) -> Option<FastPathEvents> {
+        let m = self._ebpf.take_map("EVENTS")?;
+        let ring = aya::maps::RingBuf::try_from(m).ok()?;
+        Some(FastPathEvents { ring })
+    }
+
     /// Detaches the programs and removes the pins (`snatgw run --detach-on-exit`): the
     /// kernel stops translating when this returns, and a later start begins with empty maps.
     /// Without pins this is what dropping does.

@@ -15,8 +15,9 @@
 //! configure addresses, routes or namespaces (`snatgw-lab` or the operator).
 //!
 //! This is the only workspace crate allowed `unsafe`; it uses it in the opt-in huge-page
-//! allocator ([`HugePageAlloc`]) and in [`fastpath`]: the map types' `Pod` marker, two libc
-//! calls (`clock_gettime`, `if_nametoindex`) and the raw `bpf()` system call behind
+//! allocator ([`HugePageAlloc`]) and in [`fastpath`]: the map types' `Pod` marker, three libc
+//! calls (`clock_gettime`, `if_nametoindex`, `sysconf`), the copy of an EVENTS ring record into
+//! its `#[repr(C)]` mirror (`FastPathEvents::drain`, issue #17) and the raw `bpf()` system call behind
 //! `FlowMap::insert_batch`/`remove_batch` (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`: aya
 //! has no batch call; one call per run of same-kind flow changes, per-entry fallback), and in
 //! [`pin`] (one `statfs` that checks the pin directory is a bpffs); each block with a

@@ -3,7 +3,7 @@
 //! runs (a crash, an upgrade: SPEC R11.1, issue #18).
 //!
 //! Layout: `<pin dir>/<ABI_TAG>/` holds one pin per map (`FLOWS`, `COUNTERS`, `STATS`,
-//! `CONFIG`) and one per link (`link_snat_out_<pid>_<time>`, `link_snat_in_...`; bpffs refuses dots in names). The ABI tag names the
+//! `CONFIG`, `EVENTS`) and one per link (`link_snat_out_<pid>_<time>`, `link_snat_in_...`; bpffs refuses dots in names). The ABI tag names the
 //! layout of `bpf/snat_abi.h`: a build with another layout never takes over maps it cannot
 //! read (it starts fresh in its own directory and removes the old links once its own are
 //! pinned). A load that finds pins takes the maps over (aya reuses a pinned map by path), pins
@@ -22,11 +22,11 @@ use aya::programs::links::{FdLink, PinnedLink};
 use crate::fastpath::{BpfFlowKey, BpfFlowVal, FastPathError};
 
 /// The maps that are pinned.
-pub(crate) const MAPS: [&str; 4] = ["FLOWS", "COUNTERS", "STATS", "CONFIG"];
+pub(crate) const MAPS: [&str; 5] = ["FLOWS", "COUNTERS", "STATS", "CONFIG", "EVENTS"];
 
 /// The layout version of `bpf/snat_abi.h` the pins are made with. Bump it with every change of
 /// the header (a unit test holds the header's checksum to this tag).
-pub const ABI_TAG: &str = "abi-1";
+pub const ABI_TAG: &str = "abi-2";
 
 /// `BPF_FS_MAGIC` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -173,10 +173,10 @@ mod tests {
         }
         assert_eq!(
             (super::ABI_TAG, x),
-            ("abi-1", ABI_HEADER_FNV),
+            ("abi-2", ABI_HEADER_FNV),
             "bpf/snat_abi.h changed: bump ABI_TAG and record its checksum"
         );
     }
 
-    const ABI_HEADER_FNV: u64 = 10_843_785_968_937_056_071;
+    const ABI_HEADER_FNV: u64 = 4_611_275_211_717_210_371;
 }

@@ -26,6 +26,7 @@ fn loads_attaches_and_holds_entries() {
             counter_slots: 4,
             floor: false,
             pin_dir: None,
+            event_ring_bytes: 0,
         };
         let (fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
         assert_ne!(fp.private_ifindex, fp.public_ifindex);
@@ -107,6 +108,7 @@ fn exercise_runs(batches: bool) {
         counter_slots: 4,
         floor: false,
         pin_dir: None,
+        event_ring_bytes: 0,
     };
     let (_fp, mut map, _counters) = TcFastPath::load(&cfg).expect("load and attach");
     map.set_batches(batches);
@@ -189,4 +191,200 @@ fn exercise_runs(batches: bool) {
     assert!(map.is_empty());
     assert_eq!(reader.get(&key(5)), None);
     assert_eq!(map.batches(), batches);
+}
+
+/// Sends `frame` (an Ethernet frame) out of interface `ifindex` with a packet socket: it
+/// arrives at the veth peer's ingress, where a program is attached.
+fn send_frame(ifindex: u32, frame: &[u8]) {
+    // SAFETY: plain libc calls on a socket this function owns and closes; `sll` is a fully
+    // initialised sockaddr_ll and `frame` a valid buffer, both outliving the calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let r = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::addr_of!(sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(r, frame.len() as isize, "sendto: {e}");
+    }
+}
+
+/// An Ethernet + IPv4 + TCP frame (no payload) with TCP flags byte `flags`.
+fn tcp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+/// Issue #17: with a flow installed, the kernel translates its SYN-ACK, FIN and RST (a SYN
+/// without ACK still goes up, R3.1); each FIN or RST it translates leaves one record in the
+/// EVENTS ring with the flow as the engine knows it (outbound 5-tuple and public side, also
+/// for an inbound packet), its flags, direction and the kernel's time. With the ring full
+/// (a one-page ring not drained), FIN/RST are passed up instead (`event_full`), never
+/// translated without their record: records + passed up = sent, and after a drain the next
+/// one is translated again.
+#[test]
+fn fin_and_rst_are_translated_with_an_event_or_passed_up_when_the_ring_is_full() {
+    use snatgw_io::fastpath::{monotonic_ns, TCPF_ACK, TCPF_FIN, TCPF_RST, TCPF_SYN};
+    require_root!();
+    in_private_netns(|| {
+        ip(&[
+            "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
+        ]);
+        ip(&["link", "set", "fp-a", "up"]);
+        ip(&["link", "set", "fp-b", "up"]);
+        let cfg = FastPathConfig {
+            private_if: "fp-a".into(),
+            public_if: "fp-b".into(),
+            max_flows: 8,
+            counter_slots: 4,
+            floor: false,
+            pin_dir: None,
+            event_ring_bytes: 4096,
+        };
+        let (mut fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
+        let mut events = fp.take_events().expect("the EVENTS ring");
+        assert!(fp.take_events().is_none(), "one reader");
+        let (vm, server, public) = ([10, 0, 3, 20], [198, 51, 100, 7], [192, 0, 2, 100]);
+        let ne = u32::from_ne_bytes;
+        let out_key = BpfFlowKey {
+            src: ne(vm),
+            dst: ne(server),
+            sport: 5000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            dir: DIR_OUT,
+            pad: 0,
+        };
+        let in_key = BpfFlowKey {
+            src: ne(server),
+            dst: ne(public),
+            sport: 443u16.to_be(),
+            dport: 1024u16.to_be(),
+            proto: 6,
+            dir: DIR_IN,
+            pad: 0,
+        };
+        let val = |addr, port: u16, ifindex| BpfFlowVal {
+            addr: ne(addr),
+            port: port.to_be(),
+            ifindex,
+            counter: 0,
+            ..Default::default()
+        };
+        map.insert(&out_key, &val(public, 1024, fp.public_ifindex))
+            .unwrap();
+        map.insert(&in_key, &val(vm, 5000, fp.private_ifindex))
+            .unwrap();
+        let stat = |name: &str| {
+            let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
+            counters.stats()[i]
+        };
+        // Outbound packets are sent out of fp-b and arrive at fp-a's ingress (snat_out);
+        // inbound ones the other way.
+        let out = |flags| send_frame(fp.public_ifindex, &tcp_frame(vm, 5000, server, 443, flags));
+        let inb = |flags| {
+            send_frame(
+                fp.private_ifindex,
+                &tcp_frame(server, 443, public, 1024, flags),
+            )
+        };
+
+        out(TCPF_SYN);
+        assert_eq!(
+            (stat("control"), stat("translated_out")),
+            (1, 0),
+            "a SYN goes up"
+        );
+        inb(TCPF_SYN | TCPF_ACK);
+        assert_eq!(stat("translated_in"), 1, "the SYN-ACK is the kernel's");
+        let mut got = Vec::new();
+        assert_eq!(events.drain(&mut got), 0, "no event for SYN-ACK");
+
+        let t0 = monotonic_ns();
+        out(TCPF_FIN | TCPF_ACK);
+        inb(TCPF_RST);
+        let t1 = monotonic_ns();
+        assert_eq!((stat("translated_out"), stat("translated_in")), (1, 2));
+        assert_eq!(stat("events"), 2);
+        assert_eq!(events.drain(&mut got), 2);
+        for (e, dir, flags) in [
+            (got[0], DIR_OUT, TCPF_FIN | TCPF_ACK),
+            (got[1], DIR_IN, TCPF_RST),
+        ] {
+            assert_eq!((e.dir, e.flags), (dir, flags));
+            // The flow as the engine knows it, whichever way the packet went.
+            assert_eq!((e.src, e.sport), (ne(vm), 5000u16.to_be()));
+            assert_eq!((e.dst, e.dport), (ne(server), 443u16.to_be()));
+            assert_eq!((e.public, e.pport), (ne(public), 1024u16.to_be()));
+            assert!(
+                e.ts >= t0 && e.ts <= t1,
+                "kernel time {} in [{t0}, {t1}]",
+                e.ts
+            );
+            assert_eq!(
+                e.ts,
+                {
+                    let k = if dir == DIR_OUT { out_key } else { in_key };
+                    map.get(&k).unwrap().last_seen
+                },
+                "the record's time is the entry's last_seen"
+            );
+        }
+
+        // A one-page ring, not drained: RSTs fill it, then go up untranslated.
+        let sent = 300u64;
+        let (ev0, tr0) = (stat("events"), stat("translated_out"));
+        for _ in 0..sent {
+            out(TCPF_RST | TCPF_ACK);
+        }
+        let (held, full) = (stat("events") - ev0, stat("event_full"));
+        assert!(full > 0 && held > 0, "held {held}, passed up {full}");
+        assert_eq!(held + full, sent, "every RST has a record or went up");
+        assert_eq!(
+            stat("translated_out") - tr0,
+            held,
+            "none translated without its record"
+        );
+        got.clear();
+        assert_eq!(events.drain(&mut got) as u64, held);
+        assert!(got
+            .iter()
+            .all(|e| e.flags == TCPF_RST | TCPF_ACK && e.dir == DIR_OUT));
+        assert!(got.windows(2).all(|w| w[0].ts <= w[1].ts), "oldest first");
+        // Room again: the next one is translated with its record.
+        out(TCPF_RST);
+        assert_eq!((stat("event_full"), stat("events") - ev0), (full, held + 1));
+        assert_eq!(events.drain(&mut got), 1);
+        drop(fp);
+    });
 }

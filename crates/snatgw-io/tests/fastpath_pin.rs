@@ -76,6 +76,7 @@ fn r11_1_pinned_maps_and_links_outlive_the_loader_and_are_taken_over() {
             counter_slots: 4,
             floor: false,
             pin_dir: Some(root.clone()),
+            event_ring_bytes: 0,
         };
         let k = BpfFlowKey {
             src: u32::from_ne_bytes([10, 0, 3, 20]),
@@ -141,6 +142,7 @@ fn a_pin_dir_off_bpffs_is_refused_with_its_path() {
             counter_slots: 4,
             floor: false,
             pin_dir: Some(root),
+            event_ring_bytes: 0,
         };
         TcFastPath::load(&cfg).err().map(|e| e.to_string())
     });
