@@ -1,0 +1,31 @@
+//! The fleet of gateways (issue #19, SPEC §10): several `snatgw run` nodes on one topology and
+//! one set of public IPs, coordinated through etcd.
+//!
+//! What this crate does:
+//! - [`lease`]: lease settings (TTL default 10 s, minimum 2 s) and a node's *local* view of its
+//!   own validity, "renewal sent at t, valid until t + TTL − margin", after which the node must
+//!   stop translating (self-fencing, R10.2).
+//! - [`rendezvous`]: which live node owns each instance (highest random weight hashing), a
+//!   deterministic function of the live node set that moves only what it must (R10.1).
+//! - [`coordinator`]: the [`Coordinator`] trait (join, renew, leave, live nodes, fenced grants
+//!   of instances and public-IP port blocks, R10.1/R10.2) and [`LocalView`], the state a node
+//!   consults before translating for a block.
+//! - [`mem`]: [`MemFleet`]/[`MemCoordinator`], an in-memory implementation with an injectable
+//!   clock and fault injection (partitions, store down) for unit and property tests.
+//!
+//! What it does not do yet: steering packets to the owner (R10.3), replicating and taking over
+//! flow state (R10.4, through `snatgw_core::engine::persist`), or wiring into `snatgw run
+//! --fleet` (R10.5/R10.6 at the process level). See docs/FLEET.md.
+
+#![forbid(unsafe_code)]
+
+pub mod coordinator;
+pub mod error;
+pub mod lease;
+pub mod mem;
+pub mod rendezvous;
+
+pub use coordinator::{Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision};
+pub use error::FleetError;
+pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
+pub use mem::{Link, MemCoordinator, MemFleet};
