@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use snatgw_core::{
-    ActivitySource, DropReason, EndCause, Engine, FlowChange, FlowKey, Packet, Verdict,
+    ActivitySource, Direction, DropReason, EndCause, Engine, FlowChange, FlowKey, Packet, Verdict,
 };
 
 const SERVER: &str = "198.51.100.7";
@@ -283,4 +283,163 @@ fn r2_2_a_released_port_is_closed_in_the_journal_before_its_new_owner_opens() {
     assert!(old < opened);
     assert_eq!(t[opened].1.pport, port);
     assert_eq!(t[opened].1.sport, 9999);
+}
+
+// ---- Issue #17: FIN and RST a fast path translated, applied at the kernel's time. ----
+
+const FIN: u8 = snatgw_core::tcp_flags::FIN;
+
+/// A TCP flow of vm-as1 (10.0.3.10:4000 -> SERVER:443) opened at `t`, with the journal on,
+/// and its key (what a fast path's event carries).
+fn tcp_flow(e: &mut Engine, t: u32) -> FlowKey {
+    e.set_journal(true);
+    syn(e, t, ip("10.0.3.10"), 4000, ip(SERVER), 443);
+    opened_key(&journal(e))
+}
+
+fn closed(e: &mut Engine) -> Vec<(u32, EndCause)> {
+    journal(e)
+        .into_iter()
+        .filter_map(|c| match c {
+            FlowChange::Closed { at, cause, .. } => Some((at, cause)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn r3_2_fin_events_close_at_the_kernel_time_of_the_second_fin_plus_240_s() {
+    // FIN out seen by the kernel at 100 (applied at once), FIN in at 110, applied only at
+    // 112: the port goes at 110 + 240, not 112 + 240.
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    e.advance(100);
+    assert!(e.tcp_event_at(100, &key, FIN_ACK, Direction::Outbound));
+    assert_eq!(e.flows(Some("vm-as1"))[0].state, "fin_out");
+    e.advance(112);
+    assert!(e.tcp_event_at(110, &key, FIN | ACK, Direction::Inbound));
+    assert_eq!(e.flows(Some("vm-as1"))[0].state, "closing");
+    assert_eq!(e.flows(Some("vm-as1"))[0].expires_at, 350);
+    e.advance(349);
+    assert_eq!(e.live_flows(), 1, "held until 110 + 240");
+    e.advance(350);
+    assert_eq!(e.live_flows(), 0);
+    assert_eq!(closed(&mut e), vec![(350, EndCause::Fin)]);
+    assert_eq!(e.global_stats().tcp_events_applied, 2);
+}
+
+#[test]
+fn r3_3_rst_event_closes_at_its_kernel_time_plus_15_s_however_late_applied() {
+    for (applied_at, dir) in [
+        (10, Direction::Outbound),
+        (20, Direction::Inbound),
+        (24, Direction::Outbound),
+    ] {
+        let mut e = reference();
+        let key = tcp_flow(&mut e, 0);
+        e.advance(applied_at);
+        assert!(e.tcp_event_at(10, &key, RST, dir));
+        assert_eq!(e.flows(Some("vm-as1"))[0].expires_at, 25);
+        e.advance(24);
+        assert_eq!(
+            e.live_flows(),
+            1,
+            "applied at {applied_at}: held until 10 + 15"
+        );
+        e.advance(25);
+        assert_eq!(e.live_flows(), 0, "applied at {applied_at}: released at 25");
+        assert_eq!(closed(&mut e), vec![(25, EndCause::Rst)]);
+    }
+}
+
+#[test]
+fn r3_3_rst_event_applied_after_its_close_time_releases_at_once_with_the_close_time() {
+    // The RST at 10 is applied at 30 (its close time 25 is past): the flow is gone before the
+    // call returns, released as of 25, and no packet of it is translated any more.
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    e.advance(30);
+    assert!(e.tcp_event_at(10, &key, RST, Direction::Outbound));
+    assert_eq!(e.live_flows(), 0);
+    assert_eq!(closed(&mut e), vec![(25, EndCause::Rst)]);
+    assert_eq!(e.instance("vm-as1").unwrap().used[0], 0);
+    assert_eq!(
+        out(
+            &mut e,
+            30,
+            Packet::tcp(key.src, key.sport, key.dst, key.dport, ACK)
+        ),
+        Verdict::Drop(DropReason::TcpNotSyn)
+    );
+}
+
+#[test]
+fn r3_2_r3_3_rst_and_fin_events_take_the_earlier_close_time() {
+    // FIN both ways at 50/51 (close 291), RST at 60 (close 75): the RST's is earlier.
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    e.advance(61);
+    e.tcp_event_at(50, &key, FIN_ACK, Direction::Outbound);
+    e.tcp_event_at(51, &key, FIN_ACK, Direction::Inbound);
+    assert_eq!(e.flows(Some("vm-as1"))[0].expires_at, 291);
+    e.tcp_event_at(60, &key, RST, Direction::Inbound);
+    assert_eq!(e.flows(Some("vm-as1"))[0].expires_at, 75);
+    e.advance(75);
+    assert_eq!(closed(&mut e), vec![(75, EndCause::Rst)]);
+}
+
+#[test]
+fn r3_4_an_event_is_activity_one_fin_leaves_the_idle_timer_from_its_time() {
+    // One FIN (no close time) at 200: the flow idles out 240 s after it, not after the SYN.
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    e.advance(200);
+    assert!(e.tcp_event_at(200, &key, FIN_ACK, Direction::Outbound));
+    e.advance(439);
+    assert_eq!(e.live_flows(), 1);
+    e.advance(440);
+    assert_eq!(closed(&mut e), vec![(440, EndCause::Idle)]);
+}
+
+#[test]
+fn events_of_no_live_flow_are_ignored_and_counted() {
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    // Another public port: an earlier flow of the same 5-tuple, not this one.
+    let mut stale = key;
+    stale.pport = stale.pport.wrapping_add(1);
+    assert!(!e.tcp_event_at(5, &stale, RST, Direction::Outbound));
+    let mut other = key;
+    other.sport = 4001;
+    assert!(!e.tcp_event_at(5, &other, RST, Direction::Inbound));
+    assert_eq!(e.flows(Some("vm-as1"))[0].state, "open");
+    assert_eq!(
+        (
+            e.global_stats().tcp_events_unknown,
+            e.global_stats().tcp_events_applied
+        ),
+        (2, 0)
+    );
+    // After the flow ended, its late event is unknown too.
+    assert!(e.tcp_event_at(10, &key, RST, Direction::Outbound));
+    e.advance(25);
+    assert!(!e.tcp_event_at(11, &key, RST, Direction::Outbound));
+    assert_eq!(e.global_stats().tcp_events_unknown, 3);
+}
+
+#[test]
+fn r3_1_a_syn_after_kernel_events_starts_the_flow_over() {
+    // The kernel never reports a SYN without ACK (it passes it up): the engine sees the
+    // client's reuse of the 5-tuple itself and the closing flow starts over.
+    let mut e = reference();
+    let key = tcp_flow(&mut e, 0);
+    e.tcp_event_at(5, &key, FIN_ACK, Direction::Outbound);
+    e.tcp_event_at(5, &key, FIN_ACK, Direction::Inbound);
+    assert_eq!(e.flows(Some("vm-as1"))[0].state, "closing");
+    out(
+        &mut e,
+        6,
+        Packet::tcp(key.src, key.sport, key.dst, key.dport, SYN),
+    );
+    assert_eq!(e.flows(Some("vm-as1"))[0].state, "open");
 }

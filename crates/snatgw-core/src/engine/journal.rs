@@ -29,8 +29,10 @@
 //! last packet outside the engine was; a later time moves the flow's `last_seen` and re-queues
 //! it, so keepalives that stay in the fast path keep the flow alive and the port is released
 //! exactly `idle_timeout` seconds after the last packet in either path (R3.4, R3.5). Only
-//! idle expiry asks: FIN and RST (R3.2, R3.3) always reach the engine (a fast path passes
-//! packets with those flags up), so close times are the engine's own. The source is asked on
+//! idle expiry asks. FIN and RST (R3.2, R3.3) a fast path translated itself reach the engine
+//! as events ([`Engine::tcp_event_at`], issue #17) carrying the second the fast path saw the
+//! packet, which starts the close timer, so close times are exact however late the event is
+//! applied; a SYN without ACK always reaches the engine as a packet (R3.1). The source is asked on
 //! removal paths only (timer expiry, reaping while behind); read-only lookups (ICMP errors,
 //! listings) during a timer backlog (R9.4) may treat such a flow as gone until it is
 //! re-checked — at most the backlog's duration. Packet counts from outside are credited per

@@ -61,6 +61,11 @@ pub struct GlobalStats {
     pub fail_fast_icmp: u64,
     /// Answers left out by the per-instance rate limit (SPEC R9.5).
     pub fail_fast_suppressed: u64,
+    /// FIN/RST a fast path translated, applied to their flows ([`super::Engine::tcp_event_at`],
+    /// issue #17).
+    pub tcp_events_applied: u64,
+    /// Such events for no live flow (it ended meanwhile), ignored.
+    pub tcp_events_unknown: u64,
 }
 
 /// Index of the counters for IP protocol `p`: TCP, UDP, other.

@@ -8,8 +8,9 @@
 //! unmatched TCP packet may start a flow (R3.1) is decided in `translate`.
 
 use super::events::EndCause;
+use super::journal::FlowKey;
 use super::Engine;
-use crate::packet::{tcp_flags, Direction};
+use crate::packet::{proto, tcp_flags, Direction};
 use crate::units::Time;
 
 const ST_FIN_OUT: u8 = 1;
@@ -38,9 +39,51 @@ pub(super) fn state_name(state: u8) -> &'static str {
 }
 
 impl Engine {
-    /// Applies a TCP packet's SYN/FIN/RST `flags`, seen in direction `dir`, to flow `fi`.
+    /// Applies a TCP packet's SYN/FIN/RST `flags`, seen in direction `dir` now, to flow `fi`.
     pub(super) fn tcp_event(&mut self, fi: u32, flags: u8, dir: Direction) {
-        let now = self.now;
+        self.tcp_event_from(fi, flags, dir, self.now);
+    }
+
+    /// Applies a FIN or RST a fast path translated at time `at` (issue #17): the flow whose
+    /// outbound 5-tuple and public side are `key` (TCP) gets the state change
+    /// [`Engine::process`] would have made for the packet, with the FIN/RST timer started at
+    /// `at` rather than now: FIN seen both ways closes it at `at + fin_timeout` (R3.2), a RST at
+    /// `at + rst_timeout` (R3.3), exactly, however late the event is applied (a close time
+    /// already past releases the port at the next timer step, with that close time as its
+    /// release time). Its `last_seen` moves to `at` if later. Returns whether a flow was
+    /// found: an event for no live flow, or for one with another public side (the 5-tuple's
+    /// earlier flow), is ignored and counted in [`super::GlobalStats::tcp_events_unknown`].
+    ///
+    /// Events of one flow must be applied in the order they happened, and before the engine
+    /// could end the flow by idle: a fast path's activity source reports the packet's time as
+    /// the flow's last activity (its map entry records it too), so idle expiry waits at least
+    /// `idle_timeout` after `at`.
+    pub fn tcp_event_at(&mut self, at: Time, key: &FlowKey, flags: u8, dir: Direction) -> bool {
+        let found = self
+            .flows
+            .find_fwd(proto::TCP, key.src, key.sport, key.dst, key.dport)
+            .filter(|&fi| {
+                let f = self.flows.get(fi);
+                f.public == key.public && f.pport == key.pport
+            })
+            .filter(|&fi| !self.reap_if_due(fi));
+        let Some(fi) = found else {
+            self.global.tcp_events_unknown += 1;
+            return false;
+        };
+        self.global.tcp_events_applied += 1;
+        let f = self.flows.get_mut(fi);
+        f.last_seen = f.last_seen.max(at);
+        self.tcp_event_from(fi, flags, dir, at);
+        // Applied after its close time (late): no verdict may use the flow any more.
+        if let Some((at, cause)) = self.due(fi) {
+            self.remove_flow(fi, at, cause);
+        }
+        true
+    }
+
+    /// [`Engine::tcp_event`] with the packet seen at `now`.
+    fn tcp_event_from(&mut self, fi: u32, flags: u8, dir: Direction, now: Time) {
         let (fin_t, rst_t) = (self.topo.params.fin_timeout, self.topo.params.rst_timeout);
         let f = self.flows.get_mut(fi);
         if dir == Direction::Outbound
