@@ -7,7 +7,9 @@
 //! 5-tuple), every flow it ends is removed. Before the engine removes a flow as idle it asks the
 //! map ([`TcActivity`], the engine's `ActivitySource`) when the flow's last packet went through
 //! the kernel, so keepalives that never leave the fast path keep it alive to the second (R3.4,
-//! R3.5). FIN, RST and SYN always go up to the engine, so R3.1–R3.3 stay its own. Packet counts
+//! R3.5). A SYN without ACK always goes up to the engine (R3.1); the SYN-ACK, FIN and RST of an
+//! installed flow are translated in the kernel and FIN/RST reported as events (below), so
+//! R3.2–R3.3 stay the engine's, timed by the kernel's clock. Packet counts
 //! the kernel made are credited per instance and protocol every second ([`FastPath::harvest`],
 //! R6.1).
 //!
@@ -37,6 +39,43 @@
 //!   changes (older than that set) for the kernel; the recorder still gets them and counts the
 //!   loss.
 //!
+//! # FIN and RST from the kernel (issue #17)
+//!
+//! Only the packet that needs a decision goes up: a flow's first packet (which takes a port)
+//! and a SYN without ACK (R3.1: a client reusing the 5-tuple). A FIN or RST of an installed flow
+//! is translated by the program, which also writes a record to its EVENTS ring buffer: the
+//! flow's outbound 5-tuple and public side, flags, direction and the `bpf_ktime_get_ns()` it
+//! also stores as the entry's `last_seen`. [`TcEvents`] converts the time to engine seconds with
+//! the origin [`TcActivity`] uses (`start_ns`, the runtime clock's), and the `Feed` applies each
+//! record with `Engine::tcp_event_at`, which starts the FIN (R3.2) or RST (R3.3) timer at that
+//! second, not at the second the record is read. What makes that exact:
+//! - **When they are read.** Under the gateway lock, before every worker batch is decided and
+//!   before every housekeeping timer step (at least every [`crate::TICK`], 100 ms, when no packet
+//!   reaches the workers at all), and in the API's after-change hook. Reading an empty ring is a
+//!   load of its producer position from shared memory, no system call, so the workers do it on
+//!   every batch; the program submits without waking anyone (nothing sleeps on the ring's fd:
+//!   the tick bounds the delay, and the delay does not move any timer since the time travels
+//!   with the record). A close time already past when a record is read (only possible if
+//!   reading stalled for longer than `rst_timeout`) releases the port at once, with that close
+//!   time as its release time.
+//! - **Before idle expiry.** A flow could end by idle before its FIN/RST is applied only if the
+//!   engine found it idle-due, but the packet that carried the FIN/RST set the map entry's
+//!   `last_seen` to the record's time, which the engine reads ([`TcActivity`]) before removing
+//!   any flow as idle: the flow lives at least `idle_timeout` (seconds) past the record's time,
+//!   and records are read every tick. Applying the record moves `last_seen` there too.
+//! - **In order.** Records leave the ring in the order the program reserved them, and a batch
+//!   applies every record written before its packets were read from the queue, so a FIN/RST
+//!   the kernel translated is applied before a later packet of the same flow that went up (a
+//!   client's new SYN on the 5-tuple, R3.1). A record for a flow that has ended, or whose
+//!   5-tuple has a new flow with another public port, matches nothing and is counted
+//!   (`tcp_events_unknown`).
+//! - **Never lost.** The program reserves the record before it touches the packet; if the ring
+//!   is full it does not translate but passes the packet up (`event_full` in the stats), and
+//!   the engine decides the FIN/RST from the packet, at its own second, as before. So every
+//!   FIN/RST reaches the engine, as a record or as a packet: a port is never held forever nor
+//!   released early because the ring overflowed. The ring is 1 MiB by default (32 768 records;
+//!   `--fast-path-event-ring-bytes`).
+//!
 //! Modes: `off` (TUN only), `tc` (fast path or fail to start), `auto` (fast path when
 //! possible, else the TUN path with one warning saying why). Flows that do not fit the map
 //! (`--fast-path-flows`) or whose instance slot has no counters stay on the TUN path, counted.
@@ -49,11 +88,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use snatgw_core::{proto, ActivitySource, Engine, FlowChange, FlowKey, Time, JOURNAL_CAP};
+use snatgw_core::{
+    proto, ActivitySource, Direction, Engine, FlowChange, FlowKey, Time, JOURNAL_CAP,
+};
 
 use snatgw_io::fastpath::{
-    counter_index, BpfFlowKey, BpfFlowVal, FastPathConfig, FastPathCounters, FlowMap,
-    FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
+    counter_index, BpfFlowKey, BpfFlowVal, BpfTcpEvent, FastPathConfig, FastPathCounters,
+    FastPathEvents, FlowMap, FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
 };
 
 /// `--fast-path`.
@@ -156,6 +197,11 @@ const INSTALL_CHUNK: usize = 4096;
 /// every change for the recorder (if any) until the housekeeping tick takes them.
 pub(crate) struct Feed {
     offload: Option<Box<dyn OffloadSink>>,
+    /// The fast path's FIN/RST events (issue #17), applied before anything else under the lock.
+    events: Option<Box<dyn TcpEventSource>>,
+    /// Events are not read before this (a test knob that forces the kernel's ring full).
+    events_hold: Option<std::time::Instant>,
+    ev_buf: Vec<KernelTcpEvent>,
     record: bool,
     /// Changes for the recorder, oldest first.
     recorded: Vec<FlowChange>,
@@ -173,11 +219,19 @@ impl Feed {
     /// turned on if anything consumes it, and an offload is given every live flow first.
     pub(crate) fn new(
         offload: Option<Box<dyn OffloadSink>>,
+        events: Option<(Box<dyn TcpEventSource>, Option<std::time::Instant>)>,
         record: bool,
         engine: &mut Engine,
     ) -> Feed {
+        let (events, events_hold) = match events {
+            Some((e, hold)) => (Some(e), hold),
+            None => (None, None),
+        };
         let mut f = Feed {
             offload,
+            events,
+            events_hold,
+            ev_buf: Vec::new(),
             record,
             recorded: Vec::new(),
             record_lost: 0,
@@ -231,6 +285,28 @@ impl Feed {
             self.recorded.extend(self.scratch.drain(..n.min(room)));
         }
         self.scratch.clear();
+    }
+
+    /// Applies the fast path's FIN/RST events to `engine` at their kernel times (call under
+    /// the gateway lock, before the engine decides anything else: before a batch, before a
+    /// timer step; then [`Feed::flush`] carries any flow this ended to the kernel). Returns
+    /// how many. Nothing waiting costs a read of the ring's producer position.
+    pub(crate) fn apply_events(&mut self, engine: &mut Engine) -> usize {
+        let Some(src) = self.events.as_mut() else {
+            return 0;
+        };
+        if let Some(t) = self.events_hold {
+            if std::time::Instant::now() < t {
+                return 0;
+            }
+            self.events_hold = None;
+        }
+        self.ev_buf.clear();
+        src.drain(&mut self.ev_buf);
+        for e in &self.ev_buf {
+            engine.tcp_event_at(e.at, &e.key, e.flags, e.dir);
+        }
+        self.ev_buf.len()
     }
 
     /// Takes the changes kept for the recorder (oldest first).
@@ -296,6 +372,70 @@ fn apply_in_runs(
     if !installs.is_empty() {
         o.install(installs);
         installs.clear();
+    }
+}
+
+/// A FIN or RST a fast path translated (issue #17), in the engine's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTcpEvent {
+    /// When the fast path saw the packet (engine seconds, the clock origin of [`TcActivity`]).
+    pub at: Time,
+    /// The flow: outbound 5-tuple and public side.
+    pub key: FlowKey,
+    /// The TCP flags byte.
+    pub flags: u8,
+    /// Which way the packet travelled.
+    pub dir: Direction,
+}
+
+/// Where the fast path's FIN/RST events come from (the kernel's EVENTS ring; a fake in
+/// tests). Drained by the runtime's `Feed` under the gateway lock.
+pub trait TcpEventSource: Send {
+    /// Appends every event waiting, oldest first, to `out`.
+    fn drain(&mut self, out: &mut Vec<KernelTcpEvent>);
+}
+
+/// The kernel's EVENTS ring as a [`TcpEventSource`].
+pub struct TcEvents {
+    ring: FastPathEvents,
+    /// `CLOCK_MONOTONIC` nanoseconds at engine time 0.
+    start_ns: u64,
+    raw: Vec<BpfTcpEvent>,
+}
+
+impl TcEvents {
+    /// The engine's view of one record of the ring.
+    fn convert(e: &BpfTcpEvent, start_ns: u64) -> KernelTcpEvent {
+        // Same conversion as TcActivity's last-seen times (the entry's last_seen is this
+        // record's ts): whole seconds since the origin.
+        let at = u32::try_from(e.ts.saturating_sub(start_ns) / 1_000_000_000).unwrap_or(u32::MAX);
+        KernelTcpEvent {
+            at,
+            key: FlowKey {
+                proto: proto::TCP,
+                src: u32::from_be(e.src),
+                sport: u16::from_be(e.sport),
+                dst: u32::from_be(e.dst),
+                dport: u16::from_be(e.dport),
+                public: u32::from_be(e.public),
+                pport: u16::from_be(e.pport),
+            },
+            flags: e.flags,
+            dir: if e.dir == DIR_IN {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+        }
+    }
+}
+
+impl TcpEventSource for TcEvents {
+    fn drain(&mut self, out: &mut Vec<KernelTcpEvent>) {
+        self.raw.clear();
+        self.ring.drain(&mut self.raw);
+        let start = self.start_ns;
+        out.extend(self.raw.iter().map(|e| Self::convert(e, start)));
     }
 }
 
@@ -513,11 +653,26 @@ pub struct FastPath {
     offload: Arc<OffloadCounters>,
     /// The map writer, until the runtime takes it ([`FastPath::take_offload`]).
     sink: Option<TcOffload>,
+    /// The EVENTS ring's reader, until the runtime takes it ([`FastPath::take_events`]).
+    events: Option<TcEvents>,
+    /// Events are not read before this ([`FastPathTuning::events_hold`]).
+    events_hold: Option<std::time::Instant>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
     floor: bool,
     private_if: String,
     public_if: String,
+}
+
+/// Knobs of the fast path besides the map sizes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastPathTuning {
+    /// Size of the kernel's EVENTS ring in bytes (0: 1 MiB, 32 768 FIN/RST records; rounded
+    /// up to a power of two of at least a page).
+    pub event_ring_bytes: u32,
+    /// Tests only: do not read the ring for this long after setup, so it fills and FIN/RST go
+    /// up to the engine (`event_full`); what is in it then is applied late, at its own times.
+    pub events_hold: Option<std::time::Duration>,
 }
 
 /// The fast path's part of the stats snapshot.
@@ -581,6 +736,32 @@ impl FastPath {
         pin_dir: Option<&std::path::Path>,
         engine: &mut Engine,
     ) -> Result<Option<FastPath>, SetupError> {
+        Self::setup_tuned(
+            mode,
+            private_if,
+            public_if,
+            max_flows,
+            floor,
+            start_ns,
+            pin_dir,
+            FastPathTuning::default(),
+            engine,
+        )
+    }
+
+    /// [`FastPath::setup_pinned`] with the EVENTS ring's size and (tests) a hold on reading it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup_tuned(
+        mode: FastPathMode,
+        private_if: Option<&str>,
+        public_if: Option<&str>,
+        max_flows: u32,
+        floor: bool,
+        start_ns: u64,
+        pin_dir: Option<&std::path::Path>,
+        tuning: FastPathTuning,
+        engine: &mut Engine,
+    ) -> Result<Option<FastPath>, SetupError> {
         if mode == FastPathMode::Off {
             tracing::info!("fast path off (--fast-path off): every packet goes through the TUN");
             return Ok(None);
@@ -600,8 +781,9 @@ impl FastPath {
             counter_slots: COUNTER_SLOTS,
             floor,
             pin_dir: pin_dir.map(|p| p.to_path_buf()),
+            event_ring_bytes: tuning.event_ring_bytes,
         };
-        let (fp, mut map, counters) = match TcFastPath::load(&cfg) {
+        let (mut fp, mut map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,
             Err(e) if mode == FastPathMode::Tc => return Err(SetupError::Load(e)),
             Err(e) => {
@@ -656,6 +838,23 @@ impl FastPath {
                 failed: Vec::new(),
             })
         };
+        let events = if floor {
+            None
+        } else {
+            match fp.take_events() {
+                Some(ring) => Some(TcEvents {
+                    ring,
+                    start_ns,
+                    raw: Vec::new(),
+                }),
+                None => {
+                    // Without the reader the ring fills and every FIN/RST goes up: correct,
+                    // only slower.
+                    tracing::warn!("fast path: no EVENTS ring reader; FIN and RST will reach the engine through the TUN");
+                    None
+                }
+            }
+        };
         tracing::info!(
             private_if,
             public_if,
@@ -668,6 +867,8 @@ impl FastPath {
             counters,
             offload,
             sink,
+            events,
+            events_hold: tuning.events_hold.map(|d| std::time::Instant::now() + d),
             credited,
             floor,
             private_if: private_if.into(),
@@ -687,6 +888,17 @@ impl FastPath {
         self.sink
             .take()
             .map(|s| Box::new(s) as Box<dyn OffloadSink>)
+    }
+
+    /// The EVENTS ring's reader, for the runtime's `Feed` (once; `None` in floor mode), with the
+    /// instant before which it must not be read ([`FastPathTuning::events_hold`]).
+    pub(crate) fn take_events(
+        &mut self,
+    ) -> Option<(Box<dyn TcpEventSource>, Option<std::time::Instant>)> {
+        let hold = self.events_hold;
+        self.events
+            .take()
+            .map(|e| (Box::new(e) as Box<dyn TcpEventSource>, hold))
     }
 
     /// The packets the kernel translated since the last call, per instance slot and protocol,

@@ -47,7 +47,7 @@ use snatgw_core::{Direction, Engine, EXPIRY_BUDGET};
 use snatgw_dataplane::{Gateway, Outcome};
 use snatgw_io::{IoStats, PacketIo};
 
-use crate::fastpath::{FastPath, Feed, OffloadSink};
+use crate::fastpath::{FastPath, Feed, OffloadSink, TcpEventSource};
 use crate::logcap::{Admit, LogCap};
 use crate::record::Recorder;
 use crate::stats::{self, Snapshot};
@@ -232,6 +232,15 @@ impl Shared {
         }
     }
 
+    /// Applies the fast path's FIN/RST events (issue #17) to the engine. Call with the gateway
+    /// lock held, before the engine decides anything (a batch, a timer step), and flush after.
+    fn apply_events(&self, g: &mut Gateway) {
+        self.feed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply_events(g.engine_mut());
+    }
+
     /// Applies the engine's queued flow changes (to the fast path's map, and keeps them for
     /// the recorder). Call with the gateway lock held, before releasing it.
     fn flush(&self, g: &mut Gateway) {
@@ -315,7 +324,7 @@ impl Runtime {
         public: Vec<P>,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
-        Self::start_inner(parts, None, private, public, opts)
+        Self::start_inner(parts, None, None, private, public, opts)
     }
 
     /// Like [`Runtime::start`], with `offload` carrying out the engine's flow changes instead of
@@ -328,12 +337,33 @@ impl Runtime {
         public: Vec<P>,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
-        Self::start_inner(parts, Some(offload), private, public, opts)
+        Self::start_inner(parts, Some(offload), None, private, public, opts)
+    }
+
+    /// Like [`Runtime::start_with_offload`], with `events` standing in for the kernel's EVENTS
+    /// ring (tests: FIN/RST a fake fast path translated).
+    pub fn start_with_offload_and_events<P: PacketIo + 'static>(
+        parts: Parts,
+        offload: Box<dyn OffloadSink>,
+        events: Box<dyn TcpEventSource>,
+        private: Vec<P>,
+        public: Vec<P>,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_inner(
+            parts,
+            Some(offload),
+            Some((events, None)),
+            private,
+            public,
+            opts,
+        )
     }
 
     fn start_inner<P: PacketIo + 'static>(
         mut parts: Parts,
         offload: Option<Box<dyn OffloadSink>>,
+        events: Option<(Box<dyn TcpEventSource>, Option<Instant>)>,
         private: Vec<P>,
         public: Vec<P>,
         opts: RuntimeOptions,
@@ -357,7 +387,8 @@ impl Runtime {
         let queues = private.len();
         parts.engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
         let offload = offload.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_offload));
-        let feed = Feed::new(offload, parts.recorder.is_some(), &mut parts.engine);
+        let events = events.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_events));
+        let feed = Feed::new(offload, events, parts.recorder.is_some(), &mut parts.engine);
         let sh = Arc::new(Shared {
             gw: Arc::new(Mutex::new(Gateway::new(parts.engine))),
             events: parts.events,
@@ -539,6 +570,7 @@ impl Runtime {
         let sh = self.sh.clone();
         move |g: &mut Gateway| {
             let mut feed = sh.feed.lock().unwrap_or_else(|p| p.into_inner());
+            feed.apply_events(g.engine_mut());
             feed.flush(g.engine_mut());
         }
     }
@@ -675,6 +707,9 @@ impl Runtime {
         let mut events = Vec::new();
         for _ in 0..MAX_TIMER_STEPS_PER_TICK {
             let mut g = sh.lock_gw();
+            // FIN/RST the kernel translated since the last holder, before any timer work: at
+            // least every tick, whether or not packets reach the workers (fastpath module doc).
+            sh.apply_events(&mut g);
             if g.engine().next_deadline().is_none_or(|d| d > now) {
                 // Nothing due (the common case): no timer work under the lock. Changes other
                 // lock holders made (the API's configuration changes) go to the kernel here at
@@ -765,6 +800,9 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
             {
                 let mut g = sh.lock_gw();
                 let t = Instant::now();
+                // The kernel's FIN/RST events first: every event the kernel wrote before these
+                // packets reached the queue is applied before they are decided.
+                sh.apply_events(&mut g);
                 for i in 0..n {
                     // The whole slot, so a refusal can be answered in place (R9.5): the
                     // answer goes back into the queue the packet came from, and the kernel

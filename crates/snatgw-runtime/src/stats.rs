@@ -122,6 +122,13 @@ pub struct EngineSnap {
     pub drops: BTreeMap<String, u64>,
     /// Events dropped because nobody drained them.
     pub events_lost: u64,
+    /// FIN/RST the kernel fast path translated, applied to their flows at the kernel's time
+    /// (issue #17).
+    #[serde(default)]
+    pub tcp_events_applied: u64,
+    /// Such events for flows that had ended meanwhile (ignored).
+    #[serde(default)]
+    pub tcp_events_unknown: u64,
 }
 
 /// Data-plane counters.
@@ -233,6 +240,8 @@ pub fn fill_from_engine(s: &mut Snapshot, engine: &Engine, dp: &DataplaneStats) 
             .collect(),
         drops: drop_map(&g.drops),
         events_lost: g.events_lost,
+        tcp_events_applied: g.tcp_events_applied,
+        tcp_events_unknown: g.tcp_events_unknown,
     };
     s.dataplane = DataplaneSnap {
         translated: dp.translated,

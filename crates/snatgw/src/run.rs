@@ -128,6 +128,14 @@ pub struct RunArgs {
     /// interfaces with no NAT at all (what `snatgw race` measures against).
     #[arg(long, hide = true)]
     pub fast_path_floor: bool,
+    /// Size in bytes of the fast path's ring of FIN/RST events (32 bytes each; 0: 1 MiB). A
+    /// FIN or RST that finds it full is passed up to the engine instead of translated.
+    #[arg(long, default_value_t = 0)]
+    pub fast_path_event_ring_bytes: u32,
+    /// Tests only: do not read the FIN/RST event ring for this many milliseconds after the
+    /// start, so it fills (forces the `event_full` path).
+    #[arg(long, hide = true)]
+    pub fast_path_events_hold_ms: Option<u64>,
     /// Record every flow (opened, closed, refused) to this file in the planner's trace
     /// format, for `snatgw plan --trace` (docs/PLANNER.md).
     #[arg(long)]
@@ -177,7 +185,8 @@ fn parse_api(s: &str) -> Result<ApiAddr, String> {
 
 /// `--fast-path`: `auto`, `tc` or `off`.
 pub fn parse_fast_path(s: &str) -> Result<FastPathMode, String> {
-    s.parse().map_err(|e: snatgw_runtime::fastpath::UnknownMode| e.to_string())
+    s.parse()
+        .map_err(|e: snatgw_runtime::fastpath::UnknownMode| e.to_string())
 }
 
 /// Initialises `tracing` (stderr; `RUST_LOG` filters, default `info`).
@@ -334,7 +343,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         seq_floor.start_after,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
-    let fast_path = FastPath::setup_pinned(
+    let fast_path = FastPath::setup_tuned(
         a.fast_path,
         a.private_if.as_deref(),
         a.public_if.as_deref(),
@@ -342,6 +351,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         a.fast_path_floor,
         start_ns,
         pin_dir.as_deref(),
+        snatgw_runtime::fastpath::FastPathTuning {
+            event_ring_bytes: a.fast_path_event_ring_bytes,
+            events_hold: a.fast_path_events_hold_ms.map(Duration::from_millis),
+        },
         &mut engine,
     )
     .map_err(|e| e.to_string())?;
