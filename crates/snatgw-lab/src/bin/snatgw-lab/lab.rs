@@ -32,6 +32,7 @@ use snatgw_runtime::stats;
 
 fn parse_fast_path(s: &str) -> Result<FastPathMode, String> {
     s.parse()
+        .map_err(|e: snatgw_runtime::fastpath::UnknownMode| e.to_string())
 }
 
 /// `snatgw lab ...` (`snatgw-lab lab ...`).
