@@ -11,6 +11,7 @@ done
 # The fast path's eBPF program is compiled by snatgw-io's build script: clang -target bpf and
 # libbpf's headers (issue #9).
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v protoc >/dev/null && [ -d /usr/include/google/protobuf ] && command -v etcd >/dev/null || need+=(protobuf-compiler libprotobuf-dev etcd-server)  # issue #19: etcd-client builds with protoc; fleet tests run a real etcd
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need[*]}"

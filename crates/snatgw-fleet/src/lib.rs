@@ -12,6 +12,9 @@
 //!   consults before translating for a block.
 //! - [`mem`]: [`MemFleet`]/[`MemCoordinator`], an in-memory implementation with an injectable
 //!   clock and fault injection (partitions, store down) for unit and property tests.
+//! - [`etcd`]: [`EtcdCoordinator`] (the same protocol on etcd: node key under a lease, grants by
+//!   `Txn`) and [`EtcdStore`] (the control plane's `Store` on etcd, with a watch so every node
+//!   sees a change made through any node).
 //!
 //! What it does not do yet: steering packets to the owner (R10.3), replicating and taking over
 //! flow state (R10.4, through `snatgw_core::engine::persist`), or wiring into `snatgw run
@@ -19,13 +22,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bridge;
 pub mod coordinator;
 pub mod error;
+pub mod etcd;
 pub mod lease;
 pub mod mem;
 pub mod rendezvous;
 
 pub use coordinator::{Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision};
 pub use error::FleetError;
+pub use etcd::{EtcdCoordinator, EtcdOptions, EtcdStore};
 pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};

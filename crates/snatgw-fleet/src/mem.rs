@@ -1,6 +1,6 @@
 //! The coordination protocol in memory, for unit and property tests: [`MemFleet`] is the store
 //! (what etcd is in production) with an injectable clock, [`MemCoordinator`] one node's handle
-//! on it, implementing [`Coordinator`] exactly as `EtcdCoordinator` does on etcd.
+//! on it, implementing [`Coordinator`] exactly as [`crate::EtcdCoordinator`] does on etcd.
 //!
 //! The store keeps etcd's rules that the fencing argument rests on (R10.1, R10.2): one global
 //! revision that every write increments; leases that expire TTL after the last renewal the
