@@ -212,6 +212,40 @@ pub trait Coordinator: Send + Sync {
     fn release(&self, grant: &Grant, now: Duration) -> Result<(), FleetError>;
 }
 
+/// A shared handle is a handle (several tasks of one node may hold one coordinator).
+impl<C: Coordinator + ?Sized> Coordinator for std::sync::Arc<C> {
+    fn node(&self) -> &NodeId {
+        (**self).node()
+    }
+    fn config(&self) -> LeaseConfig {
+        (**self).config()
+    }
+    fn join(&self, now: Duration) -> Result<LocalLease, FleetError> {
+        (**self).join(now)
+    }
+    fn renew(&self, now: Duration) -> Result<LocalLease, FleetError> {
+        (**self).renew(now)
+    }
+    fn leave(&self, now: Duration) -> Result<(), FleetError> {
+        (**self).leave(now)
+    }
+    fn live_nodes(&self, now: Duration) -> Result<Vec<NodeId>, FleetError> {
+        (**self).live_nodes(now)
+    }
+    fn owner_of(&self, res: &Resource, now: Duration) -> Result<Option<NodeId>, FleetError> {
+        (**self).owner_of(res, now)
+    }
+    fn read_grant(&self, res: &Resource, now: Duration) -> Result<GrantRead, FleetError> {
+        (**self).read_grant(res, now)
+    }
+    fn grant(&self, read: &GrantRead, now: Duration) -> Result<Grant, FleetError> {
+        (**self).grant(read, now)
+    }
+    fn release(&self, grant: &Grant, now: Duration) -> Result<(), FleetError> {
+        (**self).release(grant, now)
+    }
+}
+
 /// What one node believes: its lease as it last renewed it and the grants it holds. The data
 /// path asks [`LocalView::may_translate`] before translating for a block.
 #[derive(Debug, Clone, Default)]

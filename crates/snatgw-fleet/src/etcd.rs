@@ -86,15 +86,24 @@ struct NodeRecord {
     lease: LeaseId,
 }
 
+/// Sorts etcd-client's errors into "etcd did not answer" (R10.5: keep translating, refuse
+/// changes) and "etcd answered no". A broken connection shows up as a transport or I/O error,
+/// as a gRPC status `Unavailable`/`DeadlineExceeded`/`Cancelled`, or as `Unknown` with a
+/// transport error inside (seen when etcd is killed mid-stream), or as a closed keep-alive or
+/// watch stream.
 fn classify(e: etcd_client::Error) -> FleetError {
     use etcd_client::Error as E;
     match e {
         E::TransportError(e) => FleetError::Unreachable(e.to_string()),
         E::IoError(e) => FleetError::Unreachable(e.to_string()),
+        E::LeaseKeepAliveError(m) | E::WatchError(m) => FleetError::Unreachable(m),
         E::GRpcStatus(s)
             if matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
             ) =>
         {
             FleetError::Unreachable(s.message().to_string())

@@ -10,6 +10,8 @@
 //! - [`coordinator`]: the [`Coordinator`] trait (join, renew, leave, live nodes, fenced grants
 //!   of instances and public-IP port blocks, R10.1/R10.2) and [`LocalView`], the state a node
 //!   consults before translating for a block.
+//! - [`member`]: [`Member`], one node's loop (renew, then give up and take grants by
+//!   rendezvous) and the per-block question the data path asks.
 //! - [`mem`]: [`MemFleet`]/[`MemCoordinator`], an in-memory implementation with an injectable
 //!   clock and fault injection (partitions, store down) for unit and property tests.
 //! - [`etcd`]: [`EtcdCoordinator`] (the same protocol on etcd: node key under a lease, grants by
@@ -28,6 +30,7 @@ pub mod error;
 pub mod etcd;
 pub mod lease;
 pub mod mem;
+pub mod member;
 pub mod rendezvous;
 
 pub use coordinator::{Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision};
@@ -35,3 +38,4 @@ pub use error::FleetError;
 pub use etcd::{EtcdCoordinator, EtcdOptions, EtcdStore};
 pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};
+pub use member::{Member, TickReport};

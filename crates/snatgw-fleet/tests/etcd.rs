@@ -13,7 +13,7 @@ use snatgw_core::ConfigFile;
 use snatgw_fleet::rendezvous;
 use snatgw_fleet::{
     Coordinator, EtcdCoordinator, EtcdOptions, EtcdStore, FleetError, LeaseConfig, LocalView,
-    MonotonicClock, NodeId, Resource, Revision,
+    Member, MonotonicClock, NodeId, Resource, Revision,
 };
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -181,7 +181,14 @@ fn r10_5_etcd_down_is_unreachable_and_the_lease_survives_a_short_outage() {
         other => panic!("expected unreachable, got {other:?}"),
     }
     assert!(t0.elapsed() < RPC_TIMEOUT + Duration::from_secs(1), "calls are bounded: {:?}", t0.elapsed());
-    assert!(matches!(a.read_grant(&res, clock.now()), Err(FleetError::Unreachable(_))));
+    // Every kind of call says the same thing while etcd is down, also after the first.
+    for _ in 0..2 {
+        assert!(matches!(a.renew(clock.now()), Err(FleetError::Unreachable(_))));
+        assert!(matches!(a.read_grant(&res, clock.now()), Err(FleetError::Unreachable(_))));
+        assert!(matches!(a.live_nodes(clock.now()), Err(FleetError::Unreachable(_))));
+        let read = snatgw_fleet::GrantRead { resource: Resource::Instance("vm2".into()), holder: None, revision: Revision(0) };
+        assert!(matches!(a.grant(&read, clock.now()), Err(FleetError::Unreachable(_))));
+    }
     // The data path does not need etcd: the block is still this node's while the lease is.
     assert!(view.may_translate(&res, clock.now()));
     srv.restart();
@@ -294,5 +301,62 @@ fn r10_5_etcd_store_refuses_writes_while_down_and_watches_resume_after() {
     for (i, rx) in rxs.iter().enumerate() {
         let took = wait_for(rx, 2, Duration::from_secs(1));
         eprintln!("node {i} saw generation 2 after {took:?}");
+    }
+}
+
+#[test]
+fn r10_1_etcd_three_members_converge_and_take_over_a_crashed_one_within_ttl_plus_2s() {
+    let Some(srv) = EtcdServer::start() else { return };
+    let clock = MonotonicClock::new();
+    let res: Vec<Resource> = (0..12).map(|i| Resource::Instance(format!("vm{i}"))).collect();
+    let mut members: Vec<Option<Member<EtcdCoordinator>>> =
+        (0..3).map(|i| Some(Member::new(node(&srv, &format!("gw{i}"), 2)))).collect();
+    // Ticks every 200 ms; at every step at most one member believes in each resource.
+    let step = |members: &mut Vec<Option<Member<EtcdCoordinator>>>| {
+        for m in members.iter_mut().flatten() {
+            m.tick(clock.now(), &res);
+        }
+        let now = clock.now();
+        for r in &res {
+            let n = members.iter().flatten().filter(|m| m.may_translate(r, now)).count();
+            assert!(n <= 1, "{r} believed by {n} members");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let held_by = |members: &Vec<Option<Member<EtcdCoordinator>>>, r: &Resource| -> Option<usize> {
+        let now = clock.now();
+        members.iter().position(|m| m.as_ref().is_some_and(|m| m.may_translate(r, now)))
+    };
+    for _ in 0..5 {
+        step(&mut members);
+    }
+    let live: Vec<NodeId> = (0..3).map(|i| id(&format!("gw{i}"))).collect();
+    for r in &res {
+        let owner = rendezvous::owner(&r.rendezvous_key(), &live).expect("owner");
+        let i = held_by(&members, r).unwrap_or_else(|| panic!("{r} not held"));
+        assert_eq!(live[i], *owner, "{r}");
+    }
+    let victim = 0;
+    let lost: Vec<Resource> = res.iter().filter(|r| held_by(&members, r) == Some(victim)).cloned().collect();
+    assert!(!lost.is_empty());
+    // kill -9: no leave, no more renewals.
+    members[victim] = None;
+    let killed = Instant::now();
+    while !lost.iter().all(|r| held_by(&members, r).is_some()) {
+        assert!(killed.elapsed() < Duration::from_secs(4), "not taken over within TTL + 2 s");
+        step(&mut members);
+    }
+    let took = killed.elapsed();
+    eprintln!("taken over after {took:?}");
+    assert!(took >= Duration::from_millis(1600), "taken before the victim's lease could end: {took:?}");
+    // It restarts (same id, new lease): its instances come back to it, and only those.
+    members[victim] = Some(Member::new(node(&srv, "gw0", 2)));
+    let back = Instant::now();
+    while !lost.iter().all(|r| held_by(&members, r) == Some(victim)) {
+        assert!(back.elapsed() < Duration::from_secs(4), "not given back");
+        step(&mut members);
+    }
+    for r in res.iter().filter(|r| !lost.contains(r)) {
+        assert_ne!(held_by(&members, r), Some(victim), "{r}");
     }
 }

@@ -18,8 +18,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use snatgw_fleet::rendezvous;
 use snatgw_fleet::{
-    Coordinator, FleetError, LeaseConfig, Link, LocalView, MemCoordinator, MemFleet, NodeId,
-    Resource, Revision,
+    FleetError, LeaseConfig, Link, MemCoordinator, MemFleet, Member, NodeId, Resource, Revision,
 };
 
 const NODES: usize = 4;
@@ -69,8 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct Node {
     id: NodeId,
-    coord: MemCoordinator,
-    view: LocalView,
+    member: Member<MemCoordinator>,
     life: Life,
     /// Clock rate in permille of true time, and offset (each node's clock is its own).
     rate: u64,
@@ -100,9 +98,8 @@ impl Sim {
             .map(|i| {
                 let id = NodeId::new(format!("gw{i}")).expect("id");
                 Node {
-                    coord: fleet.coordinator(id.clone()),
+                    member: Member::new(fleet.coordinator(id.clone())),
                     id,
-                    view: LocalView::new(),
                     life: Life::Down,
                     rate: rates[i % rates.len()],
                     offset: offsets[i % offsets.len()],
@@ -113,59 +110,32 @@ impl Sim {
         Sim { fleet, nodes, res: resources(), t: 0, tokens: BTreeMap::new(), grants_taken: 0 }
     }
 
-    /// One round of a node's loop: renew (or join), then, while its lease is valid on its own
-    /// clock, give up what rendezvous no longer gives it and take what it does.
+    /// One round of the node's loop (the library's [`Member::tick`]), its first request sent
+    /// `delay_ms` ago (on its own clock) and arriving now.
     fn act(&mut self, i: usize, delay_ms: u64) -> Result<(), String> {
         if self.nodes[i].life != Life::Alive {
             return Ok(());
         }
-        // The request was sent `delay_ms` ago (on the node's clock) and arrives now.
         let n = &mut self.nodes[i];
         let sent = n.local(self.t.saturating_sub(delay_ms)).max(n.last_sent);
         n.last_sent = sent;
-        let r = if n.view.lease().is_none() { n.coord.join(sent) } else { n.coord.renew(sent) };
-        match r {
-            Ok(l) => n.view.set_lease(l),
-            Err(FleetError::LeaseExpired(_)) | Err(FleetError::NotJoined(_)) => n.view.clear(),
-            Err(FleetError::Unreachable(_)) => {}
-            Err(e) => return Err(format!("renew: {e}")),
+        let rep = n.member.tick(sent, &self.res);
+        match &rep.error {
+            None
+            | Some(FleetError::Unreachable(_))
+            | Some(FleetError::LeaseExpired(_))
+            | Some(FleetError::NotJoined(_))
+            | Some(FleetError::NotLive(_))
+            | Some(FleetError::Conflict { .. }) => {}
+            Some(e) => return Err(format!("{}: unexpected error {e}", n.id)),
         }
-        let now = n.local(self.t);
-        if !n.view.is_valid(now) {
-            return Ok(());
-        }
-        let Ok(live) = n.coord.live_nodes(now) else { return Ok(()) };
-        for res in self.res.clone() {
-            let n = &mut self.nodes[i];
-            let owner = rendezvous::owner(&res.rendezvous_key(), &live).cloned();
-            let mine = owner.as_ref() == Some(&n.id);
-            if !mine {
-                // Stop using it first, then give it back.
-                if let Some(g) = n.view.drop_grant(&res) {
-                    let _ = n.coord.release(&g, now);
-                }
-                continue;
+        for res in &rep.gained {
+            let g = n.member.view().grant(res).expect("a gained grant is in the view");
+            let prev = self.tokens.insert(res.clone(), g.revision);
+            if prev.is_some_and(|p| p >= g.revision) {
+                return Err(format!("fencing token of {res} went from {prev:?} to {}", g.revision));
             }
-            if n.view.grant(&res).is_some() {
-                continue;
-            }
-            let Ok(read) = n.coord.read_grant(&res, now) else { continue };
-            match n.coord.grant(&read, now) {
-                Ok(g) => {
-                    let prev = self.tokens.insert(res.clone(), g.revision);
-                    if prev.is_some_and(|p| p >= g.revision) {
-                        return Err(format!("fencing token of {res} went from {prev:?} to {}", g.revision));
-                    }
-                    self.grants_taken += 1;
-                    n.view.add_grant(g);
-                }
-                Err(FleetError::Held { .. })
-                | Err(FleetError::Conflict { .. })
-                | Err(FleetError::NotLive(_))
-                | Err(FleetError::Unreachable(_))
-                | Err(FleetError::NotJoined(_)) => {}
-                Err(e) => return Err(format!("grant: {e}")),
-            }
+            self.grants_taken += 1;
         }
         Ok(())
     }
@@ -180,8 +150,7 @@ impl Sim {
             Op::Crash(i) => {
                 let n = &mut self.nodes[i];
                 n.life = Life::Down;
-                n.view = LocalView::new();
-                n.coord = self.fleet.coordinator(n.id.clone());
+                n.member = Member::new(self.fleet.coordinator(n.id.clone()));
             }
             Op::Restart(i) => {
                 if self.nodes[i].life == Life::Down {
@@ -212,10 +181,9 @@ impl Sim {
                 let n = &mut self.nodes[i];
                 if n.life == Life::Alive {
                     // Stop translating, then end the lease; the process exits either way.
-                    n.view.clear();
-                    let _ = n.coord.leave(n.local(t));
+                    let _ = n.member.leave(n.local(t));
                     n.life = Life::Down;
-                    n.coord = self.fleet.coordinator(n.id.clone());
+                    n.member = Member::new(self.fleet.coordinator(n.id.clone()));
                 }
             }
         }
@@ -228,14 +196,14 @@ impl Sim {
             let believers: Vec<&Node> = self
                 .nodes
                 .iter()
-                .filter(|n| n.life != Life::Down && n.view.may_translate(res, n.local(self.t)))
+                .filter(|n| n.life != Life::Down && n.member.may_translate(res, n.local(self.t)))
                 .collect();
             if believers.len() > 1 {
                 let who: Vec<String> = believers.iter().map(|n| n.id.to_string()).collect();
                 return Err(format!("t={} ms: {res} believed by {who:?}", self.t));
             }
             for n in believers {
-                let lease = n.view.lease().expect("a believer has a lease").id;
+                let lease = n.member.view().lease().expect("a believer has a lease").id;
                 if !self.fleet.lease_live(lease) {
                     return Err(format!(
                         "t={} ms: {} still believes in {res} but its lease {lease} ended at the store",
@@ -272,7 +240,7 @@ impl Sim {
         for res in &self.res {
             let owner = rendezvous::owner(&res.rendezvous_key(), &live).expect("owner");
             for n in &self.nodes {
-                let b = n.view.may_translate(res, n.local(self.t));
+                let b = n.member.may_translate(res, n.local(self.t));
                 if b != (n.id == *owner) {
                     return Err(format!("t={}: {res}: {} believes {b}, owner is {owner}", self.t, n.id));
                 }
@@ -329,7 +297,7 @@ fn r10_1_takeover_after_a_crash_within_ttl_and_ownership_moves_back_on_rejoin() 
     let owned_by = |sim: &Sim, i: usize| -> Vec<Resource> {
         sim.res
             .iter()
-            .filter(|r| sim.nodes[i].view.may_translate(r, sim.nodes[i].local(sim.t)))
+            .filter(|r| sim.nodes[i].member.may_translate(r, sim.nodes[i].local(sim.t)))
             .cloned()
             .collect()
     };
@@ -346,7 +314,7 @@ fn r10_1_takeover_after_a_crash_within_ttl_and_ownership_moves_back_on_rejoin() 
         round(&mut sim);
         let held = lost
             .iter()
-            .all(|r| (0..3).any(|i| i != victim && sim.nodes[i].view.may_translate(r, sim.nodes[i].local(sim.t))));
+            .all(|r| (0..3).any(|i| i != victim && sim.nodes[i].member.may_translate(r, sim.nodes[i].local(sim.t))));
         if held && taken_at.is_none() {
             taken_at = Some(sim.t);
         }
