@@ -393,3 +393,77 @@ private_ip = "10.0.8.11"
     );
     g.finish();
 }
+
+/// FIN both ways while no gateway runs (R3.2 with R11.1 and issue #17): with the fast path
+/// pinned, the kernel translates both FINs of an installed flow and records them in the pinned
+/// EVENTS ring; the restarted gateway reads the records and releases the port FIN + 6 s after
+/// the kernel saw the FIN, not at the idle timeout (60 s) as it would without them.
+#[test]
+fn r11_1_fin_seen_by_the_kernel_while_down_times_the_port_after_the_restart() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+    if !root_or_skip() {
+        return;
+    }
+    const TIMERS: &str = r#"
+[gateway]
+seed = 7
+vnet_prefixes = ["10.0.0.0/16"]
+default_snat_pool = ["192.0.2.42"]
+idle_timeout_secs = 60
+fin_timeout_secs = 6
+rst_timeout_secs = 2
+
+[[instance]]
+name = "t-fin"
+private_ip = "10.0.9.10"
+"#;
+    let mut bpffs = None;
+    let mut g = GwLab::start_with("rw", TIMERS, None, |o, dir| {
+        let fs = Bpffs::mount(&dir.join("bpf"));
+        o.fast_path = "tc".into();
+        o.extra.extend([
+            "--bpf-pin-dir".into(),
+            fs.0.join("pins").display().to_string(),
+        ]);
+        bpffs = Some(fs);
+    });
+    let echo: SocketAddr = format!("{SERVER_A}:7").parse().unwrap();
+    let mut s = g.in_instance("t-fin", move || {
+        let mut s = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"0123456789").unwrap();
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b).unwrap();
+        s
+    });
+    assert!(g.wait(Duration::from_secs(3), |v| u(
+        &inst_of(v, "t-fin")["used"]["tcp"]
+    ) == 1));
+    std::thread::sleep(Duration::from_millis(1500));
+    g.gw.kill().expect("SIGKILL");
+    let _ = g.gw.wait_timeout(Duration::from_secs(10));
+    // No gateway runs: the FIN out, the echo server's FIN back, both through the kernel.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("the server's FIN came back through the kernel while the gateway was down");
+    let t_fin = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    g.restart();
+    assert!(g.log().contains("restored the flow state"), "{}", g.log());
+    assert!(
+        g.wait(Duration::from_secs(15), |v| u(
+            &inst_of(v, "t-fin")["used"]["tcp"]
+        ) == 0),
+        "the port was not released after the FIN timeout"
+    );
+    let dt = t_fin.elapsed().as_secs_f64();
+    assert!(
+        (4.9..=7.6).contains(&dt),
+        "port released {dt:.2} s after the FIN (6 s)"
+    );
+    g.finish();
+    drop(bpffs);
+}
