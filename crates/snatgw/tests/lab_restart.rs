@@ -467,3 +467,49 @@ private_ip = "10.0.9.10"
     g.finish();
     drop(bpffs);
 }
+
+/// `--detach-on-exit` (R11.1's way to stop for good): a clean stop detaches the pinned fast
+/// path and removes its pins, so the kernel stops translating the held connections at once.
+#[test]
+fn r11_1_detach_on_exit_removes_the_pins_and_the_kernel_stops_translating() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut bpffs = None;
+    let mut pins = PathBuf::new();
+    let g = GwLab::start_with("rd", CONFIG, Some(&["r0"]), |o, dir| {
+        let fs = Bpffs::mount(&dir.join("bpf"));
+        pins = fs.0.join("pins");
+        o.fast_path = "tc".into();
+        o.extra.extend([
+            "--bpf-pin-dir".into(),
+            pins.display().to_string(),
+            "--detach-on-exit".into(),
+        ]);
+        bpffs = Some(fs);
+    });
+    let (held, failed) = g.hold_conns("r0", HOLD_A, 10, CONNECT);
+    assert_eq!((held.len(), failed), (10, 0));
+    assert!(snatgw_io::pin::read_pinned_flows(&pins)
+        .expect("read")
+        .is_some_and(|f| f.len() == 20));
+    assert!(
+        snatgw_lab::gateway::stop_gateway(&g.gw, Duration::from_secs(10)),
+        "gateway did not exit cleanly on SIGTERM"
+    );
+    assert!(
+        snatgw_io::pin::read_pinned_flows(&pins)
+            .expect("read")
+            .is_none(),
+        "pins left after --detach-on-exit"
+    );
+    let all: BTreeSet<usize> = (0..held.len()).collect();
+    assert_eq!(
+        probe(&held, &all),
+        all,
+        "the kernel still translates after the stop"
+    );
+    assert!(g.log().contains("fast path detached"), "{}", g.log());
+    g.finish();
+    drop(bpffs);
+}
