@@ -12,8 +12,9 @@
 //! writers are serialised and the same plan was checked), the previous state is saved back.
 //!
 //! Errors are JSON `{"error", "field", "rule"}`: 400 bad JSON or field, 401 auth, 404 absent,
-//! 409 conflict with the rest of the topology, 412 `If-Match` mismatch, 500 store or backend
-//! failure. Every GET of a resource or collection returns `ETag: "<hex>"`, the FNV-1a 64 hash
+//! 409 conflict with the rest of the topology or with a change another node of a fleet saved
+//! first (rule `R10.1`), 412 `If-Match` mismatch, 500 store or backend failure, 503 a fleet's
+//! shared store (etcd) unreachable (rule `R10.5`; nothing changed). Every GET of a resource or collection returns `ETag: "<hex>"`, the FNV-1a 64 hash
 //! of its canonical (compact serde) JSON; writes return the new one (a DELETE: the
 //! collection's), and `X-Generation`, the accepted-write count.
 //!
@@ -137,6 +138,33 @@ impl Reply {
     }
     fn internal(what: String) -> Reply {
         Reply(StatusCode::INTERNAL_SERVER_ERROR, ApiError::msg(what))
+    }
+    /// A failed save: 503 when a shared store (a fleet's etcd) is unreachable (R10.5), 409
+    /// Conflict when another node saved a change first (not 412: the client's own If-Match
+    /// held; the store moved under it), 500 for anything else.
+    fn store(e: crate::error::StoreError) -> Reply {
+        use crate::error::StoreError;
+        match e {
+            StoreError::Unreachable { .. } => Reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ApiError {
+                    error: format!(
+                        "{e}; the change was not saved or applied (the gateway keeps translating): retry when the store is back"
+                    ),
+                    field: None,
+                    rule: Some("R10.5".into()),
+                },
+            ),
+            StoreError::Conflict { .. } => Reply(
+                StatusCode::CONFLICT,
+                ApiError {
+                    error: e.to_string(),
+                    field: None,
+                    rule: Some("R10.1".into()),
+                },
+            ),
+            other => Reply::internal(other.to_string()),
+        }
     }
     fn config(e: &snatgw_core::ConfigError) -> Reply {
         let (s, body) = config_error_body(e);
@@ -301,6 +329,140 @@ impl ControlPlane {
     pub fn serve(&self, addr: SocketAddr) -> Result<crate::ServerHandle, ControlError> {
         crate::server::serve(addr, self.clone())
     }
+
+    /// Adopts `next`, a topology another node of a fleet saved to the shared store (R10.1),
+    /// by the path a local write takes, less the save: validate, engine check, apply, publish
+    /// its generation; serialised with local writes. A record not newer than what runs (this
+    /// node's own save coming back through the watch, or an older one) changes nothing, and
+    /// so does a refusal (the error says why; the node keeps running what it ran).
+    pub async fn adopt(&self, next: Stored) -> std::result::Result<Adopted, ApiError> {
+        adopt(&self.inner, next).await
+    }
+
+    /// Starts a thread that adopts ([`ControlPlane::adopt`]) every topology `rx` hands out
+    /// (a shared store's watch, such as the fleet's `EtcdStore::subscribe`), the current one
+    /// first, and calls `report` with each outcome (the caller logs). It ends when the
+    /// [`Follower`] is stopped or dropped, or when the sender goes away.
+    pub fn follow(
+        &self,
+        mut rx: watch::Receiver<Option<Stored>>,
+        mut report: impl FnMut(&Stored, &std::result::Result<Adopted, ApiError>) + Send + 'static,
+    ) -> Result<Follower, ControlError> {
+        let plane = self.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ControlError::Runtime(e.to_string()))?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("snatgw-follow".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    loop {
+                        let next = rx.borrow_and_update().clone();
+                        if let Some(next) = next {
+                            let r = plane.adopt(next.clone()).await;
+                            report(&next, &r);
+                        }
+                        tokio::select! {
+                            _ = &mut stopped => return,
+                            changed = rx.changed() => if changed.is_err() { return },
+                        }
+                    }
+                });
+            })
+            .map_err(|e| ControlError::Runtime(e.to_string()))?;
+        Ok(Follower {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// What [`ControlPlane::adopt`] did with a topology another node saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Adopted {
+    /// The engine runs it and the API serves it now.
+    Applied {
+        /// Its generation.
+        generation: u64,
+        /// Whether the default-SNAT designations (R1.3) this engine left differ from the
+        /// ones the saving node stored (this node did not apply every generation in
+        /// between); a restart starts from the stored ones.
+        designations_differ: bool,
+    },
+    /// Not newer than what this node runs: nothing done.
+    Current {
+        /// The generation this node runs.
+        generation: u64,
+    },
+}
+
+/// The thread of [`ControlPlane::follow`]; stopping or dropping it ends the thread.
+pub struct Follower {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Stops the thread and waits for it (an adopt in progress finishes first).
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// The body of [`ControlPlane::adopt`].
+async fn adopt(s: &Shared, next: Stored) -> std::result::Result<Adopted, ApiError> {
+    let _writer = s.writer.lock().await;
+    let cur = s.current();
+    if next.generation <= cur.generation {
+        return Ok(Adopted::Current {
+            generation: cur.generation,
+        });
+    }
+    let mut designations_differ = false;
+    if next.config != cur.config {
+        let topo = Topology::from_config(next.config.clone()).map_err(|e| config_error_body(&e).1)?;
+        let backend = s.backend.clone();
+        let (topo, checked) = blocking(move || {
+            let r = backend.check(&topo);
+            (topo, r)
+        })
+        .await
+        .map_err(|r| r.1)?;
+        let designations = checked.map_err(|e| config_error_body(&e).1)?;
+        let stored = next.engine_designations();
+        designations_differ = !stored.is_empty()
+            && (stored.len() != designations.len()
+                || !stored.iter().all(|d| designations.contains(d)));
+        let backend = s.backend.clone();
+        blocking(move || backend.apply(topo))
+            .await
+            .map_err(|r| r.1)?
+            .map_err(|e| config_error_body(&e).1)?;
+    }
+    let generation = next.generation;
+    s.publish(next);
+    Ok(Adopted::Applied {
+        generation,
+        designations_differ,
+    })
 }
 
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
@@ -594,7 +756,7 @@ async fn write_to_completion<T>(
     let saved = next.clone();
     blocking(move || store.save(&saved))
         .await?
-        .map_err(|e| Reply::internal(e.to_string()))?;
+        .map_err(Reply::store)?;
     // Saved: from here on the store holds `next`, so every path below ends with the store,
     // the engine and `current` agreeing.
     let backend = s.backend.clone();
@@ -1898,11 +2060,31 @@ impl utoipa::Modify for Contract {
                     add(op, 500, "The store or the running gateway failed");
                 }
                 add(op, 414, "The request target is longer than 8 KiB");
+                let writes = api && matches!(method, "put" | "post" | "delete");
                 add(
                     op,
                     503,
-                    "Too many connections or request bodies at once; retry (see Retry-After)",
+                    if writes {
+                        "Too many connections or request bodies at once; retry (see Retry-After). Or, in a fleet, the shared store (etcd) is unreachable: nothing changed (rule R10.5)"
+                    } else {
+                        "Too many connections or request bodies at once; retry (see Retry-After)"
+                    },
                 );
+                if writes {
+                    // In a fleet a save can lose to another node's save of the same
+                    // generation: a conflict (409, rule R10.1), whatever the route's own 409s.
+                    const FLEET_409: &str = "another node of the fleet saved a change first (rule R10.1): read again and retry";
+                    let r = op
+                        .responses
+                        .responses
+                        .entry("409".to_string())
+                        .or_insert_with(|| error(&format!("Conflict: {FLEET_409}")));
+                    if let RefOr::T(r) = r {
+                        if !r.description.contains("R10.1") {
+                            r.description = format!("{}; or {FLEET_409}", r.description);
+                        }
+                    }
+                }
                 let has_query = op.parameters.as_ref().is_some_and(|ps| {
                     ps.iter().any(|p| {
                         matches!(p, RefOr::T(p) if matches!(p.parameter_in, ParameterIn::Query))

@@ -224,7 +224,30 @@ pub struct MetricsSnapshot {
     /// backend has a source for them ([`GatewayBackend::with_runtime_counters`]).
     #[serde(default)]
     pub runtime: Option<RuntimeCounters>,
+    /// This node's view of its fleet (issue #19), when it runs in one
+    /// ([`GatewayBackend::with_fleet_gauges`]).
+    #[serde(default)]
+    pub fleet: Option<FleetGauges>,
 }
+
+/// One fleet node's gauges for `/metrics` (issue #19, SPEC §10): filled by the node's fleet
+/// loop (this crate does not depend on the fleet crate).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetGauges {
+    /// This node's id.
+    pub node: String,
+    /// Nodes with a live lease, as of the last successful listing.
+    pub nodes_live: u64,
+    /// Instances this node may translate for now (it holds their grants under a valid
+    /// lease, R10.1/R10.2).
+    pub instances_owned: u64,
+    /// Seconds until this node's local lease view ends (its self-fencing deadline, R10.2);
+    /// 0 when it has no valid lease.
+    pub lease_valid_seconds: f64,
+}
+
+/// Where the backend reads the fleet gauges at every scrape (outside the gateway lock).
+pub type FleetGaugesSource = Arc<dyn Fn() -> FleetGauges + Send + Sync>;
 
 /// The runtime's counters for `/metrics` (issue #21): what the stats file holds besides the
 /// engine's counters. Filled by the runtime (this crate does not depend on it) from its shared
@@ -437,6 +460,7 @@ pub struct GatewayBackend {
     events: Arc<EventLog>,
     clock: Box<dyn Fn() -> u32 + Send + Sync>,
     runtime: Option<RuntimeCountersSource>,
+    fleet: Option<FleetGaugesSource>,
     after_change: Option<AfterChange>,
 }
 
@@ -457,6 +481,7 @@ impl GatewayBackend {
             events,
             clock: Box::new(clock),
             runtime: None,
+            fleet: None,
             after_change: None,
         }
     }
@@ -473,6 +498,13 @@ impl GatewayBackend {
     /// gateway lock; it must not take it.
     pub fn with_runtime_counters(mut self, source: RuntimeCountersSource) -> GatewayBackend {
         self.runtime = Some(source);
+        self
+    }
+
+    /// The same backend, with `source` giving this node's fleet gauges for `/metrics`
+    /// ([`MetricsSnapshot::fleet`]); called at every scrape, outside the gateway lock.
+    pub fn with_fleet_gauges(mut self, source: FleetGaugesSource) -> GatewayBackend {
+        self.fleet = Some(source);
         self
     }
 
@@ -628,6 +660,7 @@ impl Backend for GatewayBackend {
             nsg_rules: policy.nsg_rules,
             inbound_rules: policy.inbound_rules,
             runtime: self.runtime.as_ref().map(|f| f()),
+            fleet: self.fleet.as_ref().map(|f| f()),
             ..metrics_snapshot(&reports, &busiest, &drops, live, max)
         }
     }

@@ -29,6 +29,28 @@ pub enum StoreError {
     /// The stored bytes are not a valid JSON `Stored` record.
     #[error("store: stored state is not valid: {0}")]
     Corrupt(String),
+    /// A shared store (a fleet's etcd) did not answer: nothing was saved. The API answers
+    /// 503 naming the store (SPEC R10.5: the data path goes on, topology changes wait).
+    #[error("{store} unreachable: {message}")]
+    Unreachable {
+        /// Which store, for people (`etcd`).
+        store: String,
+        /// What the client saw (timeout, connection refused, ...).
+        message: String,
+    },
+    /// Another node of the fleet saved a topology first: the store holds generation
+    /// `stored`, this save was generation `attempted`, so it was not written (the API
+    /// answers 409 Conflict; the other node's topology reaches this node by the store's
+    /// watch, R10.1).
+    #[error("{store} holds generation {stored}, written through another node; this change would have been generation {attempted}: read the topology again and retry")]
+    Conflict {
+        /// Which store (`etcd`).
+        store: String,
+        /// The generation the store holds.
+        stored: u64,
+        /// The generation this save carried.
+        attempted: u64,
+    },
 }
 
 /// Why the control plane could not start or run.

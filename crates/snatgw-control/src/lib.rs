@@ -51,8 +51,10 @@ pub mod server;
 pub mod store;
 pub mod view;
 
-pub use api::{openapi, ControlPlane, Resource};
-pub use backend::{Backend, EventLog, FlowQuery, GatewayBackend, MetricsSnapshot};
+pub use api::{openapi, Adopted, ControlPlane, Follower, Resource};
+pub use backend::{
+    Backend, EventLog, FleetGauges, FleetGaugesSource, FlowQuery, GatewayBackend, MetricsSnapshot,
+};
 pub use client::{Client, ResourceKind, Tagged};
 pub use error::{ApiError, ClientError, ControlError, StoreError};
 pub use server::{read_token_file, serve, serve_with, ServerHandle, ServerLimits};

@@ -28,6 +28,9 @@
 //! | `snatgw_fastpath_flows_installed_total`, `_removed_total`, `_skipped_total`, `snatgw_fastpath_install_failures_total` | counter | — |
 //! | `snatgw_fastpath_packets_total` (translated in the kernel) | counter | direction = outbound / inbound |
 //!
+//! | `snatgw_fleet_nodes_live`, `snatgw_fleet_instances_owned`, `snatgw_fleet_lease_valid_seconds` (a fleet node's view, issue #19) | gauge | node |
+//!
+//! The fleet gauges are exported only when the node runs in a fleet ([`MetricsSnapshot::fleet`]).
 //! The runtime's counters (the last three rows' block) are exported only when the backend has
 //! a source for them ([`MetricsSnapshot::runtime`]), the fast path's only when it runs.
 //!
@@ -43,7 +46,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::backend::{MetricsSnapshot, RuntimeCounters};
+use crate::backend::{FleetGauges, MetricsSnapshot, RuntimeCounters};
 
 /// `Content-Type` of the text this module renders.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -269,6 +272,9 @@ pub fn render(s: &MetricsSnapshot) -> String {
     if let Some(rt) = &s.runtime {
         register_runtime(&mut reg, rt);
     }
+    if let Some(f) = &s.fleet {
+        register_fleet(&mut reg, f);
+    }
 
     let mut out = String::new();
     // Writing into a String cannot fail.
@@ -286,6 +292,32 @@ fn seconds_counter(reg: &mut Registry, name: &str, help: &str, ns: u64) {
     let c = Counter::<f64, AtomicU64>::default();
     c.inc_by(ns as f64 / 1e9);
     reg.register(name, help, c);
+}
+
+/// One fleet node's gauges (issue #19), labelled with the node's id.
+fn register_fleet(reg: &mut Registry, f: &FleetGauges) {
+    let node = || vec![("node", f.node.clone())];
+    let live = gauge_family(
+        reg,
+        "snatgw_fleet_nodes_live",
+        "Fleet nodes with a live lease, as this node last listed them (SPEC R10.1)",
+    );
+    set(&live, node(), f.nodes_live);
+    let owned = gauge_family(
+        reg,
+        "snatgw_fleet_instances_owned",
+        "Instances this node may translate for now: granted to it under a valid lease (SPEC R10.1, R10.2)",
+    );
+    set(&owned, node(), f.instances_owned);
+    let valid = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "snatgw_fleet_lease_valid_seconds",
+        "Seconds until this node's lease view ends and it stops translating unless renewed (self-fencing, SPEC R10.2); 0 without a valid lease",
+        valid.clone(),
+    );
+    valid
+        .get_or_create(&node())
+        .set(f.lease_valid_seconds.max(0.0));
 }
 
 /// The runtime's counters: packets per side, the gateway lock, the kernel fast path.
@@ -433,6 +465,7 @@ mod tests {
                 nsg_denied: 2,
             }],
             runtime: None,
+            fleet: None,
         };
         let t = render(&s);
         let l = r#"instance="vm1",public_ip="203.0.113.1",protocol="tcp""#;
@@ -462,6 +495,30 @@ mod tests {
             "snatgw_nsg_rule_hits_total{nsg=\"n\",rule=\"DenyAllInBound\",direction=\"inbound\",access=\"deny\",priority=\"65500\"} 7".into(),
             "# TYPE snatgw_used_snat_ports gauge".into(),
             "# TYPE snatgw_snat_connection_count_total counter".into(),
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+    }
+
+    #[test]
+    fn renders_fleet_gauges_only_in_a_fleet() {
+        let none = render(&MetricsSnapshot::default());
+        assert!(!none.contains("snatgw_fleet"), "{none}");
+        let s = MetricsSnapshot {
+            fleet: Some(FleetGauges {
+                node: "gw-1".into(),
+                nodes_live: 3,
+                instances_owned: 4,
+                lease_valid_seconds: 7.5,
+            }),
+            ..Default::default()
+        };
+        let t = render(&s);
+        for want in [
+            "snatgw_fleet_nodes_live{node=\"gw-1\"} 3",
+            "snatgw_fleet_instances_owned{node=\"gw-1\"} 4",
+            "snatgw_fleet_lease_valid_seconds{node=\"gw-1\"} 7.5",
+            "# TYPE snatgw_fleet_lease_valid_seconds gauge",
         ] {
             assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
         }
