@@ -375,3 +375,54 @@ fn r3_6_r5_1_icmp_errors_of_inbound_lb_flows_are_translated_both_ways() {
         Verdict::Drop(DropReason::IcmpErrorNoFlow)
     );
 }
+
+/// A fleet node's self-fencing (R10.2, issue #19): with an admission that refuses an
+/// instance, its new flows are dropped (`policy`, counted as not admitted) while its flows
+/// opened before keep being translated both ways; other instances and ILPIPs are untouched,
+/// and allowing the instance again opens flows again.
+#[test]
+fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_ones() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut g = gateway();
+    let (vm, remote) = (ip(PAT_VM), ip(REMOTE));
+    let mut buf = [0u8; 2048];
+    let mut send = |g: &mut Gateway, pkt: Vec<u8>, dir: Direction| {
+        buf[..pkt.len()].copy_from_slice(&pkt);
+        let o = g.process_in(1, &mut buf, pkt.len(), dir);
+        (o, buf[..pkt.len()].to_vec())
+    };
+    // A flow opened while the node owned the instance.
+    let (o, out) = send(&mut g, tcp_syn(vm, 40000, remote, 443), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    let out = parse(&out).expect("translated");
+    let owned = Arc::new(AtomicBool::new(false));
+    let o2 = owned.clone();
+    let pat_vm = vm;
+    g.set_admission(Some(Arc::new(move |src| src != pat_vm || o2.load(Ordering::SeqCst))));
+    // Not owned any more: a new TCP flow and a new UDP flow are refused...
+    let (o, _) = send(&mut g, tcp_syn(vm, 40001, remote, 443), Direction::Outbound);
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
+    let (o, _) = send(&mut g, udp(vm, 5353, remote, 53, b"q"), Direction::Outbound);
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
+    assert_eq!(g.stats().not_admitted, 2);
+    // ...the existing flow goes on, out and back.
+    let (o, _) = send(&mut g, tcp_data(vm, 40000, remote, 443, b"more"), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    let back = tcp_data(remote, 443, out.src, out.src_port, b"reply");
+    let (o, _) = send(&mut g, back, Direction::Inbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    // The ILPIP instance is not fenced by this admission (it allows every other source).
+    let (o, _) = send(&mut g, tcp_syn(ip(ILPIP_VM), 40000, remote, 443), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    // Owned again: new flows open.
+    owned.store(true, Ordering::SeqCst);
+    let (o, _) = send(&mut g, tcp_syn(vm, 40002, remote, 443), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    assert_eq!(g.stats().not_admitted, 2);
+    // No admission: as before.
+    g.set_admission(None);
+    owned.store(false, Ordering::SeqCst);
+    let (o, _) = send(&mut g, tcp_syn(vm, 40003, remote, 443), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+}
