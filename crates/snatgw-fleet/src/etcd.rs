@@ -78,6 +78,95 @@ impl EtcdOptions {
     fn topology_key(&self) -> String {
         format!("{}/topology", self.prefix)
     }
+
+    fn takeover_prefix(&self) -> String {
+        format!("{}/fleet/takeovers/", self.prefix)
+    }
+}
+
+/// The last time a node took grants (`snatgw fleet`'s "last takeover"): kept under
+/// `PREFIX/fleet/takeovers/NODE`, bound to the node's lease, written by the node after a tick
+/// that gained instances ([`EtcdCoordinator::record_takeover`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// Wall-clock time of the tick, Unix milliseconds (the writer's clock; for people only).
+    pub at_unix_ms: u64,
+    /// The instances granted in that tick.
+    pub instances: Vec<String>,
+}
+
+/// One node as `snatgw fleet` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Its lease.
+    pub lease: LeaseId,
+    /// Seconds etcd keeps the lease without another renewal (-1: already gone).
+    pub ttl_left_secs: i64,
+    /// Instances whose grant it holds under this lease, sorted.
+    pub instances: Vec<String>,
+    /// Its last takeover, if it recorded one under this lease.
+    pub last_takeover: Option<Takeover>,
+}
+
+/// The fleet as etcd holds it: live nodes with their leases and grants, and grants whose
+/// holder is no live node key's lease (an earlier incarnation's, until its lease ends).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// Live nodes, by id.
+    pub nodes: Vec<NodeStatus>,
+    /// Instance grants held by a lease no live node key has: (instance, holder).
+    pub other_grants: Vec<(String, Holder)>,
+}
+
+/// Reads the fleet's nodes, leases, grants and last takeovers (for `snatgw fleet`); a
+/// client of its own, no lease.
+pub fn fleet_status(opts: &EtcdOptions) -> Result<FleetStatus, FleetError> {
+    let bridge = Bridge::new()?;
+    let mut c = connect(&bridge, opts)?;
+    let t = opts.rpc_timeout;
+    let (nodes_p, takeovers_p) = (opts.node_prefix(), opts.takeover_prefix());
+    let grants_p = format!("{}/fleet/grants/instance/", opts.prefix);
+    bridge.run(async move {
+        let prefixed = || Some(GetOptions::new().with_prefix());
+        let nodes = bounded(t, c.get(nodes_p.clone(), prefixed())).await?;
+        let grants = bounded(t, c.get(grants_p.clone(), prefixed())).await?;
+        let takeovers = bounded(t, c.get(takeovers_p.clone(), prefixed())).await?;
+        let mut out = FleetStatus::default();
+        for kv in nodes.kvs() {
+            let k = kv.key_str().map_err(|e| corrupt(&nodes_p, e))?.to_string();
+            let rec: NodeRecord = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&k, e))?;
+            let ttl = bounded(t, c.lease_time_to_live(rec.lease.0, None)).await?.ttl();
+            let last_takeover = takeovers.kvs().iter().find_map(|tk| {
+                let name = tk.key_str().ok()?.strip_prefix(takeovers_p.as_str())?;
+                (name == rec.node.as_str() && tk.lease() == rec.lease.0)
+                    .then(|| serde_json::from_slice(tk.value()).ok())
+                    .flatten()
+            });
+            out.nodes.push(NodeStatus {
+                node: rec.node,
+                lease: rec.lease,
+                ttl_left_secs: ttl,
+                instances: Vec::new(),
+                last_takeover,
+            });
+        }
+        for kv in grants.kvs() {
+            let k = kv.key_str().map_err(|e| corrupt(&grants_p, e))?;
+            let inst = k.strip_prefix(grants_p.as_str()).unwrap_or(k).to_string();
+            let h: Holder = serde_json::from_slice(kv.value()).map_err(|e| corrupt(k, e))?;
+            match out.nodes.iter_mut().find(|n| n.node == h.node && n.lease == h.lease) {
+                Some(n) => n.instances.push(inst),
+                None => out.other_grants.push((inst, h)),
+            }
+        }
+        out.nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        for n in &mut out.nodes {
+            n.instances.sort();
+        }
+        Ok(out)
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -183,6 +272,20 @@ impl EtcdCoordinator {
 
     fn set_lease(&self, l: Option<(LeaseId, Duration)>) {
         *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = l;
+    }
+
+    /// Records this node's last takeover ([`Takeover`], for `snatgw fleet`), bound to its
+    /// lease so it goes with it.
+    pub fn record_takeover(&self, t: &Takeover) -> Result<(), FleetError> {
+        let (lease, _) = self.joined()?;
+        let mut c = self.client.clone();
+        let timeout = self.opts.rpc_timeout;
+        let key = format!("{}{}", self.opts.takeover_prefix(), self.node);
+        let value = serde_json::to_vec(t).map_err(|e| FleetError::Store(e.to_string()))?;
+        self.bridge.run(async move {
+            bounded(timeout, c.put(key, value, Some(PutOptions::new().with_lease(lease.0)))).await?;
+            Ok(())
+        })
     }
 }
 
@@ -379,7 +482,7 @@ impl std::fmt::Debug for EtcdStore {
 
 fn store_err(e: FleetError) -> StoreError {
     match e {
-        FleetError::Unreachable(m) => StoreError::Database(format!("etcd unreachable: {m}")),
+        FleetError::Unreachable(message) => StoreError::Unreachable { store: "etcd".into(), message },
         FleetError::Corrupt { message, .. } => StoreError::Corrupt(message),
         other => StoreError::Database(format!("etcd: {other}")),
     }
@@ -495,10 +598,11 @@ impl Store for EtcdStore {
                     return Ok(());
                 }
                 if cur.generation >= s.generation {
-                    return Err(StoreError::Database(format!(
-                        "etcd holds generation {} (written through another node), this save is generation {}: reload and retry",
-                        cur.generation, s.generation
-                    )));
+                    return Err(StoreError::Conflict {
+                        store: "etcd".into(),
+                        stored: cur.generation,
+                        attempted: s.generation,
+                    });
                 }
             }
             let value = bytes.clone();
@@ -517,8 +621,13 @@ impl Store for EtcdStore {
                 return Ok(());
             }
         }
-        Err(StoreError::Database(format!(
-            "etcd: the topology kept changing under this save ({SAVE_RETRIES} tries)"
-        )))
+        // Another node kept writing between our read and our write: we lost every time.
+        let stored = self
+            .bridge
+            .run(EtcdStore::read(self.client.clone(), self.key.clone(), self.rpc_timeout))
+            .map_err(store_err)?
+            .0
+            .map_or(0, |c| c.generation);
+        Err(StoreError::Conflict { store: "etcd".into(), stored, attempted: s.generation })
     }
 }

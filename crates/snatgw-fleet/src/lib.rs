@@ -35,7 +35,7 @@ pub mod rendezvous;
 
 pub use coordinator::{Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision};
 pub use error::FleetError;
-pub use etcd::{EtcdCoordinator, EtcdOptions, EtcdStore};
+pub use etcd::{fleet_status, EtcdCoordinator, EtcdOptions, EtcdStore, FleetStatus, NodeStatus, Takeover};
 pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};
 pub use member::{Member, TickReport};

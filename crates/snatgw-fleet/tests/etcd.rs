@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use common::EtcdServer;
-use snatgw_control::{seed, SeedSource, Store, Stored};
+use snatgw_control::{seed, SeedSource, Store, StoreError, Stored};
 use snatgw_core::ConfigFile;
 use snatgw_fleet::rendezvous;
 use snatgw_fleet::{
@@ -223,6 +223,7 @@ fn r10_1_etcd_store_keeps_generations_like_the_embedded_store() {
     // A save that does not raise the generation is refused and changes nothing.
     let err = s.save(&state(1)).expect_err("stale generation");
     assert!(err.to_string().contains("generation 1"), "{err}");
+    assert!(matches!(err, StoreError::Conflict { stored: 1, attempted: 1, .. }), "{err:?}");
     s.save(&state(2)).expect("save");
     assert_eq!(s.load().expect("load"), Some(state(2)));
     // A new connection (another process) reads the same.
@@ -265,6 +266,9 @@ fn r10_1_etcd_store_change_through_any_node_is_seen_by_every_node() {
         (ha.join().expect("thread"), hb.join().expect("thread"))
     });
     assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
+    // The loser is told it lost to another node (the API answers 409), not that etcd failed.
+    let lost = if ra.is_ok() { &rb } else { &ra };
+    assert!(matches!(lost, Err(StoreError::Conflict { stored: 3, attempted: 3, .. })), "{lost:?}");
     let winner = if ra.is_ok() { a } else { b };
     for rx in &rxs {
         wait_for(rx, 3, Duration::from_secs(1));
@@ -284,6 +288,7 @@ fn r10_5_etcd_store_refuses_writes_while_down_and_watches_resume_after() {
     srv.stop();
     let err = nodes[1].save(&state(2)).expect_err("etcd is down");
     assert!(err.to_string().contains("etcd unreachable"), "{err}");
+    assert!(matches!(&err, StoreError::Unreachable { store, .. } if store == "etcd"), "{err:?}");
     // What the nodes run on stays what they had.
     assert_eq!(rxs[2].borrow().as_ref().map(|s| s.generation), Some(1));
     srv.restart();
