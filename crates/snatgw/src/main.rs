@@ -5,6 +5,7 @@
 //! - `lab`, `race`: the lab tools, a separate binary (`snatgw-lab`, crate `snatgw-lab`) that
 //!   these two exec with every argument, git-style ([`lab`]; issue #16);
 //! - `plan`: the exhaustion planner (docs/PLANNER.md, [`plan`]);
+//! - `fleet`: a fleet's nodes, leases and owned instances, from etcd (docs/FLEET.md, [`fleet`]);
 //! - `keepalive-check`: do this host's TCP keepalives outlast the gateway's idle timeout
 //!   (SPEC R7.1, docs/OPERATIONS.md, [`keepalive`]);
 //! - `get`, `apply`, `put`, `delete`, `redeploy`, `settle`, `ports`, `flows`, `events`:
@@ -23,6 +24,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 
 mod api_cli;
 mod api_render;
+mod fleet;
 mod keepalive;
 mod lab;
 mod plan;
@@ -71,6 +73,9 @@ enum Cmd {
     /// Whether a connection held idle survives the gateway's idle timeout with this host's
     /// TCP keepalive settings, and the SPEC R7.1 fix (exit 0 survives, 1 not, 2 no verdict).
     KeepaliveCheck(keepalive::KeepaliveArgs),
+    /// A fleet's nodes, their leases, the instances each owns and its last takeover, as etcd
+    /// holds them (issue #19, docs/FLEET.md).
+    Fleet(fleet::FleetArgs),
     /// Clients of a running gateway's management API (see docs/API.md).
     #[command(flatten)]
     Api(api_cli::ApiCmd),
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => return lab::exec("lab", &a),
         Cmd::Race(a) => return lab::exec("race", &a),
         Cmd::Plan(a) => plan::run(&a),
+        Cmd::Fleet(a) => fleet::status(&a),
         // Exit 0 survives, 1 does not, 2 no verdict (docs/OPERATIONS.md).
         Cmd::KeepaliveCheck(a) => return keepalive::main(&a),
         // Prints its own `error: ...` (the server's message, field and SPEC rule).

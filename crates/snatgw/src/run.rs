@@ -36,6 +36,10 @@
 //! named change by change in a warning); event sequence numbers start above the wall clock
 //! in microseconds and above a floor kept in the store, so they never repeat across restarts.
 //!
+//! A fleet (`--fleet etcd://... --node-id ID`, issue #19, [`crate::fleet`]): the topology
+//! lives in etcd instead of redb and every node applies every change; the node opens new flows
+//! only for the instances it owns under a valid lease. Without `--fleet`, nothing of it runs.
+//!
 //! What it does not do: configure addresses or routes (the operator, or `snatgw lab`, points
 //! routes at the TUN), or reload configuration.
 
@@ -160,6 +164,19 @@ pub struct RunArgs {
     /// leaves installed flows translated in the kernel for the next start (an upgrade).
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// Run as a node of a fleet (issue #19, SPEC §10): `etcd://HOST:PORT[,HOST:PORT]`. The
+    /// topology lives in etcd (seeded from --config when empty) and every node applies every
+    /// change; the node joins under a lease and opens new flows only for the instances it
+    /// owns (docs/FLEET.md). Needs --node-id and the API. Without it: one node, redb (R10.6).
+    #[arg(long, value_parser = crate::fleet::parse_fleet_url)]
+    pub fleet: Option<crate::fleet::FleetUrl>,
+    /// This node's id in the fleet (1-64 of A-Za-z0-9._-).
+    #[arg(long, requires = "fleet")]
+    pub node_id: Option<String>,
+    /// The fleet lease TTL in seconds (at least 2): a dead node's instances are taken over
+    /// within it plus 2 s; a node cut off from etcd stops opening flows before it ends.
+    #[arg(long, default_value_t = 10)]
+    pub fleet_ttl_secs: u64,
 }
 
 impl RunArgs {
@@ -223,7 +240,13 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         RedbStore::open(&a.state_dir)
             .map_err(|e| format!("opening the store in {}: {e}", a.state_dir.display()))?,
     );
-    let seeded = snatgw_control::seed(&*store, &file).map_err(|e| format!("store: {e}"))?;
+    // In a fleet the topology lives in etcd (the redb store keeps the event sequence floor).
+    let mut fleet = fleet_start(a)?;
+    let topo_store: Arc<dyn Store> = match &fleet {
+        Some(f) => f.store(),
+        None => store.clone(),
+    };
+    let seeded = snatgw_control::seed(&*topo_store, &file).map_err(|e| format!("store: {e}"))?;
     let start_state = starting_state(a, &seeded.stored, seeded.source, &file);
     let what = if start_state.generation == seeded.stored.generation {
         "stored topology".to_string()
@@ -292,9 +315,19 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let mut stored = start_state;
     stored.set_designations(&engine.designations());
     if stored != seeded.stored {
-        store
-            .save(&stored)
-            .map_err(|e| format!("saving the starting topology: {e}"))?;
+        match topo_store.save(&stored) {
+            Ok(()) => {}
+            // A fleet's store takes a generation once (generations only grow across nodes):
+            // the same generation with the designations filled in is refused. The topology is
+            // the one stored and its designations the same function of it on every node; the
+            // next change through the API stores them.
+            Err(snatgw_control::StoreError::Conflict { .. })
+                if a.fleet.is_some() && stored.generation == seeded.stored.generation =>
+            {
+                tracing::debug!(generation = stored.generation, "fleet: starting designations not stored");
+            }
+            Err(e) => return Err(format!("saving the starting topology: {e}")),
+        }
         if stored.generation != seeded.stored.generation {
             tracing::info!(
                 generation = stored.generation,
@@ -387,15 +420,21 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         )
     });
 
+    let mut fleet_node = None;
     let api = match a.api.0 {
         Some(addr) => {
             let clock = clock.clone();
-            let backend = Arc::new(
-                GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
-                    .with_runtime_counters(Arc::new(rt.counters_source()))
-                    .with_after_change(Box::new(rt.after_change_hook())),
-            );
-            let plane = ControlPlane::new(backend, store.clone(), token, stored);
+            let backend = GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
+                .with_runtime_counters(Arc::new(rt.counters_source()))
+                .with_after_change(Box::new(rt.after_change_hook()));
+            let backend = Arc::new(match &fleet {
+                Some(f) => backend.with_fleet_gauges(f.gauges()),
+                None => backend,
+            });
+            let plane = ControlPlane::new(backend, topo_store.clone(), token, stored);
+            if let Some(f) = fleet.take() {
+                fleet_node = Some(f.start(plane.clone(), rt.gateway())?);
+            }
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
             tracing::info!(api = %h.local_addr(), "management API listening");
@@ -449,6 +488,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
 
     let log = rt.events_log();
     rt.run_until_stopped(|_| seq_floor.renew(log.last_seq()));
+    if let Some(f) = fleet_node {
+        // Leave first: the other nodes take this node's instances at their next tick.
+        f.stop();
+    }
     let finished = rt.shutdown();
     if a.detach_on_exit {
         if let Some(dir) = &pin_dir {
@@ -491,6 +534,19 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `--fleet`: connects to etcd (issue #19). Checked before anything is opened: the fleet
+/// needs the management API (a change reaches the other nodes through the store it saves to).
+fn fleet_start(a: &RunArgs) -> Result<Option<crate::fleet::FleetRun>, String> {
+    let Some(url) = &a.fleet else {
+        return Ok(None);
+    };
+    let node = a.node_id.as_deref().ok_or("--fleet needs --node-id")?;
+    if a.api.0.is_none() {
+        return Err("--fleet needs the management API (--api ADDR, not off)".into());
+    }
+    crate::fleet::FleetRun::connect(url, node, a.fleet_ttl_secs).map(Some)
 }
 
 /// The state the gateway starts with. A fresh store holds the file's topology already. When
