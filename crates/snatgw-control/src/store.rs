@@ -16,7 +16,9 @@
 //! restarts, even when the wall clock steps back.
 //!
 //! This module does not validate topologies (the API does, SPEC R1.x–R2.x, before it saves)
-//! and does not apply them. A later issue adds etcd behind the same trait, so it stays small.
+//! and does not apply them. A fleet's store (etcd, crate `snatgw-fleet`) implements the same
+//! trait and reports what only a shared store can: `StoreError::Unreachable` and
+//! `StoreError::Conflict` (another node saved first).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -190,7 +190,11 @@ fn r10_1_a_change_through_any_node_applies_on_every_node() {
     let mut b = Node::start(&store);
     a.follow(&store);
     b.follow(&store);
-    assert_eq!(b.plane.current().generation, 1, "b seeded from the store a seeded");
+    assert_eq!(
+        b.plane.current().generation,
+        1,
+        "b seeded from the store a seeded"
+    );
     // An ILPIP for vm1 through a's API (R1.4): b runs it too, through its own engine.
     let put = a
         .client
@@ -265,7 +269,10 @@ fn r10_5_store_unreachable_answers_503_naming_etcd_and_changes_nothing() {
         .put(&vm("vm1", "10.0.1.10", Some("pip-a")), None)
         .expect("put after the store is back");
     assert_eq!(put.generation, Some(2));
-    assert_eq!(a.client.instance_ports("vm1").expect("ports").scenario, "ilpip");
+    assert_eq!(
+        a.client.instance_ports("vm1").expect("ports").scenario,
+        "ilpip"
+    );
 }
 
 #[test]
@@ -298,7 +305,10 @@ fn r10_1_a_save_lost_to_another_node_answers_409_then_the_winner_is_adopted() {
     a.follow(&store);
     store.publish();
     a.wait_generation(2, Duration::from_secs(1));
-    assert_eq!(a.client.instance_ports("vm2").expect("ports").scenario, "ilpip");
+    assert_eq!(
+        a.client.instance_ports("vm2").expect("ports").scenario,
+        "ilpip"
+    );
     let put = a
         .client
         .put(&vm("vm1", "10.0.1.10", Some("pip-a")), None)
@@ -322,7 +332,11 @@ fn r10_1_a_topology_this_engine_refuses_is_not_adopted() {
         assert!(t0.elapsed() < Duration::from_secs(2), "no refusal reported");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(a.plane.current().generation, 1, "the node keeps what it ran");
+    assert_eq!(
+        a.plane.current().generation,
+        1,
+        "the node keeps what it ran"
+    );
     let err = a
         .adopted
         .lock()

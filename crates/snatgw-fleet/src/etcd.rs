@@ -9,6 +9,8 @@
 //!   grant key's `mod_revision` with the one read (0 for a missing key) and the grantee's node
 //!   key's lease with the grantee's lease (a missing key compares as lease 0, so a dead lease
 //!   fails). The `Txn`'s revision is the grant's fencing token.
+//! - `PREFIX/fleet/takeovers/NODE`: the node's last takeover ([`Takeover`]), put with its
+//!   lease; read with the rest by [`fleet_status`] (`snatgw fleet`).
 //! - `PREFIX/topology`: the JSON `Stored` record, written by a `Txn` on its `mod_revision`
 //!   with a generation check, so two nodes saving at once cannot both win and generations
 //!   only grow.

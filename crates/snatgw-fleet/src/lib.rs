@@ -18,9 +18,12 @@
 //!   `Txn`) and [`EtcdStore`] (the control plane's `Store` on etcd, with a watch so every node
 //!   sees a change made through any node).
 //!
+//! `snatgw run --fleet` (the `snatgw` binary's `fleet` module) runs a [`Member`] on a thread,
+//! uses [`EtcdStore`] as its topology store and turns the member's view into the gateway's
+//! admission of new flows (self-fencing, R10.2); `snatgw fleet` prints [`fleet_status`].
+//!
 //! What it does not do yet: steering packets to the owner (R10.3), replicating and taking over
-//! flow state (R10.4, through `snatgw_core::engine::persist`), or wiring into `snatgw run
-//! --fleet` (R10.5/R10.6 at the process level). See docs/FLEET.md.
+//! flow state (R10.4, through `snatgw_core::engine::persist`). See docs/FLEET.md.
 
 #![forbid(unsafe_code)]
 

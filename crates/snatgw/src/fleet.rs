@@ -127,7 +127,8 @@ impl FleetRun {
         let node = NodeId::new(node_id).map_err(|e| format!("--node-id: {e}"))?;
         let opts = options(url, ttl_secs)?;
         let store = EtcdStore::connect(&opts).map_err(|e| format!("--fleet: {e}"))?;
-        let coord = EtcdCoordinator::connect(node.clone(), opts).map_err(|e| format!("--fleet: {e}"))?;
+        let coord =
+            EtcdCoordinator::connect(node.clone(), opts).map_err(|e| format!("--fleet: {e}"))?;
         Ok(FleetRun {
             store: Arc::new(store),
             coord: Arc::new(coord),
@@ -157,7 +158,11 @@ impl FleetRun {
 
     /// Fences the gateway by ownership, follows the store's watch with `plane`, and starts
     /// the membership loop.
-    pub fn start(self, plane: ControlPlane, gateway: &Arc<Mutex<Gateway>>) -> Result<FleetNode, String> {
+    pub fn start(
+        self,
+        plane: ControlPlane,
+        gateway: &Arc<Mutex<Gateway>>,
+    ) -> Result<FleetNode, String> {
         let s = self.shared.clone();
         gateway
             .lock()
@@ -235,7 +240,12 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn member_loop(coord: &Arc<EtcdCoordinator>, shared: &Shared, plane: &ControlPlane, stop: &AtomicBool) {
+fn member_loop(
+    coord: &Arc<EtcdCoordinator>,
+    shared: &Shared,
+    plane: &ControlPlane,
+    stop: &AtomicBool,
+) {
     let mut member = Member::new(coord.clone());
     let every = coord.config().renew_interval();
     let mut last_error: Option<String> = None;
@@ -257,7 +267,10 @@ fn member_loop(coord: &Arc<EtcdCoordinator>, shared: &Shared, plane: &ControlPla
                 _ => None,
             })
             .collect();
-        let valid_until = member.view().lease().map_or(Duration::ZERO, |l| l.valid_until);
+        let valid_until = member
+            .view()
+            .lease()
+            .map_or(Duration::ZERO, |l| l.valid_until);
         let live = coord.live_nodes(shared.clock.now()).ok();
         {
             let mut v = shared.view.write().unwrap_or_else(|p| p.into_inner());
@@ -269,7 +282,12 @@ fn member_loop(coord: &Arc<EtcdCoordinator>, shared: &Shared, plane: &ControlPla
             }
         }
         if !rep.gained.is_empty() || !rep.lost.is_empty() {
-            let names = |r: &[Resource]| r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+            let names = |r: &[Resource]| {
+                r.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             tracing::info!(
                 node = %shared.node,
                 gained = %names(&rep.gained),
@@ -325,7 +343,9 @@ fn member_loop(coord: &Arc<EtcdCoordinator>, shared: &Shared, plane: &ControlPla
     }
     match member.leave(shared.clock.now()) {
         Ok(()) => tracing::info!(node = %shared.node, "fleet: left (lease revoked)"),
-        Err(e) => tracing::warn!(node = %shared.node, error = %e, "fleet: leaving failed; the lease ends by itself"),
+        Err(e) => {
+            tracing::warn!(node = %shared.node, error = %e, "fleet: leaving failed; the lease ends by itself")
+        }
     }
 }
 
@@ -380,7 +400,9 @@ pub fn status(a: &FleetArgs) -> Result<(), String> {
         println!("(no live node)");
     }
     for (inst, h) in &st.other_grants {
-        println!("grant of {inst} held by {h}, whose lease is no live node's (it ends with that lease)");
+        println!(
+            "grant of {inst} held by {h}, whose lease is no live node's (it ends with that lease)"
+        );
     }
     Ok(())
 }
@@ -398,13 +420,18 @@ mod tests {
             node: NodeId::new("gw1").expect("id"),
             clock: MonotonicClock::new(),
             view: RwLock::new(View {
-                owned: [u32::from(Ipv4Addr::new(10, 0, 1, 10))].into_iter().collect(),
+                owned: [u32::from(Ipv4Addr::new(10, 0, 1, 10))]
+                    .into_iter()
+                    .collect(),
                 owned_names: 1,
                 valid_until: Duration::from_secs(3600),
                 nodes_live: 2,
             }),
         };
-        let (mine, other) = (u32::from(Ipv4Addr::new(10, 0, 1, 10)), u32::from(Ipv4Addr::new(10, 0, 1, 11)));
+        let (mine, other) = (
+            u32::from(Ipv4Addr::new(10, 0, 1, 10)),
+            u32::from(Ipv4Addr::new(10, 0, 1, 11)),
+        );
         assert!(s.admits(mine));
         assert!(!s.admits(other));
         let g = s.gauges();
@@ -420,10 +447,18 @@ mod tests {
     #[test]
     fn fleet_urls_parse() {
         assert_eq!(
-            parse_fleet_url("etcd://127.0.0.1:2379,10.0.0.2:2379").expect("ok").0,
+            parse_fleet_url("etcd://127.0.0.1:2379,10.0.0.2:2379")
+                .expect("ok")
+                .0,
             vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
         );
-        for bad in ["http://x:1", "etcd://", "etcd://host", "etcd://h:99999", "etcd://:1"] {
+        for bad in [
+            "http://x:1",
+            "etcd://",
+            "etcd://host",
+            "etcd://h:99999",
+            "etcd://:1",
+        ] {
             assert!(parse_fleet_url(bad).is_err(), "{bad}");
         }
     }

@@ -64,7 +64,10 @@ fn root_or_skip() -> bool {
         return true;
     }
     if std::env::var(etcd::REQUIRE_ENV).is_ok_and(|v| v == "1") {
-        panic!("this test needs root (TUN devices) and {}=1 is set", etcd::REQUIRE_ENV);
+        panic!(
+            "this test needs root (TUN devices) and {}=1 is set",
+            etcd::REQUIRE_ENV
+        );
     }
     eprintln!("skipped: needs root");
     false
@@ -98,12 +101,24 @@ impl Node {
         let mut child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(&config)
-            .args(["--tun-private", &format!("fp{tag}{id}"), "--tun-public", &format!("fu{tag}{id}")])
+            .args([
+                "--tun-private",
+                &format!("fp{tag}{id}"),
+                "--tun-public",
+                &format!("fu{tag}{id}"),
+            ])
             .args(["--api", &api, "--token-file"])
             .arg(&token)
             .arg("--state-dir")
             .arg(&state)
-            .args(["--fast-path", "off", "--bpf-pin-dir", "off", "--flow-state-interval-ms", "0"])
+            .args([
+                "--fast-path",
+                "off",
+                "--bpf-pin-dir",
+                "off",
+                "--flow-state-interval-ms",
+                "0",
+            ])
             .args(["--fleet", &format!("etcd://127.0.0.1:{}", etcd.client_port)])
             .args(["--node-id", id, "--fleet-ttl-secs", "3"])
             .stdout(Stdio::piped())
@@ -112,14 +127,21 @@ impl Node {
             .expect("snatgw run");
         let out = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).expect("ready line");
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("ready line");
         assert!(
             line.contains("\"event\":\"ready\""),
             "{id} did not start: {line}\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         let client = Client::new(&format!("http://{api}"), Some("fleet-test-token".into()));
-        Node { child, api, client, log }
+        Node {
+            child,
+            api,
+            client,
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -187,7 +209,12 @@ fn generation(c: &Client) -> Option<u64> {
 
 fn fleet_json(etcd: &EtcdServer) -> serde_json::Value {
     let o = Command::new(BIN)
-        .args(["fleet", "--json", "--fleet", &format!("etcd://127.0.0.1:{}", etcd.client_port)])
+        .args([
+            "fleet",
+            "--json",
+            "--fleet",
+            &format!("etcd://127.0.0.1:{}", etcd.client_port),
+        ])
         .output()
         .expect("snatgw fleet");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -215,35 +242,51 @@ fn r10_5_r10_1_two_nodes_share_changes_and_refuse_them_while_etcd_is_down() {
     assert_eq!(generation(&n2.client), Some(1));
 
     // Both joined; every instance is owned by exactly one of them (rendezvous, R10.1).
-    within("both nodes own their instances", Duration::from_secs(10), || {
-        let st = fleet_json(&etcd);
-        let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
-        let owned: usize = nodes
-            .iter()
-            .map(|n| n["instances"].as_array().map_or(0, Vec::len))
-            .sum();
-        nodes.len() == 2 && owned == 4
-    });
+    within(
+        "both nodes own their instances",
+        Duration::from_secs(10),
+        || {
+            let st = fleet_json(&etcd);
+            let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+            let owned: usize = nodes
+                .iter()
+                .map(|n| n["instances"].as_array().map_or(0, Vec::len))
+                .sum();
+            nodes.len() == 2 && owned == 4
+        },
+    );
     let st = fleet_json(&etcd);
     for n in st["nodes"].as_array().expect("nodes") {
         let ttl = n["ttl_left_secs"].as_i64().expect("ttl");
         assert!((0..=3).contains(&ttl), "{n}");
     }
     let text = Command::new(BIN)
-        .args(["fleet", "--fleet", &format!("etcd://127.0.0.1:{}", etcd.client_port)])
+        .args([
+            "fleet",
+            "--fleet",
+            &format!("etcd://127.0.0.1:{}", etcd.client_port),
+        ])
         .output()
         .expect("snatgw fleet");
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
-    assert!(text.contains("gw1") && text.contains("gw2") && text.contains("ttl left"), "{text}");
+    assert!(
+        text.contains("gw1") && text.contains("gw2") && text.contains("ttl left"),
+        "{text}"
+    );
     for n in [&n1, &n2] {
         within("fleet gauges in /metrics", Duration::from_secs(5), || {
             let m = metrics(&n.client);
             m.contains("snatgw_fleet_nodes_live{node=")
-                && m.lines().any(|l| l.starts_with("snatgw_fleet_nodes_live") && l.ends_with(" 2"))
+                && m.lines()
+                    .any(|l| l.starts_with("snatgw_fleet_nodes_live") && l.ends_with(" 2"))
                 && m.contains("snatgw_fleet_lease_valid_seconds{node=")
         });
     }
-    assert!(n1.log().contains("steering (R10.3) is not built"), "{}", n1.log());
+    assert!(
+        n1.log().contains("steering (R10.3) is not built"),
+        "{}",
+        n1.log()
+    );
 
     // R10.1: a change through node 1 is seen and applied on node 2 within 1 s.
     n1.client
@@ -254,7 +297,10 @@ fn r10_5_r10_1_two_nodes_share_changes_and_refuse_them_while_etcd_is_down() {
     });
     eprintln!("node 2 saw node 1's change after {took:?}");
     assert_eq!(
-        n2.client.instance_ports("vm1").expect("ports on node 2").scenario,
+        n2.client
+            .instance_ports("vm1")
+            .expect("ports on node 2")
+            .scenario,
         "ilpip",
         "node 2's engine runs it"
     );
@@ -272,7 +318,10 @@ fn r10_5_r10_1_two_nodes_share_changes_and_refuse_them_while_etcd_is_down() {
     assert_eq!(generation(&n2.client), Some(2));
     assert!(n2.client.get::<InstanceCfg>("vm5").is_err());
     // The data path does not need etcd (R10.5): the nodes keep serving...
-    assert_eq!(n1.client.instance_ports("vm1").expect("node 1").scenario, "ilpip");
+    assert_eq!(
+        n1.client.instance_ports("vm1").expect("node 1").scenario,
+        "ilpip"
+    );
     // ...and open new flows for their instances until their lease view ends (TTL 3 s -
     // margin 0.6 s after the last renewal), then fence themselves (R10.2).
     let took = within("node 2 fenced itself", Duration::from_secs(4), || {
@@ -299,24 +348,41 @@ fn r10_5_r10_1_two_nodes_share_changes_and_refuse_them_while_etcd_is_down() {
     });
     eprintln!("node 1 saw node 2's change after etcd returned after {took:?}");
     assert_eq!(
-        n1.client.instance_ports("vm5").expect("vm5 on node 1").scenario,
+        n1.client
+            .instance_ports("vm5")
+            .expect("vm5 on node 1")
+            .scenario,
         "default_snat"
     );
     // Ownership comes back, the new instance included.
-    within("all five instances owned again", Duration::from_secs(10), || {
-        let st = fleet_json(&etcd);
-        let owned: usize = st["nodes"]
-            .as_array()
-            .map_or(0, |ns| ns.iter().map(|n| n["instances"].as_array().map_or(0, Vec::len)).sum());
-        owned == 5
-    });
+    within(
+        "all five instances owned again",
+        Duration::from_secs(10),
+        || {
+            let st = fleet_json(&etcd);
+            let owned: usize = st["nodes"].as_array().map_or(0, |ns| {
+                ns.iter()
+                    .map(|n| n["instances"].as_array().map_or(0, Vec::len))
+                    .sum()
+            });
+            owned == 5
+        },
+    );
     // A clean stop leaves the fleet (the lease is revoked): the other node takes everything.
     assert!(n1.stop().is_some_and(|st| st.success()), "{}", n1.log());
-    within("node 2 owns all after node 1 left", Duration::from_secs(5), || {
-        let st = fleet_json(&etcd);
-        let ns = st["nodes"].as_array().cloned().unwrap_or_default();
-        ns.len() == 1 && ns[0]["instances"].as_array().map_or(0, Vec::len) == 5
-    });
-    assert!(n1.log().contains("fleet: left (lease revoked)"), "{}", n1.log());
+    within(
+        "node 2 owns all after node 1 left",
+        Duration::from_secs(5),
+        || {
+            let st = fleet_json(&etcd);
+            let ns = st["nodes"].as_array().cloned().unwrap_or_default();
+            ns.len() == 1 && ns[0]["instances"].as_array().map_or(0, Vec::len) == 5
+        },
+    );
+    assert!(
+        n1.log().contains("fleet: left (lease revoked)"),
+        "{}",
+        n1.log()
+    );
     assert!(n2.stop().is_some_and(|st| st.success()), "{}", n2.log());
 }
