@@ -268,7 +268,7 @@ fn i17_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
         s4["engine"]
     );
     assert_eq!(u(&s4["engine"]["tcp_events_unknown"]), 0);
-    assert!(u(&s4["engine"]["flows_ended"]["rst"]) >= fill + 1);
+    assert!(u(&s4["engine"]["flows_ended"]["rst"]) > fill);
 
     // Read again, the ring has room: the next RST is the kernel's, timed by its record.
     g.in_instance("e-rst", || rst_conn(true));
