@@ -288,24 +288,35 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .as_ref()
         .map_or_else(snatgw_io::fastpath::monotonic_ns, |s| s.origin_ns);
     let clock = Clock::Monotonic { start_ns };
-    let mut engine = match &saved {
-        Some(s) => {
-            use std::hash::BuildHasher;
-            let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
-            let t = std::time::Instant::now();
-            let now = clock.now();
-            let (e, rep) = restore_engine(s, topo, now, key).map_err(|e| format!("{what}: {e}"))?;
-            tracing::info!(
-                flows = rep.flows,
-                skipped = rep.skipped_instance + rep.skipped_port + rep.skipped_conflict,
-                releases = rep.releases,
-                saved_at = s.flows.time,
-                now,
-                ms = t.elapsed().as_millis() as u64,
-                "restored the flow state of the previous run (R11.1)"
-            );
-            e
+    // A saved state that cannot be restored (a topology a newer build refuses, one the desired
+    // topology cannot be applied to) is not a reason to stay down: the gateway starts with no
+    // flows, as without a saved state, and says why.
+    let restored = saved.as_ref().and_then(|s| {
+        use std::hash::BuildHasher;
+        let key = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
+        let t = std::time::Instant::now();
+        let now = clock.now();
+        match restore_engine(s, topo.clone(), now, key) {
+            Ok((e, rep)) => {
+                tracing::info!(
+                    flows = rep.flows,
+                    skipped = rep.skipped_instance + rep.skipped_port + rep.skipped_conflict,
+                    releases = rep.releases,
+                    saved_at = s.flows.time,
+                    now,
+                    ms = t.elapsed().as_millis() as u64,
+                    "restored the flow state of the previous run (R11.1)"
+                );
+                Some(e)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "not restoring flows: the saved flow state cannot be restored; starting with none");
+                None
+            }
         }
+    });
+    let mut engine = match restored {
+        Some(e) => e,
         None => {
             snatgw_runtime::config::engine_for_gateway(topo, &start_state.engine_designations())
                 .map_err(|e| format!("{what}: {e}"))?
@@ -324,7 +335,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             Err(snatgw_control::StoreError::Conflict { .. })
                 if a.fleet.is_some() && stored.generation == seeded.stored.generation =>
             {
-                tracing::debug!(generation = stored.generation, "fleet: starting designations not stored");
+                tracing::debug!(
+                    generation = stored.generation,
+                    "fleet: starting designations not stored"
+                );
             }
             Err(e) => return Err(format!("saving the starting topology: {e}")),
         }

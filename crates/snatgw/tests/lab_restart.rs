@@ -513,3 +513,40 @@ fn r11_1_detach_on_exit_removes_the_pins_and_the_kernel_stops_translating() {
     g.finish();
     drop(bpffs);
 }
+
+/// A saved state that cannot be restored (here: its topology is one this build refuses) does
+/// not keep the gateway down (R11.1): it starts with no flows and says why.
+#[test]
+fn r11_1_an_unrestorable_state_starts_the_gateway_without_flows() {
+    use snatgw_runtime::persist::StateFile;
+    if !root_or_skip() {
+        return;
+    }
+    let mut g = GwLab::start("rx", CONFIG, Some(&["r0"]));
+    let (held, failed) = g.hold_conns("r0", HOLD_A, 5, CONNECT);
+    assert_eq!((held.len(), failed), (5, 0));
+    assert!(
+        snatgw_lab::gateway::stop_gateway(&g.gw, Duration::from_secs(10)),
+        "gateway did not exit cleanly on SIGTERM"
+    );
+    let file = StateFile::in_dir(&g.opts.state_dir);
+    let mut saved = file
+        .read()
+        .expect("read")
+        .expect("a state was saved at the stop");
+    assert_eq!(saved.flows.flows.len(), 5);
+    saved.config.gateway.vnet_prefixes = vec!["not a prefix".into()];
+    file.write(&saved).expect("write");
+    g.restart();
+    let log = g.log();
+    assert!(log.contains("not restoring flows"), "{log}");
+    assert!(!log.contains("restored the flow state"), "{log}");
+    let (more, failed) = g.hold_conns("r0", HOLD_A, 5, CONNECT);
+    assert_eq!(
+        (more.len(), failed),
+        (5, 0),
+        "new connections after the start"
+    );
+    drop(held);
+    g.finish();
+}
