@@ -438,7 +438,8 @@ async fn adopt(s: &Shared, next: Stored) -> std::result::Result<Adopted, ApiErro
     }
     let mut designations_differ = false;
     if next.config != cur.config {
-        let topo = Topology::from_config(next.config.clone()).map_err(|e| config_error_body(&e).1)?;
+        let topo =
+            Topology::from_config(next.config.clone()).map_err(|e| config_error_body(&e).1)?;
         let backend = s.backend.clone();
         let (topo, checked) = blocking(move || {
             let r = backend.check(&topo);

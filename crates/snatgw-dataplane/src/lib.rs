@@ -306,7 +306,11 @@ impl Gateway {
             return true;
         }
         let has_ports = s.proto == proto::TCP || s.proto == proto::UDP;
-        let (sport, dport) = if has_ports { (s.src_port, s.dst_port) } else { (0, 0) };
+        let (sport, dport) = if has_ports {
+            (s.src_port, s.dst_port)
+        } else {
+            (0, 0)
+        };
         if self
             .engine
             .lookup_outbound(s.proto, s.src, sport, s.dst, dport)

@@ -399,7 +399,9 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     let owned = Arc::new(AtomicBool::new(false));
     let o2 = owned.clone();
     let pat_vm = vm;
-    g.set_admission(Some(Arc::new(move |src| src != pat_vm || o2.load(Ordering::SeqCst))));
+    g.set_admission(Some(Arc::new(move |src| {
+        src != pat_vm || o2.load(Ordering::SeqCst)
+    })));
     // Not owned any more: a new TCP flow and a new UDP flow are refused...
     let (o, _) = send(&mut g, tcp_syn(vm, 40001, remote, 443), Direction::Outbound);
     assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
@@ -407,13 +409,21 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
     assert_eq!(g.stats().not_admitted, 2);
     // ...the existing flow goes on, out and back.
-    let (o, _) = send(&mut g, tcp_data(vm, 40000, remote, 443, b"more"), Direction::Outbound);
+    let (o, _) = send(
+        &mut g,
+        tcp_data(vm, 40000, remote, 443, b"more"),
+        Direction::Outbound,
+    );
     assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
     let back = tcp_data(remote, 443, out.src, out.src_port, b"reply");
     let (o, _) = send(&mut g, back, Direction::Inbound);
     assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
     // The ILPIP instance is not fenced by this admission (it allows every other source).
-    let (o, _) = send(&mut g, tcp_syn(ip(ILPIP_VM), 40000, remote, 443), Direction::Outbound);
+    let (o, _) = send(
+        &mut g,
+        tcp_syn(ip(ILPIP_VM), 40000, remote, 443),
+        Direction::Outbound,
+    );
     assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
     // Owned again: new flows open.
     owned.store(true, Ordering::SeqCst);

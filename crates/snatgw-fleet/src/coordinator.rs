@@ -118,7 +118,9 @@ impl std::fmt::Display for Resource {
 
 /// A store revision: the fencing token of a grant. 0 means "the key does not exist" (etcd
 /// compares a missing key's revision as 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Revision(pub i64);
 
 impl std::fmt::Display for Revision {
@@ -330,10 +332,16 @@ mod tests {
     fn node_ids_are_checked_and_resource_keys_are_stable() {
         assert!(NodeId::new("gw-1.a_b").is_ok());
         for bad in ["", "a/b", "a b", &"x".repeat(65)] {
-            assert!(matches!(NodeId::new(bad), Err(FleetError::BadNodeId(_))), "{bad}");
+            assert!(
+                matches!(NodeId::new(bad), Err(FleetError::BadNodeId(_))),
+                "{bad}"
+            );
         }
         assert_eq!(Resource::Instance("vm1".into()).key(), "instance/vm1");
-        let b = Resource::Block { ip: Ipv4Addr::new(203, 0, 113, 5), first_port: 1024 };
+        let b = Resource::Block {
+            ip: Ipv4Addr::new(203, 0, 113, 5),
+            first_port: 1024,
+        };
         assert_eq!(b.key(), "block/203.0.113.5/1024");
     }
 
@@ -347,15 +355,24 @@ mod tests {
         v.set_lease(l1);
         v.add_grant(Grant {
             resource: res.clone(),
-            holder: Holder { node: me.clone(), lease: LeaseId(1) },
+            holder: Holder {
+                node: me.clone(),
+                lease: LeaseId(1),
+            },
             revision: Revision(5),
         });
         assert!(v.may_translate(&res, Duration::from_secs(7)));
-        assert!(!v.may_translate(&res, Duration::from_secs(8)), "self-fenced at TTL - margin");
+        assert!(
+            !v.may_translate(&res, Duration::from_secs(8)),
+            "self-fenced at TTL - margin"
+        );
         // A grant under another lease is not taken into the view.
         v.add_grant(Grant {
             resource: Resource::Instance("vm2".into()),
-            holder: Holder { node: me, lease: LeaseId(9) },
+            holder: Holder {
+                node: me,
+                lease: LeaseId(9),
+            },
             revision: Revision(6),
         });
         assert!(v.grant(&Resource::Instance("vm2".into())).is_none());

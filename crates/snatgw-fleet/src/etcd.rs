@@ -139,7 +139,9 @@ pub fn fleet_status(opts: &EtcdOptions) -> Result<FleetStatus, FleetError> {
         for kv in nodes.kvs() {
             let k = kv.key_str().map_err(|e| corrupt(&nodes_p, e))?.to_string();
             let rec: NodeRecord = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&k, e))?;
-            let ttl = bounded(t, c.lease_time_to_live(rec.lease.0, None)).await?.ttl();
+            let ttl = bounded(t, c.lease_time_to_live(rec.lease.0, None))
+                .await?
+                .ttl();
             let last_takeover = takeovers.kvs().iter().find_map(|tk| {
                 let name = tk.key_str().ok()?.strip_prefix(takeovers_p.as_str())?;
                 (name == rec.node.as_str() && tk.lease() == rec.lease.0)
@@ -158,7 +160,11 @@ pub fn fleet_status(opts: &EtcdOptions) -> Result<FleetStatus, FleetError> {
             let k = kv.key_str().map_err(|e| corrupt(&grants_p, e))?;
             let inst = k.strip_prefix(grants_p.as_str()).unwrap_or(k).to_string();
             let h: Holder = serde_json::from_slice(kv.value()).map_err(|e| corrupt(k, e))?;
-            match out.nodes.iter_mut().find(|n| n.node == h.node && n.lease == h.lease) {
+            match out
+                .nodes
+                .iter_mut()
+                .find(|n| n.node == h.node && n.lease == h.lease)
+            {
                 Some(n) => n.instances.push(inst),
                 None => out.other_grants.push((inst, h)),
             }
@@ -213,7 +219,9 @@ async fn bounded<T>(
 ) -> Result<T, FleetError> {
     match tokio::time::timeout(t, fut).await {
         Ok(r) => r.map_err(classify),
-        Err(_) => Err(FleetError::Unreachable(format!("etcd did not answer within {t:?}"))),
+        Err(_) => Err(FleetError::Unreachable(format!(
+            "etcd did not answer within {t:?}"
+        ))),
     }
 }
 
@@ -230,7 +238,10 @@ fn connect(bridge: &Bridge, opts: &EtcdOptions) -> Result<Client, FleetError> {
 }
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> FleetError {
-    FleetError::Corrupt { key: key.to_string(), message: e.to_string() }
+    FleetError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// One node's membership and grants on etcd.
@@ -257,12 +268,21 @@ impl EtcdCoordinator {
     pub fn connect(node: NodeId, opts: EtcdOptions) -> Result<EtcdCoordinator, FleetError> {
         let bridge = Bridge::new()?;
         let client = connect(&bridge, &opts)?;
-        Ok(EtcdCoordinator { bridge, client, node, opts, lease: Mutex::new(None) })
+        Ok(EtcdCoordinator {
+            bridge,
+            client,
+            node,
+            opts,
+            lease: Mutex::new(None),
+        })
     }
 
     /// The lease this node joined with, if any.
     pub fn lease_id(&self) -> Option<LeaseId> {
-        self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(l, _)| l)
+        self.lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(l, _)| l)
     }
 
     fn joined(&self) -> Result<(LeaseId, Duration), FleetError> {
@@ -285,7 +305,11 @@ impl EtcdCoordinator {
         let key = format!("{}{}", self.opts.takeover_prefix(), self.node);
         let value = serde_json::to_vec(t).map_err(|e| FleetError::Store(e.to_string()))?;
         self.bridge.run(async move {
-            bounded(timeout, c.put(key, value, Some(PutOptions::new().with_lease(lease.0)))).await?;
+            bounded(
+                timeout,
+                c.put(key, value, Some(PutOptions::new().with_lease(lease.0))),
+            )
+            .await?;
             Ok(())
         })
     }
@@ -309,10 +333,16 @@ impl Coordinator for EtcdCoordinator {
         let (id, granted) = self.bridge.run(async move {
             let g = bounded(t, c.lease_grant(ttl, None)).await?;
             let id = g.id();
-            let rec = serde_json::to_vec(&NodeRecord { node, lease: LeaseId(id) })
-                .map_err(|e| FleetError::Store(e.to_string()))?;
+            let rec = serde_json::to_vec(&NodeRecord {
+                node,
+                lease: LeaseId(id),
+            })
+            .map_err(|e| FleetError::Store(e.to_string()))?;
             bounded(t, c.put(key, rec, Some(PutOptions::new().with_lease(id)))).await?;
-            Ok((LeaseId(id), Duration::from_secs(g.ttl().max(0).unsigned_abs())))
+            Ok((
+                LeaseId(id),
+                Duration::from_secs(g.ttl().max(0).unsigned_abs()),
+            ))
         })?;
         self.set_lease(Some((id, granted)));
         Ok(self.opts.lease.local_lease(id, now, granted))
@@ -329,7 +359,9 @@ impl Coordinator for EtcdCoordinator {
                 Ok(Ok((_keeper, _stream))) => Ok(()),
                 Ok(Err(e)) if is_lease_gone(&e) => Err(FleetError::LeaseExpired(node)),
                 Ok(Err(e)) => Err(classify(e)),
-                Err(_) => Err(FleetError::Unreachable(format!("etcd did not answer within {t:?}"))),
+                Err(_) => Err(FleetError::Unreachable(format!(
+                    "etcd did not answer within {t:?}"
+                ))),
             }
         });
         match r {
@@ -351,7 +383,9 @@ impl Coordinator for EtcdCoordinator {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) if is_lease_gone(&e) => Ok(()),
                 Ok(Err(e)) => Err(classify(e)),
-                Err(_) => Err(FleetError::Unreachable(format!("etcd did not answer within {t:?}"))),
+                Err(_) => Err(FleetError::Unreachable(format!(
+                    "etcd did not answer within {t:?}"
+                ))),
             }
         })?;
         self.set_lease(None);
@@ -363,7 +397,14 @@ impl Coordinator for EtcdCoordinator {
         let t = self.opts.rpc_timeout;
         let prefix = self.opts.node_prefix();
         self.bridge.run(async move {
-            let r = bounded(t, c.get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
+            let r = bounded(
+                t,
+                c.get(
+                    prefix.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+            )
+            .await?;
             let mut nodes = Vec::with_capacity(r.kvs().len());
             for kv in r.kvs() {
                 let k = kv.key_str().map_err(|e| corrupt(&prefix, e))?;
@@ -383,10 +424,19 @@ impl Coordinator for EtcdCoordinator {
         self.bridge.run(async move {
             let r = bounded(t, c.get(key.clone(), None)).await?;
             match r.kvs().first() {
-                None => Ok(GrantRead { resource, holder: None, revision: Revision(0) }),
+                None => Ok(GrantRead {
+                    resource,
+                    holder: None,
+                    revision: Revision(0),
+                }),
                 Some(kv) => {
-                    let h: Holder = serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
-                    Ok(GrantRead { resource, holder: Some(h), revision: Revision(kv.mod_revision()) })
+                    let h: Holder =
+                        serde_json::from_slice(kv.value()).map_err(|e| corrupt(&key, e))?;
+                    Ok(GrantRead {
+                        resource,
+                        holder: Some(h),
+                        revision: Revision(kv.mod_revision()),
+                    })
                 }
             }
         })
@@ -394,10 +444,16 @@ impl Coordinator for EtcdCoordinator {
 
     fn grant(&self, read: &GrantRead, _now: Duration) -> Result<Grant, FleetError> {
         let (lease, _) = self.joined()?;
-        let me = Holder { node: self.node.clone(), lease };
+        let me = Holder {
+            node: self.node.clone(),
+            lease,
+        };
         if let Some(h) = &read.holder {
             if *h != me {
-                return Err(FleetError::Held { resource: read.resource.key(), holder: h.clone() });
+                return Err(FleetError::Held {
+                    resource: read.resource.key(),
+                    holder: h.clone(),
+                });
             }
         }
         let mut c = self.client.clone();
@@ -412,12 +468,23 @@ impl Coordinator for EtcdCoordinator {
                     Compare::mod_revision(gkey.clone(), CompareOp::Equal, read.revision.0),
                     Compare::lease(nkey.clone(), CompareOp::Equal, lease.0),
                 ])
-                .and_then(vec![TxnOp::put(gkey.clone(), value, Some(PutOptions::new().with_lease(lease.0)))])
-                .or_else(vec![TxnOp::get(gkey.clone(), None), TxnOp::get(nkey.clone(), None)]);
+                .and_then(vec![TxnOp::put(
+                    gkey.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease.0)),
+                )])
+                .or_else(vec![
+                    TxnOp::get(gkey.clone(), None),
+                    TxnOp::get(nkey.clone(), None),
+                ]);
             let r = bounded(t, c.txn(txn)).await?;
             if r.succeeded() {
                 let rev = r.header().map_or(0, |h| h.revision());
-                return Ok(Grant { resource: read.resource, holder: me, revision: Revision(rev) });
+                return Ok(Grant {
+                    resource: read.resource,
+                    holder: me,
+                    revision: Revision(rev),
+                });
             }
             let ops = r.op_responses();
             let found = match ops.first() {
@@ -442,7 +509,11 @@ impl Coordinator for EtcdCoordinator {
         let grant = grant.clone();
         self.bridge.run(async move {
             let txn = Txn::new()
-                .when(vec![Compare::mod_revision(gkey.clone(), CompareOp::Equal, grant.revision.0)])
+                .when(vec![Compare::mod_revision(
+                    gkey.clone(),
+                    CompareOp::Equal,
+                    grant.revision.0,
+                )])
                 .and_then(vec![TxnOp::delete(gkey.clone(), None)])
                 .or_else(vec![TxnOp::get(gkey.clone(), None)]);
             let r = bounded(t, c.txn(txn)).await?;
@@ -478,13 +549,18 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("EtcdStore")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
 fn store_err(e: FleetError) -> StoreError {
     match e {
-        FleetError::Unreachable(message) => StoreError::Unreachable { store: "etcd".into(), message },
+        FleetError::Unreachable(message) => StoreError::Unreachable {
+            store: "etcd".into(),
+            message,
+        },
         FleetError::Corrupt { message, .. } => StoreError::Corrupt(message),
         other => StoreError::Database(format!("etcd: {other}")),
     }
@@ -527,7 +603,11 @@ impl EtcdStore {
         self.latest.subscribe()
     }
 
-    async fn read(mut c: Client, key: String, t: Duration) -> Result<(Option<Stored>, i64), FleetError> {
+    async fn read(
+        mut c: Client,
+        key: String,
+        t: Duration,
+    ) -> Result<(Option<Stored>, i64), FleetError> {
         let r = bounded(t, c.get(key.clone(), None)).await?;
         match r.kvs().first() {
             None => Ok((None, 0)),
@@ -563,16 +643,26 @@ async fn watch_once(
             publish(latest, s);
         }
     }
-    let mut ws = bounded(t, c.watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))).await?;
+    let mut ws = bounded(
+        t,
+        c.watch(key, Some(WatchOptions::new().with_start_revision(rev + 1))),
+    )
+    .await?;
     while let Some(resp) = ws.message().await.map_err(classify)? {
         if resp.canceled() {
-            return Err(FleetError::Store(format!("watch canceled: {}", resp.cancel_reason())));
+            return Err(FleetError::Store(format!(
+                "watch canceled: {}",
+                resp.cancel_reason()
+            )));
         }
         for ev in resp.events() {
             if ev.event_type() != EventType::Put {
                 continue;
             }
-            if let Some(s) = ev.kv().and_then(|kv| serde_json::from_slice::<Stored>(kv.value()).ok()) {
+            if let Some(s) = ev
+                .kv()
+                .and_then(|kv| serde_json::from_slice::<Stored>(kv.value()).ok())
+            {
                 publish(latest, s);
             }
         }
@@ -583,7 +673,10 @@ async fn watch_once(
 impl Store for EtcdStore {
     fn load(&self) -> Result<Option<Stored>, StoreError> {
         let (c, key, t) = (self.client.clone(), self.key.clone(), self.rpc_timeout);
-        let (s, _) = self.bridge.run(EtcdStore::read(c, key, t)).map_err(store_err)?;
+        let (s, _) = self
+            .bridge
+            .run(EtcdStore::read(c, key, t))
+            .map_err(store_err)?;
         if let Some(s) = &s {
             publish(&self.latest, s.clone());
         }
@@ -594,7 +687,10 @@ impl Store for EtcdStore {
         let bytes = serde_json::to_vec(s).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         for _ in 0..SAVE_RETRIES {
             let (c, key, t) = (self.client.clone(), self.key.clone(), self.rpc_timeout);
-            let (cur, rev) = self.bridge.run(EtcdStore::read(c.clone(), key.clone(), t)).map_err(store_err)?;
+            let (cur, rev) = self
+                .bridge
+                .run(EtcdStore::read(c.clone(), key.clone(), t))
+                .map_err(store_err)?;
             if let Some(cur) = cur {
                 if cur == *s {
                     return Ok(());
@@ -613,7 +709,11 @@ impl Store for EtcdStore {
                 .run(async move {
                     let mut c = c;
                     let txn = Txn::new()
-                        .when(vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                        .when(vec![Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            rev,
+                        )])
                         .and_then(vec![TxnOp::put(key, value, None)]);
                     Ok(bounded(t, c.txn(txn)).await?.succeeded())
                 })
@@ -626,10 +726,18 @@ impl Store for EtcdStore {
         // Another node kept writing between our read and our write: we lost every time.
         let stored = self
             .bridge
-            .run(EtcdStore::read(self.client.clone(), self.key.clone(), self.rpc_timeout))
+            .run(EtcdStore::read(
+                self.client.clone(),
+                self.key.clone(),
+                self.rpc_timeout,
+            ))
             .map_err(store_err)?
             .0
             .map_or(0, |c| c.generation);
-        Err(StoreError::Conflict { store: "etcd".into(), stored, attempted: s.generation })
+        Err(StoreError::Conflict {
+            store: "etcd".into(),
+            stored,
+            attempted: s.generation,
+        })
     }
 }

@@ -24,7 +24,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
 /// A lease id as the store gives it (etcd's `int64`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct LeaseId(pub i64);
 
 impl std::fmt::Display for LeaseId {
@@ -132,7 +134,9 @@ impl Default for MonotonicClock {
 impl MonotonicClock {
     /// A clock starting at zero now.
     pub fn new() -> MonotonicClock {
-        MonotonicClock { origin: Instant::now() }
+        MonotonicClock {
+            origin: Instant::now(),
+        }
     }
 
     /// Time since the clock was created.
@@ -167,16 +171,29 @@ mod tests {
     #[test]
     fn r10_2_local_validity_is_send_time_plus_ttl_minus_margin() {
         let c = LeaseConfig::default();
-        let l = c.local_lease(LeaseId(1), Duration::from_secs(100), Duration::from_secs(10));
+        let l = c.local_lease(
+            LeaseId(1),
+            Duration::from_secs(100),
+            Duration::from_secs(10),
+        );
         assert_eq!(l.valid_until, Duration::from_secs(108));
         assert!(l.is_valid(Duration::from_millis(107_999)));
         assert!(!l.is_valid(Duration::from_secs(108)));
         // A store granting less than asked shortens the local view, never the other way.
         let short = c.local_lease(LeaseId(1), Duration::from_secs(100), Duration::from_secs(5));
         assert_eq!(short.valid_until, Duration::from_secs(103));
-        let long = c.local_lease(LeaseId(1), Duration::from_secs(100), Duration::from_secs(60));
+        let long = c.local_lease(
+            LeaseId(1),
+            Duration::from_secs(100),
+            Duration::from_secs(60),
+        );
         assert_eq!(long.valid_until, Duration::from_secs(108));
         assert!(c.renew_interval() < c.ttl() - c.margin());
-        assert_eq!(LeaseConfig::with_margin(Duration::from_millis(2500), Duration::from_millis(500)).expect("cfg").ttl_secs(), 3);
+        assert_eq!(
+            LeaseConfig::with_margin(Duration::from_millis(2500), Duration::from_millis(500))
+                .expect("cfg")
+                .ttl_secs(),
+            3
+        );
     }
 }

@@ -36,9 +36,13 @@ pub mod mem;
 pub mod member;
 pub mod rendezvous;
 
-pub use coordinator::{Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision};
+pub use coordinator::{
+    Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision,
+};
 pub use error::FleetError;
-pub use etcd::{fleet_status, EtcdCoordinator, EtcdOptions, EtcdStore, FleetStatus, NodeStatus, Takeover};
+pub use etcd::{
+    fleet_status, EtcdCoordinator, EtcdOptions, EtcdStore, FleetStatus, NodeStatus, Takeover,
+};
 pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};
 pub use member::{Member, TickReport};

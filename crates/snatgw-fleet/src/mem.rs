@@ -198,19 +198,28 @@ impl MemCoordinator {
 
     /// Runs `f` at the store if the link lets the request through, then applies the answer
     /// rule of the link.
-    fn call<T>(&self, f: impl FnOnce(&mut State) -> Result<T, FleetError>) -> Result<T, FleetError> {
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, FleetError>,
+    ) -> Result<T, FleetError> {
         let mut s = self.fleet.lock();
         let link = s.links.get(&self.node).copied().unwrap_or(Link::Up);
         if s.down {
             return Err(FleetError::Unreachable("store down (test)".into()));
         }
         if link == Link::Down {
-            return Err(FleetError::Unreachable(format!("{} cut from the store (test)", self.node)));
+            return Err(FleetError::Unreachable(format!(
+                "{} cut from the store (test)",
+                self.node
+            )));
         }
         s.expire();
         let r = f(&mut s);
         if link == Link::AnswersLost {
-            return Err(FleetError::Unreachable(format!("answer to {} lost (test)", self.node)));
+            return Err(FleetError::Unreachable(format!(
+                "answer to {} lost (test)",
+                self.node
+            )));
         }
         r
     }
@@ -285,16 +294,26 @@ impl Coordinator for MemCoordinator {
                 Some((h, rev)) => (Some(h.clone()), Revision(*rev)),
                 None => (None, Revision(0)),
             };
-            Ok(GrantRead { resource: res.clone(), holder, revision })
+            Ok(GrantRead {
+                resource: res.clone(),
+                holder,
+                revision,
+            })
         })
     }
 
     fn grant(&self, read: &GrantRead, _now: Duration) -> Result<Grant, FleetError> {
         let lease = self.my_lease()?;
-        let me = Holder { node: self.node.clone(), lease };
+        let me = Holder {
+            node: self.node.clone(),
+            lease,
+        };
         if let Some(h) = &read.holder {
             if *h != me {
-                return Err(FleetError::Held { resource: read.resource.key(), holder: h.clone() });
+                return Err(FleetError::Held {
+                    resource: read.resource.key(),
+                    holder: h.clone(),
+                });
             }
         }
         let res = read.resource.clone();
@@ -303,7 +322,11 @@ impl Coordinator for MemCoordinator {
             // key, then write the grant bound to the grantee's lease.
             let found = Revision(s.grants.get(&res).map_or(0, |(_, r)| *r));
             if found != read.revision {
-                return Err(FleetError::Conflict { resource: res.key(), expected: read.revision, found });
+                return Err(FleetError::Conflict {
+                    resource: res.key(),
+                    expected: read.revision,
+                    found,
+                });
             }
             if !s.lease_bound(&me.node, me.lease) {
                 return Err(FleetError::NotLive(me.node.clone()));
@@ -311,7 +334,11 @@ impl Coordinator for MemCoordinator {
             s.revision += 1;
             let rev = s.revision;
             s.grants.insert(res.clone(), (me.clone(), rev));
-            Ok(Grant { resource: res.clone(), holder: me.clone(), revision: Revision(rev) })
+            Ok(Grant {
+                resource: res.clone(),
+                holder: me.clone(),
+                revision: Revision(rev),
+            })
         })
     }
 
@@ -352,14 +379,20 @@ mod tests {
         assert!(matches!(a.renew(secs(0)), Err(FleetError::NotJoined(_))));
         a.join(secs(0)).expect("join");
         b.join(secs(0)).expect("join");
-        assert_eq!(a.live_nodes(secs(0)).expect("nodes"), vec![id("a"), id("b")]);
+        assert_eq!(
+            a.live_nodes(secs(0)).expect("nodes"),
+            vec![id("a"), id("b")]
+        );
         f.set_now(secs(6));
         let l = a.renew(secs(6)).expect("renew");
         assert_eq!(l.valid_until, secs(14));
         f.set_now(secs(10));
         // b did not renew: gone at the store at 0 + TTL.
         assert_eq!(a.live_nodes(secs(10)).expect("nodes"), vec![id("a")]);
-        assert!(matches!(b.renew(secs(10)), Err(FleetError::LeaseExpired(_))));
+        assert!(matches!(
+            b.renew(secs(10)),
+            Err(FleetError::LeaseExpired(_))
+        ));
         a.leave(secs(10)).expect("leave");
         assert!(a.live_nodes(secs(10)).expect("nodes").is_empty());
     }
@@ -377,17 +410,26 @@ mod tests {
         let stale = b.read_grant(&res, secs(0)).expect("read");
         let g = a.grant(&read, secs(0)).expect("grant");
         // b read before a wrote: its revision is stale, refused.
-        assert!(matches!(b.grant(&stale, secs(0)), Err(FleetError::Conflict { .. })));
+        assert!(matches!(
+            b.grant(&stale, secs(0)),
+            Err(FleetError::Conflict { .. })
+        ));
         // b reads again: held by a live lease, refused.
         let now_read = b.read_grant(&res, secs(0)).expect("read");
-        assert!(matches!(b.grant(&now_read, secs(0)), Err(FleetError::Held { .. })));
+        assert!(matches!(
+            b.grant(&now_read, secs(0)),
+            Err(FleetError::Held { .. })
+        ));
         // a releases; b takes it, at a higher revision (the fencing token grows).
         a.release(&g, secs(1)).expect("release");
         let r2 = b.read_grant(&res, secs(1)).expect("read");
         let g2 = b.grant(&r2, secs(1)).expect("grant");
         assert!(g2.revision > g.revision);
         // a's release of the old grant no longer matches.
-        assert!(matches!(a.release(&g, secs(1)), Err(FleetError::Conflict { .. })));
+        assert!(matches!(
+            a.release(&g, secs(1)),
+            Err(FleetError::Conflict { .. })
+        ));
     }
 
     #[test]
@@ -397,21 +439,31 @@ mod tests {
         let b = f.coordinator(id("b"));
         a.join(secs(0)).expect("join");
         b.join(secs(0)).expect("join");
-        let res = Resource::Block { ip: "198.51.100.1".parse().expect("ip"), first_port: 1024 };
-        a.grant(&a.read_grant(&res, secs(0)).expect("read"), secs(0)).expect("grant");
+        let res = Resource::Block {
+            ip: "198.51.100.1".parse().expect("ip"),
+            first_port: 1024,
+        };
+        a.grant(&a.read_grant(&res, secs(0)).expect("read"), secs(0))
+            .expect("grant");
         f.set_now(secs(5));
         b.renew(secs(5)).expect("renew");
         let r = b.read_grant(&res, secs(5)).expect("read");
         f.set_now(secs(10)); // a's lease ends at the store; its grant goes with it
         assert_eq!(f.holder(&res), None);
         // A read from before shows the old holder: refused without asking the store.
-        assert!(matches!(b.grant(&r, secs(10)), Err(FleetError::Held { .. })));
+        assert!(matches!(
+            b.grant(&r, secs(10)),
+            Err(FleetError::Held { .. })
+        ));
         let r = b.read_grant(&res, secs(10)).expect("read");
         assert!(r.holder.is_none());
-        b.grant(&r, secs(10)).expect("grant after the holder's lease ended");
+        b.grant(&r, secs(10))
+            .expect("grant after the holder's lease ended");
         // A node whose lease ended cannot grant itself anything.
         f.set_now(secs(20));
-        let r = a.read_grant(&Resource::Instance("x".into()), secs(20)).expect("read");
+        let r = a
+            .read_grant(&Resource::Instance("x".into()), secs(20))
+            .expect("read");
         assert!(matches!(a.grant(&r, secs(20)), Err(FleetError::NotLive(_))));
     }
 

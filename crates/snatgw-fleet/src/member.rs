@@ -43,7 +43,10 @@ pub struct Member<C: Coordinator> {
 impl<C: Coordinator> Member<C> {
     /// A member that has not joined yet (the first tick joins).
     pub fn new(coord: C) -> Member<C> {
-        Member { coord, view: LocalView::new() }
+        Member {
+            coord,
+            view: LocalView::new(),
+        }
     }
 
     /// This node.

@@ -56,7 +56,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn ids(n: &BTreeSet<u8>) -> Vec<NodeId> {
-        n.iter().map(|i| NodeId::new(format!("node-{i}")).expect("id")).collect()
+        n.iter()
+            .map(|i| NodeId::new(format!("node-{i}")).expect("id"))
+            .collect()
     }
 
     #[test]
@@ -65,14 +67,24 @@ mod tests {
         // at an upgrade, so it must be a deliberate one.
         let a = NodeId::new("a").expect("id");
         assert_eq!(score(&a, "vm1"), score(&a, "vm1"));
-        assert_ne!(score(&a, "vm1"), score(&NodeId::new("b").expect("id"), "vm1"));
-        assert_eq!(score(&a, "vm1"), 0xbd85_4e1b_c346_0bd1, "{:#x}", score(&a, "vm1"));
+        assert_ne!(
+            score(&a, "vm1"),
+            score(&NodeId::new("b").expect("id"), "vm1")
+        );
+        assert_eq!(
+            score(&a, "vm1"),
+            0xbd85_4e1b_c346_0bd1,
+            "{:#x}",
+            score(&a, "vm1")
+        );
     }
 
     #[test]
     fn r10_1_no_nodes_no_owner_and_spread_is_fair() {
         assert_eq!(owner("vm1", &[]), None);
-        let nodes: Vec<NodeId> = (0..3).map(|i| NodeId::new(format!("n{i}")).expect("id")).collect();
+        let nodes: Vec<NodeId> = (0..3)
+            .map(|i| NodeId::new(format!("n{i}")).expect("id"))
+            .collect();
         let mut count = [0u32; 3];
         for k in 0..3000 {
             let o = owner(&format!("vm{k}"), &nodes).expect("owner");

@@ -52,18 +52,30 @@ fn retry<T>(limit: Duration, mut f: impl FnMut() -> Result<T, FleetError>) -> T 
 
 #[test]
 fn r10_1_etcd_membership_join_renew_leave_and_rendezvous_owner() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let clock = MonotonicClock::new();
     let a = node(&srv, "gw-a", 10);
     let b = node(&srv, "gw-b", 10);
     let c = node(&srv, "gw-c", 10);
-    assert!(matches!(a.renew(clock.now()), Err(FleetError::NotJoined(_))));
+    assert!(matches!(
+        a.renew(clock.now()),
+        Err(FleetError::NotJoined(_))
+    ));
     for n in [&a, &b, &c] {
         let t = clock.now();
         let l = n.join(t).expect("join");
-        assert_eq!(l.valid_until, t + Duration::from_secs(8), "sent + TTL - margin");
+        assert_eq!(
+            l.valid_until,
+            t + Duration::from_secs(8),
+            "sent + TTL - margin"
+        );
     }
-    assert_eq!(a.live_nodes(clock.now()).expect("nodes"), vec![id("gw-a"), id("gw-b"), id("gw-c")]);
+    assert_eq!(
+        a.live_nodes(clock.now()).expect("nodes"),
+        vec![id("gw-a"), id("gw-b"), id("gw-c")]
+    );
     let t = clock.now();
     let l = a.renew(t).expect("renew");
     assert_eq!(l.valid_until, t + Duration::from_secs(8));
@@ -76,19 +88,30 @@ fn r10_1_etcd_membership_join_renew_leave_and_rendezvous_owner() {
         assert_eq!(o.as_ref(), rendezvous::owner(&r.rendezvous_key(), &live));
     }
     b.leave(clock.now()).expect("leave");
-    assert_eq!(c.live_nodes(clock.now()).expect("nodes"), vec![id("gw-a"), id("gw-c")]);
-    assert!(matches!(b.renew(clock.now()), Err(FleetError::NotJoined(_))));
+    assert_eq!(
+        c.live_nodes(clock.now()).expect("nodes"),
+        vec![id("gw-a"), id("gw-c")]
+    );
+    assert!(matches!(
+        b.renew(clock.now()),
+        Err(FleetError::NotJoined(_))
+    ));
 }
 
 #[test]
 fn r10_2_etcd_grants_are_fenced_by_revision_and_lease() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let clock = MonotonicClock::new();
     let a = node(&srv, "gw-a", 10);
     let b = node(&srv, "gw-b", 10);
     a.join(clock.now()).expect("join");
     b.join(clock.now()).expect("join");
-    let res = Resource::Block { ip: Ipv4Addr::new(203, 0, 113, 9), first_port: 2048 };
+    let res = Resource::Block {
+        ip: Ipv4Addr::new(203, 0, 113, 9),
+        first_port: 2048,
+    };
     let read = a.read_grant(&res, clock.now()).expect("read");
     assert_eq!((read.holder.clone(), read.revision), (None, Revision(0)));
     let stale = b.read_grant(&res, clock.now()).expect("read");
@@ -97,49 +120,73 @@ fn r10_2_etcd_grants_are_fenced_by_revision_and_lease() {
     assert_eq!(g.holder.lease, a.lease_id().expect("lease"));
     // b's read is from before a's write: the revision no longer matches.
     match b.grant(&stale, clock.now()) {
-        Err(FleetError::Conflict { expected, found, .. }) => {
+        Err(FleetError::Conflict {
+            expected, found, ..
+        }) => {
             assert_eq!((expected, found), (Revision(0), g.revision));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
     // Read again: a live lease holds it.
     let now_read = b.read_grant(&res, clock.now()).expect("read");
-    assert_eq!(now_read.holder.as_ref().map(|h| h.node.clone()), Some(id("gw-a")));
-    assert!(matches!(b.grant(&now_read, clock.now()), Err(FleetError::Held { .. })));
+    assert_eq!(
+        now_read.holder.as_ref().map(|h| h.node.clone()),
+        Some(id("gw-a"))
+    );
+    assert!(matches!(
+        b.grant(&now_read, clock.now()),
+        Err(FleetError::Held { .. })
+    ));
     // a gives it back; b takes it at a higher revision, and a's stale release fails.
     a.release(&g, clock.now()).expect("release");
     let r2 = b.read_grant(&res, clock.now()).expect("read");
     let g2 = b.grant(&r2, clock.now()).expect("grant");
     assert!(g2.revision > g.revision, "fencing tokens grow");
-    assert!(matches!(a.release(&g, clock.now()), Err(FleetError::Conflict { .. })));
+    assert!(matches!(
+        a.release(&g, clock.now()),
+        Err(FleetError::Conflict { .. })
+    ));
     // The grant is bound to b's lease: b leaving frees it at once.
     b.leave(clock.now()).expect("leave");
     assert_eq!(a.read_grant(&res, clock.now()).expect("read").holder, None);
     // A node whose lease ended cannot grant itself anything (the lease compare fails).
     let other = node(&srv, "gw-d", 10);
     other.join(clock.now()).expect("join");
-    let r = other.read_grant(&Resource::Instance("x".into()), clock.now()).expect("read");
+    let r = other
+        .read_grant(&Resource::Instance("x".into()), clock.now())
+        .expect("read");
     other.leave(clock.now()).expect("leave");
-    assert!(matches!(other.grant(&r, clock.now()), Err(FleetError::NotJoined(_))));
+    assert!(matches!(
+        other.grant(&r, clock.now()),
+        Err(FleetError::NotJoined(_))
+    ));
 }
 
 #[test]
 fn r10_2_etcd_lease_end_frees_grants_only_after_the_local_fence() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let clock = MonotonicClock::new();
     let a = node(&srv, "gw-a", 2); // the minimum TTL: margin 400 ms, local validity 1.6 s
     let b = node(&srv, "gw-b", 2);
     let mut view_a = LocalView::new();
     view_a.set_lease(a.join(clock.now()).expect("join"));
     let res = Resource::Instance("vm1".into());
-    view_a.add_grant(a.grant(&a.read_grant(&res, clock.now()).expect("read"), clock.now()).expect("grant"));
+    view_a.add_grant(
+        a.grant(&a.read_grant(&res, clock.now()).expect("read"), clock.now())
+            .expect("grant"),
+    );
     assert!(view_a.may_translate(&res, clock.now()));
     // b keeps its lease alive and polls; a stops renewing (paused or cut off).
     b.join(clock.now()).expect("join");
     let mut last_renew = clock.now();
     let freed_at = loop {
         let now = clock.now();
-        assert!(now < Duration::from_secs(10), "a's lease never ended at etcd");
+        assert!(
+            now < Duration::from_secs(10),
+            "a's lease never ended at etcd"
+        );
         if now - last_renew > Duration::from_millis(400) {
             b.renew(now).expect("renew b");
             last_renew = now;
@@ -154,40 +201,77 @@ fn r10_2_etcd_lease_end_frees_grants_only_after_the_local_fence() {
     };
     // etcd freed the grant only after a had fenced itself on its own clock.
     let deadline = view_a.lease().expect("lease").valid_until;
-    assert!(freed_at >= deadline, "freed at {freed_at:?}, a believed until {deadline:?}");
+    assert!(
+        freed_at >= deadline,
+        "freed at {freed_at:?}, a believed until {deadline:?}"
+    );
     assert!(!view_a.may_translate(&res, freed_at));
-    assert!(matches!(a.renew(clock.now()), Err(FleetError::LeaseExpired(_))));
+    assert!(matches!(
+        a.renew(clock.now()),
+        Err(FleetError::LeaseExpired(_))
+    ));
     // a joins again with a new lease; the grant stays b's.
     let l = a.join(clock.now()).expect("rejoin");
     view_a.set_lease(l);
-    assert!(!view_a.may_translate(&res, clock.now()), "old grants are not inherited");
+    assert!(
+        !view_a.may_translate(&res, clock.now()),
+        "old grants are not inherited"
+    );
     let r = a.read_grant(&res, clock.now()).expect("read");
-    assert!(matches!(a.grant(&r, clock.now()), Err(FleetError::Held { .. })));
+    assert!(matches!(
+        a.grant(&r, clock.now()),
+        Err(FleetError::Held { .. })
+    ));
 }
 
 #[test]
 fn r10_5_etcd_down_is_unreachable_and_the_lease_survives_a_short_outage() {
-    let Some(mut srv) = EtcdServer::start() else { return };
+    let Some(mut srv) = EtcdServer::start() else {
+        return;
+    };
     let clock = MonotonicClock::new();
     let a = node(&srv, "gw-a", 10);
     let mut view = LocalView::new();
     view.set_lease(a.join(clock.now()).expect("join"));
     let res = Resource::Instance("vm1".into());
-    view.add_grant(a.grant(&a.read_grant(&res, clock.now()).expect("read"), clock.now()).expect("grant"));
+    view.add_grant(
+        a.grant(&a.read_grant(&res, clock.now()).expect("read"), clock.now())
+            .expect("grant"),
+    );
     srv.stop();
     let t0 = Instant::now();
     match a.renew(clock.now()) {
         Err(FleetError::Unreachable(_)) => {}
         other => panic!("expected unreachable, got {other:?}"),
     }
-    assert!(t0.elapsed() < RPC_TIMEOUT + Duration::from_secs(1), "calls are bounded: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < RPC_TIMEOUT + Duration::from_secs(1),
+        "calls are bounded: {:?}",
+        t0.elapsed()
+    );
     // Every kind of call says the same thing while etcd is down, also after the first.
     for _ in 0..2 {
-        assert!(matches!(a.renew(clock.now()), Err(FleetError::Unreachable(_))));
-        assert!(matches!(a.read_grant(&res, clock.now()), Err(FleetError::Unreachable(_))));
-        assert!(matches!(a.live_nodes(clock.now()), Err(FleetError::Unreachable(_))));
-        let read = snatgw_fleet::GrantRead { resource: Resource::Instance("vm2".into()), holder: None, revision: Revision(0) };
-        assert!(matches!(a.grant(&read, clock.now()), Err(FleetError::Unreachable(_))));
+        assert!(matches!(
+            a.renew(clock.now()),
+            Err(FleetError::Unreachable(_))
+        ));
+        assert!(matches!(
+            a.read_grant(&res, clock.now()),
+            Err(FleetError::Unreachable(_))
+        ));
+        assert!(matches!(
+            a.live_nodes(clock.now()),
+            Err(FleetError::Unreachable(_))
+        ));
+        let read = snatgw_fleet::GrantRead {
+            resource: Resource::Instance("vm2".into()),
+            holder: None,
+            revision: Revision(0),
+        };
+        assert!(matches!(
+            a.grant(&read, clock.now()),
+            Err(FleetError::Unreachable(_))
+        ));
     }
     // The data path does not need etcd: the block is still this node's while the lease is.
     assert!(view.may_translate(&res, clock.now()));
@@ -202,7 +286,11 @@ fn r10_5_etcd_down_is_unreachable_and_the_lease_survives_a_short_outage() {
 fn state(g: u64) -> Stored {
     let mut config = ConfigFile::default();
     config.gateway.seed = g;
-    Stored { generation: g, config, designations: Vec::new() }
+    Stored {
+        generation: g,
+        config,
+        designations: Vec::new(),
+    }
 }
 
 fn store(srv: &EtcdServer) -> EtcdStore {
@@ -211,26 +299,46 @@ fn store(srv: &EtcdServer) -> EtcdStore {
 
 #[test]
 fn r10_1_etcd_store_keeps_generations_like_the_embedded_store() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let s = store(&srv);
     assert_eq!(s.load().expect("load"), None);
     let first = seed(&s, &ConfigFile::default()).expect("seed");
     assert_eq!(first.source, SeedSource::ConfigFile);
     assert_eq!(first.stored.generation, 1);
     assert_eq!(s.load().expect("load"), Some(first.stored.clone()));
-    assert_eq!(seed(&s, &state(7).config).expect("seed").source, SeedSource::Store);
-    s.save(&first.stored).expect("the same record again is a no-op");
+    assert_eq!(
+        seed(&s, &state(7).config).expect("seed").source,
+        SeedSource::Store
+    );
+    s.save(&first.stored)
+        .expect("the same record again is a no-op");
     // A save that does not raise the generation is refused and changes nothing.
     let err = s.save(&state(1)).expect_err("stale generation");
     assert!(err.to_string().contains("generation 1"), "{err}");
-    assert!(matches!(err, StoreError::Conflict { stored: 1, attempted: 1, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                stored: 1,
+                attempted: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     s.save(&state(2)).expect("save");
     assert_eq!(s.load().expect("load"), Some(state(2)));
     // A new connection (another process) reads the same.
     assert_eq!(store(&srv).load().expect("load"), Some(state(2)));
 }
 
-fn wait_for(rx: &tokio::sync::watch::Receiver<Option<Stored>>, g: u64, within: Duration) -> Duration {
+fn wait_for(
+    rx: &tokio::sync::watch::Receiver<Option<Stored>>,
+    g: u64,
+    within: Duration,
+) -> Duration {
     let t0 = Instant::now();
     while t0.elapsed() < within {
         if rx.borrow().as_ref().is_some_and(|s| s.generation >= g) {
@@ -238,12 +346,17 @@ fn wait_for(rx: &tokio::sync::watch::Receiver<Option<Stored>>, g: u64, within: D
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("generation {g} not seen within {within:?}: {:?}", rx.borrow().as_ref().map(|s| s.generation));
+    panic!(
+        "generation {g} not seen within {within:?}: {:?}",
+        rx.borrow().as_ref().map(|s| s.generation)
+    );
 }
 
 #[test]
 fn r10_1_etcd_store_change_through_any_node_is_seen_by_every_node() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let nodes: Vec<EtcdStore> = (0..3).map(|_| store(&srv)).collect();
     let rxs: Vec<_> = nodes.iter().map(|n| n.subscribe()).collect();
     nodes[0].save(&state(1)).expect("save");
@@ -268,7 +381,17 @@ fn r10_1_etcd_store_change_through_any_node_is_seen_by_every_node() {
     assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
     // The loser is told it lost to another node (the API answers 409), not that etcd failed.
     let lost = if ra.is_ok() { &rb } else { &ra };
-    assert!(matches!(lost, Err(StoreError::Conflict { stored: 3, attempted: 3, .. })), "{lost:?}");
+    assert!(
+        matches!(
+            lost,
+            Err(StoreError::Conflict {
+                stored: 3,
+                attempted: 3,
+                ..
+            })
+        ),
+        "{lost:?}"
+    );
     let winner = if ra.is_ok() { a } else { b };
     for rx in &rxs {
         wait_for(rx, 3, Duration::from_secs(1));
@@ -278,7 +401,9 @@ fn r10_1_etcd_store_change_through_any_node_is_seen_by_every_node() {
 
 #[test]
 fn r10_5_etcd_store_refuses_writes_while_down_and_watches_resume_after() {
-    let Some(mut srv) = EtcdServer::start() else { return };
+    let Some(mut srv) = EtcdServer::start() else {
+        return;
+    };
     let nodes: Vec<EtcdStore> = (0..3).map(|_| store(&srv)).collect();
     let rxs: Vec<_> = nodes.iter().map(|n| n.subscribe()).collect();
     nodes[0].save(&state(1)).expect("save");
@@ -288,7 +413,10 @@ fn r10_5_etcd_store_refuses_writes_while_down_and_watches_resume_after() {
     srv.stop();
     let err = nodes[1].save(&state(2)).expect_err("etcd is down");
     assert!(err.to_string().contains("etcd unreachable"), "{err}");
-    assert!(matches!(&err, StoreError::Unreachable { store, .. } if store == "etcd"), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::Unreachable { store, .. } if store == "etcd"),
+        "{err:?}"
+    );
     // What the nodes run on stays what they had.
     assert_eq!(rxs[2].borrow().as_ref().map(|s| s.generation), Some(1));
     srv.restart();
@@ -311,11 +439,16 @@ fn r10_5_etcd_store_refuses_writes_while_down_and_watches_resume_after() {
 
 #[test]
 fn r10_1_etcd_three_members_converge_and_take_over_a_crashed_one_within_ttl_plus_2s() {
-    let Some(srv) = EtcdServer::start() else { return };
+    let Some(srv) = EtcdServer::start() else {
+        return;
+    };
     let clock = MonotonicClock::new();
-    let res: Vec<Resource> = (0..12).map(|i| Resource::Instance(format!("vm{i}"))).collect();
-    let mut members: Vec<Option<Member<EtcdCoordinator>>> =
-        (0..3).map(|i| Some(Member::new(node(&srv, &format!("gw{i}"), 2)))).collect();
+    let res: Vec<Resource> = (0..12)
+        .map(|i| Resource::Instance(format!("vm{i}")))
+        .collect();
+    let mut members: Vec<Option<Member<EtcdCoordinator>>> = (0..3)
+        .map(|i| Some(Member::new(node(&srv, &format!("gw{i}"), 2))))
+        .collect();
     // Ticks every 200 ms; at every step at most one member believes in each resource.
     let step = |members: &mut Vec<Option<Member<EtcdCoordinator>>>| {
         for m in members.iter_mut().flatten() {
@@ -323,14 +456,20 @@ fn r10_1_etcd_three_members_converge_and_take_over_a_crashed_one_within_ttl_plus
         }
         let now = clock.now();
         for r in &res {
-            let n = members.iter().flatten().filter(|m| m.may_translate(r, now)).count();
+            let n = members
+                .iter()
+                .flatten()
+                .filter(|m| m.may_translate(r, now))
+                .count();
             assert!(n <= 1, "{r} believed by {n} members");
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let held_by = |members: &Vec<Option<Member<EtcdCoordinator>>>, r: &Resource| -> Option<usize> {
         let now = clock.now();
-        members.iter().position(|m| m.as_ref().is_some_and(|m| m.may_translate(r, now)))
+        members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.may_translate(r, now)))
     };
     for _ in 0..5 {
         step(&mut members);
@@ -342,18 +481,28 @@ fn r10_1_etcd_three_members_converge_and_take_over_a_crashed_one_within_ttl_plus
         assert_eq!(live[i], *owner, "{r}");
     }
     let victim = 0;
-    let lost: Vec<Resource> = res.iter().filter(|r| held_by(&members, r) == Some(victim)).cloned().collect();
+    let lost: Vec<Resource> = res
+        .iter()
+        .filter(|r| held_by(&members, r) == Some(victim))
+        .cloned()
+        .collect();
     assert!(!lost.is_empty());
     // kill -9: no leave, no more renewals.
     members[victim] = None;
     let killed = Instant::now();
     while !lost.iter().all(|r| held_by(&members, r).is_some()) {
-        assert!(killed.elapsed() < Duration::from_secs(4), "not taken over within TTL + 2 s");
+        assert!(
+            killed.elapsed() < Duration::from_secs(4),
+            "not taken over within TTL + 2 s"
+        );
         step(&mut members);
     }
     let took = killed.elapsed();
     eprintln!("taken over after {took:?}");
-    assert!(took >= Duration::from_millis(1600), "taken before the victim's lease could end: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1600),
+        "taken before the victim's lease could end: {took:?}"
+    );
     // It restarts (same id, new lease): its instances come back to it, and only those.
     members[victim] = Some(Member::new(node(&srv, "gw0", 2)));
     let back = Instant::now();

@@ -24,9 +24,14 @@ use snatgw_fleet::{
 const NODES: usize = 4;
 
 fn resources() -> Vec<Resource> {
-    let mut v: Vec<Resource> = (0..4).map(|i| Resource::Instance(format!("vm{i}"))).collect();
+    let mut v: Vec<Resource> = (0..4)
+        .map(|i| Resource::Instance(format!("vm{i}")))
+        .collect();
     for p in [1024u16, 2048, 3072] {
-        v.push(Resource::Block { ip: "203.0.113.7".parse().expect("ip"), first_port: p });
+        v.push(Resource::Block {
+            ip: "203.0.113.7".parse().expect("ip"),
+            first_port: p,
+        });
     }
     v
 }
@@ -107,7 +112,14 @@ impl Sim {
                 }
             })
             .collect();
-        Sim { fleet, nodes, res: resources(), t: 0, tokens: BTreeMap::new(), grants_taken: 0 }
+        Sim {
+            fleet,
+            nodes,
+            res: resources(),
+            t: 0,
+            tokens: BTreeMap::new(),
+            grants_taken: 0,
+        }
     }
 
     /// One round of the node's loop (the library's [`Member::tick`]), its first request sent
@@ -130,10 +142,17 @@ impl Sim {
             Some(e) => return Err(format!("{}: unexpected error {e}", n.id)),
         }
         for res in &rep.gained {
-            let g = n.member.view().grant(res).expect("a gained grant is in the view");
+            let g = n
+                .member
+                .view()
+                .grant(res)
+                .expect("a gained grant is in the view");
             let prev = self.tokens.insert(res.clone(), g.revision);
             if prev.is_some_and(|p| p >= g.revision) {
-                return Err(format!("fencing token of {res} went from {prev:?} to {}", g.revision));
+                return Err(format!(
+                    "fencing token of {res} went from {prev:?} to {}",
+                    g.revision
+                ));
             }
             self.grants_taken += 1;
         }
@@ -228,7 +247,10 @@ impl Sim {
         for _ in 0..secs {
             self.apply(&Op::Advance(1000))?;
             for i in 0..NODES {
-                self.apply(&Op::Act { node: i, delay_ms: 0 })?;
+                self.apply(&Op::Act {
+                    node: i,
+                    delay_ms: 0,
+                })?;
             }
         }
         Ok(())
@@ -242,7 +264,10 @@ impl Sim {
             for n in &self.nodes {
                 let b = n.member.may_translate(res, n.local(self.t));
                 if b != (n.id == *owner) {
-                    return Err(format!("t={}: {res}: {} believes {b}, owner is {owner}", self.t, n.id));
+                    return Err(format!(
+                        "t={}: {res}: {} believes {b}, owner is {owner}",
+                        self.t, n.id
+                    ));
                 }
             }
         }
@@ -288,7 +313,11 @@ fn r10_1_takeover_after_a_crash_within_ttl_and_ownership_moves_back_on_rejoin() 
     let round = |sim: &mut Sim| {
         sim.apply(&Op::Advance(1000)).expect("advance");
         for i in 0..3 {
-            sim.apply(&Op::Act { node: i, delay_ms: 0 }).expect("act");
+            sim.apply(&Op::Act {
+                node: i,
+                delay_ms: 0,
+            })
+            .expect("act");
         }
     };
     for _ in 0..3 {
@@ -297,7 +326,11 @@ fn r10_1_takeover_after_a_crash_within_ttl_and_ownership_moves_back_on_rejoin() 
     let owned_by = |sim: &Sim, i: usize| -> Vec<Resource> {
         sim.res
             .iter()
-            .filter(|r| sim.nodes[i].member.may_translate(r, sim.nodes[i].local(sim.t)))
+            .filter(|r| {
+                sim.nodes[i]
+                    .member
+                    .may_translate(r, sim.nodes[i].local(sim.t))
+            })
             .cloned()
             .collect()
     };
@@ -312,16 +345,24 @@ fn r10_1_takeover_after_a_crash_within_ttl_and_ownership_moves_back_on_rejoin() 
     let mut taken_at = None;
     for _ in 0..(cfg.ttl().as_secs() + 2) {
         round(&mut sim);
-        let held = lost
-            .iter()
-            .all(|r| (0..3).any(|i| i != victim && sim.nodes[i].member.may_translate(r, sim.nodes[i].local(sim.t))));
+        let held = lost.iter().all(|r| {
+            (0..3).any(|i| {
+                i != victim
+                    && sim.nodes[i]
+                        .member
+                        .may_translate(r, sim.nodes[i].local(sim.t))
+            })
+        });
         if held && taken_at.is_none() {
             taken_at = Some(sim.t);
         }
     }
     let taken_at = taken_at.expect("taken over within TTL + 2 s");
     assert!(taken_at - crashed_at <= cfg.ttl().as_millis() as u64 + 2000);
-    assert!(taken_at - crashed_at >= cfg.ttl().as_millis() as u64 - 3000, "not before the lease could end");
+    assert!(
+        taken_at - crashed_at >= cfg.ttl().as_millis() as u64 - 3000,
+        "not before the lease could end"
+    );
     // It comes back: the same blocks move back to it (rendezvous), and only those.
     sim.apply(&Op::Restart(victim)).expect("restart");
     for _ in 0..3 {
@@ -335,12 +376,25 @@ fn r10_2_checker_catches_a_clock_slower_than_the_margin_allows() {
     // Node 0's clock runs at half speed: its local validity (8 s on its clock) lasts 16 s of
     // true time, longer than the store's 10 s lease. The checker must see two believers.
     let cfg = LeaseConfig::default();
-    let mut ops = vec![Op::Restart(0), Op::Act { node: 0, delay_ms: 0 }, Op::Restart(1)];
+    let mut ops = vec![
+        Op::Restart(0),
+        Op::Act {
+            node: 0,
+            delay_ms: 0,
+        },
+        Op::Restart(1),
+    ];
     ops.push(Op::Pause(0));
     for _ in 0..12 {
         ops.push(Op::Advance(1000));
-        ops.push(Op::Act { node: 1, delay_ms: 0 });
+        ops.push(Op::Act {
+            node: 1,
+            delay_ms: 0,
+        });
     }
     let err = run(cfg, &[500, 1000], &[0], &ops).expect_err("the slow clock must be caught");
-    assert!(err.contains("believed by") || err.contains("ended at the store"), "{err}");
+    assert!(
+        err.contains("believed by") || err.contains("ended at the store"),
+        "{err}"
+    );
 }

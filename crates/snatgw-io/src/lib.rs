@@ -47,9 +47,9 @@
 
 mod batch;
 pub mod fastpath;
-pub mod pin;
 mod hugepage;
 mod mem;
+pub mod pin;
 mod tun;
 
 use std::io;

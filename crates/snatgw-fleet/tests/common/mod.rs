@@ -57,9 +57,18 @@ impl EtcdServer {
         // On tmpfs when there is one: etcd fsyncs every write, and a disk shared with parallel
         // builds can stall an fsync for seconds (the test would see etcd as down).
         let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }
-            .expect("temp dir");
-        let mut s = EtcdServer { child: None, dir, client_port: free_port(), peer_port: free_port() };
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("temp dir");
+        let mut s = EtcdServer {
+            child: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
         s.spawn();
         Some(s)
     }
@@ -78,7 +87,10 @@ impl EtcdServer {
             .expect("log file");
         let child = Command::new(etcd_binary().expect("etcd"))
             .arg("--name=t")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -96,9 +108,13 @@ impl EtcdServer {
 
     /// Whether etcd answers `GET /health` with `"health":"true"` (it has a raft leader).
     fn healthy(&self) -> bool {
-        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
         let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-        if c.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        if c.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
             return false;
         }
         let mut body = String::new();
