@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{in_private_netns, ip};
+use common::{fp_config, in_private_netns, veth_pair};
 use snatgw_io::fastpath::{
     BpfFlowKey, BpfFlowVal, FastPathConfig, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
 };
@@ -14,20 +14,8 @@ use snatgw_io::fastpath::{
 fn loads_attaches_and_holds_entries() {
     require_root!();
     in_private_netns(|| {
-        ip(&[
-            "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
-        ]);
-        ip(&["link", "set", "fp-a", "up"]);
-        ip(&["link", "set", "fp-b", "up"]);
-        let cfg = FastPathConfig {
-            private_if: "fp-a".into(),
-            public_if: "fp-b".into(),
-            max_flows: 8,
-            counter_slots: 4,
-            floor: false,
-            pin_dir: None,
-            event_ring_bytes: 0,
-        };
+        veth_pair();
+        let cfg = fp_config();
         let (fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
         assert_ne!(fp.private_ifindex, fp.public_ifindex);
         let k = BpfFlowKey {
@@ -96,20 +84,8 @@ fn the_per_entry_fallback_gives_the_same_results() {
 }
 
 fn exercise_runs(batches: bool) {
-    ip(&[
-        "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
-    ]);
-    ip(&["link", "set", "fp-a", "up"]);
-    ip(&["link", "set", "fp-b", "up"]);
-    let cfg = FastPathConfig {
-        private_if: "fp-a".into(),
-        public_if: "fp-b".into(),
-        max_flows: 8, // 16 entries
-        counter_slots: 4,
-        floor: false,
-        pin_dir: None,
-        event_ring_bytes: 0,
-    };
+    veth_pair();
+    let cfg = fp_config();
     let (_fp, mut map, _counters) = TcFastPath::load(&cfg).expect("load and attach");
     map.set_batches(batches);
     let reader = map.reader().expect("a second descriptor");
@@ -257,19 +233,10 @@ fn fin_and_rst_are_translated_with_an_event_or_passed_up_when_the_ring_is_full()
     use snatgw_io::fastpath::{monotonic_ns, TCPF_ACK, TCPF_FIN, TCPF_RST, TCPF_SYN};
     require_root!();
     in_private_netns(|| {
-        ip(&[
-            "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
-        ]);
-        ip(&["link", "set", "fp-a", "up"]);
-        ip(&["link", "set", "fp-b", "up"]);
+        veth_pair();
         let cfg = FastPathConfig {
-            private_if: "fp-a".into(),
-            public_if: "fp-b".into(),
-            max_flows: 8,
-            counter_slots: 4,
-            floor: false,
-            pin_dir: None,
             event_ring_bytes: 4096,
+            ..fp_config()
         };
         let (mut fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
         let mut events = fp.take_events().expect("the EVENTS ring");

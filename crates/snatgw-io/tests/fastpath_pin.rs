@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{in_private_netns, ip};
+use common::{fp_config, in_private_netns, veth_pair};
 use snatgw_io::fastpath::{BpfFlowKey, BpfFlowVal, FastPathConfig, TcFastPath, DIR_OUT};
 use snatgw_io::pin::{is_bpffs, read_pinned_flows, ABI_TAG};
 
@@ -64,19 +64,10 @@ fn r11_1_pinned_maps_and_links_outlive_the_loader_and_are_taken_over() {
     assert!(is_bpffs(fs.dir.path()));
     let root = fs.root();
     in_private_netns(move || {
-        ip(&[
-            "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
-        ]);
-        ip(&["link", "set", "fp-a", "up"]);
-        ip(&["link", "set", "fp-b", "up"]);
+        veth_pair();
         let cfg = FastPathConfig {
-            private_if: "fp-a".into(),
-            public_if: "fp-b".into(),
-            max_flows: 8,
-            counter_slots: 4,
-            floor: false,
             pin_dir: Some(root.clone()),
-            event_ring_bytes: 0,
+            ..fp_config()
         };
         let k = BpfFlowKey {
             src: u32::from_ne_bytes([10, 0, 3, 20]),
@@ -132,17 +123,10 @@ fn a_pin_dir_off_bpffs_is_refused_with_its_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("pins");
     let r = in_private_netns(move || {
-        ip(&[
-            "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
-        ]);
+        veth_pair();
         let cfg = FastPathConfig {
-            private_if: "fp-a".into(),
-            public_if: "fp-b".into(),
-            max_flows: 8,
-            counter_slots: 4,
-            floor: false,
             pin_dir: Some(root),
-            event_ring_bytes: 0,
+            ..fp_config()
         };
         TcFastPath::load(&cfg).err().map(|e| e.to_string())
     });

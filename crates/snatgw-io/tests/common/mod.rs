@@ -43,6 +43,30 @@ pub fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// In the calling thread's namespace: the veth pair `fp-a` / `fp-b`, both up, the fast
+/// path tests' private and public interfaces.
+pub fn veth_pair() {
+    ip(&[
+        "link", "add", "fp-a", "type", "veth", "peer", "name", "fp-b",
+    ]);
+    ip(&["link", "set", "fp-a", "up"]);
+    ip(&["link", "set", "fp-b", "up"]);
+}
+
+/// The fast path the tests load on [`veth_pair`]: 8 flows (16 map entries), 4 counter slots,
+/// translating, no pins, the default EVENTS ring.
+pub fn fp_config() -> snatgw_io::fastpath::FastPathConfig {
+    snatgw_io::fastpath::FastPathConfig {
+        private_if: "fp-a".into(),
+        public_if: "fp-b".into(),
+        max_flows: 8,
+        counter_slots: 4,
+        floor: false,
+        pin_dir: None,
+        event_ring_bytes: 0,
+    }
+}
+
 /// Returns from the test when not root, unless SNATGW_REQUIRE_ROOT=1 (then it fails).
 #[macro_export]
 macro_rules! require_root {
