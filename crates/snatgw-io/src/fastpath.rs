@@ -649,11 +649,6 @@ impl TcFastPath {
 }
 
 impl FlowMap {
-    /// Every entry of the map (a restart reads what the kernel kept translating, R11.1).
-    pub fn entries(&self) -> Vec<(BpfFlowKey, BpfFlowVal)> {
-        self.map.iter().filter_map(Result::ok).collect()
-    }
-
     /// Inserts or replaces an entry.
     pub fn insert(&mut self, k: &BpfFlowKey, v: &BpfFlowVal) -> Result<(), aya::maps::MapError> {
         self.map.insert(k, v, 0)

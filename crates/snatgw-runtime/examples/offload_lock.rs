@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use snatgw_control::EventLog;
 use snatgw_core::{Engine, Topology};
 use snatgw_io::MemIo;
-use snatgw_runtime::fastpath::{FastPath, FastPathMode};
+use snatgw_runtime::fastpath::{FastPath, FastPathMode, FastPathOptions};
 use snatgw_runtime::{Clock, Parts, Runtime, RuntimeOptions};
 use snatgw_wire::testutil;
 
@@ -59,12 +59,17 @@ fn round(private_if: &str, public_if: &str, flows: u32) -> (f64, f64, u64) {
     let mut engine = Engine::new(topology(), 0).expect("engine");
     let start_ns = snatgw_io::fastpath::monotonic_ns();
     let fp = FastPath::setup(
-        FastPathMode::Tc,
-        Some(private_if),
-        Some(public_if),
-        flows * 2,
-        false,
-        start_ns,
+        &FastPathOptions {
+            mode: FastPathMode::Tc,
+            private_if: Some(private_if.into()),
+            public_if: Some(public_if.into()),
+            max_flows: flows * 2,
+            floor: false,
+            start_ns,
+            pin_dir: None,
+            event_ring_bytes: 0,
+            events_hold: None,
+        },
         &mut engine,
     )
     .expect("fast path")

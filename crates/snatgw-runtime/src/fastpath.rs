@@ -655,7 +655,7 @@ pub struct FastPath {
     sink: Option<TcOffload>,
     /// The EVENTS ring's reader, until the runtime takes it ([`FastPath::take_events`]).
     events: Option<TcEvents>,
-    /// Events are not read before this ([`FastPathTuning::events_hold`]).
+    /// Events are not read before this ([`FastPathOptions::events_hold`]).
     events_hold: Option<std::time::Instant>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
@@ -664,9 +664,23 @@ pub struct FastPath {
     public_if: String,
 }
 
-/// Knobs of the fast path besides the map sizes.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FastPathTuning {
+/// How `snatgw run` (or a test) wants the fast path ([`FastPath::setup`]).
+#[derive(Debug, Clone)]
+pub struct FastPathOptions {
+    /// `--fast-path`.
+    pub mode: FastPathMode,
+    /// Interface the instances' packets arrive on (`--private-if`).
+    pub private_if: Option<String>,
+    /// Interface the internet's packets arrive on (`--public-if`).
+    pub public_if: Option<String>,
+    /// Flows the map holds (`--fast-path-flows`).
+    pub max_flows: u32,
+    /// Benchmark floor: redirect without NAT (`snatgw race` only).
+    pub floor: bool,
+    /// `CLOCK_MONOTONIC` nanoseconds at engine time 0.
+    pub start_ns: u64,
+    /// Where the maps and links are pinned, if anywhere (`--bpf-pin-dir`, SPEC R11.1).
+    pub pin_dir: Option<std::path::PathBuf>,
     /// Size of the kernel's EVENTS ring in bytes (0: 1 MiB, 32 768 FIN/RST records; rounded
     /// up to a power of two of at least a page).
     pub event_ring_bytes: u32,
@@ -701,72 +715,24 @@ pub struct FastPathSnap {
 }
 
 impl FastPath {
-    /// Sets the fast path up per `mode` and, when it runs, gives `engine` its offload's activity
-    /// source (which turns the engine's journal on; the runtime applies the journal to the map,
-    /// [`FastPath::take_offload`]).
-    /// `start_ns` is the `CLOCK_MONOTONIC` time of engine time 0. Returns `None` for the TUN
-    /// path (mode `off`, or `auto` when it cannot run, logged); `Err` only in mode `tc`.
-    pub fn setup(
-        mode: FastPathMode,
-        private_if: Option<&str>,
-        public_if: Option<&str>,
-        max_flows: u32,
-        floor: bool,
-        start_ns: u64,
-        engine: &mut Engine,
-    ) -> Result<Option<FastPath>, SetupError> {
-        Self::setup_pinned(
-            mode, private_if, public_if, max_flows, floor, start_ns, None, engine,
-        )
-    }
-
-    /// [`FastPath::setup`] with the maps and links pinned in `pin_dir` (a bpffs directory,
-    /// SPEC R11.1): the programs stay attached while no gateway runs, and a start that finds
-    /// the pins takes the maps over. The map is then made the engine's: entries of flows the
-    /// engine does not have (ended, or not restored) are removed, the engine's flows are
-    /// (re)installed by the runtime, and the kernel's packet counters count from now.
-    #[allow(clippy::too_many_arguments)]
-    pub fn setup_pinned(
-        mode: FastPathMode,
-        private_if: Option<&str>,
-        public_if: Option<&str>,
-        max_flows: u32,
-        floor: bool,
-        start_ns: u64,
-        pin_dir: Option<&std::path::Path>,
-        engine: &mut Engine,
-    ) -> Result<Option<FastPath>, SetupError> {
-        Self::setup_tuned(
-            mode,
-            private_if,
-            public_if,
-            max_flows,
-            floor,
-            start_ns,
-            pin_dir,
-            FastPathTuning::default(),
-            engine,
-        )
-    }
-
-    /// [`FastPath::setup_pinned`] with the EVENTS ring's size and (tests) a hold on reading it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn setup_tuned(
-        mode: FastPathMode,
-        private_if: Option<&str>,
-        public_if: Option<&str>,
-        max_flows: u32,
-        floor: bool,
-        start_ns: u64,
-        pin_dir: Option<&std::path::Path>,
-        tuning: FastPathTuning,
-        engine: &mut Engine,
-    ) -> Result<Option<FastPath>, SetupError> {
+    /// Sets the fast path up per `o.mode` and, when it runs, gives `engine` its offload's
+    /// activity source (which turns the engine's journal on; the runtime applies the journal to
+    /// the map, [`FastPath::take_offload`]). Returns `None` for the TUN path (mode `off`, or
+    /// `auto` when it cannot run, logged); `Err` only in mode `tc`.
+    ///
+    /// With [`FastPathOptions::pin_dir`] (a bpffs directory, SPEC R11.1) the programs stay
+    /// attached while no gateway runs, and a start that finds the pins takes the maps over.
+    /// The map is then made the engine's: entries of flows the engine does not have (ended, or
+    /// not restored) are removed, the engine's flows are (re)installed by the runtime, and the
+    /// kernel's packet counters count from now.
+    pub fn setup(o: &FastPathOptions, engine: &mut Engine) -> Result<Option<FastPath>, SetupError> {
+        let (mode, max_flows, floor, start_ns) = (o.mode, o.max_flows, o.floor, o.start_ns);
         if mode == FastPathMode::Off {
             tracing::info!("fast path off (--fast-path off): every packet goes through the TUN");
             return Ok(None);
         }
-        let (Some(private_if), Some(public_if)) = (private_if, public_if) else {
+        let (Some(private_if), Some(public_if)) = (o.private_if.as_deref(), o.public_if.as_deref())
+        else {
             let why = "--private-if and --public-if name the interfaces the fast path attaches to";
             if mode == FastPathMode::Tc {
                 return Err(SetupError::NoInterfaces);
@@ -780,8 +746,8 @@ impl FastPath {
             max_flows,
             counter_slots: COUNTER_SLOTS,
             floor,
-            pin_dir: pin_dir.map(|p| p.to_path_buf()),
-            event_ring_bytes: tuning.event_ring_bytes,
+            pin_dir: o.pin_dir.clone(),
+            event_ring_bytes: o.event_ring_bytes,
         };
         let (mut fp, mut map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,
@@ -868,18 +834,12 @@ impl FastPath {
             offload,
             sink,
             events,
-            events_hold: tuning.events_hold.map(|d| std::time::Instant::now() + d),
+            events_hold: o.events_hold.map(|d| std::time::Instant::now() + d),
             credited,
             floor,
             private_if: private_if.into(),
             public_if: public_if.into(),
         }))
-    }
-
-    /// Detaches the programs and removes the pins, if any (`--detach-on-exit`): the kernel
-    /// stops translating when this returns.
-    pub fn detach(self) -> Result<(), snatgw_io::fastpath::FastPathError> {
-        self._fp.detach()
     }
 
     /// The writer of the kernel's flow map, for the runtime's `Feed` (once; `None` in floor
@@ -891,7 +851,7 @@ impl FastPath {
     }
 
     /// The EVENTS ring's reader, for the runtime's `Feed` (once; `None` in floor mode), with the
-    /// instant before which it must not be read ([`FastPathTuning::events_hold`]).
+    /// instant before which it must not be read ([`FastPathOptions::events_hold`]).
     pub(crate) fn take_events(
         &mut self,
     ) -> Option<(Box<dyn TcpEventSource>, Option<std::time::Instant>)> {

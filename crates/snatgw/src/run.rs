@@ -57,7 +57,7 @@ use snatgw_control::store::{
 use snatgw_control::{
     ControlPlane, EventLog, GatewayBackend, RedbStore, SeedSource, Store, Stored,
 };
-use snatgw_runtime::fastpath::{FastPath, FastPathMode};
+use snatgw_runtime::fastpath::{FastPath, FastPathMode, FastPathOptions};
 use snatgw_runtime::persist::{restore_engine, SavedState, Snapshotter, StateFile};
 use snatgw_runtime::{Clock, Parts, Runtime, RuntimeOptions, Wake};
 
@@ -390,15 +390,15 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         seq_floor.start_after,
         snatgw_control::backend::EVENT_LOG_CAP,
     ));
-    let fast_path = FastPath::setup_tuned(
-        a.fast_path,
-        a.private_if.as_deref(),
-        a.public_if.as_deref(),
-        a.fast_path_flows,
-        a.fast_path_floor,
-        start_ns,
-        pin_dir.as_deref(),
-        snatgw_runtime::fastpath::FastPathTuning {
+    let fast_path = FastPath::setup(
+        &FastPathOptions {
+            mode: a.fast_path,
+            private_if: a.private_if.clone(),
+            public_if: a.public_if.clone(),
+            max_flows: a.fast_path_flows,
+            floor: a.fast_path_floor,
+            start_ns,
+            pin_dir: pin_dir.clone(),
             event_ring_bytes: a.fast_path_event_ring_bytes,
             events_hold: a.fast_path_events_hold_ms.map(Duration::from_millis),
         },
