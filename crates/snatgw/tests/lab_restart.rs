@@ -78,11 +78,63 @@ impl Bpffs {
     }
 }
 
+impl Bpffs {
+    /// The pin directory the gateway is given.
+    fn pins(&self) -> PathBuf {
+        self.0.join("pins")
+    }
+}
+
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = snatgw_io::pin::remove_all(&self.0.join("pins"));
+        let _ = snatgw_io::pin::remove_all(&self.pins());
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// A lab gateway with the fast path on (`tc`) and pinned on a bpffs mounted in the test's
+/// directory, with `extra` arguments. Keep the [`Bpffs`] until the lab is down (bind it
+/// first, so on a failure it is dropped after the lab).
+fn start_pinned(tag: &str, config: &str, only: Option<&[&str]>, extra: &[&str]) -> (Bpffs, GwLab) {
+    let mut bpffs = None;
+    let g = GwLab::start_with(tag, config, only, |o, dir| {
+        let fs = Bpffs::mount(&dir.join("bpf"));
+        o.fast_path = "tc".into();
+        o.extra
+            .extend(["--bpf-pin-dir".into(), fs.pins().display().to_string()]);
+        o.extra.extend(extra.iter().map(|a| a.to_string()));
+        bpffs = Some(fs);
+    });
+    (bpffs.expect("mounted"), g)
+}
+
+/// Waits (bounded) until `instance` uses `n` `proto` ports, per the stats file.
+fn wait_used(g: &GwLab, instance: &str, proto: &str, n: u64, limit: Duration) -> bool {
+    g.wait(limit, |s| u(&inst_of(s, instance)["used"][proto]) == n)
+}
+
+/// A TCP connection from `instance` to the echo server, after one exchange of data.
+fn echo_open(g: &GwLab, instance: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let echo: SocketAddr = format!("{SERVER_A}:7").parse().unwrap();
+    g.in_instance(instance, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"0123456789").unwrap();
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b).unwrap();
+        s
+    })
+}
+
+/// FIN both ways: the client shuts its side down, the echo server closes too; returns once
+/// the server's FIN arrived.
+fn close_both_ways(mut s: std::net::TcpStream) {
+    use std::io::Read;
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("the server's FIN came back");
 }
 
 fn ports(conns: &[Held]) -> BTreeSet<(std::net::Ipv4Addr, u16)> {
@@ -140,18 +192,12 @@ fn restart_keeps_flows(tag: &str, stop: Stop, fast: bool) {
         return;
     }
     snatgw_lab::raise_nofile_limit();
-    let mut bpffs = None;
-    let mut g = GwLab::start_with(tag, CONFIG, None, |o, dir| {
-        if fast {
-            let fs = Bpffs::mount(&dir.join("bpf"));
-            o.fast_path = "tc".into();
-            o.extra.extend([
-                "--bpf-pin-dir".into(),
-                fs.0.join("pins").display().to_string(),
-            ]);
-            bpffs = Some(fs);
-        }
-    });
+    let (bpffs, mut g) = if fast {
+        let (fs, g) = start_pinned(tag, CONFIG, None, &[]);
+        (Some(fs), g)
+    } else {
+        (None, GwLab::start(tag, CONFIG, None))
+    };
     let mut held = Vec::new();
     for inst in ["r0", "r1"] {
         let (c, failed) = g.hold_conns(inst, HOLD_A, 250, CONNECT);
@@ -301,8 +347,6 @@ fn r11_1_upgrade_to_a_binary_at_another_path_keeps_every_flow_through_the_kernel
 /// the polling.
 #[test]
 fn r11_1_fin_and_idle_timers_run_on_across_a_sigkill_to_the_second() {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::time::Instant;
     if !root_or_skip() {
         return;
@@ -338,20 +382,9 @@ private_ip = "10.0.8.11"
     });
     let t_udp = Instant::now();
     // TCP: data, then FIN both ways (the echo server closes when the client does).
-    g.in_instance("t-fin", move || {
-        let mut s = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"0123456789").unwrap();
-        let mut b = [0u8; 10];
-        s.read_exact(&mut b).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-    });
+    close_both_ways(echo_open(&g, "t-fin"));
     let t_fin = Instant::now();
-    assert!(g.wait(Duration::from_secs(3), |s| u(
-        &inst_of(s, "t-fin")["used"]["tcp"]
-    ) == 1));
+    assert!(wait_used(&g, "t-fin", "tcp", 1, Duration::from_secs(3)));
     // A snapshot after the FIN (every second), then a crash and a start.
     std::thread::sleep(Duration::from_millis(2000));
     g.gw.kill().expect("SIGKILL");
@@ -369,9 +402,7 @@ private_ip = "10.0.8.11"
         "the idle flow was not restored"
     );
     // FIN + 6 s (R3.2).
-    assert!(g.wait(Duration::from_secs(10), |s| u(
-        &inst_of(s, "t-fin")["used"]["tcp"]
-    ) == 0));
+    assert!(wait_used(&g, "t-fin", "tcp", 0, Duration::from_secs(10)));
     let dt = t_fin.elapsed().as_secs_f64();
     assert!(
         (4.9..=7.6).contains(&dt),
@@ -383,9 +414,7 @@ private_ip = "10.0.8.11"
         std::thread::sleep(wait);
         assert_eq!(used(&g, "t-udp", "udp"), 1, "idle UDP port released early");
     }
-    assert!(g.wait(Duration::from_secs(10), |s| u(
-        &inst_of(s, "t-udp")["used"]["udp"]
-    ) == 0));
+    assert!(wait_used(&g, "t-udp", "udp", 0, Duration::from_secs(10)));
     let dt = t_udp.elapsed().as_secs_f64();
     assert!(
         (8.9..=11.6).contains(&dt),
@@ -400,8 +429,6 @@ private_ip = "10.0.8.11"
 /// the kernel saw the FIN, not at the idle timeout (60 s) as it would without them.
 #[test]
 fn r11_1_fin_seen_by_the_kernel_while_down_times_the_port_after_the_restart() {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::time::Instant;
     if !root_or_skip() {
         return;
@@ -419,44 +446,20 @@ rst_timeout_secs = 2
 name = "t-fin"
 private_ip = "10.0.9.10"
 "#;
-    let mut bpffs = None;
-    let mut g = GwLab::start_with("rw", TIMERS, None, |o, dir| {
-        let fs = Bpffs::mount(&dir.join("bpf"));
-        o.fast_path = "tc".into();
-        o.extra.extend([
-            "--bpf-pin-dir".into(),
-            fs.0.join("pins").display().to_string(),
-        ]);
-        bpffs = Some(fs);
-    });
-    let echo: SocketAddr = format!("{SERVER_A}:7").parse().unwrap();
-    let mut s = g.in_instance("t-fin", move || {
-        let mut s = TcpStream::connect_timeout(&echo, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"0123456789").unwrap();
-        let mut b = [0u8; 10];
-        s.read_exact(&mut b).unwrap();
-        s
-    });
-    assert!(g.wait(Duration::from_secs(3), |v| u(
-        &inst_of(v, "t-fin")["used"]["tcp"]
-    ) == 1));
+    let (bpffs, mut g) = start_pinned("rw", TIMERS, None, &[]);
+    let s = echo_open(&g, "t-fin");
+    assert!(wait_used(&g, "t-fin", "tcp", 1, Duration::from_secs(3)));
     std::thread::sleep(Duration::from_millis(1500));
     g.gw.kill().expect("SIGKILL");
     let _ = g.gw.wait_timeout(Duration::from_secs(10));
     // No gateway runs: the FIN out, the echo server's FIN back, both through the kernel.
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest)
-        .expect("the server's FIN came back through the kernel while the gateway was down");
+    close_both_ways(s);
     let t_fin = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     g.restart();
     assert!(g.log().contains("restored the flow state"), "{}", g.log());
     assert!(
-        g.wait(Duration::from_secs(15), |v| u(
-            &inst_of(v, "t-fin")["used"]["tcp"]
-        ) == 0),
+        wait_used(&g, "t-fin", "tcp", 0, Duration::from_secs(15)),
         "the port was not released after the FIN timeout"
     );
     let dt = t_fin.elapsed().as_secs_f64();
@@ -475,19 +478,8 @@ fn r11_1_detach_on_exit_removes_the_pins_and_the_kernel_stops_translating() {
     if !root_or_skip() {
         return;
     }
-    let mut bpffs = None;
-    let mut pins = PathBuf::new();
-    let g = GwLab::start_with("rd", CONFIG, Some(&["r0"]), |o, dir| {
-        let fs = Bpffs::mount(&dir.join("bpf"));
-        pins = fs.0.join("pins");
-        o.fast_path = "tc".into();
-        o.extra.extend([
-            "--bpf-pin-dir".into(),
-            pins.display().to_string(),
-            "--detach-on-exit".into(),
-        ]);
-        bpffs = Some(fs);
-    });
+    let (bpffs, g) = start_pinned("rd", CONFIG, Some(&["r0"]), &["--detach-on-exit"]);
+    let pins = bpffs.pins();
     let (held, failed) = g.hold_conns("r0", HOLD_A, 10, CONNECT);
     assert_eq!((held.len(), failed), (10, 0));
     assert!(snatgw_io::pin::read_pinned_flows(&pins)
