@@ -229,7 +229,7 @@ fn tcp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> V
 /// translated without their record: records + passed up = sent, and after a drain the next
 /// one is translated again.
 #[test]
-fn fin_and_rst_are_translated_with_an_event_or_passed_up_when_the_ring_is_full() {
+fn r3_2_r3_3_fin_and_rst_are_translated_with_an_event_or_passed_up_when_the_ring_is_full() {
     use snatgw_io::fastpath::{monotonic_ns, TCPF_ACK, TCPF_FIN, TCPF_RST, TCPF_SYN};
     require_root!();
     in_private_netns(|| {

@@ -98,8 +98,28 @@ fn released_after(g: &GwLab, name: &str, since: Instant, limit: Duration) -> Dur
     after
 }
 
+/// R3.3 on the engine's whole-second clock: `e-rst`'s port is released 1-2 s after its RST
+/// (rst_timeout 2 s), plus up to ~0.7 s of tick, stats file and polling. `what` says which
+/// path carried the RST.
+fn assert_rst_timed(g: &GwLab, t_rst: Instant, what: &str) {
+    let after = released_after(g, "e-rst", t_rst, Duration::from_secs(5));
+    assert!(
+        after >= Duration::from_millis(900) && after <= Duration::from_millis(2700),
+        "RST ({what}): released {after:?} after it (rst_timeout 2 s)"
+    );
+}
+
+/// R3.2 likewise: `e-fin`'s port is released 2-3 s after the second FIN (fin_timeout 3 s).
+fn assert_fin_timed(g: &GwLab, t_fin: Instant, what: &str) {
+    let after = released_after(g, "e-fin", t_fin, Duration::from_secs(6));
+    assert!(
+        after >= Duration::from_millis(1900) && after <= Duration::from_millis(3700),
+        "FIN ({what}): released {after:?} after the second FIN (fin_timeout 3 s)"
+    );
+}
+
 #[test]
-fn i17_kernel_carries_syn_ack_fin_rst_and_ports_go_on_the_kernels_time() {
+fn r3_2_r3_3_kernel_carries_syn_ack_fin_rst_and_ports_go_on_the_kernels_time() {
     if !root_or_skip() {
         return;
     }
@@ -157,16 +177,8 @@ fn i17_kernel_carries_syn_ack_fin_rst_and_ports_go_on_the_kernels_time() {
 
     // Released on the kernel's time: the engine's whole-second clock puts the release 1-2 s
     // (RST) or 2-3 s (FIN) after the packet, plus up to ~0.5 s of tick, stats file and polling.
-    let rst_after = released_after(&g, "e-rst", t_rst, Duration::from_secs(5));
-    assert!(
-        rst_after >= Duration::from_millis(900) && rst_after <= Duration::from_millis(2700),
-        "RST: released {rst_after:?} after the kernel saw it (rst_timeout 2 s)"
-    );
-    let fin_after = released_after(&g, "e-fin", t_fin, Duration::from_secs(6));
-    assert!(
-        fin_after >= Duration::from_millis(1900) && fin_after <= Duration::from_millis(3700),
-        "FIN: released {fin_after:?} after the kernel saw the second FIN (fin_timeout 3 s)"
-    );
+    assert_rst_timed(&g, t_rst, "kernel");
+    assert_fin_timed(&g, t_fin, "kernel");
     let s2 = g.snapshot();
     let ended = &s2["engine"]["flows_ended"];
     assert!(u(&ended["fin"]) >= 1 && u(&ended["rst"]) >= 1, "{ended}");
@@ -175,7 +187,7 @@ fn i17_kernel_carries_syn_ack_fin_rst_and_ports_go_on_the_kernels_time() {
 }
 
 #[test]
-fn i17_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
+fn r3_2_r3_3_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
     if !root_or_skip() {
         return;
     }
@@ -238,16 +250,8 @@ fn i17_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
         s2["fast_path"]
     );
     assert_eq!(fp_packets(&s2, "events"), fp_packets(&s1, "events"));
-    let rst_after = released_after(&g, "e-rst", t_rst, Duration::from_secs(5));
-    assert!(
-        rst_after >= Duration::from_millis(900) && rst_after <= Duration::from_millis(2700),
-        "RST (passed up): released {rst_after:?} after it (rst_timeout 2 s)"
-    );
-    let fin_after = released_after(&g, "e-fin", t_fin, Duration::from_secs(6));
-    assert!(
-        fin_after >= Duration::from_millis(1900) && fin_after <= Duration::from_millis(3700),
-        "FIN (passed up): released {fin_after:?} after it (fin_timeout 3 s)"
-    );
+    assert_rst_timed(&g, t_rst, "passed up");
+    assert_fin_timed(&g, t_fin, "passed up");
 
     // The filler flows whose RSTs went up are gone 2 s after theirs; those whose records
     // wait in the ring hold their ports (their idle timer runs from the RST: 30 s) until the
@@ -276,10 +280,6 @@ fn i17_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
     let s5 = fresh(&g);
     assert_eq!(fp_packets(&s5, "events") - fp_packets(&s4, "events"), 1);
     assert_eq!(fp_packets(&s5, "event_full"), fp_packets(&s4, "event_full"));
-    let rst_after = released_after(&g, "e-rst", t_rst, Duration::from_secs(5));
-    assert!(
-        rst_after >= Duration::from_millis(900) && rst_after <= Duration::from_millis(2700),
-        "RST (kernel): released {rst_after:?} after it"
-    );
+    assert_rst_timed(&g, t_rst, "kernel");
     g.finish();
 }
