@@ -86,15 +86,7 @@ pub struct RedeployRequest {
     pub reported_instances: u32,
 }
 
-/// FNV-1a 64 of `bytes`.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
+pub use snatgw_core::hash::fnv1a64;
 
 /// The ETag of a value: `"<16 hex digits>"`, FNV-1a 64 of its canonical JSON.
 pub fn etag_of<T: Serialize + ?Sized>(v: &T) -> String {

@@ -45,3 +45,31 @@ impl KeyedHash {
         fold_mul(fold_mul(a ^ self.k0, b ^ self.k1), self.k2)
     }
 }
+
+/// FNV-1a 64 of `bytes`: a stable hash across runs, builds and platforms (R1.6's frontend
+/// choice, API entity tags, ids derived from paths). Not keyed: never for remote-chosen keys.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// FNV over 8-byte little-endian words with a shift fold: a fast check that file contents are
+/// whole (a torn or corrupted write), about 8 times faster than [`fnv1a64`] on large state
+/// files. Not a cryptographic checksum.
+pub fn checksum64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = bytes.chunks_exact(8);
+    for c in &mut words {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    for &x in words.remainder() {
+        h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -115,20 +115,6 @@ struct Meta {
     designations: Vec<(SnatGroup, u32)>,
 }
 
-/// FNV-1a over 8-byte words (a torn-write check, not a cryptographic one).
-fn checksum(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut it = b.chunks_exact(8);
-    for c in &mut it {
-        h = (h ^ u64::from_le_bytes(c.try_into().expect("8 bytes"))).wrapping_mul(0x100_0000_01b3);
-        h ^= h >> 31;
-    }
-    for &x in it.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 /// The kernel's boot id (empty if unreadable: then no saved state is ever trusted).
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -158,7 +144,7 @@ impl SavedState {
         self.flows.encode(&mut out);
         let n = (out.len() - at - 8) as u64;
         out[at..at + 8].copy_from_slice(&n.to_le_bytes());
-        let sum = checksum(&out);
+        let sum = snatgw_core::hash::checksum64(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out
     }
@@ -173,7 +159,9 @@ impl SavedState {
             return Err(bad("not a snatgw state file".into()));
         }
         let (body, sum) = b.split_at(b.len() - 8);
-        if checksum(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
+        if snatgw_core::hash::checksum64(body)
+            != u64::from_le_bytes(sum.try_into().expect("8 bytes"))
+        {
             return Err(bad("checksum mismatch (torn or corrupted)".into()));
         }
         let version = u16::from_le_bytes([b[8], b[9]]);

@@ -734,10 +734,7 @@ fn bpf_pin_dir(a: &RunArgs) -> Option<PathBuf> {
                 return None;
             }
             let id = std::fs::canonicalize(&a.state_dir).unwrap_or_else(|_| a.state_dir.clone());
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in id.to_string_lossy().bytes() {
-                h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-            }
+            let h = snatgw_core::hash::fnv1a64(id.to_string_lossy().as_bytes());
             Some(root.join("snatgw").join(format!("{h:016x}")))
         }
         dir => Some(PathBuf::from(dir)),

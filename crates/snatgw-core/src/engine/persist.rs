@@ -158,21 +158,6 @@ pub struct ExportCursor {
     pos: u32,
 }
 
-/// Fowler–Noll–Vo over 8-byte words: cheap, and enough to catch a torn write.
-fn checksum(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut chunks = b.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
-        h ^= h >> 29;
-    }
-    for &x in chunks.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
@@ -242,7 +227,7 @@ impl FlowState {
             out.push(r.proto);
             out.extend_from_slice(&[0u8; 7]);
         }
-        let sum = checksum(&out[start..]);
+        let sum = crate::hash::checksum64(&out[start..]);
         out.extend_from_slice(&sum.to_le_bytes());
     }
 
@@ -271,7 +256,7 @@ impl FlowState {
             return Err(StateError::Length(b.len(), want));
         }
         let (body, sum) = b.split_at(want - 8);
-        if checksum(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
+        if crate::hash::checksum64(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
             return Err(StateError::Checksum);
         }
         let mut r = Reader(&body[HEADER..]);

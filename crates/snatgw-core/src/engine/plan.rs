@@ -386,10 +386,5 @@ impl Engine {
 
 fn name_hash(s: &str) -> u64 {
     // FNV-1a: stable across runs and platforms (R1.6 reproducibility).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    crate::hash::fnv1a64(s.as_bytes())
 }
