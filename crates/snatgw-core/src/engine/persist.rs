@@ -517,73 +517,55 @@ impl Engine {
         // First give back every chunk of a block that moves (no flows hold them yet), then
         // take the exported ones, so two blocks can swap chunks.
         for &(slot, _) in &moves {
-            let inst = self.insts[slot as usize].as_mut().expect("instance");
-            let addr = inst.scenario.addr();
+            debug_assert!(
+                self.blocks[slot as usize * 2].flows() == 0
+                    && self.blocks[slot as usize * 2 + 1].flows() == 0,
+                "layouts are imported before flows"
+            );
             for s in 0..SLOTS {
-                let base = inst.chunks[s];
-                if base == 0 {
-                    continue;
-                }
-                debug_assert!(
-                    (0..CHUNK).all(|o| self.blocks[slot as usize * 2]
-                        .holders(s as u16 * CHUNK + o)
-                        == 0
-                        && self.blocks[slot as usize * 2 + 1].holders(s as u16 * CHUNK + o) == 0),
-                    "layouts are imported before flows"
-                );
-                if let Some(pip) = self.pips.get_mut(&addr) {
-                    pip.owner[((base - PORT_BASE) / CHUNK) as usize] = NONE;
-                }
-                inst.chunks[s] = 0;
-                for off in 0..CHUNK {
-                    let idx = s as u16 * CHUNK + off;
-                    self.blocks[slot as usize * 2].revoke(idx);
-                    self.blocks[slot as usize * 2 + 1].revoke(idx);
-                }
+                self.free_chunk_slot(slot, s);
             }
         }
         for (slot, want) in moves {
-            let inst = self.insts[slot as usize].as_mut().expect("instance");
-            let addr = inst.scenario.addr();
-            let Some(pip) = self.pips.get_mut(&addr) else {
+            let addr = self.insts[slot as usize]
+                .as_ref()
+                .expect("instance")
+                .scenario
+                .addr();
+            let Some(pip) = self.pips.get(&addr) else {
                 continue;
             };
-            let mut granted = Vec::new();
+            let mut grants = Vec::new();
+            let mut taken = Vec::new();
             for (s, &base) in want.iter().enumerate() {
                 if base == 0 {
                     continue;
                 }
                 let valid = base >= PORT_BASE && (base - PORT_BASE).is_multiple_of(CHUNK);
                 let c = ((base.wrapping_sub(PORT_BASE)) / CHUNK) as usize;
-                if !valid || c >= pip.owner.len() || pip.owner[c] != NONE {
+                if !valid || c >= pip.owner.len() || pip.owner[c] != NONE || taken.contains(&c) {
                     rep.layout_conflicts += 1;
                     continue;
                 }
-                pip.owner[c] = slot;
-                inst.chunks[s] = base;
-                granted.extend((0..CHUNK).map(|off| (base + off, s as u16 * CHUNK + off)));
+                taken.push(c);
+                grants.push((s, base));
             }
-            granted.sort_unstable_by(|a, b| b.cmp(a));
-            for (_, idx) in granted {
-                self.blocks[slot as usize * 2].grant(idx);
-                self.blocks[slot as usize * 2 + 1].grant(idx);
-            }
+            self.grant_chunks(slot, &grants);
             rep.layouts += 1;
         }
-        // Blocks left short by a conflict grow back to their tier from free chunks.
-        let slots: Vec<u32> = self
-            .insts
-            .iter()
-            .enumerate()
-            .filter_map(|(s, i)| i.as_ref().filter(|i| i.scenario.is_pat()).map(|_| s as u32))
-            .collect();
         if rep.layout_conflicts > 0 {
-            for s in slots {
+            // Blocks left short by a conflict grow back to their tier from free chunks.
+            let pat: Vec<u32> = self
+                .insts
+                .iter()
+                .enumerate()
+                .filter_map(|(s, i)| i.as_ref().filter(|i| i.scenario.is_pat()).map(|_| s as u32))
+                .collect();
+            for s in pat {
                 self.grow_block(s);
             }
         }
     }
-
     fn import_flow(&mut self, r: &FlowRecord, rep: &mut ImportReport) {
         let k = r.key;
         let l4 = match k.proto {

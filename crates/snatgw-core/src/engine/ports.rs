@@ -351,21 +351,9 @@ impl Engine {
         let mut masks: HashMap<u32, [bool; SLOTS]> = HashMap::new();
         let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, ReclaimReason)> = Vec::new();
         for (slot, mask, reason) in revoke {
-            let inst = self.insts[*slot as usize].as_mut().expect("instance");
-            let addr = inst.scenario.addr();
             let mut ports = 0;
             for (s, &m) in mask.iter().enumerate() {
-                if m && inst.chunks[s] != 0 {
-                    let base = inst.chunks[s];
-                    if let Some(pip) = self.pips.get_mut(&addr) {
-                        pip.owner[((base - PORT_BASE) / CHUNK) as usize] = NONE;
-                    }
-                    inst.chunks[s] = 0;
-                    for off in 0..CHUNK {
-                        let idx = s as u16 * CHUNK + off;
-                        self.blocks[*slot as usize * 2].revoke(idx);
-                        self.blocks[*slot as usize * 2 + 1].revoke(idx);
-                    }
+                if m && self.free_chunk_slot(*slot, s) {
                     ports += CHUNK as u32;
                 }
             }
@@ -374,7 +362,14 @@ impl Engine {
                 *acc |= x;
             }
             if ports > 0 {
-                reclaimed.push((*slot, inst.name.clone(), addr, ports, *reason));
+                let inst = self.insts[*slot as usize].as_ref().expect("instance");
+                reclaimed.push((
+                    *slot,
+                    inst.name.clone(),
+                    inst.scenario.addr(),
+                    ports,
+                    *reason,
+                ));
             }
         }
         let now = self.now;
@@ -440,10 +435,47 @@ impl Engine {
         };
         debug_assert_eq!(picks.len(), need, "tiers guarantee room (R2.8)");
         let free_slots: Vec<usize> = (0..SLOTS).filter(|&s| inst.chunks[s] == 0).collect();
-        let mut granted = Vec::with_capacity(need * CHUNK as usize);
-        for (c, s) in picks.into_iter().zip(free_slots) {
-            pip.owner[c] = slot;
-            let base = PORT_BASE + c as u16 * CHUNK;
+        let grants: Vec<(usize, u16)> = free_slots
+            .into_iter()
+            .zip(picks)
+            .map(|(s, c)| (s, PORT_BASE + c as u16 * CHUNK))
+            .collect();
+        self.grant_chunks(slot, &grants);
+    }
+
+    /// Gives chunk slot `s` of instance `slot`'s block back to its public IP; its ports leave
+    /// both protocols' blocks (the caller removes flows on them, or has none). Returns whether
+    /// the slot held a chunk.
+    pub(super) fn free_chunk_slot(&mut self, slot: u32, s: usize) -> bool {
+        let inst = self.insts[slot as usize].as_mut().expect("instance");
+        let base = inst.chunks[s];
+        if base == 0 {
+            return false;
+        }
+        if let Some(pip) = self.pips.get_mut(&inst.scenario.addr()) {
+            pip.owner[((base - PORT_BASE) / CHUNK) as usize] = NONE;
+        }
+        inst.chunks[s] = 0;
+        for off in 0..CHUNK {
+            let idx = s as u16 * CHUNK + off;
+            self.blocks[slot as usize * 2].revoke(idx);
+            self.blocks[slot as usize * 2 + 1].revoke(idx);
+        }
+        true
+    }
+
+    /// Gives instance `slot` the chunks starting at port `base`, each into block slot `s`
+    /// (`grants`: `(s, base)`, chunks free at its public IP). The ports join both protocols'
+    /// blocks as never used, in ascending port order at the front of the free order.
+    pub(super) fn grant_chunks(&mut self, slot: u32, grants: &[(usize, u16)]) {
+        let inst = self.insts[slot as usize].as_mut().expect("instance");
+        let pip = self
+            .pips
+            .get_mut(&inst.scenario.addr())
+            .expect("public ip planned");
+        let mut granted = Vec::with_capacity(grants.len() * CHUNK as usize);
+        for &(s, base) in grants {
+            pip.owner[((base - PORT_BASE) / CHUNK) as usize] = slot;
             inst.chunks[s] = base;
             granted.extend((0..CHUNK).map(|off| (base + off, s as u16 * CHUNK + off)));
         }
