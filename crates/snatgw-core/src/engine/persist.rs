@@ -151,6 +151,14 @@ pub struct ImportReport {
     pub releases: u64,
 }
 
+/// Why an exported record does not fit this engine ([`ImportReport`] counts them apart).
+enum Misfit {
+    /// No such PAT instance on that public address.
+    Instance,
+    /// The port is not in the instance's block.
+    Port,
+}
+
 /// Where an export stands (see [`Engine::export_step`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExportCursor {
@@ -483,17 +491,21 @@ impl Engine {
 
     /// The slot and the local port index of `pport` for the PAT instance at `private_ip` on
     /// `public`, if the port is in its block.
-    fn local_port(&self, private_ip: u32, public: u32, pport: u16) -> Result<(u32, u16), bool> {
-        let &slot = self.by_private.get(&private_ip).ok_or(false)?;
-        let inst = self.insts[slot as usize].as_ref().ok_or(false)?;
+    fn local_port(&self, private_ip: u32, public: u32, pport: u16) -> Result<(u32, u16), Misfit> {
+        let &slot = self.by_private.get(&private_ip).ok_or(Misfit::Instance)?;
+        let inst = self.insts[slot as usize].as_ref().ok_or(Misfit::Instance)?;
         if !inst.scenario.is_pat() || inst.scenario.addr() != public {
-            return Err(false);
+            return Err(Misfit::Instance);
         }
         if pport < PORT_BASE {
-            return Err(true);
+            return Err(Misfit::Port);
         }
         let base = pport - (pport - PORT_BASE) % CHUNK;
-        let s = inst.chunks.iter().position(|&c| c == base).ok_or(true)?;
+        let s = inst
+            .chunks
+            .iter()
+            .position(|&c| c == base)
+            .ok_or(Misfit::Port)?;
         Ok((slot, s as u16 * CHUNK + (pport - base)))
     }
 
@@ -578,11 +590,11 @@ impl Engine {
         };
         let (slot, idx) = match self.local_port(k.src, k.public, k.pport) {
             Ok(x) => x,
-            Err(false) => {
+            Err(Misfit::Instance) => {
                 rep.skipped_instance += 1;
                 return;
             }
-            Err(true) => {
+            Err(Misfit::Port) => {
                 rep.skipped_port += 1;
                 return;
             }
