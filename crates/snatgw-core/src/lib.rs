@@ -21,9 +21,9 @@ pub mod units;
 
 pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{
-    tier_ports, ActivitySource, ApplyReport, EndCause, Engine, Event, EventKind, FlowChange,
-    FlowFilter, FlowKey, FlowView, GlobalStats, InstanceReport, InstanceStats, LimitScope,
-    ReclaimReason, Scenario, Time, AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
+    tier_ports, ActivitySource, Admission, ApplyReport, EndCause, Engine, Event, EventKind,
+    FlowChange, FlowFilter, FlowKey, FlowView, GlobalStats, InstanceReport, InstanceStats,
+    LimitScope, ReclaimReason, Scenario, Time, AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
 };
 pub use error::{ConfigError, InvariantError, Rule};
 pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};

@@ -199,11 +199,16 @@ pub enum DropReason {
     /// A new inbound flow to a load-balancing rule whose pool has no healthy member
     /// (SPEC R4.5, R5.1).
     NoHealthyBackend,
+    /// A new outbound flow of an instance this gateway may not open flows for: a fleet node
+    /// that does not hold the instance's grant, or whose lease view ran out (SPEC R10.2,
+    /// `Engine::set_admission`). The packet is left unchanged, so a fleet node can forward it
+    /// to the owner (R10.3).
+    NotOwned,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     /// All reasons, in label order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::UnknownSource,
@@ -221,6 +226,7 @@ impl DropReason {
         DropReason::FlowLimit,
         DropReason::NsgDenied,
         DropReason::NoHealthyBackend,
+        DropReason::NotOwned,
     ];
 
     /// The metric label.
@@ -241,6 +247,7 @@ impl DropReason {
             DropReason::FlowLimit => "flow_limit",
             DropReason::NsgDenied => "nsg_denied",
             DropReason::NoHealthyBackend => "no_healthy_backend",
+            DropReason::NotOwned => "not_owned",
         }
     }
 }

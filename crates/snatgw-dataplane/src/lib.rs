@@ -74,15 +74,11 @@ pub struct DataplaneStats {
     /// caller's buffer (an ICMP answer needs the quoted header + 36 bytes): dropped
     /// unanswered, and not counted as answered or suppressed by the engine.
     pub fail_fast_no_room: u64,
-    /// New outbound flows refused because this node may not open flows for the instance
-    /// ([`Gateway::set_admission`]: a fleet node that does not own it, or whose lease ran
-    /// out, R10.2); also counted as [`DropReason::Policy`].
-    pub not_admitted: u64,
 }
 
 /// Whether this gateway may open new outbound flows for the instance at a private address
 /// ([`Gateway::set_admission`]). Called only for packets that would open a flow.
-pub type Admission = std::sync::Arc<dyn Fn(u32) -> bool + Send + Sync>;
+pub use snatgw_core::Admission;
 
 /// What [`Gateway::process_in`] did with a packet, and what the caller sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +123,6 @@ pub struct Gateway {
     /// The parse of the last packet `process` refused for exhaustion or a flow limit, taken
     /// by `process_in` to answer it (R9.5).
     refused: Option<Summary>,
-    /// Who may open new outbound flows (a fleet node's ownership, R10.2); `None`: everyone.
-    admission: Option<Admission>,
 }
 
 impl Gateway {
@@ -140,20 +134,16 @@ impl Gateway {
             frag_q: VecDeque::new(),
             stats: DataplaneStats::default(),
             refused: None,
-            admission: None,
         }
     }
 
     /// Restricts new outbound flows to the instances `admission` allows (a fleet node's
-    /// self-fencing, R10.2: it opens flows only for the instances it holds under a valid
-    /// lease). Checked in [`Gateway::process_in`] for an outbound TCP/UDP/ICMP packet from an
-    /// instance that matches no live flow of the engine (nor an ILPIP or load-balancing
-    /// flow, which [`Engine::lookup_outbound`] finds): refused, it is dropped as
-    /// [`DropReason::Policy`] and counted in [`DataplaneStats::not_admitted`]. Existing flows,
-    /// inbound packets and ICMP errors are not affected. `None` (the default) admits all and
-    /// costs one branch per packet.
+    /// self-fencing, R10.2): see [`Engine::set_admission`]. A refused packet comes back as
+    /// [`Outcome::Drop`] with [`DropReason::NotOwned`], unchanged, for the caller to forward
+    /// to the owner (R10.3). The check is the engine's, on its new-flow path: an established
+    /// flow's packet never reaches it.
     pub fn set_admission(&mut self, admission: Option<Admission>) {
-        self.admission = admission;
+        self.engine.set_admission(admission);
     }
 
     /// The engine.
@@ -265,11 +255,6 @@ impl Gateway {
     #[inline]
     pub fn process_in(&mut self, now: Time, buf: &mut [u8], len: usize, dir: Direction) -> Outcome {
         let len = len.min(buf.len());
-        if self.admission.is_some() && dir == Direction::Outbound && !self.admitted(&buf[..len]) {
-            self.stats.not_admitted += 1;
-            self.drop(DropReason::Policy);
-            return Outcome::Drop(DropReason::Policy);
-        }
         match self.process(now, &mut buf[..len], dir) {
             Verdict::Drop(r @ (DropReason::PortsExhausted | DropReason::FlowLimit))
                 if dir == Direction::Outbound =>
@@ -286,39 +271,6 @@ impl Gateway {
             Verdict::Drop(r) => Outcome::Drop(r),
             v => Outcome::Forward(v),
         }
-    }
-
-    /// Whether the outbound packet `pkt` may go on to the engine under the admission
-    /// ([`Gateway::set_admission`]): anything that opens no flow does (malformed packets,
-    /// later fragments, ICMP errors, sources that are no instance: the engine refuses those
-    /// itself), and so does a packet of a flow the engine already has.
-    #[cold]
-    #[inline(never)]
-    fn admitted(&self, pkt: &[u8]) -> bool {
-        let Some(admission) = &self.admission else {
-            return true;
-        };
-        let Ok(s) = parse(pkt) else { return true };
-        if matches!(s.frag, Frag::NonFirst { .. })
-            || matches!(s.icmp, Some(IcmpKind::Error { .. }))
-            || !self.engine.is_instance(s.src)
-        {
-            return true;
-        }
-        let has_ports = s.proto == proto::TCP || s.proto == proto::UDP;
-        let (sport, dport) = if has_ports {
-            (s.src_port, s.dst_port)
-        } else {
-            (0, 0)
-        };
-        if self
-            .engine
-            .lookup_outbound(s.proto, s.src, sport, s.dst, dport)
-            .is_some()
-        {
-            return true;
-        }
-        admission(s.src)
     }
 
     /// Keeps the parse of a packet refused for exhaustion or a flow limit, for

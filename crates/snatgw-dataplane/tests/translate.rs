@@ -377,9 +377,10 @@ fn r3_6_r5_1_icmp_errors_of_inbound_lb_flows_are_translated_both_ways() {
 }
 
 /// A fleet node's self-fencing (R10.2, issue #19): with an admission that refuses an
-/// instance, its new flows are dropped (`policy`, counted as not admitted) while its flows
-/// opened before keep being translated both ways; other instances and ILPIPs are untouched,
-/// and allowing the instance again opens flows again.
+/// instance, its new flows are dropped as `not_owned` and left unchanged (for a fleet node to
+/// forward to the owner, R10.3) while its flows opened before keep being translated both ways;
+/// other instances and ILPIPs are untouched, and allowing the instance again opens flows
+/// again. Inbound, the owner of a public port is the instance whose block holds it (R2.4).
 #[test]
 fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_ones() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -402,12 +403,34 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     g.set_admission(Some(Arc::new(move |src| {
         src != pat_vm || o2.load(Ordering::SeqCst)
     })));
-    // Not owned any more: a new TCP flow and a new UDP flow are refused...
-    let (o, _) = send(&mut g, tcp_syn(vm, 40001, remote, 443), Direction::Outbound);
-    assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
-    let (o, _) = send(&mut g, udp(vm, 5353, remote, 53, b"q"), Direction::Outbound);
-    assert_eq!(o.verdict(), Verdict::Drop(DropReason::Policy));
-    assert_eq!(g.stats().not_admitted, 2);
+    // Not owned any more: a new TCP flow and a new UDP flow are refused, bytes untouched...
+    let syn = tcp_syn(vm, 40001, remote, 443);
+    let (o, bytes) = send(&mut g, syn.clone(), Direction::Outbound);
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::NotOwned));
+    assert_eq!(bytes, syn);
+    let dgram = udp(vm, 5353, remote, 53, b"q");
+    let (o, bytes) = send(&mut g, dgram.clone(), Direction::Outbound);
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::NotOwned));
+    assert_eq!(bytes, dgram);
+    // ...and so is a mid-flow segment of a flow this node does not know (a flow another node
+    // opened): the owner decides it, not this node's R3.1 check.
+    let (o, _) = send(
+        &mut g,
+        tcp_data(vm, 40005, remote, 443, b"x"),
+        Direction::Outbound,
+    );
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::NotOwned));
+    assert_eq!(g.stats().drops[DropReason::NotOwned as usize], 3);
+    // Inbound steering's question: whose block holds the flow's public port.
+    assert_eq!(
+        g.engine()
+            .instance_of_public_port(u32::from(out.src), out.src_port),
+        Some(u32::from(vm))
+    );
+    assert_eq!(
+        g.engine().instance_of_public_port(u32::from(out.src), 80),
+        None
+    );
     // ...the existing flow goes on, out and back.
     let (o, _) = send(
         &mut g,
@@ -429,7 +452,7 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     owned.store(true, Ordering::SeqCst);
     let (o, _) = send(&mut g, tcp_syn(vm, 40002, remote, 443), Direction::Outbound);
     assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
-    assert_eq!(g.stats().not_admitted, 2);
+    assert_eq!(g.stats().drops[DropReason::NotOwned as usize], 3);
     // No admission: as before.
     g.set_admission(None);
     owned.store(false, Ordering::SeqCst);

@@ -17,8 +17,7 @@
 //! computes the same port blocks for every instance (R2.8 pool sizes depend on group sizes).
 //!
 //! Not built: steering (R10.3). A node translates new flows only for the instances it owns;
-//! new flows of other instances that reach it are dropped (`policy`, counted as
-//! `not_admitted`). Flow takeover (R10.4) is not built either.
+//! new flows of other instances that reach it are dropped (`not_owned`). Flow takeover (R10.4) is not built either.
 //!
 //! Without `--fleet` none of this runs (R10.6).
 

@@ -136,7 +136,14 @@ pub struct Engine {
     inb: inbound::InboundRt,
     /// Flows recently ended by idle timeout (`idle_reuse`, R7.1 symptom).
     idle_recent: idle_reuse::IdleRecent,
+    /// Who may open new PAT flows ([`Engine::set_admission`], a fleet node's ownership,
+    /// R10.2); `None`: every instance.
+    admission: Option<Admission>,
 }
+
+/// Whether this engine may open new PAT flows for the instance at a private address
+/// ([`Engine::set_admission`]).
+pub type Admission = Arc<dyn Fn(u32) -> bool + Send + Sync>;
 
 impl Engine {
     /// A new engine running `topo` at time `now`; the hash key comes from the config seed.
@@ -176,6 +183,7 @@ impl Engine {
             nsg: Default::default(),
             inb: Default::default(),
             idle_recent: Default::default(),
+            admission: None,
         };
         e.apply(now, topo)?;
         Ok(e)

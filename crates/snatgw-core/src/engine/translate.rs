@@ -19,9 +19,11 @@
 use super::events::{EventKind, LimitScope};
 use super::flows::Flow;
 use super::instance::Scenario;
+use super::ports::CHUNK;
 use super::stats::stats_bucket;
 use super::{Engine, FlowKey, NONE};
 use crate::packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};
+use crate::units::PORT_BASE;
 
 impl Engine {
     /// Looks up the flow an ICMP error refers to (R3.6) without creating or refreshing it.
@@ -48,6 +50,35 @@ impl Engine {
     /// Whether `private` is a configured instance's address (R9.1).
     pub fn is_instance(&self, private: u32) -> bool {
         self.by_private.contains_key(&private)
+    }
+
+    /// Restricts new PAT flows to the instances `admission` allows, asked with the
+    /// instance's private address (a fleet node's self-fencing, R10.2: it opens flows only
+    /// for the instances whose grant it holds under a valid lease). A refused packet — an
+    /// outbound TCP/UDP/ICMP packet of a PAT instance matching no live flow — is dropped as
+    /// [`DropReason::NotOwned`], before the NSG, the flow limits and the TCP SYN check, and
+    /// is left unchanged so the caller can forward it to the owner (R10.3). Existing flows,
+    /// ILPIP instances (stateless, on the instance's own ports), load-balancing return
+    /// traffic, inbound packets and ICMP errors are not asked. `None` (the default) admits
+    /// everything; the check costs nothing on an established flow's packet.
+    pub fn set_admission(&mut self, admission: Option<super::Admission>) {
+        self.admission = admission;
+    }
+
+    /// The private address of the PAT instance whose block holds public `port` of `public`
+    /// (R2.4), if any: who owns an inbound packet's flow in a fleet (R10.3 steering by public
+    /// port block). Blocks are computed from the whole topology, so every node of a fleet
+    /// gives the same answer.
+    pub fn instance_of_public_port(&self, public: u32, port: u16) -> Option<u32> {
+        if port < PORT_BASE {
+            return None;
+        }
+        let pip = self.pips.get(&public)?;
+        let &slot = pip.owner.get(((port - PORT_BASE) / CHUNK) as usize)?;
+        if slot == NONE {
+            return None;
+        }
+        Some(self.insts.get(slot as usize)?.as_ref()?.private_ip)
     }
 
     /// The private address behind an ILPIP (R1.1), if `public` is one.
@@ -161,6 +192,14 @@ impl Engine {
             }
             ref s => s.addr(),
         };
+        // R10.2: a fleet node opens flows only for the instances it owns under a valid lease.
+        // Asked only here, for a packet of no flow from a PAT instance: established packets
+        // never reach it. The packet is left as it came, for the caller to forward (R10.3).
+        if let Some(admits) = &self.admission {
+            if !admits(p.src) {
+                return self.drop_inst(slot, p.proto, DropReason::NotOwned);
+            }
+        }
         let Some(l4) = L4::from_proto(p.proto) else {
             // R3.6 decision: ICMP echo is not translated through PAT (the seeds list TCP and
             // UDP only); it is counted apart so a tenant asking "why does ping fail" gets an answer.
