@@ -71,6 +71,21 @@ impl<C: Coordinator> Member<C> {
 
     /// One round: renew or join, then reconcile `resources` against the rendezvous owners.
     pub fn tick(&mut self, now: Duration, resources: &[Resource]) -> TickReport {
+        self.tick_with(now, resources, |_| {})
+    }
+
+    /// [`Member::tick`], calling `stop_using(resource)` for every resource this node stops
+    /// translating for, at the moment it is dropped from the local view and *before* its
+    /// grant is released (or, when the lease ended at the store, before the tick returns):
+    /// the data path's own copy of the view must drop it there, or it would go on opening
+    /// flows for a resource another node may already hold (R10.2). A handover of the
+    /// resource's flows to its next owner (R10.4) also belongs there.
+    pub fn tick_with(
+        &mut self,
+        now: Duration,
+        resources: &[Resource],
+        mut stop_using: impl FnMut(&Resource),
+    ) -> TickReport {
         let mut rep = TickReport::default();
         let had: Vec<Resource> = self.view.grants().map(|g| g.resource.clone()).collect();
         let r = if self.view.lease().is_none() {
@@ -83,6 +98,9 @@ impl<C: Coordinator> Member<C> {
             Err(e @ (FleetError::LeaseExpired(_) | FleetError::NotJoined(_))) => {
                 // Already fenced by the local deadline; forget the old lease and its grants.
                 self.view.clear();
+                for r in &had {
+                    stop_using(r);
+                }
                 rep.lost = had;
                 rep.error = Some(e);
                 return rep;
@@ -106,6 +124,7 @@ impl<C: Coordinator> Member<C> {
                 // Stop using it first, then give it back (a failed release leaves it to end
                 // with the lease; nobody else can take it before that anyway).
                 if let Some(g) = self.view.drop_grant(res) {
+                    stop_using(res);
                     rep.lost.push(res.clone());
                     if let Err(e) = self.coord.release(&g, now) {
                         rep.error.get_or_insert(e);

@@ -14,7 +14,9 @@
 //! carry, so flows read back from a fast path's map (which knows no names) fit the same record.
 //!
 //! **Import** ([`Engine::import_state`]) is for a freshly built engine with the topology that
-//! was running when the state was exported: it moves each block to the exported layout, then
+//! was running when the state was exported, or for a running one taking over instances whose
+//! blocks hold no flows yet (a fleet node, R10.4): it moves each such block to the exported
+//! layout (a block that already has flows keeps its own), then
 //! inserts the flows with their own `last_seen`, close times and state, holds their ports, and
 //! queues their timers at their real deadlines, so a flow whose timer ran out while nobody ran
 //! it is released at the next timer step with that deadline as its release time (R3.2–R3.4
@@ -522,18 +524,23 @@ impl Engine {
             if !inst.scenario.is_pat() || inst.scenario.addr() != l.public {
                 continue;
             }
-            if inst.chunks != l.chunks {
-                moves.push((slot, l.chunks));
+            if inst.chunks == l.chunks {
+                continue;
             }
+            if self.blocks[slot as usize * 2].flows() > 0
+                || self.blocks[slot as usize * 2 + 1].flows() > 0
+            {
+                // A running engine's block with flows of its own (a fleet node taking an
+                // instance back, R10.4) keeps its layout: records that do not fit it are
+                // skipped as `skipped_port`.
+                rep.layout_conflicts += 1;
+                continue;
+            }
+            moves.push((slot, l.chunks));
         }
         // First give back every chunk of a block that moves (no flows hold them yet), then
         // take the exported ones, so two blocks can swap chunks.
         for &(slot, _) in &moves {
-            debug_assert!(
-                self.blocks[slot as usize * 2].flows() == 0
-                    && self.blocks[slot as usize * 2 + 1].flows() == 0,
-                "layouts are imported before flows"
-            );
             for s in 0..SLOTS {
                 self.free_chunk_slot(slot, s);
             }
