@@ -197,6 +197,14 @@ const INSTALL_CHUNK: usize = 4096;
 /// every change for the recorder (if any) until the housekeeping tick takes them.
 pub(crate) struct Feed {
     offload: Option<Box<dyn OffloadSink>>,
+    /// The fleet's journal tap (`crate::runtime::FleetHooks::with_journal_tap`): given every
+    /// drained change, in order, after the offload applied them.
+    tap: Option<JournalTap>,
+    /// Changes handed to the tap so far, and `Engine::journal_lost` as of the last flush
+    /// (read by the runtime's counters and journal mark without the gateway lock).
+    tap_counts: Arc<TapCounts>,
+    /// `Engine::journal_lost` when the feed started (the tap counts losses from there).
+    lost_base: u64,
     /// The fast path's FIN/RST events (issue #17), applied before anything else under the lock.
     events: Option<Box<dyn TcpEventSource>>,
     /// Events are not read before this (a test knob that forces the kernel's ring full).
@@ -221,6 +229,7 @@ impl Feed {
         offload: Option<Box<dyn OffloadSink>>,
         events: Option<(Box<dyn TcpEventSource>, Option<std::time::Instant>)>,
         record: bool,
+        tap: Option<JournalTap>,
         engine: &mut Engine,
     ) -> Feed {
         let (events, events_hold) = match events {
@@ -229,6 +238,9 @@ impl Feed {
         };
         let mut f = Feed {
             offload,
+            tap,
+            tap_counts: Arc::new(TapCounts::default()),
+            lost_base: engine.journal_lost(),
             events,
             events_hold,
             ev_buf: Vec::new(),
@@ -240,7 +252,7 @@ impl Feed {
             installs: Vec::new(),
             removes: Vec::new(),
         };
-        if f.offload.is_some() || record {
+        if f.offload.is_some() || record || f.tap.is_some() {
             engine.set_journal(true);
         }
         if let Some(o) = f.offload.as_mut() {
@@ -278,6 +290,17 @@ impl Feed {
             }
         }
         self.lost_seen = lost;
+        if let Some(tap) = self.tap.as_mut() {
+            self.tap_counts
+                .journal_lost
+                .store(lost.saturating_sub(self.lost_base), Ordering::Relaxed);
+            if !self.scratch.is_empty() {
+                tap(&self.scratch);
+                self.tap_counts
+                    .tapped
+                    .fetch_add(self.scratch.len() as u64, Ordering::Relaxed);
+            }
+        }
         if self.record {
             let room = JOURNAL_CAP.saturating_sub(self.recorded.len());
             let n = self.scratch.len();
@@ -309,6 +332,11 @@ impl Feed {
         self.ev_buf.len()
     }
 
+    /// The tap's counters (shared with the runtime).
+    pub(crate) fn tap_counts(&self) -> Arc<TapCounts> {
+        self.tap_counts.clone()
+    }
+
     /// Takes the changes kept for the recorder (oldest first).
     pub(crate) fn take_recorded(&mut self) -> Vec<FlowChange> {
         std::mem::take(&mut self.recorded)
@@ -318,6 +346,20 @@ impl Feed {
     pub(crate) fn record_lost(&self) -> u64 {
         self.record_lost
     }
+}
+
+/// The fleet's journal tap: called under the gateway lock with each run of drained flow
+/// changes, in the engine's order, never with an empty slice (see
+/// `crate::runtime::FleetHooks::with_journal_tap`).
+pub type JournalTap = Box<dyn FnMut(&[FlowChange]) + Send>;
+
+/// What the [`Feed`] counts for the journal tap (atomics: read without the gateway lock).
+#[derive(Default)]
+pub(crate) struct TapCounts {
+    /// Changes handed to the tap since start.
+    pub(crate) tapped: AtomicU64,
+    /// `Engine::journal_lost` at the last flush: changes the tap never saw.
+    pub(crate) journal_lost: AtomicU64,
 }
 
 /// Gives `o` every live flow of `engine`, in chunks.
@@ -657,6 +699,9 @@ pub struct FastPath {
     events: Option<TcEvents>,
     /// Events are not read before this ([`FastPathOptions::events_hold`]).
     events_hold: Option<std::time::Instant>,
+    /// A second reader of the flow map, for a snapshotter's last-seen merge
+    /// ([`FastPath::take_seen_source`]).
+    seen: Option<TcActivity>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
     floor: bool,
@@ -717,7 +762,7 @@ pub struct FastPathSnap {
 impl FastPath {
     /// Sets the fast path up per `o.mode` and, when it runs, gives `engine` its offload's
     /// activity source (which turns the engine's journal on; the runtime applies the journal to
-    /// the map, [`FastPath::take_offload`]). Returns `None` for the TUN path (mode `off`, or
+    /// the map, `FastPath::take_offload`). Returns `None` for the TUN path (mode `off`, or
     /// `auto` when it cannot run, logged); `Err` only in mode `tc`.
     ///
     /// With [`FastPathOptions::pin_dir`] (a bpffs directory, SPEC R11.1) the programs stay
@@ -778,6 +823,7 @@ impl FastPath {
             );
         }
         let offload = Arc::new(OffloadCounters::default());
+        let mut seen = None;
         let sink = if floor {
             None
         } else {
@@ -793,6 +839,13 @@ impl FastPath {
                 map: reader,
                 start_ns,
             })));
+            seen = match map.reader() {
+                Ok(map) => Some(TcActivity { map, start_ns }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "fast path: no second reader of the flow map; flow-state exports carry the engine's last-seen times only");
+                    None
+                }
+            };
             Some(TcOffload {
                 map,
                 private_ifindex: fp.private_ifindex,
@@ -835,6 +888,7 @@ impl FastPath {
             sink,
             events,
             events_hold: o.events_hold.map(|d| std::time::Instant::now() + d),
+            seen,
             credited,
             floor,
             private_if: private_if.into(),
@@ -859,6 +913,17 @@ impl FastPath {
         self.events
             .take()
             .map(|e| (Box::new(e) as Box<dyn TcpEventSource>, hold))
+    }
+
+    /// A reader of the kernel's flow map answering each flow's last packet there (engine
+    /// seconds), for [`crate::persist::SnapshotterBuilder::seen`]: flows the kernel carries
+    /// have an older `last_seen` in the engine (it asks the map only when a flow looks
+    /// idle-due), and an export for another node (R10.4) or a restart should carry the
+    /// kernel's. Once; `None` in floor mode or if the map could not be opened twice.
+    pub fn take_seen_source(&mut self) -> Option<Box<dyn ActivitySource>> {
+        self.seen
+            .take()
+            .map(|s| Box::new(s) as Box<dyn ActivitySource>)
     }
 
     /// The packets the kernel translated since the last call, per instance slot and protocol,

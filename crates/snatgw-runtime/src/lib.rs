@@ -4,13 +4,16 @@
 //!
 //! - [`runtime`]: [`Runtime`], one worker thread per queue (direction by the side a queue is
 //!   on, SPEC R9.1), the housekeeping tick (timers in bounded steps, R9.4; events, R6.2, under
-//!   a log rate cap, R9.3), the stats snapshot, an orderly shutdown; [`Clock`];
+//!   a log rate cap, R9.3), the stats snapshot, an orderly shutdown; [`Clock`]; a fleet
+//!   node's hooks (SPEC R10.3, R10.4): steering refused packets ([`Steer`]), injecting the
+//!   packets other nodes steered here ([`Injector`]) and the flow journal tap ([`FleetHooks`]);
 //! - [`fastpath`]: the kernel fast path joined to the engine (issue #9);
 //! - [`probe`]: the health prober (SPEC R5.2);
 //! - [`record`]: the flow recorder (`snatgw run --record`, the planner's trace format);
 //! - [`stats`]: the stats snapshot (`--stats-file`) and its rendering (`snatgw stats`);
 //! - [`logcap`]: the event log's rate cap (R9.3);
-//! - [`persist`]: the state file a restart restores flows from (SPEC R11.1);
+//! - [`persist`]: the state file a restart restores flows from (SPEC R11.1), and the periodic
+//!   flow-state export a fleet node replicates (R10.4);
 //! - [`config`]: loading a configuration file, and the engine a running gateway uses.
 //!
 //! What it does not do: parse arguments, open devices, seed the store, serve the API or
@@ -26,7 +29,9 @@ pub mod record;
 pub mod runtime;
 pub mod stats;
 
+pub use fastpath::JournalTap;
 pub use runtime::{
-    Clock, Parts, Runtime, RuntimeError, RuntimeOptions, StopHandle, Wake, PACKET_EXPIRY_BUDGET,
-    TICK,
+    Clock, FleetHooks, Injector, Parts, Runtime, RuntimeError, RuntimeOptions, Steer, StopHandle,
+    Wake, INBOX_BYTES, INBOX_CAP, INJECT_POLL, PACKET_EXPIRY_BUDGET, TICK,
 };
+pub use stats::FleetSnap;

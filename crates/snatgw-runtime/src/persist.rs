@@ -19,6 +19,12 @@
 //!   one snapshot takes longer than a tenth of `interval` (about 100 ms for 1M flows: 40 MB),
 //!   the next waits ten times that long, and the log says so. [`Snapshotter::finish`] writes a last one after
 //!   the workers stopped, so a clean stop (an upgrade) loses nothing.
+//! - [`Snapshotter::builder`] makes the same thread serve a fleet node (R10.4): each export
+//!   can be handed to a hook ([`SnapshotterBuilder::on_export`]) with or without a state file,
+//!   with the kernel fast path's last-seen times merged in first ([`SnapshotterBuilder::seen`])
+//!   and a mark read under the gateway lock before the first step
+//!   ([`SnapshotterBuilder::mark`], joined with the runtime's journal tap). The hook and the
+//!   merge count in the tenth-of-the-time bound.
 //! - [`restore_engine`] builds the engine a restart starts with: the saved topology, the
 //!   imported flows, then the desired topology applied as a live change (R1.4, R2.9, R2.10).
 //!
@@ -41,7 +47,7 @@ use std::time::{Duration, Instant};
 use snatgw_core::config::ConfigFile;
 use snatgw_core::engine::persist::{ExportCursor, FlowState, ImportReport, StateError};
 use snatgw_core::topology::SnatGroup;
-use snatgw_core::{ConfigError, Engine, Time, Topology};
+use snatgw_core::{ActivitySource, ConfigError, Engine, Time, Topology};
 use snatgw_dataplane::Gateway;
 
 /// The state file's format version.
@@ -78,6 +84,9 @@ pub enum PersistError {
         /// The error.
         source: StateError,
     },
+    /// The snapshot thread panicked (in an export hook): no last snapshot was made.
+    #[error("the snapshot thread panicked; no last flow-state snapshot was made")]
+    Panicked,
 }
 
 /// Why a saved state cannot be restored.
@@ -308,77 +317,171 @@ pub struct SnapshotCounters {
     pub last_bytes: AtomicU64,
     /// Longest single export step under the gateway lock, nanoseconds.
     pub step_max_ns: AtomicU64,
-    /// Time the last snapshot took from first step to durable file, microseconds.
+    /// Time the last snapshot took from first step to durable file (and export hook),
+    /// microseconds.
     pub last_us: AtomicU64,
+    /// Exports made (with or without a file; each one handed to the export hook, if any).
+    pub exported: AtomicU64,
 }
 
-/// Writes the state file every `interval` from its own thread (see the module docs).
+/// What [`SnapshotterBuilder::on_export`] is given after each export: the state (its flows
+/// with the kernel's last-seen times merged, [`SnapshotterBuilder::seen`]) and the mark read
+/// under the gateway lock before the export's first step ([`SnapshotterBuilder::mark`]; 0
+/// without one).
+pub type ExportHook = Box<dyn FnMut(&SavedState, u64) + Send>;
+
+/// A value read under the gateway lock before an export's first step
+/// ([`SnapshotterBuilder::mark`]).
+pub type ExportMark = Box<dyn Fn() -> u64 + Send>;
+
+/// Exports the flow state every `interval` from its own thread, writes it to the state file
+/// and/or hands it to a hook (see the module docs). Built with [`Snapshotter::start`] (a
+/// file) or [`Snapshotter::builder`].
 pub struct Snapshotter {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    gw: Arc<Mutex<Gateway>>,
-    file: StateFile,
-    origin_ns: u64,
-    boot_id: String,
+    /// The thread, which gives its job back when it ends (for the last snapshot).
+    handle: Option<JoinHandle<Job>>,
     counters: Arc<SnapshotCounters>,
 }
 
-/// Exports the engine's state in bounded steps, each under the lock.
-fn export(gw: &Mutex<Gateway>, origin_ns: u64, boot_id: &str, c: &SnapshotCounters) -> SavedState {
-    let (config, designations) = {
-        let g = gw.lock().unwrap_or_else(|p| p.into_inner());
+/// How a [`Snapshotter`] is set up: [`Snapshotter::builder`], then any of
+/// [`SnapshotterBuilder::file`], [`SnapshotterBuilder::on_export`],
+/// [`SnapshotterBuilder::seen`], [`SnapshotterBuilder::mark`], then
+/// [`SnapshotterBuilder::start`].
+pub struct SnapshotterBuilder {
+    job: Job,
+    interval: Duration,
+}
+
+/// What one snapshot needs; owned by the snapshot thread while it runs.
+struct Job {
+    gw: Arc<Mutex<Gateway>>,
+    file: Option<StateFile>,
+    origin_ns: u64,
+    boot_id: String,
+    counters: Arc<SnapshotCounters>,
+    seen: Option<Box<dyn ActivitySource>>,
+    mark: Option<ExportMark>,
+    on_export: Option<ExportHook>,
+}
+
+/// Exports the engine's state in bounded steps, each under the lock; returns it with the
+/// mark read under the lock before the first step.
+fn export(job: &Job) -> (SavedState, u64) {
+    let (config, designations, mark) = {
+        let g = job.gw.lock().unwrap_or_else(|p| p.into_inner());
         let e = g.engine();
-        (e.topology().source.clone(), e.designations())
+        let mark = job.mark.as_ref().map_or(0, |m| m());
+        (e.topology().source.clone(), e.designations(), mark)
     };
     let mut cur = ExportCursor::default();
     let mut flows = FlowState::default();
     loop {
         let t = Instant::now();
         let done = {
-            let g = gw.lock().unwrap_or_else(|p| p.into_inner());
+            let g = job.gw.lock().unwrap_or_else(|p| p.into_inner());
             g.engine().export_step(&mut cur, &mut flows)
         };
-        c.step_max_ns
+        job.counters
+            .step_max_ns
             .fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if done {
             break;
         }
         std::thread::yield_now();
     }
-    SavedState {
-        boot_id: boot_id.to_string(),
-        origin_ns,
+    let state = SavedState {
+        boot_id: job.boot_id.clone(),
+        origin_ns: job.origin_ns,
         config,
         designations,
         flows,
+    };
+    (state, mark)
+}
+
+/// Moves each flow's `last_seen` up to the last packet `seen` (the kernel's map) reports for
+/// it, never past the state's time. Outside the gateway lock: the map has its own reader.
+fn merge_seen(flows: &mut FlowState, seen: &mut dyn ActivitySource) {
+    let limit = flows.time;
+    for f in &mut flows.flows {
+        if let Some(t) = seen.last_seen(&f.key) {
+            f.last_seen = f.last_seen.max(t.min(limit));
+        }
     }
 }
 
-fn snapshot_once(
-    gw: &Mutex<Gateway>,
-    file: &StateFile,
-    origin_ns: u64,
-    boot_id: &str,
-    c: &SnapshotCounters,
-) -> Result<(), PersistError> {
+fn snapshot_once(job: &mut Job) -> Result<(), PersistError> {
     let t = Instant::now();
-    let s = export(gw, origin_ns, boot_id, c);
-    let bytes = s.encode();
-    let r = file.write_bytes(&bytes);
-    match &r {
-        Ok(()) => {
-            c.written.fetch_add(1, Ordering::Relaxed);
-            c.last_flows
-                .store(s.flows.flows.len() as u64, Ordering::Relaxed);
-            c.last_bytes.store(bytes.len() as u64, Ordering::Relaxed);
-            c.last_us
-                .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
-        Err(_) => {
-            c.failed.fetch_add(1, Ordering::Relaxed);
+    let (mut s, mark) = export(job);
+    if let Some(src) = job.seen.as_mut() {
+        merge_seen(&mut s.flows, src.as_mut());
+    }
+    let c = job.counters.clone();
+    c.exported.fetch_add(1, Ordering::Relaxed);
+    c.last_flows
+        .store(s.flows.flows.len() as u64, Ordering::Relaxed);
+    if let Some(hook) = job.on_export.as_mut() {
+        hook(&s, mark);
+    }
+    let mut r = Ok(());
+    if let Some(file) = &job.file {
+        let bytes = s.encode();
+        r = file.write_bytes(&bytes);
+        match &r {
+            Ok(()) => {
+                c.written.fetch_add(1, Ordering::Relaxed);
+                c.last_bytes.store(bytes.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
+    c.last_us
+        .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     r
+}
+
+/// The snapshot thread: a snapshot, then a wait of `interval` or ten times the snapshot's
+/// time, whichever is longer, until `stop`. Gives the job back for the last snapshot.
+fn run(mut job: Job, interval: Duration, stop: &AtomicBool) -> Job {
+    let mut failing = false;
+    let mut slowed = false;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        match snapshot_once(&mut job) {
+            Ok(()) if failing => {
+                failing = false;
+                if let Some(f) = &job.file {
+                    tracing::info!(path = %f.path().display(), "flow state written again");
+                }
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "writing the flow state failed: a crash now loses the flows opened since the last good one (R11.1)");
+            }
+            Err(_) => {}
+        }
+        // At most a tenth of the time spent snapshotting (export, kernel merge, hook, file):
+        // a table so large that one snapshot takes longer than a tenth of the interval is
+        // exported less often (the loss bound grows with it, and the log says so once).
+        let took = t.elapsed();
+        let wait = interval.max(took * 10);
+        if wait > interval && !slowed {
+            slowed = true;
+            tracing::warn!(
+                snapshot_ms = took.as_millis() as u64,
+                every_ms = wait.as_millis() as u64,
+                "the flow state is exported less often than --flow-state-interval-ms: one snapshot takes over a tenth of it"
+            );
+        }
+        while !stop.load(Ordering::Relaxed) && t.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(20).min(interval));
+        }
+    }
+    job
 }
 
 impl Snapshotter {
@@ -390,65 +493,30 @@ impl Snapshotter {
         origin_ns: u64,
         interval: Duration,
     ) -> Snapshotter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(SnapshotCounters::default());
-        let boot = boot_id();
-        let handle = {
-            let (stop, gw, file, counters, boot) = (
-                stop.clone(),
-                gw.clone(),
-                file.clone(),
-                counters.clone(),
-                boot.clone(),
-            );
-            std::thread::Builder::new()
-                .name("snapshot".into())
-                .spawn(move || {
-                    let mut failing = false;
-                    let mut slowed = false;
-                    while !stop.load(Ordering::Relaxed) {
-                        let t = Instant::now();
-                        match snapshot_once(&gw, &file, origin_ns, &boot, &counters) {
-                            Ok(()) if failing => {
-                                failing = false;
-                                tracing::info!(path = %file.path().display(), "flow state written again");
-                            }
-                            Ok(()) => {}
-                            Err(e) if !failing => {
-                                failing = true;
-                                tracing::error!(error = %e, "writing the flow state failed: a crash now loses the flows opened since the last good one (R11.1)");
-                            }
-                            Err(_) => {}
-                        }
-                        // At most a tenth of the time spent snapshotting: a table so large
-                        // that one snapshot takes longer than a tenth of the interval is
-                        // written less often (the loss bound grows with it, and the log
-                        // says so once).
-                        let took = t.elapsed();
-                        let wait = interval.max(took * 10);
-                        if wait > interval && !slowed {
-                            slowed = true;
-                            tracing::warn!(
-                                snapshot_ms = took.as_millis() as u64,
-                                every_ms = wait.as_millis() as u64,
-                                "the flow state is written less often than --flow-state-interval-ms: one snapshot takes over a tenth of it"
-                            );
-                        }
-                        while !stop.load(Ordering::Relaxed) && t.elapsed() < wait {
-                            std::thread::sleep(Duration::from_millis(20).min(interval));
-                        }
-                    }
-                })
-                .expect("spawning the snapshot thread")
-        };
-        Snapshotter {
-            stop,
-            handle: Some(handle),
-            gw,
-            file,
-            origin_ns,
-            boot_id: boot,
-            counters,
+        Snapshotter::builder(gw, origin_ns, interval)
+            .file(file)
+            .start()
+    }
+
+    /// A snapshotter of `gw`'s flow state every `interval` (the first at once), to be told
+    /// where the exports go. `origin_ns` is the clock origin of engine time 0.
+    pub fn builder(
+        gw: Arc<Mutex<Gateway>>,
+        origin_ns: u64,
+        interval: Duration,
+    ) -> SnapshotterBuilder {
+        SnapshotterBuilder {
+            job: Job {
+                gw,
+                file: None,
+                origin_ns,
+                boot_id: boot_id(),
+                counters: Arc::new(SnapshotCounters::default()),
+                seen: None,
+                mark: None,
+                on_export: None,
+            },
+            interval,
         }
     }
 
@@ -457,20 +525,81 @@ impl Snapshotter {
         self.counters.clone()
     }
 
-    /// Stops the thread and writes a last snapshot (call it after the workers stopped, so it
-    /// holds every flow: a clean stop loses nothing).
+    /// Stops the thread and makes a last snapshot: written to the file and handed to the
+    /// hook, if any (call it after the workers stopped, so it holds every flow: a clean stop
+    /// loses nothing). `Err` if the file could not be written, or the thread panicked (in the
+    /// export hook).
     pub fn finish(mut self) -> Result<(), PersistError> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        let Some(h) = self.handle.take() else {
+            return Ok(());
+        };
+        let mut job = h.join().map_err(|_| PersistError::Panicked)?;
+        snapshot_once(&mut job)
+    }
+}
+
+impl SnapshotterBuilder {
+    /// Writes each export to `file` (atomically, [`StateFile::write`]).
+    pub fn file(mut self, file: StateFile) -> Self {
+        self.job.file = Some(file);
+        self
+    }
+
+    /// Hands each export to `hook` on the snapshot thread, after the kernel's last-seen merge
+    /// ([`SnapshotterBuilder::seen`]) and before the file is written: a fleet node replicating
+    /// its flows without (or besides) a state file (R10.4). Its time counts in the duty
+    /// bound (module docs), so a slow hook makes exports rarer, not the data path slower; it
+    /// runs without the gateway lock. The `u64` is the mark ([`SnapshotterBuilder::mark`]).
+    pub fn on_export(mut self, hook: impl FnMut(&SavedState, u64) + Send + 'static) -> Self {
+        self.job.on_export = Some(Box::new(hook));
+        self
+    }
+
+    /// Merges the kernel's last-seen times into each export (outside the gateway lock, two
+    /// map lookups per flow): the engine asks the fast path's map only when a flow looks
+    /// idle-due, so a flow the kernel carries has an older `last_seen` in the engine, up to
+    /// the idle timeout. `seen` is [`crate::fastpath::FastPath::take_seen_source`]
+    /// (`Runtime::take_fast_path_seen`). Times are capped at the export's time.
+    pub fn seen(mut self, seen: Box<dyn ActivitySource>) -> Self {
+        self.job.seen = Some(seen);
+        self
+    }
+
+    /// Reads `mark` under the gateway lock before each export's first step and hands the
+    /// value to the export hook: with `Runtime::journal_mark`, the journal tap's changes up to
+    /// the mark are in the export, later ones may or may not be (a replica applies the export,
+    /// then replays the changes after the mark).
+    pub fn mark(mut self, mark: impl Fn() -> u64 + Send + 'static) -> Self {
+        self.job.mark = Some(Box::new(mark));
+        self
+    }
+
+    /// Starts the thread (the first snapshot at once). With neither a file nor an export hook
+    /// there is nothing to export to: no thread runs and [`Snapshotter::finish`] does nothing.
+    pub fn start(self) -> Snapshotter {
+        let SnapshotterBuilder { job, interval } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = job.counters.clone();
+        if job.file.is_none() && job.on_export.is_none() {
+            return Snapshotter {
+                stop,
+                handle: None,
+                counters,
+            };
         }
-        snapshot_once(
-            &self.gw,
-            &self.file,
-            self.origin_ns,
-            &self.boot_id,
-            &self.counters,
-        )
+        let handle = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(move || run(job, interval, &stop))
+                .expect("spawning the snapshot thread")
+        };
+        Snapshotter {
+            stop,
+            handle: Some(handle),
+            counters,
+        }
     }
 }
 

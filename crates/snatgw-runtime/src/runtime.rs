@@ -5,7 +5,7 @@
 //! from a private-side queue is outbound, every packet read from a public-side queue is
 //! inbound; its addresses never decide it. Each packet is decided and rewritten in place by
 //! [`Gateway::process`], then written back into the queue it came from (translated and passed
-//! packets; dropped ones are not written).
+//! packets; dropped ones are not written, steered ones go to another node: below).
 //!
 //! **Which worker handles a flow.** A NAT flow's outbound and return packets have different
 //! 5-tuples, so they may land on different queues. Every worker therefore shares one
@@ -29,6 +29,37 @@
 //! recorder, which the tick feeds outside the lock. Lock order: the gateway, then the feed
 //! (the feed's mutex is only ever taken under the gateway lock, so it is never contended).
 //!
+//! **A fleet node's hooks (SPEC R10.3, R10.4)**, all off unless given
+//! ([`Runtime::start_with_hooks`], [`Runtime::injector`]); a single node (R10.6) pays nothing
+//! for them but a branch per refused packet:
+//! - *Steering* ([`Steer`], [`FleetHooks::with_steer`]): for a packet a worker read from its
+//!   queue and the gateway refused ([`Outcome::Drop`], e.g. `not_owned` for an instance whose
+//!   grant another node holds, `unsolicited_inbound` for a public port with no flow here), the
+//!   worker asks [`Steer::target`] under the gateway lock; if it names a node, the packet
+//!   (unchanged: a refused packet is not rewritten) is handed to [`Steer::send`] after the
+//!   lock is released and the batch's flow changes applied, and is not written to the queue.
+//!   Counted per direction (`steered_out`, `steered_in`). A refusal the gateway answers
+//!   (R9.5) is not steered.
+//! - *Injection* ([`Injector::inject`]): packets another node steered here are queued in a
+//!   bounded inbox per side ([`INBOX_CAP`]) for the worker of queue 0 of the side their
+//!   direction names; it decides them exactly like packets it read (same direction, one lock
+//!   hold per batch, flow changes applied before the lock is released) and writes them to its
+//!   own queue, where the kernel routes them on like any translated packet. An injected packet
+//!   the gateway refuses is dropped, never steered again (no ping-pong between nodes whose
+//!   views of ownership differ for a moment). The queues' wakers are sticky (made for the
+//!   stop), so once an injector exists queue 0's workers wait at most [`INJECT_POLL`] in
+//!   `recv_batch` before looking at their inbox.
+//! - *Journal tap* ([`FleetHooks::with_journal_tap`]): the engine's journal is turned on and
+//!   every change the runtime drains from it is handed to the tap, in order, under the gateway
+//!   lock, after the fast path's map applied it; [`Runtime::journal_mark`] counts them, so a
+//!   flow-state export ([`crate::persist::SnapshotterBuilder`]) can be joined with the stream.
+//!
+//! What the hooks do not do: decide who owns what, talk to other nodes, or encode anything
+//! (the caller's `Steer` and tap do, outside this crate); steer in the kernel fast path (a
+//! packet the kernel translates never reaches a worker; one it passes up is steered here);
+//! replay flows the engine had before the tap was given (the export covers them), or deliver
+//! changes lost to a journal overflow (counted as `journal_lost`).
+//!
 //! What it does not do: open devices, parse arguments, serve the API, handle signals or
 //! decide the topology (the `snatgw` binary does); it runs whatever [`PacketIo`] queues and
 //! engine it is given, so the same code runs on TUN queues in production and on
@@ -43,11 +74,11 @@ use std::time::{Duration, Instant};
 
 use snatgw_control::backend::{FastPathCounters, RuntimeCounters};
 use snatgw_control::EventLog;
-use snatgw_core::{Direction, Engine, EXPIRY_BUDGET};
+use snatgw_core::{ActivitySource, Direction, DropReason, Engine, FlowChange, EXPIRY_BUDGET};
 use snatgw_dataplane::{Gateway, Outcome};
-use snatgw_io::{IoStats, PacketIo};
+use snatgw_io::{IoStats, PacketBatch, PacketIo};
 
-use crate::fastpath::{FastPath, Feed, OffloadSink, TcpEventSource};
+use crate::fastpath::{FastPath, Feed, JournalTap, OffloadSink, TapCounts, TcpEventSource};
 use crate::logcap::{Admit, LogCap};
 use crate::record::Recorder;
 use crate::stats::{self, Snapshot};
@@ -64,6 +95,14 @@ pub const PACKET_EXPIRY_BUDGET: u32 = 8;
 const MAX_TIMER_STEPS_PER_TICK: usize = 100;
 /// How long a worker blocks in `recv_batch` before it looks at the stop flag again.
 const RECV_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long queue 0's workers block in `recv_batch` once an [`Injector`] exists, so injected
+/// packets wait at most about this long for their worker (the queues' wakers are sticky, made
+/// for the stop: they cannot signal an injection).
+pub const INJECT_POLL: Duration = Duration::from_millis(1);
+/// Injected packets an inbox holds (per side); [`Injector::inject`] refuses more.
+pub const INBOX_CAP: usize = 8192;
+/// Bytes of injected packets an inbox holds (per side); [`Injector::inject`] refuses more.
+pub const INBOX_BYTES: usize = 32 << 20;
 
 /// Where gateway time (whole seconds, the engine's `now`) comes from.
 #[derive(Clone, Debug)]
@@ -207,6 +246,42 @@ struct Shared {
     fast_path: Mutex<Option<FastPathCounters>>,
     /// The journal's consumer: taken only under the gateway lock ([`Shared::flush`]).
     feed: Mutex<Feed>,
+    /// The journal tap's counters (the feed updates them under the gateway lock).
+    tap_counts: Arc<TapCounts>,
+    /// Whether a journal tap was given (for the snapshot's fleet part).
+    tap_on: bool,
+    /// Where refused packets go (R10.3), if anywhere.
+    steer: Option<Arc<dyn Steer>>,
+    /// What injectors share with the workers (only this: an [`Injector`] kept after the
+    /// runtime ended holds no gateway, map or queue).
+    inject: Arc<Inject>,
+    steered_out: AtomicU64,
+    steered_in: AtomicU64,
+    /// Injected packets the gateway refused.
+    injected_refused: AtomicU64,
+}
+
+/// The injection side of the runtime ([`Injector`]).
+#[derive(Default)]
+struct Inject {
+    /// Injected packets waiting for queue 0's worker, with their bytes: private side
+    /// (outbound) first, then public side (inbound).
+    inbox: [Mutex<(VecDeque<Vec<u8>>, usize)>; 2],
+    /// Set when the first [`Injector`] is made: queue 0's workers then poll their inbox
+    /// every [`INJECT_POLL`].
+    on: AtomicBool,
+    /// Set when the runtime stops: nothing is queued any more.
+    closed: AtomicBool,
+    injected: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The side index of a direction: where its packets arrive (R9.1).
+fn side_of(dir: Direction) -> usize {
+    match dir {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    }
 }
 
 impl Shared {
@@ -250,8 +325,44 @@ impl Shared {
             .flush(g.engine_mut());
     }
 
+    /// The fleet counters now (atomics only: no gateway lock).
+    fn fleet_snap(&self) -> stats::FleetSnap {
+        stats::FleetSnap {
+            steered_out: self.steered_out.load(Ordering::Relaxed),
+            steered_in: self.steered_in.load(Ordering::Relaxed),
+            injected: self.inject.injected.load(Ordering::Relaxed),
+            injected_dropped: self.inject.dropped.load(Ordering::Relaxed),
+            injected_refused: self.injected_refused.load(Ordering::Relaxed),
+            journal_tapped: self.tap_counts.tapped.load(Ordering::Relaxed),
+            journal_lost: self.tap_counts.journal_lost.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether any fleet hook is on (the snapshot then has a fleet part).
+    fn fleet_on(&self) -> bool {
+        self.tap_on || self.steer.is_some() || self.inject.on.load(Ordering::Relaxed)
+    }
+
+    /// Moves waiting injected packets of side `k` into `b` (as many as fit); returns how many.
+    fn take_injected(&self, k: usize, b: &mut PacketBatch) -> usize {
+        b.clear();
+        let mut q = self.inject.inbox[k]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while !b.is_full() {
+            let Some(p) = q.0.pop_front() else { break };
+            q.1 -= p.len();
+            if !b.push(&p) {
+                // Larger than this queue's slots (checked against 64 KiB when injected).
+                self.inject.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        b.len()
+    }
+
     fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.inject.closed.store(true, Ordering::SeqCst);
         for w in &self.wakers {
             w();
         }
@@ -300,6 +411,123 @@ pub struct Parts {
     pub wakers: Vec<Wake>,
 }
 
+/// Where a fleet node sends the packets it refuses (SPEC R10.3: any node may receive any
+/// packet; one for an instance or a public port block another node owns goes there
+/// unchanged). Given at start ([`FleetHooks::with_steer`]); shared by every worker.
+pub trait Steer: Send + Sync {
+    /// The node a packet the gateway refused with `reason` should go to, `None` to drop it as
+    /// before. Called by a worker *under the gateway lock*, for every refused packet it read
+    /// from its queue (never for injected ones): cheap lookups only (an ownership table, the
+    /// engine's topology), no I/O. `pkt` is the packet as it arrived (a refused packet is not
+    /// rewritten); `dir` is the side it arrived on (R9.1).
+    fn target(
+        &self,
+        engine: &Engine,
+        dir: Direction,
+        reason: DropReason,
+        pkt: &[u8],
+    ) -> Option<u32>;
+    /// Sends `pkt` (unchanged) to node `target`. Called by the worker after it released the
+    /// gateway lock and after the batch's flow changes were applied (so never under the
+    /// lock), once per packet `target` named a node for, in the batch's order. The packet is
+    /// not written to the worker's queue.
+    fn send(&self, target: u32, dir: Direction, pkt: &[u8]);
+}
+
+/// What a fleet node adds to a runtime ([`Runtime::start_with_hooks`]): a journal tap (flow
+/// changes for replication, R10.4) and steering (R10.3). Both optional; the default is none,
+/// which is [`Runtime::start`].
+#[derive(Default)]
+pub struct FleetHooks {
+    journal_tap: Option<JournalTap>,
+    steer: Option<Arc<dyn Steer>>,
+}
+
+impl FleetHooks {
+    /// No hooks.
+    pub fn new() -> FleetHooks {
+        FleetHooks::default()
+    }
+
+    /// Turns the engine's flow journal on and hands `tap` every change the runtime drains
+    /// from it: in the engine's order, under the gateway lock, right after the fast path's
+    /// map (if any) applied them and before the lock is released (so before any packet of a
+    /// new flow is sent); never with an empty slice. `tap` must be quick (copy the changes
+    /// into a queue; no I/O under the lock). Flows the engine already had at start are not
+    /// replayed (a flow-state export covers them), and changes lost to a journal overflow
+    /// are counted ([`crate::stats::FleetSnap::journal_lost`]), not delivered.
+    pub fn with_journal_tap(mut self, tap: impl FnMut(&[FlowChange]) + Send + 'static) -> Self {
+        self.journal_tap = Some(Box::new(tap));
+        self
+    }
+
+    /// Steers refused packets ([`Steer`]).
+    pub fn with_steer(mut self, steer: Arc<dyn Steer>) -> Self {
+        self.steer = Some(steer);
+        self
+    }
+}
+
+impl std::fmt::Debug for FleetHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetHooks")
+            .field("journal_tap", &self.journal_tap.is_some())
+            .field("steer", &self.steer.is_some())
+            .finish()
+    }
+}
+
+/// Hands packets another node steered here to this node's workers ([`Runtime::injector`]).
+/// It holds only the inboxes: keeping one after the runtime ended keeps nothing else alive.
+#[derive(Clone)]
+pub struct Injector(Arc<Inject>);
+
+impl Injector {
+    /// Queues a copy of `pkt` for the worker of queue 0 on the side `dir` names
+    /// ([`Direction::Outbound`]: the private side's, [`Direction::Inbound`]: the public
+    /// side's). That worker decides it like a packet it read (same direction, under the
+    /// gateway lock, flow changes applied before the lock is released) and writes the result
+    /// to its own queue, where the kernel routes it on as any translated packet. A packet the
+    /// gateway refuses is dropped and never steered again (no ping-pong between nodes).
+    /// `false` (counted as `injected_dropped`) when the side's inbox holds [`INBOX_CAP`]
+    /// packets or [`INBOX_BYTES`] bytes, the packet is empty or over 65 535 bytes, or the
+    /// runtime stopped.
+    pub fn inject(&self, dir: Direction, pkt: &[u8]) -> bool {
+        let inj = &self.0;
+        let refuse = || {
+            inj.dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        };
+        if pkt.is_empty() || pkt.len() > usize::from(u16::MAX) {
+            return refuse();
+        }
+        {
+            let mut q = inj.inbox[side_of(dir)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Read under the inbox lock: the stop empties the inboxes under it, after setting
+            // the flag, so nothing queued after the stop stays behind.
+            if inj.closed.load(Ordering::SeqCst)
+                || q.0.len() >= INBOX_CAP
+                || q.1 + pkt.len() > INBOX_BYTES
+            {
+                drop(q);
+                return refuse();
+            }
+            q.0.push_back(pkt.to_vec());
+            q.1 += pkt.len();
+        }
+        inj.injected.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+impl std::fmt::Debug for Injector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injector").finish_non_exhaustive()
+    }
+}
+
 /// A running gateway: its workers, and what the housekeeping tick needs.
 pub struct Runtime {
     sh: Arc<Shared>,
@@ -324,7 +552,27 @@ impl Runtime {
         public: Vec<P>,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
-        Self::start_inner(parts, None, None, private, public, opts)
+        Self::start_inner(
+            parts,
+            None,
+            None,
+            FleetHooks::default(),
+            private,
+            public,
+            opts,
+        )
+    }
+
+    /// Like [`Runtime::start`], with a fleet node's hooks: a journal tap and steering
+    /// ([`FleetHooks`]). Injection ([`Runtime::injector`]) needs no hook.
+    pub fn start_with_hooks<P: PacketIo + 'static>(
+        parts: Parts,
+        hooks: FleetHooks,
+        private: Vec<P>,
+        public: Vec<P>,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_inner(parts, None, None, hooks, private, public, opts)
     }
 
     /// Like [`Runtime::start`], with `offload` carrying out the engine's flow changes instead of
@@ -337,7 +585,15 @@ impl Runtime {
         public: Vec<P>,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
-        Self::start_inner(parts, Some(offload), None, private, public, opts)
+        Self::start_inner(
+            parts,
+            Some(offload),
+            None,
+            FleetHooks::default(),
+            private,
+            public,
+            opts,
+        )
     }
 
     /// Like [`Runtime::start_with_offload`], with `events` standing in for the kernel's EVENTS
@@ -354,6 +610,7 @@ impl Runtime {
             parts,
             Some(offload),
             Some((events, None)),
+            FleetHooks::default(),
             private,
             public,
             opts,
@@ -364,6 +621,7 @@ impl Runtime {
         mut parts: Parts,
         offload: Option<Box<dyn OffloadSink>>,
         events: Option<(Box<dyn TcpEventSource>, Option<Instant>)>,
+        hooks: FleetHooks,
         private: Vec<P>,
         public: Vec<P>,
         opts: RuntimeOptions,
@@ -388,7 +646,15 @@ impl Runtime {
         parts.engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
         let offload = offload.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_offload));
         let events = events.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_events));
-        let feed = Feed::new(offload, events, parts.recorder.is_some(), &mut parts.engine);
+        let tap_on = hooks.journal_tap.is_some();
+        let feed = Feed::new(
+            offload,
+            events,
+            parts.recorder.is_some(),
+            hooks.journal_tap,
+            &mut parts.engine,
+        );
+        let tap_counts = feed.tap_counts();
         let sh = Arc::new(Shared {
             gw: Arc::new(Mutex::new(Gateway::new(parts.engine))),
             events: parts.events,
@@ -409,6 +675,13 @@ impl Runtime {
                     .map(|_| FastPathCounters::default()),
             ),
             feed: Mutex::new(feed),
+            tap_counts,
+            tap_on,
+            steer: hooks.steer,
+            inject: Arc::default(),
+            steered_out: AtomicU64::new(0),
+            steered_in: AtomicU64::new(0),
+            injected_refused: AtomicU64::new(0),
         });
         let mut rt = Runtime {
             sh: sh.clone(),
@@ -526,6 +799,44 @@ impl Runtime {
         }
     }
 
+    /// A handle other threads inject packets with (a fleet node's link, R10.3: packets
+    /// another node steered here). Making the first one makes queue 0's workers poll their
+    /// inbox every [`INJECT_POLL`] (about a thousand wake-ups a second per side while idle;
+    /// none without an injector); until a worker's current wait ends (at most 100 ms after
+    /// the first injector is made) injected packets wait. Make it right after start.
+    pub fn injector(&self) -> Injector {
+        self.sh.inject.on.store(true, Ordering::Relaxed);
+        Injector(self.sh.inject.clone())
+    }
+
+    /// The fleet counters now ([`crate::stats::FleetSnap`]), without the gateway lock.
+    pub fn fleet_counters(&self) -> stats::FleetSnap {
+        self.sh.fleet_snap()
+    }
+
+    /// A source of [`Runtime::fleet_counters`] for another thread (`/metrics`).
+    pub fn fleet_counters_source(&self) -> impl Fn() -> stats::FleetSnap + Send + Sync + 'static {
+        let sh = self.sh.clone();
+        move || sh.fleet_snap()
+    }
+
+    /// The journal mark: how many flow changes the journal tap ([`FleetHooks::with_journal_tap`])
+    /// has been handed since start. The tap runs under the gateway lock, so a mark read under
+    /// that lock (as [`crate::persist::SnapshotterBuilder::mark`] does before an export's
+    /// first step) splits the changes exactly: those before it are in the export; those
+    /// after it may or may not be (the export is a fuzzy cut), so a replica that applies the
+    /// export, then replays every change after the mark, ends with the engine's flows.
+    pub fn journal_mark(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let c = self.sh.tap_counts.clone();
+        move || c.tapped.load(Ordering::Relaxed)
+    }
+
+    /// The kernel fast path's last-seen reader for a snapshotter
+    /// ([`FastPath::take_seen_source`]; `None` without a fast path, or once taken).
+    pub fn take_fast_path_seen(&mut self) -> Option<Box<dyn ActivitySource>> {
+        self.fast_path.as_mut().and_then(FastPath::take_seen_source)
+    }
+
     /// Whether the fast path runs.
     pub fn has_fast_path(&self) -> bool {
         self.fast_path.is_some()
@@ -587,6 +898,7 @@ impl Runtime {
             events: self.ring.iter().cloned().collect(),
             fast_path: self.fast_path.as_ref().map(FastPath::snap),
             log_lines_suppressed: self.cap.suppressed_total,
+            fleet: sh.fleet_on().then(|| sh.fleet_snap()),
             ..Default::default()
         };
         {
@@ -662,6 +974,10 @@ impl Runtime {
         }
         if let Some(p) = self.prober.take() {
             let _ = p.join();
+        }
+        // Injected packets no worker will take (the injectors refuse new ones since the stop).
+        for b in &self.sh.inject.inbox {
+            *b.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
         }
     }
 
@@ -776,6 +1092,9 @@ impl Drop for Runtime {
 
 fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh: &Shared) {
     let mut batch = io.new_batch(batch_size);
+    // Injected packets get their own batch, made on the first injection (queue 0 only).
+    let mut injected: Option<PacketBatch> = None;
+    let mut steered = Vec::new();
     let mut batches = 0u64;
     let mut since_publish = 0u32;
     let (dir, label, q) = (side.dir, side.label, side.queue);
@@ -787,7 +1106,9 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
         };
     };
     while !sh.stop.load(Ordering::Relaxed) {
-        let n = match io.recv_batch(&mut batch, RECV_TIMEOUT) {
+        let poll = q == 0 && sh.inject.on.load(Ordering::Relaxed);
+        let timeout = if poll { INJECT_POLL } else { RECV_TIMEOUT };
+        let n = match io.recv_batch(&mut batch, timeout) {
             Ok(n) => n,
             Err(e) => {
                 publish(&io, batches);
@@ -796,34 +1117,18 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
         };
         if n > 0 {
             batches += 1;
-            let now = sh.now();
-            {
-                let mut g = sh.lock_gw();
-                let t = Instant::now();
-                // The kernel's FIN/RST events first: every event the kernel wrote before these
-                // packets reached the queue is applied before they are decided.
-                sh.apply_events(&mut g);
-                for i in 0..n {
-                    // The whole slot, so a refusal can be answered in place (R9.5): the
-                    // answer goes back into the queue the packet came from, and the kernel
-                    // routes it to the instance.
-                    let len = batch.packet(i).len();
-                    match g.process_in(now, batch.slot_mut(i), len, dir) {
-                        Outcome::Forward(_) => {}
-                        Outcome::Drop(_) => batch.drop_packet(i),
-                        Outcome::Answer { len, .. } => batch.set_packet_len(i, len),
-                    }
-                }
-                // The batch's flow changes reach the kernel before the lock is released, so
-                // before any of its packets is sent (R2.2, crate::fastpath).
-                sh.flush(&mut g);
-                let held = t.elapsed().as_nanos() as u64;
-                sh.lock.held_ns.fetch_add(held, Ordering::Relaxed);
-                sh.lock.batch_max_ns.fetch_max(held, Ordering::Relaxed);
-            }
-            if let Err(e) = io.send_batch(&mut batch) {
+            if let Err(e) = decide_and_send(&mut io, &mut batch, dir, false, sh, &mut steered) {
                 publish(&io, batches);
                 return sh.fail(format!("{label} queue {q}: send: {e}"));
+            }
+        }
+        if poll {
+            let b = injected.get_or_insert_with(|| io.new_batch(batch_size));
+            if sh.take_injected(side_of(dir), b) > 0 {
+                if let Err(e) = decide_and_send(&mut io, b, dir, true, sh, &mut steered) {
+                    publish(&io, batches);
+                    return sh.fail(format!("{label} queue {q}: send: {e}"));
+                }
             }
         }
         since_publish += 1;
@@ -834,4 +1139,71 @@ fn worker<P: PacketIo>(idx: usize, side: Side, mut io: P, batch_size: usize, sh:
     }
     publish(&io, batches);
     tracing::debug!(side = label, queue = q, batches, "worker stopped");
+}
+
+/// Decides every packet of `batch` (travelling `dir`) under one hold of the gateway lock,
+/// applies the flow changes before releasing it, hands the packets [`Steer::target`] named a
+/// node for to [`Steer::send`] (not for `injected` packets: those were steered here already),
+/// and sends the rest on `io`.
+fn decide_and_send<P: PacketIo>(
+    io: &mut P,
+    batch: &mut PacketBatch,
+    dir: Direction,
+    injected: bool,
+    sh: &Shared,
+    steered: &mut Vec<(usize, u32)>,
+) -> std::io::Result<usize> {
+    let n = batch.len();
+    let steer = if injected { None } else { sh.steer.as_deref() };
+    steered.clear();
+    let mut refused = 0u64;
+    let now = sh.now();
+    {
+        let mut g = sh.lock_gw();
+        let t = Instant::now();
+        // The kernel's FIN/RST events first: every event the kernel wrote before these
+        // packets reached the queue is applied before they are decided.
+        sh.apply_events(&mut g);
+        for i in 0..n {
+            // The whole slot, so a refusal can be answered in place (R9.5): the answer goes
+            // back into the queue the packet came from, and the kernel routes it to the
+            // instance.
+            let len = batch.packet(i).len();
+            match g.process_in(now, batch.slot_mut(i), len, dir) {
+                Outcome::Forward(_) => {}
+                Outcome::Drop(reason) => {
+                    // A refused packet is left as it arrived: another node may own it.
+                    match steer.and_then(|s| s.target(g.engine(), dir, reason, batch.packet(i))) {
+                        Some(target) => steered.push((i, target)),
+                        None => {
+                            refused += u64::from(injected);
+                            batch.drop_packet(i);
+                        }
+                    }
+                }
+                Outcome::Answer { len, .. } => batch.set_packet_len(i, len),
+            }
+        }
+        // The batch's flow changes reach the kernel (and the journal tap) before the lock is
+        // released, so before any of its packets is sent or steered (R2.2, crate::fastpath).
+        sh.flush(&mut g);
+        let held = t.elapsed().as_nanos() as u64;
+        sh.lock.held_ns.fetch_add(held, Ordering::Relaxed);
+        sh.lock.batch_max_ns.fetch_max(held, Ordering::Relaxed);
+    }
+    if refused > 0 {
+        sh.injected_refused.fetch_add(refused, Ordering::Relaxed);
+    }
+    if let Some(s) = steer.filter(|_| !steered.is_empty()) {
+        for &(i, target) in steered.iter() {
+            s.send(target, dir, batch.packet(i));
+            batch.drop_packet(i);
+        }
+        let c = match dir {
+            Direction::Outbound => &sh.steered_out,
+            Direction::Inbound => &sh.steered_in,
+        };
+        c.fetch_add(steered.len() as u64, Ordering::Relaxed);
+    }
+    io.send_batch(batch)
 }

@@ -99,6 +99,32 @@ pub struct Snapshot {
     /// Hits per NSG rule, default rules included (R4.1, R4.2).
     #[serde(default)]
     pub nsg_hits: Vec<NsgHitSnap>,
+    /// A fleet node's steering, injection and journal tap (SPEC R10.3, R10.4), when any of
+    /// them is on (`crate::runtime::FleetHooks`, `Runtime::injector`).
+    #[serde(default)]
+    pub fleet: Option<FleetSnap>,
+}
+
+/// A fleet node's runtime counters (SPEC R10.3, R10.4): what its workers steered to other
+/// nodes, what other nodes injected into it, and the journal tap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSnap {
+    /// Outbound packets (private side) refused here and handed to `Steer::send`.
+    pub steered_out: u64,
+    /// Inbound packets (public side) refused here and handed to `Steer::send`.
+    pub steered_in: u64,
+    /// Packets `Injector::inject` queued for a worker.
+    pub injected: u64,
+    /// Packets `Injector::inject` refused: the side's inbox was full, the packet was larger
+    /// than a batch slot, or the runtime had stopped.
+    pub injected_dropped: u64,
+    /// Injected packets the gateway refused (dropped, never steered again: no ping-pong).
+    pub injected_refused: u64,
+    /// Flow changes handed to the journal tap.
+    pub journal_tapped: u64,
+    /// Flow changes the tap never saw because the engine's journal overflowed (the next
+    /// flow-state export is the consumer's resynchronisation point).
+    pub journal_lost: u64,
 }
 
 /// The probe state of one member (R5.2): the same record `/metrics` is built from.
@@ -364,6 +390,19 @@ pub fn render(s: &Snapshot) -> String {
             f.removed,
             f.install_failed,
             fmt_map(&up)
+        );
+    }
+    if let Some(f) = &s.fleet {
+        let _ = writeln!(
+            o,
+            "fleet: steered out {}, in {}; injected {} (not queued {}, refused {}); journal tapped {}, lost {}",
+            f.steered_out,
+            f.steered_in,
+            f.injected,
+            f.injected_dropped,
+            f.injected_refused,
+            f.journal_tapped,
+            f.journal_lost
         );
     }
     let e = &s.engine;
