@@ -273,6 +273,28 @@ pub struct RuntimeCounters {
     pub lock_held_ns: u64,
     /// The kernel fast path's counters, when it runs.
     pub fast_path: Option<FastPathCounters>,
+    /// A fleet node's steering and replication counters (issue #19), when it has a fleet link.
+    pub fleet_link: Option<FleetLinkCounters>,
+}
+
+/// A fleet node's data-path counters for the fleet link (SPEC R10.3, R10.4).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetLinkCounters {
+    /// Packets sent to the node that owns them, read from the private side (R10.3).
+    pub steered_out: u64,
+    /// Packets sent to the node that owns them, read from the public side (R10.3).
+    pub steered_in: u64,
+    /// Packets other nodes steered here and this node's workers decided.
+    pub injected: u64,
+    /// Steered packets this node could not take (its inbox full, or stopping).
+    pub injected_dropped: u64,
+    /// Steered packets this node's engine refused (dropped, never steered again).
+    pub injected_refused: u64,
+    /// Flow changes handed to the replication (R10.4).
+    pub journal_tapped: u64,
+    /// Flow changes lost to a journal overflow before the replication saw them (the next
+    /// export resynchronises).
+    pub journal_lost: u64,
 }
 
 /// The kernel fast path's counters, as of the runtime's last harvest (about once a second).

@@ -363,6 +363,40 @@ fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
         "Seconds workers held the gateway lock deciding batches",
         rt.lock_held_ns,
     );
+    if let Some(f) = &rt.fleet_link {
+        let steered = counter_family(
+            reg,
+            "snatgw_fleet_steered_packets",
+            "Packets this fleet node forwarded to the node that owns them, by the side they arrived on (R10.3)",
+        );
+        for (direction, v) in [("outbound", f.steered_out), ("inbound", f.steered_in)] {
+            add(&steered, vec![("direction", direction.into())], v);
+        }
+        let injected = counter_family(
+            reg,
+            "snatgw_fleet_injected_packets",
+            "Packets other fleet nodes forwarded here: decided, dropped unread (inbox full) or refused by the engine (R10.3)",
+        );
+        for (result, v) in [
+            ("decided", f.injected),
+            ("dropped", f.injected_dropped),
+            ("refused", f.injected_refused),
+        ] {
+            add(&injected, vec![("result", result.into())], v);
+        }
+        counter(
+            reg,
+            "snatgw_fleet_replicated_changes",
+            "Flow changes handed to the replication towards the nodes that would take this node's instances over (R10.4)",
+            f.journal_tapped,
+        );
+        counter(
+            reg,
+            "snatgw_fleet_replication_lost_changes",
+            "Flow changes lost to a journal overflow before the replication saw them (the next export resynchronises, R10.4)",
+            f.journal_lost,
+        );
+    }
     let Some(fp) = &rt.fast_path else {
         return;
     };
@@ -524,6 +558,39 @@ mod tests {
         }
     }
 
+    /// R10.3/R10.4 counters of a fleet node's link, only when it has one.
+    #[test]
+    fn renders_fleet_link_counters_only_with_a_link() {
+        let mut s = MetricsSnapshot {
+            runtime: Some(RuntimeCounters::default()),
+            ..Default::default()
+        };
+        assert!(!render(&s).contains("snatgw_fleet_"));
+        if let Some(rt) = s.runtime.as_mut() {
+            rt.fleet_link = Some(crate::backend::FleetLinkCounters {
+                steered_out: 3,
+                steered_in: 4,
+                injected: 5,
+                injected_dropped: 1,
+                injected_refused: 2,
+                journal_tapped: 40,
+                journal_lost: 0,
+            });
+        }
+        let t = render(&s);
+        for want in [
+            "snatgw_fleet_steered_packets_total{direction=\"outbound\"} 3",
+            "snatgw_fleet_steered_packets_total{direction=\"inbound\"} 4",
+            "snatgw_fleet_injected_packets_total{result=\"decided\"} 5",
+            "snatgw_fleet_injected_packets_total{result=\"dropped\"} 1",
+            "snatgw_fleet_injected_packets_total{result=\"refused\"} 2",
+            "snatgw_fleet_replicated_changes_total 40",
+            "snatgw_fleet_replication_lost_changes_total 0",
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+    }
+
     #[test]
     fn renders_runtime_counters_only_when_present() {
         let none = render(&MetricsSnapshot::default());
@@ -539,6 +606,7 @@ mod tests {
                 lock_wait_ns: 1_500_000_000,
                 lock_held_ns: 250_000_000,
                 fast_path: None,
+                fleet_link: None,
             }),
             ..Default::default()
         };

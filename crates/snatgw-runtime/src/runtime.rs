@@ -783,6 +783,18 @@ impl Runtime {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
+                fleet_link: sh.fleet_on().then(|| {
+                    let f = sh.fleet_snap();
+                    snatgw_control::backend::FleetLinkCounters {
+                        steered_out: f.steered_out,
+                        steered_in: f.steered_in,
+                        injected: f.injected,
+                        injected_dropped: f.injected_dropped,
+                        injected_refused: f.injected_refused,
+                        journal_tapped: f.journal_tapped,
+                        journal_lost: f.journal_lost,
+                    }
+                }),
                 ..Default::default()
             };
             for (i, w) in sh.workers.iter().enumerate() {
