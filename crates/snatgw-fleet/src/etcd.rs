@@ -2,8 +2,11 @@
 //! [`EtcdStore`] (the control plane's `Store` of the desired topology, watched by every node).
 //!
 //! Keys, below a prefix (default `/snatgw`):
-//! - `PREFIX/fleet/nodes/NODE`: `{"node":..,"lease":..}`, put with the node's lease, so it
-//!   disappears when the lease ends; the live node set is the keys under `fleet/nodes/`.
+//! - `PREFIX/fleet/nodes/NODE`: `{"node":..,"lease":..,"link":..}`, put with the node's lease,
+//!   so it disappears when the lease ends; the live node set is the keys under `fleet/nodes/`.
+//!   `link` (optional, absent in records of earlier versions) is the node's fleet-link
+//!   address, where it receives replicated flow state ([`crate::replica`], R10.4);
+//!   [`EtcdCoordinator::links`] reads them.
 //! - `PREFIX/fleet/grants/instance/NAME`, `PREFIX/fleet/grants/block/IP/PORT`: the holder
 //!   (`{"node":..,"lease":..}`), put with the holder's lease, in a `Txn` that compares the
 //!   grant key's `mod_revision` with the one read (0 for a missing key) and the grantee's node
@@ -26,6 +29,8 @@
 //! [`crate::rendezvous`]) and does not apply topologies (it hands them out through
 //! [`EtcdStore::subscribe`]).
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +186,9 @@ pub fn fleet_status(opts: &EtcdOptions) -> Result<FleetStatus, FleetError> {
 struct NodeRecord {
     node: NodeId,
     lease: LeaseId,
+    /// The node's fleet-link address (R10.4 replication); absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
 }
 
 /// Sorts etcd-client's errors into "etcd did not answer" (R10.5: keep translating, refuse
@@ -252,6 +260,8 @@ pub struct EtcdCoordinator {
     opts: EtcdOptions,
     /// The lease joined with and the TTL etcd granted.
     lease: Mutex<Option<(LeaseId, Duration)>>,
+    /// The fleet-link address written in the node record at join.
+    link: Mutex<Option<SocketAddr>>,
 }
 
 impl std::fmt::Debug for EtcdCoordinator {
@@ -274,6 +284,40 @@ impl EtcdCoordinator {
             node,
             opts,
             lease: Mutex::new(None),
+            link: Mutex::new(None),
+        })
+    }
+
+    /// Sets this node's fleet-link address (where its [`crate::replica::ReplicaServer`]
+    /// listens), written in its node record at the next [`Coordinator::join`]: call it
+    /// before joining.
+    pub fn set_link(&self, addr: SocketAddr) {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    /// The fleet-link addresses of the live nodes that published one (R10.4: where to
+    /// replicate an instance's flows to its runner-up). A record whose address does not
+    /// parse is left out.
+    pub fn links(&self) -> Result<HashMap<NodeId, SocketAddr>, FleetError> {
+        let mut c = self.client.clone();
+        let t = self.opts.rpc_timeout;
+        let prefix = self.opts.node_prefix();
+        self.bridge.run(async move {
+            let r = bounded(
+                t,
+                c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+            let mut out = HashMap::new();
+            for kv in r.kvs() {
+                let k = kv.key_str().map_err(|e| corrupt(&prefix, e))?;
+                let rec: NodeRecord =
+                    serde_json::from_slice(kv.value()).map_err(|e| corrupt(k, e))?;
+                if let Some(addr) = rec.link.as_deref().and_then(|a| a.parse().ok()) {
+                    out.insert(rec.node, addr);
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -330,12 +374,18 @@ impl Coordinator for EtcdCoordinator {
         let ttl = self.opts.lease.ttl_secs();
         let key = self.opts.node_key(&self.node);
         let node = self.node.clone();
+        let link = self
+            .link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|a| a.to_string());
         let (id, granted) = self.bridge.run(async move {
             let g = bounded(t, c.lease_grant(ttl, None)).await?;
             let id = g.id();
             let rec = serde_json::to_vec(&NodeRecord {
                 node,
                 lease: LeaseId(id),
+                link,
             })
             .map_err(|e| FleetError::Store(e.to_string()))?;
             bounded(t, c.put(key, rec, Some(PutOptions::new().with_lease(id)))).await?;

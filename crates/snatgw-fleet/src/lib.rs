@@ -17,13 +17,19 @@
 //! - [`etcd`]: [`EtcdCoordinator`] (the same protocol on etcd: node key under a lease, grants by
 //!   `Txn`) and [`EtcdStore`] (the control plane's `Store` on etcd, with a watch so every node
 //!   sees a change made through any node).
+//! - [`replica`]: the flow-state replication stream (R10.4): [`Replicator`] streams each owned
+//!   instance's opens and closes (and snapshots) to its rendezvous runner-up over the fleet
+//!   link; [`ReplicaServer`] receives them into a [`ReplicaStore`], from which the node taking
+//!   an instance over takes its flows for `Engine::import_state`.
 //!
 //! `snatgw run --fleet` (the `snatgw` binary's `fleet` module) runs a [`Member`] on a thread,
 //! uses [`EtcdStore`] as its topology store and turns the member's view into the gateway's
 //! admission of new flows (self-fencing, R10.2); `snatgw fleet` prints [`fleet_status`].
 //!
-//! What it does not do yet: steering packets to the owner (R10.3), replicating and taking over
-//! flow state (R10.4, through `snatgw_core::engine::persist`). See docs/FLEET.md.
+//! What it does not do: steer packets to their owner (R10.3), or decide where each instance's
+//! flows are replicated and when to import them (R10.4): the `snatgw` binary does, from the
+//! rendezvous runner-ups, [`EtcdCoordinator::links`] and the member's grants. See
+//! docs/FLEET.md.
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +41,7 @@ pub mod lease;
 pub mod mem;
 pub mod member;
 pub mod rendezvous;
+pub mod replica;
 
 pub use coordinator::{
     Coordinator, Grant, GrantRead, Holder, LocalView, NodeId, Resource, Revision,
@@ -46,3 +53,7 @@ pub use etcd::{
 pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};
 pub use member::{Member, TickReport};
+pub use replica::{
+    InstanceReplica, Message, ReplicaError, ReplicaServer, ReplicaStats, ReplicaStore, Replicator,
+    ReplicatorStats, WireError,
+};
