@@ -21,18 +21,38 @@
 //!
 //! Without `--fleet` none of this runs (R10.6).
 
-use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use snatgw_control::{ControlPlane, FleetGauges, FleetGaugesSource, Store};
+use snatgw_core::engine::persist::FlowState;
+use snatgw_core::FlowChange;
 use snatgw_dataplane::Gateway;
 use snatgw_fleet::{
-    Coordinator, EtcdCoordinator, EtcdOptions, EtcdStore, LeaseConfig, Member, MonotonicClock,
-    NodeId, Resource, Takeover,
+    rendezvous, Coordinator, EtcdCoordinator, EtcdOptions, EtcdStore, LeaseConfig, Member,
+    MonotonicClock, NodeId, Resource, Takeover,
 };
+use snatgw_fleet::{ReplicaServer, ReplicaStore, Replicator};
+use snatgw_runtime::{FleetHooks, Injector};
+
+use crate::fleet_link::Steering;
+
+/// Runs after the fleet changed the engine's flows outside a packet batch (an import on
+/// takeover): hands the journal to the fast path and the replication before the lock is
+/// released (`snatgw_runtime::Runtime::after_change_hook`).
+pub type AfterChange = Box<dyn Fn(&mut Gateway) + Send + Sync>;
+
+/// The fleet link of a node (`--fleet-link`): steering (R10.3) and flow replication (R10.4).
+struct LinkParts {
+    addr: SocketAddr,
+    steering: Arc<Steering>,
+    store: ReplicaStore,
+    server: ReplicaServer,
+    replicator: Arc<Replicator>,
+}
 
 /// The etcd endpoints of `--fleet etcd://HOST:PORT[,HOST:PORT]`, as client URLs.
 #[derive(Debug, Clone)]
@@ -87,6 +107,86 @@ struct Shared {
     node: NodeId,
     clock: MonotonicClock,
     view: RwLock<View>,
+    /// This node's engine seconds against the fleet's (set with the runtime's hooks).
+    time: RwLock<FleetTime>,
+}
+
+/// Engine seconds are each node's own (seconds since its gateway clock's origin); the
+/// replication carries fleet seconds, Unix seconds, so a node taking flows over reads their
+/// timers in its own engine's seconds (R10.4, R3.2–R3.4 to the second, give or take the
+/// nodes' clock synchronisation and one second of rounding). The offset is fixed at start: a
+/// step of the wall clock later (not a slew) shifts it until the next start.
+#[derive(Clone, Copy, Debug, Default)]
+struct FleetTime {
+    /// Unix second at this engine's second 0.
+    offset: i64,
+}
+
+impl FleetTime {
+    fn at(start_ns: u64) -> FleetTime {
+        let since_origin = snatgw_io::fastpath::monotonic_ns().saturating_sub(start_ns);
+        let unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let origin_unix_ns = unix_ns - since_origin as i128;
+        FleetTime {
+            offset: (origin_unix_ns / 1_000_000_000) as i64,
+        }
+    }
+
+    fn shift(t: u32, by: i64) -> u32 {
+        (i64::from(t) + by).clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    fn to_fleet(self, t: u32) -> u32 {
+        Self::shift(t, self.offset)
+    }
+
+    /// A journal entry in fleet seconds (`Refused` is not replicated).
+    fn change_to_fleet(self, c: &FlowChange) -> Option<FlowChange> {
+        Some(match c {
+            FlowChange::Opened {
+                at,
+                instance,
+                slot,
+                key,
+            } => FlowChange::Opened {
+                at: self.to_fleet(*at),
+                instance: instance.clone(),
+                slot: *slot,
+                key: *key,
+            },
+            FlowChange::Closed {
+                at,
+                instance,
+                slot,
+                key,
+                cause,
+            } => FlowChange::Closed {
+                at: self.to_fleet(*at),
+                instance: instance.clone(),
+                slot: *slot,
+                key: *key,
+                cause: *cause,
+            },
+            FlowChange::Refused { .. } => return None,
+        })
+    }
+
+    /// Every time of `st` moved by `by` seconds (`close_at` 0 means "not closing" and stays).
+    fn move_state(st: &mut FlowState, by: i64) {
+        st.time = Self::shift(st.time, by);
+        for f in &mut st.flows {
+            f.last_seen = Self::shift(f.last_seen, by);
+            if f.close_at != 0 {
+                f.close_at = Self::shift(f.close_at, by).max(1);
+            }
+            f.born = f.born.wrapping_add(by as u16);
+        }
+        for r in &mut st.releases {
+            r.at = Self::shift(r.at, by);
+        }
+    }
 }
 
 impl Shared {
@@ -118,16 +218,43 @@ pub struct FleetRun {
     store: Arc<EtcdStore>,
     coord: Arc<EtcdCoordinator>,
     shared: Arc<Shared>,
+    link: Option<LinkParts>,
 }
 
 impl FleetRun {
-    /// Connects to etcd (the store and the coordinator; no lease yet).
-    pub fn connect(url: &FleetUrl, node_id: &str, ttl_secs: u64) -> Result<FleetRun, String> {
+    /// Connects to etcd (the store and the coordinator; no lease yet) and, with `link`, binds
+    /// the fleet link (UDP for steered packets, TCP for the replication stream, same address;
+    /// advertised to the other nodes in this node's record at join).
+    pub fn connect(
+        url: &FleetUrl,
+        node_id: &str,
+        ttl_secs: u64,
+        link: Option<SocketAddr>,
+    ) -> Result<FleetRun, String> {
         let node = NodeId::new(node_id).map_err(|e| format!("--node-id: {e}"))?;
         let opts = options(url, ttl_secs)?;
         let store = EtcdStore::connect(&opts).map_err(|e| format!("--fleet: {e}"))?;
         let coord =
             EtcdCoordinator::connect(node.clone(), opts).map_err(|e| format!("--fleet: {e}"))?;
+        let link = match link {
+            Some(addr) => {
+                coord.set_link(addr);
+                let steering =
+                    Steering::bind(addr).map_err(|e| format!("--fleet-link {addr} (udp): {e}"))?;
+                let store = ReplicaStore::new();
+                let server = ReplicaServer::bind(addr, store.clone())
+                    .map_err(|e| format!("--fleet-link {addr} (tcp): {e}"))?;
+                let replicator = Arc::new(Replicator::new(node.clone(), incarnation()));
+                Some(LinkParts {
+                    addr,
+                    steering,
+                    store,
+                    server,
+                    replicator,
+                })
+            }
+            None => None,
+        };
         Ok(FleetRun {
             store: Arc::new(store),
             coord: Arc::new(coord),
@@ -140,8 +267,37 @@ impl FleetRun {
                     valid_until: Duration::ZERO,
                     nodes_live: 0,
                 }),
+                time: RwLock::new(FleetTime::default()),
             }),
+            link,
         })
+    }
+
+    /// Whether the node has a fleet link (`--fleet-link`).
+    pub fn has_link(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// What the runtime needs for the fleet link: steering of refused packets (R10.3) and the
+    /// journal tap that feeds the replication stream (R10.4). None without `--fleet-link`.
+    /// `start_ns` is the gateway clock's origin (`CLOCK_MONOTONIC` at engine second 0).
+    pub fn runtime_hooks(&self, start_ns: u64) -> FleetHooks {
+        let Some(l) = &self.link else {
+            return FleetHooks::new();
+        };
+        let shift = FleetTime::at(start_ns);
+        *self.shared.time.write().unwrap_or_else(|p| p.into_inner()) = shift;
+        let r = l.replicator.clone();
+        let mut buf: Vec<FlowChange> = Vec::new();
+        FleetHooks::new()
+            .with_steer(l.steering.clone())
+            .with_journal_tap(move |changes| {
+                buf.clear();
+                buf.extend(changes.iter().filter_map(|c| shift.change_to_fleet(c)));
+                if !buf.is_empty() {
+                    r.offer(&buf);
+                }
+            })
     }
 
     /// The topology store (etcd).
@@ -156,11 +312,14 @@ impl FleetRun {
     }
 
     /// Fences the gateway by ownership, follows the store's watch with `plane`, and starts
-    /// the membership loop.
+    /// the membership loop; with the fleet link, also the steering receiver (injecting into
+    /// the runtime through `injector`) and the replication's snapshot thread.
     pub fn start(
         self,
         plane: ControlPlane,
         gateway: &Arc<Mutex<Gateway>>,
+        after_change: AfterChange,
+        injector: Option<Injector>,
     ) -> Result<FleetNode, String> {
         let s = self.shared.clone();
         gateway
@@ -187,30 +346,120 @@ impl FleetRun {
             })
             .map_err(|e| format!("following the fleet's topology: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let link = match (self.link, injector) {
+            (Some(l), Some(injector)) => {
+                threads.push(
+                    l.steering
+                        .spawn_receiver(injector, stop.clone())
+                        .map_err(|e| format!("spawning the fleet link's receiver: {e}"))?,
+                );
+                let (stop, gw, r) = (stop.clone(), gateway.clone(), l.replicator.clone());
+                let time = *self.shared.time.read().unwrap_or_else(|p| p.into_inner());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("snatgw-fleet-snap".into())
+                        .spawn(move || snapshot_loop(&gw, &r, &stop, time))
+                        .map_err(|e| format!("spawning the replication thread: {e}"))?,
+                );
+                tracing::info!(link = %l.addr, "fleet: link up (steering R10.3, flow replication R10.4)");
+                Some(LinkRun {
+                    steering: l.steering,
+                    store: l.store,
+                    server: l.server,
+                    replicator: l.replicator,
+                })
+            }
+            _ => {
+                tracing::warn!("fleet: no --fleet-link: packets of instances other nodes own are dropped (no steering, R10.3) and this node's flows are not replicated (a takeover starts them afresh, R10.4)");
+                None
+            }
+        };
         let thread = {
-            let (stop, shared, coord) = (stop.clone(), self.shared.clone(), self.coord.clone());
+            let (stop, shared, coord, gw) = (
+                stop.clone(),
+                self.shared.clone(),
+                self.coord.clone(),
+                gateway.clone(),
+            );
             std::thread::Builder::new()
                 .name("snatgw-fleet-member".into())
-                .spawn(move || member_loop(&coord, &shared, &plane, &stop))
+                .spawn(move || {
+                    member_loop(
+                        &coord,
+                        &shared,
+                        &plane,
+                        &stop,
+                        link.as_ref(),
+                        &gw,
+                        &after_change,
+                    );
+                    if let Some(mut l) = link {
+                        l.server.stop();
+                    }
+                })
                 .map_err(|e| format!("spawning the fleet thread: {e}"))?
         };
+        threads.push(thread);
         tracing::info!(
             node = %self.shared.node,
             ttl_secs = self.coord.config().ttl().as_secs(),
-            "fleet: joining; this node translates new flows only for the instances it owns (rendezvous, R10.1); steering (R10.3) is not built: new flows of other instances that reach this node are dropped"
+            "fleet: joining; this node opens new flows only for the instances it owns (rendezvous, R10.1) and forwards the others' packets to their owners over the fleet link (R10.3)"
         );
         Ok(FleetNode {
             stop,
-            thread: Some(thread),
+            threads,
             _follower: follower,
         })
+    }
+}
+
+/// The fleet link while the node runs.
+struct LinkRun {
+    steering: Arc<Steering>,
+    store: ReplicaStore,
+    server: ReplicaServer,
+    replicator: Arc<Replicator>,
+}
+
+/// A random-enough incarnation number for this process (the replication tells a restarted
+/// node's stream from its previous one by it).
+fn incarnation() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    snatgw_core::hash::fnv1a64(
+        &[&t.to_le_bytes()[..], &std::process::id().to_le_bytes()[..]].concat(),
+    )
+}
+
+/// Sends the replication a full export whenever it asks for one (a new target, a reconnect,
+/// an overflow) and every 30 s anyway: the export refreshes what deltas cannot carry (FIN/RST
+/// state; without it a taken flow that had seen its FIN is held until its idle timeout, later
+/// than R3.2's 240 s, never earlier).
+fn snapshot_loop(gw: &Mutex<Gateway>, r: &Replicator, stop: &AtomicBool, time: FleetTime) {
+    const EVERY: Duration = Duration::from_secs(30);
+    let mut last = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() >= EVERY {
+            r.request_snapshot();
+        }
+        if !r.needs_snapshot() {
+            continue;
+        }
+        last = std::time::Instant::now();
+        let seq = r.seq();
+        let mut st = export_all(gw);
+        FleetTime::move_state(&mut st, time.offset);
+        r.offer_snapshot(&st, seq);
     }
 }
 
 /// A running fleet node: its membership loop and topology follower.
 pub struct FleetNode {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     _follower: snatgw_control::Follower,
 }
 
@@ -219,7 +468,7 @@ impl FleetNode {
     /// the other nodes take the instances over at their next tick), stops following.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -244,11 +493,17 @@ fn member_loop(
     shared: &Shared,
     plane: &ControlPlane,
     stop: &AtomicBool,
+    link: Option<&LinkRun>,
+    gw: &Mutex<Gateway>,
+    after_change: &AfterChange,
 ) {
     let mut member = Member::new(coord.clone());
     let every = coord.config().renew_interval();
     let mut last_error: Option<String> = None;
     let mut was_valid = false;
+    // Instances handed over to their new owner (a planned move: a node joined or this one's
+    // rendezvous rank fell), still replicated there until the deadline (R10.4).
+    let mut handed: HashMap<u32, (SocketAddr, std::time::Instant)> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
         let cfg = plane.current().config;
         let resources: Vec<Resource> = cfg
@@ -257,7 +512,28 @@ fn member_loop(
             .map(|i| Resource::Instance(i.name.clone()))
             .collect();
         let now = shared.clock.now();
-        let rep = member.tick(now, &resources);
+        // R10.2: an instance moving away leaves the data path's view the moment the member
+        // drops it, before its grant is released.
+        let mut live_before: Option<Vec<NodeId>> = None;
+        let rep = member.tick_with(now, &resources, |res| {
+            if let Resource::Instance(n) = res {
+                let ips = private_ips(&cfg, std::slice::from_ref(n));
+                shared
+                    .view
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .owned
+                    .retain(|ip| !ips.contains(ip));
+                if let Some(l) = link {
+                    let live = live_before.get_or_insert_with(|| {
+                        coord.live_nodes(shared.clock.now()).unwrap_or_default()
+                    });
+                    let time = *shared.time.read().unwrap_or_else(|p| p.into_inner());
+                    hand_over(l, coord, gw, n, &ips, live, &shared.node, time, &mut handed);
+                }
+            }
+        });
+        handed.retain(|_, (_, until)| *until > std::time::Instant::now());
         let owned: Vec<String> = member
             .view()
             .grants()
@@ -271,6 +547,33 @@ fn member_loop(
             .lease()
             .map_or(Duration::ZERO, |l| l.valid_until);
         let live = coord.live_nodes(shared.clock.now()).ok();
+        // R10.4: the flows of instances taken over go into the engine (and the fast path)
+        // before the data path may open a flow for them, so new flows never take a port a
+        // replicated flow holds.
+        let gained: Vec<String> = rep
+            .gained
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Instance(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        if let Some(l) = link {
+            // What the store holds for instances this node owns: the replica of a dead
+            // owner's flows (a takeover), or a hand-over that arrived after the grant.
+            let owned_now = private_ips(&cfg, &owned);
+            let ips: HashSet<u32> = l
+                .store
+                .instances()
+                .into_iter()
+                .map(|r| r.private_ip)
+                .filter(|ip| owned_now.contains(ip))
+                .collect();
+            if !ips.is_empty() {
+                let time = *shared.time.read().unwrap_or_else(|p| p.into_inner());
+                import_taken(l, gw, after_change, &ips, &shared.node, time);
+            }
+        }
         {
             let mut v = shared.view.write().unwrap_or_else(|p| p.into_inner());
             v.owned = private_ips(&cfg, &owned);
@@ -279,6 +582,19 @@ fn member_loop(
             if let Some(l) = &live {
                 v.nodes_live = l.len() as u64;
             }
+        }
+        if let (Some(l), Some(live)) = (link, &live) {
+            route(l, coord, &cfg, live, &owned, &shared.node, &handed);
+            let c = l.steering.counters();
+            tracing::debug!(
+                steered_sent = c.sent.load(Ordering::Relaxed),
+                steered_send_failed = c.send_failed.load(Ordering::Relaxed),
+                steered_received = c.received.load(Ordering::Relaxed),
+                steered_refused = c.refused.load(Ordering::Relaxed),
+                replica = ?l.store.stats(),
+                replicator = ?l.replicator.stats(),
+                "fleet: link"
+            );
         }
         if !rep.gained.is_empty() || !rep.lost.is_empty() {
             let names = |r: &[Resource]| {
@@ -293,20 +609,13 @@ fn member_loop(
                 lost = %names(&rep.lost),
                 owned = owned.len(),
                 nodes = live.as_ref().map_or(0, Vec::len),
-                "fleet: ownership changed (steering, R10.3, is not built: this node opens new flows only for the instances it owns)"
+                "fleet: ownership changed"
             );
         }
-        if !rep.gained.is_empty() {
+        if !gained.is_empty() {
             let t = Takeover {
                 at_unix_ms: unix_ms(),
-                instances: rep
-                    .gained
-                    .iter()
-                    .filter_map(|r| match r {
-                        Resource::Instance(n) => Some(n.clone()),
-                        _ => None,
-                    })
-                    .collect(),
+                instances: gained,
             };
             if let Err(e) = coord.record_takeover(&t) {
                 tracing::debug!(error = %e, "fleet: recording the takeover");
@@ -340,12 +649,167 @@ fn member_loop(
         v.owned_names = 0;
         v.valid_until = Duration::ZERO;
     }
+    if let Some(l) = link {
+        // A clean stop: the runner-ups, which take the instances over once the lease is
+        // revoked, get the last changes first.
+        if !l.replicator.flush(Duration::from_secs(1)) {
+            tracing::warn!("fleet: the replication did not drain within 1 s of the stop");
+        }
+    }
     match member.leave(shared.clock.now()) {
         Ok(()) => tracing::info!(node = %shared.node, "fleet: left (lease revoked)"),
         Err(e) => {
             tracing::warn!(node = %shared.node, error = %e, "fleet: leaving failed; the lease ends by itself")
         }
     }
+}
+
+/// R10.4: imports the replicated flows of the instances at `ips`, just granted to this node,
+/// into the engine, then applies the journal (fast path, replication) before the lock is
+/// released. A taken flow's idle timer restarts at the takeover: the replica cannot know the
+/// last packet the dead node's kernel fast path carried, so a port is never released early
+/// (R2.2), and an idle flow at most one idle timeout late.
+fn import_taken(
+    l: &LinkRun,
+    gw: &Mutex<Gateway>,
+    after_change: &AfterChange,
+    ips: &HashSet<u32>,
+    node: &NodeId,
+    time: FleetTime,
+) {
+    let mut st = l.store.take(ips);
+    FleetTime::move_state(&mut st, -time.offset);
+    let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
+    let now = g.engine().now();
+    for f in &mut st.flows {
+        f.last_seen = f.last_seen.max(now);
+    }
+    let offered = st.flows.len();
+    let rep = g.engine_mut().import_state(&st);
+    after_change(&mut g);
+    drop(g);
+    tracing::info!(
+        node = %node,
+        instances = ips.len(),
+        offered,
+        restored = rep.flows,
+        skipped_instance = rep.skipped_instance,
+        skipped_port = rep.skipped_port,
+        skipped_conflict = rep.skipped_conflict,
+        releases = rep.releases,
+        "fleet: took over instances with their replicated flows (R10.4)"
+    );
+}
+
+/// A planned move (R10.4): the instance `name` at `ips` moved away from this node while it
+/// is live (a node joined, or rendezvous ranks changed); before its grant is released, its
+/// flows go to the new owner (the rendezvous owner among `live`): the replication target
+/// becomes the new owner, a full export is offered and the link flushed (up to 500 ms). The
+/// new owner imports what arrives for instances it owns at every tick, so a hand-over that
+/// arrives after its grant is taken in at its next tick. The target stays for two lease TTLs
+/// (closes of the old flows keep reaching the new owner).
+#[allow(clippy::too_many_arguments)]
+fn hand_over(
+    l: &LinkRun,
+    coord: &EtcdCoordinator,
+    gw: &Mutex<Gateway>,
+    name: &str,
+    ips: &HashSet<u32>,
+    live: &[NodeId],
+    me: &NodeId,
+    time: FleetTime,
+    handed: &mut HashMap<u32, (SocketAddr, std::time::Instant)>,
+) {
+    let key = Resource::Instance(name.to_string()).rendezvous_key();
+    let Some(owner) = rendezvous::owner(&key, live).filter(|o| *o != me) else {
+        return;
+    };
+    let Some(link) = coord.links().ok().and_then(|m| m.get(owner).copied()) else {
+        return;
+    };
+    let until = std::time::Instant::now() + 2 * coord.config().ttl();
+    let mut targets = l.replicator.targets();
+    for &ip in ips {
+        targets.insert(ip, link);
+        handed.insert(ip, (link, until));
+    }
+    l.replicator.set_targets(targets);
+    let seq = l.replicator.seq();
+    let mut st = export_all(gw);
+    FleetTime::move_state(&mut st, time.offset);
+    l.replicator.offer_snapshot(&st, seq);
+    let flushed = l.replicator.flush(Duration::from_millis(500));
+    tracing::info!(instance = name, to = %owner, flushed, "fleet: handed an instance's flows over to its new owner (R10.4)");
+}
+
+/// The engine's whole flow state, exported in bounded steps (the lock is released between
+/// them).
+fn export_all(gw: &Mutex<Gateway>) -> FlowState {
+    let mut cur = snatgw_core::engine::persist::ExportCursor::default();
+    let mut st = FlowState::default();
+    loop {
+        let done = {
+            let g = gw.lock().unwrap_or_else(|p| p.into_inner());
+            g.engine().export_step(&mut cur, &mut st)
+        };
+        if done {
+            return st;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Refreshes where refused packets are steered (each instance another live node owns, by
+/// rendezvous, R10.1/R10.3) and where this node's flows are replicated (each owned
+/// instance's runner-up, R10.4), from the live nodes' link addresses.
+fn route(
+    l: &LinkRun,
+    coord: &EtcdCoordinator,
+    cfg: &snatgw_core::ConfigFile,
+    live: &[NodeId],
+    owned: &[String],
+    me: &NodeId,
+    handed: &HashMap<u32, (SocketAddr, std::time::Instant)>,
+) {
+    let links = match coord.links() {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "fleet: reading the nodes' links");
+            return;
+        }
+    };
+    let mut steer: HashMap<u32, SocketAddr> = HashMap::new();
+    let mut targets: HashMap<u32, SocketAddr> = HashMap::new();
+    for i in &cfg.instance {
+        let Ok(ip) = i.private_ip.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let ip = u32::from(ip);
+        let rank = rendezvous::ranking(&Resource::Instance(i.name.clone()).rendezvous_key(), live);
+        match rank.first() {
+            Some(o) if o != me => {
+                if let Some(a) = links.get(o) {
+                    steer.insert(ip, *a);
+                }
+            }
+            Some(_) if owned.contains(&i.name) => {
+                if let Some(a) = rank.get(1).and_then(|n| links.get(n)) {
+                    targets.insert(ip, *a);
+                }
+            }
+            _ => {}
+        }
+    }
+    let peers: Vec<SocketAddr> = links
+        .iter()
+        .filter(|(n, _)| *n != me && live.contains(n))
+        .map(|(_, a)| *a)
+        .collect();
+    for (&ip, &(link, _)) in handed {
+        targets.entry(ip).or_insert(link);
+    }
+    l.steering.set_routes(&steer, &peers);
+    l.replicator.set_targets(targets);
 }
 
 /// `snatgw fleet`: the fleet as etcd holds it.
@@ -426,6 +890,7 @@ mod tests {
                 valid_until: Duration::from_secs(3600),
                 nodes_live: 2,
             }),
+            time: RwLock::new(FleetTime::default()),
         };
         let (mine, other) = (
             u32::from(Ipv4Addr::new(10, 0, 1, 10)),
@@ -441,6 +906,77 @@ mod tests {
         assert!(!s.admits(mine));
         let g = s.gauges();
         assert_eq!((g.instances_owned, g.lease_valid_seconds), (0, 0.0));
+    }
+
+    /// R10.4: replicated times are fleet (Unix) seconds, read back in the taking node's
+    /// own engine seconds: a FIN timer due at the origin's engine second 300 is due at the
+    /// same wall-clock second on a node whose engine started 1000 s later.
+    #[test]
+    fn r10_4_replicated_timers_keep_their_wall_clock_second_across_engine_origins() {
+        use snatgw_core::engine::persist::FlowRecord;
+        let origin = FleetTime {
+            offset: 1_800_000_000,
+        };
+        let taker = FleetTime {
+            offset: 1_800_001_000,
+        };
+        let key = snatgw_core::FlowKey {
+            proto: 6,
+            src: 1,
+            sport: 2,
+            dst: 3,
+            dport: 4,
+            public: 5,
+            pport: 1024,
+        };
+        let mut st = FlowState {
+            time: 1500,
+            flows: vec![
+                FlowRecord {
+                    key,
+                    last_seen: 1200,
+                    close_at: 1300,
+                    tcp_state: 3,
+                    born: 1100,
+                },
+                FlowRecord {
+                    key,
+                    last_seen: 1200,
+                    close_at: 0,
+                    tcp_state: 0,
+                    born: 1100,
+                },
+            ],
+            ..FlowState::default()
+        };
+        FleetTime::move_state(&mut st, origin.offset);
+        FleetTime::move_state(&mut st, -taker.offset);
+        assert_eq!((st.flows[0].last_seen, st.flows[0].close_at), (200, 300));
+        assert_eq!(st.flows[0].born, 100);
+        // "Not closing" stays 0; a time before the taker's origin is its second 0.
+        assert_eq!(st.flows[1].close_at, 0);
+        let mut early = st.clone();
+        FleetTime::move_state(&mut early, -5000);
+        assert_eq!(early.flows[0].last_seen, 0);
+        // Journal entries travel in fleet seconds; refusals do not travel.
+        let c = FlowChange::Opened {
+            at: 10,
+            instance: "vm1".into(),
+            slot: 0,
+            key,
+        };
+        match origin.change_to_fleet(&c) {
+            Some(FlowChange::Opened { at, .. }) => assert_eq!(at, 1_800_000_010),
+            other => panic!("{other:?}"),
+        }
+        let refused = FlowChange::Refused {
+            at: 10,
+            instance: "vm1".into(),
+            slot: 0,
+            key,
+            reason: snatgw_core::DropReason::PortsExhausted,
+        };
+        assert!(origin.change_to_fleet(&refused).is_none());
     }
 
     #[test]

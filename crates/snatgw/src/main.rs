@@ -25,6 +25,7 @@ static ALLOC: snatgw_io::HugePageAlloc = snatgw_io::HugePageAlloc;
 mod api_cli;
 mod api_render;
 mod fleet;
+mod fleet_link;
 mod keepalive;
 mod lab;
 mod plan;
@@ -51,7 +52,7 @@ enum Cmd {
         json: bool,
     },
     /// Run the data plane on two TUN devices until SIGINT/SIGTERM (see docs/RUNNING.md).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Print the counters snapshot a running gateway writes (--stats-file).
     Stats {
         /// The snapshot file.

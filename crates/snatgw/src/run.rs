@@ -59,7 +59,7 @@ use snatgw_control::{
 };
 use snatgw_runtime::fastpath::{FastPath, FastPathMode, FastPathOptions};
 use snatgw_runtime::persist::{restore_engine, SavedState, Snapshotter, StateFile};
-use snatgw_runtime::{Clock, Parts, Runtime, RuntimeOptions, Wake};
+use snatgw_runtime::{Clock, FleetHooks, Parts, Runtime, RuntimeOptions, Wake};
 
 /// Options of `snatgw run` (also its command line).
 #[derive(clap::Args, Debug, Clone)]
@@ -177,6 +177,12 @@ pub struct RunArgs {
     /// within it plus 2 s; a node cut off from etcd stops opening flows before it ends.
     #[arg(long, default_value_t = 10)]
     pub fleet_ttl_secs: u64,
+    /// This node's fleet link, `IP:PORT`: where the other nodes send it the packets of the
+    /// instances it owns (UDP, R10.3) and the flow state of the instances it would take over
+    /// (TCP, R10.4); advertised to them through etcd. Put it on the fleet's management
+    /// network. Without it the node neither steers nor replicates.
+    #[arg(long, requires = "fleet")]
+    pub fleet_link: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
@@ -424,7 +430,11 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         recorder,
         wakers,
     };
-    let mut rt = Runtime::start(parts, private, public, opts).map_err(|e| e.to_string())?;
+    let hooks = fleet
+        .as_ref()
+        .map_or_else(FleetHooks::new, |f| f.runtime_hooks(start_ns));
+    let mut rt = Runtime::start_with_hooks(parts, hooks, private, public, opts)
+        .map_err(|e| e.to_string())?;
     let snapshotter = (a.flow_state_interval_ms > 0).then(|| {
         Snapshotter::start(
             rt.gateway().clone(),
@@ -447,7 +457,15 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             });
             let plane = ControlPlane::new(backend, topo_store.clone(), token, stored);
             if let Some(f) = fleet.take() {
-                fleet_node = Some(f.start(plane.clone(), rt.gateway())?);
+                // The injector makes queue 0's workers poll for steered packets every
+                // millisecond: only with a fleet link.
+                let injector = f.has_link().then(|| rt.injector());
+                fleet_node = Some(f.start(
+                    plane.clone(),
+                    rt.gateway(),
+                    Box::new(rt.after_change_hook()),
+                    injector,
+                )?);
             }
             let h = snatgw_control::serve(addr, plane)
                 .map_err(|e| format!("management API on {addr}: {e}"))?;
@@ -560,7 +578,7 @@ fn fleet_start(a: &RunArgs) -> Result<Option<crate::fleet::FleetRun>, String> {
     if a.api.0.is_none() {
         return Err("--fleet needs the management API (--api ADDR, not off)".into());
     }
-    crate::fleet::FleetRun::connect(url, node, a.fleet_ttl_secs).map(Some)
+    crate::fleet::FleetRun::connect(url, node, a.fleet_ttl_secs, a.fleet_link).map(Some)
 }
 
 /// The state the gateway starts with. A fresh store holds the file's topology already. When
