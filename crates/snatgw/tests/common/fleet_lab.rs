@@ -1113,6 +1113,39 @@ impl FleetLab {
         self.api(k, |c| c.metrics_text().unwrap_or_default())
     }
 
+    /// Samples every `period` the self-fencing gauge of nodes `nodes`
+    /// (`snatgw_fleet_lease_valid_seconds`, 0 once the node's lease view ended) until stopped.
+    pub fn lease_sampler(&self, nodes: &[usize], period: Duration) -> LeaseSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let handles = nodes
+            .iter()
+            .map(|&k| {
+                let (stop, samples) = (stop.clone(), samples.clone());
+                let c = Client::new(&format!("http://{API}"), Some(self.token.clone()));
+                spawn_in(&self.gw_ns(k), move || {
+                    let name = format!("snatgw_fleet_lease_valid_seconds{{node=\"gw{k}\"}} ");
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let v = c.metrics_text().ok().and_then(|m| {
+                            m.lines()
+                                .find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
+                        });
+                        if let Some(v) = v {
+                            lock(&samples).push((k, t, v));
+                        }
+                        std::thread::sleep(period);
+                    }
+                })
+            })
+            .collect();
+        LeaseSampler {
+            stop,
+            samples,
+            handles,
+        }
+    }
+
     /// The named nftables counters of lab namespace `ns` (packets).
     pub fn counters(&self, ns: &str) -> BTreeMap<String, u64> {
         let o = self.exec(ns, &["nft", "-j", "list", "counters"]);
@@ -1859,6 +1892,32 @@ impl Churn {
         let mut v = lock(&self.log).clone();
         v.sort_by_key(|a| a.start);
         v
+    }
+}
+
+/// See [`FleetLab::lease_sampler`].
+pub struct LeaseSampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(usize, Instant, f64)>>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl LeaseSampler {
+    /// Stops and returns the samples: (node, when, seconds of lease view left).
+    pub fn stop(mut self) -> Vec<(usize, Instant, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in std::mem::take(&mut self.handles) {
+            let _ = h.join();
+        }
+        let mut v = lock(&self.samples).clone();
+        v.sort_by_key(|x| x.1);
+        v
+    }
+}
+
+impl Drop for LeaseSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
