@@ -488,6 +488,9 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How soon the member loop tries again after an etcd call failed (R10.5).
+const RETRY_AFTER_ERROR: Duration = Duration::from_millis(500);
+
 fn member_loop(
     coord: &Arc<EtcdCoordinator>,
     shared: &Shared,
@@ -638,7 +641,16 @@ fn member_loop(
             tracing::warn!(node = %shared.node, "fleet: lease view ended: no new flows for any instance until the node holds grants again (self-fencing, R10.2)");
         }
         was_valid = rep.valid;
-        let until = shared.clock.now() + every;
+        // After a failed call, try again within a second rather than a renewal interval: a
+        // node must renew as soon as etcd answers again, or an outage shorter than its lease
+        // view (R10.5: TTL − margin) still fences it (the third interval after the last
+        // renewal ends at the view's end).
+        let wait = if rep.error.is_some() {
+            every.min(RETRY_AFTER_ERROR)
+        } else {
+            every
+        };
+        let until = shared.clock.now() + wait;
         while !stop.load(Ordering::SeqCst) && shared.clock.now() < until {
             std::thread::sleep(Duration::from_millis(50));
         }
