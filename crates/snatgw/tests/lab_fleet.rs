@@ -724,7 +724,8 @@ fn r10_4_kill_9_one_node_keeps_held_connections() {
 /// connections and a stream of new connections from every instance (about 20/s each): after each
 /// change the fleet converges in etcd and in every node's data path. From the servers' records
 /// joined with the clients': no two live connections share (public IP, port, server); no
-/// resets; each instance's SYNs were translated by its owners in the order of the node sets
+/// resets (but of a killed node's instances' connections under way in the takeover gap);
+/// each instance's SYNs were translated by its owners in the order of the node sets
 /// (never two nodes taking turns); gw2 opened no flow later than TTL after the cut, and for
 /// each of its instances its last new flow precedes the first of the node that took over.
 #[test]
@@ -844,9 +845,20 @@ fn r10_2_never_twice_through_kill_restart_join_and_partition() {
         .map(|a| format!("conn {} of i{}: {:?}", a.id, a.inst, a.outcome))
         .collect();
     check("new connections reset", stream_resets);
+    // A stream connection of the killed node's instances that was under way when it died
+    // (its close fell into the takeover gap, TTL + 2 s, when nobody translates for its
+    // instance) may end in a reset after the client gave up: a loss at a node's death, as on
+    // any router, not a reused port (that would show as an overlap above).
+    let t_kill = phases[0].1;
+    let in_gap: BTreeSet<u64> = attempts
+        .iter()
+        .filter(|a| owner_of(&lab.insts[a.inst].name, sets[0]) == 1)
+        .filter(|a| a.start <= t_kill + ttl + Duration::from_secs(2) && a.end >= t_kill)
+        .map(|a| a.id)
+        .collect();
     check(
         "connections the servers saw reset",
-        server_resets(&lab, &records, &attempts, &BTreeSet::new()),
+        server_resets(&lab, &records, &attempts, &in_gap),
     );
 
     // Each instance's new flows were opened by its owners in rendezvous order: never by two
