@@ -98,6 +98,7 @@ impl Env {
                             translated_out: 5000,
                             translated_in: 4500,
                         }),
+                        fleet_link: None,
                     })),
             );
         let server = plane.serve(backend, Some(TOKEN));

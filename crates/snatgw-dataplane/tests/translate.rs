@@ -423,14 +423,10 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     assert_eq!(g.stats().drops[DropReason::NotOwned as usize], 3);
     // Inbound steering's question: whose block holds the flow's public port.
     assert_eq!(
-        g.engine()
-            .instance_of_public_port(u32::from(out.src), out.src_port),
-        Some(u32::from(vm))
+        g.engine().instance_of_public_port(out.src, out.src_port),
+        Some(vm)
     );
-    assert_eq!(
-        g.engine().instance_of_public_port(u32::from(out.src), 80),
-        None
-    );
+    assert_eq!(g.engine().instance_of_public_port(out.src, 80), None);
     // ...the existing flow goes on, out and back.
     let (o, _) = send(
         &mut g,
