@@ -16,8 +16,13 @@
 //! Flows already open go on. The engine keeps running the whole topology, so every node
 //! computes the same port blocks for every instance (R2.8 pool sizes depend on group sizes).
 //!
-//! Not built: steering (R10.3). A node translates new flows only for the instances it owns;
-//! new flows of other instances that reach it are dropped (`not_owned`). Flow takeover (R10.4) is not built either.
+//! With `--fleet-link IP:PORT`: steering (R10.3, [`crate::fleet_link`]: packets of instances
+//! another node owns go to it over the link) and flow replication (R10.4: each owned
+//! instance's journal and periodic exports go to its rendezvous runner-up, in fleet seconds,
+//! [`FleetTime`]; a node granted an instance imports what it holds for it before admitting
+//! it; a planned move hands the instance's flows to the new owner before the grant is
+//! released). Not built: steering in the kernel (the TUN path steers), and holding the ports
+//! of flows whose state did not arrive (docs/FLEET.md).
 //!
 //! Without `--fleet` none of this runs (R10.6).
 
