@@ -21,7 +21,7 @@
 //!   stopped: never two at once (R10.2).
 //!
 //! This module defines the protocol and the local view; it does no I/O (the implementations
-//! are [`crate::mem`] and [`crate::etcd`]) and it does not move flows (R10.4 is not built).
+//! are [`crate::mem`] and [`crate::etcd`]) and it does not move flows (R10.4 is `replica` and the binary).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

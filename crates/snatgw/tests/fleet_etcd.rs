@@ -283,7 +283,8 @@ fn r10_5_r10_1_two_nodes_share_changes_and_refuse_them_while_etcd_is_down() {
         });
     }
     assert!(
-        n1.log().contains("no --fleet-link: packets of instances other nodes own are dropped"),
+        n1.log()
+            .contains("no --fleet-link: packets of instances other nodes own are dropped"),
         "{}",
         n1.log()
     );
