@@ -275,6 +275,23 @@ pub struct RuntimeCounters {
     pub fast_path: Option<FastPathCounters>,
     /// A fleet node's steering and replication counters (issue #19), when it has a fleet link.
     pub fleet_link: Option<FleetLinkCounters>,
+    /// The flow-state snapshots a restart restores from (R11.1), when they are written.
+    pub flow_state: Option<FlowStateCounters>,
+}
+
+/// The flow-state snapshot thread's counters (SPEC R11.1: what a restart restores from).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FlowStateCounters {
+    /// Snapshots written (durably: temp file, fsync, rename).
+    pub written: u64,
+    /// Snapshots that failed to write (a crash now loses the flows opened since the last one).
+    pub failed: u64,
+    /// Flows in the last snapshot written.
+    pub last_flows: u64,
+    /// Bytes of the last snapshot written.
+    pub last_bytes: u64,
+    /// Microseconds the last snapshot took, first export step to durable file.
+    pub last_micros: u64,
 }
 
 /// A fleet node's data-path counters for the fleet link (SPEC R10.3, R10.4).

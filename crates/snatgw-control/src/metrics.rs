@@ -363,6 +363,37 @@ fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
         "Seconds workers held the gateway lock deciding batches",
         rt.lock_held_ns,
     );
+    if let Some(f) = &rt.flow_state {
+        let snaps = counter_family(
+            reg,
+            "snatgw_flow_state_snapshots",
+            "Flow-state snapshots a restart restores from (R11.1): written durably, or failed (a crash then loses the flows opened since the last written one)",
+        );
+        for (result, v) in [("written", f.written), ("failed", f.failed)] {
+            add(&snaps, vec![("result", result.into())], v);
+        }
+        let flows: Gauge = Gauge::default();
+        flows.set(i64::try_from(f.last_flows).unwrap_or(i64::MAX));
+        reg.register(
+            "snatgw_flow_state_last_flows",
+            "Flows in the last flow-state snapshot written",
+            flows,
+        );
+        let bytes: Gauge = Gauge::default();
+        bytes.set(i64::try_from(f.last_bytes).unwrap_or(i64::MAX));
+        reg.register(
+            "snatgw_flow_state_last_bytes",
+            "Bytes of the last flow-state snapshot written",
+            bytes,
+        );
+        let took = Gauge::<f64, AtomicU64>::default();
+        took.set(f.last_micros as f64 / 1e6);
+        reg.register(
+            "snatgw_flow_state_last_write_seconds",
+            "Seconds the last flow-state snapshot took, first export step to durable file",
+            took,
+        );
+    }
     if let Some(f) = &rt.fleet_link {
         let steered = counter_family(
             reg,
@@ -558,6 +589,35 @@ mod tests {
         }
     }
 
+    /// R11.1: the flow-state snapshots' counters, only when snapshots are written.
+    #[test]
+    fn renders_flow_state_counters_only_when_snapshots_run() {
+        let mut s = MetricsSnapshot {
+            runtime: Some(RuntimeCounters::default()),
+            ..Default::default()
+        };
+        assert!(!render(&s).contains("snatgw_flow_state_"));
+        if let Some(rt) = s.runtime.as_mut() {
+            rt.flow_state = Some(crate::backend::FlowStateCounters {
+                written: 12,
+                failed: 1,
+                last_flows: 5000,
+                last_bytes: 200_000,
+                last_micros: 2_500,
+            });
+        }
+        let t = render(&s);
+        for want in [
+            "snatgw_flow_state_snapshots_total{result=\"written\"} 12",
+            "snatgw_flow_state_snapshots_total{result=\"failed\"} 1",
+            "snatgw_flow_state_last_flows 5000",
+            "snatgw_flow_state_last_bytes 200000",
+            "snatgw_flow_state_last_write_seconds 0.0025",
+        ] {
+            assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
+        }
+    }
+
     /// R10.3/R10.4 counters of a fleet node's link, only when it has one.
     #[test]
     fn renders_fleet_link_counters_only_with_a_link() {
@@ -607,6 +667,7 @@ mod tests {
                 lock_held_ns: 250_000_000,
                 fast_path: None,
                 fleet_link: None,
+                flow_state: None,
             }),
             ..Default::default()
         };

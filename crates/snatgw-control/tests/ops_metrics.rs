@@ -99,6 +99,13 @@ impl Env {
                             translated_in: 4500,
                         }),
                         fleet_link: None,
+                        flow_state: Some(snatgw_control::backend::FlowStateCounters {
+                            written: 40,
+                            failed: 1,
+                            last_flows: 30,
+                            last_bytes: 4096,
+                            last_micros: 800,
+                        }),
                     })),
             );
         let server = plane.serve(backend, Some(TOKEN));

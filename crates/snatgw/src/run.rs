@@ -448,8 +448,27 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
     let api = match a.api.0 {
         Some(addr) => {
             let clock = clock.clone();
+            // The runtime's counters, plus the flow-state snapshots' (R11.1) when they run.
+            let runtime_counters = rt.counters_source();
+            let snaps = snapshotter.as_ref().map(Snapshotter::counters);
+            let counters = move || {
+                let mut c = runtime_counters();
+                c.flow_state = snaps.as_ref().map(|s| {
+                    let get = |a: &std::sync::atomic::AtomicU64| {
+                        a.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    snatgw_control::backend::FlowStateCounters {
+                        written: get(&s.written),
+                        failed: get(&s.failed),
+                        last_flows: get(&s.last_flows),
+                        last_bytes: get(&s.last_bytes),
+                        last_micros: get(&s.last_us),
+                    }
+                });
+                c
+            };
             let backend = GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
-                .with_runtime_counters(Arc::new(rt.counters_source()))
+                .with_runtime_counters(Arc::new(counters))
                 .with_after_change(Box::new(rt.after_change_hook()));
             let backend = Arc::new(match &fleet {
                 Some(f) => backend.with_fleet_gauges(f.gauges()),

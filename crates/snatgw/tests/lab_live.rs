@@ -770,6 +770,27 @@ fn r6_1_metrics_during_exhaustion() {
         (32, 32, 32)
     );
     assert!(p.connections_failed.tcp >= 1);
+    // R11.1 for operators: the flow-state snapshots a restart would restore from (written
+    // every second by default) are on /metrics, the last one holding the 32 flows.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (written, flows, failed) = loop {
+        let t = g.api(|c| c.metrics_text()).expect("GET /metrics");
+        let get = |name: &str, labels: &[(&str, &str)]| metric(&t, name, labels);
+        let r = (
+            get(
+                "snatgw_flow_state_snapshots_total",
+                &[("result", "written")],
+            ),
+            get("snatgw_flow_state_last_flows", &[]),
+            get("snatgw_flow_state_snapshots_total", &[("result", "failed")]),
+        );
+        if r.0.unwrap_or(0.0) >= 1.0 && r.1 == Some(32.0) || Instant::now() >= deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(written.unwrap_or(0.0) >= 1.0, "{written:?}");
+    assert_eq!((flows, failed), (Some(32.0), Some(0.0)));
     assert_eq!(close_confirmed(held), 32);
     g.finish();
 }
