@@ -294,23 +294,27 @@ pub struct FlowStateCounters {
     pub last_micros: u64,
 }
 
-/// A fleet node's data-path counters for the fleet link (SPEC R10.3, R10.4).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// A fleet node's runtime counters for the fleet link (SPEC R10.3, R10.4): what its workers
+/// steered to other nodes, what other nodes injected into it, and the journal tap. The same
+/// record is the stats file's `fleet` part (`snatgw_runtime::stats::FleetSnap`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FleetLinkCounters {
-    /// Packets sent to the node that owns them, read from the private side (R10.3).
+    /// Outbound packets (private side) refused here and sent to the node that owns them.
     pub steered_out: u64,
-    /// Packets sent to the node that owns them, read from the public side (R10.3).
+    /// Inbound packets (public side) refused here and sent to the node that owns them.
     pub steered_in: u64,
-    /// Packets other nodes steered here and this node's workers decided.
+    /// Packets other nodes steered here, queued for a worker.
     pub injected: u64,
-    /// Steered packets this node could not take (its inbox full, or stopping).
+    /// Steered packets this node could not take: its inbox was full, the packet was larger
+    /// than a batch slot, or the runtime had stopped.
     pub injected_dropped: u64,
-    /// Steered packets this node's engine refused (dropped, never steered again).
+    /// Injected packets this node's engine refused (dropped, never steered again: no
+    /// ping-pong).
     pub injected_refused: u64,
-    /// Flow changes handed to the replication (R10.4).
+    /// Flow changes handed to the journal tap (the replication, R10.4).
     pub journal_tapped: u64,
-    /// Flow changes lost to a journal overflow before the replication saw them (the next
-    /// export resynchronises).
+    /// Flow changes the tap never saw because the engine's journal overflowed (the next
+    /// flow-state export is the consumer's resynchronisation point).
     pub journal_lost: u64,
 }
 

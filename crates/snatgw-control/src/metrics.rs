@@ -591,7 +591,7 @@ mod tests {
 
     /// R11.1: the flow-state snapshots' counters, only when snapshots are written.
     #[test]
-    fn renders_flow_state_counters_only_when_snapshots_run() {
+    fn r11_1_renders_flow_state_counters_only_when_snapshots_run() {
         let mut s = MetricsSnapshot {
             runtime: Some(RuntimeCounters::default()),
             ..Default::default()
@@ -620,7 +620,7 @@ mod tests {
 
     /// R10.3/R10.4 counters of a fleet node's link, only when it has one.
     #[test]
-    fn renders_fleet_link_counters_only_with_a_link() {
+    fn r10_3_r10_4_renders_fleet_link_counters_only_with_a_link() {
         let mut s = MetricsSnapshot {
             runtime: Some(RuntimeCounters::default()),
             ..Default::default()

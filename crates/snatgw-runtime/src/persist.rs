@@ -324,6 +324,20 @@ pub struct SnapshotCounters {
     pub exported: AtomicU64,
 }
 
+impl SnapshotCounters {
+    /// The counters now, as `/metrics` shows them (atomics only: no lock).
+    pub fn read(&self) -> snatgw_control::backend::FlowStateCounters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        snatgw_control::backend::FlowStateCounters {
+            written: get(&self.written),
+            failed: get(&self.failed),
+            last_flows: get(&self.last_flows),
+            last_bytes: get(&self.last_bytes),
+            last_micros: get(&self.last_us),
+        }
+    }
+}
+
 /// What [`SnapshotterBuilder::on_export`] is given after each export: the state (its flows
 /// with the kernel's last-seen times merged, [`SnapshotterBuilder::seen`]) and the mark read
 /// under the gateway lock before the export's first step ([`SnapshotterBuilder::mark`]; 0

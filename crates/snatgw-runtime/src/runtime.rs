@@ -783,18 +783,7 @@ impl Runtime {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
-                fleet_link: sh.fleet_on().then(|| {
-                    let f = sh.fleet_snap();
-                    snatgw_control::backend::FleetLinkCounters {
-                        steered_out: f.steered_out,
-                        steered_in: f.steered_in,
-                        injected: f.injected,
-                        injected_dropped: f.injected_dropped,
-                        injected_refused: f.injected_refused,
-                        journal_tapped: f.journal_tapped,
-                        journal_lost: f.journal_lost,
-                    }
-                }),
+                fleet_link: sh.fleet_on().then(|| sh.fleet_snap()),
                 ..Default::default()
             };
             for (i, w) in sh.workers.iter().enumerate() {
@@ -824,12 +813,6 @@ impl Runtime {
     /// The fleet counters now ([`crate::stats::FleetSnap`]), without the gateway lock.
     pub fn fleet_counters(&self) -> stats::FleetSnap {
         self.sh.fleet_snap()
-    }
-
-    /// A source of [`Runtime::fleet_counters`] for another thread (`/metrics`).
-    pub fn fleet_counters_source(&self) -> impl Fn() -> stats::FleetSnap + Send + Sync + 'static {
-        let sh = self.sh.clone();
-        move || sh.fleet_snap()
     }
 
     /// The journal mark: how many flow changes the journal tap ([`FleetHooks::with_journal_tap`])

@@ -105,27 +105,9 @@ pub struct Snapshot {
     pub fleet: Option<FleetSnap>,
 }
 
-/// A fleet node's runtime counters (SPEC R10.3, R10.4): what its workers steered to other
-/// nodes, what other nodes injected into it, and the journal tap.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FleetSnap {
-    /// Outbound packets (private side) refused here and handed to `Steer::send`.
-    pub steered_out: u64,
-    /// Inbound packets (public side) refused here and handed to `Steer::send`.
-    pub steered_in: u64,
-    /// Packets `Injector::inject` queued for a worker.
-    pub injected: u64,
-    /// Packets `Injector::inject` refused: the side's inbox was full, the packet was larger
-    /// than a batch slot, or the runtime had stopped.
-    pub injected_dropped: u64,
-    /// Injected packets the gateway refused (dropped, never steered again: no ping-pong).
-    pub injected_refused: u64,
-    /// Flow changes handed to the journal tap.
-    pub journal_tapped: u64,
-    /// Flow changes the tap never saw because the engine's journal overflowed (the next
-    /// flow-state export is the consumer's resynchronisation point).
-    pub journal_lost: u64,
-}
+/// A fleet node's runtime counters (SPEC R10.3, R10.4): the same record `/metrics` is built
+/// from.
+pub type FleetSnap = snatgw_control::backend::FleetLinkCounters;
 
 /// The probe state of one member (R5.2): the same record `/metrics` is built from.
 pub type ProbeSnap = snatgw_control::view::ProbeMetrics;

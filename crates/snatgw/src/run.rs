@@ -453,18 +453,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             let snaps = snapshotter.as_ref().map(Snapshotter::counters);
             let counters = move || {
                 let mut c = runtime_counters();
-                c.flow_state = snaps.as_ref().map(|s| {
-                    let get = |a: &std::sync::atomic::AtomicU64| {
-                        a.load(std::sync::atomic::Ordering::Relaxed)
-                    };
-                    snatgw_control::backend::FlowStateCounters {
-                        written: get(&s.written),
-                        failed: get(&s.failed),
-                        last_flows: get(&s.last_flows),
-                        last_bytes: get(&s.last_bytes),
-                        last_micros: get(&s.last_us),
-                    }
-                });
+                c.flow_state = snaps.as_ref().map(|s| s.read());
                 c
             };
             let backend = GatewayBackend::new(rt.gateway().clone(), events, move || clock.now())
