@@ -379,6 +379,27 @@ struct Job {
     on_export: Option<ExportHook>,
 }
 
+/// The engine's flow state, exported in bounded steps ([`snatgw_core::Engine::export_step`]),
+/// each under the gateway lock, which is released between them (R9.4's latency bound holds
+/// while a large table is exported); `on_step` is told how long each step held the lock. A
+/// fuzzy cut: the engine runs between steps (see `snatgw_core::engine::persist`).
+pub fn export_flows(gw: &Mutex<Gateway>, mut on_step: impl FnMut(Duration)) -> FlowState {
+    let mut cur = ExportCursor::default();
+    let mut flows = FlowState::default();
+    loop {
+        let t = Instant::now();
+        let done = {
+            let g = gw.lock().unwrap_or_else(|p| p.into_inner());
+            g.engine().export_step(&mut cur, &mut flows)
+        };
+        on_step(t.elapsed());
+        if done {
+            return flows;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Exports the engine's state in bounded steps, each under the lock; returns it with the
 /// mark read under the lock before the first step.
 fn export(job: &Job) -> (SavedState, u64) {
@@ -388,22 +409,11 @@ fn export(job: &Job) -> (SavedState, u64) {
         let mark = job.mark.as_ref().map_or(0, |m| m());
         (e.topology().source.clone(), e.designations(), mark)
     };
-    let mut cur = ExportCursor::default();
-    let mut flows = FlowState::default();
-    loop {
-        let t = Instant::now();
-        let done = {
-            let g = job.gw.lock().unwrap_or_else(|p| p.into_inner());
-            g.engine().export_step(&mut cur, &mut flows)
-        };
+    let flows = export_flows(&job.gw, |step| {
         job.counters
             .step_max_ns
-            .fetch_max(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if done {
-            break;
-        }
-        std::thread::yield_now();
-    }
+            .fetch_max(step.as_nanos() as u64, Ordering::Relaxed);
+    });
     let state = SavedState {
         boot_id: job.boot_id.clone(),
         origin_ns: job.origin_ns,

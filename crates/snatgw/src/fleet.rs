@@ -51,12 +51,14 @@ use crate::fleet_link::Steering;
 pub type AfterChange = Box<dyn Fn(&mut Gateway) + Send + Sync>;
 
 /// The fleet link of a node (`--fleet-link`): steering (R10.3) and flow replication (R10.4).
-struct LinkParts {
+struct Link {
     addr: SocketAddr,
     steering: Arc<Steering>,
     store: ReplicaStore,
     server: ReplicaServer,
     replicator: Arc<Replicator>,
+    /// This node's engine seconds against the fleet's (set with the runtime's hooks).
+    time: FleetTime,
 }
 
 /// The etcd endpoints of `--fleet etcd://HOST:PORT[,HOST:PORT]`, as client URLs.
@@ -112,8 +114,6 @@ struct Shared {
     node: NodeId,
     clock: MonotonicClock,
     view: RwLock<View>,
-    /// This node's engine seconds against the fleet's (set with the runtime's hooks).
-    time: RwLock<FleetTime>,
 }
 
 /// Engine seconds are each node's own (seconds since its gateway clock's origin); the
@@ -149,33 +149,14 @@ impl FleetTime {
 
     /// A journal entry in fleet seconds (`Refused` is not replicated).
     fn change_to_fleet(self, c: &FlowChange) -> Option<FlowChange> {
-        Some(match c {
-            FlowChange::Opened {
-                at,
-                instance,
-                slot,
-                key,
-            } => FlowChange::Opened {
-                at: self.to_fleet(*at),
-                instance: instance.clone(),
-                slot: *slot,
-                key: *key,
-            },
-            FlowChange::Closed {
-                at,
-                instance,
-                slot,
-                key,
-                cause,
-            } => FlowChange::Closed {
-                at: self.to_fleet(*at),
-                instance: instance.clone(),
-                slot: *slot,
-                key: *key,
-                cause: *cause,
-            },
+        let mut c = c.clone();
+        match &mut c {
+            FlowChange::Opened { at, .. } | FlowChange::Closed { at, .. } => {
+                *at = self.to_fleet(*at);
+            }
             FlowChange::Refused { .. } => return None,
-        })
+        }
+        Some(c)
     }
 
     /// Every time of `st` moved by `by` seconds (`close_at` 0 means "not closing" and stays).
@@ -223,7 +204,7 @@ pub struct FleetRun {
     store: Arc<EtcdStore>,
     coord: Arc<EtcdCoordinator>,
     shared: Arc<Shared>,
-    link: Option<LinkParts>,
+    link: Option<Link>,
 }
 
 impl FleetRun {
@@ -250,12 +231,13 @@ impl FleetRun {
                 let server = ReplicaServer::bind(addr, store.clone())
                     .map_err(|e| format!("--fleet-link {addr} (tcp): {e}"))?;
                 let replicator = Arc::new(Replicator::new(node.clone(), incarnation()));
-                Some(LinkParts {
+                Some(Link {
                     addr,
                     steering,
                     store,
                     server,
                     replicator,
+                    time: FleetTime::default(),
                 })
             }
             None => None,
@@ -272,7 +254,6 @@ impl FleetRun {
                     valid_until: Duration::ZERO,
                     nodes_live: 0,
                 }),
-                time: RwLock::new(FleetTime::default()),
             }),
             link,
         })
@@ -286,12 +267,12 @@ impl FleetRun {
     /// What the runtime needs for the fleet link: steering of refused packets (R10.3) and the
     /// journal tap that feeds the replication stream (R10.4). None without `--fleet-link`.
     /// `start_ns` is the gateway clock's origin (`CLOCK_MONOTONIC` at engine second 0).
-    pub fn runtime_hooks(&self, start_ns: u64) -> FleetHooks {
-        let Some(l) = &self.link else {
+    pub fn runtime_hooks(&mut self, start_ns: u64) -> FleetHooks {
+        let Some(l) = &mut self.link else {
             return FleetHooks::new();
         };
         let shift = FleetTime::at(start_ns);
-        *self.shared.time.write().unwrap_or_else(|p| p.into_inner()) = shift;
+        l.time = shift;
         let r = l.replicator.clone();
         let mut buf: Vec<FlowChange> = Vec::new();
         FleetHooks::new()
@@ -359,8 +340,8 @@ impl FleetRun {
                         .spawn_receiver(injector, stop.clone())
                         .map_err(|e| format!("spawning the fleet link's receiver: {e}"))?,
                 );
-                let (stop, gw, r) = (stop.clone(), gateway.clone(), l.replicator.clone());
-                let time = *self.shared.time.read().unwrap_or_else(|p| p.into_inner());
+                let (stop, gw, r, time) =
+                    (stop.clone(), gateway.clone(), l.replicator.clone(), l.time);
                 threads.push(
                     std::thread::Builder::new()
                         .name("snatgw-fleet-snap".into())
@@ -368,12 +349,7 @@ impl FleetRun {
                         .map_err(|e| format!("spawning the replication thread: {e}"))?,
                 );
                 tracing::info!(link = %l.addr, "fleet: link up (steering R10.3, flow replication R10.4)");
-                Some(LinkRun {
-                    steering: l.steering,
-                    store: l.store,
-                    server: l.server,
-                    replicator: l.replicator,
-                })
+                Some(l)
             }
             _ => {
                 tracing::warn!("fleet: no --fleet-link: packets of instances other nodes own are dropped (no steering, R10.3) and this node's flows are not replicated (a takeover starts them afresh, R10.4)");
@@ -419,14 +395,6 @@ impl FleetRun {
     }
 }
 
-/// The fleet link while the node runs.
-struct LinkRun {
-    steering: Arc<Steering>,
-    store: ReplicaStore,
-    server: ReplicaServer,
-    replicator: Arc<Replicator>,
-}
-
 /// A random-enough incarnation number for this process (the replication tells a restarted
 /// node's stream from its previous one by it).
 fn incarnation() -> u64 {
@@ -455,7 +423,7 @@ fn snapshot_loop(gw: &Mutex<Gateway>, r: &Replicator, stop: &AtomicBool, time: F
         }
         last = std::time::Instant::now();
         let seq = r.seq();
-        let mut st = export_all(gw);
+        let mut st = snatgw_runtime::persist::export_flows(gw, |_| {});
         FleetTime::move_state(&mut st, time.offset);
         r.offer_snapshot(&st, seq);
     }
@@ -501,7 +469,7 @@ fn member_loop(
     shared: &Shared,
     plane: &ControlPlane,
     stop: &AtomicBool,
-    link: Option<&LinkRun>,
+    link: Option<&Link>,
     gw: &Mutex<Gateway>,
     after_change: &AfterChange,
 ) {
@@ -536,8 +504,7 @@ fn member_loop(
                     let live = live_before.get_or_insert_with(|| {
                         coord.live_nodes(shared.clock.now()).unwrap_or_default()
                     });
-                    let time = *shared.time.read().unwrap_or_else(|p| p.into_inner());
-                    hand_over(l, coord, gw, n, &ips, live, &shared.node, time, &mut handed);
+                    hand_over(l, coord, gw, n, &ips, live, &shared.node, &mut handed);
                 }
             }
         });
@@ -578,8 +545,7 @@ fn member_loop(
                 .filter(|ip| owned_now.contains(ip))
                 .collect();
             if !ips.is_empty() {
-                let time = *shared.time.read().unwrap_or_else(|p| p.into_inner());
-                import_taken(l, gw, after_change, &ips, &shared.node, time);
+                import_taken(l, gw, after_change, &ips, &shared.node);
             }
         }
         {
@@ -687,15 +653,14 @@ fn member_loop(
 /// last packet the dead node's kernel fast path carried, so a port is never released early
 /// (R2.2), and an idle flow at most one idle timeout late.
 fn import_taken(
-    l: &LinkRun,
+    l: &Link,
     gw: &Mutex<Gateway>,
     after_change: &AfterChange,
     ips: &HashSet<u32>,
     node: &NodeId,
-    time: FleetTime,
 ) {
     let mut st = l.store.take(ips);
-    FleetTime::move_state(&mut st, -time.offset);
+    FleetTime::move_state(&mut st, -l.time.offset);
     let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
     let now = g.engine().now();
     for f in &mut st.flows {
@@ -727,14 +692,13 @@ fn import_taken(
 /// (closes of the old flows keep reaching the new owner).
 #[allow(clippy::too_many_arguments)]
 fn hand_over(
-    l: &LinkRun,
+    l: &Link,
     coord: &EtcdCoordinator,
     gw: &Mutex<Gateway>,
     name: &str,
     ips: &HashSet<u32>,
     live: &[NodeId],
     me: &NodeId,
-    time: FleetTime,
     handed: &mut HashMap<u32, (SocketAddr, std::time::Instant)>,
 ) {
     let key = Resource::Instance(name.to_string()).rendezvous_key();
@@ -752,35 +716,18 @@ fn hand_over(
     }
     l.replicator.set_targets(targets);
     let seq = l.replicator.seq();
-    let mut st = export_all(gw);
-    FleetTime::move_state(&mut st, time.offset);
+    let mut st = snatgw_runtime::persist::export_flows(gw, |_| {});
+    FleetTime::move_state(&mut st, l.time.offset);
     l.replicator.offer_snapshot(&st, seq);
     let flushed = l.replicator.flush(Duration::from_millis(500));
     tracing::info!(instance = name, to = %owner, flushed, "fleet: handed an instance's flows over to its new owner (R10.4)");
-}
-
-/// The engine's whole flow state, exported in bounded steps (the lock is released between
-/// them).
-fn export_all(gw: &Mutex<Gateway>) -> FlowState {
-    let mut cur = snatgw_core::engine::persist::ExportCursor::default();
-    let mut st = FlowState::default();
-    loop {
-        let done = {
-            let g = gw.lock().unwrap_or_else(|p| p.into_inner());
-            g.engine().export_step(&mut cur, &mut st)
-        };
-        if done {
-            return st;
-        }
-        std::thread::yield_now();
-    }
 }
 
 /// Refreshes where refused packets are steered (each instance another live node owns, by
 /// rendezvous, R10.1/R10.3) and where this node's flows are replicated (each owned
 /// instance's runner-up, R10.4), from the live nodes' link addresses.
 fn route(
-    l: &LinkRun,
+    l: &Link,
     coord: &EtcdCoordinator,
     cfg: &snatgw_core::ConfigFile,
     live: &[NodeId],
@@ -907,7 +854,6 @@ mod tests {
                 valid_until: Duration::from_secs(3600),
                 nodes_live: 2,
             }),
-            time: RwLock::new(FleetTime::default()),
         };
         let (mine, other) = (
             u32::from(Ipv4Addr::new(10, 0, 1, 10)),

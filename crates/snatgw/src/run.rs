@@ -431,7 +431,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         wakers,
     };
     let hooks = fleet
-        .as_ref()
+        .as_mut()
         .map_or_else(FleetHooks::new, |f| f.runtime_hooks(start_ns));
     let mut rt = Runtime::start_with_hooks(parts, hooks, private, public, opts)
         .map_err(|e| e.to_string())?;
