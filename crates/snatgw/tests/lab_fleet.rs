@@ -134,18 +134,23 @@ fn server_resets(
         .collect()
 }
 
-/// For every instance, the nodes that translated its connections' SYNs, in accept order,
-/// consecutive repeats removed (connections with an id only: this test's own).
+/// For every instance, the nodes that translated its connections' SYNs, in the order the
+/// clients sent those SYNs, consecutive repeats removed (connections with an id only: this
+/// test's own). `syn_of` gives each id its instance and the time its client called `connect`.
+///
+/// Ordered by the client's SYN, not by the server's accept: a SYN the old owner translated just
+/// before a hand-over can complete its handshake (and be accepted) after a SYN the new owner
+/// translated, which is not two owners at once.
 fn via_sequences(
     lab: &FleetLab,
     records: &[SrvRecord],
-    inst_of: &BTreeMap<u64, usize>,
+    syn_of: &BTreeMap<u64, (usize, Instant)>,
 ) -> Vec<Vec<usize>> {
     let mut per: Vec<Vec<(Instant, usize)>> = vec![Vec::new(); lab.insts.len()];
     for r in records {
         if let (Some(id), Some(via)) = (r.id, r.via) {
-            if let Some(&i) = inst_of.get(&id) {
-                per[i].push((r.accepted, via));
+            if let Some(&(i, sent)) = syn_of.get(&id) {
+                per[i].push((sent, via));
             }
         }
     }
@@ -865,7 +870,12 @@ fn r10_2_never_twice_through_kill_restart_join_and_partition() {
     // nodes taking turns (which two owners at once would show).
     let mut inst_of: BTreeMap<u64, usize> = attempts.iter().map(|a| (a.id, a.inst)).collect();
     inst_of.extend(conns.iter().map(|c| (c.id, c.inst)));
-    let seqs = via_sequences(&lab, &records, &inst_of);
+    let syn_of: BTreeMap<u64, (usize, Instant)> = attempts
+        .iter()
+        .map(|a| (a.id, (a.inst, a.start)))
+        .chain(conns.iter().map(|c| (c.id, (c.inst, c.start))))
+        .collect();
+    let seqs = via_sequences(&lab, &records, &syn_of);
     let mut bad = Vec::new();
     for (i, seq) in seqs.iter().enumerate() {
         let name = &lab.insts[i].name;
