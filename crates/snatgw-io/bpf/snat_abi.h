@@ -35,13 +35,21 @@
 	K(TCPF_SYN, 0x02)                                                                   \
 	K(TCPF_RST, 0x04)                                                                   \
 	K(TCPF_ACK, 0x10)                                                                   \
-	K(EVENTS_BYTES, 1 << 20) /* default size of the EVENTS ring (the loader may set another) */
+	K(EVENTS_BYTES, 1 << 20) /* default size of the EVENTS ring (the loader may set another) */ \
+	K(STEER_PORT_BASE, 1024) /* fleet steering (#19): first port of the PAT chunks */ \
+	K(STEER_CHUNK_PORTS, 32) /* ports per chunk (snatgw_core's CHUNK) */ \
+	K(STEER_HDR_VERSION, 1)  /* version byte of the fleet link's 4-byte header "SG" */ \
+	K(STEER_ENCAP_LEN, 32)   /* outer IPv4 (20) + UDP (8) + the link header (4) */
 
 /* Slots of the CONFIG array, in order: C(name). */
 #define SNAT_CONFIG_SLOTS(C)                                                       \
 	C(CFG_MODE)             /* MODE_TRANSLATE or MODE_FLOOR */                 \
 	C(CFG_FLOOR_EGRESS_OUT) /* floor mode: egress ifindex of snat_out's packets */ \
-	C(CFG_FLOOR_EGRESS_IN)  /* floor mode: egress ifindex of snat_in's packets */
+	C(CFG_FLOOR_EGRESS_IN)  /* floor mode: egress ifindex of snat_in's packets */ \
+	C(CFG_STEER_EPOCH)      /* fleet steering (#19): entries of this epoch count; 0: off */ \
+	C(CFG_LINK_ADDR)        /* this node's fleet link address, network order */ \
+	C(CFG_LINK_PORT)        /* this node's fleet link UDP port, network order (low 16 bits) */ \
+	C(CFG_LINK_IFINDEX)     /* the interface holding the fleet link address */
 
 /* Entries of the STATS array, in order: S(index name, name in Rust's STAT_NAMES). */
 #define SNAT_STATS(S)                                                                    \
@@ -55,7 +63,10 @@
 	S(ST_FLOOR, floor)       /* floor mode redirects */                              \
 	S(ST_NOT_IPV4, not_ipv4) /* not IPv4 (ARP and others): passed up */              \
 	S(ST_EVENTS, events)     /* FIN/RST translated here, reported in EVENTS */       \
-	S(ST_EVENT_FULL, event_full) /* FIN/RST of a flow passed up: no room in EVENTS */
+	S(ST_EVENT_FULL, event_full) /* FIN/RST of a flow passed up: no room in EVENTS */ \
+	S(ST_STEERED_OUT, steered_out) /* another node's instance: sent to it over the fleet link */ \
+	S(ST_STEERED_IN, steered_in)   /* a port block of another node's: sent to it likewise */ \
+	S(ST_STEER_UP, steer_up) /* another node's, but not sendable here (GSO, MTU): passed up */
 
 /* Key of FLOWS: F(type, name). Addresses and ports as on the wire (network order). */
 #define SNAT_FLOW_KEY_FIELDS(F)                          \
@@ -92,11 +103,30 @@
 	F(__u8, dir)     /* DIR_OUT or DIR_IN: which way the packet travelled */         \
 	F(__u32, pad)    /* zero */
 
+/* Value of STEER_INST and STEER_BLOCK (issue #19, SPEC R10.3): the fleet link of the node that
+ * owns an instance or a port chunk, and the epoch the entry was written in (it counts only
+ * while CONFIG[CFG_STEER_EPOCH] is that epoch, so userspace swaps a whole table at once). */
+#define SNAT_STEER_VAL_FIELDS(F)                                                  \
+	F(__u32, addr)  /* the owner's link address, network order */          \
+	F(__u16, port)  /* the owner's link UDP port, network order */         \
+	F(__u16, pad)   /* zero */                                             \
+	F(__u32, epoch) /* CONFIG[CFG_STEER_EPOCH] when written */             \
+	F(__u32, pad2)  /* zero */
+
+/* Key of STEER_BLOCK: a public address and the chunk of STEER_CHUNK_PORTS ports from
+ * STEER_PORT_BASE that holds the destination port (the engine's chunks, SPEC R2.4). */
+#define SNAT_STEER_BLOCK_KEY_FIELDS(F)                                            \
+	F(__u32, addr)  /* public address, network order */                    \
+	F(__u16, chunk) /* (port - STEER_PORT_BASE) / STEER_CHUNK_PORTS, host order */ \
+	F(__u16, pad)   /* zero */
+
 /* The struct of each list; abi_check.c walks this one too: T(struct name, fields macro). */
 #define SNAT_STRUCTS(T)                          \
 	T(flow_key, SNAT_FLOW_KEY_FIELDS)        \
 	T(flow_val, SNAT_FLOW_VAL_FIELDS)        \
-	T(tcp_event, SNAT_TCP_EVENT_FIELDS)
+	T(tcp_event, SNAT_TCP_EVENT_FIELDS)      \
+	T(steer_val, SNAT_STEER_VAL_FIELDS)      \
+	T(steer_block_key, SNAT_STEER_BLOCK_KEY_FIELDS)
 
 /* ---- Declarations made from the lists. ---- */
 

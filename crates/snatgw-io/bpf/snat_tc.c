@@ -5,8 +5,8 @@
 // kernel takes as GPL-compatible (include/linux/license.h). It has to be GPL-compatible: the
 // verifier refuses GPL-only helpers to other programs, and bpf_check_mtu is GPL-only
 // (gpl_only = true in net/core/filter.c; the other helpers used here, bpf_redirect_neigh,
-// bpf_ktime_get_ns, the checksum/store/pull and map helpers, are not). The rest of snatgw is
-// Apache-2.0; MIT is the permissive choice that sits with it, GPL-2.0 the one the kernel needs.
+// bpf_ktime_get_ns, the checksum/store/pull/adjust_room/change_tail/csum_diff and map helpers,
+// are not). The rest of snatgw is Apache-2.0; MIT is the permissive choice that sits with it, GPL-2.0 the one the kernel needs.
 // build.rs checks that the SPDX lines of both files and the LICENSE string agree.
 //
 // snatgw's kernel fast path (issue #9): a tc (tcx) ingress classifier that translates packets
@@ -40,7 +40,21 @@
 //   - in "floor" mode (CONFIG[CFG_MODE] = MODE_FLOOR, for benchmarks only): parse, decrement
 //     the TTL and redirect to CONFIG[CFG_FLOOR_EGRESS_OUT + dir] without any lookup or
 //     rewrite: the cost of the mechanism.
-// What it does not do: create flows, decide ports, end flows or time them, look at ICMP errors.
+//   - fleet steering (issue #19, SPEC R10.3), only while CONFIG[CFG_STEER_EPOCH] is not 0: a
+//     packet this node would pass up because no flow here has it (an outbound SYN, a miss)
+//     and that belongs to another node (outbound: its source address is in STEER_INST, an
+//     instance another node owns; inbound: its destination address and port fall in a chunk
+//     of STEER_BLOCK, a port block of another node's instance), with the entry's epoch the
+//     current one, is sent unchanged to that node's fleet link: encapsulated in IPv4/UDP from
+//     this node's link address and port (CONFIG) with the 4-byte link header ("SG", version,
+//     direction), exactly the datagram userspace's steering sends (crates/snatgw/src/
+//     fleet_link.rs), out of the link's interface (CONFIG[CFG_LINK_IFINDEX]) with
+//     bpf_redirect_neigh, which routes the owner's link address and resolves its neighbour. A
+//     GSO packet, or one too big for the link's MTU once encapsulated, is passed up
+//     (ST_STEER_UP), and userspace steers it from the TUN (fragmented if need be). The TTL is not touched:
+//     the owner decides the packet as if it had arrived there.
+// What it does not do: create flows, decide ports, end flows or time them, look at ICMP errors,
+// decide who owns what (userspace fills STEER_* from the fleet's view and flips the epoch).
 
 // Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
 // side's ingress, snat_in to the public side's, and the direction is part of the key.
@@ -84,6 +98,22 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, EVENTS_BYTES);
 } EVENTS SEC(".maps");
+
+// Fleet steering (issue #19): owner's link by instance private address (network order) and by
+// public port chunk (struct steer_block_key); filled by userspace, sized by the loader.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct steer_val);
+	__uint(max_entries, 1 << 16);
+} STEER_INST SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct steer_block_key);
+	__type(value, struct steer_val);
+	__uint(max_entries, 1 << 16);
+} STEER_BLOCK SEC(".maps");
 
 // Indexed by the CFG_* slots of snat_abi.h; written by the loader before the programs load.
 struct {
@@ -130,6 +160,98 @@ static __always_inline int dec_ttl(struct __sk_buff *skb, __u8 ttl, __u8 proto)
 	return bpf_skb_store_bytes(skb, IP_TTL_OFF, &nttl, 1, 0);
 }
 
+// The owner's link of a packet another node decides (see the top of the file), or NULL.
+// Addresses and ports as on the wire.
+static __always_inline struct steer_val *owner(__u8 dir, __u32 src, __u32 dst, __u16 dport)
+{
+	__u32 epoch = config(CFG_STEER_EPOCH);
+	if (!epoch)
+		return NULL;
+	struct steer_val *o;
+	if (dir == DIR_OUT) {
+		o = bpf_map_lookup_elem(&STEER_INST, &src);
+	} else {
+		__u16 port = bpf_ntohs(dport);
+		if (port < STEER_PORT_BASE)
+			return NULL;
+		struct steer_block_key bk = {
+			.addr = dst,
+			.chunk = (port - STEER_PORT_BASE) / STEER_CHUNK_PORTS,
+			.pad = 0,
+		};
+		o = bpf_map_lookup_elem(&STEER_BLOCK, &bk);
+	}
+	if (!o || o->epoch != epoch)
+		return NULL;
+	return o;
+}
+
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+// The outer headers of a steered packet: what userspace's UDP socket would have sent.
+struct steer_encap {
+	struct iphdr ip;
+	struct udphdr udp;
+	__u8 hdr[4];
+};
+_Static_assert(sizeof(struct steer_encap) == STEER_ENCAP_LEN, "encapsulation length");
+
+// Sends the packet, unchanged, to the owner's fleet link (see the top of the file); passes it
+// up when it cannot.
+static __always_inline int steer(struct __sk_buff *skb, __u8 dir, const struct steer_val *o,
+				 __u32 inner)
+{
+	__u32 link_addr = config(CFG_LINK_ADDR);
+	__u16 link_port = (__u16)config(CFG_LINK_PORT);
+	__u32 to_addr = o->addr;
+	__u16 to_port = o->port;
+	if (skb->gso_size)
+		return pass(ST_STEER_UP);
+	// The link's interface (the one holding this node's link address): redirect_neigh routes
+	// the outer destination through it and resolves the next hop's address.
+	__u32 out_if = config(CFG_LINK_IFINDEX);
+	__u32 mtu = 0;
+	if (!out_if || bpf_check_mtu(skb, out_if, &mtu, STEER_ENCAP_LEN, 0))
+		return pass(ST_STEER_UP);
+	// `inner` is the IP header's total length: a frame longer than that carries link padding,
+	// cut off here so the owner gets exactly the packet; a shorter one is truncated.
+	if (skb->len < ETH_HLEN + inner || inner > 0xffff - STEER_ENCAP_LEN)
+		return pass(ST_STEER_UP);
+	if (skb->len > ETH_HLEN + inner && bpf_skb_change_tail(skb, ETH_HLEN + inner, 0))
+		return pass(ST_STEER_UP);
+	struct steer_encap h = {};
+	h.ip.version = 4;
+	h.ip.ihl = 5;
+	h.ip.tot_len = bpf_htons(inner + STEER_ENCAP_LEN);
+	h.ip.frag_off = bpf_htons(0x4000); // DF: never fragmented on the link
+	h.ip.ttl = 64;
+	h.ip.protocol = IPPROTO_UDP;
+	h.ip.saddr = link_addr;
+	h.ip.daddr = to_addr;
+	h.ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0));
+	h.udp.source = link_port;
+	h.udp.dest = to_port;
+	h.udp.len = bpf_htons(inner + STEER_ENCAP_LEN - sizeof(struct iphdr));
+	h.udp.check = 0; // none (RFC 768 allows it over IPv4); the inner packet has its own
+	h.hdr[0] = 'S';
+	h.hdr[1] = 'G';
+	h.hdr[2] = STEER_HDR_VERSION;
+	h.hdr[3] = dir;
+	if (bpf_skb_adjust_room(skb, STEER_ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
+		return pass(ST_STEER_UP);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0))
+		return TC_ACT_SHOT; // room made, headers not written: never send half a packet
+	count(dir == DIR_OUT ? ST_STEERED_OUT : ST_STEERED_IN);
+	return bpf_redirect_neigh(out_if, NULL, 0, 0);
+}
+
 // Headers the program reads: Ethernet, IPv4 without options, a TCP header (the longest).
 #define HDRS_LEN (L4_OFF + sizeof(struct tcphdr))
 
@@ -158,6 +280,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return pass(ST_NOT_FAST);
 	__u8 proto = ip->protocol;
 	__u8 ttl = ip->ttl;
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
 
 	if (config(CFG_MODE) == MODE_FLOOR) {
 		// Floor mode: the mechanism without the NAT.
@@ -184,8 +307,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			return pass(ST_NOT_FAST);
 		// The flags byte (after the data offset byte).
 		tflags = ((__u8 *)t)[13];
-		if ((tflags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+		if ((tflags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN) {
+			struct steer_val *o = owner(dir, k.src, k.dst, t->dest);
+			if (o)
+				return steer(skb, dir, o, tot_len);
 			return pass(ST_CONTROL);
+		}
 		k.sport = t->source;
 		k.dport = t->dest;
 		csum_off = L4_OFF + offsetof(struct tcphdr, check);
@@ -202,8 +329,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	struct flow_val *v = bpf_map_lookup_elem(&FLOWS, &k);
-	if (!v)
+	if (!v) {
+		struct steer_val *o = owner(dir, k.src, k.dst, k.dport);
+		if (o)
+			return steer(skb, dir, o, tot_len);
 		return pass(ST_MISS);
+	}
 	if (ttl <= 1)
 		return pass(ST_TTL);
 	__u32 mtu = 0;

@@ -74,10 +74,27 @@ const CFG_MODE: u32 = 0;
 const CFG_FLOOR_EGRESS_OUT: u32 = 1;
 /// CONFIG slot: floor mode's egress interface of `snat_in`'s packets.
 const CFG_FLOOR_EGRESS_IN: u32 = 2;
+/// CONFIG slot: the fleet steering epoch (0: no steering).
+const CFG_STEER_EPOCH: u32 = 3;
+/// CONFIG slot: this node's fleet link address, network order.
+const CFG_LINK_ADDR: u32 = 4;
+/// CONFIG slot: this node's fleet link UDP port, network order.
+const CFG_LINK_PORT: u32 = 5;
+/// CONFIG slot: the interface holding the fleet link address.
+const CFG_LINK_IFINDEX: u32 = 6;
 /// CONFIG slots.
-const CFG_COUNT: u32 = 3;
+const CFG_COUNT: u32 = 7;
 /// STATS entries.
-const ST_COUNT: usize = 11;
+const ST_COUNT: usize = 14;
+/// First port of the PAT chunks the steering's block map is keyed by (`snatgw_core`'s
+/// `PORT_BASE`).
+pub const STEER_PORT_BASE: u16 = 1024;
+/// Ports per chunk (`snatgw_core`'s `CHUNK`).
+pub const STEER_CHUNK_PORTS: u16 = 32;
+/// Version byte of the fleet link's header (`SG`, version, direction).
+pub const STEER_HDR_VERSION: u8 = 1;
+/// Bytes a steered packet grows by: outer IPv4, UDP and the link header.
+pub const STEER_ENCAP_LEN: u32 = 32;
 /// TCP flags in [`BpfTcpEvent::flags`] (the flags byte as on the wire): FIN.
 pub const TCPF_FIN: u8 = 0x01;
 /// SYN.
@@ -112,6 +129,9 @@ pub const STAT_NAMES: [&str; ST_COUNT] = [
     "not_ipv4",
     "events",
     "event_full",
+    "steered_out",
+    "steered_in",
+    "steer_up",
 ];
 
 /// Key of the flow map: the packet's addresses and ports as on the wire, and its direction.
@@ -180,6 +200,36 @@ pub struct BpfTcpEvent {
     pub pad: u32,
 }
 
+/// Value of the steering maps (issue #19, SPEC R10.3): the owner's fleet link and the epoch
+/// the entry was written in (`struct steer_val`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BpfSteerVal {
+    /// The owner's link address, network order.
+    pub addr: u32,
+    /// The owner's link UDP port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+    /// The epoch it belongs to.
+    pub epoch: u32,
+    /// Zero.
+    pub pad2: u32,
+}
+
+/// Key of the steering's block map: a public address and a chunk of
+/// [`STEER_CHUNK_PORTS`] ports from [`STEER_PORT_BASE`] (`struct steer_block_key`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BpfSteerBlockKey {
+    /// Public address, network order.
+    pub addr: u32,
+    /// `(port - STEER_PORT_BASE) / STEER_CHUNK_PORTS`, host order.
+    pub chunk: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
 // SAFETY: both are `#[repr(C)]` structs of plain integers with explicit padding fields, so
 // every bit pattern is valid and there are no uninitialised padding bytes: the header asserts
 // that `struct flow_key`/`flow_val` have no implicit padding, and the `abi` checks below prove
@@ -191,6 +241,12 @@ unsafe impl aya::Pod for BpfFlowKey {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for BpfFlowVal {}
+// SAFETY: as above (`struct steer_val`, checked by the same build assertions).
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BpfSteerVal {}
+// SAFETY: as above (`struct steer_block_key`).
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BpfSteerBlockKey {}
 
 /// The build's check of this module against `bpf/snat_abi.h` (see the module doc): the
 /// header's names for the mirrors, and the assertions `build.rs` generated.
@@ -204,6 +260,10 @@ mod abi {
     type flow_val = BpfFlowVal;
     /// `struct tcp_event`.
     type tcp_event = BpfTcpEvent;
+    /// `struct steer_val`.
+    type steer_val = BpfSteerVal;
+    /// `struct steer_block_key`.
+    type steer_block_key = BpfSteerBlockKey;
 
     /// `a == b`, in const context.
     const fn str_eq(a: &str, b: &str) -> bool {
@@ -403,6 +463,37 @@ pub fn ifindex(name: &str) -> Result<u32, FastPathError> {
     }
 }
 
+/// The index of the interface that holds IPv4 address `addr` in this network namespace.
+pub fn ifindex_of_addr(addr: std::net::Ipv4Addr) -> Result<u32, FastPathError> {
+    let mut found: Option<CString> = None;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list it allocated (freed below, once);
+    // each node's `ifa_addr` is null or points to a sockaddr of the family it names, and an
+    // AF_INET one is a sockaddr_in; `ifa_name` is a NUL-terminated string. Nothing is used
+    // after freeifaddrs.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return Err(FastPathError::NoInterface(format!("with address {addr}")));
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*a.cast::<libc::sockaddr_in>();
+                if u32::from_be(sin.sin_addr.s_addr) == u32::from(addr) {
+                    found = Some(std::ffi::CStr::from_ptr((*p).ifa_name).to_owned());
+                    break;
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    let name = found.ok_or_else(|| FastPathError::NoInterface(format!("with address {addr}")))?;
+    ifindex(&name.to_string_lossy())
+}
+
 /// Whether this build carries the program.
 pub fn built() -> bool {
     !PROGRAM.is_empty()
@@ -492,6 +583,11 @@ impl TcFastPath {
                 (CFG_MODE, mode),
                 (CFG_FLOOR_EGRESS_OUT, public_ifindex),
                 (CFG_FLOOR_EGRESS_IN, private_ifindex),
+                // Steering starts off; a fleet node turns it on (FastPathSteer).
+                (CFG_STEER_EPOCH, 0),
+                (CFG_LINK_ADDR, 0),
+                (CFG_LINK_PORT, 0),
+                (CFG_LINK_IFINDEX, 0),
             ];
             for (i, v) in slots {
                 config.set(i, v, 0).map_err(map_error("CONFIG"))?;
@@ -630,6 +726,21 @@ impl TcFastPath {
         let m = self._ebpf.take_map("EVENTS")?;
         let ring = aya::maps::RingBuf::try_from(m).ok()?;
         Some(FastPathEvents { ring })
+    }
+
+    /// The fleet steering maps and switch (issue #19), once; `None` afterwards or if the
+    /// object lacks them. Steering stays off until [`FastPathSteer::apply`] turns it on.
+    pub fn take_steer(&mut self) -> Option<FastPathSteer> {
+        let inst = HashMap::try_from(self._ebpf.take_map("STEER_INST")?).ok()?;
+        let block = HashMap::try_from(self._ebpf.take_map("STEER_BLOCK")?).ok()?;
+        let config = aya::maps::Array::try_from(self._ebpf.take_map("CONFIG")?).ok()?;
+        Some(FastPathSteer {
+            inst,
+            block,
+            config,
+            epoch: 0,
+            applied: None,
+        })
     }
 
     /// Detaches the programs and removes the pins (`snatgw run --detach-on-exit`): the
@@ -917,5 +1028,143 @@ mod tests {
             );
             eprintln!("skipped: built without clang, no fast-path program");
         }
+    }
+}
+
+/// What the kernel steers to other fleet nodes (issue #19, SPEC R10.3): this node's own link
+/// (the outer source), and the owner's link of each instance (by private address) and of each
+/// port chunk (public address, chunk of [`STEER_CHUNK_PORTS`] ports from [`STEER_PORT_BASE`])
+/// that another node owns. Instances and chunks this node owns are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SteerTable {
+    /// This node's fleet link (outer source address and UDP port).
+    pub link: Option<std::net::SocketAddrV4>,
+    /// Owner's link by instance private address.
+    pub inst: std::collections::BTreeMap<std::net::Ipv4Addr, std::net::SocketAddrV4>,
+    /// Owner's link by (public address, chunk).
+    pub block: std::collections::BTreeMap<(std::net::Ipv4Addr, u16), std::net::SocketAddrV4>,
+}
+
+/// The fast path's fleet steering (issue #19): its two owner maps and the CONFIG slots that
+/// switch it (epoch) and name this node's link. One writer: whoever holds this.
+///
+/// [`FastPathSteer::apply`] replaces the whole table at once: it writes every entry under a
+/// new epoch, then makes that epoch current (one CONFIG write: the program counts only entries
+/// of the current epoch, so no packet sees half of two tables), then deletes what the new table
+/// does not have. An entry the program cannot use (not of the current epoch, or absent) means
+/// the packet goes up to the engine, whose own steering (the TUN path) decides it: steering
+/// in the kernel is an acceleration, never the only way.
+pub struct FastPathSteer {
+    inst: HashMap<MapData, u32, BpfSteerVal>,
+    block: HashMap<MapData, BpfSteerBlockKey, BpfSteerVal>,
+    config: aya::maps::Array<MapData, u32>,
+    epoch: u32,
+    applied: Option<SteerTable>,
+}
+
+impl FastPathSteer {
+    /// Makes `t` the table the kernel steers by (see the type's documentation); `Ok(false)`
+    /// when it is the table already applied. On an error (a map full) steering is left off,
+    /// so every such packet goes up to the engine, and the next call tries again.
+    pub fn apply(&mut self, t: &SteerTable) -> Result<bool, FastPathError> {
+        if self.applied.as_ref() == Some(t) {
+            return Ok(false);
+        }
+        let Some(link) = t.link else {
+            self.off()?;
+            self.applied = Some(t.clone());
+            return Ok(true);
+        };
+        let cfg_err = map_error("CONFIG");
+        let epoch = match self.epoch.wrapping_add(1) {
+            0 => 1,
+            e => e,
+        };
+        let val = |a: &std::net::SocketAddrV4| BpfSteerVal {
+            addr: u32::from_ne_bytes(a.ip().octets()),
+            port: a.port().to_be(),
+            pad: 0,
+            epoch,
+            pad2: 0,
+        };
+        let link_if = ifindex_of_addr(*link.ip());
+        let result = (|| {
+            self.config
+                .set(CFG_LINK_IFINDEX, link_if?, 0)
+                .map_err(map_error("CONFIG"))?;
+            self.config
+                .set(CFG_LINK_ADDR, u32::from_ne_bytes(link.ip().octets()), 0)
+                .map_err(map_error("CONFIG"))?;
+            self.config
+                .set(CFG_LINK_PORT, u32::from(link.port().to_be()), 0)
+                .map_err(map_error("CONFIG"))?;
+            for (ip, to) in &t.inst {
+                self.inst
+                    .insert(u32::from_ne_bytes(ip.octets()), val(to), 0)
+                    .map_err(map_error("STEER_INST"))?;
+            }
+            for ((ip, chunk), to) in &t.block {
+                self.block
+                    .insert(block_key(*ip, *chunk), val(to), 0)
+                    .map_err(map_error("STEER_BLOCK"))?;
+            }
+            self.config
+                .set(CFG_STEER_EPOCH, epoch, 0)
+                .map_err(map_error("CONFIG"))
+        })();
+        self.epoch = epoch;
+        if let Err(e) = result {
+            // Whatever was written is of an epoch that is not current (or steering is off).
+            let _ = self.config.set(CFG_STEER_EPOCH, 0, 0).map_err(cfg_err);
+            self.applied = None;
+            return Err(e);
+        }
+        // Entries of the old table the new one lacks: no longer counted, now removed.
+        if let Some(old) = self.applied.take() {
+            for ip in old.inst.keys().filter(|ip| !t.inst.contains_key(ip)) {
+                let _ = self.inst.remove(&u32::from_ne_bytes(ip.octets()));
+            }
+            for k in old.block.keys().filter(|k| !t.block.contains_key(k)) {
+                let _ = self.block.remove(&block_key(k.0, k.1));
+            }
+        }
+        self.applied = Some(t.clone());
+        Ok(true)
+    }
+
+    /// Turns steering off (every packet of another node's goes up to the engine) and empties
+    /// the maps.
+    pub fn off(&mut self) -> Result<(), FastPathError> {
+        self.config
+            .set(CFG_STEER_EPOCH, 0, 0)
+            .map_err(map_error("CONFIG"))?;
+        let keys: Vec<u32> = self.inst.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.inst.remove(&k);
+        }
+        let keys: Vec<BpfSteerBlockKey> = self.block.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.block.remove(&k);
+        }
+        self.applied = Some(SteerTable::default());
+        Ok(())
+    }
+
+    /// The current epoch (0: steering off).
+    pub fn epoch(&self) -> u32 {
+        self.config.get(&CFG_STEER_EPOCH, 0).unwrap_or(0)
+    }
+
+    /// The entries in the maps: (instances, chunks).
+    pub fn len(&self) -> (usize, usize) {
+        (self.inst.keys().count(), self.block.keys().count())
+    }
+}
+
+fn block_key(ip: std::net::Ipv4Addr, chunk: u16) -> BpfSteerBlockKey {
+    BpfSteerBlockKey {
+        addr: u32::from_ne_bytes(ip.octets()),
+        chunk,
+        pad: 0,
     }
 }

@@ -355,3 +355,287 @@ fn r3_2_r3_3_fin_and_rst_are_translated_with_an_event_or_passed_up_when_the_ring
         drop(fp);
     });
 }
+
+/// A packet socket on `ifname` that sees every frame arriving there (a capture).
+struct Capture(i32);
+
+impl Capture {
+    fn open(ifname: &str) -> Capture {
+        let ifindex = snatgw_io::fastpath::ifindex(ifname).expect("ifindex");
+        // SAFETY: plain libc calls on a socket this struct owns (closed on drop); `sll` and
+        // `tv` are fully initialised and outlive the calls.
+        #[allow(unsafe_code)]
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from((libc::ETH_P_ALL as u16).to_be()),
+            );
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            let r = libc::bind(
+                fd,
+                std::ptr::addr_of!(sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 300_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            Capture(fd)
+        }
+    }
+
+    /// The next IPv4/UDP frame to `dport` (other frames skipped), or `None` after a quiet
+    /// 300 ms.
+    fn next_udp(&self, dport: u16) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            // SAFETY: `buf` is a writable buffer of the length passed, alive for the call.
+            #[allow(unsafe_code)]
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return None;
+            }
+            let f = &buf[..n as usize];
+            if f.len() >= 42
+                && f[12..14] == [0x08, 0x00]
+                && f[23] == 17
+                && f[36..38] == dport.to_be_bytes()
+            {
+                return Some(f.to_vec());
+            }
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // SAFETY: closes the descriptor this struct owns, once.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::close(self.0);
+        }
+    }
+}
+
+/// The one's-complement sum check of an IPv4 header: 0 when its checksum is right.
+fn ip_header_sum(h: &[u8]) -> u16 {
+    let s: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    !(((s & 0xffff) + (s >> 16)) as u16)
+}
+
+/// Issue #19, SPEC R10.3 in the kernel: a packet of an instance another fleet node owns
+/// (outbound, by source address), or to a port chunk of another node's (inbound), with no
+/// flow here, leaves on the fleet link to the owner, unchanged inside exactly the datagram
+/// userspace's steering sends (IPv4/UDP from this node's link, header `SG` 1 and the
+/// direction, no UDP checksum, link padding cut off); an installed flow is still translated
+/// here; entries of an old epoch, this node's own instances, ports outside the chunks and a
+/// packet too big for the link once wrapped go up to the engine instead (`steer_up` for the
+/// last); with steering off nothing is steered.
+#[test]
+fn r10_3_kernel_steers_another_nodes_packets_to_its_link_unchanged() {
+    use snatgw_io::fastpath::{SteerTable, STEER_CHUNK_PORTS, STEER_PORT_BASE, TCPF_ACK, TCPF_SYN};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    require_root!();
+    in_private_netns(|| {
+        veth_pair();
+        // The fleet link: fl-a here (192.0.2.1); fl-b stands for the owner's side, 192.0.2.2
+        // by a permanent neighbour entry, and captures what arrives.
+        common::ip(&[
+            "link", "add", "fl-a", "type", "veth", "peer", "name", "fl-b",
+        ]);
+        common::ip(&["link", "set", "fl-a", "up"]);
+        common::ip(&["link", "set", "fl-b", "up"]);
+        common::ip(&["addr", "add", "192.0.2.1/24", "dev", "fl-a"]);
+        // (/sys is the host's: the address comes from ip.)
+        let link = common::ip(&["-o", "link", "show", "fl-b"]);
+        let mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("fl-b's MAC address")
+            .to_string();
+        common::ip(&[
+            "neigh",
+            "add",
+            "192.0.2.2",
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "fl-a",
+            "nud",
+            "permanent",
+        ]);
+        let (mut fp, mut map, counters) = TcFastPath::load(&fp_config()).expect("load and attach");
+        let mut steer = fp.take_steer().expect("the steering maps");
+        assert!(fp.take_steer().is_none(), "one writer");
+        let cap = Capture::open("fl-b");
+        let stat = |name: &str| {
+            let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
+            counters.stats()[i]
+        };
+        let (vm, mine, server, public) = (
+            [10, 0, 3, 20],
+            [10, 0, 3, 21],
+            [198, 51, 100, 7],
+            [203, 0, 113, 5],
+        );
+        let me = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 7400);
+        let owner = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 7401);
+        // Chunk 3 of the public address: ports 1120..1151.
+        let chunk = 3u16;
+        let in_chunk = STEER_PORT_BASE + chunk * STEER_CHUNK_PORTS + 5;
+        let mut table = SteerTable {
+            link: Some(me),
+            ..Default::default()
+        };
+        table.inst.insert(Ipv4Addr::from(vm), owner);
+        table.block.insert((Ipv4Addr::from(public), chunk), owner);
+        assert_eq!(steer.epoch(), 0, "off until applied");
+        assert!(steer.apply(&table).expect("apply"));
+        assert!(
+            !steer.apply(&table).expect("apply"),
+            "same table: nothing to do"
+        );
+        let epoch = steer.epoch();
+        assert_ne!(epoch, 0);
+        assert_eq!(steer.len(), (1, 1));
+
+        // Out of fp-b arrives at fp-a's ingress (snat_out); out of fp-a at fp-b's (snat_in).
+        // Unicast, as a gateway receives them (bpf_redirect_neigh drops a multicast or
+        // broadcast frame).
+        let unicast = |f: &[u8]| {
+            let mut f = f.to_vec();
+            f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+            f
+        };
+        let out = |f: &[u8]| send_frame(fp.public_ifindex, &unicast(f));
+        let inb = |f: &[u8]| send_frame(fp.private_ifindex, &unicast(f));
+        let check = |got: Option<Vec<u8>>, sent: &[u8], dir: u8| {
+            let got = got.unwrap_or_else(|| {
+                panic!(
+                    "no datagram on the link; stats {:?}",
+                    STAT_NAMES
+                        .iter()
+                        .zip(counters.stats())
+                        .filter(|(_, n)| *n > 0)
+                        .collect::<Vec<_>>()
+                )
+            });
+            let inner = &sent[14..14 + 40];
+            let ip = &got[14..34];
+            assert_eq!(ip[0], 0x45);
+            assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + 4 + 40);
+            assert_eq!(ip[6] & 0x40, 0x40, "DF");
+            assert_eq!((ip[8], ip[9]), (64, 17), "TTL 64, UDP");
+            assert_eq!(ip_header_sum(ip), 0, "outer header checksum");
+            assert_eq!(ip[12..16], me.ip().octets(), "from this node's link");
+            assert_eq!(ip[16..20], owner.ip().octets(), "to the owner's link");
+            let udp = &got[34..42];
+            assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), me.port());
+            assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), owner.port());
+            assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, 8 + 4 + 40);
+            assert_eq!(udp[6..8], [0, 0], "no UDP checksum");
+            assert_eq!(got[42..46], [b'S', b'G', 1, dir], "the link header");
+            assert_eq!(&got[46..], inner, "the packet unchanged, padding cut off");
+        };
+
+        // An outbound SYN of another node's instance, with 6 bytes of link padding.
+        let mut syn = tcp_frame(vm, 5000, server, 443, TCPF_SYN);
+        syn.extend_from_slice(&[0; 6]);
+        out(&syn);
+        check(cap.next_udp(owner.port()), &syn, DIR_OUT);
+        // A later segment with no flow here goes too.
+        let ack = tcp_frame(vm, 5000, server, 443, TCPF_ACK);
+        out(&ack);
+        check(cap.next_udp(owner.port()), &ack, DIR_OUT);
+        assert_eq!(stat("steered_out"), 2);
+        // This node's own instance: up to the engine.
+        out(&tcp_frame(mine, 5000, server, 443, TCPF_SYN));
+        assert!(cap.next_udp(owner.port()).is_none());
+        assert_eq!(stat("control"), 1);
+        // An installed flow is translated here, never steered.
+        let k = BpfFlowKey {
+            src: u32::from_ne_bytes(vm),
+            dst: u32::from_ne_bytes(server),
+            sport: 5000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            dir: DIR_OUT,
+            pad: 0,
+        };
+        let v = BpfFlowVal {
+            addr: u32::from_ne_bytes(public),
+            port: 1024u16.to_be(),
+            ifindex: fp.public_ifindex,
+            ..Default::default()
+        };
+        map.insert(&k, &v).expect("insert");
+        out(&ack);
+        assert_eq!((stat("translated_out"), stat("steered_out")), (1, 2));
+        map.remove(&k).expect("remove");
+
+        // Inbound to a port of the chunk: steered, direction byte 1; the next chunk and a port
+        // below the chunks are not.
+        let to_chunk = tcp_frame(server, 443, public, in_chunk, TCPF_SYN | TCPF_ACK);
+        inb(&to_chunk);
+        check(cap.next_udp(owner.port()), &to_chunk, DIR_IN);
+        inb(&tcp_frame(
+            server,
+            443,
+            public,
+            in_chunk + STEER_CHUNK_PORTS,
+            TCPF_ACK,
+        ));
+        inb(&tcp_frame(server, 443, public, 80, TCPF_ACK));
+        assert!(cap.next_udp(owner.port()).is_none());
+        assert_eq!((stat("steered_in"), stat("miss")), (1, 2));
+
+        // Too big for the link once wrapped (1500 + 32 > 1500): up to the engine.
+        let mut big = tcp_frame(vm, 5000, server, 443, TCPF_ACK);
+        big[16..18].copy_from_slice(&1500u16.to_be_bytes());
+        big[24..26].copy_from_slice(&[0, 0]);
+        let sum = ip_header_sum(&big[14..34]);
+        big[24..26].copy_from_slice(&sum.to_be_bytes());
+        big.resize(14 + 1500, 0);
+        out(&big);
+        assert_eq!(stat("steer_up"), 1);
+        assert!(cap.next_udp(owner.port()).is_none());
+
+        // A new table without the instance: a new epoch, its entry gone, its packets go up.
+        table.inst.clear();
+        assert!(steer.apply(&table).expect("apply"));
+        assert_ne!(steer.epoch(), epoch);
+        assert_eq!(steer.len(), (0, 1));
+        out(&tcp_frame(vm, 5001, server, 443, TCPF_SYN));
+        assert!(cap.next_udp(owner.port()).is_none());
+        assert_eq!((stat("control"), stat("steered_out")), (2, 2));
+
+        // Off: nothing steered, the maps empty.
+        steer.off().expect("off");
+        assert_eq!((steer.epoch(), steer.len()), (0, (0, 0)));
+        inb(&to_chunk);
+        assert!(cap.next_udp(owner.port()).is_none());
+        assert_eq!(stat("steered_in"), 1);
+        drop(fp);
+    });
+}
