@@ -509,6 +509,32 @@ fn r2_4_blocks_are_disjoint_and_one_instance_cannot_exhaust_another() {
     e.check_invariants().expect("invariants");
 }
 
+/// R2.4 / R10.3: the chunks a fleet node's kernel steers by are exactly the instances'
+/// blocks: every chunk lies in its instance's reported block, and each instance of a pool of
+/// 60 has its 512 ports (R2.8) in 16 chunks of 32.
+#[test]
+fn r2_4_r10_3_pat_chunks_are_the_instances_blocks() {
+    let e = Engine::new(Topology::from_config(pool_config(60)).expect("valid"), 0).expect("engine");
+    let chunks = e.pat_chunks();
+    let mut per: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for &(public, c, private) in &chunks {
+        assert_eq!(public, ip("192.0.2.1"));
+        *per.entry(private).or_default() += 1;
+        let lo = 1024 + 32 * c;
+        let i = (0..60)
+            .find(|&i| private_u32(i) == private)
+            .expect("a pool instance");
+        let r = e.instance(&format!("vm-{i}")).expect("vm");
+        assert!(
+            r.block.iter().any(|&(a, b)| a <= lo && lo + 31 <= b),
+            "chunk {c} ({lo}..) outside vm-{i}'s block {:?}",
+            r.block
+        );
+    }
+    assert_eq!(per.len(), 60);
+    assert!(per.values().all(|&n| n == 512 / 32));
+}
+
 #[test]
 fn r2_5_tcp_and_udp_ports_are_consumed_separately() {
     let mut e =

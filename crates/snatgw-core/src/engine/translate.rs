@@ -81,6 +81,25 @@ impl Engine {
         Some(self.insts.get(slot as usize)?.as_ref()?.private_ip)
     }
 
+    /// Every chunk of [`super::CHUNK`] ports from [`crate::units::PORT_BASE`] that a
+    /// PAT instance's block holds (R2.4): (public address, chunk index, the instance's private
+    /// address), for a fleet node's kernel steering by public port block (R10.3); the same
+    /// answer as [`Engine::instance_of_public_port`] for each port of the chunk.
+    pub fn pat_chunks(&self) -> Vec<(u32, u16, u32)> {
+        let mut out = Vec::new();
+        for (&public, pip) in &self.pips {
+            for (chunk, &slot) in pip.owner.iter().enumerate() {
+                if slot == NONE {
+                    continue;
+                }
+                if let Some(Some(i)) = self.insts.get(slot as usize) {
+                    out.push((public, chunk as u16, i.private_ip));
+                }
+            }
+        }
+        out
+    }
+
     /// The private address behind an ILPIP (R1.1), if `public` is one.
     pub fn ilpip_private(&self, public: u32) -> Option<u32> {
         let &s = self.ilpips.get(&public)?;
