@@ -19,7 +19,9 @@ use crate::units::PORT_BASE;
 impl Engine {
     /// Checks internal invariants (for tests and the soak): uniqueness of public 5-tuples
     /// (R2.2), ports inside the owner's block (R2.4), used-port counts within the
-    /// preallocation, disjoint blocks, and that counters add up. Returns the first violation.
+    /// preallocation, disjoint blocks, that counters add up, and that the takeover windows
+    /// and holds are consistent and within their cap (`takeover`, R10.4). Returns the first
+    /// violation.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
         let mut public = std::collections::HashSet::new();
         let mut live = 0u32;
@@ -179,6 +181,7 @@ impl Engine {
                 )));
             }
         }
-        Ok(())
+        // Takeover windows and holds (`takeover`, R10.4).
+        self.check_takeover()
     }
 }

@@ -37,6 +37,9 @@
 //!   only by packets that miss the flow table;
 //! - `failfast`: whether a refused new flow is answered to its instance, with the
 //!   per-instance rate limit (R9.5; the data plane writes the answer);
+//! - `takeover`: after a fleet takeover, public ports of flows whose state did not arrive,
+//!   held against new flows toward the remote endpoint that still sends to them for the FIN
+//!   timeout ([`Engine::hold_after_takeover`], R10.4, R3.2, R3.8);
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
 //!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
 //!   activity a fast path saw (R3.4 with packets the engine never sees).
@@ -64,6 +67,7 @@ mod plan;
 mod ports;
 mod report;
 mod stats;
+mod takeover;
 mod tcp;
 mod timers;
 mod translate;
@@ -79,6 +83,7 @@ pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
 pub use stats::{GlobalStats, InstanceStats};
+pub use takeover::{TakeoverHoldStats, TAKEOVER_HOLDS_PER_PORT};
 // Their home is `crate::units`, a leaf module; re-exported here for existing users.
 pub use crate::units::{Time, PORT_BASE};
 
@@ -139,6 +144,8 @@ pub struct Engine {
     /// Who may open new PAT flows ([`Engine::set_admission`], a fleet node's ownership,
     /// R10.2); `None`: every instance.
     admission: Option<Admission>,
+    /// Takeover windows and port holds (`takeover`, R10.4).
+    takeover: takeover::TakeoverRt,
 }
 
 /// Whether this engine may open new PAT flows for the instance at a private address
@@ -184,6 +191,7 @@ impl Engine {
             inb: Default::default(),
             idle_recent: Default::default(),
             admission: None,
+            takeover: Default::default(),
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -255,6 +263,7 @@ impl Engine {
         }
         left = self.nsg_expire(now, left);
         left = self.inbound_expire(now, left);
+        left = self.takeover_expire(now, left);
         self.history
             .expire(now, self.topo.params.reuse_history, left);
         self.flush_aggregated(now);

@@ -35,8 +35,10 @@
 //!
 //! Not carried: counters (Prometheus counters restart from zero, as after any restart), the
 //! event log and aggregation state, NSG and inbound load-balancing state, the idle-reuse set
-//! of `idle_reuse` (a symptom counter), and the order in which ports outside the release
-//! history were last released (a preference, not a rule: R2.3 only orders within the history).
+//! of `idle_reuse` (a symptom counter), takeover windows and port holds (`takeover`: they do
+//! not survive a restart of the node that took over), and the order in which ports outside
+//! the release history were last released (a preference, not a rule: R2.3 only orders within
+//! the history).
 
 use std::collections::HashMap;
 

@@ -255,7 +255,9 @@ impl Engine {
     /// Chooses a port of block `block_id` for a new flow to (`dst`, `dport`) — SPEC R2.3:
     /// a port the instance already uses (free for this destination) before a new one; within
     /// each group, a port with no release for this destination inside the history horizon
-    /// first, else the one released for it longest ago. `None` is exhaustion (R2.6).
+    /// first, else the one released for it longest ago. A port held toward the destination
+    /// after a takeover (`takeover`, R10.4) counts as in use for it. `None` is exhaustion
+    /// (R2.6).
     pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Option<u16> {
         let dh = self.flows.dest_hash(block_id, dst, dport);
         if self.wheel.next <= self.now {
@@ -266,6 +268,9 @@ impl Engine {
             }
         }
         let active = self.flows.busy_ports(dh, block_id, dst, dport);
+        // After a takeover, ports held toward this remote endpoint count as in use for it
+        // (`takeover`, R10.4); one `is_empty` check while no hold exists.
+        let held = self.takeover_held(block_id, dst, dport);
         let horizon = self.topo.params.reuse_history;
         let now = self.now;
         let mut hist = if horizon > 0 {
@@ -288,7 +293,10 @@ impl Engine {
                 .find(|(_, &(i, _))| set.get(i))
                 .map(|(pos, &(i, _))| (i, pos))
         };
-        let group_a = block.used.minus(&active);
+        let mut group_a = block.used.minus(&active);
+        if let Some(h) = &held {
+            group_a = group_a.minus(h);
+        }
         let (pick, hist_pos) = if group_a.any() {
             let fresh = group_a.minus(&recent);
             if let Some(i) = fresh.first_from(block.cursor) {
@@ -299,12 +307,18 @@ impl Engine {
                 (i, Some(pos))
             }
         } else {
-            let group_b = block.owned.minus(&block.used);
+            let mut group_b = block.owned.minus(&block.used);
+            if let Some(h) = &held {
+                group_b = group_b.minus(h);
+            }
             if !group_b.any() {
                 return None;
             }
             if group_b.minus(&recent).any() {
-                (block.lru().find(|&i| !recent.get(i))?, None)
+                (
+                    block.lru().find(|&i| !recent.get(i) && group_b.get(i))?,
+                    None,
+                )
             } else {
                 let (i, pos) = from_hist(&group_b, &hist)?;
                 (i, Some(pos))

@@ -190,6 +190,7 @@ impl Engine {
             self.agg.next_deadline(),
             self.nsg_next_deadline(),
             self.inbound_next_deadline(),
+            self.takeover_next_deadline(),
         ]
         .into_iter()
         .flatten()

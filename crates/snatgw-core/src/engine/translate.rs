@@ -234,6 +234,8 @@ impl Engine {
         {
             // A flow ended by idle timeout still in use: counted (`idle_reuse`, R7.1).
             self.idle_recent_not_syn(slot, p);
+            // A flow whose state did not arrive at a takeover (`takeover`, R10.4).
+            self.takeover_not_syn(slot);
             return self.drop_inst(slot, p.proto, DropReason::TcpNotSyn);
         }
         // R4.3: the NSG decides before a port is taken.
@@ -373,6 +375,9 @@ impl Engine {
             };
         }
         if self.pips.contains_key(&p.dst) {
+            // After a takeover, the remote side of a flow whose state did not arrive holds
+            // its port against new flows toward it (`takeover`, R10.4).
+            self.takeover_unsolicited(p);
             return self.drop_global(DropReason::UnsolicitedInbound);
         }
         self.drop_global(DropReason::NotOurAddress)
