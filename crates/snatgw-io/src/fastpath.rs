@@ -636,6 +636,10 @@ impl TcFastPath {
                 pinned.push(pd.replace_link(prog, fd)?);
             }
         }
+        if let Some(pd) = &pins {
+            // Both programs now run from this ABI's pins: an older ABI's maps go.
+            pd.remove_other_abis();
+        }
         let map = ebpf.take_map("FLOWS").ok_or_else(|| missing("FLOWS"))?;
         let fd = match &map {
             Map::HashMap(data) => data

@@ -28,6 +28,13 @@ pub(crate) const MAPS: [&str; 5] = ["FLOWS", "COUNTERS", "STATS", "CONFIG", "EVE
 /// the header (a unit test holds the header's checksum to this tag).
 pub const ABI_TAG: &str = "abi-3";
 
+/// Older ABI tags whose flow map has this build's layout (`struct flow_key` and `flow_val`
+/// unchanged: `abi-3` only added the fleet steering maps, CONFIG slots and STATS entries). A
+/// restart after an upgrade from such a build cannot take its maps over, but reads what its
+/// flow map kept translating ([`read_pinned_flows`]), so no flow the kernel carried looks
+/// idle to the new engine (R11.1).
+pub const FLOWS_COMPATIBLE_TAGS: [&str; 1] = ["abi-2"];
+
 /// `BPF_FS_MAGIC` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -76,6 +83,29 @@ impl PinDir {
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Removes the map pins (and the directories) of other ABIs under the root, once this
+    /// load's links replaced theirs: an upgrade's old maps would otherwise stay in kernel
+    /// memory for good. Their flows were read before the load ([`read_pinned_flows`]).
+    pub(crate) fn remove_other_abis(&self) {
+        let Some(root) = self.dir.parent() else {
+            return;
+        };
+        for d in fs::read_dir(root).into_iter().flatten().flatten() {
+            let sub = d.path();
+            let name = d.file_name().to_string_lossy().to_string();
+            if !sub.is_dir() || name == ABI_TAG || !name.starts_with("abi-") {
+                continue;
+            }
+            for e in fs::read_dir(&sub).into_iter().flatten().flatten() {
+                let f = e.file_name().to_string_lossy().to_string();
+                if !f.starts_with("link_") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&sub);
+        }
     }
 
     /// Whether an earlier load left its maps here.
@@ -143,16 +173,21 @@ pub fn remove_all(root: &Path) -> Result<(), FastPathError> {
     Ok(())
 }
 
-/// The entries of the flow map pinned under `root` by a build of this ABI, if there is one:
+/// The entries of the flow map pinned under `root` by a build of this ABI, or else of one
+/// with the same flow map layout ([`FLOWS_COMPATIBLE_TAGS`], an upgrade), if there is one:
 /// what the kernel kept translating while no gateway ran (a restart merges their last-seen
-/// times and the flows opened after its last snapshot, R11.1).
+/// times and the flows opened after its last snapshot, R11.1). A map whose key or value size
+/// differs is refused, never misread.
 pub fn read_pinned_flows(
     root: &Path,
 ) -> Result<Option<Vec<(BpfFlowKey, BpfFlowVal)>>, FastPathError> {
-    let path = root.join(ABI_TAG).join("FLOWS");
-    if !path.exists() {
+    let Some(path) = std::iter::once(ABI_TAG)
+        .chain(FLOWS_COMPATIBLE_TAGS)
+        .map(|t| root.join(t).join("FLOWS"))
+        .find(|p| p.exists())
+    else {
         return Ok(None);
-    }
+    };
     let data =
         MapData::from_pin(&path).map_err(|e| pin_err(root, format!("opening FLOWS: {e}")))?;
     let map: HashMap<MapData, BpfFlowKey, BpfFlowVal> =

@@ -133,3 +133,69 @@ fn a_pin_dir_off_bpffs_is_refused_with_its_path() {
     let e = r.expect("refused");
     assert!(e.contains("pins") && e.contains("bpf filesystem"), "{e}");
 }
+
+/// R11.1 across an upgrade that changes the ABI tag but not the flow map (abi-2 to abi-3): the
+/// restart reads the older build's pinned flow map (its last-seen times and the flows opened
+/// after the last snapshot) though it cannot take the maps over; the new load starts fresh maps
+/// under its own tag, detaches the old links, and removes the old maps' pins, so they do not
+/// stay in kernel memory.
+#[test]
+fn r11_1_an_upgrade_reads_the_older_abis_flow_map_then_removes_its_pins() {
+    use snatgw_io::pin::FLOWS_COMPATIBLE_TAGS;
+    require_root!();
+    let fs = Bpffs::mount();
+    let root = fs.root();
+    in_private_netns(move || {
+        veth_pair();
+        let cfg = FastPathConfig {
+            pin_dir: Some(root.clone()),
+            ..fp_config()
+        };
+        let k = BpfFlowKey {
+            src: u32::from_ne_bytes([10, 0, 3, 20]),
+            dst: u32::from_ne_bytes([198, 51, 100, 7]),
+            sport: 5000u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: 17,
+            dir: DIR_OUT,
+            pad: 0,
+        };
+        let v = BpfFlowVal {
+            addr: u32::from_ne_bytes([192, 0, 2, 100]),
+            port: 1024u16.to_be(),
+            ifindex: 2,
+            counter: 2,
+            last_seen: 77,
+            ..Default::default()
+        };
+        let (fp, mut map, _c) = TcFastPath::load(&cfg).expect("load with pins");
+        map.insert(&k, &v).expect("insert");
+        drop((fp, map));
+        // What an older build with the same flow map leaves: its pins under its own tag.
+        let old = root.join(FLOWS_COMPATIBLE_TAGS[0]);
+        std::fs::rename(root.join(ABI_TAG), &old).expect("rename the pin directory");
+        let old_links = || {
+            std::fs::read_dir(&old).map_or(0, |rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+                    .count()
+            })
+        };
+        assert_eq!(old_links(), 2, "the older build's programs stay attached");
+        assert_eq!(
+            read_pinned_flows(&root)
+                .expect("read")
+                .expect("the older map"),
+            vec![(k, v)],
+            "the restart reads what the older build's kernel map holds"
+        );
+        let (fp, map, _c) = TcFastPath::load(&cfg).expect("load the new build");
+        assert!(!fp.reused, "another ABI's maps are never taken over");
+        assert!(map.get(&k).is_none());
+        assert_eq!(old_links(), 0, "the older build's links are gone");
+        assert!(!old.exists(), "the older ABI's pins are removed");
+        let now = links(&root);
+        assert_eq!(now.len(), 2, "only the new build's links: {now:?}");
+        fp.detach().expect("detach");
+    });
+}
