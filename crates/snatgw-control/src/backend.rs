@@ -228,6 +228,28 @@ pub struct MetricsSnapshot {
     /// ([`GatewayBackend::with_fleet_gauges`]).
     #[serde(default)]
     pub fleet: Option<FleetGauges>,
+    /// The engine's takeover holds (issue #19, R10.4), shown with the fleet gauges.
+    #[serde(default)]
+    pub takeover: TakeoverHoldMetrics,
+}
+
+/// A fleet node's takeover windows and port holds (issue #19, R10.4,
+/// `snatgw_core::TakeoverHoldStats`): after taking an instance over, the public ports that
+/// unsolicited packets show a lost flow still uses are held against new flows toward that
+/// remote for the FIN timeout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TakeoverHoldMetrics {
+    /// Instances in their takeover window.
+    pub windows_open: u64,
+    /// Holds in force.
+    pub holds_active: u64,
+    /// Holds made since start.
+    pub holds_total: u64,
+    /// Holds refused because the instance had as many as it may (the packet was still dropped).
+    pub holds_refused_at_cap: u64,
+    /// Outbound TCP segments without a flow from instances in their window (a lost flow's
+    /// client still sending; dropped, R3.1).
+    pub lost_flow_packets: u64,
 }
 
 /// One fleet node's gauges for `/metrics` (issue #19, SPEC §10): filled by the node's fleet
@@ -333,6 +355,17 @@ pub struct FastPathCounters {
     pub translated_out: u64,
     /// Packets the kernel translated inbound (public to private).
     pub translated_in: u64,
+    /// Packets of another fleet node's instances the kernel sent to it over the fleet link
+    /// (issue #19, R10.3), outbound (by instance) and inbound (by public port block).
+    #[serde(default)]
+    pub steered_out: u64,
+    /// See `steered_out`.
+    #[serde(default)]
+    pub steered_in: u64,
+    /// Packets of another node's the kernel could not send it (GSO, too big for the link
+    /// once wrapped) and passed up to the engine, which steered them from the TUN.
+    #[serde(default)]
+    pub steer_passed_up: u64,
 }
 
 /// Where a [`GatewayBackend`] gets the runtime's counters from.
@@ -344,6 +377,14 @@ pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
     m.probes = probe_metrics(e);
     m.nsg_rules = nsg_rule_metrics(e);
     m.inbound_rules = inbound_rule_metrics(e);
+    let t = e.takeover_hold_stats();
+    m.takeover = TakeoverHoldMetrics {
+        windows_open: u64::from(t.windows_open),
+        holds_active: t.holds_active,
+        holds_total: t.holds_total,
+        holds_refused_at_cap: t.holds_refused_at_cap,
+        lost_flow_packets: t.lost_flow_packets,
+    };
 }
 
 /// Builds the metrics snapshot from what was copied out under the lock.

@@ -54,6 +54,7 @@ pub mod view;
 pub use api::{openapi, Adopted, ControlPlane, Follower, Resource};
 pub use backend::{
     Backend, EventLog, FleetGauges, FleetGaugesSource, FlowQuery, GatewayBackend, MetricsSnapshot,
+    TakeoverHoldMetrics,
 };
 pub use client::{Client, ResourceKind, Tagged};
 pub use error::{ApiError, ClientError, ControlError, StoreError};

@@ -27,8 +27,12 @@
 //! | `snatgw_lock_wait_seconds_total`, `snatgw_lock_held_seconds_total` | counter | — |
 //! | `snatgw_fastpath_flows_installed_total`, `_removed_total`, `_skipped_total`, `snatgw_fastpath_install_failures_total` | counter | — |
 //! | `snatgw_fastpath_packets_total` (translated in the kernel) | counter | direction = outbound / inbound |
+//! | `snatgw_fastpath_steered_packets_total` (sent to their fleet owner by the kernel, R10.3) | counter | direction = outbound / inbound |
+//! | `snatgw_fastpath_steer_passed_up_total` (another node's, passed up to the TUN path) | counter | — |
 //!
 //! | `snatgw_fleet_nodes_live`, `snatgw_fleet_instances_owned`, `snatgw_fleet_lease_valid_seconds` (a fleet node's view, issue #19) | gauge | node |
+//! | `snatgw_fleet_takeover_windows_open`, `snatgw_fleet_takeover_holds` (R10.4, with the fleet gauges) | gauge | — |
+//! | `snatgw_fleet_takeover_holds_made_total`, `_refused_total`, `snatgw_fleet_lost_flow_packets_total` | counter | — |
 //!
 //! The fleet gauges are exported only when the node runs in a fleet ([`MetricsSnapshot::fleet`]).
 //! The runtime's counters (the last three rows' block) are exported only when the backend has
@@ -46,7 +50,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::backend::{FleetGauges, MetricsSnapshot, RuntimeCounters};
+use crate::backend::{FleetGauges, MetricsSnapshot, RuntimeCounters, TakeoverHoldMetrics};
 
 /// `Content-Type` of the text this module renders.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -274,6 +278,7 @@ pub fn render(s: &MetricsSnapshot) -> String {
     }
     if let Some(f) = &s.fleet {
         register_fleet(&mut reg, f);
+        register_takeover(&mut reg, &s.takeover);
     }
 
     let mut out = String::new();
@@ -318,6 +323,40 @@ fn register_fleet(reg: &mut Registry, f: &FleetGauges) {
     valid
         .get_or_create(&node())
         .set(f.lease_valid_seconds.max(0.0));
+}
+
+/// A fleet node's takeover windows and holds (issue #19, R10.4).
+fn register_takeover(reg: &mut Registry, t: &TakeoverHoldMetrics) {
+    let windows = gauge_family(
+        reg,
+        "snatgw_fleet_takeover_windows_open",
+        "Instances this node took over less than a FIN timeout ago: unsolicited packets to their ports hold those ports (SPEC R10.4)",
+    );
+    set(&windows, Vec::new(), t.windows_open);
+    let holds = gauge_family(
+        reg,
+        "snatgw_fleet_takeover_holds",
+        "Public ports held against new flows toward one remote: a flow of the previous owner whose state did not arrive still gets packets there (SPEC R10.4, held for the FIN timeout, R3.2)",
+    );
+    set(&holds, Vec::new(), t.holds_active);
+    counter(
+        reg,
+        "snatgw_fleet_takeover_holds_made",
+        "Takeover holds made (SPEC R10.4)",
+        t.holds_total,
+    );
+    counter(
+        reg,
+        "snatgw_fleet_takeover_holds_refused",
+        "Takeover holds refused: the instance had as many as it may (4 per port of its block); the packet was dropped all the same",
+        t.holds_refused_at_cap,
+    );
+    counter(
+        reg,
+        "snatgw_fleet_lost_flow_packets",
+        "Outbound TCP segments without a flow from instances taken over less than a FIN timeout ago: a flow whose state did not arrive (dropped, R3.1)",
+        t.lost_flow_packets,
+    );
 }
 
 /// The runtime's counters: packets per side, the gateway lock, the kernel fast path.
@@ -466,6 +505,20 @@ fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
     ] {
         add(&pkts, vec![("direction", direction.into())], v);
     }
+    let steered = counter_family(
+        reg,
+        "snatgw_fastpath_steered_packets",
+        "Packets of another fleet node's instances or port blocks the kernel fast path sent to that node over the fleet link, by the side they arrived on (R10.3); the TUN path's are snatgw_fleet_steered_packets",
+    );
+    for (direction, v) in [("outbound", fp.steered_out), ("inbound", fp.steered_in)] {
+        add(&steered, vec![("direction", direction.into())], v);
+    }
+    counter(
+        reg,
+        "snatgw_fastpath_steer_passed_up",
+        "Packets of another fleet node's the kernel could not send it (GSO, too big for the fleet link once wrapped): passed up and steered from the TUN (R10.3)",
+        fp.steer_passed_up,
+    );
 }
 
 #[cfg(test)]
@@ -531,6 +584,7 @@ mod tests {
             }],
             runtime: None,
             fleet: None,
+            takeover: Default::default(),
         };
         let t = render(&s);
         let l = r#"instance="vm1",public_ip="203.0.113.1",protocol="tcp""#;
@@ -576,6 +630,13 @@ mod tests {
                 instances_owned: 4,
                 lease_valid_seconds: 7.5,
             }),
+            takeover: TakeoverHoldMetrics {
+                windows_open: 2,
+                holds_active: 5,
+                holds_total: 9,
+                holds_refused_at_cap: 1,
+                lost_flow_packets: 3,
+            },
             ..Default::default()
         };
         let t = render(&s);
@@ -584,6 +645,12 @@ mod tests {
             "snatgw_fleet_instances_owned{node=\"gw-1\"} 4",
             "snatgw_fleet_lease_valid_seconds{node=\"gw-1\"} 7.5",
             "# TYPE snatgw_fleet_lease_valid_seconds gauge",
+            // R10.4's takeover holds, with the fleet gauges only.
+            "snatgw_fleet_takeover_windows_open 2",
+            "snatgw_fleet_takeover_holds 5",
+            "snatgw_fleet_takeover_holds_made_total 9",
+            "snatgw_fleet_takeover_holds_refused_total 1",
+            "snatgw_fleet_lost_flow_packets_total 3",
         ] {
             assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");
         }
@@ -694,6 +761,9 @@ mod tests {
                 skipped: 4,
                 translated_out: 100,
                 translated_in: 90,
+                steered_out: 7,
+                steered_in: 6,
+                steer_passed_up: 1,
             });
         }
         let t = render(&s);
@@ -704,6 +774,9 @@ mod tests {
             "snatgw_fastpath_flows_skipped_total 4",
             "snatgw_fastpath_packets_total{direction=\"outbound\"} 100",
             "snatgw_fastpath_packets_total{direction=\"inbound\"} 90",
+            "snatgw_fastpath_steered_packets_total{direction=\"outbound\"} 7",
+            "snatgw_fastpath_steered_packets_total{direction=\"inbound\"} 6",
+            "snatgw_fastpath_steer_passed_up_total 1",
             "# TYPE snatgw_fastpath_install_failures_total counter",
         ] {
             assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");

@@ -97,6 +97,7 @@ impl Env {
                             skipped: 1,
                             translated_out: 5000,
                             translated_in: 4500,
+                            ..Default::default()
                         }),
                         fleet_link: None,
                         flow_state: Some(snatgw_control::backend::FlowStateCounters {

@@ -94,7 +94,7 @@ use snatgw_core::{
 
 use snatgw_io::fastpath::{
     counter_index, BpfFlowKey, BpfFlowVal, BpfTcpEvent, FastPathConfig, FastPathCounters,
-    FastPathEvents, FlowMap, FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
+    FastPathEvents, FastPathSteer, FlowMap, FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
 };
 
 /// `--fast-path`.
@@ -702,6 +702,8 @@ pub struct FastPath {
     /// A second reader of the flow map, for a snapshotter's last-seen merge
     /// ([`FastPath::take_seen_source`]).
     seen: Option<TcActivity>,
+    /// The fleet steering maps, until a fleet node takes them ([`FastPath::take_steer`]).
+    steer: Option<FastPathSteer>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
     floor: bool,
@@ -874,6 +876,8 @@ impl FastPath {
                 }
             }
         };
+        // Steering stays off (epoch 0) unless a fleet node takes the maps and applies a table.
+        let steer = if floor { None } else { fp.take_steer() };
         tracing::info!(
             private_if,
             public_if,
@@ -889,6 +893,7 @@ impl FastPath {
             events,
             events_hold: o.events_hold.map(|d| std::time::Instant::now() + d),
             seen,
+            steer,
             credited,
             floor,
             private_if: private_if.into(),
@@ -913,6 +918,12 @@ impl FastPath {
         self.events
             .take()
             .map(|e| (Box::new(e) as Box<dyn TcpEventSource>, hold))
+    }
+
+    /// The fleet steering maps (issue #19, R10.3), for a fleet node to fill from its view;
+    /// steering stays off until it does. Once; `None` in floor mode.
+    pub fn take_steer(&mut self) -> Option<FastPathSteer> {
+        self.steer.take()
     }
 
     /// A reader of the kernel's flow map answering each flow's last packet there (engine

@@ -832,6 +832,12 @@ impl Runtime {
         self.fast_path.as_mut().and_then(FastPath::take_seen_source)
     }
 
+    /// The kernel fast path's fleet steering maps (issue #19, R10.3), for a fleet node
+    /// ([`FastPath::take_steer`]; `None` without a fast path, in floor mode, or once taken).
+    pub fn take_fast_path_steer(&mut self) -> Option<snatgw_io::fastpath::FastPathSteer> {
+        self.fast_path.as_mut().and_then(FastPath::take_steer)
+    }
+
     /// Whether the fast path runs.
     pub fn has_fast_path(&self) -> bool {
         self.fast_path.is_some()
@@ -1004,6 +1010,9 @@ impl Runtime {
                 skipped: snap.skipped,
                 translated_out: packet("translated_out"),
                 translated_in: packet("translated_in"),
+                steered_out: packet("steered_out"),
+                steered_in: packet("steered_in"),
+                steer_passed_up: packet("steer_up"),
             });
             if !credits.is_empty() {
                 let mut g = sh.lock_gw();

@@ -357,17 +357,19 @@ pub fn render(s: &Snapshot) -> String {
         let up: std::collections::BTreeMap<String, u64> = f
             .packets
             .iter()
-            .filter(|(k, v)| !k.starts_with("translated") && **v > 0)
+            .filter(|(k, v)| !k.starts_with("translated") && !k.starts_with("steered") && **v > 0)
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         let _ = writeln!(
             o,
-            "fast path ({} on {} / {}): translated out {}, in {}; flows installed {}, removed {}, no room {}; passed up {}",
+            "fast path ({} on {} / {}): translated out {}, in {}; steered to fleet nodes out {}, in {}; flows installed {}, removed {}, no room {}; passed up {}",
             f.mode,
             f.private_if,
             f.public_if,
             p("translated_out"),
             p("translated_in"),
+            p("steered_out"),
+            p("steered_in"),
             f.installed,
             f.removed,
             f.install_failed,

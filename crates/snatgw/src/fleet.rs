@@ -21,8 +21,11 @@
 //! instance's journal and periodic exports go to its rendezvous runner-up, in fleet seconds,
 //! [`FleetTime`]; a node granted an instance imports what it holds for it before admitting
 //! it; a planned move hands the instance's flows to the new owner before the grant is
-//! released). Not built: steering in the kernel (the TUN path steers), and holding the ports
-//! of flows whose state did not arrive (docs/FLEET.md).
+//! released). With the kernel fast path running, the same route table also goes to the tc
+//! program ([`kernel_table`], `snatgw_io::fastpath::FastPathSteer`): packets of instances and
+//! port blocks another node owns are forwarded from the kernel, and only what it cannot send
+//! (GSO, too big for the link) comes up to the TUN path's steering. Not built: holding the
+//! ports of flows whose state did not arrive (docs/FLEET.md).
 //!
 //! Without `--fleet` none of this runs (R10.6).
 
@@ -44,6 +47,7 @@ use snatgw_fleet::{ReplicaServer, ReplicaStore, Replicator};
 use snatgw_runtime::{FleetHooks, Injector};
 
 use crate::fleet_link::Steering;
+use snatgw_io::fastpath::{FastPathSteer, SteerTable};
 
 /// Runs after the fleet changed the engine's flows outside a packet batch (an import on
 /// takeover): hands the journal to the fast path and the replication before the lock is
@@ -59,6 +63,9 @@ struct Link {
     replicator: Arc<Replicator>,
     /// This node's engine seconds against the fleet's (set with the runtime's hooks).
     time: FleetTime,
+    /// The kernel fast path's steering maps (R10.3 in the kernel), when the fast path runs:
+    /// refreshed with the userspace route table after every tick.
+    kernel: Option<Mutex<FastPathSteer>>,
 }
 
 /// The etcd endpoints of `--fleet etcd://HOST:PORT[,HOST:PORT]`, as client URLs.
@@ -238,6 +245,7 @@ impl FleetRun {
                     server,
                     replicator,
                     time: FleetTime::default(),
+                    kernel: None,
                 })
             }
             None => None,
@@ -262,6 +270,18 @@ impl FleetRun {
     /// Whether the node has a fleet link (`--fleet-link`).
     pub fn has_link(&self) -> bool {
         self.link.is_some()
+    }
+
+    /// Hands the node the kernel fast path's steering maps: with a fleet link, packets of
+    /// other nodes' instances and port blocks are then forwarded to them from tc, not
+    /// through the TUN (R10.3 "in the kernel fast path where it can be"). Without a link,
+    /// or with an IPv6 link address (the program wraps in IPv4), steering stays in userspace.
+    pub fn set_kernel_steer(&mut self, steer: FastPathSteer) {
+        if let Some(l) = &mut self.link {
+            if l.addr.is_ipv4() {
+                l.kernel = Some(Mutex::new(steer));
+            }
+        }
     }
 
     /// What the runtime needs for the fleet link: steering of refused packets (R10.3) and the
@@ -533,6 +553,9 @@ fn member_loop(
                 _ => None,
             })
             .collect();
+        if !gained.is_empty() {
+            open_takeover_windows(gw, &private_ips(&cfg, &gained));
+        }
         if let Some(l) = link {
             // What the store holds for instances this node owns: the replica of a dead
             // owner's flows (a takeover), or a hand-over that arrived after the grant.
@@ -558,7 +581,7 @@ fn member_loop(
             }
         }
         if let (Some(l), Some(live)) = (link, &live) {
-            route(l, coord, &cfg, live, &owned, &shared.node, &handed);
+            route(l, coord, &cfg, live, &owned, &shared.node, &handed, gw);
             let c = l.steering.counters();
             tracing::debug!(
                 steered_sent = c.sent.load(Ordering::Relaxed),
@@ -683,6 +706,28 @@ fn import_taken(
     );
 }
 
+/// Opens each gained instance's takeover window (R10.4, `Engine::hold_after_takeover`) for the
+/// FIN timeout (240 s by default, R3.2), before the data path may admit the instance: a flow
+/// of the previous owner whose state did not arrive here still has a remote that sends to its
+/// public port; such a packet, unsolicited here, holds that port against new flows toward that
+/// remote until the FIN timeout after it. Also for an instance this node gains at its first
+/// join or after a restart: its flows may have been lost with the previous owner as well.
+fn open_takeover_windows(gw: &Mutex<Gateway>, ips: &HashSet<u32>) {
+    let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
+    let e = g.engine_mut();
+    let (now, secs) = (e.now(), e.topology().params.fin_timeout);
+    let opened = ips
+        .iter()
+        .filter(|&&ip| e.hold_after_takeover(ip, now, secs))
+        .count();
+    drop(g);
+    tracing::debug!(
+        instances = opened,
+        secs,
+        "fleet: takeover windows open: ports of flows whose state did not arrive are held when their remotes send (R10.4)"
+    );
+}
+
 /// A planned move (R10.4): the instance `name` at `ips` moved away from this node while it
 /// is live (a node joined, or rendezvous ranks changed); before its grant is released, its
 /// flows go to the new owner (the rendezvous owner among `live`): the replication target
@@ -726,6 +771,7 @@ fn hand_over(
 /// Refreshes where refused packets are steered (each instance another live node owns, by
 /// rendezvous, R10.1/R10.3) and where this node's flows are replicated (each owned
 /// instance's runner-up, R10.4), from the live nodes' link addresses.
+#[allow(clippy::too_many_arguments)]
 fn route(
     l: &Link,
     coord: &EtcdCoordinator,
@@ -734,6 +780,7 @@ fn route(
     owned: &[String],
     me: &NodeId,
     handed: &HashMap<u32, (SocketAddr, std::time::Instant)>,
+    gw: &Mutex<Gateway>,
 ) {
     let links = match coord.links() {
         Ok(x) => x,
@@ -774,6 +821,65 @@ fn route(
     }
     l.steering.set_routes(&steer, &peers);
     l.replicator.set_targets(targets);
+    if let Some(k) = &l.kernel {
+        // The kernel steers only what this node does not hold a grant for: an instance still
+        // granted here (a move under way) is decided here, as the engine's admission does.
+        let owned_ips = private_ips(cfg, owned);
+        let table = kernel_table(l.addr, &steer, &owned_ips, || {
+            gw.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .engine()
+                .pat_chunks()
+        });
+        let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
+        match k.apply(&table) {
+            Ok(true) => tracing::info!(
+                epoch = k.epoch(),
+                instances = table.inst.len(),
+                chunks = table.block.len(),
+                "fleet: kernel steering table applied (R10.3)"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet: kernel steering off until the next tick; the TUN path steers meanwhile (R10.3)")
+            }
+        }
+    }
+}
+
+/// The kernel's steering table (R10.3): from `steer` (owner's link per instance another live
+/// node owns, by rendezvous), the instances this node holds no grant for, and the port chunks
+/// of their blocks (`chunks`: public address, chunk, private address, as
+/// `Engine::pat_chunks`). Owners with an IPv6 link are left to the TUN path.
+fn kernel_table(
+    link: SocketAddr,
+    steer: &HashMap<u32, SocketAddr>,
+    owned: &HashSet<u32>,
+    chunks: impl FnOnce() -> Vec<(u32, u16, u32)>,
+) -> SteerTable {
+    let v4 = |a: &SocketAddr| match a {
+        SocketAddr::V4(a) => Some(*a),
+        SocketAddr::V6(_) => None,
+    };
+    let mut t = SteerTable {
+        link: v4(&link),
+        ..SteerTable::default()
+    };
+    for (&ip, to) in steer {
+        if !owned.contains(&ip) {
+            if let Some(to) = v4(to) {
+                t.inst.insert(Ipv4Addr::from(ip), to);
+            }
+        }
+    }
+    if !t.inst.is_empty() {
+        for (public, chunk, ip) in chunks() {
+            if let Some(to) = t.inst.get(&Ipv4Addr::from(ip)) {
+                t.block.insert((Ipv4Addr::from(public), chunk), *to);
+            }
+        }
+    }
+    t
 }
 
 /// `snatgw fleet`: the fleet as etcd holds it.
@@ -836,6 +942,61 @@ pub fn status(a: &FleetArgs) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    /// R10.3 in the kernel: the table holds the instances other nodes own and this node holds
+    /// no grant for, each with the port chunks of its block; owners with an IPv6 link stay
+    /// with the TUN path; without any instance to steer, the chunks are not even read.
+    #[test]
+    fn r10_3_kernel_table_is_the_route_table_minus_granted_instances() {
+        use super::*;
+        let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip"));
+        let (n2, n3, n6): (SocketAddr, SocketAddr, SocketAddr) = (
+            "192.0.2.2:7000".parse().expect("a"),
+            "192.0.2.3:7000".parse().expect("a"),
+            "[2001:db8::6]:7000".parse().expect("a"),
+        );
+        let steer: HashMap<u32, SocketAddr> = [
+            (ip("10.0.1.10"), n2),
+            (ip("10.0.1.11"), n3),
+            (ip("10.0.1.12"), n3),
+            (ip("10.0.1.13"), n6),
+        ]
+        .into_iter()
+        .collect();
+        let granted: HashSet<u32> = [ip("10.0.1.12")].into_iter().collect();
+        let pub_ = ip("203.0.113.5");
+        let chunks = vec![
+            (pub_, 0, ip("10.0.1.10")),
+            (pub_, 1, ip("10.0.1.10")),
+            (pub_, 2, ip("10.0.1.11")),
+            (pub_, 3, ip("10.0.1.12")),
+            (pub_, 4, ip("10.0.1.13")),
+            (pub_, 5, ip("10.0.1.99")),
+        ];
+        let me: SocketAddr = "192.0.2.1:7000".parse().expect("a");
+        let t = kernel_table(me, &steer, &granted, || chunks.clone());
+        let v4 = |a: SocketAddr| match a {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        assert_eq!(t.link, Some(v4(me)));
+        let inst: Vec<(Ipv4Addr, std::net::SocketAddrV4)> =
+            t.inst.iter().map(|(a, b)| (*a, *b)).collect();
+        assert_eq!(
+            inst,
+            vec![
+                ("10.0.1.10".parse().expect("ip"), v4(n2)),
+                ("10.0.1.11".parse().expect("ip"), v4(n3)),
+            ]
+        );
+        let block: Vec<(u16, std::net::SocketAddrV4)> =
+            t.block.iter().map(|((_, c), to)| (*c, *to)).collect();
+        assert_eq!(block, vec![(0, v4(n2)), (1, v4(n2)), (2, v4(n3))]);
+        let empty = kernel_table(me, &HashMap::new(), &granted, || {
+            panic!("chunks read without anything to steer")
+        });
+        assert!(empty.inst.is_empty() && empty.block.is_empty());
+    }
+
     use super::*;
 
     /// R10.2: the data path's question (a new flow for the instance at this address?) is

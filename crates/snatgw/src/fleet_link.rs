@@ -24,9 +24,14 @@
 //! only through a flow or rule of the owner's engine, exactly as one from its own queue
 //! (nothing from the internet reaches an instance unless a flow or rule allows it).
 //!
-//! **What it does not do.** It runs on the TUN path (userspace); the kernel fast path does
-//! not forward to other nodes (a packet its maps miss comes up to the TUN, and is steered
-//! from there). ICMP errors are not steered (their flow is in the quoted header; they are
+//! **The kernel does most of it.** With the fast path running, the fleet gives the tc
+//! program the same owners (`snatgw_io::fastpath::FastPathSteer`, filled by
+//! `crate::fleet::kernel_table`), and it sends those packets as exactly this datagram itself
+//! (same header, from this link's address and port), so the receiver cannot tell the two
+//! apart; what the kernel cannot send (GSO, too big for the link once wrapped, an instance
+//! still granted here) comes up and is steered here. The receiver is always this module.
+//!
+//! **What it does not do.** ICMP errors are not steered (their flow is in the quoted header; they are
 //! dropped as `icmp_error_no_flow` on a node that does not have the flow). Fragments after
 //! the first are not steered. The link is not encrypted or authenticated beyond the source
 //! address check: put it on the fleet's management network.

@@ -435,13 +435,23 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
         .map_or_else(FleetHooks::new, |f| f.runtime_hooks(start_ns));
     let mut rt = Runtime::start_with_hooks(parts, hooks, private, public, opts)
         .map_err(|e| e.to_string())?;
+    // Each snapshot carries the kernel's last-seen times (the engine asks the map only when a
+    // flow looks idle-due, so a flow the kernel carries is up to an idle timeout older there):
+    // a restart without pins of this ABI (none, or an upgrade's) then never finds an active
+    // flow idle (R11.1).
+    let seen = rt.take_fast_path_seen();
     let snapshotter = (a.flow_state_interval_ms > 0).then(|| {
-        Snapshotter::start(
+        let b = Snapshotter::builder(
             rt.gateway().clone(),
-            state_file.clone(),
             start_ns,
             Duration::from_millis(a.flow_state_interval_ms.max(100)),
         )
+        .file(state_file.clone());
+        match seen {
+            Some(s) => b.seen(s),
+            None => b,
+        }
+        .start()
     });
 
     let mut fleet_node = None;
@@ -468,6 +478,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
                 // The injector makes queue 0's workers poll for steered packets every
                 // millisecond: only with a fleet link.
                 let injector = f.has_link().then(|| rt.injector());
+                let mut f = f;
+                if let Some(s) = f.has_link().then(|| rt.take_fast_path_steer()).flatten() {
+                    f.set_kernel_steer(s);
+                }
                 fleet_node = Some(f.start(
                     plane.clone(),
                     rt.gateway(),
