@@ -366,6 +366,18 @@ pub struct FastPathCounters {
     /// once wrapped) and passed up to the engine, which steered them from the TUN.
     #[serde(default)]
     pub steer_passed_up: u64,
+    /// Packets other fleet nodes steered here that the kernel unwrapped and translated (a flow
+    /// installed here), without a userspace pass.
+    #[serde(default)]
+    pub link_translated: u64,
+    /// Steered packets the kernel left to the link's socket (a flow's first packet, no flow
+    /// here, not from a live node): userspace injects them.
+    #[serde(default)]
+    pub link_passed_up: u64,
+    /// Steered packets unwrapped, then not translatable after all (ring full, TTL, MTU):
+    /// dropped.
+    #[serde(default)]
+    pub link_dropped: u64,
 }
 
 /// Where a [`GatewayBackend`] gets the runtime's counters from.

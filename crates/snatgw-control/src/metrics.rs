@@ -29,6 +29,7 @@
 //! | `snatgw_fastpath_packets_total` (translated in the kernel) | counter | direction = outbound / inbound |
 //! | `snatgw_fastpath_steered_packets_total` (sent to their fleet owner by the kernel, R10.3) | counter | direction = outbound / inbound |
 //! | `snatgw_fastpath_steer_passed_up_total` (another node's, passed up to the TUN path) | counter | — |
+//! | `snatgw_fastpath_link_packets_total` (steered here by other nodes, R10.3) | counter | result = translated / passed_up / dropped |
 //!
 //! | `snatgw_fleet_nodes_live`, `snatgw_fleet_instances_owned`, `snatgw_fleet_lease_valid_seconds` (a fleet node's view, issue #19) | gauge | node |
 //! | `snatgw_fleet_takeover_windows_open`, `snatgw_fleet_takeover_holds` (R10.4, with the fleet gauges) | gauge | — |
@@ -519,6 +520,18 @@ fn register_runtime(reg: &mut Registry, rt: &RuntimeCounters) {
         "Packets of another fleet node's the kernel could not send it (GSO, too big for the fleet link once wrapped): passed up and steered from the TUN (R10.3)",
         fp.steer_passed_up,
     );
+    let link = counter_family(
+        reg,
+        "snatgw_fastpath_link_packets",
+        "Packets other fleet nodes steered to this node: translated by the kernel (a flow installed here), passed up to the link's socket (a first packet, no flow here), or dropped after unwrapping (R10.3)",
+    );
+    for (result, v) in [
+        ("translated", fp.link_translated),
+        ("passed_up", fp.link_passed_up),
+        ("dropped", fp.link_dropped),
+    ] {
+        add(&link, vec![("result", result.into())], v);
+    }
 }
 
 #[cfg(test)]
@@ -764,6 +777,9 @@ mod tests {
                 steered_out: 7,
                 steered_in: 6,
                 steer_passed_up: 1,
+                link_translated: 11,
+                link_passed_up: 4,
+                link_dropped: 0,
             });
         }
         let t = render(&s);
@@ -777,6 +793,9 @@ mod tests {
             "snatgw_fastpath_steered_packets_total{direction=\"outbound\"} 7",
             "snatgw_fastpath_steered_packets_total{direction=\"inbound\"} 6",
             "snatgw_fastpath_steer_passed_up_total 1",
+            "snatgw_fastpath_link_packets_total{result=\"translated\"} 11",
+            "snatgw_fastpath_link_packets_total{result=\"passed_up\"} 4",
+            "snatgw_fastpath_link_packets_total{result=\"dropped\"} 0",
             "# TYPE snatgw_fastpath_install_failures_total counter",
         ] {
             assert!(t.lines().any(|x| x == want), "missing `{want}` in\n{t}");

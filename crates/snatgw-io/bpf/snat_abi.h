@@ -66,7 +66,10 @@
 	S(ST_EVENT_FULL, event_full) /* FIN/RST of a flow passed up: no room in EVENTS */ \
 	S(ST_STEERED_OUT, steered_out) /* another node's instance: sent to it over the fleet link */ \
 	S(ST_STEERED_IN, steered_in)   /* a port block of another node's: sent to it likewise */ \
-	S(ST_STEER_UP, steer_up) /* another node's, but not sendable here (GSO, MTU): passed up */
+	S(ST_STEER_UP, steer_up) /* another node's, but not sendable here (GSO, MTU): passed up */ \
+	S(ST_LINK_IN, link_in)   /* steered to this node: unwrapped here to be translated */ \
+	S(ST_LINK_UP, link_up)   /* steered to this node: left to the link's socket (SYN, no flow) */ \
+	S(ST_LINK_DROP, link_drop) /* unwrapped, then not translatable (ring full, MTU, TTL): dropped */
 
 /* Key of FLOWS: F(type, name). Addresses and ports as on the wire (network order). */
 #define SNAT_FLOW_KEY_FIELDS(F)                          \

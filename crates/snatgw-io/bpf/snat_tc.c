@@ -53,12 +53,22 @@
 //     GSO packet, or one too big for the link's MTU once encapsulated, is passed up
 //     (ST_STEER_UP), and userspace steers it from the TUN (fragmented if need be). The TTL is not touched:
 //     the owner decides the packet as if it had arrived there.
+//   - receiving steered packets (issue #19): snat_link, attached to the fleet link's ingress,
+//     takes a datagram from a live node's link (STEER_PEERS, current epoch) to this node's link
+//     address and port whose inner packet belongs to a flow this node installed in FLOWS,
+//     unwraps it and translates it exactly as snat_out/snat_in would (the header's direction
+//     byte says which), so an established flow costs no userspace pass on either node. Not
+//     the first packet of a flow, nor a miss: those stay wrapped and go on to the link's
+//     socket, where userspace injects them into the engine. An unwrapped packet that cannot be
+//     translated after all (ring full for its FIN/RST, TTL, MTU) is dropped and counted
+//     (ST_LINK_DROP), never passed to the stack, which could route it out untranslated.
 // What it does not do: create flows, decide ports, end flows or time them, look at ICMP errors,
 // decide who owns what (userspace fills STEER_* from the fleet's view and flips the epoch).
 
 // Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
 // side's ingress, snat_in to the public side's, and the direction is part of the key.
 
+#include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
@@ -115,6 +125,15 @@ struct {
 	__uint(max_entries, 1 << 16);
 } STEER_BLOCK SEC(".maps");
 
+// The live nodes' fleet links steered packets are taken from (by link address, network
+// order), with the epoch of the table they belong to; filled by userspace with STEER_*.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct steer_val);
+	__uint(max_entries, 1 << 10);
+} STEER_PEERS SEC(".maps");
+
 // Indexed by the CFG_* slots of snat_abi.h; written by the loader before the programs load.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -141,6 +160,15 @@ static __always_inline int pass(__u32 why)
 {
 	count(why);
 	return TC_ACT_OK;
+}
+
+static __always_inline int up(bool link, __u32 why)
+{
+	if (link) {
+		count(ST_LINK_DROP);
+		return TC_ACT_SHOT;
+	}
+	return pass(why);
 }
 
 static __always_inline __u32 config(__u32 idx)
@@ -255,7 +283,11 @@ static __always_inline int steer(struct __sk_buff *skb, __u8 dir, const struct s
 // Headers the program reads: Ethernet, IPv4 without options, a TCP header (the longest).
 #define HDRS_LEN (L4_OFF + sizeof(struct tcphdr))
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+// `link`: the packet came over the fleet link and was unwrapped by snat_link (it checked
+// what decides a pass below beforehand); anything that would pass it up is dropped instead,
+// since the stack must never route an unwrapped packet untranslated, and it is not steered
+// again (no ping-pong between nodes whose tables disagree for a moment).
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool link)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -264,20 +296,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		// as much of them as the packet has.
 		__u32 want = skb->len < HDRS_LEN ? skb->len : HDRS_LEN;
 		if (bpf_skb_pull_data(skb, want))
-			return pass(ST_NOT_FAST);
+			return up(link, ST_NOT_FAST);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return pass(ST_NOT_IPV4);
+		return up(link, ST_NOT_IPV4);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return pass(ST_NOT_IPV4);
+		return up(link, ST_NOT_IPV4);
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return pass(ST_NOT_FAST);
+		return up(link, ST_NOT_FAST);
 	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
-		return pass(ST_NOT_FAST);
+		return up(link, ST_NOT_FAST);
 	__u8 proto = ip->protocol;
 	__u8 ttl = ip->ttl;
 	__u32 tot_len = bpf_ntohs(ip->tot_len);
@@ -285,7 +317,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (config(CFG_MODE) == MODE_FLOOR) {
 		// Floor mode: the mechanism without the NAT.
 		if (ttl <= 1)
-			return pass(ST_TTL);
+			return up(link, ST_TTL);
 		if (dec_ttl(skb, ttl, proto))
 			return TC_ACT_SHOT;
 		count(ST_FLOOR);
@@ -304,14 +336,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *t = (void *)(ip + 1);
 		if ((void *)(t + 1) > data_end)
-			return pass(ST_NOT_FAST);
+			return up(link, ST_NOT_FAST);
 		// The flags byte (after the data offset byte).
 		tflags = ((__u8 *)t)[13];
 		if ((tflags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN) {
-			struct steer_val *o = owner(dir, k.src, k.dst, t->dest);
+			struct steer_val *o = link ? NULL : owner(dir, k.src, k.dst, t->dest);
 			if (o)
 				return steer(skb, dir, o, tot_len);
-			return pass(ST_CONTROL);
+			return up(link, ST_CONTROL);
 		}
 		k.sport = t->source;
 		k.dport = t->dest;
@@ -319,27 +351,27 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr *u = (void *)(ip + 1);
 		if ((void *)(u + 1) > data_end)
-			return pass(ST_NOT_FAST);
+			return up(link, ST_NOT_FAST);
 		k.sport = u->source;
 		k.dport = u->dest;
 		csum_off = L4_OFF + offsetof(struct udphdr, check);
 		mangled = BPF_F_MARK_MANGLED_0;
 	} else {
-		return pass(ST_NOT_FAST);
+		return up(link, ST_NOT_FAST);
 	}
 
 	struct flow_val *v = bpf_map_lookup_elem(&FLOWS, &k);
 	if (!v) {
-		struct steer_val *o = owner(dir, k.src, k.dst, k.dport);
+		struct steer_val *o = link ? NULL : owner(dir, k.src, k.dst, k.dport);
 		if (o)
 			return steer(skb, dir, o, tot_len);
-		return pass(ST_MISS);
+		return up(link, ST_MISS);
 	}
 	if (ttl <= 1)
-		return pass(ST_TTL);
+		return up(link, ST_TTL);
 	__u32 mtu = 0;
 	if (bpf_check_mtu(skb, v->ifindex, &mtu, 0, 0))
-		return pass(ST_MTU);
+		return up(link, ST_MTU);
 
 	__u32 new_addr = v->addr;
 	__u16 new_port = v->port;
@@ -350,7 +382,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (tflags & (TCPF_FIN | TCPF_RST)) {
 		ev = bpf_ringbuf_reserve(&EVENTS, sizeof(*ev), 0);
 		if (!ev)
-			return pass(ST_EVENT_FULL);
+			return up(link, ST_EVENT_FULL);
 		ev->ts = now;
 		ev->flags = tflags;
 		ev->dir = dir;
@@ -403,13 +435,96 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 SEC("classifier")
 int snat_out(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_OUT);
+	return handle(skb, DIR_OUT, false);
 }
 
 SEC("classifier")
 int snat_in(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_IN);
+	return handle(skb, DIR_IN, false);
+}
+
+// Headers snat_link reads: Ethernet, the link's wrapping, an inner IPv4 + TCP header.
+#define LINK_HDRS (ETH_HLEN + STEER_ENCAP_LEN + sizeof(struct iphdr) + sizeof(struct tcphdr))
+
+// Attached to the fleet link's ingress (issue #19): a packet another node steered here (see
+// the top of the file) whose flow this node's engine installed is unwrapped and translated
+// here, like a packet of this node's own interfaces; everything else on the link (the first
+// packet of a flow, a miss, the replication stream, anything not from a live node's link) goes
+// on to the stack and the link's socket unchanged, where userspace decides it.
+SEC("classifier")
+int snat_link(struct __sk_buff *skb)
+{
+	__u32 epoch = config(CFG_STEER_EPOCH);
+	if (!epoch || config(CFG_MODE) != MODE_TRANSLATE || skb->gso_size)
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + LINK_HDRS > data_end) {
+		__u32 want = skb->len < LINK_HDRS ? skb->len : LINK_HDRS;
+		if (bpf_skb_pull_data(skb, want))
+			return TC_ACT_OK;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *o = (void *)(eth + 1);
+	if ((void *)(o + 1) > data_end)
+		return TC_ACT_OK;
+	if (o->version != 4 || o->ihl != 5 || (o->frag_off & bpf_htons(0x3fff)) ||
+	    o->protocol != IPPROTO_UDP || o->daddr != config(CFG_LINK_ADDR))
+		return TC_ACT_OK;
+	struct udphdr *u = (void *)(o + 1);
+	if ((void *)(u + 1) > data_end || u->dest != (__u16)config(CFG_LINK_PORT))
+		return TC_ACT_OK;
+	__u8 *h = (void *)(u + 1);
+	struct iphdr *ip = (void *)(h + 4);
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	if (h[0] != 'S' || h[1] != 'G' || h[2] != STEER_HDR_VERSION || h[3] > DIR_IN)
+		return pass(ST_LINK_UP);
+	__u8 dir = h[3];
+	__u32 peer = o->saddr;
+	struct steer_val *p = bpf_map_lookup_elem(&STEER_PEERS, &peer);
+	if (!p || p->epoch != epoch)
+		return pass(ST_LINK_UP);
+	// The inner packet: what snat_out/snat_in would translate, whole (its length is the
+	// datagram's), and not a packet the engine must see.
+	if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)) || ip->ttl <= 1 ||
+	    bpf_ntohs(ip->tot_len) + 8 + 4 != bpf_ntohs(u->len))
+		return pass(ST_LINK_UP);
+	struct flow_key k = {
+		.src = ip->saddr,
+		.dst = ip->daddr,
+		.proto = ip->protocol,
+		.dir = dir,
+	};
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *t = (void *)(ip + 1);
+		if ((void *)(t + 1) > data_end)
+			return pass(ST_LINK_UP);
+		__u8 fl = ((__u8 *)t)[13];
+		if ((fl & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+			return pass(ST_LINK_UP);
+		k.sport = t->source;
+		k.dport = t->dest;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *iu = (void *)(ip + 1);
+		if ((void *)(iu + 1) > data_end)
+			return pass(ST_LINK_UP);
+		k.sport = iu->source;
+		k.dport = iu->dest;
+	} else {
+		return pass(ST_LINK_UP);
+	}
+	if (!bpf_map_lookup_elem(&FLOWS, &k))
+		return pass(ST_LINK_UP);
+	if (bpf_skb_adjust_room(skb, -(__s32)STEER_ENCAP_LEN, BPF_ADJ_ROOM_MAC, 0))
+		return pass(ST_LINK_UP);
+	count(ST_LINK_IN);
+	return handle(skb, dir, true);
 }
 
 // Must agree with the SPDX line at the top (checked by build.rs); see the licence note there.

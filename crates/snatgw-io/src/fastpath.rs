@@ -85,7 +85,7 @@ const CFG_LINK_IFINDEX: u32 = 6;
 /// CONFIG slots.
 const CFG_COUNT: u32 = 7;
 /// STATS entries.
-const ST_COUNT: usize = 14;
+const ST_COUNT: usize = 17;
 /// First port of the PAT chunks the steering's block map is keyed by (`snatgw_core`'s
 /// `PORT_BASE`).
 pub const STEER_PORT_BASE: u16 = 1024;
@@ -132,6 +132,9 @@ pub const STAT_NAMES: [&str; ST_COUNT] = [
     "steered_out",
     "steered_in",
     "steer_up",
+    "link_in",
+    "link_up",
+    "link_drop",
 ];
 
 /// Key of the flow map: the packet's addresses and ports as on the wire, and its direction.
@@ -347,6 +350,11 @@ pub struct FastPathConfig {
     /// Size of the EVENTS ring in bytes (a power of two, at least a page; 0: [`EVENTS_BYTES`]).
     /// Records take 32 bytes each; a FIN/RST that finds the ring full goes up to the engine.
     pub event_ring_bytes: u32,
+    /// A fleet node's link interface (issue #19): `snat_link` is attached to its ingress and
+    /// translates packets other nodes steered here for flows installed here (it acts only
+    /// once [`FastPathSteer::apply`] turned steering on). Never pinned: while no gateway runs,
+    /// steered packets wait for its socket like any other. `None`: not a fleet node.
+    pub link_if: Option<String>,
 }
 
 /// The attached fast path. Dropping it detaches the programs.
@@ -465,6 +473,11 @@ pub fn ifindex(name: &str) -> Result<u32, FastPathError> {
 
 /// The index of the interface that holds IPv4 address `addr` in this network namespace.
 pub fn ifindex_of_addr(addr: std::net::Ipv4Addr) -> Result<u32, FastPathError> {
+    ifindex(&ifname_of_addr(addr)?)
+}
+
+/// The name of the interface that holds IPv4 address `addr` in this network namespace.
+pub fn ifname_of_addr(addr: std::net::Ipv4Addr) -> Result<String, FastPathError> {
     let mut found: Option<CString> = None;
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list it allocated (freed below, once);
@@ -491,7 +504,7 @@ pub fn ifindex_of_addr(addr: std::net::Ipv4Addr) -> Result<u32, FastPathError> {
         libc::freeifaddrs(list);
     }
     let name = found.ok_or_else(|| FastPathError::NoInterface(format!("with address {addr}")))?;
-    ifindex(&name.to_string_lossy())
+    Ok(name.to_string_lossy().into_owned())
 }
 
 /// Whether this build carries the program.
@@ -640,6 +653,24 @@ impl TcFastPath {
             // Both programs now run from this ABI's pins: an older ABI's maps go.
             pd.remove_other_abis();
         }
+        if let Some(link_if) = &cfg.link_if {
+            let err = |what: String| move |source| FastPathError::Program { what, source };
+            let p: &mut SchedClassifier = ebpf
+                .program_mut("snat_link")
+                .ok_or_else(|| FastPathError::Program {
+                    what: "program snat_link".into(),
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(err("program snat_link".into()))?;
+            p.load()
+                .map_err(err("loading snat_link (verifier)".into()))?;
+            if p.attach(link_if, TcAttachType::Ingress).is_err() {
+                let _ = aya::programs::tc::qdisc_add_clsact(link_if);
+                p.attach(link_if, TcAttachType::Ingress)
+                    .map_err(err(format!("attaching snat_link to {link_if} ingress")))?;
+            }
+        }
         let map = ebpf.take_map("FLOWS").ok_or_else(|| missing("FLOWS"))?;
         let fd = match &map {
             Map::HashMap(data) => data
@@ -736,10 +767,12 @@ impl TcFastPath {
     /// object lacks them. Steering stays off until [`FastPathSteer::apply`] turns it on.
     pub fn take_steer(&mut self) -> Option<FastPathSteer> {
         let inst = HashMap::try_from(self._ebpf.take_map("STEER_INST")?).ok()?;
+        let peers = HashMap::try_from(self._ebpf.take_map("STEER_PEERS")?).ok()?;
         let block = HashMap::try_from(self._ebpf.take_map("STEER_BLOCK")?).ok()?;
         let config = aya::maps::Array::try_from(self._ebpf.take_map("CONFIG")?).ok()?;
         Some(FastPathSteer {
             inst,
+            peers,
             block,
             config,
             epoch: 0,
@@ -1047,6 +1080,8 @@ pub struct SteerTable {
     pub inst: std::collections::BTreeMap<std::net::Ipv4Addr, std::net::SocketAddrV4>,
     /// Owner's link by (public address, chunk).
     pub block: std::collections::BTreeMap<(std::net::Ipv4Addr, u16), std::net::SocketAddrV4>,
+    /// The other live nodes' links: `snat_link` takes steered packets from these only.
+    pub peers: std::collections::BTreeSet<std::net::SocketAddrV4>,
 }
 
 /// The fast path's fleet steering (issue #19): its two owner maps and the CONFIG slots that
@@ -1060,6 +1095,7 @@ pub struct SteerTable {
 /// in the kernel is an acceleration, never the only way.
 pub struct FastPathSteer {
     inst: HashMap<MapData, u32, BpfSteerVal>,
+    peers: HashMap<MapData, u32, BpfSteerVal>,
     block: HashMap<MapData, BpfSteerBlockKey, BpfSteerVal>,
     config: aya::maps::Array<MapData, u32>,
     epoch: u32,
@@ -1112,6 +1148,11 @@ impl FastPathSteer {
                     .insert(block_key(*ip, *chunk), val(to), 0)
                     .map_err(map_error("STEER_BLOCK"))?;
             }
+            for p in &t.peers {
+                self.peers
+                    .insert(u32::from_ne_bytes(p.ip().octets()), val(p), 0)
+                    .map_err(map_error("STEER_PEERS"))?;
+            }
             self.config
                 .set(CFG_STEER_EPOCH, epoch, 0)
                 .map_err(map_error("CONFIG"))
@@ -1131,6 +1172,11 @@ impl FastPathSteer {
             for k in old.block.keys().filter(|k| !t.block.contains_key(k)) {
                 let _ = self.block.remove(&block_key(k.0, k.1));
             }
+            let now: std::collections::HashSet<std::net::Ipv4Addr> =
+                t.peers.iter().map(|p| *p.ip()).collect();
+            for p in old.peers.iter().filter(|p| !now.contains(p.ip())) {
+                let _ = self.peers.remove(&u32::from_ne_bytes(p.ip().octets()));
+            }
         }
         self.applied = Some(t.clone());
         Ok(true)
@@ -1149,6 +1195,10 @@ impl FastPathSteer {
         let keys: Vec<BpfSteerBlockKey> = self.block.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = self.block.remove(&k);
+        }
+        let keys: Vec<u32> = self.peers.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.peers.remove(&k);
         }
         self.applied = Some(SteerTable::default());
         Ok(())

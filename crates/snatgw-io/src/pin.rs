@@ -213,5 +213,5 @@ mod tests {
         );
     }
 
-    const ABI_HEADER_FNV: u64 = 1_552_114_013_856_954_625;
+    const ABI_HEADER_FNV: u64 = 10_625_513_115_535_246_799;
 }

@@ -639,3 +639,193 @@ fn r10_3_kernel_steers_another_nodes_packets_to_its_link_unchanged() {
         drop(fp);
     });
 }
+
+/// The one's-complement sum of `b` (big-endian 16-bit words, an odd byte padded), folded.
+fn ones_sum(b: &[u8], mut s: u32) -> u32 {
+    for c in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s
+}
+
+/// The TCP checksum sum of IPv4 packet `ip` (header without options), pseudo-header
+/// included: 0xffff when the checksum field is right.
+fn tcp_sum(ip: &[u8]) -> u16 {
+    let len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let seg = &ip[20..len];
+    let mut pseudo = ip[12..20].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((len - 20) as u16).to_be_bytes());
+    ones_sum(seg, ones_sum(&pseudo, 0)) as u16
+}
+
+/// Issue #19, R10.3 received in the kernel: a datagram steered here by a live node (its link
+/// in STEER_PEERS), to this node's link address and port, whose inner packet belongs to a flow
+/// installed here, is unwrapped and translated by `snat_link` as `snat_out` would (source
+/// rewritten, TTL decremented, both checksums right, sent out of the flow's interface); the
+/// first packet of a flow, a packet of no flow here, a datagram from a node that is not a live
+/// peer, and anything while steering is off are left wrapped for the link's socket.
+#[test]
+fn r10_3_kernel_translates_packets_other_nodes_steer_here() {
+    use snatgw_io::fastpath::{SteerTable, TCPF_ACK, TCPF_SYN};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    require_root!();
+    in_private_netns(|| {
+        veth_pair();
+        let mac_of = |ifname: &str| -> [u8; 6] {
+            let l = common::ip(&["-o", "link", "show", ifname]);
+            let m = l
+                .split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .expect("MAC");
+            let v: Vec<u8> = m
+                .split(':')
+                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            v.try_into().expect("6 bytes")
+        };
+        common::ip(&[
+            "link", "add", "fl-a", "type", "veth", "peer", "name", "fl-b",
+        ]);
+        common::ip(&["link", "set", "fl-a", "up"]);
+        common::ip(&["link", "set", "fl-b", "up"]);
+        common::ip(&["addr", "add", "192.0.2.1/24", "dev", "fl-a"]);
+        // The translated packet leaves by fp-b towards the server (a route and a neighbour),
+        // and arrives at fp-a, where it is captured.
+        common::ip(&["route", "add", "198.51.100.0/24", "dev", "fp-b"]);
+        let fpa = mac_of("fp-a");
+        let fpa_s = fpa
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        common::ip(&[
+            "neigh",
+            "add",
+            "198.51.100.7",
+            "lladdr",
+            &fpa_s,
+            "dev",
+            "fp-b",
+            "nud",
+            "permanent",
+        ]);
+        let cfg = FastPathConfig {
+            link_if: Some("fl-a".into()),
+            ..fp_config()
+        };
+        let (mut fp, mut map, counters) = TcFastPath::load(&cfg).expect("load and attach");
+        let mut steer = fp.take_steer().expect("steering maps");
+        let stat = |name: &str| {
+            let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
+            counters.stats()[i]
+        };
+        let me = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 7400);
+        let peer = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 7401);
+        let mut table = SteerTable {
+            link: Some(me),
+            ..Default::default()
+        };
+        table.peers.insert(peer);
+        steer.apply(&table).expect("apply");
+        let (vm, server, public) = ([10, 0, 3, 20], [198, 51, 100, 7], [192, 0, 2, 100]);
+        let k = BpfFlowKey {
+            src: u32::from_ne_bytes(vm),
+            dst: u32::from_ne_bytes(server),
+            sport: 5000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: 6,
+            dir: DIR_OUT,
+            pad: 0,
+        };
+        let v = BpfFlowVal {
+            addr: u32::from_ne_bytes(public),
+            port: 1024u16.to_be(),
+            ifindex: fp.public_ifindex,
+            ..Default::default()
+        };
+        map.insert(&k, &v).expect("insert");
+        let cap = Capture::open("fp-a");
+        let fla = mac_of("fl-a");
+        let fl_b = snatgw_io::fastpath::ifindex("fl-b").expect("fl-b");
+        // The datagram another node's kernel (or userspace) sends: the inner packet with a
+        // right TCP checksum, wrapped as on the link.
+        let wrapped = |from: [u8; 4], flags: u8, sport: u16| -> Vec<u8> {
+            let mut inner = tcp_frame(vm, sport, server, 443, flags)[14..].to_vec();
+            inner[36..38].copy_from_slice(&[0, 0]);
+            let c = !tcp_sum(&inner);
+            inner[36..38].copy_from_slice(&c.to_be_bytes());
+            assert_eq!(tcp_sum(&inner), 0xffff);
+            let mut f = fla.to_vec();
+            f.extend_from_slice(&[0x02, 0, 0, 0, 0, 9, 0x08, 0x00]);
+            let total = (20 + 8 + 4 + inner.len()) as u16;
+            let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&from);
+            ip.extend_from_slice(&me.ip().octets());
+            let s = ip_header_sum(&ip);
+            ip[10..12].copy_from_slice(&s.to_be_bytes());
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&peer.port().to_be_bytes());
+            f.extend_from_slice(&me.port().to_be_bytes());
+            f.extend_from_slice(&(total - 20).to_be_bytes());
+            f.extend_from_slice(&[0, 0, b'S', b'G', 1, DIR_OUT]);
+            f.extend_from_slice(&inner);
+            f
+        };
+        // The capture's next frame from the vm's flow, translated (source public:1024).
+        let translated = |cap: &Capture| -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                // SAFETY: `buf` is a writable buffer of the length passed, alive for the call.
+                #[allow(unsafe_code)]
+                let n = unsafe { libc::recv(cap.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 {
+                    return None;
+                }
+                let f = &buf[..n as usize];
+                if f.len() >= 54 && f[12..14] == [8, 0] && f[23] == 6 && f[30..34] == server {
+                    return Some(f[14..].to_vec());
+                }
+            }
+        };
+
+        send_frame(fl_b, &wrapped(peer.ip().octets(), TCPF_ACK, 5000));
+        let got = translated(&cap).unwrap_or_else(|| {
+            panic!(
+                "nothing translated; stats {:?}",
+                STAT_NAMES
+                    .iter()
+                    .zip(counters.stats())
+                    .filter(|(_, n)| *n > 0)
+                    .collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(got[12..16], public, "source: the public address");
+        assert_eq!(u16::from_be_bytes([got[20], got[21]]), 1024, "source port");
+        assert_eq!(got[8], 63, "TTL decremented as a router does");
+        assert_eq!(ip_header_sum(&got[..20]), 0, "IP checksum");
+        assert_eq!(tcp_sum(&got), 0xffff, "TCP checksum");
+        assert_eq!(
+            (stat("link_in"), stat("translated_out"), stat("link_drop")),
+            (1, 1, 0)
+        );
+
+        // Left wrapped: the first packet of a flow, no flow here, not a live peer.
+        send_frame(fl_b, &wrapped(peer.ip().octets(), TCPF_SYN, 5000));
+        send_frame(fl_b, &wrapped(peer.ip().octets(), TCPF_ACK, 5001));
+        send_frame(fl_b, &wrapped([192, 0, 2, 9], TCPF_ACK, 5000));
+        assert!(translated(&cap).is_none());
+        assert_eq!((stat("link_in"), stat("link_up")), (1, 3));
+        // Steering off: snat_link leaves everything alone.
+        steer.off().expect("off");
+        send_frame(fl_b, &wrapped(peer.ip().octets(), TCPF_ACK, 5000));
+        assert!(translated(&cap).is_none());
+        assert_eq!((stat("link_in"), stat("link_up")), (1, 3));
+        drop(fp);
+    });
+}

@@ -69,6 +69,7 @@ fn round(private_if: &str, public_if: &str, flows: u32) -> (f64, f64, u64) {
             pin_dir: None,
             event_ring_bytes: 0,
             events_hold: None,
+            link_if: None,
         },
         &mut engine,
     )

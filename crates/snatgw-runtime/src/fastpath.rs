@@ -734,6 +734,9 @@ pub struct FastPathOptions {
     /// Tests only: do not read the ring for this long after setup, so it fills and FIN/RST go
     /// up to the engine (`event_full`); what is in it then is applied late, at its own times.
     pub events_hold: Option<std::time::Duration>,
+    /// A fleet node's link interface: the kernel translates the packets other nodes steer
+    /// here for flows installed here (issue #19, `FastPathConfig::link_if`).
+    pub link_if: Option<String>,
 }
 
 /// The fast path's part of the stats snapshot.
@@ -795,6 +798,7 @@ impl FastPath {
             floor,
             pin_dir: o.pin_dir.clone(),
             event_ring_bytes: o.event_ring_bytes,
+            link_if: if floor { None } else { o.link_if.clone() },
         };
         let (mut fp, mut map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,

@@ -1013,6 +1013,9 @@ impl Runtime {
                 steered_out: packet("steered_out"),
                 steered_in: packet("steered_in"),
                 steer_passed_up: packet("steer_up"),
+                link_translated: packet("link_in"),
+                link_passed_up: packet("link_up"),
+                link_dropped: packet("link_drop"),
             });
             if !credits.is_empty() {
                 let mut g = sh.lock_gw();

@@ -357,12 +357,17 @@ pub fn render(s: &Snapshot) -> String {
         let up: std::collections::BTreeMap<String, u64> = f
             .packets
             .iter()
-            .filter(|(k, v)| !k.starts_with("translated") && !k.starts_with("steered") && **v > 0)
+            .filter(|(k, v)| {
+                !k.starts_with("translated")
+                    && !k.starts_with("steered")
+                    && *k != "link_in"
+                    && **v > 0
+            })
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         let _ = writeln!(
             o,
-            "fast path ({} on {} / {}): translated out {}, in {}; steered to fleet nodes out {}, in {}; flows installed {}, removed {}, no room {}; passed up {}",
+            "fast path ({} on {} / {}): translated out {}, in {}; steered to fleet nodes out {}, in {}, from them {}; flows installed {}, removed {}, no room {}; passed up {}",
             f.mode,
             f.private_if,
             f.public_if,
@@ -370,6 +375,7 @@ pub fn render(s: &Snapshot) -> String {
             p("translated_in"),
             p("steered_out"),
             p("steered_in"),
+            p("link_in"),
             f.installed,
             f.removed,
             f.install_failed,

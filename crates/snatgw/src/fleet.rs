@@ -825,7 +825,7 @@ fn route(
         // The kernel steers only what this node does not hold a grant for: an instance still
         // granted here (a move under way) is decided here, as the engine's admission does.
         let owned_ips = private_ips(cfg, owned);
-        let table = kernel_table(l.addr, &steer, &owned_ips, || {
+        let table = kernel_table(l.addr, &steer, &peers, &owned_ips, || {
             gw.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .engine()
@@ -850,10 +850,12 @@ fn route(
 /// The kernel's steering table (R10.3): from `steer` (owner's link per instance another live
 /// node owns, by rendezvous), the instances this node holds no grant for, and the port chunks
 /// of their blocks (`chunks`: public address, chunk, private address, as
-/// `Engine::pat_chunks`). Owners with an IPv6 link are left to the TUN path.
+/// `Engine::pat_chunks`); `peers`, the other live nodes' links, are those the kernel takes
+/// steered packets from. Owners with an IPv6 link are left to the TUN path.
 fn kernel_table(
     link: SocketAddr,
     steer: &HashMap<u32, SocketAddr>,
+    peers: &[SocketAddr],
     owned: &HashSet<u32>,
     chunks: impl FnOnce() -> Vec<(u32, u16, u32)>,
 ) -> SteerTable {
@@ -863,6 +865,7 @@ fn kernel_table(
     };
     let mut t = SteerTable {
         link: v4(&link),
+        peers: peers.iter().filter_map(v4).collect(),
         ..SteerTable::default()
     };
     for (&ip, to) in steer {
@@ -973,7 +976,7 @@ mod tests {
             (pub_, 5, ip("10.0.1.99")),
         ];
         let me: SocketAddr = "192.0.2.1:7000".parse().expect("a");
-        let t = kernel_table(me, &steer, &granted, || chunks.clone());
+        let t = kernel_table(me, &steer, &[n2, n3, n6], &granted, || chunks.clone());
         let v4 = |a: SocketAddr| match a {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!(),
@@ -991,7 +994,12 @@ mod tests {
         let block: Vec<(u16, std::net::SocketAddrV4)> =
             t.block.iter().map(|((_, c), to)| (*c, *to)).collect();
         assert_eq!(block, vec![(0, v4(n2)), (1, v4(n2)), (2, v4(n3))]);
-        let empty = kernel_table(me, &HashMap::new(), &granted, || {
+        assert_eq!(
+            t.peers.iter().copied().collect::<Vec<_>>(),
+            vec![v4(n2), v4(n3)],
+            "the live IPv4 links steered packets are taken from"
+        );
+        let empty = kernel_table(me, &HashMap::new(), &[], &granted, || {
             panic!("chunks read without anything to steer")
         });
         assert!(empty.inst.is_empty() && empty.block.is_empty());
@@ -1030,6 +1038,93 @@ mod tests {
         assert!(!s.admits(mine));
         let g = s.gauges();
         assert_eq!((g.instances_owned, g.lease_valid_seconds), (0, 0.0));
+    }
+
+    /// R10.4: an instance this node gains is in its takeover window: a remote that keeps
+    /// sending to ports of its block (a lost flow's peer) holds them, so a new flow toward
+    /// that remote finds none free (R2.6) while other destinations are served; an instance
+    /// not gained here gets no such holds.
+    #[test]
+    fn r10_4_gained_instances_hold_ports_their_lost_flows_peers_still_use() {
+        use snatgw_core::{proto, tcp_flags, Direction, DropReason, Packet, Verdict};
+        let cfg = r#"
+[gateway]
+seed = 1
+vnet_prefixes = ["10.0.0.0/16"]
+default_snat_pool = ["192.0.2.100"]
+[[instance]]
+name = "vm1"
+private_ip = "10.0.1.10"
+[[instance]]
+name = "vm2"
+private_ip = "10.0.1.11"
+"#;
+        let file = snatgw_core::ConfigFile::from_toml(cfg).expect("config");
+        let engine = snatgw_core::Engine::new(
+            snatgw_core::Topology::from_config(file).expect("topology"),
+            0,
+        )
+        .expect("engine");
+        let gw = Mutex::new(Gateway::new(engine));
+        let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip"));
+        let (vm1, vm2, public) = (ip("10.0.1.10"), ip("10.0.1.11"), ip("192.0.2.100"));
+        let (remote, other) = (ip("198.51.100.7"), ip("198.51.100.8"));
+        open_takeover_windows(&gw, &[vm1].into_iter().collect());
+        let mut g = gw.lock().expect("lock");
+        let e = g.engine_mut();
+        let block = |e: &snatgw_core::Engine, name: &str| -> Vec<u16> {
+            e.instance(name)
+                .expect("instance")
+                .block
+                .iter()
+                .flat_map(|&(lo, hi)| lo..=hi)
+                .collect()
+        };
+        // The remote sends to every port of both blocks: no flow, so unsolicited (R3.8).
+        for name in ["vm1", "vm2"] {
+            for port in block(e, name) {
+                let v = e.process(
+                    1,
+                    Direction::Inbound,
+                    &Packet {
+                        proto: proto::TCP,
+                        src: remote,
+                        dst: public,
+                        src_port: 443,
+                        dst_port: port,
+                        flags: tcp_flags::ACK,
+                    },
+                );
+                assert_eq!(v, Verdict::Drop(DropReason::UnsolicitedInbound));
+            }
+        }
+        let syn = |e: &mut snatgw_core::Engine, src: u32, dst: u32, sport: u16| {
+            e.process(
+                2,
+                Direction::Outbound,
+                &Packet {
+                    proto: proto::TCP,
+                    src,
+                    dst,
+                    src_port: sport,
+                    dst_port: 443,
+                    flags: tcp_flags::SYN,
+                },
+            )
+        };
+        assert_eq!(
+            syn(e, vm1, remote, 40000),
+            Verdict::Drop(DropReason::PortsExhausted),
+            "every port of vm1's block is held for that remote"
+        );
+        assert!(matches!(
+            syn(e, vm1, other, 40001),
+            Verdict::Translate { .. }
+        ));
+        assert!(
+            matches!(syn(e, vm2, remote, 40002), Verdict::Translate { .. }),
+            "vm2 was not taken over: no holds"
+        );
     }
 
     /// R10.4: replicated times are fleet (Unix) seconds, read back in the taking node's

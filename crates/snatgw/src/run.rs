@@ -407,6 +407,9 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             pin_dir: pin_dir.clone(),
             event_ring_bytes: a.fast_path_event_ring_bytes,
             events_hold: a.fast_path_events_hold_ms.map(Duration::from_millis),
+            // A fleet node's link: steered packets of flows installed here are translated in
+            // the kernel (issue #19, R10.3); the interface is the one holding the address.
+            link_if: fleet_link_if(a),
         },
         &mut engine,
     )
@@ -587,6 +590,21 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             Ok(())
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The interface of `--fleet-link`'s address, when this is a fleet node with an IPv4 link.
+fn fleet_link_if(a: &RunArgs) -> Option<String> {
+    let l = a.fleet_link.filter(|_| a.fleet.is_some())?;
+    let std::net::IpAddr::V4(ip) = l.ip() else {
+        return None;
+    };
+    match snatgw_io::fastpath::ifname_of_addr(ip) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, link = %l, "fleet: no interface holds the link address; steered packets are translated in userspace only");
+            None
+        }
     }
 }
 

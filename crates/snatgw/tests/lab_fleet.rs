@@ -502,8 +502,19 @@ fn r10_3_any_node_any_packet() {
             let kernel = both("snatgw_fastpath_steered_packets_total");
             let tun = both("snatgw_fleet_steered_packets_total");
             let up = sample("snatgw_fastpath_steer_passed_up_total ");
-            eprintln!("gw{k}: steered by the kernel {kernel}, by the TUN path {tun} (kernel passed up {up})");
+            let link = |r: &str| {
+                sample(&format!(
+                    "snatgw_fastpath_link_packets_total{{result=\"{r}\"}} "
+                ))
+            };
+            let (got, left, dropped) = (link("translated"), link("passed_up"), link("dropped"));
+            let injected = sample("snatgw_fleet_injected_packets_total{result=\"decided\"} ");
+            eprintln!("gw{k}: steered by the kernel {kernel}, by the TUN path {tun} (kernel passed up {up}); steered here: translated by the kernel {got}, left to the socket {left} (injected {injected}), dropped {dropped}");
             assert!(kernel > 0, "gw{k}: the kernel steered nothing");
+            // Steered here: the kernel translates what belongs to installed flows; only first
+            // packets (and packets of flows not yet installed) reach userspace.
+            assert!(got > 0, "gw{k}: the kernel translated nothing steered here");
+            assert_eq!(dropped, 0, "gw{k}: steered packets dropped after unwrapping");
             assert!(
                 tun * 10 <= kernel,
                 "gw{k}: the TUN path steered {tun}, the kernel {kernel}: the kernel should do most"

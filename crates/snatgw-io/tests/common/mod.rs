@@ -64,6 +64,7 @@ pub fn fp_config() -> snatgw_io::fastpath::FastPathConfig {
         floor: false,
         pin_dir: None,
         event_ring_bytes: 0,
+        link_if: None,
     }
 }
 
