@@ -739,6 +739,18 @@ pub struct FastPathOptions {
     pub link_if: Option<String>,
 }
 
+/// The interface `snat_link` goes on: the fleet link's, unless this is floor mode, or the link
+/// shares an interface with the data path, where `snat_out`/`snat_in` come first and pass up
+/// what they do not translate (the link's datagrams included), so the socket gets them all.
+fn link_if(o: &FastPathOptions, floor: bool, private_if: &str, public_if: &str) -> Option<String> {
+    let l = o.link_if.as_deref().filter(|_| !floor)?;
+    if l == private_if || l == public_if {
+        tracing::warn!(link_if = l, "fleet link on a data-path interface: packets steered here are translated in userspace only (give the link its own interface to have them translated in the kernel)");
+        return None;
+    }
+    Some(l.to_string())
+}
+
 /// The fast path's part of the stats snapshot.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FastPathSnap {
@@ -798,7 +810,7 @@ impl FastPath {
             floor,
             pin_dir: o.pin_dir.clone(),
             event_ring_bytes: o.event_ring_bytes,
-            link_if: if floor { None } else { o.link_if.clone() },
+            link_if: link_if(o, floor, private_if, public_if),
         };
         let (mut fp, mut map, counters) = match TcFastPath::load(&cfg) {
             Ok(x) => x,

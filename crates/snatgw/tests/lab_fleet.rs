@@ -514,7 +514,10 @@ fn r10_3_any_node_any_packet() {
             // Steered here: the kernel translates what belongs to installed flows; only first
             // packets (and packets of flows not yet installed) reach userspace.
             assert!(got > 0, "gw{k}: the kernel translated nothing steered here");
-            assert_eq!(dropped, 0, "gw{k}: steered packets dropped after unwrapping");
+            assert_eq!(
+                dropped, 0,
+                "gw{k}: steered packets dropped after unwrapping"
+            );
             assert!(
                 tun * 10 <= kernel,
                 "gw{k}: the TUN path steered {tun}, the kernel {kernel}: the kernel should do most"
