@@ -299,6 +299,13 @@ impl EtcdCoordinator {
     /// replicate an instance's flows to its runner-up). A record whose address does not
     /// parse is left out.
     pub fn links(&self) -> Result<HashMap<NodeId, SocketAddr>, FleetError> {
+        self.nodes().map(|(_, links)| links)
+    }
+
+    /// The live nodes (sorted, as [`Coordinator::live_nodes`]) and the fleet-link addresses
+    /// of those that published one ([`EtcdCoordinator::links`]), from one read of the node
+    /// records: what a member's tick needs after its own round, in one etcd call instead of two.
+    pub fn nodes(&self) -> Result<(Vec<NodeId>, HashMap<NodeId, SocketAddr>), FleetError> {
         let mut c = self.client.clone();
         let t = self.opts.rpc_timeout;
         let prefix = self.opts.node_prefix();
@@ -309,15 +316,19 @@ impl EtcdCoordinator {
             )
             .await?;
             let mut out = HashMap::new();
+            let mut nodes = Vec::with_capacity(r.kvs().len());
             for kv in r.kvs() {
                 let k = kv.key_str().map_err(|e| corrupt(&prefix, e))?;
+                let id = k.strip_prefix(prefix.as_str()).unwrap_or(k);
+                nodes.push(NodeId::new(id).map_err(|e| corrupt(k, e))?);
                 let rec: NodeRecord =
                     serde_json::from_slice(kv.value()).map_err(|e| corrupt(k, e))?;
                 if let Some(addr) = rec.link.as_deref().and_then(|a| a.parse().ok()) {
                     out.insert(rec.node, addr);
                 }
             }
-            Ok(out)
+            nodes.sort();
+            Ok((nodes, out))
         })
     }
 

@@ -1033,6 +1033,14 @@ fn r10_4_etcd_node_records_carry_the_fleet_link() {
         a.live_nodes(clock.now()).expect("nodes"),
         vec![node("gw-a"), node("gw-b")]
     );
+    // One read for both: the live nodes, with or without a link, and the links.
+    assert_eq!(
+        b.nodes().expect("nodes and links"),
+        (
+            vec![node("gw-a"), node("gw-b")],
+            HashMap::from([(node("gw-a"), addr)])
+        )
+    );
     let status = snatgw_fleet::fleet_status(&{
         let mut o = snatgw_fleet::EtcdOptions::new(vec![srv.endpoint()]);
         o.prefix = "/replica-test".into();
@@ -1042,6 +1050,7 @@ fn r10_4_etcd_node_records_carry_the_fleet_link() {
     assert_eq!(status.nodes.len(), 2);
     a.leave(clock.now()).expect("leave");
     assert!(b.links().expect("links").is_empty());
+    assert_eq!(b.nodes().expect("nodes").0, vec![node("gw-b")]);
 }
 
 // ---------------------------------------------------------------------------------------------

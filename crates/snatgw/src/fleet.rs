@@ -541,7 +541,15 @@ fn member_loop(
             .view()
             .lease()
             .map_or(Duration::ZERO, |l| l.valid_until);
-        let live = coord.live_nodes(shared.clock.now()).ok();
+        // The live nodes and their links, in one etcd read (the member's own round listed the
+        // nodes too, before its grants changed).
+        let (live, links) = match coord.nodes() {
+            Ok((l, k)) => (Some(l), Some(k)),
+            Err(e) => {
+                tracing::debug!(error = %e, "fleet: reading the node records");
+                (None, None)
+            }
+        };
         // R10.4: the flows of instances taken over go into the engine (and the fast path)
         // before the data path may open a flow for them, so new flows never take a port a
         // replicated flow holds.
@@ -580,8 +588,8 @@ fn member_loop(
                 v.nodes_live = l.len() as u64;
             }
         }
-        if let (Some(l), Some(live)) = (link, &live) {
-            route(l, coord, &cfg, live, &owned, &shared.node, &handed, gw);
+        if let (Some(l), Some(live), Some(links)) = (link, &live, &links) {
+            route(l, links, &cfg, live, &owned, &shared.node, &handed, gw);
             let c = l.steering.counters();
             tracing::debug!(
                 steered_sent = c.sent.load(Ordering::Relaxed),
@@ -774,7 +782,7 @@ fn hand_over(
 #[allow(clippy::too_many_arguments)]
 fn route(
     l: &Link,
-    coord: &EtcdCoordinator,
+    links: &HashMap<NodeId, SocketAddr>,
     cfg: &snatgw_core::ConfigFile,
     live: &[NodeId],
     owned: &[String],
@@ -782,13 +790,6 @@ fn route(
     handed: &HashMap<u32, (SocketAddr, std::time::Instant)>,
     gw: &Mutex<Gateway>,
 ) {
-    let links = match coord.links() {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::debug!(error = %e, "fleet: reading the nodes' links");
-            return;
-        }
-    };
     let mut steer: HashMap<u32, SocketAddr> = HashMap::new();
     let mut targets: HashMap<u32, SocketAddr> = HashMap::new();
     for i in &cfg.instance {
