@@ -401,9 +401,8 @@ impl Capture {
         }
     }
 
-    /// The next IPv4/UDP frame to `dport` (other frames skipped), or `None` after a quiet
-    /// 300 ms.
-    fn next_udp(&self, dport: u16) -> Option<Vec<u8>> {
+    /// The next frame `want` accepts (other frames skipped), or `None` after a quiet 300 ms.
+    fn next_where(&self, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 4096];
         loop {
             // SAFETY: `buf` is a writable buffer of the length passed, alive for the call.
@@ -413,14 +412,20 @@ impl Capture {
                 return None;
             }
             let f = &buf[..n as usize];
-            if f.len() >= 42
-                && f[12..14] == [0x08, 0x00]
-                && f[23] == 17
-                && f[36..38] == dport.to_be_bytes()
-            {
+            if want(f) {
                 return Some(f.to_vec());
             }
         }
+    }
+
+    /// The next IPv4/UDP frame to `dport`, or `None` after a quiet 300 ms.
+    fn next_udp(&self, dport: u16) -> Option<Vec<u8>> {
+        self.next_where(|f| {
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x00]
+                && f[23] == 17
+                && f[36..38] == dport.to_be_bytes()
+        })
     }
 }
 
@@ -460,26 +465,13 @@ fn r10_3_kernel_steers_another_nodes_packets_to_its_link_unchanged() {
         veth_pair();
         // The fleet link: fl-a here (192.0.2.1); fl-b stands for the owner's side, 192.0.2.2
         // by a permanent neighbour entry, and captures what arrives.
-        common::ip(&[
-            "link", "add", "fl-a", "type", "veth", "peer", "name", "fl-b",
-        ]);
-        common::ip(&["link", "set", "fl-a", "up"]);
-        common::ip(&["link", "set", "fl-b", "up"]);
-        common::ip(&["addr", "add", "192.0.2.1/24", "dev", "fl-a"]);
-        // (/sys is the host's: the address comes from ip.)
-        let link = common::ip(&["-o", "link", "show", "fl-b"]);
-        let mac = link
-            .split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .expect("fl-b's MAC address")
-            .to_string();
+        fleet_link_pair();
         common::ip(&[
             "neigh",
             "add",
             "192.0.2.2",
             "lladdr",
-            mac.trim(),
+            &mac_str(mac_of("fl-b")),
             "dev",
             "fl-a",
             "nud",
@@ -574,21 +566,7 @@ fn r10_3_kernel_steers_another_nodes_packets_to_its_link_unchanged() {
         assert!(cap.next_udp(owner.port()).is_none());
         assert_eq!(stat("control"), 1);
         // An installed flow is translated here, never steered.
-        let k = BpfFlowKey {
-            src: u32::from_ne_bytes(vm),
-            dst: u32::from_ne_bytes(server),
-            sport: 5000u16.to_be(),
-            dport: 443u16.to_be(),
-            proto: 6,
-            dir: DIR_OUT,
-            pad: 0,
-        };
-        let v = BpfFlowVal {
-            addr: u32::from_ne_bytes(public),
-            port: 1024u16.to_be(),
-            ifindex: fp.public_ifindex,
-            ..Default::default()
-        };
+        let (k, v) = out_flow(vm, 5000, server, 443, public, 1024, fp.public_ifindex);
         map.insert(&k, &v).expect("insert");
         out(&ack);
         assert_eq!((stat("translated_out"), stat("steered_out")), (1, 2));
@@ -675,40 +653,16 @@ fn r10_3_kernel_translates_packets_other_nodes_steer_here() {
     require_root!();
     in_private_netns(|| {
         veth_pair();
-        let mac_of = |ifname: &str| -> [u8; 6] {
-            let l = common::ip(&["-o", "link", "show", ifname]);
-            let m = l
-                .split_whitespace()
-                .skip_while(|w| *w != "link/ether")
-                .nth(1)
-                .expect("MAC");
-            let v: Vec<u8> = m
-                .split(':')
-                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-                .collect();
-            v.try_into().expect("6 bytes")
-        };
-        common::ip(&[
-            "link", "add", "fl-a", "type", "veth", "peer", "name", "fl-b",
-        ]);
-        common::ip(&["link", "set", "fl-a", "up"]);
-        common::ip(&["link", "set", "fl-b", "up"]);
-        common::ip(&["addr", "add", "192.0.2.1/24", "dev", "fl-a"]);
+        fleet_link_pair();
         // The translated packet leaves by fp-b towards the server (a route and a neighbour),
         // and arrives at fp-a, where it is captured.
         common::ip(&["route", "add", "198.51.100.0/24", "dev", "fp-b"]);
-        let fpa = mac_of("fp-a");
-        let fpa_s = fpa
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
         common::ip(&[
             "neigh",
             "add",
             "198.51.100.7",
             "lladdr",
-            &fpa_s,
+            &mac_str(mac_of("fp-a")),
             "dev",
             "fp-b",
             "nud",
@@ -733,21 +687,7 @@ fn r10_3_kernel_translates_packets_other_nodes_steer_here() {
         table.peers.insert(peer);
         steer.apply(&table).expect("apply");
         let (vm, server, public) = ([10, 0, 3, 20], [198, 51, 100, 7], [192, 0, 2, 100]);
-        let k = BpfFlowKey {
-            src: u32::from_ne_bytes(vm),
-            dst: u32::from_ne_bytes(server),
-            sport: 5000u16.to_be(),
-            dport: 443u16.to_be(),
-            proto: 6,
-            dir: DIR_OUT,
-            pad: 0,
-        };
-        let v = BpfFlowVal {
-            addr: u32::from_ne_bytes(public),
-            port: 1024u16.to_be(),
-            ifindex: fp.public_ifindex,
-            ..Default::default()
-        };
+        let (k, v) = out_flow(vm, 5000, server, 443, public, 1024, fp.public_ifindex);
         map.insert(&k, &v).expect("insert");
         let cap = Capture::open("fp-a");
         let fla = mac_of("fl-a");
@@ -779,19 +719,10 @@ fn r10_3_kernel_translates_packets_other_nodes_steer_here() {
         };
         // The capture's next frame from the vm's flow, translated (source public:1024).
         let translated = |cap: &Capture| -> Option<Vec<u8>> {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                // SAFETY: `buf` is a writable buffer of the length passed, alive for the call.
-                #[allow(unsafe_code)]
-                let n = unsafe { libc::recv(cap.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n < 0 {
-                    return None;
-                }
-                let f = &buf[..n as usize];
-                if f.len() >= 54 && f[12..14] == [8, 0] && f[23] == 6 && f[30..34] == server {
-                    return Some(f[14..].to_vec());
-                }
-            }
+            cap.next_where(|f| {
+                f.len() >= 54 && f[12..14] == [8, 0] && f[23] == 6 && f[30..34] == server
+            })
+            .map(|f| f[14..].to_vec())
         };
 
         send_frame(fl_b, &wrapped(peer.ip().octets(), TCPF_ACK, 5000));
@@ -828,4 +759,68 @@ fn r10_3_kernel_translates_packets_other_nodes_steer_here() {
         assert_eq!((stat("link_in"), stat("link_up")), (1, 3));
         drop(fp);
     });
+}
+
+/// The fleet link of the steering tests: the veth pair `fl-a` (this node's link, 192.0.2.1/24)
+/// and `fl-b` (the other nodes' side), both up.
+fn fleet_link_pair() {
+    common::ip(&[
+        "link", "add", "fl-a", "type", "veth", "peer", "name", "fl-b",
+    ]);
+    common::ip(&["link", "set", "fl-a", "up"]);
+    common::ip(&["link", "set", "fl-b", "up"]);
+    common::ip(&["addr", "add", "192.0.2.1/24", "dev", "fl-a"]);
+}
+
+/// The MAC address of `ifname` (from `ip`: /sys is the host's).
+fn mac_of(ifname: &str) -> [u8; 6] {
+    let l = common::ip(&["-o", "link", "show", ifname]);
+    let m = l
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("MAC address");
+    let v: Vec<u8> = m
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    v.try_into().expect("6 bytes")
+}
+
+/// `aa:bb:..` of a MAC address.
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The outbound flow-map entry of a TCP flow from `vm:sport` to `server:dport`, translated to
+/// `public:pport` and sent out of `ifindex`.
+fn out_flow(
+    vm: [u8; 4],
+    sport: u16,
+    server: [u8; 4],
+    dport: u16,
+    public: [u8; 4],
+    pport: u16,
+    ifindex: u32,
+) -> (BpfFlowKey, BpfFlowVal) {
+    (
+        BpfFlowKey {
+            src: u32::from_ne_bytes(vm),
+            dst: u32::from_ne_bytes(server),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto: 6,
+            dir: DIR_OUT,
+            pad: 0,
+        },
+        BpfFlowVal {
+            addr: u32::from_ne_bytes(public),
+            port: pport.to_be(),
+            ifindex,
+            ..Default::default()
+        },
+    )
 }

@@ -44,6 +44,29 @@ impl Drop for Bpffs {
     }
 }
 
+/// The flow-map entry the tests pin: UDP 10.0.3.20:5000 to 198.51.100.7:53, outbound, as
+/// 192.0.2.100:1024.
+fn udp_flow() -> (BpfFlowKey, BpfFlowVal) {
+    (
+        BpfFlowKey {
+            src: u32::from_ne_bytes([10, 0, 3, 20]),
+            dst: u32::from_ne_bytes([198, 51, 100, 7]),
+            sport: 5000u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: 17,
+            dir: DIR_OUT,
+            pad: 0,
+        },
+        BpfFlowVal {
+            addr: u32::from_ne_bytes([192, 0, 2, 100]),
+            port: 1024u16.to_be(),
+            ifindex: 2,
+            counter: 2,
+            ..Default::default()
+        },
+    )
+}
+
 fn links(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join(ABI_TAG))
         .map(|rd| {
@@ -69,22 +92,7 @@ fn r11_1_pinned_maps_and_links_outlive_the_loader_and_are_taken_over() {
             pin_dir: Some(root.clone()),
             ..fp_config()
         };
-        let k = BpfFlowKey {
-            src: u32::from_ne_bytes([10, 0, 3, 20]),
-            dst: u32::from_ne_bytes([198, 51, 100, 7]),
-            sport: 5000u16.to_be(),
-            dport: 53u16.to_be(),
-            proto: 17,
-            dir: DIR_OUT,
-            pad: 0,
-        };
-        let v = BpfFlowVal {
-            addr: u32::from_ne_bytes([192, 0, 2, 100]),
-            port: 1024u16.to_be(),
-            ifindex: 2,
-            counter: 2,
-            ..Default::default()
-        };
+        let (k, v) = udp_flow();
         // First load: fresh maps, two link pins.
         let (fp, mut map, _c) = TcFastPath::load(&cfg).expect("load with pins");
         assert!(!fp.reused);
@@ -151,23 +159,8 @@ fn r11_1_an_upgrade_reads_the_older_abis_flow_map_then_removes_its_pins() {
             pin_dir: Some(root.clone()),
             ..fp_config()
         };
-        let k = BpfFlowKey {
-            src: u32::from_ne_bytes([10, 0, 3, 20]),
-            dst: u32::from_ne_bytes([198, 51, 100, 7]),
-            sport: 5000u16.to_be(),
-            dport: 53u16.to_be(),
-            proto: 17,
-            dir: DIR_OUT,
-            pad: 0,
-        };
-        let v = BpfFlowVal {
-            addr: u32::from_ne_bytes([192, 0, 2, 100]),
-            port: 1024u16.to_be(),
-            ifindex: 2,
-            counter: 2,
-            last_seen: 77,
-            ..Default::default()
-        };
+        let (k, mut v) = udp_flow();
+        v.last_seen = 77;
         let (fp, mut map, _c) = TcFastPath::load(&cfg).expect("load with pins");
         map.insert(&k, &v).expect("insert");
         drop((fp, map));

@@ -1048,24 +1048,7 @@ mod tests {
     #[test]
     fn r10_4_gained_instances_hold_ports_their_lost_flows_peers_still_use() {
         use snatgw_core::{proto, tcp_flags, Direction, DropReason, Packet, Verdict};
-        let cfg = r#"
-[gateway]
-seed = 1
-vnet_prefixes = ["10.0.0.0/16"]
-default_snat_pool = ["192.0.2.100"]
-[[instance]]
-name = "vm1"
-private_ip = "10.0.1.10"
-[[instance]]
-name = "vm2"
-private_ip = "10.0.1.11"
-"#;
-        let file = snatgw_core::ConfigFile::from_toml(cfg).expect("config");
-        let engine = snatgw_core::Engine::new(
-            snatgw_core::Topology::from_config(file).expect("topology"),
-            0,
-        )
-        .expect("engine");
+        let engine = crate::fleet_link::tests::engine();
         let gw = Mutex::new(Gateway::new(engine));
         let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip"));
         let (vm1, vm2, public) = (ip("10.0.1.10"), ip("10.0.1.11"), ip("192.0.2.100"));

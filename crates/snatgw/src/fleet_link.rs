@@ -256,7 +256,7 @@ impl snatgw_runtime::Steer for Steering {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn tcp_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
@@ -274,7 +274,8 @@ mod tests {
         p
     }
 
-    fn engine() -> Engine {
+    /// Two PAT instances, vm1 (10.0.1.10) and vm2 (10.0.1.11), on 192.0.2.100.
+    pub(crate) fn engine() -> Engine {
         let cfg = r#"
 [gateway]
 seed = 1
