@@ -997,7 +997,7 @@ fn r10_2_never_twice_through_kill_restart_join_and_partition() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// R10.5: etcd killed for about 30 s (TTL 40 s): a PUT answers 503 naming etcd (rule R10.5)
+/// R10.5: etcd killed for about 30 s (TTL 60 s): a PUT answers 503 naming etcd (rule R10.5)
 /// and changes nothing; 300 held connections exchange data at 10, 20 and 28 s and after, and
 /// every new connection works before, during and after the outage; once etcd answers, a PUT
 /// through node 2 is on nodes 1 and 3 within 1 s and all three nodes are live again.
@@ -1007,9 +1007,12 @@ fn r10_5_etcd_killed_30s() {
     if !lab_or_skip() {
         return;
     }
-    // TTL 40 s: the documented decision is that a node rides out an etcd outage shorter than
-    // TTL - TTL/5 (32 s).
-    let mut lab = FleetLab::up(opts("d", 40, 3));
+    // TTL 60 s: the documented decision is that a node rides out any etcd outage shorter than
+    // its lease view after its last renewal, TTL - TTL/5, less the time since that renewal, at
+    // most one renewal interval ((TTL - TTL/5)/3): 48 - 16 = 32 s. (At TTL 40 that is 21.3 s:
+    // a 30 s outage then passes only when the kill falls just after a renewal, which it did
+    // by the lab's timing until a loaded machine shifted it.)
+    let mut lab = FleetLab::up(opts("d", 60, 3));
     let (mut conns, fails) = lab.hold(&[50; INSTANCES], Duration::from_secs(3));
     let fails: Vec<String> = fails.iter().map(|f| format!("{f:?}")).collect();
     assert_none("held connections that did not open", &fails);
@@ -1153,7 +1156,8 @@ fn r10_5_etcd_killed_30s() {
         }
     };
     // R10.5: no node's lease view ran out (it would stop opening flows): the outage is shorter
-    // than TTL - TTL/5, and a node renews in time once etcd answers again.
+    // than TTL - TTL/5 less a renewal interval, and a node renews in time once etcd answers
+    // again.
     let mut bad = Vec::new();
     for k in 1..=3 {
         let mine: Vec<&(usize, Instant, f64)> =
@@ -1181,7 +1185,7 @@ fn r10_5_etcd_killed_30s() {
         }
     }
     check(
-        "nodes that fenced themselves although etcd was back within TTL - TTL/5",
+        "nodes that fenced themselves although etcd was back within TTL - TTL/5 - a renewal interval",
         bad,
     );
 
