@@ -997,7 +997,7 @@ fn r10_2_never_twice_through_kill_restart_join_and_partition() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// R10.5: etcd killed for about 30 s (TTL 60 s): a PUT answers 503 naming etcd (rule R10.5)
+/// R10.5: etcd killed for about 30 s (TTL 64 s): a PUT answers 503 naming etcd (rule R10.5)
 /// and changes nothing; 300 held connections exchange data at 10, 20 and 28 s and after, and
 /// every new connection works before, during and after the outage; once etcd answers, a PUT
 /// through node 2 is on nodes 1 and 3 within 1 s and all three nodes are live again.
@@ -1007,12 +1007,12 @@ fn r10_5_etcd_killed_30s() {
     if !lab_or_skip() {
         return;
     }
-    // TTL 60 s: the documented decision is that a node rides out any etcd outage shorter than
+    // TTL 64 s: the documented decision is that a node rides out any etcd outage shorter than
     // its lease view after its last renewal, TTL - TTL/5, less the time since that renewal, at
-    // most one renewal interval ((TTL - TTL/5)/3): 48 - 16 = 32 s. (At TTL 40 that is 21.3 s:
-    // a 30 s outage then passes only when the kill falls just after a renewal, which it did
-    // by the lab's timing until a loaded machine shifted it.)
-    let mut lab = FleetLab::up(opts("d", 60, 3));
+    // most one renewal interval ((TTL - TTL/5)/3): 51.2 - 17.1 = 34.1 s. (At TTL 40 that is
+    // 21.3 s: a 30 s outage then passes only when the kill falls just after a renewal, which
+    // it did by the lab's timing until a loaded machine shifted it.)
+    let mut lab = FleetLab::up(opts("d", 64, 3));
     let (mut conns, fails) = lab.hold(&[50; INSTANCES], Duration::from_secs(3));
     let fails: Vec<String> = fails.iter().map(|f| format!("{f:?}")).collect();
     assert_none("held connections that did not open", &fails);
@@ -1075,10 +1075,11 @@ fn r10_5_etcd_killed_30s() {
         check_held(&mut conns, round);
         eprintln!("{at} s without etcd: held connections fine");
     }
-    // etcd is down until it answers again: started again 28.5 s after the kill, it needs 1-2 s
-    // to elect itself leader, so the outage is about 30 s (below the 32 s a node rides out).
+    // etcd is down until it answers again: started again 29 s after the kill (it answers
+    // 0.1-2 s later), so the outage is 29-31 s whatever etcd's start takes, well inside the
+    // 34 s the lease view guarantees at TTL 64.
     std::thread::sleep(
-        (t_e + Duration::from_millis(28_500)).saturating_duration_since(Instant::now()),
+        (t_e + Duration::from_millis(29_000)).saturating_duration_since(Instant::now()),
     );
     lab.etcd_start();
     let t_back = Instant::now();
