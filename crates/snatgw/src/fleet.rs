@@ -564,16 +564,18 @@ fn member_loop(
         if !gained.is_empty() {
             open_takeover_windows(gw, &private_ips(&cfg, &gained));
         }
+        // The private addresses of the instances this node holds grants for: what the
+        // imports, the data path's view and the route tables below all ask about.
+        let owned_ips = private_ips(&cfg, &owned);
         if let Some(l) = link {
             // What the store holds for instances this node owns: the replica of a dead
             // owner's flows (a takeover), or a hand-over that arrived after the grant.
-            let owned_now = private_ips(&cfg, &owned);
             let ips: HashSet<u32> = l
                 .store
                 .instances()
                 .into_iter()
                 .map(|r| r.private_ip)
-                .filter(|ip| owned_now.contains(ip))
+                .filter(|ip| owned_ips.contains(ip))
                 .collect();
             if !ips.is_empty() {
                 import_taken(l, gw, after_change, &ips, &shared.node);
@@ -581,7 +583,7 @@ fn member_loop(
         }
         {
             let mut v = shared.view.write().unwrap_or_else(|p| p.into_inner());
-            v.owned = private_ips(&cfg, &owned);
+            v.owned = owned_ips.clone();
             v.owned_names = owned.len();
             v.valid_until = valid_until;
             if let Some(l) = &live {
@@ -589,7 +591,7 @@ fn member_loop(
             }
         }
         if let (Some(l), Some(live), Some(links)) = (link, &live, &links) {
-            route(l, links, &cfg, live, &owned, &shared.node, &handed, gw);
+            route(l, links, &cfg, live, &owned_ips, &shared.node, &handed, gw);
             let c = l.steering.counters();
             tracing::debug!(
                 steered_sent = c.sent.load(Ordering::Relaxed),
@@ -785,7 +787,7 @@ fn route(
     links: &HashMap<NodeId, SocketAddr>,
     cfg: &snatgw_core::ConfigFile,
     live: &[NodeId],
-    owned: &[String],
+    owned: &HashSet<u32>,
     me: &NodeId,
     handed: &HashMap<u32, (SocketAddr, std::time::Instant)>,
     gw: &Mutex<Gateway>,
@@ -804,7 +806,7 @@ fn route(
                     steer.insert(ip, *a);
                 }
             }
-            Some(_) if owned.contains(&i.name) => {
+            Some(_) if owned.contains(&ip) => {
                 if let Some(a) = rank.get(1).and_then(|n| links.get(n)) {
                     targets.insert(ip, *a);
                 }
@@ -825,8 +827,7 @@ fn route(
     if let Some(k) = &l.kernel {
         // The kernel steers only what this node does not hold a grant for: an instance still
         // granted here (a move under way) is decided here, as the engine's admission does.
-        let owned_ips = private_ips(cfg, owned);
-        let table = kernel_table(l.addr, &steer, &peers, &owned_ips, || {
+        let table = kernel_table(l.addr, &steer, &peers, owned, || {
             gw.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .engine()

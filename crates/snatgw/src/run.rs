@@ -477,11 +477,10 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
                 None => backend,
             });
             let plane = ControlPlane::new(backend, topo_store.clone(), token, stored);
-            if let Some(f) = fleet.take() {
+            if let Some(mut f) = fleet.take() {
                 // The injector makes queue 0's workers poll for steered packets every
                 // millisecond: only with a fleet link.
                 let injector = f.has_link().then(|| rt.injector());
-                let mut f = f;
                 if let Some(s) = f.has_link().then(|| rt.take_fast_path_steer()).flatten() {
                     f.set_kernel_steer(s);
                 }
