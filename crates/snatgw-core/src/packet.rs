@@ -204,11 +204,17 @@ pub enum DropReason {
     /// `Engine::set_admission`). The packet is left unchanged, so a fleet node can forward it
     /// to the owner (R10.3).
     NotOwned,
+    /// A fleet node's new flow refused because the instance's acknowledged port reserve has
+    /// no free port for the destination, while ports of its block outside the reserve would
+    /// have been free (SPEC R10.4, issue #19; `Engine::set_port_fence`). Not an exhaustion
+    /// (R2.6: no event, not a failed SNAT connection) and never answered (R9.5): the client's
+    /// retransmission is served once the next reserve is acknowledged.
+    PortReserve,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     /// All reasons, in label order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::UnknownSource,
@@ -227,6 +233,7 @@ impl DropReason {
         DropReason::NsgDenied,
         DropReason::NoHealthyBackend,
         DropReason::NotOwned,
+        DropReason::PortReserve,
     ];
 
     /// The metric label.
@@ -248,6 +255,7 @@ impl DropReason {
             DropReason::NsgDenied => "nsg_denied",
             DropReason::NoHealthyBackend => "no_healthy_backend",
             DropReason::NotOwned => "not_owned",
+            DropReason::PortReserve => "port_reserve",
         }
     }
 }

@@ -348,9 +348,14 @@ private_ip = "10.0.1.11"
             t.map(|i| s.routes.read().expect("r").peers[i as usize]),
             Some(n3)
         );
-        // Not a steered refusal; a port below the blocks; truncated bytes.
+        // Not a steered refusal (a port-reserve refusal is this node's own instance waiting
+        // for its runner-up, R10.4); a port below the blocks; truncated bytes.
         assert_eq!(
             s.target(&e, Direction::Outbound, DropReason::PortsExhausted, &out),
+            None
+        );
+        assert_eq!(
+            s.target(&e, Direction::Outbound, DropReason::PortReserve, &out),
             None
         );
         let low = tcp_packet(remote, 443, addr.to_be_bytes(), 80);

@@ -182,6 +182,8 @@ impl Engine {
             }
         }
         // Takeover windows and holds (`takeover`, R10.4).
-        self.check_takeover()
+        self.check_takeover()?;
+        // Port fences and port holds (`fence`, R10.4).
+        self.check_fence()
     }
 }

@@ -40,6 +40,9 @@
 //! - `takeover`: after a fleet takeover, public ports of flows whose state did not arrive,
 //!   held against new flows toward the remote endpoint that still sends to them for the FIN
 //!   timeout ([`Engine::hold_after_takeover`], R10.4, R3.2, R3.8);
+//! - `fence`: a fleet node's port fence (new flows only on the port reserve its runner-up
+//!   acknowledged, [`Engine::set_port_fence`]) and port holds toward every destination after
+//!   a takeover ([`Engine::hold_ports`]), R10.4, R3.2;
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
 //!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
 //!   activity a fast path saw (R3.4 with packets the engine never sees).
@@ -55,6 +58,7 @@ use std::sync::Arc;
 mod block;
 mod events;
 mod failfast;
+mod fence;
 mod flows;
 mod idle_reuse;
 mod inbound;
@@ -74,6 +78,7 @@ mod translate;
 
 pub use events::{EndCause, Event, EventKind, LimitScope, ReclaimReason, AGGREGATE_KEYS};
 pub use failfast::{FAIL_FAST_BURST, FAIL_FAST_PER_SEC};
+pub use fence::PortFenceStats;
 pub use idle_reuse::IDLE_RECENT_CAP;
 pub use inbound::{InboundFlowView, InboundRuleStats, ProbeTarget, ProbeView};
 pub use instance::Scenario;
@@ -146,6 +151,8 @@ pub struct Engine {
     admission: Option<Admission>,
     /// Takeover windows and port holds (`takeover`, R10.4).
     takeover: takeover::TakeoverRt,
+    /// Port fences and port holds of all destinations (`fence`, R10.4).
+    fence: fence::FenceRt,
 }
 
 /// Whether this engine may open new PAT flows for the instance at a private address
@@ -192,6 +199,7 @@ impl Engine {
             idle_recent: Default::default(),
             admission: None,
             takeover: Default::default(),
+            fence: Default::default(),
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -264,6 +272,7 @@ impl Engine {
         left = self.nsg_expire(now, left);
         left = self.inbound_expire(now, left);
         left = self.takeover_expire(now, left);
+        left = self.fence_expire(now, left);
         self.history
             .expire(now, self.topo.params.reuse_history, left);
         self.flush_aggregated(now);

@@ -36,7 +36,8 @@
 //! Not carried: counters (Prometheus counters restart from zero, as after any restart), the
 //! event log and aggregation state, NSG and inbound load-balancing state, the idle-reuse set
 //! of `idle_reuse` (a symptom counter), takeover windows and port holds (`takeover`: they do
-//! not survive a restart of the node that took over), and the order in which ports outside
+//! not survive a restart of the node that took over), port fences and port holds of all
+//! destinations (`fence`: the fleet glue sets them again), and the order in which ports outside
 //! the release history were last released (a preference, not a rule: R2.3 only orders within
 //! the history).
 

@@ -381,6 +381,7 @@ impl Engine {
         self.blocks[slot as usize * 2].reset();
         self.blocks[slot as usize * 2 + 1].reset();
         self.takeover_forget_instance(slot);
+        self.fence_forget_instance(slot);
         self.inst_free.push(slot);
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 
 use super::events::{EndCause, EventKind, ReclaimReason};
+use super::fence::NoPort;
 use super::flows::dest_hash;
 use super::{Engine, NONE};
 use crate::bits::Bits;
@@ -256,9 +257,11 @@ impl Engine {
     /// a port the instance already uses (free for this destination) before a new one; within
     /// each group, a port with no release for this destination inside the history horizon
     /// first, else the one released for it longest ago. A port held toward the destination
-    /// after a takeover (`takeover`, R10.4) counts as in use for it. `None` is exhaustion
-    /// (R2.6).
-    pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Option<u16> {
+    /// after a takeover (`takeover`, R10.4) counts as in use for it, a port held by
+    /// [`Engine::hold_ports`] counts as in use for every destination, and a fenced instance
+    /// takes only ports of its fence (`fence`, R10.4). [`NoPort::Exhausted`] is exhaustion
+    /// (R2.6); [`NoPort::Reserve`]: only the fence kept the flow from a port.
+    pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Result<u16, NoPort> {
         let dh = self.flows.dest_hash(block_id, dst, dport);
         if self.wheel.next <= self.now {
             // Behind (R9.4): the destination's due flows go first, so whether a port is free
@@ -271,6 +274,9 @@ impl Engine {
         // After a takeover, ports held toward this remote endpoint count as in use for it
         // (`takeover`, R10.4); one `is_empty` check while no hold exists.
         let held = self.takeover_held(block_id, dst, dport);
+        // Port holds (all destinations) and the instance's fence (`fence`, R10.4); two
+        // `is_empty` checks while neither exists anywhere.
+        let (port_held, fence) = self.fence_limits(block_id);
         let horizon = self.topo.params.reuse_history;
         let now = self.now;
         let mut hist = if horizon > 0 {
@@ -293,34 +299,56 @@ impl Engine {
                 .find(|(_, &(i, _))| set.get(i))
                 .map(|(pos, &(i, _))| (i, pos))
         };
-        let mut group_a = block.used.minus(&active);
-        if let Some(h) = &held {
-            group_a = group_a.minus(h);
-        }
+        // Ports not free for the destination: busy for it, or held (either kind).
+        let unfree = |mut set: Bits| {
+            if let Some(h) = &held {
+                set = set.minus(h);
+            }
+            if let Some(h) = &port_held {
+                set = set.minus(h);
+            }
+            set
+        };
+        let unfenced_a = unfree(block.used.minus(&active));
+        let group_a = match &fence {
+            Some(f) => unfenced_a.and(f),
+            None => unfenced_a,
+        };
         let (pick, hist_pos) = if group_a.any() {
             let fresh = group_a.minus(&recent);
             if let Some(i) = fresh.first_from(block.cursor) {
                 block.cursor = i.wrapping_add(1) % crate::bits::CAPACITY as u16;
                 (i, None)
             } else {
-                let (i, pos) = from_hist(&group_a, &hist)?;
+                let (i, pos) = from_hist(&group_a, &hist).ok_or(NoPort::Exhausted)?;
                 (i, Some(pos))
             }
         } else {
-            let mut group_b = block.owned.minus(&block.used);
-            if let Some(h) = &held {
-                group_b = group_b.minus(h);
-            }
+            let unfenced_b = unfree(block.owned.minus(&block.used));
+            let group_b = match &fence {
+                Some(f) => unfenced_b.and(f),
+                None => unfenced_b,
+            };
             if !group_b.any() {
-                return None;
+                // Refused because of the fence only if a port would have been free without it.
+                return Err(
+                    if fence.is_some() && (unfenced_a.any() || unfenced_b.any()) {
+                        NoPort::Reserve
+                    } else {
+                        NoPort::Exhausted
+                    },
+                );
             }
             if group_b.minus(&recent).any() {
                 (
-                    block.lru().find(|&i| !recent.get(i) && group_b.get(i))?,
+                    block
+                        .lru()
+                        .find(|&i| !recent.get(i) && group_b.get(i))
+                        .ok_or(NoPort::Exhausted)?,
                     None,
                 )
             } else {
-                let (i, pos) = from_hist(&group_b, &hist)?;
+                let (i, pos) = from_hist(&group_b, &hist).ok_or(NoPort::Exhausted)?;
                 (i, Some(pos))
             }
         };
@@ -328,7 +356,7 @@ impl Engine {
             hh.q.remove(pos);
         }
         block.hold(pick);
-        Some(pick)
+        Ok(pick)
     }
 
     /// Lets go of a removed flow's port at `release_time`, remembering the release for its
@@ -475,6 +503,7 @@ impl Engine {
             self.blocks[slot as usize * 2].revoke(idx);
             self.blocks[slot as usize * 2 + 1].revoke(idx);
         }
+        self.fence_block_changed(slot);
         true
     }
 
@@ -500,5 +529,6 @@ impl Engine {
             self.blocks[slot as usize * 2].grant(idx);
             self.blocks[slot as usize * 2 + 1].grant(idx);
         }
+        self.fence_block_changed(slot);
     }
 }

@@ -81,6 +81,9 @@ pub struct TakeoverHoldStats {
     /// Outbound TCP segments that were not a SYN and matched no flow (R3.1), from an instance
     /// in its takeover window: packets of flows whose state did not arrive.
     pub lost_flow_packets: u64,
+    /// Public ports held against new flows toward every destination now
+    /// ([`Engine::hold_ports`], the ports of a taken instance's last port reserves; `fence`).
+    pub ports_held: u32,
 }
 
 /// A remote endpoint as seen from one public address: what the allocator asks for.
@@ -148,9 +151,10 @@ impl Engine {
         true
     }
 
-    /// Counters of takeover windows and holds, for metrics (SPEC R10.4). Counting the holds
-    /// in force scans them (at most [`TAKEOVER_HOLDS_PER_PORT`] × 1024 per instance); it is
-    /// never on the packet path.
+    /// Counters of takeover windows and holds, and of port holds ([`Engine::hold_ports`]),
+    /// for metrics (SPEC R10.4). Counting the holds in force scans them (at most
+    /// [`TAKEOVER_HOLDS_PER_PORT`] × 1024 per instance, and one per held port); it is never
+    /// on the packet path.
     pub fn takeover_hold_stats(&self) -> TakeoverHoldStats {
         let now = self.now;
         let t = &self.takeover;
@@ -160,6 +164,7 @@ impl Engine {
             holds_total: t.holds_total,
             holds_refused_at_cap: t.refused,
             lost_flow_packets: t.lost_flow_packets,
+            ports_held: self.ports_held_now(),
         }
     }
 

@@ -191,6 +191,7 @@ impl Engine {
             self.nsg_next_deadline(),
             self.inbound_next_deadline(),
             self.takeover_next_deadline(),
+            self.fence_next_deadline(),
         ]
         .into_iter()
         .flatten()

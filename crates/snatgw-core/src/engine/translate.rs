@@ -3,7 +3,8 @@
 //! Outbound: a packet of a known flow gets its translation (R2.1) and refreshes it; otherwise
 //! a VNet destination passes untranslated (R1.7), an ILPIP instance is translated 1:1 (R1.1),
 //! and a TCP SYN (R3.1) or UDP datagram (R3.5) of a PAT instance starts a flow on a port from
-//! the allocator (`ports`), or is dropped and counted with an exhaustion event (R2.6). ICMP
+//! the allocator (`ports`), or is dropped and counted with an exhaustion event (R2.6), or
+//! without one when only a fleet node's port fence kept it from a port (`fence`, R10.4). ICMP
 //! echo through PAT is dropped and counted apart (R3.6 decision). A member's answer on an
 //! inbound LB flow leaves from the frontend (`inbound`, R5.1), and a packet that may start a
 //! flow first passes the instance's NSGs (`nsg`, R4.3: before a port is taken). Inbound: a
@@ -17,6 +18,7 @@
 //! changes go to `tcp`.
 
 use super::events::{EventKind, LimitScope};
+use super::fence::NoPort;
 use super::flows::Flow;
 use super::instance::Scenario;
 use super::ports::CHUNK;
@@ -271,7 +273,7 @@ impl Engine {
         }
         let block_id = slot * 2 + l4 as u32;
         match self.alloc(block_id, p.dst, p.dst_port) {
-            Some(idx) => {
+            Ok(idx) => {
                 let inst = self.insts[slot as usize].as_mut().expect("instance");
                 let pport = inst.port_of(idx);
                 let st = &mut inst.stats[l4 as usize];
@@ -303,7 +305,15 @@ impl Engine {
                     port: pport,
                 }
             }
-            None => {
+            Err(NoPort::Reserve) => {
+                // R10.4: the fleet is waiting for its runner-up to acknowledge the next port
+                // reserve (`fence`); not an exhaustion of the tenant's ports (no event, not a
+                // failed connection). The client's retransmission is served then.
+                self.fence_refused(slot);
+                self.journal_refused(slot, refused_key(p, public), DropReason::PortReserve);
+                self.drop_inst(slot, p.proto, DropReason::PortReserve)
+            }
+            Err(NoPort::Exhausted) => {
                 let inst = self.insts[slot as usize].as_mut().expect("instance");
                 inst.stats[l4 as usize].conn_fail += 1;
                 let kind = EventKind::Exhaustion {
