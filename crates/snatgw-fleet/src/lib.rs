@@ -54,6 +54,6 @@ pub use lease::{LeaseConfig, LeaseId, LocalLease, MonotonicClock};
 pub use mem::{Link, MemCoordinator, MemFleet};
 pub use member::{Member, TickReport};
 pub use replica::{
-    InstanceReplica, Message, ReplicaError, ReplicaServer, ReplicaStats, ReplicaStore, Replicator,
-    ReplicatorStats, WireError,
+    InstanceReplica, Message, PortReserve, ReplicaError, ReplicaServer, ReplicaStats, ReplicaStore,
+    Replicator, ReplicatorStats, ReserveTicket, WireError,
 };

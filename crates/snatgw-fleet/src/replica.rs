@@ -12,16 +12,27 @@
 //!   number and is appended, encoded, to that target's buffer; if the target's connection is
 //!   idle, `offer` makes **one non-blocking write** of the buffer right there. In the common
 //!   case the record is therefore in the kernel's socket buffer before the batch's packets
-//!   leave the gateway: a `kill -9` of the process after that loses nothing already offered,
-//!   because the kernel delivers a dead process's queued bytes and then closes the
-//!   connection with a FIN (the receiver never writes on the connection, so there is no
-//!   unread data that would turn the close into a reset). What a `kill -9` can lose is what
-//!   a slow link left in the process's own buffer (written by the target's sender thread),
-//!   and a host crash loses the kernel's buffer too. A target's buffer is bounded
-//!   ([`SEND_BUFFER_LIMIT`]): on overflow the buffer is dropped, counted, and its instances
-//!   need a snapshot. `offer` never blocks on the network: connecting (with timeouts and a
-//!   100 ms..2 s backoff) and writing what the non-blocking write left are a per-target
-//!   thread's job.
+//!   leave the gateway, and a `kill -9` of the process after that usually loses nothing:
+//!   the kernel delivers a dead process's queued bytes and closes the connection with a FIN.
+//!   Not always: the receiver writes acks of port reserves (below), and a process that dies
+//!   with an ack it had not read yet closes with a reset, which discards what its kernel
+//!   still had queued. A `kill -9` can also lose what a slow link left in the process's own
+//!   buffer (written by the target's sender thread), and a host crash loses the kernel's
+//!   buffer too. That is acceptable because of port reserves: a flow whose record was lost
+//!   lies on a port of an acknowledged reserve, which the taker holds. A target's buffer is
+//!   bounded ([`SEND_BUFFER_LIMIT`]): on overflow the buffer is dropped, counted, and its
+//!   instances need a snapshot. `offer` never blocks on the network: connecting (with
+//!   timeouts and a 100 ms..2 s backoff) and writing what the non-blocking write left are a
+//!   per-target thread's job.
+//! - **Port reserves** ([`Replicator::reserve`], [`Replicator::is_acked`]; the owner's
+//!   rotation is the caller's, issue #19). The owner of an instance gives new flows only ports
+//!   of a reserve its target acknowledged; `reserve` queues one on the target's current
+//!   connection, only once the instance's snapshot was queued on it, and returns a
+//!   [`ReserveTicket`] (target, connection generation, sequence number). The receiver answers
+//!   each `Reserve` with an ack once it applied it, and every frame before it on the same
+//!   connection; the sender's connection thread (and `is_acked`) reads the acks. An ack
+//!   counts only on the generation it came on: a reconnect or an overflow (which drops queued
+//!   bytes) starts a new one, so earlier tickets are no longer acknowledged.
 //! - **Snapshots.** An instance needs one when it gets a new target, when its target's
 //!   connection (re)connects, after an overflow, or when the caller asks
 //!   ([`Replicator::request_snapshot`], e.g. after a topology change moved blocks).
@@ -37,15 +48,25 @@
 //!   that do not fit and holds the ports of those that do).
 //! - **[`ReplicaServer`]**: accepts the fleet link's replication connections (a thread per
 //!   connection, read timeouts so [`ReplicaServer::stop`] ends them promptly) and applies
-//!   what arrives to the store. A malformed frame closes that connection and is counted,
-//!   never a panic.
+//!   what arrives to the store, answering each `Reserve` with an ack. A malformed frame closes
+//!   that connection and is counted, never a panic; an ack whose write does not complete
+//!   within 1 s closes it too (counted as an I/O error).
+//! - **Reserves at the receiver.** [`ReplicaStore`] keeps, per instance, the last
+//!   [`RESERVES_PER_INSTANCE`] (two) reserves that arrived, from any sender (a repeated one
+//!   counts again). They go only by [`ReplicaStore::take_reserves`] (the taker holds their
+//!   ports against every destination for the FIN timeout), by a `Forget` of the instance from
+//!   the same sender incarnation numbered above them, or pushed out by newer ones: not by
+//!   snapshots (also not a newer incarnation's) and not by [`ReplicaStore::take`]. An instance
+//!   with only reserves is listed by [`ReplicaStore::instances`].
 //!
 //! # The protocol
 //!
 //! A TCP connection carries frames: a little-endian `u32` length (of what follows, at most
-//! [`MAX_FRAME`]), a kind byte, a body ([`Message`]). The sender speaks, the receiver only
-//! reads. The first frame is a hello: magic `SNATREPL`, [`PROTOCOL_VERSION`], the sender's
-//! node id and incarnation (a number that grows with each start of the sender process). Then:
+//! [`MAX_FRAME`]), a kind byte, a body ([`Message`]); integers are little-endian. The sender
+//! sends every message but one; the receiver writes only `Ack` frames (version 2; version 1
+//! had no reserves and no acks, and a hello of another version is refused). The first frame
+//! is a hello (kind 1): magic `SNATREPL`, [`PROTOCOL_VERSION`], the sender's node id and
+//! incarnation (a number that grows with each start of the sender process). Then:
 //! - `Opened{seq, key, at}`: a flow opened at engine second `at`; the receiver keeps it as a
 //!   [`FlowRecord`] with `last_seen = at`, `close_at = 0`, `tcp_state = 0`, `born = at`.
 //! - `Closed{seq, key, at}`: the flow's port was released at `at`; the receiver removes the
@@ -57,7 +78,15 @@
 //!   target moved); the receiver drops what that sender gave it for them numbered below `seq`.
 //!   (A `Forget` takes a number of its own, so that if the instances come back to this
 //!   receiver over a new connection, whose snapshot is numbered at least `seq`, a `Forget`
-//!   that arrives late on the old connection does not drop the new data.)
+//!   that arrives late on the old connection does not drop the new data.) It also drops that
+//!   sender incarnation's reserves of these instances numbered below `seq`.
+//! - `Reserve{seq, instance, public, ports}` (kind 6, body `seq: u64, instance: u32,
+//!   public: u32, n: u32, n × port: u16`, `n` ≤ [`MAX_RESERVE_PORTS`]): a port reserve, with a
+//!   number from the same counter as the deltas (a connection's deltas and reserves are
+//!   numbered increasingly). A reserve numbered below the sender's `Forget` of the instance is
+//!   late and ignored (still acknowledged).
+//! - `Ack{seq}` (kind 7, body `seq: u64`; receiver to sender): the receiver applied the
+//!   `Reserve` numbered `seq` and every frame before it on this connection.
 //!
 //! Sequence numbers count the changes a [`Replicator`] sent (one counter per sender
 //! incarnation, so they order changes across its connections too) and grow on every
@@ -107,9 +136,19 @@
 //!   the dead node would have, never shorter.
 //! - Times are the sender's engine seconds. Nodes whose engine clocks have different origins
 //!   must shift them (per sender, see [`ReplicaStore::instances`]) before importing.
-//! - No acknowledgements, no encryption or authentication (the fleet link is a trusted
+//! - Acknowledgements exist for port reserves only: deltas, snapshots and forgets are not
+//!   acknowledged, retransmitted or waited for (an ack of a reserve vouches for what preceded
+//!   it on its connection). No encryption or authentication (the fleet link is a trusted
 //!   network), no heartbeat: a sender's time advances at the receiver only with its deltas
 //!   and snapshots.
+//! - It does not choose reserves or rotate them, nor hold their ports: the owner's caller
+//!   does both (and must compare a ticket's target with the instance's target now:
+//!   [`Replicator::is_acked`] does not).
+//! - Acks are read by the sender's connection thread between its writes and by
+//!   [`Replicator::is_acked`]; while a write blocks on a slow link they wait in the kernel.
+//!   Reserves are few, so this never fills a socket buffer in practice; if it did, the
+//!   receiver's ack write would time out after 1 s and close the connection (a reconnect and a
+//!   snapshot follow).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -127,7 +166,7 @@ use crate::coordinator::NodeId;
 /// The magic number a hello starts with.
 pub const MAGIC: [u8; 8] = *b"SNATREPL";
 /// The protocol version this build speaks (a hello of another version is refused).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest frame accepted (length field, bytes after it).
 pub const MAX_FRAME: u32 = 256 << 20;
 /// A target's send buffer beyond which it is dropped and its instances need a snapshot (a
@@ -140,18 +179,31 @@ pub const SNAPSHOT_FRAME_TARGET: usize = 8 << 20;
 pub const RELEASE_HISTORY_SECS: Time = 240;
 /// At most this many releases are remembered per instance.
 pub const RELEASES_PER_INSTANCE: usize = 16_384;
+/// The most ports a `Reserve` may carry ([`Replicator::reserve`] refuses a larger reserve, a
+/// receiver closes a connection that sends one).
+pub const MAX_RESERVE_PORTS: usize = 1024;
+/// How many port reserves a receiver keeps per instance (the newest by arrival).
+pub const RESERVES_PER_INSTANCE: usize = 2;
 
 const KIND_HELLO: u8 = 1;
 const KIND_OPENED: u8 = 2;
 const KIND_CLOSED: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_FORGET: u8 = 5;
+const KIND_RESERVE: u8 = 6;
+const KIND_ACK: u8 = 7;
+/// An ack frame: length field, kind, sequence number.
+const ACK_FRAME: usize = 4 + 1 + 8;
 const DELTA_BODY: usize = 8 + 1 + 4 + 2 + 4 + 2 + 4 + 2 + 4;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A receiver's ack write that does not complete within this closes the connection.
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A sender's read of acks is non-blocking; this only bounds a read if it ever were not.
+const ACK_READ_GUARD: Duration = Duration::from_millis(20);
 const READ_POLL: Duration = Duration::from_millis(100);
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -203,7 +255,11 @@ pub enum WireError {
         /// What arrived.
         got: &'static str,
     },
-    /// A delta whose sequence number is not above the previous one on the connection.
+    /// A reserve with more ports than [`MAX_RESERVE_PORTS`].
+    #[error("reserve with {0} ports (at most {MAX_RESERVE_PORTS})")]
+    ReservePorts(u32),
+    /// A delta or reserve whose sequence number is not above the previous one on the
+    /// connection.
     #[error("sequence number {got} after {previous}")]
     Sequence {
         /// The previous delta's number.
@@ -257,6 +313,24 @@ pub enum Message {
         /// The instances (private addresses).
         instances: Vec<u32>,
     },
+    /// A port reserve of an instance: the receiver keeps the last two per instance and
+    /// answers with an [`Message::Ack`].
+    Reserve {
+        /// Sequence number (from the same counter as the deltas).
+        seq: u64,
+        /// The instance (private address).
+        instance: u32,
+        /// The public address of the ports.
+        public: u32,
+        /// The ports (at most [`MAX_RESERVE_PORTS`]).
+        ports: Vec<u16>,
+    },
+    /// Receiver to sender, the only message in that direction: every frame up to and
+    /// including the `Reserve` numbered `seq` on this connection was applied.
+    Ack {
+        /// The `Reserve`'s sequence number.
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -267,6 +341,8 @@ impl Message {
             Message::Closed { .. } => "closed",
             Message::Snapshot { .. } => "snapshot",
             Message::Forget { .. } => "forget",
+            Message::Reserve { .. } => "reserve",
+            Message::Ack { .. } => "ack",
         }
     }
 
@@ -282,6 +358,13 @@ impl Message {
                 state,
             } => encode_snapshot(*seq_at_start, instances, state, out),
             Message::Forget { seq, instances } => encode_forget(*seq, instances, out),
+            Message::Reserve {
+                seq,
+                instance,
+                public,
+                ports,
+            } => encode_reserve(*seq, *instance, *public, ports, out),
+            Message::Ack { seq } => encode_ack(*seq, out),
         }
     }
 
@@ -365,6 +448,43 @@ impl Message {
                 }
                 Ok(Message::Forget { seq, instances })
             }
+            KIND_RESERVE => {
+                let bad = || WireError::Length {
+                    kind: "reserve",
+                    len: body.len(),
+                };
+                let seq = r.u64().ok_or_else(bad)?;
+                let instance = r.u32().ok_or_else(bad)?;
+                let public = r.u32().ok_or_else(bad)?;
+                let n = r.u32().ok_or_else(bad)?;
+                if n as usize > MAX_RESERVE_PORTS {
+                    return Err(WireError::ReservePorts(n));
+                }
+                if r.0.len() != 2 * n as usize {
+                    return Err(bad());
+                }
+                let ports = (0..n).map(|_| r.u16()).collect::<Option<Vec<u16>>>();
+                let ports = ports.ok_or_else(bad)?;
+                Ok(Message::Reserve {
+                    seq,
+                    instance,
+                    public,
+                    ports,
+                })
+            }
+            KIND_ACK => {
+                if body.len() != 8 {
+                    return Err(WireError::Length {
+                        kind: "ack",
+                        len: body.len(),
+                    });
+                }
+                let seq = r.u64().ok_or(WireError::Length {
+                    kind: "ack",
+                    len: 8,
+                })?;
+                Ok(Message::Ack { seq })
+            }
             k => Err(WireError::Kind(k)),
         }
     }
@@ -444,6 +564,24 @@ fn encode_forget(seq: u64, instances: &[u32], out: &mut Vec<u8>) {
     end_frame(f, out);
 }
 
+fn encode_reserve(seq: u64, instance: u32, public: u32, ports: &[u16], out: &mut Vec<u8>) {
+    let f = begin_frame(KIND_RESERVE, out);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&instance.to_le_bytes());
+    out.extend_from_slice(&public.to_le_bytes());
+    out.extend_from_slice(&(ports.len() as u32).to_le_bytes());
+    for p in ports {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    end_frame(f, out);
+}
+
+fn encode_ack(seq: u64, out: &mut Vec<u8>) {
+    let f = begin_frame(KIND_ACK, out);
+    out.extend_from_slice(&seq.to_le_bytes());
+    end_frame(f, out);
+}
+
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
@@ -480,6 +618,19 @@ impl<'a> Cursor<'a> {
         }
         (0..n).map(|_| self.u32()).collect()
     }
+}
+
+/// A port reserve of one instance: public ports of its block that its owner may give new
+/// flows once the receiver acknowledged the reserve (see the module documentation). Fleet
+/// seconds are not involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortReserve {
+    /// The instance (private address).
+    pub instance: u32,
+    /// The public address of the ports.
+    pub public: u32,
+    /// The ports (at most [`MAX_RESERVE_PORTS`]).
+    pub ports: Vec<u16>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -530,7 +681,7 @@ pub enum ReplicaError {
 /// The receiver's counters and sizes ([`ReplicaStore::stats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
-    /// Instances with replicated data.
+    /// Instances with replicated data (flow state, port reserves or both).
     pub instances: usize,
     /// Flows held.
     pub flows: usize,
@@ -550,8 +701,14 @@ pub struct ReplicaStats {
     pub snapshots: u64,
     /// `Forget` messages applied.
     pub forgets: u64,
-    /// Late messages ignored: deltas and snapshots a newer snapshot or `Forget` of the same
-    /// sender already superseded (see the module documentation).
+    /// Port reserves held now (at most [`RESERVES_PER_INSTANCE`] per instance).
+    pub reserves: usize,
+    /// `Reserve` messages received (applied or superseded).
+    pub reserves_received: u64,
+    /// Acks written back to senders.
+    pub acks_sent: u64,
+    /// Late messages ignored: deltas, snapshots and reserves a newer snapshot or `Forget` of
+    /// the same sender already superseded (see the module documentation).
     pub superseded: u64,
     /// Snapshot merges that may have missed a `Closed` (evicted from the bounded history):
     /// their flows were kept.
@@ -583,6 +740,10 @@ pub struct InstanceReplica {
     pub releases: usize,
     /// Whether a block layout is held (from a snapshot).
     pub layout: bool,
+    /// Port reserves held ([`ReplicaStore::reserves`]); an instance with only reserves is
+    /// listed too (its flow data fields are then those of the newest reserve's sender, with
+    /// `base_seq` 0 and no flows).
+    pub reserves: usize,
     /// The latest engine time the origin reported (its engine seconds).
     pub origin_time: Time,
     /// When the data last changed (this process's clock).
@@ -665,9 +826,20 @@ struct OriginInfo {
     time: Time,
 }
 
+/// A port reserve as the store holds it.
+struct HeldReserve {
+    r: PortReserve,
+    origin: u32,
+    seq: u64,
+    arrived: Instant,
+}
+
 #[derive(Default)]
 struct StoreInner {
     instances: HashMap<u32, Replica>,
+    /// Instance → its last [`RESERVES_PER_INSTANCE`] reserves, oldest first (from any sender,
+    /// by arrival). Kept apart from `instances`: snapshots and `take` leave them.
+    reserves: HashMap<u32, VecDeque<HeldReserve>>,
     origins: Vec<OriginInfo>,
     origin_ix: HashMap<(NodeId, u64), u32>,
     newest: HashMap<NodeId, u64>,
@@ -908,6 +1080,14 @@ impl StoreInner {
         for i in instances {
             let f = self.forgot.entry((o, *i)).or_insert(0);
             *f = (*f).max(seq);
+            // Reserves only of this very sender numbered below: sequence numbers compare
+            // only within one incarnation, and a reserve held too long only holds ports.
+            if let Some(q) = self.reserves.get_mut(i) {
+                q.retain(|h| !(h.origin == o && h.seq < seq));
+                if q.is_empty() {
+                    self.reserves.remove(i);
+                }
+            }
             let Some(r) = self.instances.get_mut(i) else {
                 continue;
             };
@@ -923,6 +1103,26 @@ impl StoreInner {
                     r.updated = Instant::now();
                 }
             }
+        }
+    }
+
+    fn reserve(&mut self, o: u32, seq: u64, r: PortReserve) {
+        self.stats.reserves_received += 1;
+        // Numbered below the sender's `Forget` of the instance: a late frame of an older
+        // connection (the instance had left this receiver).
+        if self.forgot.get(&(o, r.instance)).is_some_and(|&f| seq < f) {
+            self.stats.superseded += 1;
+            return;
+        }
+        let q = self.reserves.entry(r.instance).or_default();
+        q.push_back(HeldReserve {
+            r,
+            origin: o,
+            seq,
+            arrived: Instant::now(),
+        });
+        while q.len() > RESERVES_PER_INSTANCE {
+            q.pop_front();
         }
     }
 
@@ -980,14 +1180,38 @@ impl ReplicaStore {
         self.lock().collect(instances, true)
     }
 
+    /// Removes and returns the port reserves held for `instances` (private addresses), each
+    /// instance's oldest first: the taker holds their ports. [`ReplicaStore::take`] leaves
+    /// them, so the caller takes both.
+    pub fn take_reserves(&self, instances: &HashSet<u32>) -> Vec<PortReserve> {
+        let mut g = self.lock();
+        let mut ips: Vec<u32> = instances.iter().copied().collect();
+        ips.sort_unstable();
+        ips.into_iter()
+            .filter_map(|i| g.reserves.remove(&i))
+            .flat_map(|q| q.into_iter().map(|h| h.r))
+            .collect()
+    }
+
+    /// The port reserves held for one instance, oldest first.
+    pub fn reserves(&self, instance: u32) -> Vec<PortReserve> {
+        self.lock()
+            .reserves
+            .get(&instance)
+            .map(|q| q.iter().map(|h| h.r.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// What [`ReplicaStore::take`] would return, without removing anything.
     pub fn peek(&self, instances: &HashSet<u32>) -> FlowState {
         self.lock().collect(instances, false)
     }
 
-    /// The instances with replicated data, by private address.
+    /// The instances with replicated data (flow state, port reserves or both), by private
+    /// address.
     pub fn instances(&self) -> Vec<InstanceReplica> {
         let g = self.lock();
+        let held = |ip: u32| g.reserves.get(&ip).map_or(0, VecDeque::len);
         let mut v: Vec<InstanceReplica> = g
             .instances
             .iter()
@@ -1001,11 +1225,33 @@ impl ReplicaStore {
                     flows: r.flows.len(),
                     releases: r.releases.len(),
                     layout: r.layout.is_some(),
+                    reserves: held(ip),
                     origin_time: oi.time,
                     updated: r.updated,
                 }
             })
             .collect();
+        for (&ip, q) in &g.reserves {
+            if g.instances.contains_key(&ip) {
+                continue;
+            }
+            let Some(h) = q.back() else {
+                continue;
+            };
+            let oi = &g.origins[h.origin as usize];
+            v.push(InstanceReplica {
+                private_ip: ip,
+                origin: oi.node.clone(),
+                incarnation: oi.incarnation,
+                base_seq: 0,
+                flows: 0,
+                releases: 0,
+                layout: false,
+                reserves: q.len(),
+                origin_time: oi.time,
+                updated: h.arrived,
+            });
+        }
         v.sort_by_key(|r| r.private_ip);
         v
     }
@@ -1014,7 +1260,12 @@ impl ReplicaStore {
     pub fn stats(&self) -> ReplicaStats {
         let g = self.lock();
         let mut s = g.stats.clone();
-        s.instances = g.instances.len();
+        s.instances = g.instances.len()
+            + g.reserves
+                .keys()
+                .filter(|i| !g.instances.contains_key(i))
+                .count();
+        s.reserves = g.reserves.values().map(VecDeque::len).sum();
         s.flows = g.instances.values().map(|r| r.flows.len()).sum();
         s.releases = g.instances.values().map(|r| r.releases.len()).sum();
         s
@@ -1229,6 +1480,9 @@ fn serve_inner(
     let io = |e: io::Error| ReplicaError::Io(e.to_string());
     stream.set_nonblocking(false).map_err(io)?;
     stream.set_read_timeout(Some(READ_POLL)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(ACK_WRITE_TIMEOUT))
+        .map_err(io)?;
     let mut rd = FrameReader {
         stream,
         buf: Vec::new(),
@@ -1252,26 +1506,31 @@ fn serve_inner(
         g.intern(&node, incarnation)
     };
     let mut last_seq = 0u64;
+    let mut ack = Vec::with_capacity(ACK_FRAME);
     while let Some(m) = rd.next(stop, None)? {
         let mut g = store.lock();
         g.current(&node, incarnation)?;
+        let mut in_order = |seq: u64| {
+            if seq <= last_seq {
+                return Err(WireError::Sequence {
+                    previous: last_seq,
+                    got: seq,
+                });
+            }
+            last_seq = seq;
+            Ok(())
+        };
+        let mut acked = None;
         match m {
-            Message::Hello { .. } => {
+            Message::Hello { .. } | Message::Ack { .. } => {
                 return Err(WireError::Unexpected {
-                    expected: "a message after the hello",
-                    got: "hello",
+                    expected: "a sender's message after the hello",
+                    got: m.kind_name(),
                 }
                 .into())
             }
             Message::Opened { seq, key, at } | Message::Closed { seq, key, at } => {
-                if seq <= last_seq {
-                    return Err(WireError::Sequence {
-                        previous: last_seq,
-                        got: seq,
-                    }
-                    .into());
-                }
-                last_seq = seq;
+                in_order(seq)?;
                 let opened = matches!(m, Message::Opened { .. });
                 g.delta(o, seq, key, at, opened);
             }
@@ -1281,8 +1540,38 @@ fn serve_inner(
                 state,
             } => g.snapshot(o, seq_at_start, &instances, &state),
             Message::Forget { seq, instances } => g.forget(o, seq, &instances),
+            Message::Reserve {
+                seq,
+                instance,
+                public,
+                ports,
+            } => {
+                in_order(seq)?;
+                g.reserve(
+                    o,
+                    seq,
+                    PortReserve {
+                        instance,
+                        public,
+                        ports,
+                    },
+                );
+                acked = Some(seq);
+            }
         }
         g.stats.frames += 1;
+        drop(g);
+        // The ack follows the frame's application (and that of every frame before it on this
+        // connection: they were applied in order on this thread). Written without the store's
+        // lock; a write that does not complete in time closes the connection.
+        if let Some(seq) = acked {
+            ack.clear();
+            encode_ack(seq, &mut ack);
+            (&rd.stream)
+                .write_all(&ack)
+                .map_err(|e| ReplicaError::Io(format!("writing an ack: {e}")))?;
+            store.lock().stats.acks_sent += 1;
+        }
     }
     Ok(())
 }
@@ -1312,12 +1601,17 @@ pub struct ReplicatorStats {
     pub reconnects: u64,
     /// Connection attempts that failed.
     pub connect_failures: u64,
-    /// Connections lost: a write error or timeout, or the receiver closed it.
+    /// Connections lost: a write error or timeout, the receiver closed it, or it sent
+    /// something other than acks.
     pub write_errors: u64,
     /// Snapshot frames queued.
     pub snapshots: u64,
     /// Instances covered by those snapshots.
     pub snapshot_instances: u64,
+    /// Port reserves queued ([`Replicator::reserve`] returned a ticket).
+    pub reserves_queued: u64,
+    /// Acks read from targets.
+    pub acks_received: u64,
     /// Targets (distinct addresses).
     pub targets: usize,
     /// Targets connected now.
@@ -1339,6 +1633,8 @@ struct Counters {
     write_errors: AtomicU64,
     snapshots: AtomicU64,
     snapshot_instances: AtomicU64,
+    reserves: AtomicU64,
+    acks: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -1347,8 +1643,14 @@ fn bump(c: &AtomicU64, n: u64) {
 
 struct LinkState {
     stream: Option<Arc<TcpStream>>,
-    /// Connection generation (grows with each connect).
+    /// Connection generation: a new number of the replicator's (unique among all its links)
+    /// at each connect and at each overflow, which drops queued bytes. A reserve's ticket
+    /// counts only while the generation it was queued on is the current one.
     conn: u64,
+    /// The highest `Reserve` number acked on this generation (0: none).
+    acked: u64,
+    /// Ack bytes read and not yet parsed (a frame cut by the read).
+    rbuf: Vec<u8>,
     buf: Vec<u8>,
     /// Bytes of `buf` already written.
     head: usize,
@@ -1377,6 +1679,8 @@ impl Link {
         st.buf.clear();
         st.head = 0;
         st.allow = 0;
+        st.acked = 0;
+        st.rbuf.clear();
         self.connected.store(false, Ordering::SeqCst);
         self.cv.notify_all();
     }
@@ -1389,6 +1693,9 @@ struct Routes {
     /// Instance → the sequence number when it started needing a snapshot: a snapshot whose
     /// `seq_at_start` is at least that covers every change not sent.
     pending: HashMap<u32, u64>,
+    /// Instance → the generation of its target's connection on which its last snapshot was
+    /// queued (removed when its target changes): a reserve may follow on that generation.
+    synced: HashMap<u32, u64>,
     threads: Vec<(Arc<Link>, JoinHandle<()>)>,
 }
 
@@ -1396,6 +1703,8 @@ struct Shared {
     node: NodeId,
     incarnation: u64,
     seq: AtomicU64,
+    /// The last connection generation given (see [`LinkState::conn`]).
+    gens: AtomicU64,
     routes: Mutex<Routes>,
     c: Counters,
 }
@@ -1449,6 +1758,94 @@ impl Shared {
             routes.pending.insert(i, m);
         }
     }
+
+    fn next_gen(&self) -> u64 {
+        self.gens.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Reads the acks that arrived on the link's connection, without blocking (the stream is
+    /// non-blocking whenever the thread is not writing); a closed connection, or bytes that
+    /// are not acks, drop it. Whether the connection is still up.
+    fn read_acks(&self, link: &Link, st: &mut LinkState) -> bool {
+        if st.writing {
+            return true;
+        }
+        let Some(stream) = st.stream.clone() else {
+            return false;
+        };
+        let mut tmp = [0u8; 4096];
+        let ok = loop {
+            match (&*stream).read(&mut tmp) {
+                Ok(0) => break false,
+                Ok(n) => {
+                    st.rbuf.extend_from_slice(&tmp[..n]);
+                    if !self.parse_acks(st) {
+                        break false;
+                    }
+                    if n < tmp.len() {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break true
+                }
+                Err(_) => break false,
+            }
+        };
+        if !ok {
+            bump(&self.c.write_errors, 1);
+            link.disconnect(st);
+        }
+        ok
+    }
+
+    /// Applies the complete ack frames of `st.rbuf`; false on anything else.
+    fn parse_acks(&self, st: &mut LinkState) -> bool {
+        let mut at = 0;
+        while st.rbuf.len() - at >= 4 {
+            let len = u32::from_le_bytes([
+                st.rbuf[at],
+                st.rbuf[at + 1],
+                st.rbuf[at + 2],
+                st.rbuf[at + 3],
+            ]) as usize;
+            if len != ACK_FRAME - 4 {
+                return false;
+            }
+            if st.rbuf.len() - at < ACK_FRAME {
+                break;
+            }
+            match Message::decode(&st.rbuf[at + 4..at + ACK_FRAME]) {
+                Ok(Message::Ack { seq }) => {
+                    st.acked = st.acked.max(seq);
+                    bump(&self.c.acks, 1);
+                }
+                _ => return false,
+            }
+            at += ACK_FRAME;
+        }
+        st.rbuf.drain(..at);
+        true
+    }
+}
+
+/// Where and under which number a port reserve was queued ([`Replicator::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveTicket {
+    /// The instance's target when it was queued.
+    pub target: SocketAddr,
+    /// The generation of the target's connection it was queued on (a number of the
+    /// replicator's that grows with every new connection to any target and with every
+    /// overflow of a target's buffer; the first connection is 1).
+    pub conn: u64,
+    /// The reserve's sequence number.
+    pub seq: u64,
 }
 
 /// Streams the flows of the instances this node owns to their targets (see the module
@@ -1477,11 +1874,13 @@ impl Replicator {
                 node,
                 incarnation,
                 seq: AtomicU64::new(0),
+                gens: AtomicU64::new(0),
                 routes: Mutex::new(Routes {
                     targets: HashMap::new(),
                     route: HashMap::new(),
                     links: HashMap::new(),
                     pending: HashMap::new(),
+                    synced: HashMap::new(),
                     threads: Vec::new(),
                 }),
                 c: Counters::default(),
@@ -1530,8 +1929,10 @@ impl Replicator {
             sh.seq.fetch_add(1, Ordering::SeqCst) + 1
         };
         routes.pending.retain(|i, _| targets.contains_key(i));
+        routes.synced.retain(|i, _| targets.contains_key(i));
         for i in changed {
             routes.pending.insert(i, now_seq);
+            routes.synced.remove(&i);
         }
         for addr in targets.values() {
             if !routes.links.contains_key(addr) {
@@ -1540,6 +1941,8 @@ impl Replicator {
                     st: Mutex::new(LinkState {
                         stream: None,
                         conn: 0,
+                        acked: 0,
+                        rbuf: Vec::new(),
                         buf: Vec::new(),
                         head: 0,
                         allow: 0,
@@ -1637,6 +2040,9 @@ impl Replicator {
                 st.buf.clear();
                 st.head = 0;
                 st.allow = 0;
+                // What was dropped may have held reserves: earlier tickets no longer count.
+                st.conn = sh.next_gen();
+                st.acked = 0;
                 drop(st);
                 sh.mark_link(&mut routes, &link);
                 continue;
@@ -1754,8 +2160,77 @@ impl Replicator {
             bump(&sh.c.snapshot_instances, valid.len() as u64);
             for i in valid {
                 routes.pending.remove(&i);
+                routes.synced.insert(i, conn);
             }
         }
+    }
+
+    /// Queues the port reserve `r` to its instance's current target, on the target's current
+    /// connection, after everything queued there so far (see the module documentation).
+    ///
+    /// Returns `None`, queueing nothing, when the instance has no target, the target has no
+    /// connection now, the instance's snapshot has not been queued on that connection (since
+    /// it connected, since the last overflow of its buffer, or since the instance got this
+    /// target) or `r` has more than [`MAX_RESERVE_PORTS`] ports. A snapshot the caller asked
+    /// for ([`Replicator::request_snapshot`]) does not stop reserves: the earlier one is there.
+    /// The ticket's acknowledgement ([`Replicator::is_acked`]) therefore means the target
+    /// has the instance's snapshot and every change sent before the reserve.
+    pub fn reserve(&self, r: &PortReserve) -> Option<ReserveTicket> {
+        if r.ports.len() > MAX_RESERVE_PORTS {
+            return None;
+        }
+        let sh = &self.shared;
+        // The routes' lock orders the reserve's number and bytes with `offer`'s records.
+        let routes = lock(&sh.routes);
+        let link = routes.route.get(&r.instance)?;
+        let synced = *routes.synced.get(&r.instance)?;
+        let mut st = lock(&link.st);
+        if st.stream.is_none() || st.conn != synced {
+            return None;
+        }
+        let seq = sh.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        encode_reserve(seq, r.instance, r.public, &r.ports, &mut st.buf);
+        sh.write_now(link, &mut st);
+        bump(&sh.c.reserves, 1);
+        Some(ReserveTicket {
+            target: link.addr,
+            conn: st.conn,
+            seq,
+        })
+    }
+
+    /// Whether the target acknowledged the ticket's reserve (or a later one) on the
+    /// connection generation it was queued on, and that generation is still the target's
+    /// current, connected one. Reads the acks that arrived (one non-blocking read when the
+    /// answer is not known yet). It does not look at the instance's target now: a caller
+    /// whose instance changed target since compares `t.target` itself.
+    pub fn is_acked(&self, t: &ReserveTicket) -> bool {
+        let sh = &self.shared;
+        let Some(link) = lock(&sh.routes).links.get(&t.target).cloned() else {
+            return false;
+        };
+        let mut st = lock(&link.st);
+        let ok = |st: &LinkState| st.stream.is_some() && st.conn == t.conn && st.acked >= t.seq;
+        if ok(&st) {
+            return true;
+        }
+        if st.stream.is_none() || st.conn != t.conn {
+            return false;
+        }
+        sh.read_acks(&link, &mut st);
+        ok(&st)
+    }
+
+    /// Whether the ticket's reserve can no longer be acknowledged: its target is no longer a
+    /// target, or the connection it was queued on is gone (a reconnect or an overflow started
+    /// a new generation). A caller waiting for its acknowledgement starts over.
+    pub fn is_lost(&self, t: &ReserveTicket) -> bool {
+        let sh = &self.shared;
+        let Some(link) = lock(&sh.routes).links.get(&t.target).cloned() else {
+            return true;
+        };
+        let st = lock(&link.st);
+        st.stream.is_none() || st.conn != t.conn
     }
 
     /// Waits until every connected target's queue is written to its socket (or `timeout`
@@ -1799,6 +2274,8 @@ impl Replicator {
             write_errors: get(&c.write_errors),
             snapshots: get(&c.snapshots),
             snapshot_instances: get(&c.snapshot_instances),
+            reserves_queued: get(&c.reserves),
+            acks_received: get(&c.acks),
             targets: routes.links.len(),
             connected: routes
                 .links
@@ -1920,11 +2397,13 @@ fn link_loop(sh: &Shared, link: &Arc<Link>) {
                         let _ = s.shutdown(Shutdown::Both);
                         break;
                     }
-                    st.conn += 1;
+                    st.conn = sh.next_gen();
                     st.stream = Some(s);
                     st.buf.clear();
                     st.head = 0;
                     st.allow = 0;
+                    st.acked = 0;
+                    st.rbuf.clear();
                     encode_hello(&sh.node, sh.incarnation, &mut st.buf);
                     link.connected.store(true, Ordering::SeqCst);
                     drop(st);
@@ -1952,13 +2431,18 @@ fn link_loop(sh: &Shared, link: &Arc<Link>) {
         }
         // Write what is queued, or wait.
         let mut st = lock(&link.st);
-        let (stream, data, conn) = loop {
+        let (stream, data) = loop {
             if st.stop {
                 break 'outer;
             }
             let Some(stream) = st.stream.clone() else {
                 continue 'outer;
             };
+            // Acks; and a closed connection is noticed here while idle (a restarted receiver),
+            // not only at the next write.
+            if !sh.read_acks(link, &mut st) {
+                continue 'outer;
+            }
             if st.head < st.buf.len() && !st.writing {
                 let head = st.head;
                 let mut data = std::mem::take(&mut st.buf);
@@ -1966,26 +2450,11 @@ fn link_loop(sh: &Shared, link: &Arc<Link>) {
                 st.head = 0;
                 st.allow = 0;
                 st.writing = true;
-                break (stream, data, st.conn);
+                break (stream, data);
             }
             if st.retire {
                 link.disconnect(&mut st);
                 break 'outer;
-            }
-            // The receiver never writes: a readable connection is a closed one (a restarted
-            // receiver is noticed while idle, not only at the next write).
-            match stream.peek(&mut [0u8; 1]) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Ok(0) | Err(_) => {
-                    bump(&sh.c.write_errors, 1);
-                    link.disconnect(&mut st);
-                    continue 'outer;
-                }
-                Ok(_) => {}
             }
             st = link
                 .cv
@@ -1996,8 +2465,10 @@ fn link_loop(sh: &Shared, link: &Arc<Link>) {
         drop(st);
         let r = stream
             .set_nonblocking(false)
-            .and_then(|()| (&*stream).write_all(&data))
-            .and_then(|()| stream.set_nonblocking(true));
+            .and_then(|()| (&*stream).write_all(&data));
+        // Non-blocking again whatever happened: `read_acks` relies on it once `writing` is
+        // false (and the read timeout bounds a read if this failed).
+        let r = r.and(stream.set_nonblocking(true));
         let mut st = lock(&link.st);
         st.writing = false;
         match r {
@@ -2011,7 +2482,7 @@ fn link_loop(sh: &Shared, link: &Arc<Link>) {
                 }
             }
             Err(_) => {
-                if st.conn == conn && st.stream.is_some() {
+                if st.stream.as_ref().is_some_and(|s| Arc::ptr_eq(s, &stream)) {
                     if !st.stop {
                         bump(&sh.c.write_errors, 1);
                     }
@@ -2027,6 +2498,7 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    s.set_read_timeout(Some(ACK_READ_GUARD))?;
     s.set_nonblocking(true)?;
     Ok(s)
 }

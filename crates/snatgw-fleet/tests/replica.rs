@@ -9,15 +9,15 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use snatgw_core::engine::persist::{FlowRecord, FlowState};
 use snatgw_core::{tcp_flags, Direction, Engine, FlowChange, FlowKey, Packet, Topology, Verdict};
-use snatgw_fleet::replica::{Message, MAX_FRAME};
-use snatgw_fleet::{NodeId, ReplicaServer, ReplicaStore, Replicator};
+use snatgw_fleet::replica::{Message, MAX_FRAME, MAX_RESERVE_PORTS, PROTOCOL_VERSION};
+use snatgw_fleet::{NodeId, PortReserve, ReplicaServer, ReplicaStore, Replicator};
 
 const IDLE: u32 = 240;
 const RST_SECS: u32 = 15;
@@ -859,6 +859,54 @@ impl RawSender {
         // The server may have closed already (that is what some tests check).
         let _ = self.0.write_all(b);
     }
+
+    /// The next frame the receiver wrote back (length field included); None at its close.
+    fn read_frame(&mut self) -> Option<Vec<u8>> {
+        self.0.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut b = vec![0u8; u32::from_le_bytes(len) as usize];
+        self.0.read_exact(&mut b).ok()?;
+        Some([&len[..], &b].concat())
+    }
+
+    /// Whether the receiver closed the connection (EOF or reset) within the wait.
+    fn closed(&mut self) -> bool {
+        self.0.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut b = [0u8; 64];
+        loop {
+            match self.0.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+fn reserve(instance: u32, ports: &[u16]) -> PortReserve {
+    PortReserve {
+        instance,
+        public: ip("192.0.2.1"),
+        ports: ports.to_vec(),
+    }
+}
+
+fn reserve_msg(seq: u64, r: &PortReserve) -> Message {
+    Message::Reserve {
+        seq,
+        instance: r.instance,
+        public: r.public,
+        ports: r.ports.clone(),
+    }
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -920,9 +968,16 @@ fn r10_4_malformed_bytes_are_counted_and_do_not_panic() {
         ("unknown kind first", frame(9, b"abcd")),
         ("zero length", vec![0, 0, 0, 0]),
         ("too long", (MAX_FRAME + 1).to_le_bytes().to_vec()),
-        ("bad magic", hello_body(b"NOTMAGIC", 1, b"gw")),
+        (
+            "bad magic",
+            hello_body(b"NOTMAGIC", PROTOCOL_VERSION, b"gw"),
+        ),
         ("bad version", hello_body(b"SNATREPL", 99, b"gw")),
-        ("bad node id", hello_body(b"SNATREPL", 1, b"g w")),
+        ("version 1", hello_body(b"SNATREPL", 1, b"gw")),
+        (
+            "bad node id",
+            hello_body(b"SNATREPL", PROTOCOL_VERSION, b"g w"),
+        ),
         ("short hello", frame(1, b"SNATREPL\x01")),
         ("delta before hello", opened(1)),
         ("unknown kind", cat(&[&hello, &frame(77, b"")])),
@@ -947,6 +1002,53 @@ fn r10_4_malformed_bytes_are_counted_and_do_not_panic() {
                 &hello,
                 &frame(4, &[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
             ]),
+        ),
+        (
+            "reserve with too many ports",
+            cat(&[
+                &hello,
+                &enc(&reserve_msg(
+                    1,
+                    &reserve(vm(0), &vec![7; MAX_RESERVE_PORTS + 1]),
+                )),
+            ]),
+        ),
+        (
+            "reserve with a count above its ports",
+            cat(&[&hello, &{
+                let mut b = enc(&reserve_msg(1, &reserve(vm(0), &[1, 2, 3])));
+                b.truncate(b.len() - 2);
+                let n = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&n.to_le_bytes());
+                b
+            }]),
+        ),
+        (
+            "reserve with bytes after its ports",
+            cat(&[&hello, &{
+                let mut b = enc(&reserve_msg(1, &reserve(vm(0), &[1, 2, 3])));
+                b.extend_from_slice(&[0, 0]);
+                let n = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&n.to_le_bytes());
+                b
+            }]),
+        ),
+        ("short reserve", cat(&[&hello, &frame(6, &[0; 19])])),
+        (
+            "reserve numbered below a delta",
+            cat(&[
+                &hello,
+                &opened(5),
+                &enc(&reserve_msg(5, &reserve(vm(0), &[1]))),
+            ]),
+        ),
+        (
+            "an ack from a sender",
+            cat(&[&hello, &enc(&Message::Ack { seq: 1 })]),
+        ),
+        (
+            "reserve before hello",
+            enc(&reserve_msg(1, &reserve(vm(0), &[1]))),
         ),
     ];
     for (i, (name, bytes)) in bad.iter().enumerate() {
@@ -977,7 +1079,7 @@ fn r10_4_malformed_bytes_are_counted_and_do_not_panic() {
             Vec::new()
         };
         // Mostly small lengths, so frames complete and reach the decoder.
-        let kind = (rnd() % 6) as u8;
+        let kind = (rnd() % 8) as u8;
         let body: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
         if i % 3 == 0 {
             b.extend_from_slice(&body);
@@ -1006,6 +1108,8 @@ fn r10_4_malformed_bytes_are_counted_and_do_not_panic() {
     o.pump();
     let want = o.live(&set(&[vm(1)]));
     assert!(eventually(WAIT, || stored(&store, &set(&[vm(1)])) == want));
+    // No malformed reserve left anything behind.
+    assert!(store.reserves(vm(0)).is_empty());
 }
 
 #[test]
@@ -1051,6 +1155,451 @@ fn r10_4_etcd_node_records_carry_the_fleet_link() {
     a.leave(clock.now()).expect("leave");
     assert!(b.links().expect("links").is_empty());
     assert_eq!(b.nodes().expect("nodes").0, vec![node("gw-b")]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Port reserves (issue #19): acknowledged by the runner-up, kept there for a takeover.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn r10_4_a_reserve_round_trip_is_acked_after_every_record_before_it() {
+    let (srv, store) = server();
+    let mut o = Origin::new("gw-a", 1);
+    o.connect(targets(&[vm(0), vm(1)], srv.local_addr()));
+    let d = ip("198.51.100.80");
+    for sp in 0..40u16 {
+        o.syn(1, vm(0), 100 + sp, d, 443);
+        o.syn(1, vm(1), 100 + sp, d, 443);
+    }
+    o.pump();
+    let r = reserve(vm(0), &[2000, 2001, 2002, 2003]);
+    let t =
+        o.r.reserve(&r)
+            .expect("connected, snapshot queued: a ticket");
+    assert_eq!(t.target, srv.local_addr());
+    assert_eq!(
+        t.seq,
+        o.r.seq(),
+        "the reserve takes the sender's next number"
+    );
+    assert!(
+        eventually(WAIT, || o.r.is_acked(&t)),
+        "never acked: {:?} / {:?}",
+        o.r.stats(),
+        store.stats()
+    );
+    // The ack vouches for the snapshot and every record queued before the reserve: they are
+    // in the store when it arrives, no waiting.
+    let want = o.live(&set(&[vm(0), vm(1)]));
+    assert_eq!(want.len(), 80);
+    assert_eq!(stored(&store, &set(&[vm(0), vm(1)])), want);
+    assert_eq!(store.reserves(vm(0)), vec![r.clone()]);
+    assert!(store.reserves(vm(1)).is_empty());
+    // Acked stays acked on the same connection; an ack of a later reserve covers an earlier
+    // one of the same connection.
+    assert!(o.r.is_acked(&t));
+    let r2 = reserve(vm(1), &[3000]);
+    let r3 = reserve(vm(1), &[3001]);
+    let t2 = o.r.reserve(&r2).expect("ticket");
+    let t3 = o.r.reserve(&r3).expect("ticket");
+    assert!(t2.seq < t3.seq && t2.conn == t.conn && t3.conn == t.conn);
+    assert!(eventually(WAIT, || o.r.is_acked(&t3)));
+    assert!(o.r.is_acked(&t2));
+    assert_eq!(store.reserves(vm(1)), vec![r2, r3]);
+    assert!(eventually(WAIT, || store.stats().acks_sent == 3));
+    let (st, rs) = (store.stats(), o.r.stats());
+    assert_eq!(
+        (st.reserves_received, st.acks_sent, st.reserves),
+        (3, 3, 3),
+        "{st:?}"
+    );
+    assert_eq!(rs.reserves_queued, 3, "{rs:?}");
+    assert!(rs.acks_received >= 1, "{rs:?}");
+    assert_eq!((st.malformed, rs.write_errors), (0, 0), "{st:?} {rs:?}");
+}
+
+#[test]
+fn r10_4_a_reserve_is_queued_only_after_the_instances_snapshot_on_a_live_connection() {
+    let r = Replicator::new(node("gw-a"), 1);
+    // No target.
+    assert_eq!(r.reserve(&reserve(vm(0), &[1])), None);
+    // A target with no connection (nothing listens there).
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    r.set_targets(targets(&[vm(0)], dead));
+    assert!(
+        eventually(WAIT, || r.stats().connect_failures >= 1),
+        "{:?}",
+        r.stats()
+    );
+    // (Never connected, so never synced either: a_reconnect_voids_earlier_reserve_tickets
+    // checks a synced instance whose connection is down.)
+    assert_eq!(r.reserve(&reserve(vm(0), &[1])), None);
+    // Connected, but the instance's snapshot is not queued yet.
+    let (srv, store) = server();
+    r.set_targets(targets(&[vm(0)], srv.local_addr()));
+    assert!(eventually(WAIT, || r.needs_snapshot()), "{:?}", r.stats());
+    assert_eq!(r.reserve(&reserve(vm(0), &[1])), None);
+    r.offer_snapshot(&FlowState::default(), r.seq());
+    let t0 = r
+        .reserve(&reserve(vm(0), &[1]))
+        .expect("snapshot queued: a ticket");
+    // An instance that gets this (connected) target later waits for its own snapshot.
+    r.set_targets(targets(&[vm(0), vm(1)], srv.local_addr()));
+    assert!(r.needs_snapshot());
+    assert_eq!(r.reserve(&reserve(vm(1), &[2])), None);
+    // A snapshot the caller asks for (a refresh) does not stop reserves of a synced instance.
+    r.request_snapshot();
+    let t1 = r
+        .reserve(&reserve(vm(0), &[3]))
+        .expect("a refresh does not stop reserves");
+    r.offer_snapshot(&FlowState::default(), r.seq());
+    let t2 = r
+        .reserve(&reserve(vm(1), &[2]))
+        .expect("its snapshot queued: a ticket");
+    // Too many ports: refused, nothing queued.
+    assert_eq!(
+        r.reserve(&reserve(vm(0), &vec![9; MAX_RESERVE_PORTS + 1])),
+        None
+    );
+    assert!(eventually(WAIT, || r.is_acked(&t2)));
+    assert!(r.is_acked(&t0) && r.is_acked(&t1));
+    assert_eq!(
+        store.reserves(vm(0)),
+        vec![reserve(vm(0), &[1]), reserve(vm(0), &[3])]
+    );
+    assert_eq!(store.reserves(vm(1)), vec![reserve(vm(1), &[2])]);
+    assert_eq!(r.stats().reserves_queued, 3);
+    // The instance moves to another target: its reserves wait for the snapshot there.
+    let (srv2, _store2) = server();
+    r.set_targets(targets(&[vm(0), vm(1)], srv2.local_addr()));
+    assert_eq!(r.reserve(&reserve(vm(0), &[4])), None);
+    drop((srv, srv2));
+}
+
+#[test]
+fn r10_4_a_reconnect_voids_earlier_reserve_tickets() {
+    let (mut srv, store) = server();
+    let addr = srv.local_addr();
+    let mut o = Origin::new("gw-a", 1);
+    o.connect(targets(&[vm(0)], addr));
+    let r1 = reserve(vm(0), &[1024, 1025]);
+    let t1 = o.r.reserve(&r1).expect("ticket");
+    assert!(eventually(WAIT, || o.r.is_acked(&t1)));
+    assert_eq!(store.reserves(vm(0)), vec![r1]);
+    // The receiver restarts (empty) on the same address: a new connection.
+    srv.stop();
+    drop(srv);
+    assert!(
+        eventually(WAIT, || !o.r.is_acked(&t1)),
+        "an ack of a closed connection still counts: {:?}",
+        o.r.stats()
+    );
+    // While the synced instance's target has no connection: no reserve.
+    assert_eq!(o.r.stats().connected, 0, "{:?}", o.r.stats());
+    assert_eq!(o.r.reserve(&reserve(vm(0), &[1027])), None);
+    let store2 = ReplicaStore::new();
+    let srv2 = ReplicaServer::bind(addr, store2.clone()).expect("bind the same address again");
+    assert!(
+        eventually(WAIT, || o.r.needs_snapshot()),
+        "no reconnect: {:?}",
+        o.r.stats()
+    );
+    let r2 = reserve(vm(0), &[1026]);
+    assert_eq!(
+        o.r.reserve(&r2),
+        None,
+        "before the new connection's snapshot"
+    );
+    o.snapshot();
+    let t2 = o.r.reserve(&r2).expect("ticket");
+    assert!(t2.conn > t1.conn, "{t1:?} {t2:?}");
+    assert!(eventually(WAIT, || o.r.is_acked(&t2)));
+    // The new connection acked a later number; the old ticket is still not acked.
+    assert!(t2.seq > t1.seq);
+    assert!(!o.r.is_acked(&t1));
+    assert_eq!(store2.reserves(vm(0)), vec![r2]);
+    drop(srv2);
+}
+
+#[test]
+fn r10_4_an_overflow_voids_earlier_reserve_tickets() {
+    // The test is the receiver: it accepts, never reads, and writes acks by hand.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let r = Replicator::new(node("gw-a"), 1);
+    r.set_targets(targets(&[vm(0)], l.local_addr().expect("addr")));
+    let (mut peer, _) = l.accept().expect("accept");
+    assert!(eventually(WAIT, || r.needs_snapshot()));
+    r.offer_snapshot(&FlowState::default(), r.seq());
+    let t1 = r.reserve(&reserve(vm(0), &[1])).expect("ticket");
+    let t2 = r.reserve(&reserve(vm(0), &[2])).expect("ticket");
+    assert!(!r.is_acked(&t1), "acked before any ack");
+    peer.write_all(&enc(&Message::Ack { seq: t1.seq }))
+        .expect("ack");
+    assert!(eventually(WAIT, || r.is_acked(&t1)));
+    assert!(
+        !r.is_acked(&t2),
+        "an ack covers only its reserve and earlier ones"
+    );
+    // The buffer overflows (the receiver does not read): queued bytes are dropped.
+    let batch: Vec<FlowChange> = (0..10_000u32)
+        .map(|i| FlowChange::Opened {
+            at: 1,
+            instance: "vm-0".into(),
+            slot: 0,
+            key: FlowKey {
+                proto: 17,
+                src: vm(0),
+                sport: i as u16,
+                dst: ip("198.51.100.90"),
+                dport: 53,
+                public: ip("192.0.2.1"),
+                pport: 1024,
+            },
+        })
+        .collect();
+    let mut offered = 0;
+    while r.stats().overflows == 0 && offered < 400 {
+        r.offer(&batch);
+        offered += 1;
+    }
+    let rs = r.stats();
+    assert!(rs.overflows >= 1, "{rs:?}");
+    assert_eq!(rs.connects, 1, "still the first connection: {rs:?}");
+    assert!(
+        !r.is_acked(&t1),
+        "a ticket from before the overflow still counts"
+    );
+    // Even an ack of every number would not make it count again.
+    let _ = peer.write_all(&enc(&Message::Ack { seq: u64::MAX }));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!r.is_acked(&t1) && !r.is_acked(&t2));
+    // The instance needs its snapshot again before a new reserve.
+    assert!(r.needs_snapshot());
+    assert_eq!(r.reserve(&reserve(vm(0), &[3])), None);
+    r.offer_snapshot(&FlowState::default(), r.seq());
+    let t3 = r.reserve(&reserve(vm(0), &[3])).expect("ticket");
+    assert!(t3.conn > t1.conn, "{t1:?} {t3:?}");
+    assert_eq!(r.stats().connects, 1, "{:?}", r.stats());
+    let t = Instant::now();
+    drop(r);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "drop took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn r10_4_the_receiver_acks_a_reserve_on_the_wire_after_applying_it() {
+    let (srv, store) = server();
+    let mut raw = RawSender::connect(srv.local_addr(), "gw-a", 1);
+    let key = FlowKey {
+        proto: 6,
+        src: vm(0),
+        sport: 1,
+        dst: ip("198.51.100.1"),
+        dport: 443,
+        public: ip("192.0.2.1"),
+        pport: 1500,
+    };
+    raw.send(&Message::Opened { seq: 1, key, at: 1 });
+    let r = reserve(vm(0), &[1500, 1501]);
+    raw.send(&reserve_msg(7, &r));
+    let ack = raw.read_frame().expect("an ack");
+    // u32 LE length 9, kind 7, the reserve's number as u64 LE.
+    let mut want = vec![9, 0, 0, 0, 7];
+    want.extend_from_slice(&7u64.to_le_bytes());
+    assert_eq!(ack, want);
+    assert_eq!(Message::decode(&ack[4..]), Ok(Message::Ack { seq: 7 }));
+    // Applied before the ack was written: the delta before it and the reserve itself.
+    assert_eq!(stored(&store, &set(&[vm(0)])), BTreeSet::from([k(&key)]));
+    assert_eq!(store.reserves(vm(0)), vec![r]);
+    // (The counter follows the ack's write.)
+    assert!(eventually(WAIT, || store.stats().acks_sent == 1));
+    assert_eq!(store.stats().reserves_received, 1);
+    // Deltas, snapshots and forgets are not acknowledged.
+    raw.send(&Message::Closed { seq: 8, key, at: 2 });
+    raw.send(&Message::Forget {
+        seq: 9,
+        instances: vec![vm(1)],
+    });
+    raw.send(&reserve_msg(10, &reserve(vm(2), &[1])));
+    let ack = raw.read_frame().expect("an ack");
+    assert_eq!(Message::decode(&ack[4..]), Ok(Message::Ack { seq: 10 }));
+}
+
+#[test]
+fn r10_4_a_malformed_reserve_closes_the_connection_and_is_counted() {
+    let (srv, store) = server();
+    let mut raw = RawSender::connect(srv.local_addr(), "gw-a", 1);
+    let good = reserve(vm(0), &[1, 2]);
+    raw.send(&reserve_msg(1, &good));
+    assert!(raw.read_frame().is_some());
+    raw.send(&reserve_msg(
+        2,
+        &reserve(vm(0), &vec![3; MAX_RESERVE_PORTS + 1]),
+    ));
+    assert!(raw.closed(), "the connection stays open");
+    // (Counted just after the close.)
+    assert!(
+        eventually(WAIT, || store.stats().connections == 0),
+        "{:?}",
+        store.stats()
+    );
+    let st = store.stats();
+    assert_eq!(st.malformed, 1, "{st:?}");
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("1025 ports"),
+        "{st:?}"
+    );
+    assert_eq!(store.reserves(vm(0)), vec![good]);
+}
+
+#[test]
+fn r10_4_the_store_keeps_the_last_two_reserves_until_taken_or_forgotten() {
+    let (srv, store) = server();
+    let mut a = RawSender::connect(srv.local_addr(), "gw-a", 1);
+    let r = |p: u16| reserve(vm(0), &[p, p + 1]);
+    for (seq, p) in [(1, 10), (2, 20), (3, 30)] {
+        a.send(&reserve_msg(seq, &r(p)));
+        assert!(a.read_frame().is_some());
+    }
+    assert_eq!(store.reserves(vm(0)), vec![r(20), r(30)], "the last two");
+    // A repeated reserve counts again.
+    a.send(&reserve_msg(4, &r(30)));
+    assert!(a.read_frame().is_some());
+    assert_eq!(store.reserves(vm(0)), vec![r(30), r(30)]);
+    a.send(&reserve_msg(5, &r(40)));
+    assert!(a.read_frame().is_some());
+    assert_eq!(store.reserves(vm(0)), vec![r(30), r(40)]);
+    // Snapshots of the sender (with and without the instance's flows) and `take` leave them.
+    a.send(&Message::Snapshot {
+        seq_at_start: 5,
+        instances: vec![vm(0), vm(1)],
+        state: FlowState {
+            flows: vec![FlowRecord {
+                key: FlowKey {
+                    proto: 6,
+                    src: vm(0),
+                    sport: 1,
+                    dst: 2,
+                    dport: 3,
+                    public: ip("192.0.2.1"),
+                    pport: 31,
+                },
+                last_seen: 1,
+                close_at: 0,
+                tcp_state: 0,
+                born: 1,
+            }],
+            ..FlowState::default()
+        },
+    });
+    assert!(eventually(WAIT, || store.stats().snapshots == 1));
+    assert_eq!(store.reserves(vm(0)), vec![r(30), r(40)]);
+    assert_eq!(store.take(&set(&[vm(0)])).flows.len(), 1);
+    assert_eq!(store.reserves(vm(0)), vec![r(30), r(40)]);
+    // Another sender's `Forget` leaves them; this sender's drops those numbered below it.
+    let mut b = RawSender::connect(srv.local_addr(), "gw-b", 1);
+    b.send(&Message::Forget {
+        seq: 100,
+        instances: vec![vm(0)],
+    });
+    assert!(eventually(WAIT, || store.stats().forgets == 1));
+    assert_eq!(store.reserves(vm(0)), vec![r(30), r(40)]);
+    a.send(&Message::Forget {
+        seq: 5,
+        instances: vec![vm(0)],
+    });
+    assert!(eventually(WAIT, || store.stats().forgets == 2));
+    assert_eq!(
+        store.reserves(vm(0)),
+        vec![r(40)],
+        "the one numbered 5 stays"
+    );
+    a.send(&Message::Forget {
+        seq: 6,
+        instances: vec![vm(0)],
+    });
+    assert!(eventually(WAIT, || store.stats().forgets == 3));
+    assert!(store.reserves(vm(0)).is_empty());
+    // A reserve arriving late (numbered below that `Forget`, from an older connection) is
+    // acked but not kept.
+    let mut late = RawSender::connect(srv.local_addr(), "gw-a", 1);
+    late.send(&reserve_msg(4, &r(50)));
+    assert!(late.read_frame().is_some());
+    assert!(store.reserves(vm(0)).is_empty());
+    // A newer incarnation's snapshot (which drops older incarnations' flows) leaves them.
+    a.send(&reserve_msg(7, &r(60)));
+    assert!(a.read_frame().is_some());
+    b.send(&reserve_msg(1, &reserve(vm(1), &[70])));
+    assert!(b.read_frame().is_some());
+    let mut a2 = RawSender::connect(srv.local_addr(), "gw-a", 2);
+    a2.send(&Message::Snapshot {
+        seq_at_start: 0,
+        instances: vec![vm(0)],
+        state: FlowState::default(),
+    });
+    assert!(eventually(WAIT, || store.stats().snapshots == 2));
+    assert_eq!(store.reserves(vm(0)), vec![r(60)]);
+    // `take_reserves` removes and returns those of the instances asked for.
+    assert_eq!(store.take_reserves(&set(&[vm(0), vm(3)])), vec![r(60)]);
+    assert!(store.reserves(vm(0)).is_empty());
+    assert!(store.take_reserves(&set(&[vm(0)])).is_empty());
+    assert_eq!(store.reserves(vm(1)), vec![reserve(vm(1), &[70])]);
+    let st = store.stats();
+    assert_eq!(st.superseded, 1, "{st:?}");
+    assert_eq!(st.reserves, 1, "{st:?}");
+    drop((a, b, late, a2));
+}
+
+#[test]
+fn r10_4_an_instance_with_only_a_reserve_is_listed() {
+    let (srv, store) = server();
+    let mut a = RawSender::connect(srv.local_addr(), "gw-a", 3);
+    a.send(&reserve_msg(1, &reserve(vm(2), &[5000])));
+    assert!(a.read_frame().is_some());
+    let listed = store.instances();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let x = &listed[0];
+    assert_eq!(
+        (x.private_ip, x.flows, x.reserves, x.layout),
+        (vm(2), 0, 1, false)
+    );
+    assert_eq!((x.origin.as_str(), x.incarnation), ("gw-a", 3));
+    assert_eq!(store.stats().instances, 1);
+    // With flows too: one entry, both counted.
+    a.send(&Message::Opened {
+        seq: 2,
+        key: FlowKey {
+            proto: 6,
+            src: vm(2),
+            sport: 1,
+            dst: 2,
+            dport: 3,
+            public: ip("192.0.2.1"),
+            pport: 5000,
+        },
+        at: 1,
+    });
+    assert!(eventually(WAIT, || store.stats().opened == 1));
+    let listed = store.instances();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].flows, listed[0].reserves), (1, 1));
+    // `take` leaves the reserve, and the instance listed; `take_reserves` ends it.
+    assert_eq!(store.take(&set(&[vm(2)])).flows.len(), 1);
+    let listed = store.instances();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].flows, listed[0].reserves), (0, 1));
+    assert_eq!(store.take_reserves(&set(&[vm(2)])).len(), 1);
+    assert!(store.instances().is_empty());
+    assert_eq!(store.stats().instances, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
