@@ -43,10 +43,11 @@ use snatgw_fleet::{
     rendezvous, Coordinator, EtcdCoordinator, EtcdOptions, EtcdStore, LeaseConfig, Member,
     MonotonicClock, NodeId, Resource, Takeover,
 };
-use snatgw_fleet::{ReplicaServer, ReplicaStore, Replicator};
+use snatgw_fleet::{PortReserve, ReplicaServer, ReplicaStore, Replicator};
 use snatgw_runtime::{FleetHooks, Injector};
 
 use crate::fleet_link::Steering;
+use crate::reserve::{ReserveKeeper, STEP_EVERY};
 use snatgw_io::fastpath::{FastPathSteer, SteerTable};
 
 /// Runs after the fleet changed the engine's flows outside a packet batch (an import on
@@ -66,6 +67,9 @@ struct Link {
     /// The kernel fast path's steering maps (R10.3 in the kernel), when the fast path runs:
     /// refreshed with the userspace route table after every tick.
     kernel: Option<Mutex<FastPathSteer>>,
+    /// The owned instances' port reserves (R10.4, [`crate::reserve`]). Locked after the
+    /// gateway, never before it.
+    keeper: Arc<Mutex<ReserveKeeper>>,
 }
 
 /// The etcd endpoints of `--fleet etcd://HOST:PORT[,HOST:PORT]`, as client URLs.
@@ -246,6 +250,7 @@ impl FleetRun {
                     replicator,
                     time: FleetTime::default(),
                     kernel: None,
+                    keeper: Arc::new(Mutex::new(ReserveKeeper::new())),
                 })
             }
             None => None,
@@ -360,13 +365,26 @@ impl FleetRun {
                         .spawn_receiver(injector, stop.clone())
                         .map_err(|e| format!("spawning the fleet link's receiver: {e}"))?,
                 );
-                let (stop, gw, r, time) =
+                let (stop2, gw, r, time) =
                     (stop.clone(), gateway.clone(), l.replicator.clone(), l.time);
                 threads.push(
                     std::thread::Builder::new()
                         .name("snatgw-fleet-snap".into())
-                        .spawn(move || snapshot_loop(&gw, &r, &stop, time))
+                        .spawn(move || snapshot_loop(&gw, &r, &stop2, time))
                         .map_err(|e| format!("spawning the replication thread: {e}"))?,
+                );
+                let (stop, gw, r, keeper, shared) = (
+                    stop.clone(),
+                    gateway.clone(),
+                    l.replicator.clone(),
+                    l.keeper.clone(),
+                    self.shared.clone(),
+                );
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("snatgw-fleet-rsv".into())
+                        .spawn(move || reserve_loop(&gw, &r, &keeper, &shared, &stop))
+                        .map_err(|e| format!("spawning the port reserve thread: {e}"))?,
                 );
                 tracing::info!(link = %l.addr, "fleet: link up (steering R10.3, flow replication R10.4)");
                 Some(l)
@@ -415,15 +433,16 @@ impl FleetRun {
     }
 }
 
-/// A random-enough incarnation number for this process (the replication tells a restarted
-/// node's stream from its previous one by it).
+/// This process's incarnation number for the replication: its start time in microseconds
+/// since the Unix epoch. It must grow with every start of a node: a receiver refuses a
+/// sender whose incarnation is older than one it has seen from that node (a paused earlier
+/// process, `snatgw_fleet::replica`). (It was a hash of the time and the process id until
+/// 2026-12-05: a restarted node's stream was then refused about every other restart, which
+/// went unnoticed until port reserves needed the runner-up's acknowledgements.)
 fn incarnation() -> u64 {
-    let t = SystemTime::now()
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    snatgw_core::hash::fnv1a64(
-        &[&t.to_le_bytes()[..], &std::process::id().to_le_bytes()[..]].concat(),
-    )
+        .map_or(1, |d| d.as_micros() as u64)
 }
 
 /// Sends the replication a full export whenever it asks for one (a new target, a reconnect,
@@ -446,6 +465,58 @@ fn snapshot_loop(gw: &Mutex<Gateway>, r: &Replicator, stop: &AtomicBool, time: F
         let mut st = snatgw_runtime::persist::export_flows(gw, |_| {});
         FleetTime::move_state(&mut st, time.offset);
         r.offer_snapshot(&st, seq);
+    }
+}
+
+/// Keeps the owned instances' port reserves (R10.4, [`crate::reserve`]): every
+/// [`STEP_EVERY`], one pass under the gateway lock.
+fn reserve_loop(
+    gw: &Mutex<Gateway>,
+    r: &Replicator,
+    keeper: &Mutex<ReserveKeeper>,
+    shared: &Shared,
+    stop: &AtomicBool,
+) {
+    let mut last = std::time::Instant::now();
+    // Since when some owned instance has had no usable reserve, and whether that was logged.
+    let mut waiting_since: Option<(std::time::Instant, bool)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(STEP_EVERY);
+        let owned = shared.read().owned.clone();
+        let rep = {
+            let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
+            let mut k = keeper.lock().unwrap_or_else(|p| p.into_inner());
+            k.step(g.engine_mut(), r, &owned)
+        };
+        if rep.resync > 0 {
+            tracing::debug!(instances = rep.resync, "fleet: port reserves resync (new runner-up, reconnect or overflow): new flows keep to the newest reserve until the runner-up acknowledges it again (R10.4)");
+        }
+        let s = keeper.lock().unwrap_or_else(|p| p.into_inner()).stats();
+        match (&mut waiting_since, s.waiting) {
+            (None, n) if n > 0 => waiting_since = Some((std::time::Instant::now(), false)),
+            (Some(_), 0) => {
+                if waiting_since.is_some_and(|(_, logged)| logged) {
+                    tracing::info!("fleet: every owned instance has an acknowledged port reserve again (R10.4)");
+                }
+                waiting_since = None;
+            }
+            (Some((t, logged)), n) if !*logged && t.elapsed() >= Duration::from_secs(5) => {
+                *logged = true;
+                tracing::warn!(instances = n, "fleet: owned instances have had no port reserve acknowledged by their runner-up for 5 s: their new flows are refused (drop reason port_reserve) until it answers on the fleet link (R10.4)");
+            }
+            _ => {}
+        }
+        if last.elapsed() >= Duration::from_secs(10) {
+            last = std::time::Instant::now();
+            tracing::debug!(
+                sent = s.sent,
+                acked = s.acked,
+                resyncs = s.resyncs,
+                fenced = s.fenced,
+                waiting = s.waiting,
+                "fleet: port reserves"
+            );
+        }
     }
 }
 
@@ -562,7 +633,14 @@ fn member_loop(
             })
             .collect();
         if !gained.is_empty() {
-            open_takeover_windows(gw, &private_ips(&cfg, &gained));
+            let ips = private_ips(&cfg, &gained);
+            open_takeover_windows(gw, &ips);
+            if let Some(l) = link {
+                // New flows of a gained instance wait for its runner-up's first reserve.
+                let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
+                let mut k = l.keeper.lock().unwrap_or_else(|p| p.into_inner());
+                k.fence_gained(g.engine_mut(), &ips);
+            }
         }
         // The private addresses of the instances this node holds grants for: what the
         // imports, the data path's view and the route tables below all ask about.
@@ -693,6 +771,7 @@ fn import_taken(
     node: &NodeId,
 ) {
     let mut st = l.store.take(ips);
+    let reserves = l.store.take_reserves(ips);
     FleetTime::move_state(&mut st, -l.time.offset);
     let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
     let now = g.engine().now();
@@ -701,6 +780,17 @@ fn import_taken(
     }
     let offered = st.flows.len();
     let rep = g.engine_mut().import_state(&st);
+    // The ports of the last two reserves the previous owner had acknowledged here: a flow
+    // whose record was lost lies on one of them (crate::reserve). Held against every
+    // destination for the FIN timeout (R3.2), whether or not a flow is known on them.
+    let fin = g.engine().topology().params.fin_timeout;
+    let held: usize = reserves
+        .iter()
+        .map(|r| {
+            g.engine_mut()
+                .hold_ports(r.instance, r.public, &r.ports, now, fin)
+        })
+        .sum();
     after_change(&mut g);
     drop(g);
     tracing::info!(
@@ -712,6 +802,8 @@ fn import_taken(
         skipped_port = rep.skipped_port,
         skipped_conflict = rep.skipped_conflict,
         releases = rep.releases,
+        reserves = reserves.len(),
+        ports_held = held,
         "fleet: took over instances with their replicated flows (R10.4)"
     );
 }
@@ -775,7 +867,58 @@ fn hand_over(
     FleetTime::move_state(&mut st, l.time.offset);
     l.replicator.offer_snapshot(&st, seq);
     let flushed = l.replicator.flush(Duration::from_millis(500));
-    tracing::info!(instance = name, to = %owner, flushed, "fleet: handed an instance's flows over to its new owner (R10.4)");
+    let confirmed = confirm_hand_over(l, gw, ips, Duration::from_millis(500));
+    if confirmed {
+        tracing::info!(instance = name, to = %owner, flushed, "fleet: handed an instance's flows over to its new owner, acknowledged (R10.4)");
+    } else {
+        tracing::warn!(instance = name, to = %owner, flushed, "fleet: an instance's hand-over was not acknowledged by its new owner within 500 ms; flows whose records do not arrive break, and only their talking peers' ports are held there (R10.4)");
+    }
+}
+
+/// Waits (up to `within`) until the new owner acknowledges an empty port reserve of each
+/// instance at `ips`, queued after the hand-over's snapshot (`Replicator::reserve`): the
+/// acknowledgement means the snapshot and every record before it arrived. This node stopped
+/// opening flows for the instances before it exported them, so the new owner then knows every
+/// flow, and two empty reserves replace whatever reserves it held for them (nothing to hold).
+fn confirm_hand_over(l: &Link, gw: &Mutex<Gateway>, ips: &HashSet<u32>, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    // Two empty reserves: the new owner keeps the last two it received, so both of whatever
+    // it held for these instances are pushed out.
+    let mut left: Vec<(PortReserve, Option<snatgw_fleet::ReserveTicket>)> = {
+        let g = gw.lock().unwrap_or_else(|p| p.into_inner());
+        ips.iter()
+            .filter_map(|&ip| {
+                let (public, _) = g.engine().pat_ports(ip)?;
+                Some((
+                    PortReserve {
+                        instance: ip,
+                        public,
+                        ports: Vec::new(),
+                    },
+                    None,
+                ))
+            })
+            .collect()
+    };
+    loop {
+        left.retain_mut(|(r, t)| match t {
+            Some(t) => !l.replicator.is_acked(t),
+            None => {
+                *t = l
+                    .replicator
+                    .reserve(r)
+                    .and_then(|_| l.replicator.reserve(r));
+                true
+            }
+        });
+        if left.is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Refreshes where refused packets are steered (each instance another live node owns, by

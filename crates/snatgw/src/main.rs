@@ -29,6 +29,7 @@ mod fleet_link;
 mod keepalive;
 mod lab;
 mod plan;
+mod reserve;
 mod run;
 mod show;
 
