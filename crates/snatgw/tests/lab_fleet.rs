@@ -25,6 +25,10 @@
 //!   forwards), no two live connections share (public IP, port, server), each instance's new
 //!   flows are opened by its owners in rendezvous order, and the partitioned node stops opening
 //!   flows within its lease before any other node opens one for its instances.
+//! - `r10_4_ports_of_lost_records_are_held_after_a_takeover`: gw2's replication stream to an
+//!   instance's runner-up is cut, connections opened through gw2 are lost with it when gw2 is
+//!   killed; the instance's new connections to the same server, filling its block on the
+//!   taker, never come from a lost connection's public IP:port (port reserves, R10.4).
 //! - `r10_5_etcd_killed_30s`: with TTL 40 s (a node rides out an etcd outage shorter than
 //!   TTL − TTL/5), held and new connections keep working through 30 s without etcd, a PUT
 //!   answers 503, and after etcd returns a PUT on node 2 is on nodes 1 and 3 within 1 s.
@@ -58,6 +62,7 @@ fn opts(tag: &'static str, ttl_secs: u64, gateways: usize) -> Opts {
         gateways,
         start: 3,
         fleet_link: true,
+        fin_timeout_secs: 5,
     }
 }
 
@@ -1224,4 +1229,146 @@ fn r10_5_etcd_killed_30s() {
         .fleet_status()
         .expect("fleet status after etcd returned");
     assert_eq!(FleetLab::live_nodes(&st), BTreeSet::from([1, 2, 3]), "{st}");
+}
+
+/// R10.4 (issue #19), ports of flows whose replication records were lost: the owner opens new
+/// flows only on ports of a reserve its runner-up acknowledged, and the runner-up, taking
+/// over, holds the last two reserves it received for the FIN timeout against every
+/// destination. Here gw2's replication stream to its instance's runner-up is cut (nftables in
+/// the runner-up's namespace drops the fleet link's TCP from gw2; steering's UDP still flows),
+/// 24 connections are opened through gw2 (their records never arrive), gw2 is killed, and the
+/// instance's new connections to the same server fill its block on the taker. None of them
+/// may come from the public IP:port of a lost connection, which the server still holds open
+/// (it would see a reused 5-tuple, R3.2). The replicated connections keep working, and the
+/// holds take no more than two reserves (a quarter of the block).
+#[test]
+fn r10_4_ports_of_lost_records_are_held_after_a_takeover() {
+    use std::net::SocketAddrV4;
+    let _serial = serial();
+    if !lab_or_skip() {
+        return;
+    }
+    let mut lab = FleetLab::up(Opts {
+        fin_timeout_secs: 120,
+        ..opts("h", 3, 3)
+    });
+    let ttl = lab.ttl;
+    let owners = lab.expected_owners(&[1, 2, 3]);
+    let victim = 2;
+    let i = (0..INSTANCES)
+        .find(|&i| owners[&lab.insts[i].name] == victim)
+        .expect("gw2 owns an instance");
+    let name = lab.insts[i].name.clone();
+    let taker = lab.expected_owners(&[1, 3])[&name];
+    let dst = SocketAddrV4::new(SERVERS[0], SRV_PORT);
+    let connect = Duration::from_secs(3);
+
+    // Replicated: opened while the stream flows, then given a second to arrive.
+    let (mut known, fails) = lab.hold_to(i, dst, 20, 4, connect, 20);
+    let fails: Vec<String> = fails.iter().map(|f| format!("{f:?}")).collect();
+    assert_none("replicated connections that did not open", &fails);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Lost: the taker no longer receives gw2's stream.
+    lab.nft(
+        &lab.gw_ns(taker),
+        &format!(
+            "table inet flabrepl {{\n  chain in {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {} tcp dport {FLEET_LINK_PORT} drop\n  }}\n}}\n",
+            gw_fleet_ip(victim)
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (lost, fails) = lab.hold_to(i, dst, 24, 4, connect, 24);
+    let fails: Vec<String> = fails.iter().map(|f| format!("{f:?}")).collect();
+    assert_none(
+        "connections through gw2 after the cut that did not open",
+        &fails,
+    );
+    let lost_ports: BTreeSet<SocketAddrV4> = lost.iter().map(|c| c.seen).collect();
+    eprintln!(
+        "i{i} ({name}): {} replicated, {} lost connections through gw{victim}; gw{taker} takes over",
+        known.len(),
+        lost.len()
+    );
+
+    let t_kill = lab.kill_node(victim);
+    lab.ecmp_remove(victim);
+    let want = lab.expected_owners(&[1, 3]);
+    let mut took = None;
+    while t_kill.elapsed() < ttl + Duration::from_secs(5) {
+        if lab
+            .fleet_status()
+            .is_some_and(|st| FleetLab::holders(&st) == want)
+        {
+            took = Some(t_kill.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = took.expect("the fleet took gw2's instances over");
+    eprintln!("etcd shows the takeover {:.2} s after the kill", secs(took));
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Fill the block toward the same server, until eight attempts in a row fail.
+    let t_fill = Instant::now();
+    let (fill, fill_fails) = lab.hold_to(i, dst, 1100, 8, connect, 8);
+    eprintln!(
+        "fill: {} new connections, {} failed, in {:.1} s",
+        fill.len(),
+        fill_fails.len(),
+        secs(t_fill.elapsed())
+    );
+    let reused: Vec<String> = fill
+        .iter()
+        .filter(|c| lost_ports.contains(&c.seen))
+        .map(|c| format!("conn {} from {} (a lost connection's)", c.id, c.seen))
+        .collect();
+    assert_none(
+        "new connections from the public IP:port of a lost, still open connection",
+        &reused,
+    );
+    // The block is 1024 ports (R2.8, 3 instances per public IP), a reserve 128
+    // (reserve_size): the holds cost at most two reserves.
+    let served = fill.len() + known.len() + lost.len();
+    assert!(
+        served >= 1024 - 2 * 128,
+        "only {served} connections of 1024 ports ({} new): the holds took more than two reserves",
+        fill.len()
+    );
+    assert!(
+        fill_fails.len() >= 8,
+        "the fill ended before the block was exhausted"
+    );
+    assert!(
+        fill.len() < 1024 - known.len() - lost.len(),
+        "the new connections had every port but the live ones: nothing was held"
+    );
+
+    // The replicated connections keep their public IP:port across the takeover (R10.4).
+    let r = exchange(&mut known, 1, Duration::from_secs(10));
+    let bad: Vec<String> = r
+        .iter()
+        .zip(&known)
+        .filter(|(r, c)| r.as_ref().map_or(true, |p| *p != c.seen))
+        .map(|(r, c)| format!("conn {} ({}): {r:?}", c.id, c.seen))
+        .collect();
+    assert_none("replicated connections failing after the takeover", &bad);
+
+    // The servers still hold the lost connections, never reset.
+    let records = lab.records();
+    let by_id = records_by_id(&records);
+    let bad: Vec<String> = lost
+        .iter()
+        .filter(|c| {
+            by_id
+                .get(&c.id)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .any(|r| matches!(r.closed, Some((_, Close::Reset))))
+        })
+        .map(|c| format!("conn {} ({})", c.id, c.seen))
+        .collect();
+    assert_none("lost connections the server saw reset", &bad);
+    drop(fill);
 }

@@ -282,6 +282,8 @@ pub struct Opts {
     pub start: usize,
     /// Pass `--fleet-link` (steering and flow replication, R10.3/R10.4).
     pub fleet_link: bool,
+    /// The topology's `fin_timeout_secs` (R3.2; also how long a takeover holds ports, R10.4).
+    pub fin_timeout_secs: u32,
 }
 
 /// One instance: a namespace with one address on the private bridge.
@@ -388,11 +390,11 @@ pub fn owner_of(name: &str, live: &[usize]) -> usize {
 }
 
 /// The lab's topology file (the same on every node).
-pub fn config_toml(names: &[String]) -> String {
-    let mut s = String::from(
+pub fn config_toml(names: &[String], fin_timeout_secs: u32) -> String {
+    let mut s = format!(
         "[gateway]\nseed = 19\nvnet_prefixes = [\"10.0.0.0/16\"]\n\
          default_snat_pool = [\"203.0.113.10\", \"203.0.113.11\"]\n\
-         fin_timeout_secs = 5\nrst_timeout_secs = 5\n",
+         fin_timeout_secs = {fin_timeout_secs}\nrst_timeout_secs = 5\n",
     );
     for (i, n) in names.iter().enumerate() {
         s.push_str(&format!(
@@ -435,7 +437,7 @@ impl FleetLab {
             })
             .collect();
         let config = dir.join("fleet.toml");
-        std::fs::write(&config, config_toml(&names)).expect("config");
+        std::fs::write(&config, config_toml(&names, opts.fin_timeout_secs)).expect("config");
         let token = "fleet-lab-token".to_string();
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("token");
@@ -1598,6 +1600,62 @@ pub struct OpenFailure {
 }
 
 impl FleetLab {
+    /// Opens held connections from instance `inst` to `dst`, `parallel` connecting at once,
+    /// each within `connect_timeout`, until `n` were tried or `stop_after` attempts in a row
+    /// failed.
+    pub fn hold_to(
+        &self,
+        inst: usize,
+        dst: SocketAddrV4,
+        n: usize,
+        parallel: usize,
+        connect_timeout: Duration,
+        stop_after: usize,
+    ) -> (Vec<Conn>, Vec<OpenFailure>) {
+        let ns = self.insts[inst].ns.clone();
+        let (mut conns, fails) = spawn_in(&ns, move || {
+            // (tried, failures in a row)
+            let state = Mutex::new((0usize, 0usize));
+            let out = Mutex::new((Vec::new(), Vec::new()));
+            std::thread::scope(|sc| {
+                for _ in 0..parallel.max(1) {
+                    sc.spawn(|| loop {
+                        {
+                            let mut st = lock(&state);
+                            if st.0 >= n || st.1 >= stop_after {
+                                return;
+                            }
+                            st.0 += 1;
+                        }
+                        let id = next_id();
+                        let r = open_conn(id, inst, dst, connect_timeout, HELD_USER_TIMEOUT_MS);
+                        let failed = r.is_err();
+                        {
+                            let mut st = lock(&state);
+                            st.1 = if failed { st.1 + 1 } else { 0 };
+                        }
+                        let mut o = lock(&out);
+                        match r {
+                            Ok(c) => o.0.push(c),
+                            Err((start, seen, error)) => o.1.push(OpenFailure {
+                                id,
+                                inst,
+                                start,
+                                seen,
+                                error,
+                            }),
+                        }
+                    });
+                }
+            });
+            out.into_inner().unwrap_or_else(|e| e.into_inner())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        conns.sort_by_key(|c: &Conn| c.id);
+        (conns, fails)
+    }
+
     /// Opens `counts[i]` held connections from instance `i` (alternating servers), at most 8
     /// connecting at once per instance, each within `connect_timeout`.
     pub fn hold(
