@@ -250,6 +250,10 @@ pub struct TakeoverHoldMetrics {
     /// Outbound TCP segments without a flow from instances in their window (a lost flow's
     /// client still sending; dropped, R3.1).
     pub lost_flow_packets: u64,
+    /// Public ports held against every destination after a takeover: the ports of the last
+    /// two port reserves the previous owner had acknowledged here (`Engine::hold_ports`).
+    #[serde(default)]
+    pub ports_held: u64,
 }
 
 /// One fleet node's gauges for `/metrics` (issue #19, SPEC §10): filled by the node's fleet
@@ -266,6 +270,10 @@ pub struct FleetGauges {
     /// Seconds until this node's local lease view ends (its self-fencing deadline, R10.2);
     /// 0 when it has no valid lease.
     pub lease_valid_seconds: f64,
+    /// Owned instances whose runner-up has acknowledged no port reserve of theirs now: their
+    /// new flows are refused (drop reason `port_reserve`) until it does (R10.4).
+    #[serde(default)]
+    pub reserve_waiting_instances: u64,
 }
 
 /// Where the backend reads the fleet gauges at every scrape (outside the gateway lock).
@@ -396,6 +404,7 @@ pub fn fill_policy_metrics(m: &mut MetricsSnapshot, e: &snatgw_core::Engine) {
         holds_total: t.holds_total,
         holds_refused_at_cap: t.holds_refused_at_cap,
         lost_flow_packets: t.lost_flow_packets,
+        ports_held: u64::from(t.ports_held),
     };
 }
 
@@ -755,6 +764,7 @@ impl Backend for GatewayBackend {
             probes: policy.probes,
             nsg_rules: policy.nsg_rules,
             inbound_rules: policy.inbound_rules,
+            takeover: policy.takeover,
             runtime: self.runtime.as_ref().map(|f| f()),
             fleet: self.fleet.as_ref().map(|f| f()),
             ..metrics_snapshot(&reports, &busiest, &drops, live, max)

@@ -32,7 +32,8 @@
 //! | `snatgw_fastpath_link_packets_total` (steered here by other nodes, R10.3) | counter | result = translated / passed_up / dropped |
 //!
 //! | `snatgw_fleet_nodes_live`, `snatgw_fleet_instances_owned`, `snatgw_fleet_lease_valid_seconds` (a fleet node's view, issue #19) | gauge | node |
-//! | `snatgw_fleet_takeover_windows_open`, `snatgw_fleet_takeover_holds` (R10.4, with the fleet gauges) | gauge | — |
+//! | `snatgw_fleet_takeover_windows_open`, `snatgw_fleet_takeover_holds`, `snatgw_fleet_takeover_ports_held` (R10.4, with the fleet gauges) | gauge | — |
+//! | `snatgw_fleet_port_reserve_waiting_instances` (R10.4: owned instances without an acknowledged port reserve) | gauge | node |
 //! | `snatgw_fleet_takeover_holds_made_total`, `_refused_total`, `snatgw_fleet_lost_flow_packets_total` | counter | — |
 //!
 //! The fleet gauges are exported only when the node runs in a fleet ([`MetricsSnapshot::fleet`]).
@@ -315,6 +316,12 @@ fn register_fleet(reg: &mut Registry, f: &FleetGauges) {
         "Instances this node may translate for now: granted to it under a valid lease (SPEC R10.1, R10.2)",
     );
     set(&owned, node(), f.instances_owned);
+    let waiting = gauge_family(
+        reg,
+        "snatgw_fleet_port_reserve_waiting_instances",
+        "Owned instances whose runner-up has acknowledged no port reserve now: their new flows are refused (drop reason port_reserve) until it does (SPEC R10.4)",
+    );
+    set(&waiting, node(), f.reserve_waiting_instances);
     let valid = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     reg.register(
         "snatgw_fleet_lease_valid_seconds",
@@ -340,6 +347,12 @@ fn register_takeover(reg: &mut Registry, t: &TakeoverHoldMetrics) {
         "Public ports held against new flows toward one remote: a flow of the previous owner whose state did not arrive still gets packets there (SPEC R10.4, held for the FIN timeout, R3.2)",
     );
     set(&holds, Vec::new(), t.holds_active);
+    let ports = gauge_family(
+        reg,
+        "snatgw_fleet_takeover_ports_held",
+        "Public ports held against every destination after a takeover: the last two port reserves the previous owner had acknowledged here (SPEC R10.4, held for the FIN timeout, R3.2)",
+    );
+    set(&ports, Vec::new(), t.ports_held);
     counter(
         reg,
         "snatgw_fleet_takeover_holds_made",
@@ -642,6 +655,7 @@ mod tests {
                 nodes_live: 3,
                 instances_owned: 4,
                 lease_valid_seconds: 7.5,
+                reserve_waiting_instances: 1,
             }),
             takeover: TakeoverHoldMetrics {
                 windows_open: 2,
@@ -649,6 +663,7 @@ mod tests {
                 holds_total: 9,
                 holds_refused_at_cap: 1,
                 lost_flow_packets: 3,
+                ports_held: 256,
             },
             ..Default::default()
         };
@@ -661,6 +676,8 @@ mod tests {
             // R10.4's takeover holds, with the fleet gauges only.
             "snatgw_fleet_takeover_windows_open 2",
             "snatgw_fleet_takeover_holds 5",
+            "snatgw_fleet_takeover_ports_held 256",
+            "snatgw_fleet_port_reserve_waiting_instances{node=\"gw-1\"} 1",
             "snatgw_fleet_takeover_holds_made_total 9",
             "snatgw_fleet_takeover_holds_refused_total 1",
             "snatgw_fleet_lost_flow_packets_total 3",

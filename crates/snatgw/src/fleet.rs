@@ -125,6 +125,8 @@ struct Shared {
     node: NodeId,
     clock: MonotonicClock,
     view: RwLock<View>,
+    /// Owned instances without an acknowledged port reserve (the reserve loop's count).
+    reserve_waiting: std::sync::atomic::AtomicU64,
 }
 
 /// Engine seconds are each node's own (seconds since its gateway clock's origin); the
@@ -206,6 +208,7 @@ impl Shared {
             nodes_live: v.nodes_live,
             instances_owned: if valid { v.owned_names as u64 } else { 0 },
             lease_valid_seconds: left.as_secs_f64(),
+            reserve_waiting_instances: self.reserve_waiting.load(Ordering::Relaxed),
         }
     }
 }
@@ -267,6 +270,7 @@ impl FleetRun {
                     valid_until: Duration::ZERO,
                     nodes_live: 0,
                 }),
+                reserve_waiting: std::sync::atomic::AtomicU64::new(0),
             }),
             link,
         })
@@ -492,6 +496,9 @@ fn reserve_loop(
             tracing::debug!(instances = rep.resync, "fleet: port reserves resync (new runner-up, reconnect or overflow): new flows keep to the newest reserve until the runner-up acknowledges it again (R10.4)");
         }
         let s = keeper.lock().unwrap_or_else(|p| p.into_inner()).stats();
+        shared
+            .reserve_waiting
+            .store(s.waiting as u64, Ordering::Relaxed);
         match (&mut waiting_since, s.waiting) {
             (None, n) if n > 0 => waiting_since = Some((std::time::Instant::now(), false)),
             (Some(_), 0) => {
@@ -1168,6 +1175,7 @@ mod tests {
                 valid_until: Duration::from_secs(3600),
                 nodes_live: 2,
             }),
+            reserve_waiting: std::sync::atomic::AtomicU64::new(0),
         };
         let (mine, other) = (
             u32::from(Ipv4Addr::new(10, 0, 1, 10)),

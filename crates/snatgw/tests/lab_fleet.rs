@@ -1309,6 +1309,21 @@ fn r10_4_ports_of_lost_records_are_held_after_a_takeover() {
     eprintln!("etcd shows the takeover {:.2} s after the kill", secs(took));
     std::thread::sleep(Duration::from_secs(1));
 
+    // The taker's /metrics: the ports of at most two reserves are held, the lost ones among
+    // them (checked below by the fill).
+    let held: u64 = lab
+        .metrics(taker)
+        .lines()
+        .find_map(|l| l.strip_prefix("snatgw_fleet_takeover_ports_held "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64);
+    eprintln!("gw{taker} holds {held} ports after the takeover");
+    assert!(
+        (lost.len() as u64..=2 * 128).contains(&held),
+        "gw{taker} holds {held} ports (between the {} lost and two reserves of 128 expected)",
+        lost.len()
+    );
+
     // Fill the block toward the same server, until eight attempts in a row fail.
     let t_fill = Instant::now();
     let (fill, fill_fails) = lab.hold_to(i, dst, 1100, 8, connect, 8);
