@@ -24,8 +24,11 @@
 //! released). With the kernel fast path running, the same route table also goes to the tc
 //! program ([`kernel_table`], `snatgw_io::fastpath::FastPathSteer`): packets of instances and
 //! port blocks another node owns are forwarded from the kernel, and only what it cannot send
-//! (GSO, too big for the link) comes up to the TUN path's steering. Not built: holding the
-//! ports of flows whose state did not arrive (docs/FLEET.md).
+//! (GSO, too big for the link) comes up to the TUN path's steering. Ports of flows whose
+//! state did not arrive: takeover windows hold those whose remotes still send
+//! ([`open_takeover_windows`]), and port reserves ([`crate::reserve`]) confine each owned
+//! instance's new flows to ports its runner-up acknowledged, which the runner-up holds when
+//! it takes the instance over ([`import_taken`]).
 //!
 //! Without `--fleet` none of this runs (R10.6).
 
@@ -490,7 +493,7 @@ fn reserve_loop(
         let rep = {
             let mut g = gw.lock().unwrap_or_else(|p| p.into_inner());
             let mut k = keeper.lock().unwrap_or_else(|p| p.into_inner());
-            k.step(g.engine_mut(), r, &owned)
+            k.step(g.engine_mut(), r, &owned, std::time::Instant::now())
         };
         if rep.resync > 0 {
             tracing::debug!(instances = rep.resync, "fleet: port reserves resync (new runner-up, reconnect or overflow): new flows keep to the newest reserve until the runner-up acknowledges it again (R10.4)");
@@ -521,6 +524,7 @@ fn reserve_loop(
                 resyncs = s.resyncs,
                 fenced = s.fenced,
                 waiting = s.waiting,
+                given_up = s.given_up,
                 "fleet: port reserves"
             );
         }

@@ -39,6 +39,12 @@
 //!   before the admission lets their flows open ([`ReserveKeeper::fence_gained`]), until their
 //!   runner-up acknowledges a first reserve (after the instance's snapshot: tens of ms), or
 //!   the next step finds they have no runner-up.
+//! - **A runner-up that takes nothing.** An instance with no usable reserve whose runner-up
+//!   has not taken one (queued after the snapshot) within [`GIVE_UP_AFTER`] (2 s) is not
+//!   fenced any more, until a reserve is queued again: that runner-up (unreachable since the
+//!   instance came here, or a node of an older build whose replication refuses this one, in a
+//!   rolling upgrade) has neither the instance's snapshot nor a reserve, so it could keep
+//!   none of its flows if this node died, and holding them back would protect nothing.
 //!
 //! **Cost.** Nothing without `--fleet-link`, nothing for an instance with no runner-up (a
 //! fleet of one live node), nothing on established flows. A fenced instance's new flow pays
@@ -59,13 +65,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snatgw_core::Engine;
 use snatgw_fleet::{PortReserve, ReserveTicket};
 
 /// How often the keeper looks at the owned instances (acknowledgements, rotation).
 pub const STEP_EVERY: Duration = Duration::from_millis(10);
+
+/// How long an instance with no usable reserve waits for its runner-up to take one (the
+/// reserve queued after the snapshot) before the keeper stops holding its new flows back.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
 
 /// Ports per reserve for a block of `block` ports: an eighth of the block, at least 4 (or the
 /// whole block when it is smaller) and at most 128. A takeover holds two reserves: at most a
@@ -125,6 +135,8 @@ struct Inst {
     refusals_at: u64,
     /// The ports the engine's fence allows now (to skip unchanged updates).
     fence: Vec<u16>,
+    /// Since when the instance has had no usable reserve and none queued.
+    waiting_since: Option<Instant>,
 }
 
 /// What one step did (for logs and tests).
@@ -151,6 +163,9 @@ pub struct KeeperStats {
     pub fenced: usize,
     /// Fenced instances with no usable reserve now: their new flows wait.
     pub waiting: usize,
+    /// Instances not fenced because their runner-up took no reserve within
+    /// [`GIVE_UP_AFTER`] (it is unreachable, or speaks an older protocol).
+    pub given_up: usize,
 }
 
 /// The owner's reserves per instance (see the module documentation).
@@ -176,6 +191,11 @@ impl ReserveKeeper {
                 .fenced
                 .iter()
                 .filter(|ip| self.insts.get(ip).is_none_or(|i| i.usable.is_empty()))
+                .count(),
+            given_up: self
+                .insts
+                .iter()
+                .filter(|(ip, i)| !self.fenced.contains(ip) && i.usable.is_empty())
                 .count(),
             ..self.stats
         }
@@ -217,6 +237,7 @@ impl ReserveKeeper {
         engine: &mut Engine,
         link: &dyn ReserveLink,
         owned: &HashSet<u32>,
+        now: Instant,
     ) -> StepReport {
         let mut rep = StepReport::default();
         let mut keep: HashSet<u32> = HashSet::new();
@@ -244,6 +265,7 @@ impl ReserveKeeper {
                 allocs_at: stats.allocations,
                 refusals_at: stats.refusals,
                 fence: Vec::new(),
+                waiting_since: None,
             });
             if st.public != public {
                 // Other ports altogether: start over (nothing usable until acknowledged).
@@ -351,6 +373,23 @@ impl ReserveKeeper {
                         self.stats.sent += 1;
                     }
                 }
+            }
+            // A runner-up that takes no reserve at all (unreachable since the instance came
+            // here, or an older protocol that refuses this one) has neither the snapshot nor a
+            // reserve: it could not keep this instance's flows if this node died, so holding
+            // the new flows back for it protects nothing. After GIVE_UP_AFTER they go
+            // unfenced, until a reserve is queued again (then fenced to what is acknowledged).
+            if st.usable.is_empty() && st.pending.is_none() {
+                let since = *st.waiting_since.get_or_insert(now);
+                if now.duration_since(since) >= GIVE_UP_AFTER {
+                    if self.fenced.remove(&ip) {
+                        engine.set_port_fence(ip, None);
+                        st.fence.clear();
+                    }
+                    continue;
+                }
+            } else {
+                st.waiting_since = None;
             }
             let mut allow: Vec<u16> = st
                 .usable
@@ -470,6 +509,12 @@ mod tests {
         )
     }
 
+    /// One instant for the tests that do not wait.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
     fn owned() -> HashSet<u32> {
         [VM1].into_iter().collect()
     }
@@ -497,7 +542,7 @@ mod tests {
             "one instance per public IP: 1024 ports (R2.8)"
         );
         let r = reserve_size(ports.len());
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.sent, 1);
         let first = m.sent.borrow()[0].1.clone();
         assert_eq!(first.public, public);
@@ -508,7 +553,7 @@ mod tests {
             "nothing acknowledged yet"
         );
         m.ack_all();
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!((rep.acked, rep.sent), (1, 0));
         let mut sport = 2000;
         // r/2 flows to one destination: each on a port of the first reserve.
@@ -520,13 +565,13 @@ mod tests {
             }
         }
         // Half used: the next window is sent; the first stays usable, alone, until its ack.
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.sent, 1);
         let second = m.sent.borrow()[1].1.clone();
         assert_eq!(second.ports, ports[r..2 * r].to_vec());
         assert_eq!(k.allowed(VM1), Some(&first.ports[..]));
         m.ack_all();
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         let mut both = first.ports.clone();
         both.extend(&second.ports);
         assert_eq!(k.allowed(VM1), Some(&both[..]));
@@ -538,7 +583,7 @@ mod tests {
             ));
         }
         // The third is sent: from then on only the second is usable.
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.sent, 1);
         assert_eq!(k.allowed(VM1), Some(&second.ports[..]));
         sport += 1;
@@ -559,11 +604,11 @@ mod tests {
         let m = Model::new();
         let mut k = ReserveKeeper::new();
         let r = reserve_size(1024);
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         m.ack_all();
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         for _ in 0..r / 2 {
-            k.step(&mut e, &m, &owned());
+            k.step(&mut e, &m, &owned(), t0());
             m.ack_all();
         }
         let mut sport = 0;
@@ -575,16 +620,16 @@ mod tests {
         for _ in 0..r / 2 {
             assert!(matches!(open(&mut e), Verdict::Translate { .. }));
         }
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         m.ack_all();
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         let sent: Vec<PortReserve> = m.sent.borrow().iter().map(|(_, r)| r.clone()).collect();
         assert_eq!(sent.len(), 2);
         assert_eq!(k.allowed(VM1).map(<[u16]>::len), Some(2 * r));
         // Reconnect, before the snapshot is on the new connection: the newest only, nothing sent.
         m.conn.set(2);
         m.ready.set(false);
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!((rep.resync, rep.sent), (1, 0));
         assert_eq!(k.allowed(VM1), Some(&sent[1].ports[..]));
         for _ in 0..r {
@@ -592,21 +637,21 @@ mod tests {
             if let Verdict::Translate { port, .. } = open(&mut e) {
                 assert!(sent[1].ports.contains(&port));
             }
-            k.step(&mut e, &m, &owned());
+            k.step(&mut e, &m, &owned(), t0());
         }
         assert_eq!(m.sent.borrow().len(), 2);
         // The snapshot is there: the newest goes again, then rotation resumes after its ack.
         m.ready.set(true);
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.sent, 1);
         assert_eq!(m.sent.borrow()[2].1, sent[1]);
         assert_eq!(m.sent.borrow()[2].0.conn, 2);
         m.ack_all();
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!((rep.acked, rep.sent), (1, 1));
         assert_eq!(k.allowed(VM1), Some(&sent[1].ports[..]));
         // Used up meanwhile: it rotates in the step that saw the acknowledgement.
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.sent, 0);
         assert_eq!(
             m.sent.borrow()[3].1.ports,
@@ -614,9 +659,9 @@ mod tests {
         );
         // A new target: the same again.
         m.ack_all();
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         m.target.set(Some("10.9.0.1:7946".parse().expect("addr")));
-        let rep = k.step(&mut e, &m, &owned());
+        let rep = k.step(&mut e, &m, &owned(), t0());
         assert_eq!(rep.resync, 1);
         let newest = m.sent.borrow()[3].1.clone();
         assert_eq!(
@@ -627,7 +672,7 @@ mod tests {
         assert_eq!(k.allowed(VM1), Some(&newest.ports[..]));
         // No runner-up: not fenced.
         m.target.set(None);
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         assert_eq!(k.allowed(VM1), None);
         assert!(matches!(open(&mut e), Verdict::Translate { .. }));
         // Gained: fenced to nothing until the first acknowledgement.
@@ -635,16 +680,66 @@ mod tests {
         m.ready.set(false);
         k.fence_gained(&mut e, &owned());
         assert_eq!(open(&mut e), Verdict::Drop(DropReason::PortReserve));
-        k.step(&mut e, &m, &owned());
+        k.step(&mut e, &m, &owned(), t0());
         assert_eq!(
             k.allowed(VM1),
             Some(&[][..]),
             "snapshot not queued yet: still nothing"
         );
         // Not owned any more: the fence is lifted.
-        k.step(&mut e, &m, &HashSet::new());
+        k.step(&mut e, &m, &HashSet::new(), t0());
         assert_eq!(k.allowed(VM1), None);
         assert!(matches!(open(&mut e), Verdict::Translate { .. }));
+    }
+
+    /// A runner-up that takes no reserve (unreachable, or an older protocol) holds a gained
+    /// instance's new flows back for GIVE_UP_AFTER only; once a reserve is queued again the
+    /// instance is fenced to what is acknowledged.
+    #[test]
+    fn r10_4_a_runner_up_that_takes_no_reserve_is_given_up_after_2s() {
+        let mut e = crate::fleet_link::tests::engine();
+        let m = Model::new();
+        let mut k = ReserveKeeper::new();
+        m.ready.set(false);
+        k.fence_gained(&mut e, &owned());
+        let t = t0();
+        k.step(&mut e, &m, &owned(), t);
+        assert_eq!(
+            syn(&mut e, 1, 0xc633_6401, 1),
+            Verdict::Drop(DropReason::PortReserve)
+        );
+        k.step(
+            &mut e,
+            &m,
+            &owned(),
+            t + GIVE_UP_AFTER - Duration::from_millis(10),
+        );
+        assert_eq!(
+            syn(&mut e, 1, 0xc633_6401, 2),
+            Verdict::Drop(DropReason::PortReserve)
+        );
+        assert_eq!(k.stats().waiting, 1);
+        k.step(&mut e, &m, &owned(), t + GIVE_UP_AFTER);
+        assert_eq!(k.allowed(VM1), None);
+        assert_eq!((k.stats().waiting, k.stats().given_up), (0, 1));
+        assert!(matches!(
+            syn(&mut e, 1, 0xc633_6401, 3),
+            Verdict::Translate { .. }
+        ));
+        // The runner-up takes a reserve: nothing until it acknowledges, then that reserve.
+        m.ready.set(true);
+        let rep = k.step(&mut e, &m, &owned(), t + GIVE_UP_AFTER * 2);
+        assert_eq!(rep.sent, 1);
+        assert_eq!(k.allowed(VM1), Some(&[][..]));
+        assert_eq!(
+            syn(&mut e, 1, 0xc633_6401, 4),
+            Verdict::Drop(DropReason::PortReserve)
+        );
+        m.ack_all();
+        k.step(&mut e, &m, &owned(), t + GIVE_UP_AFTER * 2);
+        let first = m.sent.borrow()[0].1.clone();
+        assert_eq!(k.allowed(VM1), Some(&first.ports[..]));
+        assert_eq!(k.stats().given_up, 0);
     }
 
     /// The invariant the taker's holds rest on, under random acknowledgements, reconnects,
@@ -672,7 +767,7 @@ mod tests {
         for step in 0..20_000u32 {
             match rnd(100) {
                 0..=9 => {
-                    k.step(&mut e, &m, &owned());
+                    k.step(&mut e, &m, &owned(), t0());
                 }
                 10..=14 => m.ack_all(),
                 15 => m.conn.set(m.conn.get() + 1),
