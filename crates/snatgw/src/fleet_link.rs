@@ -41,7 +41,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snatgw_core::{proto, Direction, DropReason, Engine};
 use snatgw_runtime::Injector;
@@ -49,6 +49,12 @@ use snatgw_runtime::Injector;
 const MAGIC: [u8; 2] = *b"SG";
 const VERSION: u8 = 1;
 const HEADER: usize = 4;
+
+/// How long datagrams from a node that left the live set are still accepted (R10.3): a node
+/// cut from etcd (R10.5, its lease ended) that the routers keep in their ECMP routes goes on
+/// steering the packets that reach it to their owners; refusing them would black-hole its
+/// share of every other instance's packets for as long as the cut lasts.
+pub const FORMER_PEER_GRACE: Duration = Duration::from_secs(600);
 
 /// Where steered packets go: the owner's link per instance private address.
 #[derive(Default)]
@@ -59,6 +65,9 @@ struct Routes {
     peers: Vec<SocketAddr>,
     /// Their IP addresses, for the receiver's source check.
     allowed: HashSet<IpAddr>,
+    /// Link addresses of nodes that left the live set, and since when: still accepted for
+    /// [`FORMER_PEER_GRACE`].
+    former: HashMap<IpAddr, Instant>,
 }
 
 /// Counters of the steering link.
@@ -99,8 +108,14 @@ impl Steering {
 
     /// Replaces the route table: the owner's link for each instance another live node owns
     /// (instances this node owns, or whose owner has no link, are absent), and the link
-    /// addresses datagrams are accepted from.
+    /// addresses datagrams are accepted from: the live nodes', and for
+    /// [`FORMER_PEER_GRACE`] those of nodes that left (a node cut from etcd still forwards
+    /// what the routers send it; what it steers here is decided here like any packet).
     pub fn set_routes(&self, owner: &HashMap<u32, SocketAddr>, peers: &[SocketAddr]) {
+        self.set_routes_at(owner, peers, Instant::now());
+    }
+
+    fn set_routes_at(&self, owner: &HashMap<u32, SocketAddr>, peers: &[SocketAddr], now: Instant) {
         let mut r = Routes::default();
         for p in peers {
             if !r.peers.contains(p) {
@@ -119,7 +134,16 @@ impl Steering {
             };
             r.owner.insert(inst, i as u32);
         }
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = r;
+        let mut w = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::take(&mut *w);
+        r.former = old.former;
+        for ip in old.allowed {
+            r.former.entry(ip).or_insert(now);
+        }
+        r.former.retain(|ip, since| {
+            !r.allowed.contains(ip) && now.duration_since(*since) < FORMER_PEER_GRACE
+        });
+        *w = r;
     }
 
     /// Starts the thread that injects the other nodes' steered packets into this node's
@@ -165,17 +189,14 @@ impl Steering {
             })
     }
 
-    /// A datagram's direction and packet, if it comes from a live node's link and is well
-    /// formed.
+    /// A datagram's direction and packet, if it comes from a live node's link (or one that
+    /// left less than [`FORMER_PEER_GRACE`] ago) and is well formed.
     fn accept<'a>(&self, d: &'a [u8], from: SocketAddr) -> Option<(Direction, &'a [u8])> {
-        if !self
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .allowed
-            .contains(&from.ip())
         {
-            return None;
+            let r = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            if !r.allowed.contains(&from.ip()) && !r.former.contains_key(&from.ip()) {
+                return None;
+            }
         }
         if d.len() <= HEADER || d[..2] != MAGIC || d[2] != VERSION {
             return None;
@@ -405,5 +426,44 @@ private_ip = "10.0.1.11"
         bad[3] = 7;
         assert!(s.accept(&bad, peer).is_none());
         assert!(s.accept(b"SG\x01\x00", peer).is_none());
+    }
+
+    /// R10.3 with R10.5: a node that left the live set (cut from etcd, its lease ended) still
+    /// forwards what the routers send it; its datagrams are accepted for FORMER_PEER_GRACE
+    /// after it left, then refused; one that comes back is live again. Strangers never.
+    #[test]
+    fn r10_3_link_accepts_a_node_that_left_for_a_grace_period() {
+        let s = Steering::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.2:7000".parse().expect("a"),
+            "127.0.0.3:7000".parse().expect("b"),
+        );
+        let pkt = tcp_packet([10, 0, 1, 10], 1, [198, 51, 100, 7], 2);
+        let mut d = b"SG\x01\x01".to_vec();
+        d.extend_from_slice(&pkt);
+        let t = Instant::now();
+        s.set_routes_at(&HashMap::new(), &[a, b], t);
+        // b leaves the live set.
+        s.set_routes_at(&HashMap::new(), &[a], t + Duration::from_secs(1));
+        assert!(
+            s.accept(&d, b).is_some(),
+            "a node that just left still forwards"
+        );
+        s.set_routes_at(&HashMap::new(), &[a], t + FORMER_PEER_GRACE);
+        assert!(s.accept(&d, b).is_some(), "within the grace period");
+        s.set_routes_at(
+            &HashMap::new(),
+            &[a],
+            t + Duration::from_secs(1) + FORMER_PEER_GRACE,
+        );
+        assert!(s.accept(&d, b).is_none(), "grace period over");
+        // It comes back: live again; it leaves again: a new grace period.
+        s.set_routes_at(&HashMap::new(), &[a, b], t + FORMER_PEER_GRACE * 2);
+        assert!(s.accept(&d, b).is_some());
+        s.set_routes_at(&HashMap::new(), &[a], t + FORMER_PEER_GRACE * 3);
+        assert!(s.accept(&d, b).is_some());
+        let stranger: SocketAddr = "192.0.2.1:7000".parse().expect("a");
+        assert!(s.accept(&d, stranger).is_none());
+        assert!(s.accept(&d, a).is_some());
     }
 }
