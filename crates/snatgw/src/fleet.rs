@@ -135,8 +135,9 @@ struct Shared {
 /// Engine seconds are each node's own (seconds since its gateway clock's origin); the
 /// replication carries fleet seconds, Unix seconds, so a node taking flows over reads their
 /// timers in its own engine's seconds (R10.4, R3.2–R3.4 to the second, give or take the
-/// nodes' clock synchronisation and one second of rounding). The offset is fixed at start: a
-/// step of the wall clock later (not a slew) shifts it until the next start.
+/// nodes' clock synchronisation and one second of rounding; `import_taken` rounds FIN/RST
+/// timers up, so a taker never ends a flow before its sender). The offset is fixed at start:
+/// a step of the wall clock later (not a slew) shifts it until the next start.
 #[derive(Clone, Copy, Debug, Default)]
 struct FleetTime {
     /// Unix second at this engine's second 0.
@@ -788,6 +789,14 @@ fn import_taken(
     let now = g.engine().now();
     for f in &mut st.flows {
         f.last_seen = f.last_seen.max(now);
+        // Whole-second offsets (FleetTime) move a timer up to 1 s earlier here than on the
+        // sender, whose engine may still hold the flow after a planned move (it keeps
+        // translating its copies): a FIN or RST timer ends one second later here, never
+        // earlier, so this node never reuses a port toward the same remote while the sender
+        // still translates for it (R2.2, R3.2, R3.3).
+        if f.close_at != 0 {
+            f.close_at = f.close_at.saturating_add(1);
+        }
     }
     let offered = st.flows.len();
     let rep = g.engine_mut().import_state(&st);
