@@ -299,21 +299,25 @@ impl Engine {
                 .find(|(_, &(i, _))| set.get(i))
                 .map(|(pos, &(i, _))| (i, pos))
         };
-        // Ports not free for the destination: busy for it, or held (either kind).
-        let unfree = |mut set: Bits| {
+        // Ports not free for the destination: busy for it, or held (either kind); then the
+        // fence. Without any hold or fence (one node, R10.6) the sets are computed as before
+        // the fence existed: no extra copies of the 128-byte sets on a new flow's path.
+        let limited = held.is_some() || port_held.is_some() || fence.is_some();
+        // Whether a port outside the fence would have been free (for `NoPort::Reserve`).
+        let mut free_outside = false;
+        let mut group_a = block.used.minus(&active);
+        if limited {
             if let Some(h) = &held {
-                set = set.minus(h);
+                group_a = group_a.minus(h);
             }
             if let Some(h) = &port_held {
-                set = set.minus(h);
+                group_a = group_a.minus(h);
             }
-            set
-        };
-        let unfenced_a = unfree(block.used.minus(&active));
-        let group_a = match &fence {
-            Some(f) => unfenced_a.and(f),
-            None => unfenced_a,
-        };
+            if let Some(f) = &fence {
+                free_outside |= group_a.any();
+                group_a = group_a.and(f);
+            }
+        }
         let (pick, hist_pos) = if group_a.any() {
             let fresh = group_a.minus(&recent);
             if let Some(i) = fresh.first_from(block.cursor) {
@@ -324,20 +328,26 @@ impl Engine {
                 (i, Some(pos))
             }
         } else {
-            let unfenced_b = unfree(block.owned.minus(&block.used));
-            let group_b = match &fence {
-                Some(f) => unfenced_b.and(f),
-                None => unfenced_b,
-            };
+            let mut group_b = block.owned.minus(&block.used);
+            if limited {
+                if let Some(h) = &held {
+                    group_b = group_b.minus(h);
+                }
+                if let Some(h) = &port_held {
+                    group_b = group_b.minus(h);
+                }
+                if let Some(f) = &fence {
+                    free_outside |= group_b.any();
+                    group_b = group_b.and(f);
+                }
+            }
             if !group_b.any() {
                 // Refused because of the fence only if a port would have been free without it.
-                return Err(
-                    if fence.is_some() && (unfenced_a.any() || unfenced_b.any()) {
-                        NoPort::Reserve
-                    } else {
-                        NoPort::Exhausted
-                    },
-                );
+                return Err(if free_outside {
+                    NoPort::Reserve
+                } else {
+                    NoPort::Exhausted
+                });
             }
             if group_b.minus(&recent).any() {
                 (
