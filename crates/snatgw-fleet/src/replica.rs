@@ -2007,6 +2007,11 @@ impl Replicator {
         lock(&self.shared.routes).targets.clone()
     }
 
+    /// The replication target of one instance (private address), if it has one.
+    pub fn target(&self, instance: u32) -> Option<SocketAddr> {
+        lock(&self.shared.routes).targets.get(&instance).copied()
+    }
+
     /// Queues the flow changes of instances that have a target (`Refused` is not sent) and,
     /// where a target's connection is idle, makes one non-blocking write. Called under the
     /// gateway's lock after every batch: it never waits on the network.

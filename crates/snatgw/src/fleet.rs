@@ -908,7 +908,7 @@ fn confirm_hand_over(l: &Link, gw: &Mutex<Gateway>, ips: &HashSet<u32>, within: 
         let g = gw.lock().unwrap_or_else(|p| p.into_inner());
         ips.iter()
             .filter_map(|&ip| {
-                let (public, _) = g.engine().pat_ports(ip)?;
+                let public = g.engine().port_fence_stats(ip)?.public;
                 Some((
                     PortReserve {
                         instance: ip,

@@ -98,7 +98,7 @@ pub trait ReserveLink {
 
 impl ReserveLink for snatgw_fleet::Replicator {
     fn target(&self, instance: u32) -> Option<SocketAddr> {
-        self.targets().get(&instance).copied()
+        snatgw_fleet::Replicator::target(self, instance)
     }
     fn reserve(&self, r: &PortReserve) -> Option<ReserveTicket> {
         snatgw_fleet::Replicator::reserve(self, r)
@@ -217,7 +217,7 @@ impl ReserveKeeper {
     /// (a fleet of one live node).
     pub fn fence_gained(&mut self, engine: &mut Engine, gained: &HashSet<u32>) {
         for &ip in gained {
-            let Some((public, _)) = engine.pat_ports(ip) else {
+            let Some(public) = engine.port_fence_stats(ip).map(|s| s.public) else {
                 continue;
             };
             if engine.set_port_fence(ip, Some((public, &[]))) {
@@ -245,17 +245,15 @@ impl ReserveKeeper {
             let Some(target) = link.target(ip) else {
                 continue;
             };
-            let Some((public, ports)) = engine.pat_ports(ip) else {
-                continue;
-            };
-            if ports.is_empty() {
-                continue;
-            }
             let Some(stats) = engine.port_fence_stats(ip) else {
                 continue;
             };
+            let (public, block) = (stats.public, stats.block_ports as usize);
+            if block == 0 {
+                continue;
+            }
             keep.insert(ip);
-            let size = reserve_size(ports.len());
+            let size = reserve_size(block);
             let st = self.insts.entry(ip).or_insert_with(|| Inst {
                 target,
                 public,
@@ -328,50 +326,46 @@ impl ReserveKeeper {
             st.refusals_at = stats.refusals;
             let half_used =
                 stats.allocations.saturating_sub(st.allocs_at) >= (size as u64 / 2).max(1);
-            let resend = st
-                .usable
-                .last()
-                .filter(|u| u.ticket.is_none())
-                .map(|u| u.ports.clone());
             if st.pending.is_none() {
-                if let Some(ports_again) = resend {
+                // The newest reserve again on a new connection or target, else the next
+                // window of the block when this one is half used or refused a flow.
+                let resend = st
+                    .usable
+                    .last()
+                    .filter(|u| u.ticket.is_none())
+                    .map(|u| u.ports.clone());
+                let rotate = resend.is_none() && (st.usable.is_empty() || half_used || refused);
+                let start = st.cursor % block;
+                let ports = match resend {
+                    Some(again) => Some(again),
+                    None if rotate => engine
+                        .pat_ports(ip)
+                        .map(|(_, all)| (0..size).map(|k| all[(start + k) % all.len()]).collect()),
+                    None => None,
+                };
+                let sent = ports.and_then(|ports| {
                     let r = PortReserve {
                         instance: ip,
                         public,
-                        ports: ports_again,
+                        ports,
                     };
-                    if let Some(ticket) = link.reserve(&r) {
-                        st.pending = Some(Sent {
-                            ticket: Some(ticket),
-                            ports: r.ports,
-                        });
-                        rep.sent += 1;
-                        self.stats.sent += 1;
-                    }
-                } else if st.usable.is_empty() || half_used || refused {
-                    let start = st.cursor % ports.len();
-                    let window: Vec<u16> = (0..size)
-                        .map(|k| ports[(start + k) % ports.len()])
-                        .collect();
-                    let r = PortReserve {
-                        instance: ip,
-                        public,
-                        ports: window,
-                    };
-                    if let Some(ticket) = link.reserve(&r) {
-                        st.cursor = (start + size) % ports.len();
+                    link.reserve(&r).map(|t| Sent {
+                        ticket: Some(t),
+                        ports: r.ports,
+                    })
+                });
+                if let Some(sent) = sent {
+                    if rotate {
+                        st.cursor = (start + size) % block;
                         // From now on at most the newest usable reserve and this one: the
                         // taker holds the last two it received.
                         while st.usable.len() > 1 {
                             st.usable.remove(0);
                         }
-                        st.pending = Some(Sent {
-                            ticket: Some(ticket),
-                            ports: r.ports,
-                        });
-                        rep.sent += 1;
-                        self.stats.sent += 1;
                     }
+                    st.pending = Some(sent);
+                    rep.sent += 1;
+                    self.stats.sent += 1;
                 }
             }
             // A runner-up that takes no reserve at all (unreachable since the instance came

@@ -83,6 +83,10 @@ pub struct PortFenceStats {
     /// New flows refused because of the fence ([`DropReason::PortReserve`](crate::DropReason::PortReserve))
     /// since the instance was added.
     pub refusals: u64,
+    /// The instance's PAT address.
+    pub public: u32,
+    /// Ports in its block now (the same for TCP and UDP, R2.4, R2.5).
+    pub block_ports: u32,
 }
 
 /// Why the allocator found no port for a new flow (`Engine::alloc`).
@@ -195,6 +199,8 @@ impl Engine {
             fenced: self.fence.fences.contains_key(&slot),
             allocations: inst.stats[0].conn_ok + inst.stats[1].conn_ok,
             refusals: self.fence.refusals.get(&slot).copied().unwrap_or(0),
+            public: inst.scenario.addr(),
+            block_ports: self.blocks[slot as usize * 2].owned.count(),
         })
     }
 
