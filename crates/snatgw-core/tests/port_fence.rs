@@ -23,14 +23,6 @@ const RST_DELAY: u32 = 15;
 const A: &str = "198.51.100.7";
 const B: &str = "198.51.100.8";
 
-/// `n` instances on one default-SNAT address (R2.8: 1024 ports each up to 50 instances, 32
-/// from 801), idle timeout long enough that no flow of a test ends by itself.
-fn pool(n: usize) -> Engine {
-    let mut c = pool_config(n);
-    c.gateway.idle_timeout_secs = 3600;
-    Engine::new(Topology::from_config(c).expect("valid"), 0).expect("engine")
-}
-
 /// The instance's public address and its block's ports, from the instance report (R2.4).
 fn block(e: &Engine, name: &str) -> (u32, BTreeSet<u16>) {
     let r = e.instance(name).expect("instance");
@@ -65,7 +57,7 @@ fn exhaustion_events(e: &mut Engine) -> usize {
 
 #[test]
 fn r10_4_fenced_instance_allocates_only_inside_its_reserve() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm, a, b) = (private_u32(0), ip(A), ip(B));
     let (public, blk) = block(&e, "vm-0");
     let (_, blk1) = block(&e, "vm-1");
@@ -124,7 +116,7 @@ fn r10_4_fenced_instance_allocates_only_inside_its_reserve() {
 #[test]
 fn r10_4_fence_refusal_is_port_reserve_not_exhaustion() {
     // 801 instances: R2.8 gives each 32 ports.
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a) = (private_u32(0), ip(A));
     e.set_journal(true);
     let (public, blk) = block(&e, "vm-0");
@@ -202,7 +194,7 @@ fn r10_4_fence_refusal_is_port_reserve_not_exhaustion() {
 fn r10_4_fence_refuses_only_when_a_port_outside_it_would_be_free() {
     // Ports outside the reserve held (after a takeover) or busy count as not free: the
     // fence is not the reason, the flow is exhausted (R2.6).
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a, b) = (private_u32(0), ip(A), ip(B));
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
@@ -231,7 +223,7 @@ fn r10_4_fence_refuses_only_when_a_port_outside_it_would_be_free() {
 
 #[test]
 fn r10_4_lifting_the_fence_gives_back_the_whole_block() {
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a) = (private_u32(0), ip(A));
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
@@ -266,7 +258,7 @@ fn r10_4_lifting_the_fence_gives_back_the_whole_block() {
 
 #[test]
 fn r10_4_fence_on_another_public_address_allows_nothing() {
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a) = (private_u32(0), ip(A));
     let (public, blk) = block(&e, "vm-0");
     let ports: Vec<u16> = blk.iter().copied().collect();
@@ -313,13 +305,12 @@ fn r10_4_set_port_fence_on_unknown_or_ilpip_instance_is_refused() {
 
 #[test]
 fn r10_4_fence_is_dropped_with_its_instance() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let vm = private_u32(0);
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
     assert!(e.set_port_fence(vm, Some((public, &[lo]))));
-    let mut c = pool_config(2);
-    c.gateway.idle_timeout_secs = 3600;
+    let mut c = pool_config_long_idle(2);
     let keep = c.instance.clone();
     c.instance.remove(0);
     e.apply(1, Topology::from_config(c.clone()).expect("valid"))
@@ -341,8 +332,7 @@ fn r10_4_fence_follows_the_block_when_it_changes() {
     // others back (R2.10), new flows take only ports the fence names that lie in the block
     // as it is then, never a port that merely sits where a fenced one was.
     let cfg = |names: &[usize]| {
-        let mut c = pool_config(0);
-        c.gateway.idle_timeout_secs = 3600;
+        let mut c = pool_config_long_idle(0);
         c.instance = names.iter().map(|&i| vm(i, Some("big"))).collect();
         Topology::from_config(c).expect("valid")
     };
@@ -407,7 +397,7 @@ fn r10_4_fence_follows_the_block_when_it_changes() {
 
 #[test]
 fn r10_4_held_ports_are_refused_to_every_destination_and_both_protocols() {
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let vm = private_u32(0);
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
@@ -450,7 +440,7 @@ fn r10_4_held_ports_are_refused_to_every_destination_and_both_protocols() {
 
 #[test]
 fn r10_4_port_hold_ends_exactly_at_now_plus_secs() {
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a) = (private_u32(0), ip(A));
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
@@ -482,7 +472,7 @@ fn r10_4_port_hold_ends_exactly_at_now_plus_secs() {
 
 #[test]
 fn r10_4_port_hold_is_extended_never_shortened() {
-    let mut e = pool(801);
+    let mut e = pool_long_idle(801);
     let (vm, a) = (private_u32(0), ip(A));
     let (public, blk) = block(&e, "vm-0");
     let p = *blk.first().expect("block");
@@ -511,7 +501,7 @@ fn r10_4_port_hold_is_extended_never_shortened() {
 
 #[test]
 fn r10_4_hold_ports_ignores_ports_outside_the_block() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm, vm1, a) = (private_u32(0), private_u32(1), ip(A));
     let (public, blk) = block(&e, "vm-0");
     let (_, blk1) = block(&e, "vm-1");
@@ -533,13 +523,12 @@ fn r10_4_hold_ports_ignores_ports_outside_the_block() {
 
 #[test]
 fn r10_4_port_holds_stay_with_the_public_port_when_the_instance_goes() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let vm = private_u32(0);
     let (public, blk) = block(&e, "vm-0");
     let lo = *blk.first().expect("block");
     assert_eq!(e.hold_ports(vm, public, &[lo, lo + 1], 0, FIN), 2);
-    let mut c = pool_config(2);
-    c.gateway.idle_timeout_secs = 3600;
+    let mut c = pool_config_long_idle(2);
     c.instance.remove(0);
     e.apply(1, Topology::from_config(c).expect("valid"))
         .expect("apply");
@@ -555,7 +544,7 @@ fn r10_4_port_holds_stay_with_the_public_port_when_the_instance_goes() {
 fn r2_4_pat_ports_agree_with_pat_chunks() {
     // The reference topology (default SNAT, load-balanced, ILPIP) and a 51-instance pool
     // (R2.8: 512 ports, 16 chunks each).
-    let mut engines = vec![reference(), pool(51)];
+    let mut engines = vec![reference(), pool_long_idle(51)];
     let mut c = pool_config(51);
     c.instance.truncate(3);
     engines.push(Engine::new(Topology::from_config(c).expect("valid"), 0).expect("engine"));

@@ -19,14 +19,6 @@ use snatgw_core::{
 /// R3.2's FIN timeout, the default (`gateway.fin_timeout_secs`).
 const FIN: u32 = 240;
 
-/// `n` instances on one default-SNAT address (R2.8: 1024 ports each up to 50), idle timeout
-/// long enough that no flow of a test ends by itself.
-fn pool(n: usize) -> Engine {
-    let mut c = pool_config(n);
-    c.gateway.idle_timeout_secs = 3600;
-    Engine::new(Topology::from_config(c).expect("valid"), 0).expect("engine")
-}
-
 /// The public address and the lowest port of an instance's block (R2.4).
 fn block_start(e: &Engine, name: &str) -> (u32, u16) {
     let r = e.instance(name).expect("instance");
@@ -73,7 +65,7 @@ fn fill_all_but(e: &mut Engine, now: u32, src: u32, dst: u32, skip: u16, sport0:
 
 #[test]
 fn r10_4_unsolicited_inbound_in_window_holds_port_for_its_remote_until_fin_timeout() {
-    let mut e = pool(1);
+    let mut e = pool_long_idle(1);
     let (vm, r, r2) = (private_u32(0), ip(R), ip(R2));
     let (public, p) = block_start(&e, "vm-0");
     assert!(e.hold_after_takeover(vm, 0, 240));
@@ -120,7 +112,7 @@ fn r10_4_unsolicited_inbound_in_window_holds_port_for_its_remote_until_fin_timeo
 
 #[test]
 fn r10_4_a_later_unsolicited_packet_extends_the_hold() {
-    let mut e = pool(1);
+    let mut e = pool_long_idle(1);
     let (vm, r) = (private_u32(0), ip(R));
     let (public, p) = block_start(&e, "vm-0");
     assert!(e.hold_after_takeover(vm, 0, 240));
@@ -149,7 +141,7 @@ fn r10_4_a_later_unsolicited_packet_extends_the_hold() {
 
 #[test]
 fn r10_4_hold_is_per_remote_endpoint_and_protocol() {
-    let mut e = pool(1);
+    let mut e = pool_long_idle(1);
     let (vm, r) = (private_u32(0), ip(R));
     let (public, p) = block_start(&e, "vm-0");
     assert!(e.hold_after_takeover(vm, 0, 240));
@@ -166,14 +158,14 @@ fn r10_4_hold_is_per_remote_endpoint_and_protocol() {
 #[test]
 fn r10_4_no_hold_for_an_instance_outside_its_window() {
     // Without any window: the port the allocator prefers is given toward the sender.
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm0, vm1, r) = (private_u32(0), private_u32(1), ip(R));
     let (public, p0) = block_start(&e, "vm-0");
     unsolicited(&mut e, 10, Packet::tcp(r, 443, public, p0, ACK));
     assert_eq!(syn(&mut e, 11, vm0, 40000, r, 443), (public, p0));
 
     // A window for vm-0 only: a packet to vm-1's block holds nothing.
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (_, p1) = block_start(&e, "vm-1");
     assert!(e.hold_after_takeover(vm0, 0, 240));
     unsolicited(&mut e, 10, Packet::tcp(r, 443, public, p1, ACK));
@@ -186,7 +178,7 @@ fn r10_4_no_hold_for_an_instance_outside_its_window() {
 
 #[test]
 fn r10_4_window_ends_at_its_time_and_can_be_replaced() {
-    let mut e = pool(1);
+    let mut e = pool_long_idle(1);
     let (vm, r) = (private_u32(0), ip(R));
     let (public, p) = block_start(&e, "vm-0");
     assert!(e.hold_after_takeover(vm, 0, 100));
@@ -253,7 +245,7 @@ fn r10_4_hold_after_takeover_of_unknown_or_ilpip_instance_is_a_no_op() {
 
 #[test]
 fn r10_4_outbound_non_syn_without_flow_in_window_counts_as_lost_flow() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm0, vm1, r) = (private_u32(0), private_u32(1), ip(R));
     assert!(e.hold_after_takeover(vm0, 0, 240));
     // R3.1: dropped as before; from vm-0 (in its window) also counted as a lost flow's packet.
@@ -278,7 +270,7 @@ fn r10_4_outbound_non_syn_without_flow_in_window_counts_as_lost_flow() {
 
 #[test]
 fn r10_4_holds_are_capped_per_instance_and_expire() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm0, vm1, r) = (private_u32(0), private_u32(1), ip(R));
     let (public, p0) = block_start(&e, "vm-0");
     let (_, p1) = block_start(&e, "vm-1");
@@ -335,13 +327,12 @@ fn r10_4_holds_are_capped_per_instance_and_expire() {
 
 #[test]
 fn r10_4_removed_instance_loses_its_window_and_its_holds_stay() {
-    let mut e = pool(2);
+    let mut e = pool_long_idle(2);
     let (vm0, r) = (private_u32(0), ip(R));
     let (public, p0) = block_start(&e, "vm-0");
     assert!(e.hold_after_takeover(vm0, 0, 240));
     unsolicited(&mut e, 10, Packet::tcp(r, 443, public, p0, ACK));
-    let mut c = pool_config(2);
-    c.gateway.idle_timeout_secs = 3600;
+    let mut c = pool_config_long_idle(2);
     c.instance.remove(0);
     e.apply(20, Topology::from_config(c).expect("valid"))
         .expect("apply");

@@ -185,6 +185,23 @@ pub fn lb_rule(name: &str, frontend: &str, pool: &str, port: u16) -> LbRuleCfg {
     }
 }
 
+/// [`pool_config`] with an idle timeout long enough that no flow of a test ends by itself.
+pub fn pool_config_long_idle(n: usize) -> ConfigFile {
+    let mut c = pool_config(n);
+    c.gateway.idle_timeout_secs = 3600;
+    c
+}
+
+/// The engine of [`pool_config_long_idle`]: `n` instances on one default-SNAT address (R2.8:
+/// 1024 ports each up to 50 instances, 32 from 801).
+pub fn pool_long_idle(n: usize) -> Engine {
+    Engine::new(
+        Topology::from_config(pool_config_long_idle(n)).expect("valid"),
+        0,
+    )
+    .expect("engine")
+}
+
 pub fn out(e: &mut Engine, now: u32, p: Packet) -> Verdict {
     e.process(now, Direction::Outbound, &p)
 }
