@@ -83,6 +83,26 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, name: &str) -> u64
     b.get(name).copied().unwrap_or(0) - a.get(name).copied().unwrap_or(0)
 }
 
+/// How long after `since` etcd showed every instance held by the node `want` names
+/// (polled every 100 ms), if it did before `since + within`.
+fn wait_holders(
+    lab: &FleetLab,
+    want: &BTreeMap<String, usize>,
+    since: Instant,
+    within: Duration,
+) -> Option<Duration> {
+    while since.elapsed() < within {
+        if lab
+            .fleet_status()
+            .is_some_and(|st| FleetLab::holders(&st) == *want)
+        {
+            return Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
 /// Every stream attempt's failure, as text, for reports.
 fn failures(lab: &FleetLab, attempts: &[&Attempt]) -> Vec<String> {
     attempts
@@ -608,17 +628,7 @@ fn r10_4_kill_9_one_node_keeps_held_connections() {
         secs(t_routes - t_kill) * 1000.0
     );
     let want = lab.expected_owners(&[1, 3]);
-    let mut took = None;
-    while t_kill.elapsed() < ttl + Duration::from_secs(5) {
-        if lab
-            .fleet_status()
-            .is_some_and(|st| FleetLab::holders(&st) == want)
-        {
-            took = Some(t_kill.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let took = wait_holders(&lab, &want, t_kill, ttl + Duration::from_secs(5));
     eprintln!(
         "etcd shows the takeover {:?} after the kill",
         took.map(secs)
@@ -1337,18 +1347,8 @@ fn r10_4_ports_of_lost_records_are_held_after_a_takeover() {
     let t_kill = lab.kill_node(victim);
     lab.ecmp_remove(victim);
     let want = lab.expected_owners(&[1, 3]);
-    let mut took = None;
-    while t_kill.elapsed() < ttl + Duration::from_secs(5) {
-        if lab
-            .fleet_status()
-            .is_some_and(|st| FleetLab::holders(&st) == want)
-        {
-            took = Some(t_kill.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let took = took.expect("the fleet took gw2's instances over");
+    let took = wait_holders(&lab, &want, t_kill, ttl + Duration::from_secs(5))
+        .expect("the fleet took gw2's instances over");
     eprintln!("etcd shows the takeover {:.2} s after the kill", secs(took));
     std::thread::sleep(Duration::from_secs(1));
 
