@@ -87,6 +87,73 @@ pub struct RaceArgs {
     /// Write the markdown tables here too.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Only these workloads (`pps`, `bulk`, `cps`); default all. For profiling one of them:
+    /// a figure not measured is not in the tables.
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Only these sides (`kernel`, `snatgw`, `floor`, `fast-floor`, `snatgw-tun`), kept in the
+    /// rounds' ABBA order; default all. A ratio with a side not run is not printed.
+    #[arg(long, value_delimiter = ',')]
+    pub sides: Vec<String>,
+}
+
+/// The workloads of a race: which figures are measured.
+#[derive(Debug, Clone, Copy)]
+struct Workloads {
+    pps: bool,
+    bulk: bool,
+    cps: bool,
+}
+
+impl Workloads {
+    fn parse(names: &[String]) -> Result<Workloads, String> {
+        if names.is_empty() {
+            return Ok(Workloads {
+                pps: true,
+                bulk: true,
+                cps: true,
+            });
+        }
+        let mut w = Workloads {
+            pps: false,
+            bulk: false,
+            cps: false,
+        };
+        for n in names {
+            match n.as_str() {
+                "pps" => w.pps = true,
+                "bulk" => w.bulk = true,
+                "cps" => w.cps = true,
+                other => {
+                    return Err(format!(
+                        "--workloads: {other:?} is none of pps, bulk, cps"
+                    ))
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn has(self, row: usize) -> bool {
+        [self.pps, self.bulk, self.cps][row]
+    }
+}
+
+fn parse_sides(names: &[String]) -> Result<Vec<Side>, String> {
+    if names.is_empty() {
+        return Ok(Side::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            Side::ALL
+                .into_iter()
+                .find(|s| s.name() == n)
+                .ok_or_else(|| {
+                    format!("--sides: {n:?} is none of kernel, snatgw, floor, fast-floor, snatgw-tun")
+                })
+        })
+        .collect()
 }
 
 const CLIENTS: usize = 4;
@@ -799,9 +866,23 @@ fn one_side(a: &RaceArgs, side: Side, offloads: bool, dir: &Path) -> Result<Figu
             return Err(format!("iperf3 server: exited early with {st}"));
         }
         let servers = [iperf.id()];
-        let (pps, cpu_pps) = with_cpu(gw_pid, &servers, || measure_pps(&lab, dir, a.secs))?;
-        let (gbps, cpu_bulk) = with_cpu(gw_pid, &servers, || measure_bulk(&lab, a.secs))?;
-        let (cps, cpu_cps) = with_cpu(gw_pid, &servers, || measure_cps(&lab, a.secs))?;
+        let w = Workloads::parse(&a.workloads)?;
+        let skipped = (f64::NAN, Cpu::default());
+        let (pps, cpu_pps) = if w.pps {
+            with_cpu(gw_pid, &servers, || measure_pps(&lab, dir, a.secs))?
+        } else {
+            skipped
+        };
+        let (gbps, cpu_bulk) = if w.bulk {
+            with_cpu(gw_pid, &servers, || measure_bulk(&lab, a.secs))?
+        } else {
+            skipped
+        };
+        let (cps, cpu_cps) = if w.cps {
+            with_cpu(gw_pid, &servers, || measure_cps(&lab, a.secs))?
+        } else {
+            skipped
+        };
         if matches!(side, Side::Snatgw | Side::FastFloor) {
             // The fast path must have carried the load, or this is no fast-path figure.
             let st = read_fast_path_stats(&dir.join("stats.json"))?;
@@ -885,6 +966,9 @@ fn fmt_fig(v: f64) -> String {
 }
 
 fn mmm(v: &[f64]) -> String {
+    if v.iter().all(|x| x.is_nan()) {
+        return "–".into();
+    }
     let (lo, hi) = min_max(v);
     format!("{} / {} / {}", fmt_fig(lo), fmt_fig(median(v)), fmt_fig(hi))
 }
@@ -931,8 +1015,18 @@ fn per_round(runs: &Runs, side: Side, pick: impl Fn(&Figures) -> f64) -> Vec<f64
         .collect()
 }
 
-fn tables(label: &str, runs: &Runs, figs: &mut String, cpus: &mut String) {
-    for row in &ROWS {
+fn tables(
+    label: &str,
+    runs: &Runs,
+    work: Workloads,
+    sides: &[Side],
+    figs: &mut String,
+    cpus: &mut String,
+) {
+    for (ri, row) in ROWS.iter().enumerate() {
+        if !work.has(ri) {
+            continue;
+        }
         let per = |side| per_round(runs, side, row.pick);
         let (s, t, k, fl, ff) = (
             per(Side::Snatgw),
@@ -958,7 +1052,7 @@ fn tables(label: &str, runs: &Runs, figs: &mut String, cpus: &mut String) {
             sm / ffm,
             km / fm,
         );
-        for side in Side::ALL {
+        for side in Side::ALL.into_iter().filter(|s| sides.contains(s)) {
             let cpu = |p: fn(&Cpu) -> f64| -> String {
                 let v = per_round(runs, side, |f| p(&(row.cpu)(f)));
                 format!("{:.2}", median(&v))
@@ -1002,6 +1096,8 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
             ));
         }
     }
+    let work = Workloads::parse(&a.workloads)?;
+    let sides = parse_sides(&a.sides)?;
     let mut settings = Vec::new();
     for s in &a.offloads {
         match s.as_str() {
@@ -1034,7 +1130,10 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
         let mut runs: Runs = Vec::new();
         for round in 0..a.rounds {
             let mut this = Vec::new();
-            for side in round_order(round) {
+            for side in round_order(round)
+                .into_iter()
+                .filter(|s| sides.contains(s))
+            {
                 print!("offloads {label}, round {}, {}: ", round + 1, side.name());
                 let _ = std::io::stdout().flush();
                 let f = one_side(a, side, off, &dir).map_err(|e| {
@@ -1063,7 +1162,7 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
             }
             runs.push(this);
         }
-        tables(label, &runs, &mut figs, &mut cpus);
+        tables(label, &runs, work, &sides, &mut figs, &mut cpus);
     }
     let mut md = String::new();
     let _ = writeln!(
