@@ -124,11 +124,7 @@ impl Workloads {
                 "pps" => w.pps = true,
                 "bulk" => w.bulk = true,
                 "cps" => w.cps = true,
-                other => {
-                    return Err(format!(
-                        "--workloads: {other:?} is none of pps, bulk, cps"
-                    ))
-                }
+                other => return Err(format!("--workloads: {other:?} is none of pps, bulk, cps")),
             }
         }
         Ok(w)
@@ -150,7 +146,9 @@ fn parse_sides(names: &[String]) -> Result<Vec<Side>, String> {
                 .into_iter()
                 .find(|s| s.name() == n)
                 .ok_or_else(|| {
-                    format!("--sides: {n:?} is none of kernel, snatgw, floor, fast-floor, snatgw-tun")
+                    format!(
+                        "--sides: {n:?} is none of kernel, snatgw, floor, fast-floor, snatgw-tun"
+                    )
                 })
         })
         .collect()
@@ -1130,10 +1128,7 @@ pub fn run(a: &RaceArgs) -> Result<(), String> {
         let mut runs: Runs = Vec::new();
         for round in 0..a.rounds {
             let mut this = Vec::new();
-            for side in round_order(round)
-                .into_iter()
-                .filter(|s| sides.contains(s))
-            {
+            for side in round_order(round).into_iter().filter(|s| sides.contains(s)) {
                 print!("offloads {label}, round {}, {}: ", round + 1, side.name());
                 let _ = std::io::stdout().flush();
                 let f = one_side(a, side, off, &dir).map_err(|e| {
