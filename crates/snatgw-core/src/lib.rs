@@ -23,8 +23,9 @@ pub use config::{ConfigFile, InstanceKind, Model};
 pub use engine::{
     tier_ports, ActivitySource, Admission, ApplyReport, EndCause, Engine, Event, EventKind,
     FlowChange, FlowFilter, FlowKey, FlowView, GlobalStats, InstanceReport, InstanceStats,
-    LimitScope, PortFenceStats, ReclaimReason, Scenario, TakeoverHoldStats, Time, AGGREGATE_KEYS,
-    EXPIRY_BUDGET, JOURNAL_CAP, TAKEOVER_HOLDS_PER_PORT,
+    LimitScope, PortFenceStats, ReclaimReason, Scenario, StashGrant, StashKey, StashOpen,
+    StashStats, TakeoverHoldStats, Time, AGGREGATE_KEYS, EXPIRY_BUDGET, JOURNAL_CAP,
+    TAKEOVER_HOLDS_PER_PORT,
 };
 pub use error::{ConfigError, InvariantError, Rule};
 pub use packet::{proto, tcp_flags, Direction, DropReason, Packet, Verdict, L4};

@@ -96,6 +96,9 @@ pub(super) enum NoPort {
     Exhausted,
     /// Only the fence kept the flow from a port (R10.4, `port_reserve`).
     Reserve,
+    /// No port, but the destination's port stash holds some (`stash`): a fast path may be
+    /// opening flows on them; dropped as `port_reserve`, not an exhaustion (R2.6).
+    Stashed,
 }
 
 /// One instance's fence.
@@ -186,6 +189,8 @@ impl Engine {
                         allowed,
                     },
                 );
+                // New flows of a fenced instance only on acknowledged ports: no stash.
+                self.stash_void_instance(slot);
             }
         }
         true
@@ -234,7 +239,7 @@ impl Engine {
         now: Time,
         secs: u32,
     ) -> usize {
-        let Some((_, inst)) = self.pat_instance(private_ip) else {
+        let Some((slot, inst)) = self.pat_instance(private_ip) else {
             return 0;
         };
         let (addr, chunks) = (inst.scenario.addr(), inst.chunks);
@@ -242,6 +247,8 @@ impl Engine {
         if addr != public || end <= self.now {
             return 0;
         }
+        // A held instance gets no stash (`stash`).
+        self.stash_void_instance(slot);
         let t = &mut self.fence;
         let mut seen = Bits::EMPTY;
         let mut n = 0;
@@ -294,6 +301,12 @@ impl Engine {
         let slot = block_id >> 1;
         let allowed = self.fence.fences.get(&slot).map(|f| f.allowed);
         (self.ports_held_slow(slot), allowed)
+    }
+
+    /// Whether instance `slot` has a fence, or ports of its block are held by
+    /// [`Engine::hold_ports`] now (no stash is granted then, `stash`).
+    pub(super) fn fence_applies(&self, slot: u32) -> bool {
+        self.fence.fences.contains_key(&slot) || self.ports_held_slow(slot).is_some()
     }
 
     /// The local ports of instance `slot`'s block held by [`Engine::hold_ports`] now.

@@ -546,6 +546,24 @@ impl Engine {
         })
     }
 
+    /// Whether the return path of a live inbound TCP flow (R5.1) would take an outbound TCP
+    /// packet of `member` to (`client`, `cport`) from some source port: it can only be the
+    /// backend port of a rule the member serves (`stash`: a port stash is granted before its
+    /// flows' source ports are known). Costs nothing while no inbound flow exists.
+    pub(super) fn lb_return_toward(&self, member: u32, client: u32, cport: u16) -> bool {
+        if self.inb.live == 0 {
+            return false;
+        }
+        self.inb.members.iter().enumerate().any(|(r, ms)| {
+            let rule = &self.topo.policy.rules[r];
+            rule.tcp
+                && ms.iter().any(|(_, a, _)| *a == member)
+                && self
+                    .lb_lookup_outbound(proto::TCP, member, rule.backend_port, client, cport)
+                    .is_some()
+        })
+    }
+
     /// For an ICMP error from the internet about a packet a member sent back through the
     /// frontend (R3.6): the quoted packet left as `frontend:fport` → `client:cport`. Returns
     /// the member's private (address, backend port) to restore. Creates and refreshes

@@ -96,6 +96,9 @@ pub(super) struct InstRt {
     pub(super) stats: [InstanceStats; 3],
     /// Live flows (TCP and UDP), for the flow limit (R9.2).
     pub(super) live: u32,
+    /// Ports stashed for a fast path's new TCP flows (`stash`), which count toward the flow
+    /// limit like live flows (R9.2).
+    pub(super) stashed: u32,
     /// Live flows it may hold (R9.2).
     pub(super) max_flows: u32,
     /// Token bucket of fail-fast answers (R9.5, `failfast`).

@@ -4,7 +4,9 @@
 //! chunk owner maps and counters claim, and reports the first disagreement: public 5-tuples
 //! unique (SPEC R2.2), ports inside the owner's block (R2.4) and owned, used-port sets and
 //! reference counts matching the flows (R2.3), blocks within the tier and disjoint (R2.4, R2.8),
-//! hot-destination caches matching their chains, and counters adding up (R6.1). It is a full
+//! hot-destination caches matching their chains, and counters adding up (R6.1). Ports stashed
+//! for a fast path (`stash`) count in the reference counts, one per stash holding them, and
+//! must lie in their block and carry no flow to their stash's destination. It is a full
 //! scan and never runs on the packet path; it changes nothing.
 
 use std::collections::HashMap;
@@ -19,9 +21,10 @@ use crate::units::PORT_BASE;
 impl Engine {
     /// Checks internal invariants (for tests and the soak): uniqueness of public 5-tuples
     /// (R2.2), ports inside the owner's block (R2.4), used-port counts within the
-    /// preallocation, disjoint blocks, that counters add up, and that the takeover windows
-    /// and holds are consistent and within their cap (`takeover`, R10.4). Returns the first
-    /// violation.
+    /// preallocation, disjoint blocks, that counters add up, that the takeover windows
+    /// and holds are consistent and within their cap (`takeover`, R10.4), and that port
+    /// stashes are (`stash`: in their block, counted in the reference counts, no flow to
+    /// their destination on a stashed port). Returns the first violation.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
         let mut public = std::collections::HashSet::new();
         let mut live = 0u32;
@@ -60,6 +63,15 @@ impl Engine {
                 .or_default()
                 .entry(f.idx)
                 .or_default() += 1;
+        }
+        // Stashed ports hold their block's ports as flows do (`stash`).
+        let stash_holds = self.stash_holds();
+        let mut stashed_per_block: HashMap<u32, u64> = HashMap::new();
+        for (&bid, ports) in &stash_holds {
+            for (&idx, &n) in ports {
+                *per_block.entry(bid).or_default().entry(idx).or_default() += n;
+                *stashed_per_block.entry(bid).or_default() += u64::from(n);
+            }
         }
         if live != self.flows.live() {
             return Err(InvariantError::Counter(format!(
@@ -136,7 +148,9 @@ impl Engine {
             for l in 0..2 {
                 let st = &inst.stats[l];
                 let ended: u64 = st.ended.iter().sum();
-                let live = self.blocks[slot * 2 + l].flows();
+                let bid = (slot * 2 + l) as u32;
+                let stashed = stashed_per_block.get(&bid).copied().unwrap_or(0);
+                let live = self.blocks[slot * 2 + l].flows().saturating_sub(stashed);
                 let made = st.conn_ok + st.restored;
                 if made < ended || made - ended != live {
                     return Err(InvariantError::Counter(format!(
@@ -184,6 +198,8 @@ impl Engine {
         // Takeover windows and holds (`takeover`, R10.4).
         self.check_takeover()?;
         // Port fences and port holds (`fence`, R10.4).
-        self.check_fence()
+        self.check_fence()?;
+        // Port stashes (`stash`).
+        self.check_stash()
     }
 }

@@ -32,7 +32,10 @@
 //! idle expiry asks. FIN and RST (R3.2, R3.3) a fast path translated itself reach the engine
 //! as events ([`Engine::tcp_event_at`], issue #17) carrying the second the fast path saw the
 //! packet, which starts the close timer, so close times are exact however late the event is
-//! applied; a SYN without ACK always reaches the engine as a packet (R3.1). The source is asked on
+//! applied. A SYN without ACK reaches the engine as a packet (R3.1), or, when the fast path
+//! opened its flow itself on a port the engine stashed for it (`stash`), as a record
+//! ([`Engine::stash_opened`], applied at the fast path's second; its `Opened` says
+//! `by_fast_path`). The source is asked on
 //! removal paths only (timer expiry, reaping while behind); read-only lookups (ICMP errors,
 //! listings) during a timer backlog (R9.4) may treat such a flow as gone until it is
 //! re-checked — at most the backlog's duration. Packet counts from outside are credited per
@@ -92,7 +95,7 @@ impl FlowKey {
 pub enum FlowChange {
     /// A flow started and got its port (R2.1).
     Opened {
-        /// When.
+        /// When (for a flow a fast path opened, the second it saw the SYN).
         at: Time,
         /// The instance.
         instance: Arc<str>,
@@ -101,8 +104,15 @@ pub enum FlowChange {
         slot: u32,
         /// The translation.
         key: FlowKey,
+        /// The fast path opened the flow itself from a port stash and holds its entries
+        /// already ([`Engine::stash_opened`], issue #17): nothing to install. False for every
+        /// flow the engine opened (or restored) itself.
+        by_fast_path: bool,
     },
-    /// A flow ended and its port was released (R3.2–R3.5, R2.9 reclaim).
+    /// A flow ended and its port was released (R3.2–R3.5, R2.9 reclaim). Also journaled,
+    /// with cause `reclaimed` and no `Opened` before it, for a flow a fast path opened from a
+    /// port stash that the engine refused ([`Engine::stash_opened`]): its entries must go.
+    /// `instance` is then empty and `slot` `u32::MAX` if no instance has `key.src`.
     Closed {
         /// When the port was released (the flow's real deadline, also when reaped late).
         at: Time,
@@ -249,7 +259,7 @@ impl Engine {
         self.by_name.get(name).copied()
     }
 
-    pub(super) fn journal_opened(&mut self, fi: u32) {
+    pub(super) fn journal_opened(&mut self, fi: u32, at: Time, by_fast_path: bool) {
         if !self.journaling() {
             return;
         }
@@ -259,12 +269,38 @@ impl Engine {
             return;
         };
         let c = FlowChange::Opened {
-            at: self.now,
+            at,
             instance: inst.name.clone(),
             slot,
             key: FlowKey::of(&f),
+            by_fast_path,
         };
         self.journal.push(c);
+    }
+
+    /// A `Closed` for a translation the engine has no flow of (a fast path's flow it refused,
+    /// `stash`): `slot` may be free or `u32::MAX` (then `instance` is empty).
+    pub(super) fn journal_closed_key(
+        &mut self,
+        at: Time,
+        slot: u32,
+        key: FlowKey,
+        cause: EndCause,
+    ) {
+        if !self.journaling() {
+            return;
+        }
+        let instance = match self.insts.get(slot as usize) {
+            Some(Some(inst)) => inst.name.clone(),
+            _ => Arc::from(""),
+        };
+        self.journal.push(FlowChange::Closed {
+            at,
+            instance,
+            slot,
+            key,
+            cause,
+        });
     }
 
     pub(super) fn journal_closed(&mut self, f: &Flow, at: Time, cause: EndCause) {

@@ -43,6 +43,9 @@
 //! - `fence`: a fleet node's port fence (new flows only on the port reserve its runner-up
 //!   acknowledged, [`Engine::set_port_fence`]) and port holds toward every destination after
 //!   a takeover ([`Engine::hold_ports`]), R10.4, R3.2;
+//! - `stash`: ports chosen ahead for one instance's new TCP flows to one destination, which
+//!   a kernel fast path opens itself ([`Engine::stash_take`], [`Engine::stash_opened`],
+//!   issue #17; R2.2, R2.3, R2.6, R9.2);
 //! - `report`, `stats`, `events`: what operators see (R6.1–R6.3); `invariants`: the
 //!   consistency check tests run; `journal`: flow changes for a fast path or recorder, and
 //!   activity a fast path saw (R3.4 with packets the engine never sees).
@@ -70,6 +73,7 @@ pub mod persist;
 mod plan;
 mod ports;
 mod report;
+pub mod stash;
 mod stats;
 mod takeover;
 mod tcp;
@@ -87,6 +91,7 @@ pub use nsg::NsgHit;
 pub use plan::tier_ports;
 pub use ports::{CHUNK, CHUNKS};
 pub use report::{ApplyReport, FlowFilter, FlowView, InstanceReport};
+pub use stash::{StashGrant, StashKey, StashOpen, StashStats, RETAKE_AFTER, STASH_DEMAND_CAP};
 pub use stats::{GlobalStats, InstanceStats};
 pub use takeover::{TakeoverHoldStats, TAKEOVER_HOLDS_PER_PORT};
 // Their home is `crate::units`, a leaf module; re-exported here for existing users.
@@ -153,6 +158,8 @@ pub struct Engine {
     takeover: takeover::TakeoverRt,
     /// Port fences and port holds of all destinations (`fence`, R10.4).
     fence: fence::FenceRt,
+    /// Port stashes of a kernel fast path (`stash`, issue #17).
+    stash: stash::StashRt,
 }
 
 /// Whether this engine may open new PAT flows for the instance at a private address
@@ -200,6 +207,7 @@ impl Engine {
             admission: None,
             takeover: Default::default(),
             fence: Default::default(),
+            stash: Default::default(),
         };
         e.apply(now, topo)?;
         Ok(e)
@@ -332,23 +340,33 @@ impl Engine {
         let report = self.commit(topo, plan);
         self.nsg_rebuild();
         self.inbound_rebuild();
+        // Stashes the new configuration would not grant are voided (`stash`, R1.4, R4.3, R9.2).
+        self.stash_revalidate();
         Ok(report)
     }
 
     /// Stores a new flow, queues its idle timer (R3.4) and counts it; stamps its first
     /// second and settles an idle-ended flow of the same 5-tuple (`idle_reuse`). Returns its
     /// slot.
-    fn insert_flow(&mut self, mut f: Flow) -> u32 {
-        f.born = self.now as u16;
+    fn insert_flow(&mut self, f: Flow) -> u32 {
+        self.insert_flow_at(f, self.now, false)
+    }
+
+    /// [`Engine::insert_flow`] for a flow that started at `at` (its first second, and its
+    /// idle timer from `at`); `by_fast_path`: a fast path opened it and holds its entries
+    /// (`stash`), which the journal's `Opened` says.
+    #[inline]
+    fn insert_flow_at(&mut self, mut f: Flow, at: Time, by_fast_path: bool) -> u32 {
+        f.born = at as u16;
         self.idle_recent_new_flow(&f);
         if let Some(i) = self.insts[f.slot() as usize].as_mut() {
             i.live += 1;
         }
         let (fi, gen) = self.flows.insert(f);
-        let deadline = self.now.saturating_add(self.topo.params.idle_timeout);
+        let deadline = at.saturating_add(self.topo.params.idle_timeout);
         self.wheel.push(deadline, fi, gen);
         self.global.flows_created += 1;
-        self.journal_opened(fi);
+        self.journal_opened(fi, at, by_fast_path);
         fi
     }
 

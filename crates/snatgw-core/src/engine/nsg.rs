@@ -152,6 +152,45 @@ impl Engine {
         ok
     }
 
+    /// Whether the outbound NSGs of the instance at `src` allow TCP to (`dst`, `dport`) from
+    /// *every* source port (a port stash is granted before its flows' source ports are known,
+    /// `stash`; R4.3). Conservative: a deciding rule that names source ports other than all
+    /// of them makes the answer depend on the source port, which counts as a denial. Counts
+    /// no hit (the flows' own checks do).
+    pub(super) fn nsg_outbound_any_sport(&self, src: u32, dst: u32, dport: u16) -> bool {
+        let Some(a) = self.nsg.by_ip.get(&src) else {
+            return true;
+        };
+        let q = Query {
+            direction: NsgDirection::Outbound,
+            proto: crate::packet::proto::TCP,
+            src,
+            sport: None,
+            dst,
+            dport,
+        };
+        let vnet = &self.topo.vnet;
+        for k in a.outbound.into_iter().flatten() {
+            let nsg = &self.topo.policy.nsgs[k];
+            // `sport: None` matches every rule some source port would match, in order: the
+            // first one decides for every source port only if it names them all.
+            let Some(r) = nsg
+                .rules
+                .iter()
+                .find(|r| r.matches(&q, vnet))
+                .or(nsg.rules.last())
+            else {
+                continue;
+            };
+            let all_ports =
+                r.src_ports.is_empty() || r.src_ports.iter().any(|x| x.lo <= 1 && x.hi == 65535);
+            if !all_ports || r.access == NsgAccess::Deny {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Inbound NSG check of packet `p` to the ILPIP of the instance at `private` (R1.1):
     /// return traffic of a recorded 5-tuple passes (R4.4), anything else is evaluated with
     /// the private address as destination, and recorded when allowed.

@@ -33,7 +33,10 @@
 //! This module does not read or write files, and does not talk to a kernel: the runtime does
 //! both and merges what the kernel's map saw ([`FlowState::merge_seen`]).
 //!
-//! Not carried: counters (Prometheus counters restart from zero, as after any restart), the
+//! Not carried: port stashes of a kernel fast path (`stash`: a restart starts with none;
+//! the releases the allocator took stashed ports from are carried as releases, and flows the
+//! kernel opened from a stash meanwhile reach the new engine through
+//! [`Engine::stash_opened`]), counters (Prometheus counters restart from zero, as after any restart), the
 //! event log and aggregation state, NSG and inbound load-balancing state, the idle-reuse set
 //! of `idle_reuse` (a symptom counter), takeover windows and port holds (`takeover`: they do
 //! not survive a restart of the node that took over), port fences and port holds of all
@@ -157,7 +160,7 @@ pub struct ImportReport {
 }
 
 /// Why an exported record does not fit this engine ([`ImportReport`] counts them apart).
-enum Misfit {
+pub(super) enum Misfit {
     /// No such PAT instance on that public address.
     Instance,
     /// The port is not in the instance's block.
@@ -402,6 +405,25 @@ impl Engine {
                             });
                         }
                     }
+                    // Stashes are not exported (`stash`); the releases the allocator took
+                    // their ports from are, so a restart keeps R2.3's order for them.
+                    let horizon = self.topo.params.reuse_history;
+                    for (slot, dst, dport, idx, at) in self.stash_history() {
+                        if horizon == 0 || at.saturating_add(horizon) <= self.now {
+                            continue;
+                        }
+                        let Some(Some(inst)) = self.insts.get(slot as usize) else {
+                            continue;
+                        };
+                        out.releases.push(ReleaseRecord {
+                            private_ip: inst.private_ip,
+                            proto: proto::TCP,
+                            dst,
+                            dport,
+                            pport: inst.port_of(idx),
+                            at,
+                        });
+                    }
                     *cur = ExportCursor { phase: 1, pos: 0 };
                 }
                 1 => {
@@ -495,8 +517,13 @@ impl Engine {
     }
 
     /// The slot and the local port index of `pport` for the PAT instance at `private_ip` on
-    /// `public`, if the port is in its block.
-    fn local_port(&self, private_ip: u32, public: u32, pport: u16) -> Result<(u32, u16), Misfit> {
+    /// `public`, if the port is in its block (also `stash`'s lookup).
+    pub(super) fn local_port(
+        &self,
+        private_ip: u32,
+        public: u32,
+        pport: u16,
+    ) -> Result<(u32, u16), Misfit> {
         let &slot = self.by_private.get(&private_ip).ok_or(Misfit::Instance)?;
         let inst = self.insts[slot as usize].as_ref().ok_or(Misfit::Instance)?;
         if !inst.scenario.is_pat() || inst.scenario.addr() != public {
@@ -623,6 +650,8 @@ impl Engine {
             rep.skipped_conflict += 1;
             return;
         }
+        // A stash holding the port for this destination gives way (`stash`, R2.2).
+        self.stash_void_conflict(block_id, k.dst, k.dport, idx);
         self.blocks[block_id as usize].hold(idx);
         let f = Flow {
             src: k.src,
@@ -654,7 +683,7 @@ impl Engine {
         let at = timers::deadline(&f, self.topo.params.idle_timeout).0;
         self.wheel.push(at, fi, gen);
         self.global.flows_restored += 1;
-        self.journal_opened(fi);
+        self.journal_opened(fi, self.now, false);
         rep.flows += 1;
     }
 

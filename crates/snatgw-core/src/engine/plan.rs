@@ -361,6 +361,7 @@ impl Engine {
             chunks: [0; SLOTS],
             stats: Default::default(),
             live: 0,
+            stashed: 0,
             max_flows: ni.max_flows,
             answers: Default::default(),
         });
@@ -370,6 +371,8 @@ impl Engine {
     }
 
     fn remove_instance(&mut self, slot: u32) {
+        // Its stashes go while its block still counts their ports (`stash`).
+        self.stash_void_instance(slot);
         let Some(inst) = self.insts[slot as usize].take() else {
             return;
         };

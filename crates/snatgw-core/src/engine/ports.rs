@@ -198,6 +198,71 @@ impl ReleaseHistory {
             .push_back((at.saturating_add(horizon), block, dst, dport));
     }
 
+    /// Puts back a release of local port `idx` of `block` for (`dst`, `dport`) at `at` that
+    /// the allocator had taken out (a stashed port given back unused, `stash`): in time order
+    /// among the destination's releases, so the R2.3 order is the one it would have been.
+    pub(super) fn restore(
+        &mut self,
+        block: u32,
+        dst: u32,
+        dport: u16,
+        idx: u16,
+        at: Time,
+        horizon: u32,
+    ) {
+        if self.expiry.len() >= self.cap {
+            self.forget_oldest();
+        }
+        let h = self.hasher;
+        let dh = dest_hash(&h, block, dst, dport);
+        let sh = self.shard(dh);
+        match self.hists[sh].find_mut(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        {
+            Some(hh) => {
+                if hh.q.iter().any(|&(i, _)| i == idx) {
+                    return;
+                }
+                let pos = hh.q.partition_point(|&(_, t)| t <= at);
+                hh.q.insert(pos, (idx, at));
+            }
+            None => {
+                self.hists[sh].insert_unique(
+                    dh,
+                    Hist {
+                        block,
+                        dst,
+                        dport,
+                        q: VecDeque::from([(idx, at)]),
+                    },
+                    |e| dest_hash(&h, e.block, e.dst, e.dport),
+                );
+            }
+        }
+        // Maybe out of time order in the expiry queue: then forgotten late, which never changes
+        // a verdict (the allocator forgets a destination's old releases itself).
+        self.expiry
+            .push_back((at.saturating_add(horizon), block, dst, dport));
+    }
+
+    /// Takes the release of local port `idx` of `block` for (`dst`, `dport`) out of the
+    /// history, if there is one (a port a fast path used without the allocator, `stash`: as
+    /// the allocator does when it gives a port from the history).
+    pub(super) fn take(&mut self, block: u32, dst: u32, dport: u16, idx: u16) {
+        let dh = dest_hash(&self.hasher, block, dst, dport);
+        let sh = self.shard(dh);
+        if let Ok(mut e) =
+            self.hists[sh].find_entry(dh, |e| e.block == block && e.dst == dst && e.dport == dport)
+        {
+            let hh = e.get_mut();
+            if let Some(pos) = hh.q.iter().position(|&(i, _)| i == idx) {
+                hh.q.remove(pos);
+            }
+            if hh.q.is_empty() {
+                e.remove();
+            }
+        }
+    }
+
     /// Forgets releases that fell out of the horizon by `now`, at most `budget` of them;
     /// drops emptied histories. Returns the budget left. Lagging here never changes a verdict:
     /// the allocator forgets a destination's old releases itself before using them.
@@ -259,24 +324,35 @@ impl Engine {
     /// first, else the one released for it longest ago. A port held toward the destination
     /// after a takeover (`takeover`, R10.4) counts as in use for it, a port held by
     /// [`Engine::hold_ports`] counts as in use for every destination, and a fenced instance
-    /// takes only ports of its fence (`fence`, R10.4). [`NoPort::Exhausted`] is exhaustion
-    /// (R2.6); [`NoPort::Reserve`]: only the fence kept the flow from a port.
+    /// takes only ports of its fence (`fence`, R10.4). A port stashed for the destination
+    /// (`stash`) counts as in use for it. [`NoPort::Exhausted`] is exhaustion (R2.6);
+    /// [`NoPort::Reserve`]: only the fence kept the flow from a port; [`NoPort::Stashed`]: no
+    /// port, but the destination's stash holds some (a fast path may be opening flows on
+    /// them; not an exhaustion).
     pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Result<u16, NoPort> {
+        self.alloc_inner(block_id, dst, dport).map(|(i, _)| i)
+    }
+
+    /// [`Engine::alloc`], also returning the release for the destination the port was taken
+    /// from the history with, if it was (`stash` restores it when the port comes back).
+    #[inline(always)]
+    pub(super) fn alloc_inner(
+        &mut self,
+        block_id: u32,
+        dst: u32,
+        dport: u16,
+    ) -> Result<(u16, Option<Time>), NoPort> {
         let dh = self.flows.dest_hash(block_id, dst, dport);
-        if self.wheel.next <= self.now {
-            // Behind (R9.4): the destination's due flows go first, so whether a port is free
-            // for it (R2.6, R2.7) is decided exactly. At most one flow per port: ≤ 1024.
-            for fi in self.flows.chain(dh, block_id, dst, dport) {
-                self.reap_if_due(fi);
-            }
-        }
-        let active = self.flows.busy_ports(dh, block_id, dst, dport);
+        let active = self.busy_toward(dh, block_id, dst, dport);
         // After a takeover, ports held toward this remote endpoint count as in use for it
         // (`takeover`, R10.4); one `is_empty` check while no hold exists.
         let held = self.takeover_held(block_id, dst, dport);
         // Port holds (all destinations) and the instance's fence (`fence`, R10.4); two
         // `is_empty` checks while neither exists anywhere.
         let (port_held, fence) = self.fence_limits(block_id);
+        // Ports stashed for this destination (`stash`); one `is_empty` check while no stash
+        // exists.
+        let stashed = self.stash_held(block_id, dst, dport);
         let horizon = self.topo.params.reuse_history;
         let now = self.now;
         let mut hist = if horizon > 0 {
@@ -299,10 +375,11 @@ impl Engine {
                 .find(|(_, &(i, _))| set.get(i))
                 .map(|(pos, &(i, _))| (i, pos))
         };
-        // Ports not free for the destination: busy for it, or held (either kind); then the
-        // fence. Without any hold or fence (one node, R10.6) the sets are computed as before
-        // the fence existed: no extra copies of the 128-byte sets on a new flow's path.
-        let limited = held.is_some() || port_held.is_some() || fence.is_some();
+        // Ports not free for the destination: busy for it, held (either kind) or stashed for
+        // it; then the fence. Without any hold, stash or fence (one node, R10.6) the sets are
+        // computed as before the fence existed: no extra copies of the 128-byte sets on a new
+        // flow's path.
+        let limited = held.is_some() || port_held.is_some() || fence.is_some() || stashed.is_some();
         // Whether a port outside the fence would have been free (for `NoPort::Reserve`).
         let mut free_outside = false;
         let mut group_a = block.used.minus(&active);
@@ -311,6 +388,9 @@ impl Engine {
                 group_a = group_a.minus(h);
             }
             if let Some(h) = &port_held {
+                group_a = group_a.minus(h);
+            }
+            if let Some(h) = &stashed {
                 group_a = group_a.minus(h);
             }
             if let Some(f) = &fence {
@@ -336,15 +416,21 @@ impl Engine {
                 if let Some(h) = &port_held {
                     group_b = group_b.minus(h);
                 }
+                if let Some(h) = &stashed {
+                    group_b = group_b.minus(h);
+                }
                 if let Some(f) = &fence {
                     free_outside |= group_b.any();
                     group_b = group_b.and(f);
                 }
             }
             if !group_b.any() {
-                // Refused because of the fence only if a port would have been free without it.
+                // Refused because of the fence only if a port would have been free without it;
+                // not exhausted while the destination's stash holds ports (`stash`).
                 return Err(if free_outside {
                     NoPort::Reserve
+                } else if stashed.is_some() {
+                    NoPort::Stashed
                 } else {
                     NoPort::Exhausted
                 });
@@ -362,11 +448,26 @@ impl Engine {
                 (i, Some(pos))
             }
         };
-        if let (Some(pos), Some(hh)) = (hist_pos, hist.as_mut()) {
-            hh.q.remove(pos);
-        }
+        let released_at = match (hist_pos, hist.as_mut()) {
+            (Some(pos), Some(hh)) => hh.q.remove(pos).map(|(_, at)| at),
+            _ => None,
+        };
         block.hold(pick);
-        Ok(pick)
+        Ok((pick, released_at))
+    }
+
+    /// The local ports of block `block_id` busy for (`dst`, `dport`) (`dh`: the key's hash),
+    /// exactly: while behind (R9.4) the destination's due flows are removed first, so whether
+    /// a port is free for it (R2.6, R2.7) never depends on the timer step. At most one flow
+    /// per port: ≤ 1024.
+    #[inline]
+    pub(super) fn busy_toward(&mut self, dh: u64, block_id: u32, dst: u32, dport: u16) -> Bits {
+        if self.wheel.next <= self.now {
+            for fi in self.flows.chain(dh, block_id, dst, dport) {
+                self.reap_if_due(fi);
+            }
+        }
+        self.flows.busy_ports(dh, block_id, dst, dport)
     }
 
     /// Lets go of a removed flow's port at `release_time`, remembering the release for its
@@ -402,6 +503,10 @@ impl Engine {
         // (a tier change on a large fleet must not scan all flows once per instance).
         let mut masks: HashMap<u32, [bool; SLOTS]> = HashMap::new();
         let mut reclaimed: Vec<(u32, Arc<str>, u32, u32, ReclaimReason)> = Vec::new();
+        for (slot, mask, _) in revoke {
+            // Stashes with a port on a revoked chunk are voided (`stash`).
+            self.stash_void_chunks(*slot, mask);
+        }
         for (slot, mask, reason) in revoke {
             let mut ports = 0;
             for (s, &m) in mask.iter().enumerate() {

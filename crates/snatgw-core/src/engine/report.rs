@@ -68,7 +68,9 @@ pub struct InstanceReport {
     pub block: Vec<(u16, u16)>,
     /// Pool size deciding the tier (R2.8, as reported during a redeploy R2.11); 1 for an ILPIP.
     pub pool_size: u32,
-    /// Used SNAT ports per protocol `[tcp, udp]` (R2.3).
+    /// Used SNAT ports per protocol `[tcp, udp]` (R2.3: held by at least one flow; a port only
+    /// stashed for a fast path's next flows, [`Engine::stash_take`](super::Engine::stash_take),
+    /// is not counted).
     pub used: [u32; 2],
     /// Live flows per protocol `[tcp, udp]`.
     pub flows: [u32; 2],
@@ -133,6 +135,15 @@ impl Engine {
         for (l, b) in [tp, up].iter().enumerate() {
             flows[l] = u32::try_from(b.flows()).unwrap_or(u32::MAX);
         }
+        // Ports stashed for a fast path (`stash`, TCP) hold the block but are neither flows nor
+        // used ports: R2.3 counts ports held by at least one flow; a stashed port is still the
+        // tenant's to use (the kernel gives it to the instance's next flow to that destination).
+        flows[0] = flows[0].saturating_sub(inst.stashed);
+        let stash_only = if inst.stashed > 0 {
+            self.stash_only_ports(slot * 2, tp)
+        } else {
+            0
+        };
         InstanceReport {
             name: inst.name.clone(),
             kind: inst.kind,
@@ -142,7 +153,7 @@ impl Engine {
             allocated,
             block,
             pool_size,
-            used: [tp.used.count(), up.used.count()],
+            used: [tp.used.count() - stash_only, up.used.count()],
             flows,
             stats: inst.stats,
         }

@@ -147,6 +147,8 @@ impl Engine {
         if secs > 0 && end > self.now {
             t.windows.insert(slot, end);
             t.window_ends.insert((end, slot));
+            // An instance in its takeover window gets no stash (`stash`).
+            self.stash_void_instance(slot);
         }
         true
     }
@@ -192,7 +194,7 @@ impl Engine {
 
     /// Whether instance `slot`'s takeover window is open at the engine's time.
     #[inline]
-    fn takeover_window_open(&self, slot: u32) -> bool {
+    pub(super) fn takeover_window_open(&self, slot: u32) -> bool {
         self.takeover
             .windows
             .get(&slot)

@@ -4,7 +4,8 @@
 //! a VNet destination passes untranslated (R1.7), an ILPIP instance is translated 1:1 (R1.1),
 //! and a TCP SYN (R3.1) or UDP datagram (R3.5) of a PAT instance starts a flow on a port from
 //! the allocator (`ports`), or is dropped and counted with an exhaustion event (R2.6), or
-//! without one when only a fleet node's port fence kept it from a port (`fence`, R10.4). ICMP
+//! without one when only a fleet node's port fence kept it from a port (`fence`, R10.4) or the
+//! destination's port stash holds the ports left (`stash`). ICMP
 //! echo through PAT is dropped and counted apart (R3.6 decision). A member's answer on an
 //! inbound LB flow leaves from the frontend (`inbound`, R5.1), and a packet that may start a
 //! flow first passes the instance's NSGs (`nsg`, R4.3: before a port is taken). Inbound: a
@@ -62,8 +63,12 @@ impl Engine {
     /// is left unchanged so the caller can forward it to the owner (R10.3). Existing flows,
     /// ILPIP instances (stateless, on the instance's own ports), load-balancing return
     /// traffic, inbound packets and ICMP errors are not asked. `None` (the default) admits
-    /// everything; the check costs nothing on an established flow's packet.
+    /// everything; the check costs nothing on an established flow's packet. Setting a hook
+    /// voids every port stash ([`Engine::stash_voided`]): a fleet node's instances get none.
     pub fn set_admission(&mut self, admission: Option<super::Admission>) {
+        if admission.is_some() {
+            self.stash_void_all();
+        }
         self.admission = admission;
     }
 
@@ -244,30 +249,9 @@ impl Engine {
         if !self.nsg_outbound(p, false) {
             return self.drop_inst(slot, p.proto, DropReason::NsgDenied);
         }
-        let inst = self.insts[slot as usize]
-            .as_ref()
-            .expect("indexed instance exists");
         // R9.2: a new flow over the instance's or the gateway's limit is refused before it
         // can take a port; nothing else changes.
-        let inst_limit = inst.max_flows;
-        let over = if inst.live >= inst_limit {
-            Some((LimitScope::Instance, inst_limit))
-        } else if self.flows.live() >= self.topo.params.max_flows {
-            Some((LimitScope::Gateway, self.topo.params.max_flows))
-        } else {
-            None
-        };
-        if let Some((scope, limit)) = over {
-            let kind = EventKind::FlowLimit {
-                instance: inst.name.clone(),
-                public_ip: public,
-                l4,
-                dst: p.dst,
-                dst_port: p.dst_port,
-                limit,
-                scope,
-            };
-            self.event_aggregated(kind);
+        if self.over_flow_limit(slot, public, l4, p.dst, p.dst_port) {
             self.journal_refused(slot, refused_key(p, public), DropReason::FlowLimit);
             return self.drop_inst(slot, p.proto, DropReason::FlowLimit);
         }
@@ -297,8 +281,14 @@ impl Engine {
                     state: 0,
                     born: 0, // set by insert_flow
                 });
-                if l4 == L4::Tcp && p.flags & tcp_flags::FIN != 0 {
-                    self.tcp_event(fi, p.flags, Direction::Outbound);
+                if l4 == L4::Tcp {
+                    if p.flags & tcp_flags::FIN != 0 {
+                        self.tcp_event(fi, p.flags, Direction::Outbound);
+                    }
+                    // Destinations worth a port stash (`stash`); one branch while off.
+                    if self.stash_tracking() {
+                        self.stash_note_demand(p.src, p.dst, p.dst_port);
+                    }
                 }
                 Verdict::Translate {
                     addr: public,
@@ -310,6 +300,14 @@ impl Engine {
                 // reserve (`fence`); not an exhaustion of the tenant's ports (no event, not a
                 // failed connection). The client's retransmission is served then.
                 self.fence_refused(slot);
+                self.journal_refused(slot, refused_key(p, public), DropReason::PortReserve);
+                self.drop_inst(slot, p.proto, DropReason::PortReserve)
+            }
+            Err(NoPort::Stashed) => {
+                // The destination's port stash holds ports a fast path may be opening flows
+                // on (`stash`): not an exhaustion (no event, not a failed connection, R2.6);
+                // the client's retransmission finds the stash, or a port once its record is
+                // applied.
                 self.journal_refused(slot, refused_key(p, public), DropReason::PortReserve);
                 self.drop_inst(slot, p.proto, DropReason::PortReserve)
             }
@@ -329,6 +327,43 @@ impl Engine {
                 self.drop_inst(slot, p.proto, DropReason::PortsExhausted)
             }
         }
+    }
+
+    /// Whether a new flow of instance `slot` (on `public`, to `dst`:`dport`) would exceed
+    /// the instance's or the gateway's flow limit (R9.2); if so, records the aggregated
+    /// `flow_limit` event. Ports stashed for a fast path's new flows count as live flows
+    /// (`stash`).
+    #[inline]
+    pub(super) fn over_flow_limit(
+        &mut self,
+        slot: u32,
+        public: u32,
+        l4: L4,
+        dst: u32,
+        dst_port: u16,
+    ) -> bool {
+        let inst = self.insts[slot as usize]
+            .as_ref()
+            .expect("indexed instance exists");
+        let (inst_limit, gw_limit) = (inst.max_flows, self.topo.params.max_flows);
+        let (scope, limit) = if inst.live.saturating_add(inst.stashed) >= inst_limit {
+            (LimitScope::Instance, inst_limit)
+        } else if self.flows.live().saturating_add(self.stash.total) >= gw_limit {
+            (LimitScope::Gateway, gw_limit)
+        } else {
+            return false;
+        };
+        let kind = EventKind::FlowLimit {
+            instance: inst.name.clone(),
+            public_ip: public,
+            l4,
+            dst,
+            dst_port,
+            limit,
+            scope,
+        };
+        self.event_aggregated(kind);
+        true
     }
 
     /// Inbound verdict: a flow's return traffic (R2.1), an ILPIP's (R1.1), else dropped as
