@@ -6,10 +6,11 @@
 //!    falls back to the TUN path (docs/RUNNING.md). `SNATGW_CLANG` names another clang.
 //! 2. Checks the Rust mirror of bpf/snat_abi.h (issue #16): compiles bpf/abi_check.c for the
 //!    host (clang, else `cc`), runs it, and writes `OUT_DIR/snat_abi_check.rs`: one
-//!    compile-time assertion per struct size and alignment, field type, offset and size,
-//!    constant, and STATS name, which src/fastpath.rs includes, so a disagreeing mirror fails
-//!    the build. When the BPF object was built the check is mandatory (a failure here panics);
-//!    with no C compiler at all (and so no fast path) a stub says the ABI went unchecked.
+//!    compile-time assertion per struct size and alignment, field type (an array's element
+//!    type and length), offset and size, constant, and STATS name, which src/fastpath.rs
+//!    includes, so a disagreeing mirror fails the build. When the BPF object was built the
+//!    check is mandatory (a failure here panics); with no C compiler at all (and so no fast
+//!    path) a stub says the ABI went unchecked.
 //! 3. Checks that the SPDX lines of snat_tc.c and snat_abi.h and the program's LICENSE string
 //!    agree, and that the string is one the kernel takes as GPL-compatible (snat_tc.c says why).
 
@@ -72,7 +73,12 @@ fn build_bpf(clang: &str, src: &str, out_dir: &Path) -> bool {
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
     let status = Command::new(clang)
-        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        // -mcpu=v3: the BPF atomics (compare-and-swap, fetch-and-or) the stash pop uses (issue
+        // #17), and 32-bit ALU/JMP32; the kernel takes v3 programs since 5.12 (atomics), and
+        // the fast path needs 6.6 (tcx) to be pinned anyway.
+        .args([
+            "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
+        ])
         .arg(format!("-I{multiarch}"))
         .args(["-c", src, "-o"])
         .arg(&out)
@@ -256,6 +262,16 @@ fn generate(layout: &str, check_align: bool) -> String {
                  const _: () = assert!(core::mem::offset_of!({st}, {name}) == {offset}, \
                  \"{WHERE}: offsetof(struct {st}, {name}) is {offset}; {MIRROR}\");\n\
                  const _: () = assert!(core::mem::size_of::<{rt}>() == {size}, \
+                 \"{WHERE}: sizeof {st}.{name} is {size}\");",
+                rt = rust_type(ty)
+            ),
+            ["array", st, name, ty, offset, size, count] => writeln!(
+                s,
+                "// {st}.{name}: {ty}[{count}] at {offset}\n\
+                 const _: fn(&{st}) -> &[{rt}; {count}] = |s| &s.{name};\n\
+                 const _: () = assert!(core::mem::offset_of!({st}, {name}) == {offset}, \
+                 \"{WHERE}: offsetof(struct {st}, {name}) is {offset}; {MIRROR}\");\n\
+                 const _: () = assert!(core::mem::size_of::<[{rt}; {count}]>() == {size}, \
                  \"{WHERE}: sizeof {st}.{name} is {size}\");",
                 rt = rust_type(ty)
             ),

@@ -8,6 +8,7 @@
  * Lines (space-separated, names are C identifiers):
  *   struct NAME SIZE ALIGN
  *   field STRUCT NAME TYPE OFFSET SIZE
+ *   array STRUCT NAME TYPE OFFSET SIZE COUNT   (SIZE: the whole array's)
  *   const NAME VALUE
  *   stat INDEX NAME        (NAME: the entry's name in Rust's STAT_NAMES)
  */
@@ -22,12 +23,15 @@
 #define FIELD(type, name)                                                                \
 	printf("field %s %s %s %zu %zu\n", CUR_NAME, #name, #type, offsetof(CUR, name),  \
 	       sizeof(((CUR *)0)->name));
+#define ARRAY(type, name, count)                                                         \
+	printf("array %s %s %s %zu %zu %lld\n", CUR_NAME, #name, #type, offsetof(CUR, name), \
+	       sizeof(((CUR *)0)->name), (long long)(count));
 #define STRUCT(name, fields)                                                             \
 	{                                                                                \
 		typedef struct name CUR;                                                 \
 		const char *CUR_NAME = #name;                                            \
 		printf("struct %s %zu %zu\n", #name, sizeof(CUR), _Alignof(CUR));        \
-		fields(FIELD)                                                            \
+		fields(FIELD, ARRAY)                                                     \
 	}
 
 int main(void)

@@ -21,8 +21,24 @@
 //     record last-seen time and per-instance packet counters, and redirect to the egress
 //     interface with bpf_redirect_neigh (FIB and neighbour lookup). TCP flags do not matter
 //     here (issue #17): a SYN-ACK, FIN or RST of an installed flow is translated like any
-//     segment, except a SYN without ACK, which always goes up (R3.1: an outbound one may be a
-//     client reusing the 5-tuple, which the engine must see).
+//     segment, except a SYN without ACK, which goes up (R3.1: an outbound one may be a client
+//     reusing the 5-tuple, which the engine must see) unless a stash opens its flow here:
+//   - new outbound TCP flows (issue #17, new connections/s at least the kernel's NAT): the
+//     engine decides ports ahead, per (instance, destination): STASH_KEYS maps {private
+//     address, remote address, remote port} to a slot of STASH, a ring of public ports with
+//     the public address, egress interfaces and counters of the flows to open (struct
+//     stash_slot; userspace pushes ports through an mmap of the map, the program pops them).
+//     An outbound SYN without ACK whose 5-tuple is not in FLOWS and whose key has a slot, TTL >
+//     1 and not too big for the slot's egress: the program reserves an EVENTS record (none:
+//     up, ST_EVENT_FULL, nothing popped), pops a port (compare-and-swap on the ring's consumer
+//     index; empty: the record discarded, up, ST_STASH_EMPTY), installs both FLOWS entries
+//     (BPF_NOEXIST, inbound first), translates the SYN as any packet of the flow and reports
+//     it as EV_OPENED (ST_STASH_OPENED): the engine then owns the flow exactly as if it had
+//     opened it. If an entry is in the way (another flow has the remote's packets to that
+//     public port, or another CPU opened the 5-tuple meanwhile), nothing of the attempt stays
+//     in FLOWS, the port is reported back as EV_RETURNED (ST_STASH_RETURNED) and the SYN goes
+//     up. Once a port is popped its record is always submitted: no port is ever lost. A SYN
+//     whose 5-tuple is in FLOWS goes up without popping (R3.1).
 //   - a FIN or RST translated here is also reported to userspace in the EVENTS ring buffer
 //     (struct tcp_event: the flow as the engine knows it, the flags, which way, and the same
 //     bpf_ktime_get_ns() the entry's last_seen gets), so the engine starts the FIN/RST timer
@@ -32,11 +48,13 @@
 //     FIN or RST is never lost: either its event is in the ring or its packet reached the
 //     engine (a packet the helpers fail to rewrite is dropped, its record discarded, and the
 //     peer retransmits it). Submitted without a wakeup: userspace polls the ring.
-//   - anything else (first packets of flows, SYN without ACK, ICMP, fragments, options, a
-//     packet too big for the egress MTU, unknown flows, FIN/RST without room in EVENTS):
+//   - anything else (first packets of flows, SYN without ACK not opened from a stash, ICMP,
+//     fragments, options, a packet too big for the egress MTU, unknown flows, FIN/RST or a
+//     stash's SYN without room in EVENTS):
 //     TC_ACT_OK, i.e. on to the kernel's stack and, by the operator's policy routing, to the
 //     userspace engine (the TUN). The engine stays the only authority: it installs and
-//     removes every entry (SPEC R2.2, R3.1-R3.5).
+//     removes every entry (SPEC R2.2, R3.1-R3.5), except the two a stash's SYN installs here
+//     from ports the engine decided, which it learns of from EV_OPENED and owns from then on.
 //   - in "floor" mode (CONFIG[CFG_MODE] = MODE_FLOOR, for benchmarks only): parse, decrement
 //     the TTL and redirect to CONFIG[CFG_FLOOR_EGRESS_OUT + dir] without any lookup or
 //     rewrite: the cost of the mechanism.
@@ -62,8 +80,9 @@
 //     socket, where userspace injects them into the engine. An unwrapped packet that cannot be
 //     translated after all (ring full for its FIN/RST, TTL, MTU) is dropped and counted
 //     (ST_LINK_DROP), never passed to the stack, which could route it out untranslated.
-// What it does not do: create flows, decide ports, end flows or time them, look at ICMP errors,
-// decide who owns what (userspace fills STEER_* from the fleet's view and flips the epoch).
+// What it does not do: decide ports (it only takes the ones the engine stashed), end flows or
+// time them, look at ICMP errors, decide who owns what (userspace fills STEER_* from the
+// fleet's view and flips the epoch).
 
 // Direction is decided by the attach point (SPEC R9.1): snat_out is attached to the private
 // side's ingress, snat_in to the public side's, and the direction is part of the key.
@@ -134,6 +153,25 @@ struct {
 	__uint(max_entries, 1 << 10);
 } STEER_PEERS SEC(".maps");
 
+// Stashes (issue #17): the slot of STASH that serves outbound SYNs from a private address to a
+// remote address and port (struct stash_key); filled by userspace, sized by the loader.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct stash_key);
+	__type(value, __u32);
+	__uint(max_entries, STASH_SLOTS);
+} STASH_KEYS SEC(".maps");
+
+// The stash slots (struct stash_slot): rings of public ports the engine decided ahead, shared
+// with userspace through mmap (it pushes, the program pops). Same size as STASH_KEYS.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct stash_slot);
+	__uint(max_entries, STASH_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+} STASH SEC(".maps");
+
 // Indexed by the CFG_* slots of snat_abi.h; written by the loader before the programs load.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -148,6 +186,12 @@ struct {
 #define IP_SRC_OFF (IP_OFF + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (IP_OFF + offsetof(struct iphdr, daddr))
 #define L4_OFF (IP_OFF + sizeof(struct iphdr))
+
+// A plain load the compiler neither merges nor repeats (memory userspace writes meanwhile).
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+// Compare-and-swap attempts of a stash pop before the SYN goes up as if the stash were empty
+// (another CPU won every race: only under a burst of SYNs of one key).
+#define STASH_POP_TRIES 8
 
 static __always_inline void count(__u32 idx)
 {
@@ -280,6 +324,175 @@ static __always_inline int steer(struct __sk_buff *skb, __u8 dir, const struct s
 	return bpf_redirect_neigh(out_if, NULL, 0, 0);
 }
 
+// Rewrites the source (DIR_OUT) or destination (DIR_IN) address and port of an IPv4 TCP or UDP
+// packet without options from old_* to new_* with the kernel's checksum helpers (RFC 1624
+// incremental updates; a GSO or CHECKSUM_PARTIAL skb stays whole and correct, a zero UDP
+// checksum stays zero) and decrements its TTL (the caller checked ttl > 1). Non-zero when a
+// helper failed: the packet may be half rewritten, and must be dropped. Packet pointers are
+// invalid afterwards.
+static __always_inline int rewrite(struct __sk_buff *skb, __u8 dir, __u8 proto, __u8 ttl,
+				   __u32 old_addr, __u16 old_port, __u32 new_addr, __u16 new_port)
+{
+	__u32 csum_off = proto == IPPROTO_TCP ? L4_OFF + offsetof(struct tcphdr, check)
+					      : L4_OFF + offsetof(struct udphdr, check);
+	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 addr_off = dir == DIR_OUT ? IP_SRC_OFF : IP_DST_OFF;
+	__u32 port_off = dir == DIR_OUT ? L4_OFF + 0 : L4_OFF + 2; // source / dest port
+	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4) ||
+	    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2) ||
+	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
+	    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) ||
+	    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) || dec_ttl(skb, ttl, proto))
+		return -1;
+	return 0;
+}
+
+// The end of a translated packet: counts it (its flow's per-instance counter and STATS) and
+// redirects it to its egress interface.
+static __always_inline int forward(__u8 dir, __u32 counter, __u32 ifindex)
+{
+	__u64 *c = bpf_map_lookup_elem(&COUNTERS, &counter);
+	if (c)
+		*c += 1;
+	count(dir == DIR_OUT ? ST_TRANSLATED_OUT : ST_TRANSLATED_IN);
+	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+}
+
+// An outbound SYN without ACK (`k` its key, TCP, DIR_OUT; not from the fleet link), issue #17:
+// opened here from its stash when it has one with a port, else passed up (or steered) as
+// before. See "new outbound TCP flows" at the top of the file.
+static __always_inline int open_syn(struct __sk_buff *skb, struct flow_key *k, __u8 ttl,
+				    __u8 tflags, __u32 tot_len)
+{
+	// A 5-tuple in use: the client reuses it, and the engine must see that (R3.1).
+	if (bpf_map_lookup_elem(&FLOWS, k))
+		return pass(ST_CONTROL);
+	struct stash_key sk = {
+		.src = k->src,
+		.dst = k->dst,
+		.dport = k->dport,
+		.pad = 0,
+	};
+	struct stash_slot *s = NULL;
+	__u32 *slot = bpf_map_lookup_elem(&STASH_KEYS, &sk);
+	if (slot) {
+		__u32 i = *slot;
+		s = bpf_map_lookup_elem(&STASH, &i);
+	}
+	if (!s) {
+		struct steer_val *o = owner(DIR_OUT, k->src, k->dst, k->dport);
+		if (o)
+			return steer(skb, DIR_OUT, o, tot_len);
+		return pass(ST_CONTROL);
+	}
+	if (ttl <= 1)
+		return pass(ST_TTL);
+	__u32 out_if = s->out_ifindex;
+	__u32 mtu = 0;
+	if (bpf_check_mtu(skb, out_if, &mtu, 0, 0))
+		return pass(ST_MTU);
+	// The record first: nothing is popped that could not be reported.
+	struct tcp_event *ev = bpf_ringbuf_reserve(&EVENTS, sizeof(*ev), 0);
+	if (!ev)
+		return pass(ST_EVENT_FULL);
+	__u16 port = 0;
+	bool got = false;
+	for (int n = 0; n < STASH_POP_TRIES; n++) {
+		__u32 c = READ_ONCE(s->cons);
+		// prod with a fully ordered atomic (an idempotent fetch-or, never a lost update of
+		// userspace's store): the ports it covers are read after it, on any architecture
+		// (a plain load may pass the port's load on a weakly ordered one).
+		__u32 p = __sync_fetch_and_or(&s->prod, 0);
+		if (p == c)
+			break;
+		// More than a ring: `c` is stale (others popped, userspace refilled meanwhile), or
+		// prod fell behind cons (a pop that raced userspace emptying the ring, which then
+		// counts as empty): look again, never pop a stale entry.
+		if (p - c > STASH_PORTS)
+			continue;
+		// Read before the CAS: once cons passes c, userspace may refill this ring entry.
+		port = READ_ONCE(s->ports[c % STASH_PORTS]);
+		if (__sync_val_compare_and_swap(&s->cons, c, c + 1) == c) {
+			got = true;
+			break;
+		}
+	}
+	if (!got) {
+		bpf_ringbuf_discard(ev, 0);
+		count(ST_STASH_EMPTY);
+		return pass(ST_CONTROL);
+	}
+
+	// A port popped: from here the record is submitted whatever happens, so the engine
+	// learns where every popped port went.
+	__u64 now = bpf_ktime_get_ns();
+	__u32 public = s->public;
+	ev->ts = now;
+	ev->src = k->src;
+	ev->dst = k->dst;
+	ev->public = public;
+	ev->sport = k->sport;
+	ev->dport = k->dport;
+	ev->pport = port;
+	ev->flags = tflags;
+	ev->dir = DIR_OUT;
+	ev->kind = EV_OPENED;
+	ev->pad1 = 0;
+	ev->pad2 = 0;
+	struct flow_key ik = {
+		.src = k->dst,
+		.dst = public,
+		.sport = k->dport,
+		.dport = port,
+		.proto = IPPROTO_TCP,
+		.dir = DIR_IN,
+		.pad = 0,
+	};
+	struct flow_val iv = {
+		.addr = k->src,
+		.port = k->sport,
+		.pad = 0,
+		.ifindex = s->in_ifindex,
+		.counter = s->counter_in,
+		.last_seen = now,
+	};
+	struct flow_val ov = {
+		.addr = public,
+		.port = port,
+		.pad = 0,
+		.ifindex = out_if,
+		.counter = s->counter_out,
+		.last_seen = now,
+	};
+	// Inbound first: a remote's packets to public:port belong to another flow already (the
+	// likelier refusal); outbound second: another CPU opened this 5-tuple meanwhile (a
+	// retransmitted SYN). Either way nothing of this attempt stays in FLOWS.
+	if (bpf_map_update_elem(&FLOWS, &ik, &iv, BPF_NOEXIST)) {
+		ev->kind = EV_RETURNED;
+		ev->sport = 0;
+		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+		count(ST_STASH_RETURNED);
+		return pass(ST_CONTROL);
+	}
+	if (bpf_map_update_elem(&FLOWS, k, &ov, BPF_NOEXIST)) {
+		bpf_map_delete_elem(&FLOWS, &ik);
+		ev->kind = EV_RETURNED;
+		ev->sport = 0;
+		bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+		count(ST_STASH_RETURNED);
+		return pass(ST_CONTROL);
+	}
+	// The flow is open and the engine's, whatever becomes of this packet (dropped if the
+	// helpers fail, as any translated packet: the client retransmits its SYN, translated by
+	// the entries then).
+	int bad = rewrite(skb, DIR_OUT, IPPROTO_TCP, ttl, k->src, k->sport, public, port);
+	bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+	count(ST_STASH_OPENED);
+	if (bad)
+		return TC_ACT_SHOT;
+	return forward(DIR_OUT, ov.counter, out_if);
+}
+
 // Headers the program reads: Ethernet, IPv4 without options, a TCP header (the longest).
 #define HDRS_LEN (L4_OFF + sizeof(struct tcphdr))
 
@@ -330,32 +543,29 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool link)
 		.proto = proto,
 		.dir = dir,
 	};
-	__u32 csum_off;
-	__u64 mangled = 0;
 	__u8 tflags = 0;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *t = (void *)(ip + 1);
 		if ((void *)(t + 1) > data_end)
 			return up(link, ST_NOT_FAST);
+		k.sport = t->source;
+		k.dport = t->dest;
 		// The flags byte (after the data offset byte).
 		tflags = ((__u8 *)t)[13];
 		if ((tflags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN) {
-			struct steer_val *o = link ? NULL : owner(dir, k.src, k.dst, t->dest);
+			if (dir == DIR_OUT && !link)
+				return open_syn(skb, &k, ttl, tflags, tot_len);
+			struct steer_val *o = link ? NULL : owner(dir, k.src, k.dst, k.dport);
 			if (o)
 				return steer(skb, dir, o, tot_len);
 			return up(link, ST_CONTROL);
 		}
-		k.sport = t->source;
-		k.dport = t->dest;
-		csum_off = L4_OFF + offsetof(struct tcphdr, check);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr *u = (void *)(ip + 1);
 		if ((void *)(u + 1) > data_end)
 			return up(link, ST_NOT_FAST);
 		k.sport = u->source;
 		k.dport = u->dest;
-		csum_off = L4_OFF + offsetof(struct udphdr, check);
-		mangled = BPF_F_MARK_MANGLED_0;
 	} else {
 		return up(link, ST_NOT_FAST);
 	}
@@ -386,7 +596,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool link)
 		ev->ts = now;
 		ev->flags = tflags;
 		ev->dir = dir;
-		ev->pad = 0;
+		ev->kind = EV_TCP;
+		ev->pad1 = 0;
+		ev->pad2 = 0;
 		if (dir == DIR_OUT) {
 			ev->src = k.src;
 			ev->sport = k.sport;
@@ -405,15 +617,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool link)
 	}
 	__u32 old_addr = dir == DIR_OUT ? k.src : k.dst;
 	__u16 old_port = dir == DIR_OUT ? k.sport : k.dport;
-	__u32 addr_off = dir == DIR_OUT ? IP_SRC_OFF : IP_DST_OFF;
-	__u32 port_off = dir == DIR_OUT ? L4_OFF + 0 : L4_OFF + 2; // source / dest port
-
-	// Packet pointers are invalid after the first helper that may change the data.
-	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4) ||
-	    bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2) ||
-	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, 4) ||
-	    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) ||
-	    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) || dec_ttl(skb, ttl, proto)) {
+	if (rewrite(skb, dir, proto, ttl, old_addr, old_port, new_addr, new_port)) {
 		if (ev)
 			bpf_ringbuf_discard(ev, 0);
 		return TC_ACT_SHOT;
@@ -424,12 +628,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool link)
 	}
 
 	v->last_seen = now;
-	__u32 ci = v->counter;
-	__u64 *c = bpf_map_lookup_elem(&COUNTERS, &ci);
-	if (c)
-		*c += 1;
-	count(dir == DIR_OUT ? ST_TRANSLATED_OUT : ST_TRANSLATED_IN);
-	return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
+	return forward(dir, v->counter, v->ifindex);
 }
 
 SEC("classifier")

@@ -22,6 +22,12 @@
 //! at the kernel's time. A FIN/RST that finds the ring full is passed up untranslated
 //! (`event_full`), so the engine sees it itself: none is ever lost.
 //!
+//! New outbound TCP flows can be opened by the kernel too (issue #17): the engine decides
+//! public ports ahead per (instance, destination) and hands them to the program through
+//! [`FastPathStash`] ([`TcFastPath::take_stash`]); a SYN that finds ports there is translated
+//! at once, its two flow-map entries installed by the program, and the flow reported in the
+//! same ring ([`EV_OPENED`]; a port popped but not usable comes back as [`EV_RETURNED`]).
+//!
 //! Keys and values are `#[repr(C)]` copies of the C structs, addresses and ports in network
 //! byte order as the program reads them off the wire.
 //!
@@ -46,6 +52,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -85,7 +92,7 @@ const CFG_LINK_IFINDEX: u32 = 6;
 /// CONFIG slots.
 const CFG_COUNT: u32 = 7;
 /// STATS entries.
-const ST_COUNT: usize = 17;
+const ST_COUNT: usize = 20;
 /// First port of the PAT chunks the steering's block map is keyed by (`snatgw_core`'s
 /// `PORT_BASE`).
 pub const STEER_PORT_BASE: u16 = 1024;
@@ -106,6 +113,21 @@ pub const TCPF_ACK: u8 = 0x10;
 /// Default size of the EVENTS ring in bytes (32 bytes a record with its header: 32 768
 /// records).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Ports in a stash slot's ring ([`BpfStashSlot::ports`], issue #17).
+pub const STASH_PORTS: u32 = 64;
+/// Stash slots (entries of STASH and of STASH_KEYS) the loader creates: at most this many
+/// (instance, destination) keys are served by the kernel at once.
+pub const STASH_SLOTS: u32 = 4096;
+/// [`BpfTcpEvent::kind`]: a FIN or RST the program translated.
+pub const EV_TCP: u8 = 0;
+/// [`BpfTcpEvent::kind`]: the program opened this flow from a stash (the record is the
+/// outbound SYN, with the public address and the port it popped); the engine owns it now.
+pub const EV_OPENED: u8 = 1;
+/// [`BpfTcpEvent::kind`]: a port popped from a stash but not used (`pport`; `src`, `dst`,
+/// `dport` the stash key, `sport` 0): the engine's again. The SYN went up.
+pub const EV_RETURNED: u8 = 2;
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h): the flag of the STASH array.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Index into the per-instance packet counters of instance slot `slot`, protocol UDP or TCP,
 /// direction [`DIR_OUT`] or [`DIR_IN`]: [`COUNTERS_PER_SLOT`] counters per slot. The one
@@ -135,6 +157,9 @@ pub const STAT_NAMES: [&str; ST_COUNT] = [
     "link_in",
     "link_up",
     "link_drop",
+    "stash_opened",
+    "stash_empty",
+    "stash_returned",
 ];
 
 /// Key of the flow map: the packet's addresses and ports as on the wire, and its direction.
@@ -175,9 +200,17 @@ pub struct BpfFlowVal {
     pub last_seen: u64,
 }
 
-/// A record of the EVENTS ring (issue #17): a FIN or RST the program translated, with the
-/// flow as the engine knows it (outbound 5-tuple and public side, whichever way the packet
-/// went), network order as in the map.
+/// A record of the EVENTS ring (issue #17), network order as in the map, of one of three
+/// kinds ([`BpfTcpEvent::kind`]):
+/// - [`EV_TCP`]: a FIN or RST the program translated, with the flow as the engine knows it
+///   (outbound 5-tuple and public side, whichever way the packet went);
+/// - [`EV_OPENED`]: an outbound SYN whose flow the program opened from a stash
+///   ([`FastPathStash`]): the outbound 5-tuple, the slot's public address and the port it
+///   popped, `dir` [`DIR_OUT`], `flags` the SYN's, `ts` its time (the entries' `last_seen`).
+///   Both flow-map entries are installed; the engine owns the flow and them from now on;
+/// - [`EV_RETURNED`]: a port popped from a stash but not used (a flow-map entry was in the
+///   way), the SYN passed up: `pport` the port, `public` the slot's address, `src`, `dst`,
+///   `dport` the stash key, `sport` 0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BpfTcpEvent {
@@ -199,8 +232,68 @@ pub struct BpfTcpEvent {
     pub flags: u8,
     /// [`DIR_OUT`] or [`DIR_IN`]: which way the packet travelled.
     pub dir: u8,
+    /// [`EV_TCP`], [`EV_OPENED`] or [`EV_RETURNED`].
+    pub kind: u8,
+    /// Zero.
+    pub pad1: u8,
+    /// Zero.
+    pub pad2: u16,
+}
+
+/// Key of the stash map (issue #17, `struct stash_key`): the outbound TCP SYNs a stash slot
+/// serves, from a private address to a remote address and port. Network order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BpfStashKey {
+    /// Private (source) address, network order.
+    pub src: u32,
+    /// Remote (destination) address, network order.
+    pub dst: u32,
+    /// Remote port, network order.
+    pub dport: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// A stash slot as the program sees it (`struct stash_slot`), for the record: userspace reaches
+/// it only through [`FastPathStash`], which maps the array and uses atomics on it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfStashSlot {
+    /// Ports ever pushed (free-running; userspace writes it).
+    pub prod: u32,
+    /// Ports ever popped (free-running; the program advances it with a compare-and-swap).
+    pub cons: u32,
+    /// Public address of the flows opened from here, network order.
+    pub public: u32,
+    /// Egress interface of the outbound entry.
+    pub out_ifindex: u32,
+    /// Egress interface of the inbound entry.
+    pub in_ifindex: u32,
+    /// Per-instance counter of the outbound entry ([`counter_index`]).
+    pub counter_out: u32,
+    /// Per-instance counter of the inbound entry.
+    pub counter_in: u32,
     /// Zero.
     pub pad: u32,
+    /// The ring: entry `i` is `ports[i % STASH_PORTS]`, network order.
+    pub ports: [u16; STASH_PORTS as usize],
+}
+
+/// What the program needs to open a flow from a stash slot (network order for the address):
+/// the rest of both flow-map entries ([`BpfFlowVal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StashParams {
+    /// The public address, network order.
+    pub public: u32,
+    /// Egress interface of the outbound entry (the public side).
+    pub out_ifindex: u32,
+    /// Egress interface of the inbound entry (the private side).
+    pub in_ifindex: u32,
+    /// Per-instance counter of the outbound entry ([`counter_index`]).
+    pub counter_out: u32,
+    /// Per-instance counter of the inbound entry.
+    pub counter_in: u32,
 }
 
 /// Value of the steering maps (issue #19, SPEC R10.3): the owner's fleet link and the epoch
@@ -250,6 +343,9 @@ unsafe impl aya::Pod for BpfSteerVal {}
 // SAFETY: as above (`struct steer_block_key`).
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for BpfSteerBlockKey {}
+// SAFETY: as above (`struct stash_key`).
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for BpfStashKey {}
 
 /// The build's check of this module against `bpf/snat_abi.h` (see the module doc): the
 /// header's names for the mirrors, and the assertions `build.rs` generated.
@@ -267,6 +363,10 @@ mod abi {
     type steer_val = BpfSteerVal;
     /// `struct steer_block_key`.
     type steer_block_key = BpfSteerBlockKey;
+    /// `struct stash_key`.
+    type stash_key = BpfStashKey;
+    /// `struct stash_slot`.
+    type stash_slot = BpfStashSlot;
 
     /// `a == b`, in const context.
     const fn str_eq(a: &str, b: &str) -> bool {
@@ -316,6 +416,14 @@ pub enum FastPathError {
         dir: std::path::PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A stash slot cannot take what was asked (issue #17).
+    #[error("stash slot {slot}: {why}")]
+    Stash {
+        /// The slot.
+        slot: u32,
+        /// What is wrong.
+        why: &'static str,
     },
     /// A map is missing or of the wrong shape.
     #[error("map {name}: {source}")]
@@ -567,7 +675,9 @@ impl TcFastPath {
         loader
             .map_max_entries("FLOWS", cfg.max_flows.max(1).saturating_mul(2))
             .map_max_entries("COUNTERS", slots.saturating_mul(COUNTERS_PER_SLOT))
-            .map_max_entries("EVENTS", event_ring_bytes(cfg.event_ring_bytes));
+            .map_max_entries("EVENTS", event_ring_bytes(cfg.event_ring_bytes))
+            .map_max_entries("STASH_KEYS", STASH_SLOTS)
+            .map_max_entries("STASH", STASH_SLOTS);
         let map_paths: Vec<(&'static str, std::path::PathBuf)> = match &pins {
             Some(p) => crate::pin::MAPS
                 .iter()
@@ -777,6 +887,24 @@ impl TcFastPath {
             config,
             epoch: 0,
             applied: None,
+        })
+    }
+
+    /// The stashes (issue #17): the key map and a shared mapping of the slots, once; `None`
+    /// afterwards, or if the object lacks the maps, or STASH cannot be mapped (not
+    /// `BPF_F_MMAPABLE`, another value size). See [`FastPathStash`].
+    pub fn take_stash(&mut self) -> Option<FastPathStash> {
+        let keys = self._ebpf.take_map("STASH_KEYS")?;
+        let slots = self._ebpf.take_map("STASH")?;
+        let keys = HashMap::try_from(keys).ok()?;
+        let Map::Array(data) = slots else {
+            return None;
+        };
+        let ring = StashMem::map(&data).ok()?;
+        Some(FastPathStash {
+            keys,
+            _slots: data,
+            ring,
         })
     }
 
@@ -1220,5 +1348,338 @@ fn block_key(ip: std::net::Ipv4Addr, chunk: u16) -> BpfSteerBlockKey {
         addr: u32::from_ne_bytes(ip.octets()),
         chunk,
         pad: 0,
+    }
+}
+
+/// The stashes (issue #17): public ports the engine decided ahead, from which the program opens
+/// new outbound TCP flows itself, so their SYN needs no trip through userspace.
+///
+/// A slot (`0..slots()`) is a ring of [`STASH_PORTS`] ports with what the program needs to
+/// install both flow-map entries ([`StashParams`]); a key ([`BpfStashKey`]: private address,
+/// remote address, remote port) points outbound SYNs at a slot. For such a SYN whose 5-tuple is
+/// not in the flow map, the program pops the ring's oldest port, installs the two entries,
+/// translates the SYN and reports the flow in the EVENTS ring ([`EV_OPENED`]); a port it
+/// popped but could not use comes back there too ([`EV_RETURNED`]). Every popped port is in
+/// one of those records: the ports the engine handed over are, at any time, exactly those
+/// [`queued`](FastPathStash::queued) plus those the records told of.
+///
+/// One writer: whoever holds this. The ring is a single-producer (this, through a shared
+/// mapping of the STASH array: ports stored, then `prod` published with a Release store),
+/// multi-consumer (the program on every CPU: a compare-and-swap on `cons`, the port read
+/// before it) queue of free-running `u32` indexes.
+///
+/// Taking a slot back: [`unbind`](FastPathStash::unbind) (the program stops finding it), wait
+/// a grace period (a program already past its lookup may still pop: the lookup and the pop
+/// happen within one packet's run of the program, inside an RCU read-side section with bottom
+/// halves off, so microseconds; an RCU grace period is the exact bound, a few milliseconds
+/// cover it in practice), drain EVENTS (the last pops' records), then
+/// [`reset`](FastPathStash::reset), which returns the ports never taken. Pinned with the other maps (a restarted gateway finds them,
+/// and the program kept opening flows from what was stashed while none ran: their records wait
+/// in EVENTS); the runtime [`clear`](FastPathStash::clear)s them at start and at stop.
+pub struct FastPathStash {
+    keys: HashMap<MapData, BpfStashKey, u32>,
+    /// Keeps the STASH map's descriptor (the mapping stands on its own, but this says which
+    /// map it is for as long as it lives).
+    _slots: MapData,
+    ring: StashMem,
+}
+
+/// A shared, writable mapping of the STASH array (`BPF_F_MMAPABLE`): the kernel lays the
+/// values out from offset 0, `round_up(value_size, 8)` bytes apart (kernel/bpf/arraymap.c,
+/// `elem_size`), and maps exactly that many pages.
+struct StashMem {
+    base: std::ptr::NonNull<u8>,
+    len: usize,
+    stride: usize,
+    slots: u32,
+}
+
+// SAFETY: the mapping is process-wide memory owned by this value (unmapped once, on drop),
+// not tied to a thread; every access goes through atomics (see `StashMem::u32_at`), so moving
+// it to or sharing it with another thread is sound.
+#[allow(unsafe_code)]
+unsafe impl Send for StashMem {}
+// SAFETY: as above: `&self` methods only load atomically.
+#[allow(unsafe_code)]
+unsafe impl Sync for StashMem {}
+
+/// Offsets in `struct stash_slot` (checked against the header by the build, through the
+/// mirror).
+const SLOT_PROD: usize = std::mem::offset_of!(BpfStashSlot, prod);
+const SLOT_CONS: usize = std::mem::offset_of!(BpfStashSlot, cons);
+const SLOT_PUBLIC: usize = std::mem::offset_of!(BpfStashSlot, public);
+const SLOT_OUT_IF: usize = std::mem::offset_of!(BpfStashSlot, out_ifindex);
+const SLOT_IN_IF: usize = std::mem::offset_of!(BpfStashSlot, in_ifindex);
+const SLOT_COUNTER_OUT: usize = std::mem::offset_of!(BpfStashSlot, counter_out);
+const SLOT_COUNTER_IN: usize = std::mem::offset_of!(BpfStashSlot, counter_in);
+const SLOT_PAD: usize = std::mem::offset_of!(BpfStashSlot, pad);
+const SLOT_PORTS: usize = std::mem::offset_of!(BpfStashSlot, ports);
+
+impl StashMem {
+    /// Maps the STASH array `data` (whole, read-write, shared).
+    fn map(data: &MapData) -> Result<StashMem, std::io::Error> {
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+        let info = data.info().map_err(std::io::Error::other)?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+            return Err(bad("STASH is not BPF_F_MMAPABLE"));
+        }
+        if info.value_size() as usize != std::mem::size_of::<BpfStashSlot>() {
+            return Err(bad("STASH's value is not a struct stash_slot"));
+        }
+        let stride = (info.value_size() as usize).next_multiple_of(8);
+        let slots = info.max_entries();
+        // SAFETY: sysconf has no preconditions.
+        #[allow(unsafe_code)]
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).unwrap_or(4096).max(4096);
+        let len = (stride * slots as usize).next_multiple_of(page).max(page);
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of `len` bytes of the map's descriptor (open for the
+        // call) at an address the kernel picks: nothing else is mapped over. The kernel
+        // accepts exactly the array's page-rounded size for an mmapable array map; the
+        // mapping stays valid after the descriptor closes, until `drop` unmaps it.
+        #[allow(unsafe_code)]
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| bad("mmap gave null"))?;
+        Ok(StashMem {
+            base,
+            len,
+            stride,
+            slots,
+        })
+    }
+
+    /// The `u32` at byte `off` of slot `slot`.
+    ///
+    /// # Panics
+    /// If `slot` is not below the number of slots.
+    fn u32_at(&self, slot: u32, off: usize) -> &AtomicU32 {
+        assert!(slot < self.slots, "stash slot {slot} of {}", self.slots);
+        let at = slot as usize * self.stride + off;
+        debug_assert!(at + 4 <= self.len && at.is_multiple_of(4));
+        // SAFETY: `at + 4 <= len` (slot < slots, off within the struct, stride * slots <= len),
+        // so the four bytes are inside the mapping, which lives as long as `self`; `at` is a
+        // multiple of 4 (the stride is a multiple of 8, the field offsets of u32 fields are
+        // multiples of 4) on a page-aligned base. The memory is shared with the kernel and
+        // the program, which access it atomically or with single aligned loads and stores,
+        // so an `AtomicU32` (same layout as u32) is the right view of it.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*self.base.as_ptr().add(at).cast::<AtomicU32>()
+        }
+    }
+
+    /// Entry `i` (a free-running ring index) of slot `slot`'s ring.
+    fn port_at(&self, slot: u32, i: u32) -> &AtomicU16 {
+        assert!(slot < self.slots, "stash slot {slot} of {}", self.slots);
+        let at = slot as usize * self.stride + SLOT_PORTS + 2 * (i % STASH_PORTS) as usize;
+        debug_assert!(at + 2 <= self.len && at.is_multiple_of(2));
+        // SAFETY: as in `u32_at`: inside the mapping (ports[] ends within the slot's stride),
+        // 2-aligned, accessed atomically by every side.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*self.base.as_ptr().add(at).cast::<AtomicU16>()
+        }
+    }
+
+    fn prod(&self, slot: u32) -> &AtomicU32 {
+        self.u32_at(slot, SLOT_PROD)
+    }
+
+    fn cons(&self, slot: u32) -> &AtomicU32 {
+        self.u32_at(slot, SLOT_CONS)
+    }
+
+    /// `(prod, cons)` of `slot`, `prod` pulled up to `cons` first if it had fallen behind (only
+    /// a pop that raced a [`FastPathStash::reset`] without a grace period does that; the
+    /// program treats such a ring as empty).
+    fn indexes(&self, slot: u32) -> (u32, u32) {
+        let prod = self.prod(slot).load(Ordering::Relaxed);
+        // Acquire: the program read the ports below `cons` before advancing it (its CAS is
+        // fully ordered), so they may be overwritten once this load sees it.
+        let cons = self.cons(slot).load(Ordering::Acquire);
+        if prod.wrapping_sub(cons) > STASH_PORTS {
+            self.prod(slot).store(cons, Ordering::Release);
+            return (cons, cons);
+        }
+        (prod, cons)
+    }
+}
+
+impl Drop for StashMem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made, once; no reference into it outlives
+        // `self` (the views borrow `self`).
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl FastPathStash {
+    /// Slots (entries of the STASH array): valid slot numbers are `0..slots()`.
+    pub fn slots(&self) -> u32 {
+        self.ring.slots
+    }
+
+    /// Points `key` at `slot` with `params`: from then on, outbound SYNs of the key open their
+    /// flows from the slot's ports ([`push`](FastPathStash::push)). The slot's ring must be
+    /// empty (a slot taken back: [`reset`](FastPathStash::reset)). Writes the params into the
+    /// slot, then inserts (or replaces) the key. A slot still pointed at by another key should
+    /// be unbound there first (with the grace period), or flows of that key open with these
+    /// params.
+    pub fn bind(
+        &mut self,
+        slot: u32,
+        key: BpfStashKey,
+        params: StashParams,
+    ) -> Result<(), FastPathError> {
+        if slot >= self.ring.slots {
+            return Err(FastPathError::Stash {
+                slot,
+                why: "no such slot",
+            });
+        }
+        let (prod, cons) = self.ring.indexes(slot);
+        if prod != cons {
+            return Err(FastPathError::Stash {
+                slot,
+                why: "its ring is not empty (reset it first)",
+            });
+        }
+        let m = &self.ring;
+        for (off, v) in [
+            (SLOT_PUBLIC, params.public),
+            (SLOT_OUT_IF, params.out_ifindex),
+            (SLOT_IN_IF, params.in_ifindex),
+            (SLOT_COUNTER_OUT, params.counter_out),
+            (SLOT_COUNTER_IN, params.counter_in),
+            (SLOT_PAD, 0),
+        ] {
+            m.u32_at(slot, off).store(v, Ordering::Relaxed);
+        }
+        // The params before the key (the map update is a system call, ordered anyway) and
+        // before any port `push` publishes (Release there too).
+        std::sync::atomic::fence(Ordering::Release);
+        self.keys
+            .insert(key, slot, 0)
+            .map_err(map_error("STASH_KEYS"))
+    }
+
+    /// Appends `ports_net` (network order) to `slot`'s ring, as many as fit
+    /// ([`STASH_PORTS`] minus [`queued`](FastPathStash::queued)), oldest first: the program
+    /// pops them in this order. Returns how many went in. Stores the ports, then publishes
+    /// them with a Release store of `prod`.
+    ///
+    /// # Panics
+    /// If `slot` is not below [`slots`](FastPathStash::slots).
+    pub fn push(&mut self, slot: u32, ports_net: &[u16]) -> usize {
+        let (prod, cons) = self.ring.indexes(slot);
+        let room = STASH_PORTS - prod.wrapping_sub(cons);
+        let n = ports_net.len().min(room as usize);
+        for (i, &p) in ports_net[..n].iter().enumerate() {
+            self.ring
+                .port_at(slot, prod.wrapping_add(i as u32))
+                .store(p, Ordering::Relaxed);
+        }
+        self.ring
+            .prod(slot)
+            .store(prod.wrapping_add(n as u32), Ordering::Release);
+        n
+    }
+
+    /// Ports in `slot`'s ring the program has not taken yet.
+    ///
+    /// # Panics
+    /// If `slot` is not below [`slots`](FastPathStash::slots).
+    pub fn queued(&self, slot: u32) -> u32 {
+        let m = &self.ring;
+        let prod = m.prod(slot).load(Ordering::Relaxed);
+        let q = prod.wrapping_sub(m.cons(slot).load(Ordering::Acquire));
+        if q > STASH_PORTS {
+            0
+        } else {
+            q
+        }
+    }
+
+    /// Ports the program took from `slot` so far (its free-running `cons`: wraps at 2³²), for
+    /// accounting: each one is in an EVENTS record, [`EV_OPENED`] or [`EV_RETURNED`].
+    ///
+    /// # Panics
+    /// If `slot` is not below [`slots`](FastPathStash::slots).
+    pub fn taken(&self, slot: u32) -> u32 {
+        self.ring.cons(slot).load(Ordering::Acquire)
+    }
+
+    /// Deletes `key` (absent is fine): the program stops finding its slot. A program already
+    /// past its lookup may still pop for a few microseconds: wait a grace period, drain
+    /// EVENTS, then [`reset`](FastPathStash::reset) the slot.
+    pub fn unbind(&mut self, key: BpfStashKey) -> Result<(), FastPathError> {
+        match self.keys.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_error("STASH_KEYS")(e)),
+        }
+    }
+
+    /// Empties `slot`'s ring (`prod = cons`) and returns the ports the program never took
+    /// (network order, oldest first). Call it after [`unbind`](FastPathStash::unbind) and the
+    /// grace period: a pop racing it is not returned here (its record is in EVENTS) when this
+    /// notices it, but one landing between its last look and its return would be both.
+    ///
+    /// # Panics
+    /// If `slot` is not below [`slots`](FastPathStash::slots).
+    pub fn reset(&mut self, slot: u32) -> Vec<u16> {
+        let m = &self.ring;
+        let (prod, cons) = m.indexes(slot);
+        let mut ports: Vec<u16> = (0..prod.wrapping_sub(cons))
+            .map(|i| {
+                m.port_at(slot, cons.wrapping_add(i))
+                    .load(Ordering::Relaxed)
+            })
+            .collect();
+        m.prod(slot).store(cons, Ordering::SeqCst);
+        let now = m.cons(slot).load(Ordering::SeqCst);
+        if now != cons {
+            // Popped meanwhile (the program now sees prod behind cons: an empty ring): those
+            // are reported in EVENTS, not here; prod follows cons.
+            let gone = (now.wrapping_sub(cons) as usize).min(ports.len());
+            ports.drain(..gone);
+            m.prod(slot).store(now, Ordering::Release);
+        }
+        ports
+    }
+
+    /// Deletes every key and empties every ring (at start with pinned maps, and at stop): the
+    /// program opens no more flows from stashes. Returns how many keys there were. The ports
+    /// in the rings are dropped (a pop racing this is reported in EVENTS as usual).
+    pub fn clear(&mut self) -> usize {
+        let keys: Vec<BpfStashKey> = self.keys.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = self.unbind(*k);
+        }
+        for slot in 0..self.ring.slots {
+            let (_, cons) = self.ring.indexes(slot);
+            self.ring.prod(slot).store(cons, Ordering::Release);
+        }
+        keys.len()
     }
 }

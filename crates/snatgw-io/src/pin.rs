@@ -3,7 +3,7 @@
 //! runs (a crash, an upgrade: SPEC R11.1, issue #18).
 //!
 //! Layout: `<pin dir>/<ABI_TAG>/` holds one pin per map (`FLOWS`, `COUNTERS`, `STATS`,
-//! `CONFIG`, `EVENTS`) and one per link (`link_snat_out_<pid>_<time>`, `link_snat_in_...`; bpffs refuses dots in names). The ABI tag names the
+//! `CONFIG`, `EVENTS`, `STASH_KEYS`, `STASH`) and one per link (`link_snat_out_<pid>_<time>`, `link_snat_in_...`; bpffs refuses dots in names). The ABI tag names the
 //! layout of `bpf/snat_abi.h`: a build with another layout never takes over maps it cannot
 //! read (it starts fresh in its own directory and removes the old links once its own are
 //! pinned). A load that finds pins takes the maps over (aya reuses a pinned map by path), pins
@@ -22,18 +22,30 @@ use aya::programs::links::{FdLink, PinnedLink};
 use crate::fastpath::{BpfFlowKey, BpfFlowVal, FastPathError};
 
 /// The maps that are pinned.
-pub(crate) const MAPS: [&str; 5] = ["FLOWS", "COUNTERS", "STATS", "CONFIG", "EVENTS"];
+/// The stashes (`STASH_KEYS`, `STASH`, issue #17) are pinned so a restarted gateway finds
+/// them; the program keeps opening flows from what they hold while none runs (their records
+/// wait in `EVENTS`), and the runtime clears them at start (`FastPathStash::clear`).
+pub(crate) const MAPS: [&str; 7] = [
+    "FLOWS",
+    "COUNTERS",
+    "STATS",
+    "CONFIG",
+    "EVENTS",
+    "STASH_KEYS",
+    "STASH",
+];
 
 /// The layout version of `bpf/snat_abi.h` the pins are made with. Bump it with every change of
 /// the header (a unit test holds the header's checksum to this tag).
-pub const ABI_TAG: &str = "abi-3";
+pub const ABI_TAG: &str = "abi-4";
 
 /// Older ABI tags whose flow map has this build's layout (`struct flow_key` and `flow_val`
-/// unchanged: `abi-3` only added the fleet steering maps, CONFIG slots and STATS entries). A
+/// unchanged: `abi-3` only added the fleet steering maps, CONFIG slots and STATS entries,
+/// `abi-4` the stashes, STATS entries and `tcp_event.kind`), newest first. A
 /// restart after an upgrade from such a build cannot take its maps over, but reads what its
 /// flow map kept translating ([`read_pinned_flows`]), so no flow the kernel carried looks
 /// idle to the new engine (R11.1).
-pub const FLOWS_COMPATIBLE_TAGS: [&str; 1] = ["abi-2"];
+pub const FLOWS_COMPATIBLE_TAGS: [&str; 2] = ["abi-3", "abi-2"];
 
 /// `BPF_FS_MAGIC` (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -208,10 +220,10 @@ mod tests {
         }
         assert_eq!(
             (super::ABI_TAG, x),
-            ("abi-3", ABI_HEADER_FNV),
+            ("abi-4", ABI_HEADER_FNV),
             "bpf/snat_abi.h changed: bump ABI_TAG and record its checksum"
         );
     }
 
-    const ABI_HEADER_FNV: u64 = 10_625_513_115_535_246_799;
+    const ABI_HEADER_FNV: u64 = 3_125_605_300_341_359_902;
 }
