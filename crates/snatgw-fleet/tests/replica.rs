@@ -688,6 +688,7 @@ fn r10_4_a_stalled_target_overflows_its_buffer_and_needs_a_snapshot() {
             at: 1,
             instance: "vm-0".into(),
             slot: 0,
+            by_fast_path: false,
             key: FlowKey {
                 proto: 17,
                 src: vm(0),
@@ -1354,6 +1355,7 @@ fn r10_4_an_overflow_voids_earlier_reserve_tickets() {
             at: 1,
             instance: "vm-0".into(),
             slot: 0,
+            by_fast_path: false,
             key: FlowKey {
                 proto: 17,
                 src: vm(0),
@@ -1723,6 +1725,7 @@ fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
                     at: now,
                     instance: "vm".into(),
                     slot: 0,
+                    by_fast_path: false,
                     key: f,
                 }]);
             }

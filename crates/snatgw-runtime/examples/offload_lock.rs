@@ -70,6 +70,7 @@ fn round(private_if: &str, public_if: &str, flows: u32) -> (f64, f64, u64) {
             event_ring_bytes: 0,
             events_hold: None,
             link_if: None,
+            stash: false,
         },
         &mut engine,
     )

@@ -92,10 +92,14 @@ use snatgw_core::{
     proto, ActivitySource, Direction, Engine, FlowChange, FlowKey, Time, JOURNAL_CAP,
 };
 
+use snatgw_core::engine::stash::StashKey;
 use snatgw_io::fastpath::{
-    counter_index, BpfFlowKey, BpfFlowVal, BpfTcpEvent, FastPathConfig, FastPathCounters,
-    FastPathEvents, FastPathSteer, FlowMap, FlowMapReader, TcFastPath, DIR_IN, DIR_OUT, STAT_NAMES,
+    counter_index, BpfFlowKey, BpfFlowVal, BpfStashKey, BpfTcpEvent, FastPathConfig,
+    FastPathCounters, FastPathEvents, FastPathStash, FastPathSteer, FlowMap, FlowMapReader,
+    StashParams, TcFastPath, DIR_IN, DIR_OUT, EV_OPENED, EV_RETURNED, STAT_NAMES,
 };
+
+use crate::stash::{StashCounters, StashKeeper, StashSink};
 
 /// `--fast-path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +214,8 @@ pub(crate) struct Feed {
     /// Events are not read before this (a test knob that forces the kernel's ring full).
     events_hold: Option<std::time::Instant>,
     ev_buf: Vec<KernelTcpEvent>,
+    /// The port stashes the kernel opens flows from (issue #17, `crate::stash`), if any.
+    stash: Option<StashKeeper>,
     record: bool,
     /// Changes for the recorder, oldest first.
     recorded: Vec<FlowChange>,
@@ -244,6 +250,7 @@ impl Feed {
             events,
             events_hold,
             ev_buf: Vec::new(),
+            stash: None,
             record,
             recorded: Vec::new(),
             record_lost: 0,
@@ -327,9 +334,68 @@ impl Feed {
         self.ev_buf.clear();
         src.drain(&mut self.ev_buf);
         for e in &self.ev_buf {
-            engine.tcp_event_at(e.at, &e.key, e.flags, e.dir);
+            match e.kind {
+                KernelEventKind::Tcp => {
+                    engine.tcp_event_at(e.at, &e.key, e.flags, e.dir);
+                }
+                // A flow the kernel opened from a stash (crate::stash): the engine makes it
+                // at the kernel's second, or removes its entries if it cannot own it.
+                KernelEventKind::Opened => {
+                    engine.stash_opened(e.at, &e.key);
+                }
+                // A port the kernel took from a stash and did not use: back to the engine.
+                KernelEventKind::Returned => engine.stash_return(
+                    StashKey {
+                        src: e.key.src,
+                        dst: e.key.dst,
+                        dport: e.key.dport,
+                    },
+                    &[e.key.pport],
+                ),
+            }
         }
         self.ev_buf.len()
+    }
+
+    /// Gives the feed the kernel's port stashes (issue #17); their keeper runs in
+    /// [`Feed::stash_step`].
+    pub(crate) fn set_stash(&mut self, sink: Box<dyn StashSink>, engine: &mut Engine) {
+        self.stash = Some(StashKeeper::new(sink, engine));
+    }
+
+    /// Whether the kernel's port stashes are kept.
+    pub(crate) fn has_stash(&self) -> bool {
+        self.stash.is_some()
+    }
+
+    /// One round of the stash keeper (under the gateway lock): the kernel's records first,
+    /// then the rings, then the journal (`crate::stash`).
+    pub(crate) fn stash_step(&mut self, engine: &mut Engine, now: std::time::Instant) {
+        if self.stash.is_none() {
+            return;
+        }
+        self.apply_events(engine);
+        if let Some(k) = self.stash.as_mut() {
+            k.step(engine, now);
+        }
+        self.flush(engine);
+    }
+
+    /// Unbinds every ring (at a stop); [`Feed::stash_step`] gives their ports back once
+    /// [`crate::stash::RETIRE_GRACE`] has passed. Returns whether any ring is retiring.
+    pub(crate) fn stash_retire_all(&mut self, now: std::time::Instant) -> bool {
+        match self.stash.as_mut() {
+            Some(k) => {
+                k.retire_all(now);
+                k.retiring()
+            }
+            None => false,
+        }
+    }
+
+    /// The stash keeper's counters, if stashes are kept.
+    pub(crate) fn stash_counters(&self) -> Option<StashCounters> {
+        self.stash.as_ref().map(StashKeeper::counters)
     }
 
     /// The tap's counters (shared with the runtime).
@@ -390,6 +456,10 @@ fn apply_in_runs(
     removes.clear();
     for c in changes {
         match c {
+            // The kernel made this flow's entries itself (a stash, crate::stash).
+            FlowChange::Opened {
+                by_fast_path: true, ..
+            } => {}
             FlowChange::Opened { slot, key, .. } => {
                 if !removes.is_empty() {
                     o.remove(removes);
@@ -417,9 +487,24 @@ fn apply_in_runs(
     }
 }
 
-/// A FIN or RST a fast path translated (issue #17), in the engine's terms.
+/// What a record of the fast path's EVENTS ring reports (issue #17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEventKind {
+    /// A FIN or RST it translated.
+    Tcp,
+    /// A flow it opened from a port stash (`crate::stash`): `key` is the flow.
+    Opened,
+    /// A port it took from a stash and did not use: `key.src`, `key.dst`, `key.dport` are the
+    /// stash's, `key.pport` the port.
+    Returned,
+}
+
+/// A FIN or RST a fast path translated, or a flow it opened (issue #17), in the engine's
+/// terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelTcpEvent {
+    /// What the record reports.
+    pub kind: KernelEventKind,
     /// When the fast path saw the packet (engine seconds, the clock origin of [`TcActivity`]).
     pub at: Time,
     /// The flow: outbound 5-tuple and public side.
@@ -452,6 +537,11 @@ impl TcEvents {
         // record's ts): whole seconds since the origin.
         let at = u32::try_from(e.ts.saturating_sub(start_ns) / 1_000_000_000).unwrap_or(u32::MAX);
         KernelTcpEvent {
+            kind: match e.kind {
+                EV_OPENED => KernelEventKind::Opened,
+                EV_RETURNED => KernelEventKind::Returned,
+                _ => KernelEventKind::Tcp,
+            },
             at,
             key: FlowKey {
                 proto: proto::TCP,
@@ -478,6 +568,86 @@ impl TcpEventSource for TcEvents {
         self.ring.drain(&mut self.raw);
         let start = self.start_ns;
         out.extend(self.raw.iter().map(|e| Self::convert(e, start)));
+    }
+}
+
+/// The kernel's port stashes ([`StashSink`], issue #17).
+pub struct TcStash {
+    stash: FastPathStash,
+    private_ifindex: u32,
+    public_ifindex: u32,
+    counter_slots: u32,
+}
+
+fn stash_key(k: StashKey) -> BpfStashKey {
+    BpfStashKey {
+        src: k.src.to_be(),
+        dst: k.dst.to_be(),
+        dport: k.dport.to_be(),
+        pad: 0,
+    }
+}
+
+impl StashSink for TcStash {
+    fn slots(&self) -> u32 {
+        self.stash.slots()
+    }
+
+    fn bind(&mut self, slot: u32, key: StashKey, public: u32, inst: u32) -> bool {
+        if inst >= self.counter_slots {
+            return false;
+        }
+        let params = StashParams {
+            public: public.to_be(),
+            out_ifindex: self.public_ifindex,
+            in_ifindex: self.private_ifindex,
+            counter_out: counter_index(inst, false, DIR_OUT),
+            counter_in: counter_index(inst, false, DIR_IN),
+        };
+        match self.stash.bind(slot, stash_key(key), params) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "fast path: binding a port stash failed");
+                false
+            }
+        }
+    }
+
+    fn push(&mut self, slot: u32, pports: &[u16]) -> usize {
+        let net: Vec<u16> = pports.iter().map(|p| p.to_be()).collect();
+        self.stash.push(slot, &net)
+    }
+
+    fn queued(&self, slot: u32) -> u32 {
+        self.stash.queued(slot)
+    }
+
+    fn taken(&self, slot: u32) -> u32 {
+        self.stash.taken(slot)
+    }
+
+    fn unbind(&mut self, key: StashKey) {
+        if let Err(e) = self.stash.unbind(stash_key(key)) {
+            tracing::warn!(error = %e, "fast path: unbinding a port stash failed");
+        }
+    }
+
+    fn reset(&mut self, slot: u32) -> Vec<u16> {
+        self.stash
+            .reset(slot)
+            .into_iter()
+            .map(u16::from_be)
+            .collect()
+    }
+
+    fn clear(&mut self) {
+        let n = self.stash.clear();
+        if n > 0 {
+            tracing::info!(
+                stashes = n,
+                "fast path: port stashes of an earlier run cleared"
+            );
+        }
     }
 }
 
@@ -704,6 +874,8 @@ pub struct FastPath {
     seen: Option<TcActivity>,
     /// The fleet steering maps, until a fleet node takes them ([`FastPath::take_steer`]).
     steer: Option<FastPathSteer>,
+    /// The port stashes, until the runtime takes them ([`FastPath::take_stash`]).
+    stash: Option<TcStash>,
     /// Per-instance counter sums already credited to the engine.
     credited: Vec<u64>,
     floor: bool,
@@ -737,6 +909,9 @@ pub struct FastPathOptions {
     /// A fleet node's link interface: the kernel translates the packets other nodes steer
     /// here for flows installed here (issue #19, `FastPathConfig::link_if`).
     pub link_if: Option<String>,
+    /// Let the kernel open new TCP flows from port stashes the engine fills (issue #17,
+    /// `crate::stash`; `--fast-path-stash`). Off on a fleet node (R10.4).
+    pub stash: bool,
 }
 
 /// The interface `snat_link` goes on: the fleet link's, unless this is floor mode, or the link
@@ -894,6 +1069,28 @@ impl FastPath {
         };
         // Steering stays off (epoch 0) unless a fleet node takes the maps and applies a table.
         let steer = if floor { None } else { fp.take_steer() };
+        let stash = if floor || !o.stash || events.is_none() {
+            // Stashes an earlier run pinned stay live in the kernel until cleared.
+            if let Some(mut s) = fp.take_stash() {
+                s.clear();
+            }
+            None
+        } else {
+            match fp.take_stash() {
+                Some(stash) => Some(TcStash {
+                    stash,
+                    private_ifindex: fp.private_ifindex,
+                    public_ifindex: fp.public_ifindex,
+                    counter_slots: COUNTER_SLOTS,
+                }),
+                None => {
+                    tracing::warn!(
+                        "fast path: no port stash maps; new connections go through the TUN"
+                    );
+                    None
+                }
+            }
+        };
         tracing::info!(
             private_if,
             public_if,
@@ -910,6 +1107,7 @@ impl FastPath {
             events_hold: o.events_hold.map(|d| std::time::Instant::now() + d),
             seen,
             steer,
+            stash,
             credited,
             floor,
             private_if: private_if.into(),
@@ -934,6 +1132,12 @@ impl FastPath {
         self.events
             .take()
             .map(|e| (Box::new(e) as Box<dyn TcpEventSource>, hold))
+    }
+
+    /// The kernel's port stashes, for the runtime's `Feed` (once; `None` in floor mode, with
+    /// `stash` off, or without the EVENTS ring).
+    pub(crate) fn take_stash(&mut self) -> Option<Box<dyn StashSink>> {
+        self.stash.take().map(|s| Box::new(s) as Box<dyn StashSink>)
     }
 
     /// The fleet steering maps (issue #19, R10.3), for a fleet node to fill from its view;
@@ -1039,6 +1243,7 @@ mod tests {
             at: 0,
             instance: "vm".into(),
             slot: 0,
+            by_fast_path: false,
             key: k,
         };
         let closed = |k| FlowChange::Closed {

@@ -8,6 +8,7 @@
 //!   node's hooks (SPEC R10.3, R10.4): steering refused packets ([`Steer`]), injecting the
 //!   packets other nodes steered here ([`Injector`]) and the flow journal tap ([`FleetHooks`]);
 //! - [`fastpath`]: the kernel fast path joined to the engine (issue #9);
+//! - [`stash`]: port stashes the kernel opens new TCP flows from (issue #17);
 //! - [`probe`]: the health prober (SPEC R5.2);
 //! - [`record`]: the flow recorder (`snatgw run --record`, the planner's trace format);
 //! - [`stats`]: the stats snapshot (`--stats-file`) and its rendering (`snatgw stats`);
@@ -27,6 +28,7 @@ pub mod persist;
 pub mod probe;
 pub mod record;
 pub mod runtime;
+pub mod stash;
 pub mod stats;
 
 pub use fastpath::JournalTap;

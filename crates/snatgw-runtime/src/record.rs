@@ -174,6 +174,7 @@ mod tests {
                     at: 3,
                     instance: "vm1".into(),
                     slot: 0,
+                    by_fast_path: false,
                     key,
                 },
                 FlowChange::Refused {

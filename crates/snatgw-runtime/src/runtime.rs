@@ -81,6 +81,7 @@ use snatgw_io::{IoStats, PacketBatch, PacketIo};
 use crate::fastpath::{FastPath, Feed, JournalTap, OffloadSink, TapCounts, TcpEventSource};
 use crate::logcap::{Admit, LogCap};
 use crate::record::Recorder;
+use crate::stash::StashSink;
 use crate::stats::{self, Snapshot};
 
 /// How often the owner of a [`Runtime`] should call [`Runtime::housekeep`].
@@ -193,6 +194,14 @@ impl Default for RuntimeOptions {
             probes: true,
         }
     }
+}
+
+/// Stand-ins for the kernel fast path's parts (tests); `None` takes the fast path's own.
+#[derive(Default)]
+struct Fakes {
+    offload: Option<Box<dyn OffloadSink>>,
+    events: Option<(Box<dyn TcpEventSource>, Option<Instant>)>,
+    stash: Option<Box<dyn StashSink>>,
 }
 
 /// Lock statistics shared by the threads.
@@ -533,6 +542,8 @@ pub struct Runtime {
     sh: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     prober: Option<JoinHandle<()>>,
+    /// The stash thread, when the kernel keeps port stashes (issue #17).
+    stasher: Option<JoinHandle<()>>,
     fast_path: Option<FastPath>,
     recorder: Option<Recorder>,
     ring: VecDeque<snatgw_control::EventRecord>,
@@ -554,8 +565,11 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         Self::start_inner(
             parts,
-            None,
-            None,
+            Fakes {
+                offload: None,
+                events: None,
+                stash: None,
+            },
             FleetHooks::default(),
             private,
             public,
@@ -572,7 +586,18 @@ impl Runtime {
         public: Vec<P>,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
-        Self::start_inner(parts, None, None, hooks, private, public, opts)
+        Self::start_inner(
+            parts,
+            Fakes {
+                offload: None,
+                events: None,
+                stash: None,
+            },
+            hooks,
+            private,
+            public,
+            opts,
+        )
     }
 
     /// Like [`Runtime::start`], with `offload` carrying out the engine's flow changes instead of
@@ -587,8 +612,11 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         Self::start_inner(
             parts,
-            Some(offload),
-            None,
+            Fakes {
+                offload: Some(offload),
+                events: None,
+                stash: None,
+            },
             FleetHooks::default(),
             private,
             public,
@@ -608,8 +636,36 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         Self::start_inner(
             parts,
-            Some(offload),
-            Some((events, None)),
+            Fakes {
+                offload: Some(offload),
+                events: Some((events, None)),
+                stash: None,
+            },
+            FleetHooks::default(),
+            private,
+            public,
+            opts,
+        )
+    }
+
+    /// Like [`Runtime::start_with_offload_and_events`], with `stash` standing in for the
+    /// kernel's port stashes (tests: a fake fast path that opens flows itself, issue #17).
+    pub fn start_with_stash<P: PacketIo + 'static>(
+        parts: Parts,
+        offload: Box<dyn OffloadSink>,
+        events: Box<dyn TcpEventSource>,
+        stash: Box<dyn StashSink>,
+        private: Vec<P>,
+        public: Vec<P>,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
+        Self::start_inner(
+            parts,
+            Fakes {
+                offload: Some(offload),
+                events: Some((events, None)),
+                stash: Some(stash),
+            },
             FleetHooks::default(),
             private,
             public,
@@ -619,8 +675,7 @@ impl Runtime {
 
     fn start_inner<P: PacketIo + 'static>(
         mut parts: Parts,
-        offload: Option<Box<dyn OffloadSink>>,
-        events: Option<(Box<dyn TcpEventSource>, Option<Instant>)>,
+        fakes: Fakes,
         hooks: FleetHooks,
         private: Vec<P>,
         public: Vec<P>,
@@ -642,18 +697,30 @@ impl Runtime {
                 ),
             });
         }
+        let Fakes {
+            offload,
+            events,
+            stash,
+        } = fakes;
         let queues = private.len();
         parts.engine.set_expiry_budget(PACKET_EXPIRY_BUDGET);
         let offload = offload.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_offload));
         let events = events.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_events));
+        let stash = stash.or_else(|| parts.fast_path.as_mut().and_then(FastPath::take_stash));
         let tap_on = hooks.journal_tap.is_some();
-        let feed = Feed::new(
+        let mut feed = Feed::new(
             offload,
             events,
             parts.recorder.is_some(),
             hooks.journal_tap,
             &mut parts.engine,
         );
+        // Port stashes need the kernel's records and the map writer; not with a journal tap
+        // (a fleet node's ports are fenced to reserves, R10.4).
+        if let Some(sink) = stash.filter(|_| !tap_on) {
+            feed.set_stash(sink, &mut parts.engine);
+        }
+        let stash_on = feed.has_stash();
         let tap_counts = feed.tap_counts();
         let sh = Arc::new(Shared {
             gw: Arc::new(Mutex::new(Gateway::new(parts.engine))),
@@ -686,6 +753,7 @@ impl Runtime {
         let mut rt = Runtime {
             sh: sh.clone(),
             workers: Vec::new(),
+            stasher: None,
             prober: None,
             fast_path: parts.fast_path,
             recorder: parts.recorder,
@@ -717,6 +785,22 @@ impl Runtime {
                             source,
                         });
                     }
+                }
+            }
+        }
+        if stash_on {
+            let sh2 = sh.clone();
+            let spawned = std::thread::Builder::new()
+                .name("stash".into())
+                .spawn(move || stash_loop(&sh2));
+            match spawned {
+                Ok(h) => rt.stasher = Some(h),
+                Err(source) => {
+                    rt.stop_and_join();
+                    return Err(RuntimeError::Spawn {
+                        what: "the stash keeper".into(),
+                        source,
+                    });
                 }
             }
         }
@@ -905,6 +989,21 @@ impl Runtime {
         {
             let g = sh.gw.lock().unwrap_or_else(|p| p.into_inner());
             stats::fill_from_engine(&mut s, g.engine(), g.stats());
+            s.stash = sh
+                .feed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stash_counters()
+                .map(|c| {
+                    let e = g.engine().stash_stats();
+                    crate::stash::StashCounters {
+                        ports_stashed: e.ports_stashed,
+                        opened: e.opened,
+                        adopted: e.adopted,
+                        refused: e.refused,
+                        ..c
+                    }
+                });
         }
         s.io = sh
             .workers
@@ -975,6 +1074,21 @@ impl Runtime {
         }
         if let Some(p) = self.prober.take() {
             let _ = p.join();
+        }
+        if let Some(p) = self.stasher.take() {
+            let _ = p.join();
+            // Give the rings' ports back to the engine before the last tick and snapshot: unbind
+            // them, wait out the grace, apply the kernel's last records (crate::stash).
+            let mut g = self.sh.lock_gw();
+            let mut feed = self.sh.feed.lock().unwrap_or_else(|p| p.into_inner());
+            if feed.stash_retire_all(Instant::now()) {
+                drop(feed);
+                drop(g);
+                std::thread::sleep(crate::stash::RETIRE_GRACE);
+                g = self.sh.lock_gw();
+                feed = self.sh.feed.lock().unwrap_or_else(|p| p.into_inner());
+            }
+            feed.stash_step(g.engine_mut(), Instant::now());
         }
         // Injected packets no worker will take (the injectors refuse new ones since the stop).
         for b in &self.sh.inject.inbox {
@@ -1094,6 +1208,24 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// The stash thread (issue #17, `crate::stash`): every [`crate::stash::STASH_PERIOD`], under
+/// the gateway lock, applies the kernel's records, keeps the port stashes and carries the
+/// journal to the kernel; so a flow the kernel opened is the engine's within milliseconds even
+/// when no packet reaches a worker.
+fn stash_loop(sh: &Shared) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(crate::stash::STASH_PERIOD);
+        let mut g = sh.lock_gw();
+        let t = Instant::now();
+        sh.feed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stash_step(g.engine_mut(), t);
+        let held = t.elapsed().as_nanos() as u64;
+        sh.lock.held_ns.fetch_add(held, Ordering::Relaxed);
     }
 }
 

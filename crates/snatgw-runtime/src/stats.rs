@@ -103,6 +103,9 @@ pub struct Snapshot {
     /// them is on (`crate::runtime::FleetHooks`, `Runtime::injector`).
     #[serde(default)]
     pub fleet: Option<FleetSnap>,
+    /// The kernel's port stashes (issue #17): the keeper's rings, when they are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stash: Option<crate::stash::StashCounters>,
 }
 
 /// A fleet node's runtime counters (SPEC R10.3, R10.4): the same record `/metrics` is built

@@ -1331,6 +1331,7 @@ mod tests {
             at: 10,
             instance: "vm1".into(),
             slot: 0,
+            by_fast_path: false,
             key,
         };
         match origin.change_to_fleet(&c) {

@@ -136,6 +136,12 @@ pub struct RunArgs {
     /// FIN or RST that finds it full is passed up to the engine instead of translated.
     #[arg(long, default_value_t = 0)]
     pub fast_path_event_ring_bytes: u32,
+    /// Whether the fast path opens new TCP connections itself, on ports the engine chose
+    /// ahead for each busy destination (`on`, the default; `off`: every SYN goes up to the
+    /// engine through the TUN). Always off with `--fleet` (ports there are fenced to
+    /// acknowledged reserves, R10.4). See docs/RUNNING.md, "Port stashes".
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub fast_path_stash: String,
     /// Tests only: do not read the FIN/RST event ring for this many milliseconds after the
     /// start, so it fills (forces the `event_full` path).
     #[arg(long, hide = true)]
@@ -410,6 +416,7 @@ pub fn run(a: &RunArgs) -> Result<(), String> {
             // A fleet node's link: steered packets of flows installed here are translated in
             // the kernel (issue #19, R10.3); the interface is the one holding the address.
             link_if: fleet_link_if(a),
+            stash: a.fast_path_stash == "on" && a.fleet.is_none(),
         },
         &mut engine,
     )

@@ -35,6 +35,9 @@ private_ip = "10.0.7.11"
 [[instance]]
 name = "e-fill"
 private_ip = "10.0.7.12"
+[[instance]]
+name = "e-many"
+private_ip = "10.0.7.13"
 "#;
 
 fn echo() -> SocketAddr {
@@ -191,7 +194,9 @@ fn r3_2_r3_3_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
     if !root_or_skip() {
         return;
     }
-    // One page of ring (102 records of 40 bytes), not read for the first 10 s.
+    // One page of ring (102 records of 40 bytes), not read for the first 10 s. No port
+    // stashes: this test counts the ring's FIN/RST records (a kernel-opened SYN writes one
+    // too; the stash test below covers those).
     let g = GwLab::start_with("ef", CONFIG, None, |o, _| {
         o.fast_path = "tc".into();
         o.offload = true;
@@ -201,6 +206,8 @@ fn r3_2_r3_3_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
                 "4096",
                 "--fast-path-events-hold-ms",
                 "10000",
+                "--fast-path-stash",
+                "off",
             ]
             .map(String::from),
         );
@@ -281,5 +288,99 @@ fn r3_2_r3_3_a_full_event_ring_passes_fin_and_rst_up_and_timers_stay_exact() {
     assert_eq!(fp_packets(&s5, "events") - fp_packets(&s4, "events"), 1);
     assert_eq!(fp_packets(&s5, "event_full"), fp_packets(&s4, "event_full"));
     assert_rst_timed(&g, t_rst, "kernel");
+    g.finish();
+}
+
+/// Issue #17, port stashes: after a few SYNs to one destination went up, the runtime gives the
+/// kernel a ring of ports the engine chose for it, and the kernel opens the next connections
+/// itself: none of their packets crosses the TUN (SYN included), the engine has every flow
+/// (made at the kernel's second from its EVENTS record), the instance's used ports are its
+/// flows' (R2.3: a stashed port is held by no flow), and the ports of kernel-opened flows are
+/// released `rst_timeout` after their RSTs, timed by the kernel (R3.3).
+#[test]
+fn r3_3_kernel_opens_connections_from_a_port_stash_and_ports_go_on_the_kernels_time() {
+    if !root_or_skip() {
+        return;
+    }
+    let g = GwLab::start_with("es", CONFIG, None, |o, _| {
+        o.fast_path = "tc".into();
+        o.offload = true;
+    });
+    let s0 = fresh(&g);
+    assert_eq!(
+        s0["fast_path"]["mode"],
+        "tc",
+        "fast path not running: {}",
+        g.log()
+    );
+    assert!(s0["stash"].is_object(), "stashes kept: {s0}");
+    // Four SYNs to the echo server go up and make it a hot destination (HOT_SYNS).
+    g.in_instance("e-many", || {
+        for _ in 0..4 {
+            rst_conn(false);
+        }
+    });
+    let bound = g.wait(Duration::from_secs(5), |s| u(&s["stash"]["bound"]) >= 1);
+    let s1 = g.snapshot();
+    assert!(bound, "no ring was bound: {}", s1["stash"]);
+    // Forty more: every one opened by the kernel.
+    let n = 40u64;
+    g.in_instance("e-many", move || {
+        for _ in 0..n {
+            rst_conn(false);
+        }
+    });
+    let t_rst = Instant::now();
+    let s2 = fresh(&g);
+    eprintln!("stash: {}", s2["stash"]);
+    assert_eq!(
+        fp_packets(&s2, "stash_opened") - fp_packets(&s1, "stash_opened"),
+        n,
+        "the kernel opened them: {}",
+        s2["fast_path"]
+    );
+    assert_eq!(
+        u(&s2["dataplane"]["translated"]),
+        u(&s1["dataplane"]["translated"]),
+        "no packet of theirs crossed the TUN: {}",
+        s2["dataplane"]
+    );
+    assert_eq!(
+        fp_packets(&s2, "control"),
+        fp_packets(&s1, "control"),
+        "no SYN went up"
+    );
+    assert_eq!(u(&s2["stash"]["opened"]), n, "{}", s2["stash"]);
+    assert_eq!(u(&s2["stash"]["refused"]), 0, "{}", s2["stash"]);
+    let inst = inst_of(&s2, "e-many");
+    assert_eq!(
+        u(&inst["connections_ok"]["tcp"]),
+        n + 4,
+        "every connection is the engine's: {inst}"
+    );
+    assert!(
+        u(&s2["stash"]["ports_stashed"]) > 0,
+        "the ring still holds ports: {}",
+        s2["stash"]
+    );
+    assert_eq!(
+        u(&inst["used"]["tcp"]),
+        u(&inst["flows"]["tcp"]),
+        "R2.3: used ports are the flows' ports, stashed ones not counted: {inst}"
+    );
+    // R3.3 on the kernel's time: the last RSTs' ports go 1-2 s after them (whole seconds).
+    let after = released_after(&g, "e-many", t_rst, Duration::from_secs(5));
+    assert!(
+        after <= Duration::from_millis(2700),
+        "RST (kernel-opened flows): released {after:?} after the last (rst_timeout 2 s)"
+    );
+    let s3 = g.snapshot();
+    assert_eq!(
+        u(&s3["engine"]["tcp_events_unknown"]),
+        0,
+        "{}",
+        s3["engine"]
+    );
+    assert!(u(&s3["engine"]["flows_ended"]["rst"]) >= n + 4);
     g.finish();
 }
