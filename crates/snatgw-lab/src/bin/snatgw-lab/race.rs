@@ -30,7 +30,10 @@
 //!   on the internet side (`inet-gw` rx counter delta / seconds).
 //! - bulk: `iperf3 -c 203.0.113.100 -t SECS` from `c0` (one TCP stream).
 //! - conn/s: one thread per client instance (`c0..c3`) connects and immediately resets
-//!   (SO_LINGER 0) connections to 16 accept-and-close listeners (203.0.113.100:10000-10015)
+//!   (SO_LINGER 0) connections to 64 accept-and-close listeners (203.0.113.100:10000-10063,
+//!   one poll()-driven acceptor; 16 listeners each polled every 200 µs by its own thread
+//!   before 2026-12-05, when faster gateways made 16 destinations port-bound: see
+//!   docs/PERFORMANCE.md)
 //!   for `--secs`; the figure is completed connects per second.
 //!
 //! A load generator that fails (trafgen, iperf3, the connection client or its listeners),
@@ -155,7 +158,7 @@ fn parse_sides(names: &[String]) -> Result<Vec<Side>, String> {
 }
 
 const CLIENTS: usize = 4;
-const LISTEN_PORTS: u16 = 16;
+const LISTEN_PORTS: u16 = 64;
 const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
 const POOL_IP: &str = "192.0.2.10";
 /// Largest share of failed connection attempts accepted in the conn/s test.
@@ -577,26 +580,34 @@ fn measure_cps(lab: &Lab, secs: u64) -> Result<f64, String> {
                     }
                 }
                 let _ = ready_tx.send(Ok(()));
-                let mut hs = Vec::new();
-                for l in ls {
-                    let stop = stop.clone();
-                    hs.push(std::thread::spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            match l.accept() {
-                                Ok((s, _)) => drop(s),
-                                Err(_) => std::thread::sleep(Duration::from_micros(200)),
-                            }
-                        }
-                    }));
-                }
-                let mut dead = 0;
-                for h in hs {
-                    if h.join().is_err() {
-                        dead += 1;
+                // One acceptor for all listeners, as an event-driven server is written: it
+                // sleeps in poll() until connections are pending, then accepts (and closes)
+                // every one of them; no polling that costs CPU whatever the connection rate.
+                // Before 2026-12-05: one thread per listener, sleeping 200 µs between
+                // non-blocking accepts (docs/PERFORMANCE.md).
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use std::os::fd::AsFd;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut fds: Vec<PollFd> = ls
+                        .iter()
+                        .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+                        .collect();
+                    match poll(&mut fds, PollTimeout::from(10u16)) {
+                        Ok(0) => continue,
+                        Ok(_) => {}
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(format!("poll: {e}")),
                     }
-                }
-                if dead > 0 {
-                    return Err(format!("{dead} listener thread(s) panicked"));
+                    let ready: Vec<bool> = fds
+                        .iter()
+                        .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                        .collect();
+                    drop(fds);
+                    for (l, _) in ls.iter().zip(ready).filter(|(_, r)| *r) {
+                        while let Ok((s, _)) = l.accept() {
+                            drop(s);
+                        }
+                    }
                 }
                 Ok(())
             }
