@@ -330,20 +330,28 @@ impl Engine {
     /// port, but the destination's stash holds some (a fast path may be opening flows on
     /// them; not an exhaustion).
     pub(super) fn alloc(&mut self, block_id: u32, dst: u32, dport: u16) -> Result<u16, NoPort> {
-        self.alloc_inner(block_id, dst, dport).map(|(i, _)| i)
+        self.alloc_inner(block_id, dst, dport, true).map(|(i, _)| i)
     }
 
     /// [`Engine::alloc`], also returning the release for the destination the port was taken
     /// from the history with, if it was (`stash` restores it when the port comes back).
+    /// `reap`: reap the destination's due flows first ([`Engine::busy_toward`]); false only
+    /// for a caller that just did (a stash taking many ports for one destination at once
+    /// walks the destination's flows once, not once per port).
     #[inline(always)]
     pub(super) fn alloc_inner(
         &mut self,
         block_id: u32,
         dst: u32,
         dport: u16,
+        reap: bool,
     ) -> Result<(u16, Option<Time>), NoPort> {
         let dh = self.flows.dest_hash(block_id, dst, dport);
-        let active = self.busy_toward(dh, block_id, dst, dport);
+        let active = if reap {
+            self.busy_toward(dh, block_id, dst, dport)
+        } else {
+            self.flows.busy_ports(dh, block_id, dst, dport)
+        };
         // After a takeover, ports held toward this remote endpoint count as in use for it
         // (`takeover`, R10.4); one `is_empty` check while no hold exists.
         let held = self.takeover_held(block_id, dst, dport);

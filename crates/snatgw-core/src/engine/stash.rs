@@ -240,8 +240,9 @@ impl Engine {
         }
         let mut pports = Vec::with_capacity(want as usize);
         for _ in 0..want {
-            // The allocator sees the ports stashed so far as in use for the destination.
-            let Ok((idx, hist)) = self.alloc_inner(block_id, dst, dport) else {
+            // The allocator sees the ports stashed so far as in use for the destination; the
+            // destination's due flows were reaped above (`busy_toward`), once.
+            let Ok((idx, hist)) = self.alloc_inner(block_id, dst, dport, false) else {
                 break;
             };
             let st = self.stash.stashes.entry(sk).or_insert_with(|| Stash {
