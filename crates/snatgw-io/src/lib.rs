@@ -19,7 +19,8 @@
 //! calls (`clock_gettime`, `if_nametoindex`, `sysconf`), the copy of an EVENTS ring record into
 //! its `#[repr(C)]` mirror (`FastPathEvents::drain`, issue #17) and the raw `bpf()` system call behind
 //! `FlowMap::insert_batch`/`remove_batch` (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`: aya
-//! has no batch call; one call per run of same-kind flow changes, per-entry fallback), and in
+//! has no batch call; one call per run of same-kind flow changes, per-entry fallback), the
+//! `mmap`/`munmap` of the port stash array and its atomics (`FastPathStash`, issue #17), and in
 //! [`pin`] (one `statfs` that checks the pin directory is a bpffs); each block with a
 //! `// SAFETY:` comment.
 //!

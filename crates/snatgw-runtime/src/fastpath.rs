@@ -381,6 +381,14 @@ impl Feed {
         self.flush(engine);
     }
 
+    /// Unbinds the rings the engine voided (after a configuration change, under the same
+    /// lock hold: `crate::stash::StashKeeper::retire_voided`).
+    pub(crate) fn stash_retire_voided(&mut self, engine: &mut Engine) {
+        if let Some(k) = self.stash.as_mut() {
+            k.retire_voided(engine, std::time::Instant::now());
+        }
+    }
+
     /// Unbinds every ring (at a stop); [`Feed::stash_step`] gives their ports back once
     /// [`crate::stash::RETIRE_GRACE`] has passed. Returns whether any ring is retiring.
     pub(crate) fn stash_retire_all(&mut self, now: std::time::Instant) -> bool {

@@ -967,6 +967,8 @@ impl Runtime {
         move |g: &mut Gateway| {
             let mut feed = sh.feed.lock().unwrap_or_else(|p| p.into_inner());
             feed.apply_events(g.engine_mut());
+            // Port stashes the change voided leave the kernel's reach now (crate::stash).
+            feed.stash_retire_voided(g.engine_mut());
             feed.flush(g.engine_mut());
         }
     }

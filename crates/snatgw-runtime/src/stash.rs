@@ -175,10 +175,7 @@ impl StashKeeper {
             }
             self.free.push(slot);
         }
-        // The engine took these rings' ports back: stop the kernel using them.
-        for key in engine.stash_voided() {
-            self.retire(key, now);
-        }
+        self.retire_voided(engine, now);
         // Activity, refill, idle retirement.
         let keys: Vec<StashKey> = self.bound.keys().copied().collect();
         for key in keys {
@@ -249,6 +246,16 @@ impl StashKeeper {
         }
         self.demand
             .retain(|_, (_, since)| now.duration_since(*since) <= HOT_WINDOW);
+    }
+
+    /// Unbinds the rings whose ports the engine took back (`Engine::stash_voided`): called in
+    /// every round, and right after a configuration change in the same hold of the gateway
+    /// lock (the runtime's after-change hook), so a voided port leaves the kernel's reach
+    /// before any worker can give it to another flow.
+    pub fn retire_voided(&mut self, engine: &mut Engine, now: Instant) {
+        for key in engine.stash_voided() {
+            self.retire(key, now);
+        }
     }
 
     fn push(&mut self, engine: &mut Engine, key: StashKey, slot: u32, g: &StashGrant) {

@@ -509,3 +509,43 @@ fn shutdown_returns_every_stashed_port() {
     assert_eq!(g2.engine().stash_stats().ports_stashed, 0);
     assert!(g.k.lock().expect("k").rings.iter().all(|r| r.key.is_none()));
 }
+
+/// R1.4/R2.9 with stashes: a configuration change that takes an instance's ports away voids its
+/// stashes, and the runtime's after-change hook (run under the same hold of the gateway lock
+/// as the change) unbinds the kernel's ring before the lock is released, so no worker can give
+/// a voided port to another flow while the kernel could still take it.
+#[test]
+fn r2_9_a_change_that_voids_a_stash_unbinds_its_ring_in_the_same_lock_hold() {
+    let mut g = Gw::start(4);
+    for s in 0..4u16 {
+        g.syn_up(44_000 + s);
+    }
+    g.wait("a ring", |k| {
+        k.rings
+            .iter()
+            .any(|r| r.key == Some(key()) && !r.ports.is_empty())
+    });
+    let hook = g.rt().after_change_hook();
+    let gw = g.rt().gateway().clone();
+    let mut gl = gw.lock().expect("gw");
+    // The instance leaves (R1.4: its preallocation is reclaimed).
+    let empty = Topology::from_toml(&format!(
+        r#"
+[gateway]
+seed = 7
+vnet_prefixes = ["10.0.0.0/16"]
+default_snat_pool = ["{SNAT}"]
+idle_timeout_secs = {IDLE}
+rst_timeout_secs = {RST}
+"#
+    ))
+    .expect("topology");
+    gl.engine_mut().apply(1, empty).expect("apply");
+    hook(&mut gl);
+    assert!(
+        g.k.lock().expect("k").rings.iter().all(|r| r.key.is_none()),
+        "the ring was unbound before the lock was released"
+    );
+    assert_eq!(gl.engine().stash_stats().ports_stashed, 0);
+    drop(gl);
+}
