@@ -1616,8 +1616,9 @@ impl FastPathStash {
         }
     }
 
-    /// Ports the program took from `slot` so far (its free-running `cons`: wraps at 2³²), for
-    /// accounting: each one is in an EVENTS record, [`EV_OPENED`] or [`EV_RETURNED`].
+    /// Ports taken from `slot` so far (its free-running `cons`: wraps at 2³²): by the
+    /// program, each one in an EVENTS record ([`EV_OPENED`] or [`EV_RETURNED`]), and by
+    /// [`reset`](FastPathStash::reset), which returned them.
     ///
     /// # Panics
     /// If `slot` is not below [`slots`](FastPathStash::slots).
@@ -1626,8 +1627,9 @@ impl FastPathStash {
     }
 
     /// Deletes `key` (absent is fine): the program stops finding its slot. A program already
-    /// past its lookup may still pop for a few microseconds: wait a grace period, drain
-    /// EVENTS, then [`reset`](FastPathStash::reset) the slot.
+    /// past its lookup may still pop for a few microseconds: [`reset`](FastPathStash::reset)
+    /// the slot right after to take back what is left (exactly), and wait a grace period
+    /// before binding the slot to another key.
     pub fn unbind(&mut self, key: BpfStashKey) -> Result<(), FastPathError> {
         match self.keys.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -1640,32 +1642,46 @@ impl FastPathStash {
         }
     }
 
-    /// Empties `slot`'s ring (`prod = cons`) and returns the ports the program never took
-    /// (network order, oldest first). Call it after [`unbind`](FastPathStash::unbind) and the
-    /// grace period: a pop racing it is not returned here (its record is in EVENTS) when this
-    /// notices it, but one landing between its last look and its return would be both.
+    /// Takes back every port of `slot`'s ring the program has not taken (network order,
+    /// oldest first) and leaves the ring empty. Exact whenever it is called: userspace claims
+    /// the ports with the same compare-and-swap on `cons` the program pops with, so each ring
+    /// entry goes to exactly one of them (a program that read the old `cons` fails its swap
+    /// and finds the ring empty; a pop that won is not returned here, its record is in
+    /// EVENTS). Call it after [`unbind`](FastPathStash::unbind), or the program may keep
+    /// popping what is pushed later.
     ///
     /// # Panics
     /// If `slot` is not below [`slots`](FastPathStash::slots).
     pub fn reset(&mut self, slot: u32) -> Vec<u16> {
         let m = &self.ring;
-        let (prod, cons) = m.indexes(slot);
-        let mut ports: Vec<u16> = (0..prod.wrapping_sub(cons))
-            .map(|i| {
-                m.port_at(slot, cons.wrapping_add(i))
-                    .load(Ordering::Relaxed)
-            })
-            .collect();
-        m.prod(slot).store(cons, Ordering::SeqCst);
-        let now = m.cons(slot).load(Ordering::SeqCst);
-        if now != cons {
-            // Popped meanwhile (the program now sees prod behind cons: an empty ring): those
-            // are reported in EVENTS, not here; prod follows cons.
-            let gone = (now.wrapping_sub(cons) as usize).min(ports.len());
-            ports.drain(..gone);
-            m.prod(slot).store(now, Ordering::Release);
+        loop {
+            let cons = m.cons(slot).load(Ordering::SeqCst);
+            let prod = m.prod(slot).load(Ordering::SeqCst);
+            let n = prod.wrapping_sub(cons);
+            if n > STASH_PORTS {
+                // prod behind cons (a pop raced an earlier reset): nothing queued; prod follows.
+                m.prod(slot).store(cons, Ordering::SeqCst);
+                if m.cons(slot).load(Ordering::SeqCst) == cons {
+                    return Vec::new();
+                }
+                continue;
+            }
+            // Read before the swap, as the program does: once cons moves past an entry it may
+            // be refilled.
+            let ports: Vec<u16> = (0..n)
+                .map(|i| {
+                    m.port_at(slot, cons.wrapping_add(i))
+                        .load(Ordering::Relaxed)
+                })
+                .collect();
+            if m.cons(slot)
+                .compare_exchange(cons, prod, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return ports;
+            }
+            // The program popped meanwhile: look again.
         }
-        ports
     }
 
     /// Deletes every key and empties every ring (at start with pinned maps, and at stop): the
@@ -1677,8 +1693,7 @@ impl FastPathStash {
             let _ = self.unbind(*k);
         }
         for slot in 0..self.ring.slots {
-            let (_, cons) = self.ring.indexes(slot);
-            self.ring.prod(slot).store(cons, Ordering::Release);
+            let _ = self.reset(slot);
         }
         keys.len()
     }

@@ -389,16 +389,14 @@ impl Feed {
         }
     }
 
-    /// Unbinds every ring (at a stop); [`Feed::stash_step`] gives their ports back once
-    /// [`crate::stash::RETIRE_GRACE`] has passed. Returns whether any ring is retiring.
-    pub(crate) fn stash_retire_all(&mut self, now: std::time::Instant) -> bool {
-        match self.stash.as_mut() {
-            Some(k) => {
-                k.retire_all(now);
-                k.retiring()
-            }
-            None => false,
+    /// Retires every ring and binds no more (at a stop): their untaken ports are the
+    /// engine's again; then applies the kernel's last records and the journal.
+    pub(crate) fn stash_stop(&mut self, engine: &mut Engine) {
+        self.apply_events(engine);
+        if let Some(k) = self.stash.as_mut() {
+            k.retire_all(engine, std::time::Instant::now());
         }
+        self.stash_step(engine, std::time::Instant::now());
     }
 
     /// The stash keeper's counters, if stashes are kept.
@@ -1003,6 +1001,19 @@ impl FastPath {
                 return Ok(None);
             }
         };
+        // Stashes an earlier run pinned (issue #17) are cleared first, so the kernel opens no
+        // more flows from them while this start cleans the map up; records of flows it opened
+        // meanwhile are adopted or refused by the engine (crate::stash).
+        let mut stash_maps = if floor { None } else { fp.take_stash() };
+        if let Some(s) = stash_maps.as_mut() {
+            let n = s.clear();
+            if n > 0 {
+                tracing::info!(
+                    stashes = n,
+                    "fast path: port stashes of an earlier run cleared"
+                );
+            }
+        }
         let mut credited = Vec::new();
         if fp.reused {
             // Taken over from an earlier run (R11.1): keep exactly the engine's flows.
@@ -1078,13 +1089,9 @@ impl FastPath {
         // Steering stays off (epoch 0) unless a fleet node takes the maps and applies a table.
         let steer = if floor { None } else { fp.take_steer() };
         let stash = if floor || !o.stash || events.is_none() {
-            // Stashes an earlier run pinned stay live in the kernel until cleared.
-            if let Some(mut s) = fp.take_stash() {
-                s.clear();
-            }
             None
         } else {
-            match fp.take_stash() {
+            match stash_maps {
                 Some(stash) => Some(TcStash {
                     stash,
                     private_ifindex: fp.private_ifindex,

@@ -1079,18 +1079,14 @@ impl Runtime {
         }
         if let Some(p) = self.stasher.take() {
             let _ = p.join();
-            // Give the rings' ports back to the engine before the last tick and snapshot: unbind
-            // them, wait out the grace, apply the kernel's last records (crate::stash).
+            // Give the rings' ports back to the engine before the last tick and snapshot, and
+            // bind none after (crate::stash).
             let mut g = self.sh.lock_gw();
-            let mut feed = self.sh.feed.lock().unwrap_or_else(|p| p.into_inner());
-            if feed.stash_retire_all(Instant::now()) {
-                drop(feed);
-                drop(g);
-                std::thread::sleep(crate::stash::RETIRE_GRACE);
-                g = self.sh.lock_gw();
-                feed = self.sh.feed.lock().unwrap_or_else(|p| p.into_inner());
-            }
-            feed.stash_step(g.engine_mut(), Instant::now());
+            self.sh
+                .feed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stash_stop(g.engine_mut());
         }
         // Injected packets no worker will take (the injectors refuse new ones since the stop).
         for b in &self.sh.inject.inbox {

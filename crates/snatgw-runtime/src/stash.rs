@@ -20,17 +20,25 @@
 //!   a flow limit near) simply gets none: its SYNs go up, and the engine decides them (R2.6).
 //! - **Retire.** A ring the kernel took nothing from for [`IDLE_RETIRE`], or whose ports the
 //!   engine took back (`Engine::stash_voided`: instance gone, scenario change R1.4, reclaim
-//!   R2.9), is unbound first (the program no longer finds it), and emptied only
-//!   [`RETIRE_GRACE`] later, after every record the kernel wrote meanwhile was applied: its
-//!   untaken ports go back to the engine with no release history (never on the wire).
+//!   R2.9; right after the change, in the same lock hold), is unbound (the program no longer
+//!   finds it) and emptied at once with the compare-and-swap the program pops with, so each
+//!   port is either taken back or was popped, never both; the untaken ports go back to the
+//!   engine with no release history (never on the wire). The ring serves another destination
+//!   only [`RETIRE_GRACE`] later.
 //!
 //! Why no port is used twice or lost (R2.2): a port is in a ring only while the engine holds it
 //! for that destination; the program takes each port once (a compare-and-swap on the ring's
 //! consumer count) and writes a record for every port it takes, reserved before it takes it
 //! (ring full: nothing taken, the SYN goes up); a taken port either becomes a flow (its record
-//! applied by `stash_opened`) or comes back (`EV_RETURNED`, `stash_return`). The grace period
-//! covers a program that found the ring just before it was unbound: a tc program runs to
-//! completion within one softirq, microseconds; the grace is 100 ms.
+//! applied by `stash_opened`) or comes back (`EV_RETURNED`, `stash_return`); a retired ring's
+//! untaken ports are claimed by the same compare-and-swap. The grace period before a ring
+//! serves another destination covers a program that found the ring just before it was
+//! unbound (it would pop the new destination's port for the old one): a tc program runs to
+//! completion within one softirq, microseconds; the grace is 100 ms. What stays timing-bound:
+//! a program that popped a port of a stash the engine voided, and has not yet made its
+//! entries, while a worker gives the port to a new flow to the same destination (a window of
+//! the program's few instructions between its swap and its map inserts; its record then
+//! comes back refused).
 //!
 //! What it does not do: UDP (a UDP flow's first datagram still goes up), instances of a fleet
 //! node (their ports are fenced to acknowledged reserves, R10.4: `snatgw run` turns stashes
@@ -128,6 +136,8 @@ pub struct StashKeeper {
     free: Vec<u32>,
     demand: HashMap<StashKey, (u32, Instant)>,
     counters: StashCounters,
+    /// Set by [`StashKeeper::retire_all`]: no ring is bound or refilled any more.
+    stopping: bool,
 }
 
 impl StashKeeper {
@@ -143,6 +153,7 @@ impl StashKeeper {
             free,
             demand: HashMap::new(),
             counters: StashCounters::default(),
+            stopping: false,
         }
     }
 
@@ -158,24 +169,24 @@ impl StashKeeper {
     /// One round (call under the gateway lock, after the kernel's records were applied, and
     /// flush the journal after): retire, bind, refill.
     pub fn step(&mut self, engine: &mut Engine, now: Instant) {
-        // Rings whose grace is over: every record the kernel wrote for them was applied before
-        // this call, so what is left in them was never taken.
+        // Retired rings whose grace is over may serve another destination.
         let mut i = 0;
         while i < self.retiring.len() {
-            let (key, slot, since) = self.retiring[i];
+            let (_, slot, since) = self.retiring[i];
             if now.duration_since(since) < RETIRE_GRACE {
                 i += 1;
                 continue;
             }
             self.retiring.swap_remove(i);
-            let left = self.sink.reset(slot);
-            if !left.is_empty() {
-                self.counters.returned += left.len() as u64;
-                engine.stash_return(key, &left);
-            }
+            // Empty since its retirement (nothing is pushed to a retired ring); exact anyway.
+            let _ = self.sink.reset(slot);
             self.free.push(slot);
         }
         self.retire_voided(engine, now);
+        if self.stopping {
+            // A stop: the kernel's last records were applied, nothing new is bound or pushed.
+            return;
+        }
         // Activity, refill, idle retirement.
         let keys: Vec<StashKey> = self.bound.keys().copied().collect();
         for key in keys {
@@ -187,7 +198,7 @@ impl StashKeeper {
                 b.taken = taken;
                 b.last_taken = now;
             } else if now.duration_since(b.last_taken) >= IDLE_RETIRE {
-                self.retire(key, now);
+                self.retire(engine, key, now);
                 continue;
             }
             let slot = b.slot;
@@ -254,7 +265,7 @@ impl StashKeeper {
     /// before any worker can give it to another flow.
     pub fn retire_voided(&mut self, engine: &mut Engine, now: Instant) {
         for key in engine.stash_voided() {
-            self.retire(key, now);
+            self.retire(engine, key, now);
         }
     }
 
@@ -266,20 +277,31 @@ impl StashKeeper {
         }
     }
 
-    fn retire(&mut self, key: StashKey, now: Instant) {
+    /// Unbinds `key`'s ring, takes back what the kernel did not take (exactly: the kernel
+    /// pops with a compare-and-swap the reset also uses) and gives it to the engine at once
+    /// (ports of a voided stash the engine already forgot are ignored there). The ring
+    /// serves another destination only after [`RETIRE_GRACE`]: a program that found it just
+    /// before the unbind must not pop another destination's port for this one.
+    fn retire(&mut self, engine: &mut Engine, key: StashKey, now: Instant) {
         if let Some(b) = self.bound.remove(&key) {
             self.sink.unbind(key);
+            let left = self.sink.reset(b.slot);
+            if !left.is_empty() {
+                self.counters.returned += left.len() as u64;
+                engine.stash_return(key, &left);
+            }
             self.retiring.push((key, b.slot, now));
             self.counters.retired += 1;
         }
     }
 
-    /// Unbinds every ring (at a stop): after [`RETIRE_GRACE`] and the kernel's records, a
-    /// [`StashKeeper::step`] gives their ports back.
-    pub fn retire_all(&mut self, now: Instant) {
+    /// Retires every ring and binds no more (at a stop): their untaken ports are the
+    /// engine's again when this returns; flows the kernel opened meanwhile come as records.
+    pub fn retire_all(&mut self, engine: &mut Engine, now: Instant) {
+        self.stopping = true;
         let keys: Vec<StashKey> = self.bound.keys().copied().collect();
         for key in keys {
-            self.retire(key, now);
+            self.retire(engine, key, now);
         }
     }
 

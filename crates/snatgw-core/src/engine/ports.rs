@@ -361,6 +361,7 @@ impl Engine {
         // Ports stashed for this destination (`stash`); one `is_empty` check while no stash
         // exists.
         let stashed = self.stash_held(block_id, dst, dport);
+        let stash_only = self.stash_only(block_id);
         let horizon = self.topo.params.reuse_history;
         let now = self.now;
         let mut hist = if horizon > 0 {
@@ -404,6 +405,14 @@ impl Engine {
             if let Some(f) = &fence {
                 free_outside |= group_a.any();
                 group_a = group_a.and(f);
+            }
+        }
+        // R2.3: ports a flow holds first; a port held only by stashes (for other
+        // destinations) comes after them (`stash`; one `is_empty` check while none exists).
+        if let Some(only) = &stash_only {
+            let by_flows = group_a.minus(only);
+            if by_flows.any() {
+                group_a = by_flows;
             }
         }
         let (pick, hist_pos) = if group_a.any() {

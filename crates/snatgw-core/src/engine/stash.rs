@@ -170,6 +170,9 @@ pub(super) struct StashRt {
     stashes: hashbrown::HashMap<Slot3, Stash>,
     /// Ports stashed, all stashes (the gateway's flow limit, R9.2).
     pub(super) total: u32,
+    /// Stashes holding each port, by instance slot and local port (the allocator's "held by
+    /// a flow" test, `stash_only`).
+    holds: hashbrown::HashMap<u32, hashbrown::HashMap<u16, u16>>,
     /// Keys voided since the last [`Engine::stash_voided`].
     voided: hashbrown::HashSet<StashKey>,
     /// Voided keys: the first second they may be granted again.
@@ -253,6 +256,13 @@ impl Engine {
             });
             st.bits.set(idx);
             st.ports.push(Stashed { idx, hist });
+            *self
+                .stash
+                .holds
+                .entry(slot)
+                .or_default()
+                .entry(idx)
+                .or_default() += 1;
             let inst = self.insts[slot as usize].as_ref().expect("instance");
             pports.push(inst.port_of(idx));
         }
@@ -386,9 +396,9 @@ impl Engine {
             }
         };
         let inst = self.insts[slot as usize].as_mut().expect("instance");
-        let st = &mut inst.stats[stats_bucket(proto::TCP)];
-        st.conn_ok += 1;
-        st.packets_out += 1;
+        // The SYN's packet is counted by the fast path's per-instance counter (R6.1), credited
+        // with the others; not here too.
+        inst.stats[stats_bucket(proto::TCP)].conn_ok += 1;
         let fi = self.insert_flow_at(
             Flow {
                 src: k.src,
@@ -482,6 +492,7 @@ impl Engine {
         if st.ports.is_empty() {
             self.stash.stashes.remove(&sk);
         }
+        self.stash_unhold(sk.0, idx);
         self.stash.total -= 1;
         if let Some(i) = self.insts[sk.0 as usize].as_mut() {
             i.stashed -= 1;
@@ -619,6 +630,40 @@ impl Engine {
             .map(|s| s.bits)
     }
 
+    /// One stash fewer holds local port `idx` of instance `slot`.
+    fn stash_unhold(&mut self, slot: u32, idx: u16) {
+        if let Some(m) = self.stash.holds.get_mut(&slot) {
+            if let Some(c) = m.get_mut(&idx) {
+                *c -= 1;
+                if *c == 0 {
+                    m.remove(&idx);
+                }
+            }
+            if m.is_empty() {
+                self.stash.holds.remove(&slot);
+            }
+        }
+    }
+
+    /// The ports of block `block_id` held by stashes and by no flow, if any stash holds one
+    /// of its ports (the allocator's check: R2.3 prefers ports a flow holds; one `is_empty`
+    /// check while no stash exists).
+    #[inline]
+    pub(super) fn stash_only(&self, block_id: u32) -> Option<Bits> {
+        if self.stash.holds.is_empty() || block_id & 1 != 0 {
+            return None;
+        }
+        let m = self.stash.holds.get(&(block_id >> 1))?;
+        let block = &self.blocks[block_id as usize];
+        let mut b = Bits::EMPTY;
+        for (&idx, &n) in m {
+            if block.holders(idx) == u32::from(n) {
+                b.set(idx);
+            }
+        }
+        Some(b)
+    }
+
     /// Voids the stash of `sk` (module documentation): its ports are released as by
     /// [`Engine::stash_return`], its key is reported by [`Engine::stash_voided`] and not
     /// granted again for [`RETAKE_AFTER`] seconds.
@@ -629,6 +674,7 @@ impl Engine {
         let (slot, dst, dport) = sk;
         let n = st.ports.len() as u32;
         for &p in &st.ports {
+            self.stash_unhold(slot, p.idx);
             self.stash_release(slot, dst, dport, p);
         }
         self.stash.total -= n;
@@ -794,6 +840,16 @@ impl Engine {
         }
         if self.admission.is_some() && !s.stashes.is_empty() {
             return cache("stashes while an admission hook is set".into());
+        }
+        // The per-port hold counts are the stashes' (the allocator's R2.3 order uses them).
+        let mut holds: hashbrown::HashMap<u32, hashbrown::HashMap<u16, u16>> = Default::default();
+        for (&(slot, _, _), st) in &s.stashes {
+            for p in &st.ports {
+                *holds.entry(slot).or_default().entry(p.idx).or_default() += 1;
+            }
+        }
+        if holds != s.holds {
+            return cache("per-port hold counts disagree with the stashes".into());
         }
         let mut per_slot: hashbrown::HashMap<u32, u32> = Default::default();
         let mut total = 0u32;
