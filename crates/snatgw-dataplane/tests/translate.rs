@@ -455,3 +455,48 @@ fn r10_2_admission_refuses_new_flows_of_unowned_instances_and_keeps_existing_one
     let (o, _) = send(&mut g, tcp_syn(vm, 40003, remote, 443), Direction::Outbound);
     assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
 }
+
+/// R10.2 after a hand-over: a node keeps copies of the flows of an instance it handed over
+/// (they end on their own timers). A client that reuses such a flow's 5-tuple for a new
+/// connection (its SYN lands on the old owner by ECMP) opens a new connection: only the owner
+/// may decide it, so the old owner refuses the SYN as `not_owned`, unchanged, for steering
+/// (R10.3), while the copy's own segments still translate (found in a CI run: the old owner
+/// translated such a SYN 1.3 s after its lease had ended, on a port the owner had given to
+/// another flow).
+#[test]
+fn r10_2_a_syn_reusing_a_kept_flow_is_the_owners_to_decide() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut g = gateway();
+    let (vm, remote) = (ip(PAT_VM), ip(REMOTE));
+    let mut buf = [0u8; 2048];
+    let mut send = |g: &mut Gateway, pkt: Vec<u8>, dir: Direction| {
+        buf[..pkt.len()].copy_from_slice(&pkt);
+        let o = g.process_in(1, &mut buf, pkt.len(), dir);
+        (o, buf[..pkt.len()].to_vec())
+    };
+    let (o, _) = send(&mut g, tcp_syn(vm, 41000, remote, 443), Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    let owned = Arc::new(AtomicBool::new(false));
+    let o2 = owned.clone();
+    g.set_admission(Some(Arc::new(move |src| {
+        src != vm || o2.load(Ordering::SeqCst)
+    })));
+    // Handed over: a new connection on the same 5-tuple is refused, bytes untouched.
+    let syn = tcp_syn(vm, 41000, remote, 443);
+    let (o, bytes) = send(&mut g, syn.clone(), Direction::Outbound);
+    assert_eq!(o.verdict(), Verdict::Drop(DropReason::NotOwned));
+    assert_eq!(bytes, syn);
+    // The kept flow's own segments still go through.
+    let (o, _) = send(
+        &mut g,
+        tcp_data(vm, 41000, remote, 443, b"x"),
+        Direction::Outbound,
+    );
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    // Owned again: the SYN restarts the flow, as R3.1's reuse does.
+    owned.store(true, Ordering::SeqCst);
+    let (o, _) = send(&mut g, syn, Direction::Outbound);
+    assert!(matches!(o.verdict(), Verdict::Translate { .. }), "{o:?}");
+    assert_eq!(g.stats().drops[DropReason::NotOwned as usize], 1);
+}

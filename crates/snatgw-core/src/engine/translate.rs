@@ -162,12 +162,26 @@ impl Engine {
                 .find_fwd(p.proto, p.src, p.src_port, p.dst, p.dst_port)
                 .filter(|&fi| !self.reap_if_due(fi))
             {
-                let f = self.flows.get_mut(fi);
-                f.last_seen = now;
                 if p.proto == proto::TCP
                     && p.flags & (tcp_flags::FIN | tcp_flags::RST | tcp_flags::SYN) != 0
                 {
+                    // R10.2: a SYN without ACK opens a connection even on a 5-tuple this node
+                    // has a flow for (the client reused its port; on a fleet node the flow
+                    // may be a copy kept after a hand-over, which the new owner released long
+                    // ago): only the owner under a valid lease opens it. Refused, it is left
+                    // unchanged for steering to the owner (R10.3). Control segments only:
+                    // nothing on an established flow's data path.
+                    if p.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST)
+                        == tcp_flags::SYN
+                        && self.admission.as_ref().is_some_and(|admits| !admits(p.src))
+                    {
+                        let slot = self.flows.get(fi).slot();
+                        return self.drop_inst(slot, p.proto, DropReason::NotOwned);
+                    }
+                    self.flows.get_mut(fi).last_seen = now;
                     self.tcp_event(fi, p.flags, Direction::Outbound);
+                } else {
+                    self.flows.get_mut(fi).last_seen = now;
                 }
                 let f = self.flows.get(fi);
                 let v = Verdict::Translate {
