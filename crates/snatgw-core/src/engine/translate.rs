@@ -321,8 +321,9 @@ impl Engine {
                 // The destination's port stash holds ports a fast path may be opening flows
                 // on (`stash`): not an exhaustion (no event, not a failed connection, R2.6);
                 // the client's retransmission finds the stash, or a port once its record is
-                // applied.
-                self.journal_refused(slot, refused_key(p, public), DropReason::PortReserve);
+                // applied. Not journaled either: it is no outcome of a connection (the
+                // retransmission's is), and a flow trace that counted it would make the
+                // planner see one attempt more (lab_plan with the fast path).
                 self.drop_inst(slot, p.proto, DropReason::PortReserve)
             }
             Err(NoPort::Exhausted) => {
